@@ -1,0 +1,138 @@
+/**
+ * Merges sync requests into runs of one reconcile function, the way
+ * kube-proxy's bounded-frequency runner does: event handlers only call
+ * `request()`; runs are at least `minIntervalMs` apart, at most
+ * `maxIntervalMs` apart (a periodic full sync that repairs tampering), a
+ * failed run is retried with exponential backoff and makes the next run full.
+ * Never two runs at once. The clock is injectable for tests.
+ */
+export interface SyncContext {
+  /** Rewrite everything rather than trusting caches (first run, after a failure, periodic repair). */
+  full: boolean;
+  /** Why this run happens: the reasons of the merged requests. */
+  reasons: string[];
+}
+
+export interface Clock {
+  now(): number;
+  setTimeout(fn: () => void, ms: number): unknown;
+  clearTimeout(handle: unknown): void;
+}
+
+export const realClock: Clock = {
+  now: () => Date.now(),
+  setTimeout: (fn, ms) => {
+    const t = setTimeout(fn, ms);
+    t.unref?.();
+    return t;
+  },
+  clearTimeout: (h) => clearTimeout(h as NodeJS.Timeout),
+};
+
+export interface SyncRunnerOptions {
+  minIntervalMs: number;
+  maxIntervalMs: number;
+  retryBaseMs: number;
+  clock?: Clock;
+  onResult?: (r: { ok: boolean; full: boolean; durationMs: number; error?: unknown }) => void;
+}
+
+export class SyncRunner {
+  private readonly clock: Clock;
+  private pending: string[] = [];
+  private pendingFull = true; // the first run is always full
+  private running: Promise<void> | undefined;
+  private timer: unknown;
+  private timerAt = Infinity;
+  private lastStart = -Infinity;
+  private failures = 0;
+  private stopped = false;
+
+  constructor(
+    private readonly fn: (ctx: SyncContext) => Promise<void>,
+    private readonly opts: SyncRunnerOptions,
+  ) {
+    this.clock = opts.clock ?? realClock;
+  }
+
+  /** Ask for a sync soon; merged with other requests. */
+  request(reason: string, opts: { full?: boolean } = {}): void {
+    if (this.stopped) return;
+    this.pending.push(reason);
+    if (opts.full) this.pendingFull = true;
+    this.schedule(this.lastStart + this.opts.minIntervalMs);
+  }
+
+  /** Start the periodic loop with an initial full sync. */
+  start(): void {
+    this.request('start', { full: true });
+  }
+
+  /** Stop scheduling; resolves when a run in progress has finished. */
+  async stop(): Promise<void> {
+    this.stopped = true;
+    this.clearTimer();
+    await this.running;
+  }
+
+  /** Consecutive failed runs (0 when the last run succeeded). */
+  get consecutiveFailures(): number {
+    return this.failures;
+  }
+
+  private schedule(at: number): void {
+    if (this.stopped) return;
+    const when = Math.max(at, this.clock.now());
+    if (this.timer !== undefined && this.timerAt <= when) return;
+    this.clearTimer();
+    this.timerAt = when;
+    this.timer = this.clock.setTimeout(() => this.fire(), when - this.clock.now());
+  }
+
+  private clearTimer(): void {
+    if (this.timer !== undefined) this.clock.clearTimeout(this.timer);
+    this.timer = undefined;
+    this.timerAt = Infinity;
+  }
+
+  private fire(): void {
+    this.timer = undefined;
+    this.timerAt = Infinity;
+    if (this.running) return; // the run in progress reschedules when it ends
+    const reasons = this.pending.length ? this.pending : ['periodic'];
+    const full = this.pendingFull || this.pending.length === 0;
+    this.pending = [];
+    this.pendingFull = false;
+    this.lastStart = this.clock.now();
+    this.running = this.runOnce({ full, reasons }).finally(() => {
+      this.running = undefined;
+      this.afterRun();
+    });
+  }
+
+  private async runOnce(ctx: SyncContext): Promise<void> {
+    const started = this.clock.now();
+    try {
+      await this.fn(ctx);
+      this.failures = 0;
+      this.opts.onResult?.({ ok: true, full: ctx.full, durationMs: this.clock.now() - started });
+    } catch (error) {
+      this.failures += 1;
+      this.pendingFull = true;
+      this.pending.push(...ctx.reasons.map((r) => `retry: ${r}`));
+      this.opts.onResult?.({ ok: false, full: ctx.full, durationMs: this.clock.now() - started, error });
+    }
+  }
+
+  private afterRun(): void {
+    if (this.stopped) return;
+    if (this.failures > 0) {
+      const backoff = Math.min(this.opts.retryBaseMs * 2 ** (this.failures - 1), this.opts.maxIntervalMs);
+      this.schedule(this.clock.now() + backoff);
+    } else if (this.pending.length > 0) {
+      this.schedule(this.lastStart + this.opts.minIntervalMs);
+    } else {
+      this.schedule(this.lastStart + this.opts.maxIntervalMs);
+    }
+  }
+}

@@ -1,0 +1,96 @@
+import { SyncRunner, type SyncContext } from '../../src/agent/sync-runner.js';
+import { FakeClock } from '../support/fake-clock.js';
+
+function setup(fail: (n: number) => boolean = () => false) {
+  const clock = new FakeClock();
+  const runs: Array<SyncContext & { at: number }> = [];
+  const runner = new SyncRunner(
+    async (ctx) => {
+      runs.push({ ...ctx, at: clock.now() });
+      if (fail(runs.length)) throw new Error(`run ${runs.length} failed`);
+    },
+    { minIntervalMs: 100, maxIntervalMs: 10_000, retryBaseMs: 50, clock },
+  );
+  return { clock, runs, runner };
+}
+
+describe('SyncRunner', () => {
+  test('first run is full; later requests are merged and at least minInterval apart', async () => {
+    const { clock, runs, runner } = setup();
+    runner.start();
+    await clock.advance(0);
+    expect(runs).toEqual([{ full: true, reasons: ['start'], at: 0 }]);
+    runner.request('pod added');
+    runner.request('pod removed');
+    await clock.advance(99);
+    expect(runs).toHaveLength(1);
+    await clock.advance(1);
+    expect(runs[1]).toEqual({ full: false, reasons: ['pod added', 'pod removed'], at: 100 });
+  });
+
+  test('with no requests a full periodic sync runs every maxInterval', async () => {
+    const { clock, runs, runner } = setup();
+    runner.start();
+    await clock.advance(25_000);
+    expect(runs.map((r) => [r.at, r.full, r.reasons[0]])).toEqual([
+      [0, true, 'start'],
+      [10_000, true, 'periodic'],
+      [20_000, true, 'periodic'],
+    ]);
+  });
+
+  test('a failed run is retried with exponential backoff and the retry is full', async () => {
+    const { clock, runs, runner } = setup((n) => n >= 2 && n <= 4);
+    runner.start();
+    await clock.advance(0);
+    runner.request('policy changed');
+    await clock.advance(100); // run 2 fails
+    await clock.advance(50); // run 3 (retry after 50) fails
+    await clock.advance(100); // run 4 (retry after 100) fails
+    expect(runner.consecutiveFailures).toBe(3);
+    await clock.advance(200); // run 5 succeeds
+    expect(runs.map((r) => r.at)).toEqual([0, 100, 150, 250, 450]);
+    expect(runs.slice(2).every((r) => r.full)).toBe(true);
+    expect(runs[4]!.reasons[0]).toMatch(/^retry: /);
+    expect(runner.consecutiveFailures).toBe(0);
+  });
+
+  test('requests during a run are not lost and never overlap the run', async () => {
+    const clock = new FakeClock();
+    let active = 0;
+    let maxActive = 0;
+    const seen: string[][] = [];
+    let release: () => void = () => {};
+    const runner = new SyncRunner(
+      async (ctx) => {
+        active++;
+        maxActive = Math.max(maxActive, active);
+        seen.push(ctx.reasons);
+        await new Promise<void>((r) => (release = r));
+        active--;
+      },
+      { minIntervalMs: 10, maxIntervalMs: 10_000, retryBaseMs: 10, clock },
+    );
+    runner.start();
+    await clock.advance(0);
+    runner.request('during');
+    await clock.advance(50);
+    expect(seen).toHaveLength(1);
+    release();
+    await clock.advance(10);
+    expect(seen).toEqual([['start'], ['during']]);
+    expect(maxActive).toBe(1);
+    release();
+    await runner.stop();
+  });
+
+  test('stop prevents further runs', async () => {
+    const { clock, runs, runner } = setup();
+    runner.start();
+    await clock.advance(0);
+    await runner.stop();
+    runner.request('late');
+    await clock.advance(20_000);
+    expect(runs).toHaveLength(1);
+  });
+});

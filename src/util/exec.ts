@@ -23,6 +23,9 @@ export function run(command: string, args: readonly string[], opts: { input?: st
       if (code !== 0 && !opts.allowFail) reject(new CommandError(command, args, code, stderr));
       else resolve({ stdout, stderr, code });
     });
+    // A command that exits without reading stdin makes this write fail with
+    // EPIPE; its exit code already tells the outcome, so the pipe error is noise.
+    child.stdin.on('error', () => {});
     child.stdin.end(opts.input ?? '');
   });
 }

@@ -1,0 +1,88 @@
+import { readFileSync } from 'node:fs';
+import { parse as parseYaml } from 'yaml';
+import { z } from 'zod';
+import { InvalidInputError } from '../errors.js';
+import { formatPath } from '../policy/schema.js';
+
+/**
+ * The agent's configuration: one schema, filled from (lowest to highest
+ * precedence) defaults, an optional YAML/JSON file (--config), environment
+ * variables FSMN_<FIELD> (FSMN_NODE, FSMN_CONTROLLER, ...), and flags.
+ * Errors name the field and the value.
+ */
+const hostPort = z.string().regex(/^[^\s:]+:\d{1,5}$/, 'expected HOST:PORT');
+const port = z.coerce.number().int().min(1).max(65535);
+const bool = z.preprocess((v) => (v === 'true' ? true : v === 'false' ? false : v), z.boolean());
+
+export const AgentConfigSchema = z
+  .object({
+    node: z.string().min(1, 'required: the node name (--node or NODE_NAME)'),
+    controller: z.string().url('expected an https:// URL'),
+    caFile: z.string().min(1),
+    tokenFile: z.string().min(1),
+    mode: z.enum(['auto', 'ebpf', 'iptables']),
+    stateDir: z.string().min(1),
+    bpffsDir: z.string().min(1),
+    podsCgroup: z.string().min(1, 'required: the cgroup v2 directory containing all pods (--pods-cgroup)'),
+    proxyCgroup: z.string().min(1, 'required: the cgroup v2 directory the proxy runs in (--proxy-cgroup)'),
+    listen: hostPort,
+    /** Lab only: the network namespace that plays the node (dataplane rules and proxy live there). */
+    netns: z.string().min(1).optional(),
+    proxy: z.enum(['pipy', 'passthrough']),
+    proxyAddress: z.string().ip({ version: 'v4' }),
+    outboundPort: port,
+    inboundPort: port,
+    fastPath: bool,
+    /** Addresses of this node that pods and peers use (its own traffic is never redirected). */
+    nodeAddresses: z.array(z.string().ip({ version: 'v4' })),
+  })
+  .strict();
+export type AgentConfig = z.infer<typeof AgentConfigSchema>;
+
+export const agentDefaults: Partial<AgentConfig> = {
+  mode: 'auto',
+  stateDir: '/var/lib/fsm-node',
+  bpffsDir: '/sys/fs/bpf/fsm-node',
+  listen: '0.0.0.0:15900',
+  proxy: 'pipy',
+  outboundPort: 15001,
+  inboundPort: 15003,
+  fastPath: true,
+  nodeAddresses: [],
+};
+
+const fields = Object.keys(AgentConfigSchema.shape) as Array<keyof AgentConfig>;
+const envName = (f: string) => 'FSMN_' + f.replace(/[A-Z]/g, (c) => `_${c}`).toUpperCase();
+const flagName = (f: string) => f.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
+
+/** Merge defaults < file < env < flags, then validate; `flags` uses camelCase field names. */
+export function loadAgentConfig(flags: Record<string, unknown>, env: NodeJS.ProcessEnv = process.env, file?: string): AgentConfig {
+  const merged: Record<string, unknown> = { ...agentDefaults };
+  if (file) {
+    let doc: unknown;
+    try {
+      doc = parseYaml(readFileSync(file, 'utf8'));
+    } catch (err) {
+      throw new InvalidInputError('--config', file, (err as Error).message);
+    }
+    if (typeof doc !== 'object' || doc === null) throw new InvalidInputError('--config', file, 'expected a mapping of agent settings');
+    Object.assign(merged, doc);
+  }
+  if (env.NODE_NAME && merged.node === undefined) merged.node = env.NODE_NAME;
+  for (const f of fields) {
+    const v = env[envName(f)];
+    if (v !== undefined) merged[f] = f === 'nodeAddresses' ? v.split(',').filter(Boolean) : v;
+  }
+  for (const [k, v] of Object.entries(flags)) if (v !== undefined) merged[k] = v;
+  const parsed = AgentConfigSchema.safeParse(merged);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0]!;
+    const field = String(issue.path[0] ?? '');
+    const source = field ? `--${flagName(field)} / ${envName(field)}` : 'agent config';
+    const value = field ? merged[field] : merged;
+    throw new InvalidInputError(`${source}${issue.path.length > 1 ? ` (${formatPath(issue.path)})` : ''}`, value, issue.message);
+  }
+  return parsed.data;
+}
+
+export { envName, flagName };

@@ -1,0 +1,51 @@
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { loadAgentConfig } from '../../src/agent/config.js';
+
+const required = {
+  node: 'edge-1',
+  controller: 'https://controller:15443',
+  caFile: '/etc/fsm/ca.pem',
+  tokenFile: '/var/run/token',
+  podsCgroup: '/sys/fs/cgroup/kubepods.slice',
+  proxyCgroup: '/sys/fs/cgroup/fsm-node-proxy',
+  proxyAddress: '10.0.0.1',
+};
+
+describe('agent configuration', () => {
+  test('defaults fill what is not given', () => {
+    const c = loadAgentConfig(required, {});
+    expect(c).toMatchObject({ mode: 'auto', listen: '0.0.0.0:15900', outboundPort: 15001, inboundPort: 15003, fastPath: true });
+  });
+
+  test('precedence: file < env < flags', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'fsmn-config-'));
+    const file = join(dir, 'agent.yaml');
+    writeFileSync(file, 'mode: iptables\nlisten: 127.0.0.1:1\noutboundPort: 16001\n');
+    const c = loadAgentConfig({ ...required, listen: '127.0.0.1:3' }, { FSMN_LISTEN: '127.0.0.1:2', FSMN_MODE: 'ebpf' }, file);
+    expect(c.mode).toBe('ebpf');
+    expect(c.listen).toBe('127.0.0.1:3');
+    expect(c.outboundPort).toBe(16001);
+  });
+
+  test('NODE_NAME fills the node; FSMN_FAST_PATH=false turns the fast path off', () => {
+    const { node: _n, ...rest } = required;
+    const c = loadAgentConfig(rest, { NODE_NAME: 'from-downward-api', FSMN_FAST_PATH: 'false' });
+    expect(c.node).toBe('from-downward-api');
+    expect(c.fastPath).toBe(false);
+  });
+
+  test('errors name the flag, the env variable and the value', () => {
+    expect(() => loadAgentConfig({ ...required, mode: 'turbo' }, {})).toThrow(/--mode \/ FSMN_MODE "turbo"/);
+    expect(() => loadAgentConfig({ ...required, outboundPort: '70000' }, {})).toThrow(/--outbound-port \/ FSMN_OUTBOUND_PORT "70000"/);
+    expect(() => loadAgentConfig({ ...required, listen: 'nowhere' }, {})).toThrow(/--listen.*"nowhere".*HOST:PORT/);
+  });
+
+  test('an unknown key in the file is refused by name', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'fsmn-config-'));
+    const file = join(dir, 'agent.yaml');
+    writeFileSync(file, 'modee: ebpf\n');
+    expect(() => loadAgentConfig(required, {}, file)).toThrow(/modee/);
+  });
+});

@@ -22,7 +22,7 @@ export class InvalidInputError extends FsmNodeError {
   readonly value: unknown;
 
   constructor(field: string, value: unknown, why: string) {
-    super('FSMN_ERR_INVALID_INPUT', `invalid ${field} ${JSON.stringify(value)}: ${why}`, { details: { field, value } });
+    super('FSMN_ERR_INVALID_INPUT', `invalid ${field} ${show(value)}: ${why}`, { details: { field, value } });
     this.field = field;
     this.value = value;
   }
@@ -51,4 +51,13 @@ export class CommandError extends FsmNodeError {
 
 export function errorMessage(err: unknown): string {
   return err instanceof Error ? err.message : String(err);
+}
+
+/** A value as it appears in error messages: JSON, bigints as numbers, never throwing. */
+export function show(value: unknown): string {
+  try {
+    return JSON.stringify(value, (_k, v: unknown) => (typeof v === 'bigint' ? v.toString() : v)) ?? String(value);
+  } catch {
+    return String(value);
+  }
 }

@@ -1,30 +1,110 @@
-import { NotImplementedError } from '../../errors.js';
-import type { Command } from '../command.js';
+import { readFileSync } from 'node:fs';
+import { Agent } from '../../agent/agent.js';
+import { loadAgentConfig, type AgentConfig } from '../../agent/config.js';
+import { probe } from '../../agent/probe.js';
+import { createDataplane } from '../../dataplane/index.js';
+import { PolicyClient } from '../../policy/client.js';
+import { cgroupResolver, desiredState } from '../../policy/desired.js';
+import { ProxySupervisor } from '../../proxy/supervisor.js';
+import { cgroup2Root } from '../../util/cgroup.js';
+import { logger } from '../../util/log.js';
+import type { Command, ParsedValues } from '../command.js';
+
+const log = logger('cli.agent');
+
+const notConfig = new Set(['help', 'print-config', 'config', 'no-fast-path']);
+
+/** Flags (kebab-case) -> config fields (camelCase); only the ones given. */
+function flagsToConfig(values: ParsedValues): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(values)) {
+    if (v === undefined || notConfig.has(k)) continue;
+    const field = k.replace(/-([a-z])/g, (_m, c: string) => c.toUpperCase());
+    out[field] = field === 'nodeAddresses' && typeof v === 'string' ? v.split(',').filter(Boolean) : v;
+  }
+  if (values['no-fast-path']) out.fastPath = false;
+  return out;
+}
+
+export function buildAgent(config: AgentConfig): Agent {
+  const site = { stateDir: config.stateDir, bpffsDir: config.bpffsDir, podsCgroup: config.podsCgroup, proxyCgroup: config.proxyCgroup, fastPath: config.fastPath, ...(config.netns ? { netns: config.netns } : {}) };
+  const facts = {
+    proxy: { address: config.proxyAddress, outboundPort: config.outboundPort, inboundPort: config.inboundPort, cgroupPath: config.proxyCgroup },
+    nodeAddresses: config.nodeAddresses,
+    cgroupPathFor: cgroupResolver(cgroup2Root()),
+  };
+  return new Agent(config, {
+    policy: new PolicyClient({ url: config.controller, node: config.node, ca: readFileSync(config.caFile), tokenFile: config.tokenFile, stateDir: config.stateDir }),
+    probe: () => probe(config.netns ? { netns: config.netns } : {}),
+    dataplane: (mode) => createDataplane(mode, site),
+    render: (policy) => desiredState(policy, facts),
+    proxy: new ProxySupervisor({
+      kind: config.proxy,
+      stateDir: config.stateDir,
+      cgroup: config.proxyCgroup,
+      address: config.proxyAddress,
+      outboundPort: config.outboundPort,
+      inboundPort: config.inboundPort,
+      ...(config.netns ? { netns: config.netns } : {}),
+    }),
+  });
+}
 
 export const agentCommand: Command = {
   name: 'agent',
   summary: 'run the node agent: interception dataplane, shared proxy supervisor, policy client, HTTP API',
-  usage: ['--node NAME --controller URL [--mode auto|ebpf|iptables] [options]'],
+  usage: ['--node NAME --controller URL --ca-file PEM --token-file FILE --pods-cgroup PATH --proxy-cgroup PATH --proxy-address IP [options]'],
   help: `
 Runs on every node (the DaemonSet). Pulls the node's policy from the controller
 (or starts from the last good copy in --state-dir when the controller is
 unreachable), intercepts the TCP traffic of the node's mesh pods with eBPF or
-iptables, supervises the shared Pipy proxy and serves /healthz, /readyz,
-/metrics and /v1/state on --listen.
+iptables, supervises the shared proxy and serves /healthz, /readyz, /metrics
+and /v1/state on --listen.
+
+Every option can also come from the environment (FSMN_<OPTION>, e.g.
+FSMN_POD_CGROUP... see --print-config) or a YAML file (--config); flags win
+over the environment, which wins over the file. NODE_NAME fills --node.
 
 SIGTERM stops the agent but leaves the dataplane and the proxy in place, so
 traffic keeps flowing; \`fsm-node cleanup\` removes everything.`,
   options: {
+    config: { type: 'string', valueName: 'FILE', description: 'YAML or JSON file with agent settings (camelCase keys).' },
     node: { type: 'string', valueName: 'NAME', description: 'Kubernetes node name this agent serves (env NODE_NAME).' },
     controller: { type: 'string', valueName: 'URL', description: 'Controller base URL, e.g. https://fsm-node-controller.fsm-system:15443.' },
-    mode: { type: 'string', valueName: 'MODE', default: 'auto', description: 'Interception mode when neither the Node label nor the mesh sets one: auto, ebpf or iptables.' },
-    'state-dir': { type: 'string', valueName: 'DIR', default: '/var/lib/fsm-node', description: 'Where the last good policy, the chosen mode and backend are kept.' },
-    'bpffs-dir': { type: 'string', valueName: 'DIR', default: '/sys/fs/bpf/fsm-node', description: 'bpffs directory the eBPF dataplane pins its maps, programs and links under.' },
-    'pods-cgroup': { type: 'string', valueName: 'PATH', description: 'cgroup v2 directory that contains all pods (default: the kubepods cgroup).' },
-    listen: { type: 'string', valueName: 'HOST:PORT', default: '0.0.0.0:15900', description: 'Agent HTTP API (healthz, readyz, metrics, state).' },
+    'ca-file': { type: 'string', valueName: 'PEM', description: "CA certificate that signed the controller's serving certificate." },
+    'token-file': { type: 'string', valueName: 'FILE', description: 'Bearer token binding this agent to its node (re-read before every request).' },
+    mode: { type: 'string', valueName: 'MODE', description: 'Interception mode when neither the Node label nor the mesh sets one: auto, ebpf or iptables (default auto).' },
+    'state-dir': { type: 'string', valueName: 'DIR', description: 'Last good policy, chosen mode and backend, proxy pid (default /var/lib/fsm-node).' },
+    'bpffs-dir': { type: 'string', valueName: 'DIR', description: 'bpffs directory for pinned maps, programs and links (default /sys/fs/bpf/fsm-node).' },
+    'pods-cgroup': { type: 'string', valueName: 'PATH', description: 'cgroup v2 directory containing all pods (the kubepods cgroup).' },
+    'proxy-cgroup': { type: 'string', valueName: 'PATH', description: 'cgroup v2 directory the shared proxy runs in (never intercepted).' },
+    'proxy-address': { type: 'string', valueName: 'IP', description: 'Node address pods reach the proxy on.' },
+    'node-addresses': { type: 'string', valueName: 'IP,IP', description: "The node's own addresses (never redirected)." },
+    'outbound-port': { type: 'string', valueName: 'PORT', description: 'Proxy outbound listener (default 15001).' },
+    'inbound-port': { type: 'string', valueName: 'PORT', description: 'Proxy inbound/tunnel listener (default 15003).' },
+    proxy: { type: 'string', valueName: 'KIND', description: 'pipy (default) or passthrough (L4 test proxy, no policy).' },
+    'no-fast-path': { type: 'boolean', description: 'Do not use the sockmap/sk_msg same-node fast path.' },
+    netns: { type: 'string', valueName: 'NAME', description: 'Lab only: network namespace that plays the node.' },
+    listen: { type: 'string', valueName: 'HOST:PORT', description: 'Agent HTTP API (default 0.0.0.0:15900).' },
     'print-config': { type: 'boolean', description: 'Print the effective configuration and exit.' },
   },
-  async run() {
-    throw new NotImplementedError('fsm-node agent');
+  async run(values) {
+    const config = loadAgentConfig(flagsToConfig(values), process.env, values.config as string | undefined);
+    if (values['print-config']) {
+      process.stdout.write(JSON.stringify(config, null, 2) + '\n');
+      return 0;
+    }
+    const agent = buildAgent(config);
+    await agent.start();
+    await new Promise<void>((resolve) => {
+      const stop = (sig: string) => {
+        log.info({ signal: sig }, 'stopping');
+        resolve();
+      };
+      process.once('SIGTERM', () => stop('SIGTERM'));
+      process.once('SIGINT', () => stop('SIGINT'));
+    });
+    await agent.stop();
+    return 0;
   },
 };

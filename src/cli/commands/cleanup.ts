@@ -1,21 +1,51 @@
-import { NotImplementedError } from '../../errors.js';
+import { createDataplane } from '../../dataplane/index.js';
+import { errorMessage } from '../../errors.js';
+import { ProxySupervisor } from '../../proxy/supervisor.js';
 import type { Command } from '../command.js';
 
 export const cleanupCommand: Command = {
   name: 'cleanup',
   summary: 'remove everything fsm-node installed on this node (BPF links, maps, pins, chains, sets, proxy)',
-  usage: ['[--bpffs-dir DIR] [--state-dir DIR] [--dry-run]'],
+  usage: ['[--bpffs-dir DIR] [--state-dir DIR] [--proxy-cgroup PATH] [--netns NAME]'],
   help: `
 The explicit way to take a node out of the mesh: detaches and unpins every
 BPF object under --bpffs-dir, removes every iptables chain, jump rule and ipset
-with the fsm-node prefix, stops the shared proxy, and prints what it removed.
-Nothing of anyone else's is touched. Run it from the uninstall Job.`,
+with the fsm-node prefix, stops the shared proxy (when --proxy-cgroup names its
+cgroup, which proves the pid in the state directory is ours), and prints what
+it removed. Nothing of anyone else's is touched. Run it from the uninstall Job.
+Exit 1 when something could not be removed.`,
   options: {
     'bpffs-dir': { type: 'string', valueName: 'DIR', default: '/sys/fs/bpf/fsm-node', description: 'bpffs directory of the eBPF dataplane.' },
     'state-dir': { type: 'string', valueName: 'DIR', default: '/var/lib/fsm-node', description: 'Agent state directory.' },
-    'dry-run': { type: 'boolean', description: 'Only list what would be removed.' },
+    'proxy-cgroup': { type: 'string', valueName: 'PATH', description: "The proxy's cgroup v2 directory (to stop the proxy)." },
+    netns: { type: 'string', valueName: 'NAME', description: 'Lab only: network namespace that plays the node.' },
   },
-  async run() {
-    throw new NotImplementedError('fsm-node cleanup');
+  async run(values) {
+    const site = {
+      stateDir: String(values['state-dir']),
+      bpffsDir: String(values['bpffs-dir']),
+      podsCgroup: '',
+      proxyCgroup: String(values['proxy-cgroup'] ?? ''),
+      ...(values.netns ? { netns: String(values.netns) } : {}),
+    };
+    let failed = false;
+    for (const mode of ['ebpf', 'iptables'] as const) {
+      const dp = createDataplane(mode, site);
+      try {
+        const report = await dp.cleanup();
+        for (const r of report.removed) console.log(`${mode}: removed ${r}`);
+        if (report.removed.length === 0) console.log(`${mode}: nothing installed`);
+      } catch (err) {
+        failed = true;
+        console.error(`${mode}: cleanup failed: ${errorMessage(err)}`);
+      } finally {
+        await dp.close();
+      }
+    }
+    if (values['proxy-cgroup']) {
+      const proxy = new ProxySupervisor({ kind: 'passthrough', stateDir: site.stateDir, cgroup: site.proxyCgroup, address: '0.0.0.0', outboundPort: 15001, inboundPort: 15003 });
+      console.log((await proxy.stop()) ? 'proxy: stopped' : 'proxy: not running');
+    }
+    return failed ? 1 : 0;
   },
 };

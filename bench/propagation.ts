@@ -1,0 +1,223 @@
+import { mkdirSync, mkdtempSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { Agent, request } from 'node:https';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { stringify } from 'yaml';
+import { generateTokens, writeTokensFile } from '../src/controller/auth.js';
+import { runController, type RunningController } from '../src/controller/main.js';
+import { PolicyClient } from '../src/policy/client.js';
+import { desiredState } from '../src/policy/desired.js';
+import { endpointSlice, nodeName, pod, syntheticCluster, type ClusterShape, type K8sObject } from './synthetic-cluster.js';
+import { intFlag, quantile, round } from './util.js';
+
+/**
+ * propagation: the lab path end to end on loopback. The controller runs in
+ * manifest mode over a directory (one file per service, so a change rewrites
+ * one file); 100 node clients long-poll it over HTTPS, plus one real agent
+ * policy client (schema check, atomic write to disk, desiredState) on node-0.
+ * Each change is a file written (atomically) into the directory; latency runs
+ * from just before that write until a node holds the new version: fs watch,
+ * debounce, reload, incremental compile, long-poll wake, gzip, TLS, transfer.
+ * Changes: an EndpointSlice port (every node in permissive mode), a split
+ * weight (every node), a pod added on node-0 (that node only).
+ * Target: p99 under 100 ms.
+ */
+
+
+
+/** A minimal node client: long-polls, records when each version arrived, does not parse. */
+class Poller {
+  readonly arrivals = new Map<string, number>();
+  version = '';
+  private stopped = false;
+  private readonly agent: Agent;
+
+  constructor(
+    private readonly url: string,
+    readonly node: string,
+    private readonly token: string,
+    ca: string,
+  ) {
+    this.agent = new Agent({ keepAlive: true, maxSockets: 1, ca });
+  }
+
+  start(): void {
+    void this.loop();
+  }
+
+  stop(): void {
+    this.stopped = true;
+    this.agent.destroy();
+  }
+
+  private async loop(): Promise<void> {
+    while (!this.stopped) {
+      try {
+        await this.once();
+      } catch {
+        if (!this.stopped) await new Promise((r) => setTimeout(r, 100));
+      }
+    }
+  }
+
+  private once(): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const headers: Record<string, string> = { authorization: `Bearer ${this.token}`, 'accept-encoding': 'gzip' };
+      if (this.version) headers['if-none-match'] = `"${this.version}"`;
+      const req = request(`${this.url}/v1/nodes/${this.node}/policy?wait=30s`, { agent: this.agent, headers }, (res) => {
+        res.on('data', () => {});
+        res.on('end', () => {
+          if (res.statusCode === 200) {
+            this.version = String(res.headers.etag).replaceAll('"', '');
+            this.arrivals.set(this.version, performance.now());
+          }
+          resolve();
+        });
+        res.on('error', reject);
+      });
+      req.on('error', reject);
+      req.end();
+    });
+  }
+}
+
+function writeAtomic(path: string, text: string): void {
+  const tmp = join(path, '..', `.tmp-${process.pid}`);
+  writeFileSync(tmp, text);
+  renameSync(tmp, path);
+}
+
+const yaml = (objs: K8sObject[]): string => objs.map((o) => stringify(o)).join('---\n');
+
+async function until(cond: () => boolean, ms: number): Promise<boolean> {
+  const end = performance.now() + ms;
+  while (!cond()) {
+    if (performance.now() > end) return false;
+    await new Promise((r) => setTimeout(r, 1));
+  }
+  return true;
+}
+
+export async function run(flags: Record<string, string | boolean>): Promise<object[]> {
+  const shape: ClusterShape = {
+    nodes: intFlag(flags, 'nodes', 100),
+    pods: intFlag(flags, 'pods', 10_000),
+    services: intFlag(flags, 'services', 2000),
+    namespaces: intFlag(flags, 'namespaces', 20),
+    trafficPolicy: flags.mode === 'smi' ? 'smi' : 'permissive',
+  };
+  const samples = intFlag(flags, 'samples', 20);
+  const dir = mkdtempSync(join(tmpdir(), 'fsm-bench-propagation-'));
+  const manifests = join(dir, 'manifests');
+  const pollers: Poller[] = [];
+  let ctrl: RunningController | undefined;
+  let agent: PolicyClient | undefined;
+  try {
+    // One file per service (service, slice, pods), the rest in cluster.yaml.
+    for (const d of ['services', 'splits', 'extra']) mkdirSync(join(manifests, d), { recursive: true });
+    const byService = new Map<string, K8sObject[]>();
+    const rest: K8sObject[] = [];
+    for (const o of syntheticCluster(shape)) {
+      const svc = o.kind === 'Service' || o.kind === 'EndpointSlice' ? String(o.metadata.name).replace(/-abcde$/, '') : o.kind === 'Pod' ? (o.metadata.labels as Record<string, string>).app : undefined;
+      if (svc) byService.set(svc, [...(byService.get(svc) ?? []), o]);
+      else if (o.kind === 'TrafficSplit') writeFileSync(join(manifests, 'splits', `${String(o.metadata.name)}.yaml`), yaml([o]));
+      else rest.push(o);
+    }
+    for (const [svc, objs] of byService) writeFileSync(join(manifests, 'services', `${svc}.yaml`), yaml(objs));
+    writeFileSync(join(manifests, 'cluster.yaml'), yaml(rest));
+
+    const nodes = Array.from({ length: shape.nodes }, (_, i) => nodeName(i));
+    const tokens = generateTokens(nodes);
+    writeTokensFile(join(dir, 'tokens.json'), tokens);
+    const started = performance.now();
+    ctrl = await runController({ manifests, tokens: join(dir, 'tokens.json'), listen: '127.0.0.1:0', stateDir: join(dir, 'state') });
+    const startupMs = performance.now() - started;
+    const c = ctrl;
+
+    for (const n of nodes) pollers.push(new Poller(ctrl.url, n, tokens[n]!, ctrl.caCert));
+    pollers.forEach((p) => p.start());
+    agent = new PolicyClient({ url: ctrl.url, node: nodes[0]!, ca: ctrl.caCert, token: tokens[nodes[0]!], stateDir: dir });
+    const agentArrivals = new Map<string, number>();
+    const facts = { proxy: { address: '127.0.0.1', outboundPort: 15001, inboundPort: 15003, cgroupPath: '/' }, nodeAddresses: [], cgroupPathFor: () => '/' };
+    agent.onChange((e) => {
+      desiredState(e.policy, facts);
+      agentArrivals.set(e.policy.version, performance.now());
+    });
+    agent.start();
+    const current = (n: string) => c.compiler.get(n)?.version;
+    await until(() => pollers.every((p) => p.version === current(p.node)) && agentArrivals.has(current(nodes[0]!)!), 60_000);
+
+    const perNs = Math.ceil(shape.services / shape.namespaces);
+    const nsOf = (svc: number) => `ns-${Math.floor(svc / perNs)}`;
+    const podsOf = (svc: number) => Array.from({ length: Math.ceil(shape.pods / shape.services) }, (_, k) => svc + k * shape.services).filter((p) => p < shape.pods);
+    const changes: Record<string, (i: number) => void> = {
+      endpoint_port: (i) => {
+        const svc = (i * 37) % shape.services;
+        const objs = byService.get(`svc-${svc}`)!.map((o) => (o.kind === 'EndpointSlice' ? endpointSlice(svc, nsOf(svc), podsOf(svc), shape.nodes, 9000 + i) : o));
+        writeAtomic(join(manifests, 'services', `svc-${svc}.yaml`), yaml(objs));
+      },
+      split_weight: (i) => {
+        const s = ((i * 7) % Math.floor(shape.services / 10)) * 10;
+        const split = {
+          apiVersion: 'split.smi-spec.io/v1alpha2',
+          kind: 'TrafficSplit',
+          metadata: { name: `split-${s}`, namespace: nsOf(s) },
+          spec: { service: `svc-${s}`, backends: [{ service: `svc-${s + 1}`, weight: 50 + i }, { service: `svc-${s + 2}`, weight: 50 }] },
+        };
+        writeAtomic(join(manifests, 'splits', `split-${s}.yaml`), yaml([split]));
+      },
+      pod_added: (i) => {
+        const p = shape.pods + i * shape.nodes; // lands on node-0
+        const svc = p % shape.services;
+        writeAtomic(join(manifests, 'extra', `pod-${p}.yaml`), yaml([pod(p, svc, nsOf(svc), `sa-${svc}`, shape.nodes)]));
+      },
+    };
+
+    const out: object[] = [{ bench: 'propagation', phase: 'setup', traffic_policy: shape.trafficPolicy, nodes: shape.nodes, pods: shape.pods, services: shape.services, clients: pollers.length, real_agents: 1, startup_ms: round(startupMs) }];
+    for (const [change, apply] of Object.entries(changes)) {
+      const latencies: number[] = [];
+      const agentLatencies: number[] = [];
+      let affected = 0;
+      let missed = 0;
+      for (let i = 0; i < samples; i++) {
+        const before = new Map(nodes.map((n) => [n, current(n)]));
+        const compiles = c.compiles();
+        const t0 = performance.now();
+        apply(i);
+        const compiled = await until(() => c.compiles() > compiles, 10_000);
+        const changed = nodes.filter((n) => current(n) !== before.get(n));
+        affected += changed.length;
+        const held = await until(() => changed.every((n) => pollers.find((p) => p.node === n)!.version === current(n)), 10_000);
+        if (!compiled || !held) missed++;
+        for (const n of changed) {
+          const at = pollers.find((p) => p.node === n)!.arrivals.get(current(n)!);
+          if (at !== undefined) latencies.push(at - t0);
+        }
+        if (changed.includes(nodes[0]!) && (await until(() => agentArrivals.has(current(nodes[0]!)!), 10_000))) {
+          agentLatencies.push(agentArrivals.get(current(nodes[0]!)!)! - t0);
+        }
+      }
+      out.push({
+        bench: 'propagation',
+        traffic_policy: shape.trafficPolicy,
+        change,
+        samples,
+        nodes_affected_per_change: affected / samples,
+        missed_changes: missed,
+        p50_ms: round(quantile(latencies, 0.5)),
+        p99_ms: round(quantile(latencies, 0.99)),
+        max_ms: round(Math.max(...latencies)),
+        agent_samples: agentLatencies.length,
+        agent_p50_ms: round(quantile(agentLatencies, 0.5)),
+        agent_p99_ms: round(quantile(agentLatencies, 0.99)),
+      });
+    }
+    out.push({ bench: 'propagation', phase: 'after', rss_mib: Math.round(process.memoryUsage().rss / 2 ** 20), agent_fetch_errors: agent.fetchErrors() });
+    return out;
+  } finally {
+    pollers.forEach((p) => p.stop());
+    await agent?.stop();
+    await ctrl?.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}

@@ -1,0 +1,127 @@
+import { promisify } from 'node:util';
+import { constants, crc32, deflateRaw, deflateRawSync } from 'node:zlib';
+import type { CompiledNode, SharedJson } from '../policy/compiler.js';
+
+const deflateRawAsync = promisify(deflateRaw);
+/** gzip member header: magic, deflate, no flags, no mtime, no extra flags, OS unknown. */
+const GZIP_HEADER = Buffer.from([0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff]);
+
+interface SharedEncoding {
+  /** `{` + the shared text: the start of every document that shares it. */
+  utf8: Buffer;
+  crc: number;
+  /** Raw deflate of utf8, ended with a full flush: byte-aligned and free of back-references, so it can be spliced. */
+  deflated: Promise<Buffer>;
+}
+
+/**
+ * Between the compiler and the HTTP server: the current policy of each node,
+ * the long-polls waiting for a node's next version, and the encoded bodies
+ * (plain and gzip), made once per version however many requests want them.
+ */
+export class PolicyHub {
+  private isReady = false;
+  private readonly waiters = new Map<string, Set<() => void>>();
+  private readonly plain = new WeakMap<CompiledNode, Buffer>();
+  private readonly gzipped = new WeakMap<CompiledNode, Promise<Buffer>>();
+  private readonly shared = new WeakMap<SharedJson, SharedEncoding>();
+
+  constructor(private readonly lookup: (node: string) => CompiledNode | undefined) {}
+
+  /** False until the sources have synced once: an empty cache must never be served as an empty policy. */
+  get ready(): boolean {
+    return this.isReady;
+  }
+
+  setReady(): void {
+    this.isReady = true;
+  }
+
+  get(node: string): CompiledNode | undefined {
+    return this.lookup(node);
+  }
+
+  /** New versions for these nodes: wake their long-polls. */
+  publish(nodes: Iterable<string>): void {
+    for (const node of nodes) {
+      const set = this.waiters.get(node);
+      if (!set) continue;
+      this.waiters.delete(node);
+      for (const wake of set) wake();
+    }
+  }
+
+  /** Resolves at the node's next publish, after `ms`, or on abort, whichever is first. */
+  wait(node: string, ms: number, signal: AbortSignal): Promise<void> {
+    return new Promise((resolve) => {
+      let set = this.waiters.get(node);
+      if (!set) this.waiters.set(node, (set = new Set()));
+      const done = () => {
+        clearTimeout(timer);
+        signal.removeEventListener('abort', done);
+        set.delete(done);
+        if (set.size === 0 && this.waiters.get(node) === set) this.waiters.delete(node);
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      signal.addEventListener('abort', done, { once: true });
+      set.add(done);
+    });
+  }
+
+  /** Long-polls currently parked. */
+  waiting(): number {
+    let n = 0;
+    for (const s of this.waiters.values()) n += s.size;
+    return n;
+  }
+
+  /** Wake every long-poll (shutdown). */
+  wakeAll(): void {
+    this.publish([...this.waiters.keys()]);
+  }
+
+  body(c: CompiledNode): Buffer {
+    let b = this.plain.get(c);
+    if (!b) {
+      const [shared, tail] = c.pieces();
+      this.plain.set(c, (b = Buffer.concat([this.encoding(shared).utf8, Buffer.from(tail)])));
+    }
+    return b;
+  }
+
+  /**
+   * One ordinary single-member gzip body, built the way pigz splices its
+   * output: the shared start of the document (services and splits, the bulk,
+   * the same for every node in permissive mode) is deflated and checksummed
+   * once; each node's tail is deflated on its own and the CRC carried on from
+   * the shared part's. A change that touches every node then costs one big
+   * deflate, not one per node.
+   */
+  gzip(c: CompiledNode): Promise<Buffer> {
+    let p = this.gzipped.get(c);
+    if (!p) {
+      const [shared, tail] = c.pieces();
+      const enc = this.encoding(shared);
+      p = enc.deflated.then((head) => {
+        const t = Buffer.from(tail);
+        const trailer = Buffer.alloc(8);
+        trailer.writeUInt32LE(crc32(t, enc.crc), 0);
+        trailer.writeUInt32LE((enc.utf8.length + t.length) % 2 ** 32, 4);
+        return Buffer.concat([GZIP_HEADER, head, deflateRawSync(t), trailer]);
+      });
+      this.gzipped.set(c, p);
+    }
+    return p;
+  }
+
+  private encoding(shared: SharedJson): SharedEncoding {
+    let e = this.shared.get(shared);
+    if (!e) {
+      const utf8 = Buffer.from(`{${shared.text()}`);
+      e = { utf8, crc: crc32(utf8), deflated: deflateRawAsync(utf8, { finishFlush: constants.Z_FULL_FLUSH }) };
+      this.shared.set(shared, e);
+    }
+    return e;
+  }
+}

@@ -1,0 +1,117 @@
+import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify';
+import type { Registry } from 'prom-client';
+import { errorMessage } from '../errors.js';
+import type { CompiledNode } from '../policy/compiler.js';
+import { logger } from '../util/log.js';
+import type { Authenticator } from './auth.js';
+import type { PolicyHub } from './hub.js';
+
+const log = logger('controller-server');
+
+export interface PolicyServerOptions {
+  hub: PolicyHub;
+  auth: Authenticator;
+  /** PEM serving certificate and key (HTTPS only: the policy path carries bearer tokens). */
+  tls: { cert: string; key: string };
+  registry?: Registry;
+  /** Longest long-poll granted (a longer ?wait is clamped). Default 60 s. */
+  maxWaitMs?: number;
+}
+
+const NODE_NAME = /^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$/;
+
+/** "30s", "500ms", "2m" or a bare number of seconds -> milliseconds; undefined when malformed. */
+export function parseWait(v: string): number | undefined {
+  const m = /^(\d+(?:\.\d+)?)(ms|s|m)?$/.exec(v.trim());
+  if (!m) return undefined;
+  const n = Number(m[1]);
+  return m[2] === 'ms' ? n : m[2] === 'm' ? n * 60_000 : n * 1000;
+}
+
+/** The first entity tag of If-None-Match without quotes or weak prefix ("*" never matches a version). */
+export function parseIfNoneMatch(v: string | undefined): string | undefined {
+  const first = v?.split(',')[0]?.trim().replace(/^W\//, '');
+  if (!first || first === '*') return undefined;
+  return first.replace(/^"(.*)"$/, '$1');
+}
+
+/**
+ * The controller's HTTPS API (docs/controller.md "Protocol"):
+ *   GET /v1/nodes/:node/policy[?wait=30s]  with If-None-Match: "<version>"
+ *     200 + ETag when the node's version differs (at once, or as soon as it
+ *     changes within the wait), 304 when the wait ends without a change,
+ *     401 unknown token, 403 token of another node, 404 unknown node,
+ *     503 before the first full sync. gzip when the client accepts it.
+ *   GET /healthz, /readyz, /metrics (no credentials, nothing secret).
+ */
+export function buildPolicyServer(o: PolicyServerOptions): FastifyInstance {
+  const maxWait = o.maxWaitMs ?? 60_000;
+  const app = Fastify({
+    https: { cert: o.tls.cert, key: o.tls.key },
+    // Long-polls park for up to maxWait; keep idle keep-alive sockets longer than that.
+    keepAliveTimeout: maxWait + 10_000,
+    logger: false,
+    return503OnClosing: true,
+  });
+
+  const problem = (reply: FastifyReply, code: number, error: string, message: string) => reply.code(code).send({ error, message });
+
+  app.get('/healthz', async () => ({ ok: true }));
+  app.get('/readyz', async (_req, reply) => (o.hub.ready ? { ready: true } : problem(reply, 503, 'NotReady', 'sources have not synced yet')));
+  if (o.registry) {
+    const registry = o.registry;
+    app.get('/metrics', async (_req, reply) => {
+      reply.header('content-type', registry.contentType);
+      return registry.metrics();
+    });
+  }
+
+  app.get<{ Params: { node: string }; Querystring: { wait?: string } }>('/v1/nodes/:node/policy', async (req, reply) => {
+    const { node } = req.params;
+    if (!NODE_NAME.test(node)) return problem(reply, 400, 'BadRequest', `invalid node name ${JSON.stringify(node)}`);
+    const token = /^Bearer\s+(\S+)$/i.exec(req.headers.authorization ?? '')?.[1];
+    if (!token) return problem(reply, 401, 'Unauthorized', 'a bearer token is required');
+    let caller;
+    try {
+      caller = await o.auth.authenticate(token);
+    } catch (err) {
+      log.error({ err: errorMessage(err) }, 'authentication backend failed');
+      return problem(reply, 503, 'AuthUnavailable', 'cannot check the token now; retry');
+    }
+    if (!caller) return problem(reply, 401, 'Unauthorized', 'unknown token');
+    if (caller.node !== node) {
+      log.warn({ principal: caller.principal, asked: node }, 'refused: policy of another node');
+      return problem(reply, 403, 'Forbidden', `this token belongs to node ${JSON.stringify(caller.node)}`);
+    }
+    if (!o.hub.ready) return reply.header('retry-after', '1').code(503).send({ error: 'NotReady', message: 'sources have not synced yet' });
+    let waitMs = 0;
+    if (req.query.wait !== undefined) {
+      const w = parseWait(req.query.wait);
+      if (w === undefined) return problem(reply, 400, 'BadRequest', `invalid wait ${JSON.stringify(req.query.wait)}: use e.g. 30s or 500ms`);
+      waitMs = Math.min(w, maxWait);
+    }
+    const held = parseIfNoneMatch(req.headers['if-none-match']);
+
+    let cur = o.hub.get(node);
+    if (cur && cur.version === held && waitMs > 0) {
+      const gone = new AbortController();
+      const onClose = () => gone.abort();
+      req.raw.socket.once('close', onClose);
+      await o.hub.wait(node, waitMs, gone.signal);
+      req.raw.socket.off('close', onClose);
+      cur = o.hub.get(node);
+    }
+    if (!cur) return problem(reply, 404, 'NotFound', `no policy for node ${JSON.stringify(node)} (no Node object and no pods)`);
+    if (cur.version === held) return reply.code(304).header('etag', `"${cur.version}"`).send();
+    return send(reply, cur, /\bgzip\b/.test(req.headers['accept-encoding'] ?? ''));
+  });
+
+  async function send(reply: FastifyReply, c: CompiledNode, gzip: boolean) {
+    reply.header('etag', `"${c.version}"`).header('cache-control', 'no-cache').header('vary', 'accept-encoding').type('application/json');
+    if (gzip) return reply.header('content-encoding', 'gzip').send(await o.hub.gzip(c));
+    return reply.send(o.hub.body(c));
+  }
+
+  app.addHook('preClose', async () => o.hub.wakeAll());
+  return app;
+}

@@ -1,0 +1,539 @@
+import { createHash } from 'node:crypto';
+import { z } from 'zod';
+import {
+  ANNOTATION_INBOUND_PORT_EXCLUSION,
+  ANNOTATION_LAB_CGROUP,
+  ANNOTATION_OUTBOUND_IP_EXCLUSION,
+  ANNOTATION_OUTBOUND_IP_INCLUSION,
+  ANNOTATION_OUTBOUND_PORT_EXCLUSION,
+  ANNOTATION_SIDECAR_INJECTION,
+  LABEL_INTERCEPTION_MODE,
+  LABEL_MONITORED_BY,
+  ListParseError,
+  parseCidrList,
+  parsePortList,
+} from './fsm.js';
+import { formatPath, InterceptionModeSchema, type DesiredInterceptionMode, type Exclusions, type HttpMatch, type Identity, type MeshSettings } from './schema.js';
+
+/**
+ * Input side of the compiler: the Kubernetes objects the controller reads,
+ * checked field by field and reduced to the records the compiler indexes.
+ * Checking here, per object, is what lets one bad object be reported and
+ * skipped (its last good record stays) while everything else compiles.
+ */
+
+export const KINDS = {
+  Namespace: ['v1'],
+  Node: ['v1'],
+  Pod: ['v1'],
+  Service: ['v1'],
+  EndpointSlice: ['discovery.k8s.io/v1'],
+  ConfigMap: ['v1'],
+  TrafficSplit: ['split.smi-spec.io/v1alpha2'],
+  TrafficTarget: ['access.smi-spec.io/v1alpha3'],
+  HTTPRouteGroup: ['specs.smi-spec.io/v1alpha4'],
+  TCPRoute: ['specs.smi-spec.io/v1alpha4'],
+} as const;
+export type Kind = keyof typeof KINDS;
+export const CLUSTER_SCOPED: ReadonlySet<Kind> = new Set<Kind>(['Namespace', 'Node']);
+
+export function isKind(kind: unknown): kind is Kind {
+  return typeof kind === 'string' && Object.hasOwn(KINDS, kind);
+}
+
+/** Identifies one object: kind plus namespace ('' when cluster-scoped) plus name. */
+export interface ObjectRef {
+  kind: Kind;
+  namespace: string;
+  name: string;
+}
+
+
+/** A field of one object is wrong: `field` in kubectl's dotted form. */
+export class FieldError extends Error {
+  constructor(
+    readonly field: string,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+// ---- records --------------------------------------------------------------
+
+export interface NamespaceRec {
+  name: string;
+  monitoredBy: string | null;
+}
+export interface NodeRec {
+  name: string;
+  addresses: string[];
+  modeLabel: DesiredInterceptionMode | null;
+}
+export interface PodRec {
+  uid: string;
+  namespace: string;
+  name: string;
+  node: string | null;
+  ip: string | null;
+  serviceAccount: string;
+  labels: Record<string, string>;
+  hostNetwork: boolean;
+  /** Running or Pending with an address; Succeeded/Failed pods hold no connections. */
+  active: boolean;
+  ready: boolean;
+  optOut: boolean;
+  qosClass: 'Guaranteed' | 'Burstable' | 'BestEffort' | null;
+  cgroupPath: string | null;
+  exclusions: Exclusions;
+  containerPorts: Record<string, number>;
+}
+export interface ServicePortRec {
+  name: string;
+  port: number;
+  targetPort: number | string | null;
+  protocol: 'TCP' | 'UDP' | 'SCTP';
+  appProtocol: string | null;
+}
+export interface ServiceRec {
+  namespace: string;
+  name: string;
+  selector: Record<string, string> | null;
+  clusterIPs: string[];
+  ports: ServicePortRec[];
+}
+export interface SliceRec {
+  namespace: string;
+  name: string;
+  service: string | null;
+  ports: { name: string; port: number }[];
+  endpoints: { addresses: string[]; ready: boolean; node: string | null; pod: { namespace: string; name: string } | null }[];
+}
+export interface SplitRec {
+  namespace: string;
+  name: string;
+  service: string;
+  backends: { service: string; weight: number }[];
+  matchGroups: string[];
+}
+export interface TargetRec {
+  namespace: string;
+  name: string;
+  destination: Identity & { port: number | null };
+  sources: Identity[];
+  rules: { kind: 'HTTPRouteGroup' | 'TCPRoute'; name: string; matches: string[] | null }[];
+}
+export interface RouteGroupRec {
+  namespace: string;
+  name: string;
+  matches: HttpMatch[];
+}
+export interface TcpRouteRec {
+  namespace: string;
+  name: string;
+  ports: number[];
+}
+
+export interface RecordOf {
+  Namespace: NamespaceRec;
+  Node: NodeRec;
+  Pod: PodRec;
+  Service: ServiceRec;
+  EndpointSlice: SliceRec;
+  ConfigMap: MeshSettings;
+  TrafficSplit: SplitRec;
+  TrafficTarget: TargetRec;
+  HTTPRouteGroup: RouteGroupRec;
+  TCPRoute: TcpRouteRec;
+}
+
+// ---- input schemas (only the fields we read) --------------------------------
+
+const dns = z.string().min(1).max(253).regex(/^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$/, 'must be a lowercase RFC 1123 name');
+const strMap = z.record(z.string()).nullish().transform((m) => m ?? {});
+const port = z.number().int().min(1).max(65535);
+const ip = z.string().ip();
+
+const Metadata = z.object({
+  name: dns,
+  namespace: dns.optional(),
+  uid: z.string().min(1).optional(),
+  labels: strMap,
+  annotations: strMap,
+});
+
+const NamespaceIn = z.object({ metadata: Metadata });
+
+const NodeIn = z.object({
+  metadata: Metadata,
+  status: z
+    .object({ addresses: z.array(z.object({ type: z.string(), address: z.string() })).nullish() })
+    .nullish(),
+});
+
+const PodIn = z.object({
+  metadata: Metadata,
+  spec: z.object({
+    nodeName: dns.nullish(),
+    serviceAccountName: dns.nullish(),
+    hostNetwork: z.boolean().nullish(),
+    containers: z
+      .array(z.object({ ports: z.array(z.object({ name: z.string().nullish(), containerPort: port })).nullish() }))
+      .nullish(),
+  }),
+  status: z
+    .object({
+      podIP: ip.nullish(),
+      phase: z.string().nullish(),
+      qosClass: z.enum(['Guaranteed', 'Burstable', 'BestEffort']).nullish(),
+      conditions: z.array(z.object({ type: z.string(), status: z.string() })).nullish(),
+    })
+    .nullish(),
+});
+
+const ServiceIn = z.object({
+  metadata: Metadata,
+  spec: z.object({
+    selector: z.record(z.string()).nullish(),
+    clusterIP: z.string().nullish(),
+    clusterIPs: z.array(z.string()).nullish(),
+    ports: z
+      .array(
+        z.object({
+          name: z.string().nullish(),
+          port,
+          targetPort: z.union([port, z.string().min(1)]).nullish(),
+          protocol: z.enum(['TCP', 'UDP', 'SCTP']).nullish(),
+          appProtocol: z.string().nullish(),
+        }),
+      )
+      .nullish(),
+  }),
+});
+
+const SliceIn = z.object({
+  metadata: Metadata,
+  addressType: z.enum(['IPv4', 'IPv6', 'FQDN']),
+  ports: z.array(z.object({ name: z.string().nullish(), port: port.nullish() })).nullish(),
+  endpoints: z
+    .array(
+      z.object({
+        addresses: z.array(z.string()).min(1),
+        conditions: z.object({ ready: z.boolean().nullish() }).nullish(),
+        nodeName: z.string().nullish(),
+        targetRef: z.object({ kind: z.string().nullish(), name: z.string(), namespace: z.string().nullish() }).nullish(),
+      }),
+    )
+    .nullish(),
+});
+
+const ConfigMapIn = z.object({ metadata: Metadata, data: z.record(z.string()).nullish() });
+
+const SplitIn = z.object({
+  metadata: Metadata,
+  spec: z.object({
+    service: dns,
+    backends: z.array(z.object({ service: dns, weight: z.number().int().min(0) })).min(1),
+    matches: z.array(z.object({ kind: z.literal('HTTPRouteGroup'), name: dns })).nullish(),
+  }),
+});
+
+const SaRef = z.object({ kind: z.literal('ServiceAccount'), name: dns, namespace: dns.nullish() });
+const TargetIn = z.object({
+  metadata: Metadata,
+  spec: z.object({
+    destination: SaRef.extend({ port: port.nullish() }),
+    sources: z.array(SaRef).min(1),
+    rules: z
+      .array(z.object({ kind: z.enum(['HTTPRouteGroup', 'TCPRoute']), name: dns, matches: z.array(z.string()).nullish() }))
+      .nullish(),
+  }),
+});
+
+const RouteGroupIn = z.object({
+  metadata: Metadata,
+  spec: z.object({
+    matches: z
+      .array(
+        z.object({
+          name: z.string().min(1),
+          pathRegex: z.string().nullish(),
+          methods: z.array(z.string().min(1)).nullish(),
+          headers: z.record(z.string()).nullish(),
+        }),
+      )
+      .min(1),
+  }),
+});
+
+const TcpRouteIn = z.object({
+  metadata: Metadata,
+  spec: z.object({ matches: z.object({ ports: z.array(port).nullish() }).nullish() }).nullish(),
+});
+
+// ---- conversion -------------------------------------------------------------
+
+type Parsed<S extends z.ZodTypeAny> = z.infer<S>;
+
+function parse<S extends z.ZodTypeAny>(schema: S, obj: unknown): Parsed<S> {
+  const r = schema.safeParse(obj);
+  if (r.success) return r.data;
+  const first = r.error.issues[0]!;
+  throw new FieldError(formatPath(first.path), first.message);
+}
+
+function annotationList<T>(annotations: Record<string, string>, key: string, parser: (v: string) => T[]): T[] {
+  const value = annotations[key];
+  if (value === undefined) return [];
+  try {
+    return parser(value);
+  } catch (err) {
+    if (err instanceof ListParseError) throw new FieldError(`metadata.annotations["${key}"]`, `item ${err.message}`);
+    throw err;
+  }
+}
+
+/** Stable uid for hand-written manifests (lab) that carry none: derived from namespace/name. */
+export function manifestUid(namespace: string, name: string): string {
+  const h = createHash('sha256').update(`${namespace}/${name}`).digest('hex');
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20, 32)}`;
+}
+
+const toNamespace = (o: unknown): NamespaceRec => {
+  const { metadata: m } = parse(NamespaceIn, o);
+  return { name: m.name, monitoredBy: m.labels[LABEL_MONITORED_BY] ?? null };
+};
+
+const toNode = (o: unknown): NodeRec => {
+  const { metadata: m, status } = parse(NodeIn, o);
+  const addresses = (status?.addresses ?? []).filter((a) => a.type === 'InternalIP').map((a) => a.address);
+  addresses.forEach((a, i) => {
+    if (!ip.safeParse(a).success) throw new FieldError(`status.addresses[${i}].address`, `${JSON.stringify(a)} is not an IP address`);
+  });
+  const label = m.labels[LABEL_INTERCEPTION_MODE];
+  let modeLabel: DesiredInterceptionMode | null = null;
+  if (label !== undefined) {
+    const r = InterceptionModeSchema.safeParse(label);
+    if (!r.success) throw new FieldError(`metadata.labels["${LABEL_INTERCEPTION_MODE}"]`, `${JSON.stringify(label)} is not one of ebpf, iptables, auto`);
+    modeLabel = r.data;
+  }
+  return { name: m.name, addresses, modeLabel };
+};
+
+const toPod = (o: unknown): PodRec => {
+  const { metadata: m, spec, status } = parse(PodIn, o);
+  const namespace = m.namespace ?? 'default';
+  const a = m.annotations;
+  const injection = a[ANNOTATION_SIDECAR_INJECTION];
+  if (injection !== undefined && injection !== 'enabled' && injection !== 'disabled') {
+    throw new FieldError(`metadata.annotations["${ANNOTATION_SIDECAR_INJECTION}"]`, `${JSON.stringify(injection)} is not one of enabled, disabled`);
+  }
+  const cgroupPath = a[ANNOTATION_LAB_CGROUP] ?? null;
+  if (cgroupPath !== null && (cgroupPath === '' || cgroupPath.split('/').includes('..'))) {
+    throw new FieldError(`metadata.annotations["${ANNOTATION_LAB_CGROUP}"]`, `${JSON.stringify(cgroupPath)} is not a cgroup path without ".."`);
+  }
+  const containerPorts: Record<string, number> = {};
+  for (const c of spec.containers ?? []) for (const p of c.ports ?? []) if (p.name) containerPorts[p.name] = p.containerPort;
+  const phase = status?.phase ?? 'Pending';
+  const readyCond = status?.conditions?.find((c) => c.type === 'Ready');
+  return {
+    uid: m.uid ?? manifestUid(namespace, m.name),
+    namespace,
+    name: m.name,
+    node: spec.nodeName ?? null,
+    ip: status?.podIP ?? null,
+    serviceAccount: spec.serviceAccountName ?? 'default',
+    labels: m.labels,
+    hostNetwork: spec.hostNetwork ?? false,
+    active: phase === 'Running' || phase === 'Pending',
+    // Hand-written (lab) pods carry no conditions: absent means ready.
+    ready: readyCond === undefined || readyCond.status === 'True',
+    optOut: injection === 'disabled',
+    qosClass: status?.qosClass ?? null,
+    cgroupPath,
+    exclusions: {
+      outboundPorts: annotationList(a, ANNOTATION_OUTBOUND_PORT_EXCLUSION, parsePortList),
+      outboundCidrs: annotationList(a, ANNOTATION_OUTBOUND_IP_EXCLUSION, parseCidrList),
+      outboundIncludeCidrs: annotationList(a, ANNOTATION_OUTBOUND_IP_INCLUSION, parseCidrList),
+      inboundPorts: annotationList(a, ANNOTATION_INBOUND_PORT_EXCLUSION, parsePortList),
+    },
+    containerPorts,
+  };
+};
+
+const toService = (o: unknown): ServiceRec => {
+  const { metadata: m, spec } = parse(ServiceIn, o);
+  const ips = spec.clusterIPs ?? (spec.clusterIP ? [spec.clusterIP] : []);
+  const clusterIPs = ips.filter((x) => x !== 'None');
+  clusterIPs.forEach((x, i) => {
+    if (!ip.safeParse(x).success) throw new FieldError(`spec.clusterIPs[${i}]`, `${JSON.stringify(x)} is not an IP address`);
+  });
+  const ports = (spec.ports ?? []).map((p) => ({
+    name: p.name ?? '',
+    port: p.port,
+    targetPort: p.targetPort ?? null,
+    protocol: p.protocol ?? 'TCP',
+    appProtocol: p.appProtocol ?? null,
+  }));
+  const seen = new Set<string>();
+  ports.forEach((p, i) => {
+    if (seen.has(p.name)) throw new FieldError(`spec.ports[${i}].name`, `duplicate port name ${JSON.stringify(p.name)}`);
+    seen.add(p.name);
+  });
+  return { namespace: m.namespace ?? 'default', name: m.name, selector: spec.selector ?? null, clusterIPs, ports };
+};
+
+const toSlice = (o: unknown): SliceRec => {
+  const s = parse(SliceIn, o);
+  const namespace = s.metadata.namespace ?? 'default';
+  const endpoints =
+    s.addressType === 'FQDN'
+      ? []
+      : (s.endpoints ?? []).map((e, i) => {
+          e.addresses.forEach((x, j) => {
+            if (!ip.safeParse(x).success) throw new FieldError(`endpoints[${i}].addresses[${j}]`, `${JSON.stringify(x)} is not an IP address`);
+          });
+          const ref = e.targetRef && (e.targetRef.kind ?? 'Pod') === 'Pod' ? { namespace: e.targetRef.namespace ?? namespace, name: e.targetRef.name } : null;
+          // The EndpointSlice API: a nil ready condition means ready.
+          return { addresses: e.addresses, ready: e.conditions?.ready ?? true, node: e.nodeName ?? null, pod: ref };
+        });
+  const ports = (s.ports ?? []).flatMap((p) => (p.port == null ? [] : [{ name: p.name ?? '', port: p.port }]));
+  return { namespace, name: s.metadata.name, service: s.metadata.labels['kubernetes.io/service-name'] ?? null, ports, endpoints };
+};
+
+/** Keys of the mesh ConfigMap (docs/controller.md). Unknown keys are errors: a typo must not pass silently. */
+export const MESH_DEFAULTS: MeshSettings = {
+  name: 'fsm',
+  inbound: 'permissive',
+  interceptionMode: 'auto',
+  egress: 'allow',
+  trafficPolicy: 'permissive',
+  exclusions: { outboundPorts: [], outboundCidrs: [], outboundIncludeCidrs: [], inboundPorts: [] },
+};
+
+const MeshData = z
+  .object({
+    meshName: dns.optional(),
+    inbound: z.enum(['strict', 'permissive']).optional(),
+    interceptionMode: InterceptionModeSchema.optional(),
+    egress: z.enum(['allow', 'deny']).optional(),
+    trafficPolicy: z.enum(['permissive', 'smi']).optional(),
+    inboundPortExclusionList: z.string().optional(),
+    outboundPortExclusionList: z.string().optional(),
+    outboundIPRangeExclusionList: z.string().optional(),
+    outboundIPRangeInclusionList: z.string().optional(),
+  })
+  .strict();
+
+const toMeshConfig = (o: unknown): MeshSettings => {
+  const { data } = parse(ConfigMapIn, o);
+  let d: z.infer<typeof MeshData>;
+  try {
+    d = parse(MeshData, data ?? {});
+  } catch (err) {
+    if (err instanceof FieldError) throw new FieldError(`data.${err.field === '(root)' ? '' : err.field}`.replace(/\.$/, ''), err.message);
+    throw err;
+  }
+  const list = <T>(key: keyof typeof d, parser: (v: string) => T[]): T[] => {
+    const v = d[key];
+    if (v === undefined) return [];
+    try {
+      return parser(v);
+    } catch (err) {
+      if (err instanceof ListParseError) throw new FieldError(`data.${key}`, `item ${err.message}`);
+      throw err;
+    }
+  };
+  return {
+    name: d.meshName ?? MESH_DEFAULTS.name,
+    inbound: d.inbound ?? MESH_DEFAULTS.inbound,
+    interceptionMode: d.interceptionMode ?? MESH_DEFAULTS.interceptionMode,
+    egress: d.egress ?? MESH_DEFAULTS.egress,
+    trafficPolicy: d.trafficPolicy ?? MESH_DEFAULTS.trafficPolicy,
+    exclusions: {
+      outboundPorts: list('outboundPortExclusionList', parsePortList),
+      outboundCidrs: list('outboundIPRangeExclusionList', parseCidrList),
+      outboundIncludeCidrs: list('outboundIPRangeInclusionList', parseCidrList),
+      inboundPorts: list('inboundPortExclusionList', parsePortList),
+    },
+  };
+};
+
+const toSplit = (o: unknown): SplitRec => {
+  const { metadata: m, spec } = parse(SplitIn, o);
+  const seen = new Set<string>();
+  spec.backends.forEach((b, i) => {
+    if (seen.has(b.service)) throw new FieldError(`spec.backends[${i}].service`, `duplicate backend ${JSON.stringify(b.service)}`);
+    seen.add(b.service);
+  });
+  if (spec.backends.every((b) => b.weight === 0)) throw new FieldError('spec.backends', 'all weights are 0');
+  return {
+    namespace: m.namespace ?? 'default',
+    name: m.name,
+    service: spec.service,
+    backends: spec.backends.map((b) => ({ service: b.service, weight: b.weight })),
+    matchGroups: (spec.matches ?? []).map((x) => x.name),
+  };
+};
+
+const toTarget = (o: unknown): TargetRec => {
+  const { metadata: m, spec } = parse(TargetIn, o);
+  const namespace = m.namespace ?? 'default';
+  const d = spec.destination;
+  return {
+    namespace,
+    name: m.name,
+    destination: { namespace: d.namespace ?? namespace, serviceAccount: d.name, port: d.port ?? null },
+    sources: spec.sources.map((s) => ({ namespace: s.namespace ?? namespace, serviceAccount: s.name })),
+    rules: (spec.rules ?? []).map((r) => ({ kind: r.kind, name: r.name, matches: r.matches ?? null })),
+  };
+};
+
+const toRouteGroup = (o: unknown): RouteGroupRec => {
+  const { metadata: m, spec } = parse(RouteGroupIn, o);
+  const names = new Set<string>();
+  const matches = spec.matches.map((x, i) => {
+    if (names.has(x.name)) throw new FieldError(`spec.matches[${i}].name`, `duplicate match name ${JSON.stringify(x.name)}`);
+    names.add(x.name);
+    if (x.pathRegex != null) {
+      try {
+        new RegExp(x.pathRegex);
+      } catch (err) {
+        throw new FieldError(`spec.matches[${i}].pathRegex`, `${JSON.stringify(x.pathRegex)} is not a regular expression: ${(err as Error).message}`);
+      }
+    }
+    return { name: x.name, pathRegex: x.pathRegex ?? null, methods: x.methods ?? [], headers: x.headers ?? {} };
+  });
+  return { namespace: m.namespace ?? 'default', name: m.name, matches };
+};
+
+const toTcpRoute = (o: unknown): TcpRouteRec => {
+  const { metadata: m, spec } = parse(TcpRouteIn, o);
+  return { namespace: m.namespace ?? 'default', name: m.name, ports: [...new Set(spec?.matches?.ports ?? [])].sort((a, b) => a - b) };
+};
+
+const converters: { [K in Kind]: (o: unknown) => RecordOf[K] } = {
+  Namespace: toNamespace,
+  Node: toNode,
+  Pod: toPod,
+  Service: toService,
+  EndpointSlice: toSlice,
+  ConfigMap: toMeshConfig,
+  TrafficSplit: toSplit,
+  TrafficTarget: toTarget,
+  HTTPRouteGroup: toRouteGroup,
+  TCPRoute: toTcpRoute,
+};
+
+/** Check one object of `kind` and reduce it to its record; throws FieldError naming the field. */
+export function toRecord<K extends Kind>(kind: K, obj: unknown): RecordOf[K] {
+  return converters[kind](obj);
+}
+
+/** The ref of an object as far as it can be read without full validation (for reports). */
+export function refOf(kind: Kind, obj: unknown): ObjectRef {
+  const m = (obj as { metadata?: { name?: unknown; namespace?: unknown } } | null)?.metadata;
+  const name = typeof m?.name === 'string' ? m.name : '';
+  const namespace = CLUSTER_SCOPED.has(kind) ? '' : typeof m?.namespace === 'string' ? m.namespace : 'default';
+  return { kind, namespace, name };
+}

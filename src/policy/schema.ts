@@ -1,0 +1,200 @@
+import { z } from 'zod';
+
+/**
+ * NodePolicy: everything one node needs from the controller, and nothing about
+ * other nodes' pods. This file is the one source of truth: the controller
+ * validates what it compiles against it, the agent validates what it fetches
+ * (and what it reads back from disk), tests build fixtures from its types.
+ *
+ * The document is made of parts the compiler caches separately (see
+ * compiler.ts): mesh + proxies (shared by every node), node + pods + access (this
+ * node only), services + splits (shared by every node that may reach the same
+ * set of services). Each part has its own schema so the controller can check a
+ * part once when it is built rather than the whole document on every change.
+ */
+
+export const POLICY_API_VERSION = 'policy.fsm-node.io/v1';
+
+export const InterceptionModeSchema = z.enum(['ebpf', 'iptables', 'auto']);
+export type DesiredInterceptionMode = z.infer<typeof InterceptionModeSchema>;
+
+const Name = z.string().min(1).max(253);
+const Ip = z.string().ip();
+const Cidr = z.string().cidr();
+const Port = z.number().int().min(1).max(65535);
+
+export const ExclusionsSchema = z
+  .object({
+    outboundPorts: z.array(Port),
+    outboundCidrs: z.array(Cidr),
+    outboundIncludeCidrs: z.array(Cidr),
+    inboundPorts: z.array(Port),
+  })
+  .strict();
+export type Exclusions = z.infer<typeof ExclusionsSchema>;
+
+export const IdentitySchema = z.object({ namespace: Name, serviceAccount: Name }).strict();
+export type Identity = z.infer<typeof IdentitySchema>;
+
+export const MeshSchema = z
+  .object({
+    name: Name,
+    /** strict: enrolled pods refuse inbound connections that do not come from a node proxy. */
+    inbound: z.enum(['strict', 'permissive']),
+    /** The mesh default; the Node label (node.interceptionMode) takes precedence. */
+    interceptionMode: InterceptionModeSchema,
+    /** What the proxy does with destinations outside the mesh. */
+    egress: z.enum(['allow', 'deny']),
+    /** permissive: any mesh pod may reach any mesh service; smi: only what TrafficTargets allow. */
+    trafficPolicy: z.enum(['permissive', 'smi']),
+    exclusions: ExclusionsSchema,
+  })
+  .strict();
+export type MeshSettings = z.infer<typeof MeshSchema>;
+
+/** A node proxy of the mesh (every node runs one): tunnels go to it, strict pods accept it. */
+export const ProxyPeerSchema = z.object({ node: Name, addresses: z.array(Ip) }).strict();
+
+/** Where the agent finds the pod's cgroup (see desired.ts cgroupPathFor). */
+export const CgroupHintSchema = z
+  .object({
+    qosClass: z.enum(['Guaranteed', 'Burstable', 'BestEffort']).nullable(),
+    /** From the lab annotation lab.fsm-node.io/cgroup: a path given directly. */
+    path: z.string().min(1).nullable(),
+  })
+  .strict();
+
+export const PolicyPodSchema = z
+  .object({
+    uid: z.string().min(1),
+    namespace: Name,
+    name: Name,
+    ip: Ip,
+    serviceAccount: Name,
+    cgroup: CgroupHintSchema,
+    exclusions: ExclusionsSchema,
+  })
+  .strict();
+export type PolicyPod = z.infer<typeof PolicyPodSchema>;
+
+export const HttpMatchSchema = z
+  .object({
+    name: z.string(),
+    pathRegex: z.string().nullable(),
+    methods: z.array(z.string().min(1)),
+    headers: z.record(z.string()),
+  })
+  .strict();
+export type HttpMatch = z.infer<typeof HttpMatchSchema>;
+
+export const AccessRuleSchema = z.discriminatedUnion('kind', [
+  z.object({ kind: z.literal('HTTPRouteGroup'), name: Name, matches: z.array(HttpMatchSchema) }).strict(),
+  z.object({ kind: z.literal('TCPRoute'), name: Name, ports: z.array(Port) }).strict(),
+]);
+
+/** A TrafficTarget whose destination is the identity of at least one of the node's pods. */
+export const AccessSchema = z
+  .object({
+    namespace: Name,
+    name: Name,
+    destination: IdentitySchema.extend({ port: Port.nullable() }).strict(),
+    sources: z.array(IdentitySchema),
+    rules: z.array(AccessRuleSchema),
+  })
+  .strict();
+export type Access = z.infer<typeof AccessSchema>;
+
+export const EndpointSchema = z
+  .object({
+    ip: Ip,
+    /** Service port name -> port on this endpoint ('' for an unnamed port). */
+    ports: z.record(Port),
+    /** The node the endpoint runs on: the proxy tunnels to that node's proxy. */
+    node: Name.nullable(),
+    pod: z.object({ namespace: Name, name: Name }).strict().nullable(),
+    serviceAccount: Name.nullable(),
+  })
+  .strict();
+export type Endpoint = z.infer<typeof EndpointSchema>;
+
+export const PolicyServiceSchema = z
+  .object({
+    namespace: Name,
+    name: Name,
+    clusterIPs: z.array(Ip),
+    ports: z.array(
+      z
+        .object({
+          name: z.string(),
+          port: Port,
+          protocol: z.enum(['TCP', 'UDP', 'SCTP']),
+          appProtocol: z.string().nullable(),
+        })
+        .strict(),
+    ),
+    /** Ready endpoints only. */
+    endpoints: z.array(EndpointSchema),
+  })
+  .strict();
+export type PolicyService = z.infer<typeof PolicyServiceSchema>;
+
+export const SplitSchema = z
+  .object({
+    namespace: Name,
+    name: Name,
+    /** The root service clients address. */
+    service: Name,
+    backends: z.array(z.object({ service: Name, weight: z.number().int().min(0) }).strict()).min(1),
+    /** Empty: the split applies to all traffic to the root service. */
+    matches: z.array(HttpMatchSchema),
+  })
+  .strict();
+export type Split = z.infer<typeof SplitSchema>;
+
+export const GlobalPartSchema = z.object({ mesh: MeshSchema, proxies: z.array(ProxyPeerSchema) }).strict();
+export type GlobalPart = z.infer<typeof GlobalPartSchema>;
+
+export const NodePartSchema = z
+  .object({
+    node: z
+      .object({
+        name: Name,
+        addresses: z.array(Ip),
+        /** Value of the Node label flomesh.io/interception-mode; null when unset. */
+        interceptionMode: InterceptionModeSchema.nullable(),
+      })
+      .strict(),
+    pods: z.array(PolicyPodSchema),
+    access: z.array(AccessSchema),
+  })
+  .strict();
+export type NodePart = z.infer<typeof NodePartSchema>;
+
+export const ServicesPartSchema = z.object({ services: z.array(PolicyServiceSchema), splits: z.array(SplitSchema) }).strict();
+export type ServicesPart = z.infer<typeof ServicesPartSchema>;
+
+export const NodePolicySchema = z
+  .object({
+    apiVersion: z.literal(POLICY_API_VERSION),
+    kind: z.literal('NodePolicy'),
+    /** Content hash of everything else: equal content, equal version, on every replica. */
+    version: z.string().regex(/^[0-9a-f]{16,64}$/),
+  })
+  .merge(GlobalPartSchema)
+  .merge(NodePartSchema)
+  .merge(ServicesPartSchema)
+  .strict();
+export type NodePolicy = z.infer<typeof NodePolicySchema>;
+
+/** zod issues as "path: message" lines, the path in the dotted/indexed form of kubectl explain. */
+export function formatIssues(error: z.ZodError, max = 3): string {
+  const lines = error.issues.slice(0, max).map((i) => `${formatPath(i.path)}: ${i.message}`);
+  if (error.issues.length > max) lines.push(`(${error.issues.length - max} more)`);
+  return lines.join('; ');
+}
+
+export function formatPath(path: (string | number)[]): string {
+  let out = '';
+  for (const p of path) out += typeof p === 'number' ? `[${p}]` : out === '' ? p : `.${p}`;
+  return out || '(root)';
+}

@@ -1,0 +1,169 @@
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { FastifyInstance } from 'fastify';
+import { generateTokens, TokenFileAuthenticator, writeTokensFile } from '../../src/controller/auth.js';
+import { generateTls, type TlsMaterial } from '../../src/controller/certs.js';
+import { PolicyHub } from '../../src/controller/hub.js';
+import { buildPolicyServer } from '../../src/controller/server.js';
+import { backoffDelay, PolicyClient, type PolicyEvent } from '../../src/policy/client.js';
+import { PolicyCompiler } from '../../src/policy/compiler.js';
+import type { Kind } from '../../src/policy/objects.js';
+import { lastGoodPath, readLastGood, writeLastGood } from '../../src/policy/store.js';
+import { baseMesh, pod, type Obj } from './policy-fixtures.js';
+
+let tls: TlsMaterial;
+let dir: string;
+let tokens: Record<string, string>;
+let compiler: PolicyCompiler;
+let hub: PolicyHub;
+let server: FastifyInstance;
+let url: string;
+const clients: PolicyClient[] = [];
+
+const publish = (...objs: Obj[]) => {
+  for (const o of objs) compiler.upsert(o.kind as Kind, o);
+  hub.publish(compiler.compile().changed);
+};
+
+function client(o: { stateDir: string; url?: string; ca?: string; node?: string; token?: string }): PolicyClient {
+  const c = new PolicyClient({
+    url: o.url ?? url,
+    node: o.node ?? 'node-a',
+    ca: o.ca ?? tls.caCert,
+    token: o.token ?? tokens['node-a'],
+    stateDir: o.stateDir,
+    waitSeconds: 30,
+    backoff: { initialMs: 20, maxMs: 100 },
+  });
+  clients.push(c);
+  return c;
+}
+
+const next = <T>(c: PolicyClient, event: string): Promise<T> => new Promise((resolve) => c.once(event, resolve));
+const stateDir = () => mkdtempSync(join(dir, 'state-'));
+
+beforeAll(async () => {
+  tls = await generateTls(['localhost', '127.0.0.1']);
+  dir = mkdtempSync(join(tmpdir(), 'fsmt-client-'));
+  tokens = generateTokens(['node-a', 'node-b']);
+  writeTokensFile(join(dir, 'tokens.json'), tokens);
+  compiler = new PolicyCompiler();
+  hub = new PolicyHub((n) => compiler.get(n));
+  publish(...baseMesh());
+  hub.setReady();
+  server = buildPolicyServer({ hub, auth: new TokenFileAuthenticator(join(dir, 'tokens.json')), tls });
+  url = (await server.listen({ host: '127.0.0.1', port: 0 })).replace('127.0.0.1', 'localhost');
+});
+
+afterEach(async () => {
+  await Promise.all(clients.splice(0).map((c) => c.stop()));
+});
+
+afterAll(async () => {
+  await server.close();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+describe('PolicyClient against the real server', () => {
+  test('fetches, validates and stores the policy; then follows changes by long-poll', async () => {
+    const sd = stateDir();
+    const c = client({ stateDir: sd });
+    const first = next<PolicyEvent>(c, 'policy');
+    c.start();
+    const e1 = await first;
+    expect(e1.source).toBe('controller');
+    expect(e1.policy.version).toBe(compiler.get('node-a')!.version);
+    const stored = readLastGood(sd);
+    expect(stored.ok && stored.value.policy).toEqual(e1.policy);
+
+    await until(() => hub.waiting() === 1);
+    const second = next<PolicyEvent>(c, 'policy');
+    publish(pod('web-3', { ip: '10.0.0.13', sa: 'web' }));
+    const e2 = await second;
+    expect(e2.policy.pods.map((p) => p.name)).toContain('web-3');
+    expect(c.stats()).toMatchObject({ version: e2.policy.version, errors: { network: 0, status: 0, invalid: 0, persist: 0, token: 0 } });
+    expect(c.current()!.policy.version).toBe(e2.policy.version);
+    // Written atomically: no temporary file left next to it.
+    expect(readdirSync(sd)).toEqual(['policy.json']);
+  });
+
+  test('starts from the last good copy when the controller is unreachable, and counts the failures', async () => {
+    const sd = stateDir();
+    const good = compiler.get('node-a')!.policy;
+    writeLastGood(sd, good, 1_700_000_000_000);
+    const c = client({ stateDir: sd, url: 'https://127.0.0.1:1' });
+    const events: PolicyEvent[] = [];
+    c.onChange((e) => events.push(e));
+    const failed = next(c, 'fetchError');
+    c.start();
+    expect(events).toEqual([{ policy: good, receivedAt: 1_700_000_000_000, source: 'disk' }]);
+    await failed;
+    expect(c.stats().errors.network).toBeGreaterThan(0);
+    expect(c.current()!.policy).toEqual(good);
+  });
+
+  test('a controller whose certificate is not signed by the trusted CA is refused', async () => {
+    const other = await generateTls(['localhost']);
+    const c = client({ stateDir: stateDir(), ca: other.caCert });
+    const failed = next<Error>(c, 'fetchError');
+    c.start();
+    expect((await failed).message).toMatch(/certificate/);
+    expect(c.current()).toBeUndefined();
+  });
+
+  test('a token of another node gets nothing (403 counted as a status error)', async () => {
+    const c = client({ stateDir: stateDir(), token: tokens['node-b'] });
+    const failed = next<Error>(c, 'fetchError');
+    c.start();
+    expect((await failed).message).toContain('403');
+    expect(c.stats().errors.status).toBeGreaterThan(0);
+    expect(c.current()).toBeUndefined();
+  });
+
+  test('a stored copy for another node or failing the schema is not used', () => {
+    const sd = stateDir();
+    writeLastGood(sd, { ...compiler.get('node-b')!.policy }, 1);
+    const c = client({ stateDir: sd, url: 'https://127.0.0.1:1' });
+    c.start();
+    expect(c.current()).toBeUndefined();
+    writeFileSync(lastGoodPath(sd), JSON.stringify({ receivedAt: 1, policy: { kind: 'NodePolicy' } }));
+    const r = readLastGood(sd);
+    expect(r.ok).toBe(false);
+    expect(!r.ok && r.why).toContain('fails the NodePolicy schema');
+  });
+});
+
+describe('last good store', () => {
+  test('a crash before the rename leaves the previous copy readable', () => {
+    const sd = stateDir();
+    const good = compiler.get('node-a')!.policy;
+    writeLastGood(sd, good, 5);
+    // What a crash mid-write leaves behind: a partial temporary file next to the good one.
+    writeFileSync(`${lastGoodPath(sd)}.12345.tmp`, '{"receivedAt": 6, "pol');
+    const r = readLastGood(sd);
+    expect(r.ok && r.value).toEqual({ receivedAt: 5, policy: good });
+    expect(JSON.parse(readFileSync(lastGoodPath(sd), 'utf8')).receivedAt).toBe(5);
+  });
+
+  test('missing file is reported as such', () => {
+    const r = readLastGood(join(dir, 'nowhere'));
+    expect(!r.ok && r.why).toContain('does not exist');
+    expect(existsSync(join(dir, 'nowhere'))).toBe(false);
+  });
+});
+
+describe('backoff', () => {
+  test('doubles up to the cap, with up to half of it random', () => {
+    const b = { initialMs: 100, maxMs: 1000 };
+    expect(backoffDelay(1, b, () => 0)).toBe(50);
+    expect(backoffDelay(1, b, () => 1)).toBe(100);
+    expect(backoffDelay(3, b, () => 1)).toBe(400);
+    expect(backoffDelay(10, b, () => 0)).toBe(500);
+    expect(backoffDelay(10, b, () => 1)).toBe(1000);
+  });
+});
+
+async function until(cond: () => boolean): Promise<void> {
+  while (!cond()) await new Promise((r) => setTimeout(r, 5));
+}

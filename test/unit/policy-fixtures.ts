@@ -1,0 +1,135 @@
+import { PolicyCompiler } from '../../src/policy/compiler.js';
+import type { Kind } from '../../src/policy/objects.js';
+
+/** Small Kubernetes objects for policy and controller tests. */
+
+export type Obj = { apiVersion: string; kind: string; metadata: Record<string, unknown>; [k: string]: unknown };
+
+export const namespace = (name: string, mesh: string | null = 'fsm'): Obj => ({
+  apiVersion: 'v1',
+  kind: 'Namespace',
+  metadata: { name, labels: mesh ? { 'flomesh.io/monitored-by': mesh } : {} },
+});
+
+export const node = (name: string, ip: string, labels: Record<string, string> = {}): Obj => ({
+  apiVersion: 'v1',
+  kind: 'Node',
+  metadata: { name, labels },
+  status: { addresses: [{ type: 'InternalIP', address: ip }, { type: 'Hostname', address: name }] },
+});
+
+export interface PodOpts {
+  ns?: string;
+  node?: string;
+  ip?: string | null;
+  sa?: string;
+  labels?: Record<string, string>;
+  annotations?: Record<string, string>;
+  uid?: string;
+  phase?: string;
+  hostNetwork?: boolean;
+  qosClass?: string;
+}
+
+export const pod = (name: string, o: PodOpts = {}): Obj => ({
+  apiVersion: 'v1',
+  kind: 'Pod',
+  metadata: { name, namespace: o.ns ?? 'app', uid: o.uid ?? `uid-${name}`, labels: o.labels ?? { app: name.replace(/-\d+$/, '') }, annotations: o.annotations ?? {} },
+  spec: {
+    nodeName: o.node ?? 'node-a',
+    serviceAccountName: o.sa ?? 'default',
+    hostNetwork: o.hostNetwork ?? false,
+    containers: [{ ports: [{ name: 'http', containerPort: 8080 }] }],
+  },
+  status: { phase: o.phase ?? 'Running', podIP: o.ip === undefined ? '10.0.0.1' : o.ip, qosClass: o.qosClass ?? 'Burstable' },
+});
+
+export const service = (name: string, o: { ns?: string; selector?: Record<string, string> | null; clusterIP?: string; ports?: unknown[] } = {}): Obj => ({
+  apiVersion: 'v1',
+  kind: 'Service',
+  metadata: { name, namespace: o.ns ?? 'app' },
+  spec: {
+    clusterIP: o.clusterIP ?? '172.16.0.10',
+    ...(o.selector === null ? {} : { selector: o.selector ?? { app: name } }),
+    ports: o.ports ?? [{ name: 'http', port: 80, targetPort: 'http' }],
+  },
+});
+
+export const slice = (svc: string, endpoints: { ip: string; node?: string; pod?: string; ready?: boolean }[], o: { ns?: string; port?: number; name?: string } = {}): Obj => ({
+  apiVersion: 'discovery.k8s.io/v1',
+  kind: 'EndpointSlice',
+  metadata: { name: o.name ?? `${svc}-xyz`, namespace: o.ns ?? 'app', labels: { 'kubernetes.io/service-name': svc } },
+  addressType: 'IPv4',
+  ports: [{ name: 'http', port: o.port ?? 8080, protocol: 'TCP' }],
+  endpoints: endpoints.map((e) => ({
+    addresses: [e.ip],
+    conditions: { ready: e.ready ?? true },
+    nodeName: e.node ?? 'node-a',
+    ...(e.pod ? { targetRef: { kind: 'Pod', name: e.pod, namespace: o.ns ?? 'app' } } : {}),
+  })),
+});
+
+export const split = (name: string, root: string, backends: { service: string; weight: unknown }[], ns = 'app'): Obj => ({
+  apiVersion: 'split.smi-spec.io/v1alpha2',
+  kind: 'TrafficSplit',
+  metadata: { name, namespace: ns },
+  spec: { service: root, backends },
+});
+
+export const target = (name: string, dstSa: string, srcSas: string[], rules: unknown[] = [{ kind: 'HTTPRouteGroup', name: 'routes' }], ns = 'app'): Obj => ({
+  apiVersion: 'access.smi-spec.io/v1alpha3',
+  kind: 'TrafficTarget',
+  metadata: { name, namespace: ns },
+  spec: {
+    destination: { kind: 'ServiceAccount', name: dstSa, namespace: ns },
+    sources: srcSas.map((s) => ({ kind: 'ServiceAccount', name: s, namespace: ns })),
+    rules,
+  },
+});
+
+export const routeGroup = (name: string, matches: unknown[] = [{ name: 'api', pathRegex: '/api/.*', methods: ['GET'] }], ns = 'app'): Obj => ({
+  apiVersion: 'specs.smi-spec.io/v1alpha4',
+  kind: 'HTTPRouteGroup',
+  metadata: { name, namespace: ns },
+  spec: { matches },
+});
+
+export const tcpRoute = (name: string, ports: number[], ns = 'app'): Obj => ({
+  apiVersion: 'specs.smi-spec.io/v1alpha4',
+  kind: 'TCPRoute',
+  metadata: { name, namespace: ns },
+  spec: { matches: { ports } },
+});
+
+export const meshConfig = (data: Record<string, string>, ns = 'fsm-system'): Obj => ({
+  apiVersion: 'v1',
+  kind: 'ConfigMap',
+  metadata: { name: 'fsm-mesh-config', namespace: ns },
+  data,
+});
+
+/** A compiler fed with `objs` and compiled once. */
+export function compiled(objs: Obj[]): PolicyCompiler {
+  const c = new PolicyCompiler();
+  for (const o of objs) c.upsert(o.kind as Kind, o);
+  c.compile();
+  return c;
+}
+
+/** The two-node mesh most tests start from: app namespace in the mesh, web and db pods on node-a, api on node-b. */
+export function baseMesh(): Obj[] {
+  return [
+    namespace('app'),
+    namespace('other', null),
+    node('node-a', '192.168.1.10'),
+    node('node-b', '192.168.1.11', { 'flomesh.io/interception-mode': 'iptables' }),
+    pod('web-1', { ip: '10.0.0.1', sa: 'web' }),
+    pod('db-1', { ip: '10.0.0.2', sa: 'db' }),
+    pod('api-1', { ip: '10.0.1.1', node: 'node-b', sa: 'api' }),
+    pod('outsider', { ns: 'other', ip: '10.0.0.9' }),
+    service('web', { clusterIP: '172.16.0.1' }),
+    service('db', { clusterIP: '172.16.0.2' }),
+    service('api', { clusterIP: '172.16.0.3' }),
+    slice('api', [{ ip: '10.0.1.1', node: 'node-b', pod: 'api-1' }]),
+  ];
+}

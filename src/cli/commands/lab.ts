@@ -1,7 +1,73 @@
-import { NotImplementedError } from '../../errors.js';
-import { oneOf, type Command } from '../command.js';
+import { existsSync } from 'node:fs';
+import { InvalidInputError } from '../../errors.js';
+import { rootLogger } from '../../util/log.js';
+import { intFlag, oneOf, type Command, type ParsedValues } from '../command.js';
 
 const verbs = ['up', 'check', 'exec', 'down', 'selfcheck'] as const;
+const say = (line: string): void => void process.stdout.write(`${line}\n`);
+
+async function up(values: ParsedValues): Promise<number> {
+  const { labUp, renderSummary, agentModes } = await import('../../lab/lab.js');
+  const { DEFAULT_LAB_DIR, LAB_POINTER, LabExistsError } = await import('../../lab/state.js');
+  const opts = {
+    dir: (values.dir as string | undefined) ?? DEFAULT_LAB_DIR,
+    nodes: intFlag('nodes', values.nodes ?? '2', 1, 20),
+    podsPerNode: intFlag('pods-per-node', values['pods-per-node'] ?? '2', 1, 50),
+    mode: oneOf('mode', values.mode ?? 'auto', ['auto', 'ebpf', 'iptables'] as const),
+    proxy: oneOf('proxy', values.proxy ?? 'auto', ['auto', 'pipy', 'passthrough'] as const),
+  };
+  try {
+    const state = await labUp(opts, say);
+    say('');
+    for (const line of renderSummary(state, await agentModes(state))) say(line);
+    return 0;
+  } catch (err) {
+    // Refused before anything started (another lab, busy port): just the reason.
+    if (err instanceof LabExistsError || !existsSync(LAB_POINTER)) throw err;
+    // Whatever started is recorded in the lab state: `lab down` removes it.
+    process.stderr.write(`fsm-node lab up failed: ${(err as Error).message}\nTo remove what was started: fsm-node lab down\n`);
+    return 1;
+  }
+}
+
+async function check(values: ParsedValues): Promise<number> {
+  const { labCheck, renderCheck } = await import('../../lab/check.js');
+  const state = await runningLab(values);
+  const report = await labCheck(state);
+  if (values.json) say(JSON.stringify(report, null, 2));
+  else for (const line of renderCheck(report)) say(line);
+  return report.ok ? 0 : 1;
+}
+
+async function exec(values: ParsedValues, positionals: string[]): Promise<number> {
+  const { labExec } = await import('../../lab/lab.js');
+  const [pod, ...cmd] = positionals;
+  return labExec(await runningLab(values), pod, cmd);
+}
+
+async function down(values: ParsedValues): Promise<number> {
+  const { labDown } = await import('../../lab/lab.js');
+  const report = await labDown(values.dir as string | undefined, say);
+  if (!report.existed) {
+    say('no lab to remove (no lab state, no fsmlab network namespaces, cgroups or bpffs directories)');
+    return 0;
+  }
+  for (const n of report.notes) say(`note: ${n}`);
+  if (report.leftovers.length > 0) {
+    say(`lab down FAILED: still present:\n  ${report.leftovers.join('\n  ')}`);
+    return 1;
+  }
+  say(`lab down: removed ${report.removed.length} objects; verified none left (network namespaces, cgroups, bpffs pins, processes, cgroup BPF attachments)`);
+  return 0;
+}
+
+async function runningLab(values: ParsedValues) {
+  const { readLabState, resolveLabDir, LabError } = await import('../../lab/state.js');
+  const dir = resolveLabDir(values.dir as string | undefined);
+  const state = readLabState(dir);
+  if (!state) throw new LabError(`no lab in ${dir}: start one with \`fsm-node lab up\``);
+  return state;
+}
 
 export const labCommand: Command = {
   name: 'lab',
@@ -14,29 +80,57 @@ export const labCommand: Command = {
     'selfcheck',
   ],
   help: `
-Needs root, cgroup v2 and bpffs. Every object the lab makes is named with the
-prefix "fsmlab" (network namespaces, cgroups, bpffs directories) and \`lab down\`
-removes them all, also after a crash.
+Needs root, cgroup v2 and bpffs, and a built tree (npm run build). Every object
+the lab makes is named with the prefix "fsmlab" (network namespaces, cgroups,
+bpffs directories); one lab per machine.
 
+  up         builds the nodes and pods, writes example manifests into DIR/manifests,
+             starts an echo server in every pod, the controller and one agent per
+             node, waits until all are ready and prints what runs where.
+  check      real HTTP requests from every pod to every other pod: each must be
+             answered by the target and, when the manifests enrol the client, go
+             through its node's proxy (same-node hops stay on the node). Cases
+             that need Pipy (services, split, allow/deny) are skipped with the
+             passthrough proxy. Exit 0 only when every other case passes.
+  exec       runs a command inside a pod (its network namespace and cgroup).
+  down       stops everything, runs every node's cleanup, removes the topology and
+             verifies nothing is left; also after a crash.
   selfcheck  builds 2 nodes x 2 pods, checks TCP between every pair (same node
-             and across nodes), tears it down and verifies nothing is left.`,
+             and across nodes), tears it down and verifies nothing is left.
+
+Editing DIR/manifests changes the mesh live: the controller watches it.
+--dir is only needed for \`up\`; the other verbs find the running lab.`,
   options: {
-    nodes: { type: 'string', valueName: 'N', default: '2', description: 'Number of nodes (lab up).' },
-    'pods-per-node': { type: 'string', valueName: 'M', default: '2', description: 'Pods per node (lab up).' },
-    mode: { type: 'string', valueName: 'MODE', default: 'auto', description: 'Interception mode of every node: auto, ebpf or iptables.' },
-    proxy: { type: 'string', valueName: 'PROXY', default: 'auto', description: 'auto (Pipy when found), pipy, or passthrough (L4 test proxy, no policy).' },
-    dir: { type: 'string', valueName: 'DIR', default: '/var/tmp/fsm-node-lab', description: 'Lab directory: manifests, state, logs.' },
+    nodes: { type: 'string', valueName: 'N', description: 'Number of nodes (lab up; default 2).' },
+    'pods-per-node': { type: 'string', valueName: 'M', description: 'Pods per node (lab up; default 2).' },
+    mode: { type: 'string', valueName: 'MODE', description: 'Interception mode of every node: auto, ebpf or iptables (default auto).' },
+    proxy: { type: 'string', valueName: 'PROXY', description: 'auto (Pipy when found), pipy, or passthrough (L4 test proxy, no policy) (default auto).' },
+    dir: { type: 'string', valueName: 'DIR', description: 'Lab directory: manifests, state, logs (default /var/tmp/fsm-node-lab).' },
     json: { type: 'boolean', description: 'Machine-readable output (lab check).' },
   },
   positionals: true,
-  async run(_values, positionals) {
+  async run(values, positionals) {
     const verb = oneOf('verb', positionals[0], verbs);
-    if (verb === 'selfcheck') {
-      const { topologySelfCheck } = await import('../../lab/selfcheck.js');
-      const result = await topologySelfCheck();
-      for (const line of result.lines) console.log(line);
-      return result.ok ? 0 : 1;
+    // The lab talks in progress lines; module logs (JSON) only for warnings, unless asked for.
+    // Set before the lab modules are imported: their child loggers take the level at creation.
+    if (process.env.FSMN_LOG_LEVEL === undefined) rootLogger.level = 'warn';
+    const rest = positionals.slice(1);
+    if (verb !== 'exec' && rest.length > 0) throw new InvalidInputError(`lab ${verb}`, rest.join(' '), 'takes no arguments');
+    switch (verb) {
+      case 'selfcheck': {
+        const { topologySelfCheck } = await import('../../lab/selfcheck.js');
+        const result = await topologySelfCheck();
+        for (const line of result.lines) say(line);
+        return result.ok ? 0 : 1;
+      }
+      case 'up':
+        return up(values);
+      case 'check':
+        return check(values);
+      case 'exec':
+        return exec(values, rest);
+      case 'down':
+        return down(values);
     }
-    throw new NotImplementedError(`fsm-node lab ${verb}`);
   },
 };

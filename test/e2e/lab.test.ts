@@ -1,0 +1,201 @@
+import { execFile } from 'node:child_process';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+import type { CheckReport } from '../../src/lab/check.js';
+import { LAB_POINTER, type LabState } from '../../src/lab/state.js';
+import { cgroup2Root } from '../../src/util/cgroup.js';
+
+/**
+ * The main job end to end, through the real CLI (`node dist/src/cli/bin.js`,
+ * so `npm run build:ts` must have run): lab up, check, a live manifest
+ * change, a mode switch on one node, lab down and the leftover verification,
+ * once per interception mode, with the passthrough proxy.
+ *
+ * The lab prefix is fixed (`fsmlab`, one lab per machine): when a user's lab
+ * exists this file skips rather than touch it.
+ */
+
+const root = fileURLToPath(new URL('../../', import.meta.url));
+const bin = join(root, 'dist', 'src', 'cli', 'bin.js');
+const pexec = promisify(execFile);
+
+interface Run {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+async function cli(...args: string[]): Promise<Run> {
+  try {
+    const { stdout, stderr } = await pexec(process.execPath, [bin, ...args], { cwd: root, env: { ...process.env, FSMN_LOG_LEVEL: 'warn' }, maxBuffer: 16 << 20 });
+    return { code: 0, stdout, stderr };
+  } catch (err) {
+    const e = err as { code?: number; stdout?: string; stderr?: string };
+    return { code: typeof e.code === 'number' ? e.code : -1, stdout: e.stdout ?? '', stderr: e.stderr ?? '' };
+  }
+}
+
+function list(path: string): string[] {
+  try {
+    return readdirSync(path);
+  } catch {
+    return [];
+  }
+}
+
+const labNames = (path: string): string[] => list(path).filter((n) => /^fsmlab(-|$)/.test(n) && !n.startsWith('fsmlab-selfcheck'));
+
+function userLabPresent(): string | undefined {
+  if (process.getuid?.() !== 0) return 'needs root';
+  if (existsSync(LAB_POINTER)) return `a lab is running (${LAB_POINTER}); run \`fsm-node lab down\` to let this test run`;
+  const objs = [...labNames('/run/netns'), ...labNames(cgroup2Root())];
+  if (objs.length > 0) return `fsmlab objects exist (${objs.join(', ')}); run \`fsm-node lab down\` to let this test run`;
+  return undefined;
+}
+
+const skipReason = userLabPresent();
+if (skipReason) console.warn(`e2e lab tests skipped: ${skipReason}`);
+const maybe = skipReason ? describe.skip : describe;
+
+/** Alive and not a zombie (detached lab processes are reaped by init, whenever it gets to them). */
+function running(pid: number): boolean {
+  try {
+    return !/^\S+ \(.*\) Z/.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
+  } catch {
+    return false;
+  }
+}
+
+async function agentState(url: string): Promise<Record<string, unknown>> {
+  const res = await fetch(`${url}/v1/state`);
+  return (await res.json()) as Record<string, unknown>;
+}
+
+/** Wait for a condition that follows from a change we made (convergence, not speed: the bound is generous). */
+async function until(what: string, fn: () => Promise<boolean>, timeoutMs = 20_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await fn().catch(() => false))) {
+    if (Date.now() > deadline) throw new Error(`${what}: did not happen within ${timeoutMs / 1000} s`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+async function check(): Promise<CheckReport> {
+  const r = await cli('lab', 'check', '--json');
+  const report = JSON.parse(r.stdout) as CheckReport;
+  const failed = report.cases.filter((c) => c.result === 'fail');
+  expect(failed).toEqual([]);
+  expect(r.code).toBe(0);
+  return report;
+}
+
+const effectiveMode = async (url: string): Promise<string | undefined> => ((await agentState(url)).mode as { effective?: string } | undefined)?.effective;
+
+maybe.each(['ebpf', 'iptables'] as const)('fsm-node lab with --mode %s', (mode) => {
+  const other = mode === 'ebpf' ? 'iptables' : 'ebpf';
+  let dir: string;
+  let state: LabState;
+
+  beforeAll(() => {
+    if (!existsSync(bin)) throw new Error(`${bin} missing: run npm run build:ts before the e2e tier`);
+    dir = mkdtempSync('/tmp/fsmlab-e2e-');
+  });
+
+  afterAll(async () => {
+    // Also when a step failed: leave nothing behind.
+    if (existsSync(join(dir, 'lab.json')) || existsSync(LAB_POINTER)) await cli('lab', 'down', '--dir', dir);
+    rmSync(dir, { recursive: true, force: true });
+  }, 60_000);
+
+  test('lab up starts nodes, pods, controller and agents and prints the summary', async () => {
+    const r = await cli('lab', 'up', '--mode', mode, '--proxy', 'passthrough', '--dir', dir);
+    if (r.code !== 0) throw new Error(`lab up failed (exit ${r.code}):\n${r.stdout}\n${r.stderr}`);
+    state = JSON.parse(readFileSync(join(dir, 'lab.json'), 'utf8')) as LabState;
+    expect(state.nodes.map((n) => n.name)).toEqual(['n1', 'n2']);
+    expect(state.pods).toHaveLength(4);
+    expect(r.stdout).toMatch(/NODE\s+MODE\s+PODS\s+AGENT\s+METRICS/);
+    for (const n of state.nodes) {
+      expect(r.stdout).toContain(`${n.agentUrl}/metrics`);
+      expect(await effectiveMode(n.agentUrl)).toBe(mode);
+    }
+  }, 60_000);
+
+  test('a second lab up is refused with a clear error', async () => {
+    const r = await cli('lab', 'up', '--dir', dir);
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toMatch(/a lab already exists.*lab down/);
+  }, 30_000);
+
+  test('lab check: every pod reaches every other pod through its node proxy', async () => {
+    const report = await check();
+    const pods = report.cases.filter((c) => c.kind === 'pod-to-pod');
+    expect(pods).toHaveLength(12);
+    for (const c of pods) expect(c.reason).toMatch(/^via n\d proxy/);
+    for (const c of pods.filter((p) => p.name.includes('same node'))) expect(c.reason).toMatch(/stayed on n\d/);
+    // Without Pipy, what needs policy is skipped with the reason, never passed.
+    for (const c of report.cases.filter((x) => x.kind !== 'pod-to-pod')) {
+      expect(c.result).toBe('skip');
+      expect(c.reason).toMatch(/Pipy/);
+    }
+  }, 60_000);
+
+  test('lab exec runs a command in the pod and passes its exit code through', async () => {
+    const ok = await cli('lab', 'exec', 'p1', '--', 'ip', '-o', '-4', 'addr', 'show', 'dev', 'eth0');
+    expect(ok.code).toBe(0);
+    expect(ok.stdout).toContain(state.pods.find((p) => p.name === 'p1')!.ip);
+    expect((await cli('lab', 'exec', 'p1', '--', 'sh', '-c', 'exit 7')).code).toBe(7);
+  }, 30_000);
+
+  test('a live manifest change: removing a pod from the mesh takes it out of interception', async () => {
+    const file = join(dir, 'manifests', 'pods', 'p2.yaml');
+    const saved = readFileSync(file, 'utf8');
+    const n1 = state.nodes.find((n) => n.name === 'n1')!;
+    rmSync(file);
+    await until('agent of n1 drops p2', async () => ((await agentState(n1.agentUrl)).applied as { pods: number }).pods === 1);
+    let report = await check();
+    for (const c of report.cases.filter((x) => x.kind === 'pod-to-pod')) {
+      if (c.from === 'p2') expect(c.reason).toMatch(/^direct/);
+      else expect(c.reason).toMatch(/^via/);
+    }
+    writeFileSync(file, saved);
+    await until('agent of n1 enrols p2 again', async () => ((await agentState(n1.agentUrl)).applied as { pods: number }).pods === 2);
+    report = await check();
+    for (const c of report.cases.filter((x) => x.kind === 'pod-to-pod')) expect(c.reason).toMatch(/^via/);
+  }, 90_000);
+
+  test(`mode switch on one node (n1 -> ${other}) keeps every path working`, async () => {
+    const n1 = state.nodes.find((n) => n.name === 'n1')!;
+    const viaCli = await cli('mode', 'set', other, '--node', 'n1', '--manifests', join(dir, 'manifests'));
+    if (viaCli.code === 3) {
+      // `fsm-node mode set` is not implemented yet: switch the way it does in a cluster, with the Node label.
+      console.warn('fsm-node mode set not implemented: switching n1 through its Node label in the manifests');
+      const file = join(dir, 'manifests', '10-nodes.yaml');
+      const text = readFileSync(file, 'utf8');
+      writeFileSync(file, text.replace('  name: n1\n', `  name: n1\n  labels:\n    flomesh.io/interception-mode: ${other}\n`));
+    } else {
+      expect(viaCli.code).toBe(0);
+    }
+    await until(`agent of n1 runs ${other}`, async () => (await effectiveMode(n1.agentUrl)) === other);
+    expect(await effectiveMode(state.nodes.find((n) => n.name === 'n2')!.agentUrl)).toBe(mode);
+    const report = await check();
+    for (const c of report.cases.filter((x) => x.kind === 'pod-to-pod')) expect(c.reason).toMatch(/^via/);
+  }, 90_000);
+
+  test('lab down removes everything and verifies it; a second down is a no-op', async () => {
+    const pids = [state.controller.process, ...state.nodes.map((n) => n.agent), ...state.pods.map((p) => p.server)].map((p) => p!.pid);
+    const r = await cli('lab', 'down');
+    if (r.code !== 0) throw new Error(`lab down failed (exit ${r.code}):\n${r.stdout}\n${r.stderr}`);
+    expect(r.stdout).toContain('verified none left');
+    // Our own look, independent of the command's verification.
+    expect(labNames('/run/netns')).toEqual([]);
+    expect(labNames(cgroup2Root())).toEqual([]);
+    expect(labNames('/sys/fs/bpf')).toEqual([]);
+    expect(existsSync(LAB_POINTER)).toBe(false);
+    expect(pids.filter(running)).toEqual([]);
+    const again = await cli('lab', 'down');
+    expect(again.code).toBe(0);
+    expect(again.stdout).toMatch(/no lab to remove/);
+  }, 60_000);
+});

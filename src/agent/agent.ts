@@ -2,7 +2,7 @@ import { mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { FastifyInstance } from 'fastify';
 import type { Dataplane, DesiredState, InterceptionMode } from '../dataplane/types.js';
-import { errorMessage } from '../errors.js';
+import { FsmNodeError, errorMessage } from '../errors.js';
 import { buildApi } from '../http/server.js';
 import type { NodePolicy } from '../policy/schema.js';
 import type { ProxySupervisor } from '../proxy/supervisor.js';
@@ -40,7 +40,7 @@ export interface AgentDeps {
  * by its own read-back) before the old one is cleaned up.
  */
 export class Agent {
-  readonly metrics: AgentMetrics = agentMetrics();
+  readonly metrics: AgentMetrics;
   private readonly runner: SyncRunner;
   private api: FastifyInstance | undefined;
   private report: ProbeReport | undefined;
@@ -55,6 +55,12 @@ export class Agent {
     private readonly deps: AgentDeps,
   ) {
     this.modeFile = join(config.stateDir, 'mode.json');
+    this.metrics = agentMetrics({
+      ready: () => this.notReadyReason() === undefined,
+      proxy: () => this.deps.proxy.status(),
+      policyReceivedAt: () => this.deps.policy.current()?.receivedAt,
+      policyFetchErrors: () => this.deps.policy.fetchErrors(),
+    });
     this.runner = new SyncRunner((ctx) => this.sync(ctx), {
       minIntervalMs: 20,
       maxIntervalMs: 60_000,
@@ -79,7 +85,12 @@ export class Agent {
     this.runner.start();
     const [host, port] = splitHostPort(this.config.listen);
     this.api = buildApi({ notReadyReason: () => this.notReadyReason(), state: () => this.state(), registry: this.metrics.registry });
-    await this.api.listen({ host, port });
+    try {
+      await this.api.listen({ host, port });
+    } catch (err) {
+      await this.stop();
+      throw new FsmNodeError('FSMN_ERR_LISTEN', `agent API cannot listen on ${this.config.listen}: ${errorMessage(err)}`, { cause: err });
+    }
     log.info({ node: this.config.node, listen: this.config.listen }, 'agent started');
   }
 
@@ -185,14 +196,7 @@ export class Agent {
 
   private refreshGauges(cur: ReturnType<PolicyFeed['current']>): void {
     this.metrics.policyVersion.reset();
-    if (cur) {
-      this.metrics.policyVersion.set({ version: cur.policy.version }, 1);
-      this.metrics.policyAge.set((Date.now() - cur.receivedAt) / 1000);
-    }
-    const proxy = this.deps.proxy.status();
-    this.metrics.proxyUp.set(proxy.listening ? 1 : 0);
-    this.metrics.proxyRestarts.set(proxy.restarts);
-    this.metrics.ready.set(this.notReadyReason() === undefined ? 1 : 0);
+    if (cur) this.metrics.policyVersion.set({ version: cur.policy.version }, 1);
   }
 
   private readPersistedMode(): PersistedMode | undefined {

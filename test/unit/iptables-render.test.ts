@@ -108,7 +108,7 @@ describe('iptables validation', () => {
     ['port 65536', (s) => ((s.pods[0] as PodIntercept).exclusions.inboundPorts = [65536]), /pods\[0\]\.exclusions\.inboundPorts\[0\] 65536/],
     ['proxy port', (s) => (s.proxy.outboundPort = 70000), /proxy\.outboundPort 70000/],
     ['pod address with a leading zero', (s) => ((s.pods[1] as PodIntercept).ip = '10.77.1.02'), /pods\[1\]\.ip "10\.77\.1\.02"/],
-    ['duplicate pod address', (s) => ((s.pods[1] as PodIntercept).ip = '10.77.1.4'), /pods\[1\]\.ip "10\.77\.1\.4": also the address of pod uid-3/],
+    ['duplicate pod address', (s) => ((s.pods[1] as PodIntercept).ip = '10.77.1.4'), /pods\[1\]\.ip "10\.77\.1\.4": also used by pods\[\d\] \(uid uid-3\)/],
     ['duplicate uid', (s) => ((s.pods[1] as PodIntercept).uid = 'uid-3'), /pods\[1\]\.uid "uid-3": duplicate/],
     ['uid that would break a set comment', (s) => ((s.pods[0] as PodIntercept).uid = 'a"b'), /pods\[0\]\.uid "a\\"b"/],
     ['loopback proxy', (s) => (s.proxy.address = '127.0.0.1'), /proxy\.address "127\.0\.0\.1"/],

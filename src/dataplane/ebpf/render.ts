@@ -1,5 +1,5 @@
 import { InvalidInputError } from '../../errors.js';
-import { formatIPv4, type Cidr } from '../iptables/ipv4.js';
+import { formatIPv4, type Cidr } from '../../util/ipv4.js';
 import {
   AF_INET,
   AddrFlag,

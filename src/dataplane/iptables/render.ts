@@ -1,4 +1,4 @@
-import { cidrSetMember, cidrText, formatIPv4, type Cidr } from './ipv4.js';
+import { cidrSetMember, cidrText, formatIPv4, type Cidr } from '../../util/ipv4.js';
 import type { Names, Table } from './names.js';
 import type { NormalPod, NormalState } from './validate.js';
 

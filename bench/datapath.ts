@@ -6,6 +6,7 @@ import { delimiter, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { noExclusions, type DesiredState } from '../src/dataplane/types.js';
 import { Topology, type TopoNode, type TopoPod } from '../src/lab/topology.js';
+import { run as runMesh } from './mesh.js';
 import { selectModes } from './modes.js';
 import { intFlag, round } from './util.js';
 
@@ -141,6 +142,8 @@ async function wrk(client: TopoPod, server: TopoPod, flags: { duration: number; 
 }
 
 export async function* run(flags: Record<string, string | boolean>): AsyncGenerator<object> {
+  // --proxy pipy: the project's Pipy program through the mesh (same node, across nodes, sidecars): bench/mesh.ts.
+  if (flags.proxy === 'pipy') return yield* runMesh(flags);
   const opts = { duration: intFlag(flags, 'duration', 10), connections: intFlag(flags, 'connections', 50), threads: intFlag(flags, 'threads', 1) };
   const modes = selectModes(flags.mode);
   const pipy = findPipy();

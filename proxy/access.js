@@ -1,0 +1,46 @@
+// Access control (SMI TrafficTarget semantics) for a destination pod of this
+// node: which source identities may reach it, on which ports, and, on HTTP
+// ports, with which requests.
+
+import config from './config.js'
+
+var ALLOW_ALL = { tcp: true, http: [] }
+var DENY = { tcp: false, http: [] }
+var cache = new algo.Cache({ size: 10000 })
+
+// What (source identity, destination identity, port) is allowed:
+// { tcp: true } every byte; { tcp: false, http: [...] } only matching requests;
+// { tcp: false, http: [] } nothing.
+export function grant(srcId, dstId, port) {
+  if (config.trafficPolicy !== 'smi') return ALLOW_ALL
+  if (!srcId || !dstId) return DENY
+  var key = srcId + '>' + dstId + ':' + port
+  var g = cache.get(key)
+  if (g) return g
+  var tcp = false
+  var http = []
+  ;(config.access[dstId] || []).forEach(rule => {
+    if (rule.port !== null && rule.port !== port) return
+    if (rule.sources.indexOf(srcId) < 0) return
+    if (rule.tcpAllPorts || rule.tcpPorts.indexOf(port) >= 0) tcp = true
+    http = http.concat(rule.http)
+  })
+  g = { tcp, http }
+  cache.set(key, g)
+  return g
+}
+
+// One HTTP request under a grant.
+export function requestAllowed(g, head) {
+  if (g.tcp) return true
+  var path = head.path || '/'
+  var q = path.indexOf('?')
+  if (q >= 0) path = path.substring(0, q)
+  var method = (head.method || '').toUpperCase()
+  var headers = head.headers || {}
+  return g.http.some(m => (
+    (m.path === null || m.path.test(path)) &&
+    (m.anyMethod || m.methods.indexOf(method) >= 0) &&
+    m.headerList.every(([k, re]) => k in headers && re.test(headers[k]))
+  ))
+}

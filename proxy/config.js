@@ -1,0 +1,40 @@
+// The rendered configuration (config.json, written by the agent from the
+// node's NodePolicy, see src/proxy/config.ts) with what the hot path needs
+// precomputed: regexes compiled once per load, never per request.
+
+// Before the agent has a policy it may start the proxy with an empty
+// config: then nothing is known, nothing is enrolled either, and every
+// connection passes through to its original destination.
+var EMPTY = {
+  version: 'none',
+  listen: { outbound: 15001, inbound: 15003 },
+  trafficPolicy: 'permissive',
+  egress: 'allow',
+  tunnelPeers: [],
+  pods: {},
+  services: {},
+  endpoints: {},
+  access: {},
+}
+
+var config = Object.assign({}, EMPTY, JSON.decode(pipy.load('config.json')) || {})
+config.version = String(config.version)
+
+function anchored(re) {
+  return new RegExp('^(?:' + re + ')$')
+}
+
+Object.values(config.access).forEach(
+  rules => rules.forEach(
+    rule => rule.http.forEach(m => {
+      m.path = m.pathRegex === null ? null : anchored(m.pathRegex)
+      m.anyMethod = m.methods.length === 0 || m.methods.indexOf('*') >= 0
+      m.headerList = Object.entries(m.headers).map(([k, v]) => [k, anchored(v)])
+    })
+  )
+)
+
+config.peers = {}
+config.tunnelPeers.forEach(a => { config.peers[a] = true })
+
+export default config

@@ -1,0 +1,215 @@
+// fsm-node's shared node proxy: the entry of the Pipy codebase (this
+// directory plus the config.json the agent renders next to it).
+//
+//   :15001 outbound, transparent: every intercepted connection of this
+//          node's mesh pods; routed by its original destination.
+//   :15003 inbound: HTTP CONNECT tunnels from the other node proxies,
+//          carrying the original destination and the source identity.
+//
+// The policy of a destination pod is applied by the proxy of the pod's node:
+// here for a local pod, by the far proxy (behind the tunnel) for a remote one.
+
+import config from './config.js'
+import { decide, protocolOf } from './route.js'
+import { grant, requestAllowed } from './access.js'
+import * as metrics from './metrics.js'
+
+var SOURCE_HEADER = 'fsmn-source-identity'
+var connections = 0
+
+metrics.configVersion.clear()
+metrics.configVersion.withLabels(config.version).set(1)
+
+// Per connection
+var $conn
+var $srcId
+var $dstIp
+var $dstPort
+var $route
+var $grant
+var $labels
+// Per HTTP request
+var $start
+var $head
+
+// The original destination. The new-style listener of Pipy 1.5.x sets its
+// options after bind, so the first redirected connection after start can
+// miss destinationAddress (see ../shared/design/pipy-notes.md); asking the
+// socket for SO_ORIGINAL_DST (SOL_IP 0, option 80) ourselves always works,
+// and the eBPF dataplane's getsockopt program answers the same question.
+function originalDestination(ib) {
+  if (ib.destinationAddress) return [ib.destinationAddress, ib.destinationPort]
+  var buf = new Data
+  if (ib.socket.getRawOption(0, 80, buf) !== 0) return null
+  var b = buf.toArray()
+  if (b.length < 8) return null
+  return [b[4] + '.' + b[5] + '.' + b[6] + '.' + b[7], b[2] * 256 + b[3]]
+}
+
+// Access rules name the pod's port, not the service port the client dialled.
+function portOf(target) {
+  return +target.substring(target.lastIndexOf(':') + 1)
+}
+
+function sourceIdentity(ip) {
+  var pod = config.pods[ip]
+  return pod ? pod.identity : ''
+}
+
+function labelsOf(srcId, route) {
+  return [srcId || 'unknown', route.identity || (route.mode === 'egress' ? 'external' : 'unknown')]
+}
+
+function tunnelRequest() {
+  var headers = { host: $route.target }
+  if ($srcId) headers[SOURCE_HEADER] = $srcId
+  return new Message({ method: 'CONNECT', path: $route.target, headers })
+}
+
+function deny(reason, status, text) {
+  metrics.denied.withLabels($labels[0], $labels[1], reason).increase()
+  return new Message({ status, headers: { 'content-type': 'text/plain' } }, text + '\n')
+}
+
+// Tunnels to one peer node proxy are HTTP/2 streams over one shared
+// connection: a cross-node connection costs no extra TCP handshake.
+var toPeerProxy = $=>$
+  .muxHTTP(() => $route.tunnel, { version: 2 }).to($=>$
+    .connect(() => $route.tunnel)
+  )
+
+var closeNow = $=>$.replaceStreamStart(new StreamEnd)
+var connectTarget = $=>$.connect(() => $route.target)
+// Upstream HTTP connections belong to one downstream connection (keyed by
+// its number and the target): requests of one client keep their order and
+// never queue behind another client's.
+var muxToTarget = $=>$
+  .muxHTTP(() => $conn + '|' + $route.target).to($=>$
+    .connect(() => $route.target)
+  )
+
+// ---- outbound, TCP: one decision per connection ------------------------------
+
+var outboundTCP = $=>$
+  .onStart(() => {
+    $route = decide($dstIp, $dstPort)
+    $labels = labelsOf($srcId, $route)
+    metrics.connections.withLabels($labels[0], $labels[1]).increase()
+    if ($route.mode === 'local' && !grant($srcId, $route.identity, portOf($route.target)).tcp) {
+      metrics.denied.withLabels($labels[0], $labels[1], 'access').increase()
+      $route = Object.assign({}, $route, { mode: 'denied' })
+    } else if ($route.mode === 'refused' || $route.mode === 'unavailable') {
+      metrics.denied.withLabels($labels[0], $labels[1], $route.mode).increase()
+    }
+  })
+  .handleData(d => metrics.bytes.withLabels($labels[0], $labels[1], 'sent').increase(d.size))
+  .pipe(() => $route.mode, {
+    denied: closeNow,
+    refused: closeNow,
+    unavailable: closeNow,
+    tunnel: $=>$.connectHTTPTunnel(() => tunnelRequest()).to(toPeerProxy),
+    local: connectTarget,
+    direct: connectTarget,
+    egress: connectTarget,
+  })
+  .handleData(d => metrics.bytes.withLabels($labels[0], $labels[1], 'received').increase(d.size))
+
+// ---- outbound, HTTP: one decision per request (splits balance requests) ------
+
+var outboundHTTP = $=>$
+  .demuxHTTP().to($=>$
+    .handleMessageStart(msg => {
+      $start = Date.now()
+      $route = decide($dstIp, $dstPort)
+      $labels = labelsOf($srcId, $route)
+      metrics.requests.withLabels($labels[0], $labels[1]).increase()
+      if ($route.mode === 'local') {
+        $grant = grant($srcId, $route.identity, portOf($route.target))
+        if (!requestAllowed($grant, msg.head)) $route = Object.assign({}, $route, { mode: 'denied' })
+      }
+    })
+    .handleData(d => metrics.bytes.withLabels($labels[0], $labels[1], 'sent').increase(d.size))
+    .pipe(() => $route.mode, {
+      denied: $=>$.replaceMessage(() => deny('access', 403, 'access denied by fsm-node')),
+      refused: $=>$.replaceMessage(() => deny('refused', 503, 'no endpoint available')),
+      unavailable: $=>$.replaceMessage(() => deny('unavailable', 503, 'no endpoint available')),
+      tunnel: $=>$
+        .muxHTTP(() => $conn + '|' + $route.target).to($=>$
+          .connectHTTPTunnel(() => tunnelRequest()).to(toPeerProxy)
+        ),
+      local: muxToTarget,
+      direct: muxToTarget,
+      egress: muxToTarget,
+    })
+    .handleMessageStart(msg => {
+      var status = msg.head.status
+      metrics.responses.withLabels($labels[0], $labels[1], metrics.statusClass(status)).increase()
+      metrics.latency.withLabels($labels[0], $labels[1]).observe(Date.now() - $start)
+    })
+    .handleData(d => metrics.bytes.withLabels($labels[0], $labels[1], 'received').increase(d.size))
+  )
+
+pipy.listen(config.listen.outbound, { transparent: true }, $=>$
+  .onStart(ib => {
+    var dst = originalDestination(ib)
+    $conn = ++connections
+    $srcId = sourceIdentity(ib.remoteAddress)
+    $dstIp = dst ? dst[0] : ''
+    $dstPort = dst ? dst[1] : 0
+    // An empty chunk starts the pipeline now, so a server-first protocol gets its connection.
+    return new Data
+  })
+  .pipe(() => $dstIp !== '' && protocolOf($dstIp, $dstPort) === 'http' ? 'http' : 'tcp', { http: outboundHTTP, tcp: outboundTCP })
+)
+
+// ---- inbound: tunnels from the other node proxies ----------------------------
+//
+// Until the tunnel has mTLS, a tunnel is trusted because it comes from a
+// known node proxy address (config.tunnelPeers); its source identity header
+// is believed on that basis alone. Tunnels only reach pods of this node.
+
+pipy.listen(config.listen.inbound, $=>$
+  .onStart(ib => {
+    $srcId = config.peers[ib.remoteAddress] ? '' : null
+  })
+  .demuxHTTP().to($=>$.acceptHTTPTunnel(req => {
+    var peer = $srcId !== null
+    var target = req.head.path || ''
+    var colon = target.lastIndexOf(':')
+    var ip = target.substring(0, colon)
+    var port = +target.substring(colon + 1)
+    var ep = config.endpoints[ip]
+    $srcId = (peer && req.head.headers[SOURCE_HEADER]) || ''
+    var labels = [$srcId || 'unknown', (ep && ep.identity) || 'unknown']
+    var refuse = (result, status, text) => {
+      metrics.tunnels.withLabels(labels[0], labels[1], result).increase()
+      return new Message({ status }, text + '\n')
+    }
+    if (!peer) return refuse('not-a-peer', 403, 'not a node proxy of this mesh')
+    if (colon < 0 || !ep || !ep.local) return refuse('no-such-pod', 404, 'no such pod on this node')
+    // One connection from a peer carries many tunnels (HTTP/2 streams): each
+    // tunnel is its own downstream, with its own upstream connections.
+    $conn = ++connections
+    $route = { mode: 'local', target, identity: ep.identity }
+    $grant = grant($srcId, ep.identity, port)
+    $dstIp = ip
+    $dstPort = port
+    if ((ep.ports[port] || 'tcp') === 'tcp' && !$grant.tcp) return refuse('denied', 403, 'access denied by fsm-node')
+    metrics.tunnels.withLabels(labels[0], labels[1], 'accepted').increase()
+    return new Message({ status: 200 })
+  }).to($=>$
+    // As on the outbound side: start at once, so a server-first protocol gets its connection.
+    .onStart(() => new Data)
+    .pipe(() => config.endpoints[$dstIp].ports[$dstPort] || 'tcp', {
+      http: $=>$
+        .demuxHTTP().to($=>$
+          .handleMessageStart(msg => { $head = msg.head })
+          .pipe(() => requestAllowed($grant, $head) ? 'allowed' : 'denied', {
+            allowed: muxToTarget,
+            denied: $=>$.replaceMessage(new Message({ status: 403, headers: { 'content-type': 'text/plain' } }, 'access denied by fsm-node\n')),
+          })
+        ),
+      tcp: connectTarget,
+    })
+  ))
+)

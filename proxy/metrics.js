@@ -1,0 +1,30 @@
+// Per source and destination identity, on Pipy's admin /metrics. Recorded
+// once per connection or request, by the proxy of the source's node (it knows
+// both identities: the source from the pod table, the destination from the
+// endpoint it picked); the tunnel's far side records nothing, so nothing is
+// counted twice. Labels: source / destination = ns/serviceAccount, or
+// "unknown" (not a mesh pod) / "external" (egress).
+
+var labels = ['source', 'destination']
+
+export var connections = new stats.Counter('fsmn_proxy_connections_total', labels)
+export var requests = new stats.Counter('fsmn_proxy_requests_total', labels)
+export var responses = new stats.Counter('fsmn_proxy_responses_total', ['source', 'destination', 'class'])
+export var bytes = new stats.Counter('fsmn_proxy_bytes_total', ['source', 'destination', 'direction'])
+export var denied = new stats.Counter('fsmn_proxy_denied_total', ['source', 'destination', 'reason'])
+export var latency = new stats.Histogram(
+  'fsmn_proxy_request_duration_ms',
+  [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, Number.POSITIVE_INFINITY],
+  labels
+)
+
+export function statusClass(status) {
+  return status >= 100 && status < 600 ? Math.floor(status / 100) + 'xx' : 'other'
+}
+
+// Tunnels this proxy's inbound side answered (the far side of a cross-node
+// hop): a separate metric, so requests and bytes are still counted once.
+export var tunnels = new stats.Counter('fsmn_proxy_tunnels_total', ['source', 'destination', 'result'])
+
+// 1 for the config version this program runs: how a reload is seen to have landed.
+export var configVersion = new stats.Gauge('fsmn_proxy_config', ['version'])

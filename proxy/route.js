@@ -1,0 +1,66 @@
+// Where an outbound connection (or HTTP request) goes: a service address
+// picks a backend by TrafficSplit weight (smooth weighted round robin, exact
+// ratios) and an endpoint of that backend (round robin); a pod address goes
+// to that pod; anything else is egress. Then: a pod of this node is served
+// here, a pod of another node through that node's proxy.
+
+import config from './config.js'
+
+// Per-thread balancing state; a reload starts it afresh (config may differ).
+var wrr = {}
+var rr = {}
+
+function pickBackend(key, backends) {
+  var live = backends.filter(b => b.endpoints.length > 0)
+  if (live.length === 0) return null
+  if (live.length === 1) return live[0]
+  var state = wrr[key] || (wrr[key] = {})
+  var total = 0
+  var best = null
+  live.forEach(b => {
+    var cur = (state[b.service] || 0) + b.weight
+    state[b.service] = cur
+    total += b.weight
+    if (best === null || cur > state[best.service]) best = b
+  })
+  state[best.service] -= total
+  return best
+}
+
+function pickEndpoint(key, endpoints) {
+  var i = rr[key] || 0
+  rr[key] = (i + 1) % endpoints.length
+  return endpoints[i % endpoints.length]
+}
+
+function toEndpoint(target, service, protocol) {
+  var ip = target.substring(0, target.lastIndexOf(':'))
+  var ep = config.endpoints[ip]
+  if (!ep) return { mode: 'direct', target, tunnel: null, identity: null, local: false, service, protocol }
+  if (ep.local) return { mode: 'local', target, tunnel: null, identity: ep.identity, local: true, service, protocol }
+  if (ep.tunnel) return { mode: 'tunnel', target, tunnel: ep.tunnel, identity: ep.identity, local: false, service, protocol }
+  // A mesh pod whose node proxy is unknown: straight to the pod.
+  return { mode: 'direct', target, tunnel: null, identity: ep.identity, local: false, service, protocol }
+}
+
+// The protocol of an original destination, before any endpoint is picked.
+export function protocolOf(dstIp, dstPort) {
+  var dst = dstIp + ':' + dstPort
+  var svc = config.services[dst]
+  if (svc) return svc.protocol
+  var ep = config.endpoints[dstIp]
+  return (ep && ep.ports[dstPort]) || 'tcp'
+}
+
+export function decide(dstIp, dstPort) {
+  var dst = dstIp + ':' + dstPort
+  var svc = config.services[dst]
+  if (svc) {
+    var backend = pickBackend(dst, svc.backends)
+    if (!backend) return { mode: 'unavailable', target: dst, tunnel: null, identity: null, local: false, service: svc.service, protocol: svc.protocol }
+    return toEndpoint(pickEndpoint(dst + '>' + backend.service, backend.endpoints), svc.service, svc.protocol)
+  }
+  if (config.endpoints[dstIp]) return toEndpoint(dst, null, protocolOf(dstIp, dstPort))
+  if (config.egress === 'allow') return { mode: 'egress', target: dst, tunnel: null, identity: null, local: false, service: null, protocol: 'tcp' }
+  return { mode: 'refused', target: dst, tunnel: null, identity: null, local: false, service: null, protocol: 'tcp' }
+}

@@ -1,0 +1,219 @@
+import type { Access, HttpMatch, NodePolicy, PolicyService } from '../policy/schema.js';
+
+/**
+ * NodePolicy -> the configuration of the shared Pipy proxy (proxy/config.json,
+ * read by proxy/main.js). Pure: the node facts the policy does not hold come in
+ * as arguments. The shape is made for the proxy's lookups on the hot path
+ * (one object key per connection or request), not for people: every decision
+ * that can be made ahead of time (protocol of a port, which endpoints a split
+ * backend has, which node proxy to tunnel to) is made here, where it is unit
+ * tested, and the PipyJS program only looks things up.
+ */
+
+export const PROXY_CONFIG_FORMAT = 1;
+export const DEFAULT_OUTBOUND_PORT = 15001;
+export const DEFAULT_INBOUND_PORT = 15003;
+
+export type PortProtocol = 'http' | 'tcp';
+
+export interface ProxyNodeFacts {
+  outboundPort: number;
+  /** The inbound (tunnel) listener; every node proxy of the mesh uses the same port. */
+  inboundPort: number;
+}
+
+export interface ProxyBackend {
+  /** ns/name of the backend service. */
+  service: string;
+  weight: number;
+  /** "ip:port", sorted. */
+  endpoints: string[];
+}
+
+export interface ProxyService {
+  /** ns/name of the service clients address. */
+  service: string;
+  protocol: PortProtocol;
+  /** One backend (the service itself) without a split; the split's backends with one. */
+  backends: ProxyBackend[];
+}
+
+export interface ProxyEndpoint {
+  /** ns/serviceAccount, when the endpoint is a known pod. */
+  identity: string | null;
+  /** true: a pod of this node (policy applied here); false: tunnel to `tunnel`. */
+  local: boolean;
+  /** "address:inboundPort" of the node proxy that owns the endpoint; null when local or unknown. */
+  tunnel: string | null;
+  /** Pod port -> protocol, from the services that select it. */
+  ports: Record<string, PortProtocol>;
+}
+
+export interface ProxyHttpMatch {
+  /** Anchored in the proxy (the whole path must match); null = any path. */
+  pathRegex: string | null;
+  /** Upper case; empty or containing '*' = any method. */
+  methods: string[];
+  /** Header name (lower case) -> value regex (anchored). */
+  headers: Record<string, string>;
+}
+
+export interface ProxyAccessRule {
+  /** ns/name of the TrafficTarget, for logs and metrics. */
+  target: string;
+  /** ns/serviceAccount of the sources allowed. */
+  sources: string[];
+  /** The destination port the target is limited to; null = every port. */
+  port: number | null;
+  /** TCPRoute: every byte on these ports is allowed; tcpAllPorts when a TCPRoute lists no port. */
+  tcpAllPorts: boolean;
+  tcpPorts: number[];
+  /** HTTPRouteGroup matches: on an HTTP port a request matching any of them is allowed. */
+  http: ProxyHttpMatch[];
+}
+
+export interface ProxyConfig {
+  format: number;
+  /** The NodePolicy version this was rendered from. */
+  version: string;
+  node: string;
+  listen: { outbound: number; inbound: number };
+  trafficPolicy: 'permissive' | 'smi';
+  egress: 'allow' | 'deny';
+  /**
+   * Addresses whose tunnel requests the inbound listener accepts: the node
+   * proxies of the mesh. Until the tunnel has mTLS this address check is the
+   * only thing that authenticates the source identity a tunnel claims.
+   */
+  tunnelPeers: string[];
+  /** This node's pods by address: the source identity of an outbound connection. */
+  pods: Record<string, { identity: string; name: string }>;
+  /** "clusterIP:port" -> service. */
+  services: Record<string, ProxyService>;
+  /** Pod address -> what the proxy knows about it. */
+  endpoints: Record<string, ProxyEndpoint>;
+  /** Destination identity (ns/serviceAccount of a pod on this node) -> its TrafficTargets. */
+  access: Record<string, ProxyAccessRule[]>;
+}
+
+const id = (namespace: string, name: string): string => `${namespace}/${name}`;
+
+/**
+ * The protocol of a service port, as FSM decides it: appProtocol first, then
+ * the port name's prefix (`http`, `http-web`, `tcp-db`), HTTP when neither
+ * says anything. Anything that is not plain HTTP/1 (grpc, http2, tls, ...) is
+ * carried as TCP: the proxy must never parse bytes it does not understand.
+ */
+export function portProtocol(port: { name: string; appProtocol: string | null }): PortProtocol {
+  const hint = (port.appProtocol ?? port.name.split('-')[0] ?? '').toLowerCase();
+  if (hint === '' || hint === 'http') return 'http';
+  return 'tcp';
+}
+
+function renderMatch(m: HttpMatch): ProxyHttpMatch {
+  return {
+    pathRegex: m.pathRegex,
+    methods: m.methods.map((x) => x.toUpperCase()),
+    headers: Object.fromEntries(Object.entries(m.headers).map(([k, v]) => [k.toLowerCase(), v])),
+  };
+}
+
+function renderAccess(a: Access): ProxyAccessRule {
+  const tcp = a.rules.filter((r) => r.kind === 'TCPRoute');
+  const http = a.rules.flatMap((r) => (r.kind === 'HTTPRouteGroup' ? r.matches.map(renderMatch) : []));
+  return {
+    target: id(a.namespace, a.name),
+    sources: a.sources.map((s) => id(s.namespace, s.serviceAccount)).sort(),
+    port: a.destination.port,
+    tcpAllPorts: tcp.some((r) => r.ports.length === 0),
+    tcpPorts: [...new Set(tcp.flatMap((r) => r.ports))].sort((x, y) => x - y),
+    http,
+  };
+}
+
+/** Endpoints of `svc` for the service port named `portName` (or numbered `port`), as "ip:port". */
+function endpointsFor(svc: PolicyService, portName: string, port: number): string[] {
+  const sp = svc.ports.find((p) => p.name === portName) ?? svc.ports.find((p) => p.port === port);
+  if (!sp) return [];
+  const out: string[] = [];
+  for (const e of svc.endpoints) {
+    const target = e.ports[sp.name];
+    if (target !== undefined) out.push(`${e.ip}:${target}`);
+  }
+  return out.sort();
+}
+
+export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): ProxyConfig {
+  const byName = new Map(policy.services.map((s) => [id(s.namespace, s.name), s]));
+  // A split with HTTP matches applies only to matching requests; the proxy
+  // splits per connection and per request alike, so such splits are not
+  // rendered (the root service's own endpoints serve), see proxy/README.md.
+  const splitOf = new Map<string, NodePolicy['splits'][number]>();
+  for (const sp of [...policy.splits].sort((a, b) => id(a.namespace, a.name).localeCompare(id(b.namespace, b.name)))) {
+    const root = id(sp.namespace, sp.service);
+    if (sp.matches.length === 0 && !splitOf.has(root)) splitOf.set(root, sp);
+  }
+
+  const tunnelOf = new Map<string, string>();
+  const tunnelPeers = new Set<string>();
+  for (const p of policy.proxies) {
+    const first = p.addresses[0];
+    if (first !== undefined) tunnelOf.set(p.node, `${first}:${facts.inboundPort}`);
+    for (const a of p.addresses) tunnelPeers.add(a);
+  }
+  for (const a of policy.node.addresses) tunnelPeers.add(a);
+
+  const pods: ProxyConfig['pods'] = {};
+  const endpoints: Record<string, ProxyEndpoint> = {};
+  for (const p of policy.pods) {
+    pods[p.ip] = { identity: id(p.namespace, p.serviceAccount), name: p.name };
+    endpoints[p.ip] = { identity: id(p.namespace, p.serviceAccount), local: true, tunnel: null, ports: {} };
+  }
+
+  const services: Record<string, ProxyService> = {};
+  for (const svc of [...policy.services].sort((a, b) => id(a.namespace, a.name).localeCompare(id(b.namespace, b.name)))) {
+    for (const sp of svc.ports) {
+      if (sp.protocol !== 'TCP') continue;
+      const protocol = portProtocol(sp);
+      for (const e of svc.endpoints) {
+        const target = e.ports[sp.name];
+        const ep = (endpoints[e.ip] ??= {
+          identity: e.pod && e.serviceAccount ? id(e.pod.namespace, e.serviceAccount) : null,
+          local: e.node === policy.node.name,
+          tunnel: e.node !== null && e.node !== policy.node.name ? (tunnelOf.get(e.node) ?? null) : null,
+          ports: {},
+        });
+        if (target === undefined) continue;
+        const known = ep.ports[String(target)];
+        // Two services disagreeing about a pod port: TCP, the protocol that never breaks the bytes.
+        ep.ports[String(target)] = known === undefined || known === protocol ? protocol : 'tcp';
+      }
+      const split = splitOf.get(id(svc.namespace, svc.name));
+      const backends: ProxyBackend[] = split
+        ? split.backends.flatMap((b) => {
+            const backend = byName.get(id(split.namespace, b.service));
+            if (!backend || b.weight === 0) return [];
+            return [{ service: id(backend.namespace, backend.name), weight: b.weight, endpoints: endpointsFor(backend, sp.name, sp.port) }];
+          })
+        : [{ service: id(svc.namespace, svc.name), weight: 1, endpoints: endpointsFor(svc, sp.name, sp.port) }];
+      for (const ip of svc.clusterIPs) services[`${ip}:${sp.port}`] = { service: id(svc.namespace, svc.name), protocol, backends };
+    }
+  }
+
+  const access: Record<string, ProxyAccessRule[]> = {};
+  for (const a of policy.access) (access[id(a.destination.namespace, a.destination.serviceAccount)] ??= []).push(renderAccess(a));
+
+  return {
+    format: PROXY_CONFIG_FORMAT,
+    version: policy.version,
+    node: policy.node.name,
+    listen: { outbound: facts.outboundPort, inbound: facts.inboundPort },
+    trafficPolicy: policy.mesh.trafficPolicy,
+    egress: policy.mesh.egress,
+    tunnelPeers: [...tunnelPeers].sort(),
+    pods,
+    services,
+    endpoints,
+    access,
+  };
+}

@@ -1,0 +1,132 @@
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { NodePolicySchema, type NodePolicy } from '../../src/policy/schema.js';
+import { portProtocol, renderProxyConfig } from '../../src/proxy/config.js';
+import { baseMesh, compiled, meshConfig, pod, routeGroup, service, slice, split, target, tcpRoute, type Obj } from './policy-fixtures.js';
+
+/**
+ * The proxy's configuration rendered from NodePolicies that the real compiler
+ * made from Kubernetes objects. Golden files are reviewed like code:
+ * FSMN_UPDATE_GOLDEN=1 rewrites them.
+ */
+
+const goldenDir = join(dirname(fileURLToPath(import.meta.url)), 'golden');
+const facts = { outboundPort: 15001, inboundPort: 15003 };
+
+function golden(name: string, actual: string): void {
+  const path = join(goldenDir, name);
+  if (process.env.FSMN_UPDATE_GOLDEN === '1') {
+    mkdirSync(goldenDir, { recursive: true });
+    writeFileSync(path, actual);
+  }
+  if (!existsSync(path)) throw new Error(`golden file ${name} is missing; generate it with FSMN_UPDATE_GOLDEN=1 and review the diff`);
+  expect(actual).toBe(readFileSync(path, 'utf8'));
+}
+
+/** smi mesh: api (node-b) split 80/20 over api-v1/api-v2; web may call db over TCP and api on /api/* GETs. */
+function smiMesh(): Obj[] {
+  return [
+    ...baseMesh(),
+    meshConfig({ trafficPolicy: 'smi', egress: 'deny' }),
+    pod('api-v1-1', { ip: '10.0.1.2', node: 'node-b', sa: 'api', labels: { app: 'api', version: 'v1' } }),
+    pod('api-v2-1', { ip: '10.0.0.3', node: 'node-a', sa: 'api', labels: { app: 'api', version: 'v2' } }),
+    service('api-v1', { clusterIP: '172.16.0.31', selector: { app: 'api', version: 'v1' } }),
+    service('api-v2', { clusterIP: '172.16.0.32', selector: { app: 'api', version: 'v2' } }),
+    service('db', { clusterIP: '172.16.0.2', ports: [{ name: 'tcp-pg', port: 5432, targetPort: 5432 }] }),
+    split('api-split', 'api', [{ service: 'api-v1', weight: 80 }, { service: 'api-v2', weight: 20 }]),
+    routeGroup('routes', [
+      { name: 'api', pathRegex: '/api/.*', methods: ['GET'] },
+      { name: 'admin', pathRegex: '/admin', methods: ['*'], headers: { 'X-Admin': 'yes|true' } },
+    ]),
+    tcpRoute('pg', [5432]),
+    target('web-to-api', 'api', ['web'], [{ kind: 'HTTPRouteGroup', name: 'routes', matches: ['api'] }]),
+    target('web-to-db', 'db', ['web'], [{ kind: 'TCPRoute', name: 'pg' }]),
+    target('api-to-web', 'web', ['api'], [{ kind: 'HTTPRouteGroup', name: 'routes' }, { kind: 'TCPRoute', name: 'pg' }]),
+  ];
+}
+
+function policyOf(objs: Obj[], node: string): NodePolicy {
+  const p = compiled(objs).get(node)?.policy;
+  if (!p) throw new Error(`no policy for ${node}`);
+  return NodePolicySchema.parse(p);
+}
+
+describe('proxy config rendering (golden)', () => {
+  test('smi mesh, node-a: split backends, tunnels to node-b, access rules of the local pods', () => {
+    golden('proxy-config-smi-node-a.json', `${JSON.stringify(renderProxyConfig(policyOf(smiMesh(), 'node-a'), facts), null, 2)}\n`);
+  });
+
+  test('permissive mesh, node-b: no access rules, every service, egress allowed', () => {
+    golden('proxy-config-permissive-node-b.json', `${JSON.stringify(renderProxyConfig(policyOf(baseMesh(), 'node-b'), facts), null, 2)}\n`);
+  });
+});
+
+describe('proxy config rendering (rules)', () => {
+  const cfg = renderProxyConfig(policyOf(smiMesh(), 'node-a'), facts);
+
+  test('a split root service gets the weighted backends with their own endpoints on the same port', () => {
+    expect(cfg.services['172.16.0.3:80']).toEqual({
+      service: 'app/api',
+      protocol: 'http',
+      backends: [
+        { service: 'app/api-v1', weight: 80, endpoints: ['10.0.1.2:8080'] },
+        { service: 'app/api-v2', weight: 20, endpoints: ['10.0.0.3:8080'] },
+      ],
+    });
+  });
+
+  test('endpoints: local pods are served here, remote ones tunnel to their node proxy', () => {
+    expect(cfg.endpoints['10.0.0.3']).toMatchObject({ identity: 'app/api', local: true, tunnel: null, ports: { '8080': 'http' } });
+    expect(cfg.endpoints['10.0.1.2']).toMatchObject({ identity: 'app/api', local: false, tunnel: '192.168.1.11:15003' });
+  });
+
+  test('access: TCPRoute ports and HTTPRouteGroup matches per TrafficTarget, keyed by destination identity', () => {
+    expect(cfg.access['app/api']).toEqual([
+      { target: 'app/web-to-api', sources: ['app/web'], port: null, tcpAllPorts: false, tcpPorts: [], http: [{ pathRegex: '/api/.*', methods: ['GET'], headers: {} }] },
+    ]);
+    expect(cfg.access['app/db']?.[0]).toMatchObject({ tcpPorts: [5432], http: [] });
+    expect(cfg.access['app/web']?.[0]?.http[1]).toEqual({ pathRegex: '/admin', methods: ['*'], headers: { 'x-admin': 'yes|true' } });
+  });
+
+  test('only node proxies and this node may open tunnels', () => {
+    expect(cfg.tunnelPeers).toEqual(['192.168.1.10', '192.168.1.11']);
+  });
+
+  test('a split with HTTP matches is not rendered: the root service keeps its own endpoints', () => {
+    const objs = smiMesh().map((o) => (o.kind === 'TrafficSplit' ? { ...o, spec: { ...(o.spec as object), matches: [{ kind: 'HTTPRouteGroup', name: 'routes' }] } } : o));
+    const p = policyOf(objs, 'node-a');
+    expect(p.splits[0]?.matches.length).toBeGreaterThan(0);
+    expect(renderProxyConfig(p, facts).services['172.16.0.3:80']?.backends.map((b) => b.service)).toEqual(['app/api']);
+  });
+
+  test('a backend with weight 0 or a missing service is left out', () => {
+    const objs = smiMesh().map((o) => (o.kind === 'TrafficSplit' ? split('api-split', 'api', [{ service: 'api-v1', weight: 0 }, { service: 'api-v2', weight: 20 }]) : o));
+    expect(renderProxyConfig(policyOf(objs, 'node-a'), facts).services['172.16.0.3:80']?.backends.map((b) => b.service)).toEqual(['app/api-v2']);
+  });
+
+  test('the rendering is deterministic and does not mutate the policy', () => {
+    const p = policyOf(smiMesh(), 'node-a');
+    const before = JSON.stringify(p);
+    expect(JSON.stringify(renderProxyConfig(p, facts))).toBe(JSON.stringify(renderProxyConfig(p, facts)));
+    expect(JSON.stringify(p)).toBe(before);
+  });
+});
+
+describe('port protocol (FSM rules)', () => {
+  test.each([
+    [{ name: 'web', appProtocol: 'http' }, 'http'],
+    [{ name: 'http-web', appProtocol: null }, 'http'],
+    [{ name: 'http', appProtocol: null }, 'http'],
+    [{ name: '', appProtocol: null }, 'http'],
+    [{ name: 'tcp-db', appProtocol: null }, 'tcp'],
+    [{ name: 'http', appProtocol: 'tcp' }, 'tcp'],
+    [{ name: 'grpc', appProtocol: null }, 'tcp'],
+    [{ name: 'x', appProtocol: 'HTTP' }, 'http'],
+  ] as const)('%j -> %s', (port, want) => {
+    expect(portProtocol(port)).toBe(want);
+  });
+});
+
+// The same slice helper the compiler tests use, kept referenced for endpoint-slice based services.
+void slice;

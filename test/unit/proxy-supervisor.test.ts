@@ -1,0 +1,288 @@
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { listenInodes, parseReloadAck, processStartTime } from '../../src/proxy/health.js';
+import { parsePipyVersion, pipyArgs, threadsFor, UNKNOWN_LOCAL_BUILD, findPipy } from '../../src/proxy/pipy.js';
+import { ProxyReloadError, ProxySupervisor, backoffDelay, crashWindow, launchArgv, type ProxySupervisorOptions } from '../../src/proxy/supervisor.js';
+import { eventually } from '../support/eventually.js';
+
+const fixtures = fileURLToPath(new URL('../fixtures/', import.meta.url));
+const FAKE = join(fixtures, 'fake-proxy.mjs');
+const PROGRAM = join(fixtures, 'fake-proxy-program');
+
+describe('proxy supervisor: pure parts', () => {
+  test('backoff doubles from the base, is capped, and jitters by +-20 %', () => {
+    const cfg = { baseMs: 100, maxMs: 1000 };
+    expect([1, 2, 3, 4, 5, 9].map((n) => backoffDelay(n, cfg, () => 0.5))).toEqual([100, 200, 400, 800, 1000, 1000]);
+    expect(backoffDelay(2, cfg, () => 0)).toBe(160);
+    expect(backoffDelay(2, cfg, () => 1)).toBeCloseTo(240);
+  });
+
+  test('a crash loop is N exits inside the window; older exits fall out', () => {
+    const cfg = { crashes: 3, windowMs: 1000 };
+    expect(crashWindow([0, 100], 200, cfg)).toEqual({ recent: [0, 100], loop: false });
+    expect(crashWindow([0, 100, 200], 200, cfg).loop).toBe(true);
+    expect(crashWindow([0, 100, 1500, 1600], 1700, cfg)).toEqual({ recent: [1500, 1600], loop: false });
+  });
+
+  test('reload ack: every thread reloaded, or the first failure line', () => {
+    const ok = '[restart] Reloading codebase on thread 0...\n[restart] Codebase reloaded on thread 1\n';
+    expect(parseReloadAck(ok, 2)).toEqual({ state: 'pending' });
+    expect(parseReloadAck(ok + 'x [restart] Codebase reloaded on thread 0\n', 2)).toEqual({ state: 'ok' });
+    expect(parseReloadAck('2026 [ERR] [restart] Failed reloading codebase 0\n', 1)).toEqual({ state: 'failed', line: '2026 [ERR] [restart] Failed reloading codebase 0' });
+  });
+
+  test('pipy version: the Version field, or "unknown (local build)" when empty', () => {
+    expect(parsePipyVersion('Version          : 1.5.18\nCommit           : abc\n')).toBe('1.5.18');
+    expect(parsePipyVersion('Version          : \nCommit           : \n')).toBe(UNKNOWN_LOCAL_BUILD);
+    expect(parsePipyVersion('garbage')).toBe(UNKNOWN_LOCAL_BUILD);
+  });
+
+  test('threads: one per CPU, capped, at least one; a bad cap names itself', () => {
+    expect([threadsFor(2, 4), threadsFor(16, 4), threadsFor(0, 4), threadsFor(8, 1)]).toEqual([2, 4, 1, 1]);
+    expect(() => threadsFor(4, 0)).toThrow(/proxy thread cap 0/);
+  });
+
+  test('pipy command line: reuse-port, loopback admin, info log to stdout', () => {
+    expect(pipyArgs({ entry: '/s/cb/main.js', threads: 2, adminPort: 6060 })).toEqual([
+      '/s/cb/main.js', '--reuse-port', '--threads=2', '--admin-port=127.0.0.1:6060', '--log-level=info', '--log-local=stdout',
+    ]);
+    expect(() => pipyArgs({ entry: 'main.js', threads: 1, adminPort: 1 })).toThrow(/pipy entry "main.js"/);
+  });
+
+  test('launch argv: cgroup first, then netns, then uid drop, then the proxy', () => {
+    expect(launchArgv({ argv: ['pipy', 'x'] })).toEqual(['pipy', 'x']);
+    const full = launchArgv({ cgroup: '/cg/proxy', netnsPath: '/run/netns/n1', runAs: { uid: 1500, gid: 1500 }, argv: ['pipy'] });
+    expect(full.slice(0, 4)).toEqual(['/bin/sh', '-c', 'echo $$ > "$0/cgroup.procs" && exec "$@"', '/cg/proxy']);
+    expect(full.slice(4)).toEqual(['nsenter', '--net=/run/netns/n1', '--', 'setpriv', '--reuid=1500', '--regid=1500', '--clear-groups', '--inh-caps=+net_admin', '--ambient-caps=+net_admin', '--', 'pipy']);
+  });
+
+  test('LISTEN sockets of a /proc/net/tcp table by inode', () => {
+    const table = [
+      '  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode',
+      '   0: 00000000:3A99 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1111 1 0',
+      '   1: 0100007F:3A99 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 2222 1 0',
+    ].join('\n');
+    expect([...listenInodes(table)]).toEqual([['1111', 15001]]);
+  });
+
+  test('findPipy names PIPY_BIN and PATH when there is none', () => {
+    expect(() => findPipy({ PATH: '/nonexistent' })).toThrow(/PIPY_BIN is not set and no executable "pipy" is on PATH/);
+    expect(() => findPipy({ PIPY_BIN: '/nonexistent/pipy' })).toThrow(/PIPY_BIN=\/nonexistent\/pipy is not an executable/);
+  });
+});
+
+async function freePorts(n: number): Promise<number[]> {
+  const servers = await Promise.all(
+    Array.from({ length: n }, () => new Promise<net.Server>((resolve) => { const s = net.createServer().listen(0, '127.0.0.1', () => resolve(s)); })),
+  );
+  const ports = servers.map((s) => (s.address() as net.AddressInfo).port);
+  await Promise.all(servers.map((s) => new Promise((r) => s.close(r))));
+  return ports;
+}
+
+function adminVersion(port: number): Promise<unknown> {
+  return new Promise((resolve, reject) => {
+    http.get({ host: '127.0.0.1', port, path: '/status', agent: false }, (res) => {
+      let body = '';
+      res.on('data', (d: Buffer) => (body += d.toString()));
+      res.on('end', () => resolve((JSON.parse(body) as { version: unknown }).version));
+    }).on('error', reject);
+  });
+}
+
+const alive = (pid: number): boolean => processStartTime(pid) !== undefined;
+
+describe('proxy supervisor with a fake proxy', () => {
+  let dir: string;
+  let events: string;
+  const supervisors: ProxySupervisor[] = [];
+
+  beforeEach(() => {
+    dir = mkdtempSync(join(tmpdir(), 'fsm-proxy-sup-'));
+    events = join(dir, 'events.jsonl');
+  });
+  afterEach(async () => {
+    for (const s of supervisors.splice(0)) await s.stop(200);
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  const starts = (): number[] =>
+    existsSync(events) ? readFileSync(events, 'utf8').split('\n').filter((l) => l.includes('"start"')).map((l) => (JSON.parse(l) as { pid: number }).pid) : [];
+
+  async function supervisor(env: Record<string, string> = {}, extra: Partial<ProxySupervisorOptions> = {}): Promise<{ sup: ProxySupervisor; ports: number[] }> {
+    const ports = await freePorts(3);
+    const sup = new ProxySupervisor({
+      kind: 'pipy',
+      stateDir: join(dir, 'state'),
+      address: '127.0.0.1',
+      outboundPort: ports[0]!,
+      inboundPort: ports[1]!,
+      checkIntervalMs: 20,
+      pipy: { bin: FAKE, programDir: PROGRAM, adminPort: ports[2]!, threads: 2 },
+      backoff: { baseMs: 10, maxMs: 40 },
+      crashLoop: { crashes: 3, windowMs: 60_000 },
+      recoverAfterMs: 100,
+      drainMs: 2000,
+      initialConfig: { version: 0 },
+      env: { FAKE_PROXY_PORTS: `${ports[0]},${ports[1]}`, FAKE_PROXY_EVENTS: events, ...env },
+      ...extra,
+    });
+    supervisors.push(sup);
+    return { sup, ports };
+  }
+
+  test('starts the proxy, reports its version, and is ready once both listeners are up', async () => {
+    const { sup } = await supervisor();
+    await sup.start();
+    await sup.waitReady();
+    const st = sup.status();
+    expect(st).toMatchObject({ kind: 'pipy', up: true, listening: true, version: '0.0.0-fake', threads: 2, restarts: 0, crashLoop: false });
+    expect(starts()).toEqual([st.pid]);
+    expect(await sup.metrics()).toBe('{"version":0}');
+  });
+
+  test('deliver: config.json replaced, SIGHUP, acked by every thread; same config again is a no-op', async () => {
+    const { sup, ports } = await supervisor();
+    await sup.start();
+    await sup.waitReady();
+    const r = await sup.deliver({ version: 7 });
+    expect(r).toMatchObject({ changed: true, applied: true });
+    expect(await adminVersion(ports[2]!)).toBe(7);
+    expect(await sup.deliver({ version: 7 })).toMatchObject({ changed: false, applied: false });
+    expect(sup.status()).toMatchObject({ reloads: 1, reloadFailures: 0, lastReload: { ok: true } });
+  });
+
+  test('a config the proxy rejects is rolled back on disk and reported; the proxy keeps the last good one', async () => {
+    const { sup, ports } = await supervisor();
+    await sup.start();
+    await sup.waitReady();
+    await sup.deliver({ version: 1 });
+    await expect(sup.deliver({ version: 2, reject: true })).rejects.toThrow(ProxyReloadError);
+    expect(await adminVersion(ports[2]!)).toBe(1);
+    expect(sup.status()).toMatchObject({ reloads: 1, reloadFailures: 1, lastReload: { ok: false } });
+    expect(JSON.parse(readFileSync(join(dir, 'state', 'proxy-config.json'), 'utf8'))).toEqual({ version: 1 });
+    // A restart starts from the last good config, not the rejected one.
+    process.kill(sup.status().pid!, 'SIGKILL');
+    await eventually(async () => sup.status().restarts, (n) => n >= 1);
+    await sup.waitReady();
+    expect(await adminVersion(ports[2]!)).toBe(1);
+  });
+
+  test('a config delivered while the proxy is down is used when it comes back', async () => {
+    const { sup, ports } = await supervisor({ FAKE_PROXY_MODE: 'crash-at-start', FAKE_PROXY_FAULTY: '2' });
+    await sup.start();
+    expect(await sup.deliver({ version: 5 })).toMatchObject({ changed: true, applied: false });
+    await sup.waitReady();
+    expect(await adminVersion(ports[2]!)).toBe(5);
+  });
+
+  test('crash at start: restarts with backoff, a crash loop is detected; fail-closed never stops interception', async () => {
+    const { sup } = await supervisor({ FAKE_PROXY_MODE: 'crash-at-start' });
+    const calls: boolean[] = [];
+    sup.onInterception((w) => calls.push(w));
+    await sup.start();
+    const st = await eventually(async () => sup.status(), (s) => s.crashLoop);
+    expect(st).toMatchObject({ crashLoop: true, crashLoopsDetected: 1, failurePolicy: 'fail-closed', interceptionWanted: true });
+    expect(st.crashes).toBeGreaterThanOrEqual(3);
+    expect(st.lastExit).toMatch(/exited/);
+    expect(calls).toEqual([]);
+  });
+
+  test('fail-open: interception off on a crash loop, back on once the proxy has been ready a while', async () => {
+    const { sup } = await supervisor({ FAKE_PROXY_MODE: 'crash-at-start', FAKE_PROXY_FAULTY: '4' }, { failurePolicy: 'fail-open' });
+    const calls: Array<[boolean, string]> = [];
+    sup.onInterception((w, why) => calls.push([w, why]));
+    await sup.start();
+    await eventually(async () => calls.length, (n) => n >= 2, 10_000);
+    expect(calls.map(([w]) => w)).toEqual([false, true]);
+    expect(calls[0]![1]).toMatch(/crash loop: 3 exits/);
+    expect(sup.status()).toMatchObject({ crashLoop: false, crashLoopsDetected: 1, interceptionWanted: true, listening: true });
+    expect(starts()).toHaveLength(5);
+  });
+
+  test('crash later: the proxy is restarted and serves again', async () => {
+    const { sup } = await supervisor({ FAKE_PROXY_MODE: 'crash-after:300', FAKE_PROXY_FAULTY: '1' });
+    await sup.start();
+    await sup.waitReady();
+    const first = sup.status().pid!;
+    const st = await eventually(async () => sup.status(), (s) => s.restarts === 1 && s.listening);
+    expect(st).toMatchObject({ restarts: 1, crashes: 1, crashLoop: false, listening: true });
+    expect(st.pid).not.toBe(first);
+  });
+
+  test('hang: a proxy whose admin API stops answering is killed and restarted', async () => {
+    const { sup } = await supervisor({ FAKE_PROXY_MODE: 'hang-after:300', FAKE_PROXY_FAULTY: '1' }, { liveness: { intervalMs: 50, timeoutMs: 100, failures: 2 } });
+    await sup.start();
+    await sup.waitReady();
+    const first = sup.status().pid!;
+    const st = await eventually(async () => sup.status(), (s) => s.restarts === 1 && s.listening, 10_000);
+    expect(st.lastExit).toMatch(/killed, hung: admin \/status unanswered/);
+    expect(alive(first)).toBe(false);
+  });
+
+  test('slow start: not ready while starting, ready later, never restarted', async () => {
+    const { sup } = await supervisor({ FAKE_PROXY_MODE: 'slow-start:800' });
+    await sup.start();
+    expect(sup.ready()).toBe(false);
+    await sup.waitReady();
+    expect(sup.status()).toMatchObject({ restarts: 0, crashes: 0 });
+  });
+
+  test('a proxy that never listens is killed after the start timeout and counted as a crash', async () => {
+    const { sup } = await supervisor({ FAKE_PROXY_MODE: 'slow-start:60000', FAKE_PROXY_FAULTY: '1' }, { startTimeoutMs: 300 });
+    await sup.start();
+    const st = await eventually(async () => sup.status(), (s) => s.listening, 10_000);
+    expect(st).toMatchObject({ restarts: 1, crashes: 1, listening: true });
+    expect(st.lastExit).toMatch(/not listening/);
+  });
+
+  test('adoption: a second supervisor (restarted agent) adopts the running proxy instead of starting another', async () => {
+    const { sup } = await supervisor();
+    await sup.start();
+    await sup.waitReady();
+    const pid = sup.status().pid;
+    sup.detach();
+    const again = new ProxySupervisor((sup as unknown as { opts: ProxySupervisorOptions }).opts);
+    supervisors.push(again);
+    await again.start();
+    expect(again.status()).toMatchObject({ pid, adopted: true, listening: true });
+    expect(starts()).toEqual([pid]);
+  });
+
+  test('adoption ignores a recorded pid that now belongs to another process (start time differs)', async () => {
+    const { sup } = await supervisor();
+    const state = join(dir, 'state');
+    rmSync(state, { recursive: true, force: true });
+    await import('node:fs').then((fs) => fs.mkdirSync(state, { recursive: true }));
+    writeFileSync(join(state, 'proxy.json'), JSON.stringify({ pid: process.pid, startTime: '1', kind: 'pipy', bin: FAKE, version: '0.0.0-fake', threads: 2, logFile: 'x', startedAt: '' }));
+    await sup.start();
+    expect(sup.status()).toMatchObject({ adopted: false });
+    expect(sup.status().pid).not.toBe(process.pid);
+  });
+
+  test('stop: SIGINT drains; a proxy ignoring SIGINT is SIGKILLed after the grace', async () => {
+    const { sup } = await supervisor({ FAKE_PROXY_MODE: 'ignore-sigint' });
+    await sup.start();
+    await sup.waitReady();
+    const pid = sup.status().pid!;
+    expect(await sup.stop(300)).toBe(true);
+    expect(alive(pid)).toBe(false);
+    expect(readFileSync(events, 'utf8')).toMatch(/"event":"sigint","ignored":true/);
+    expect(existsSync(join(dir, 'state', 'proxy.json'))).toBe(false);
+    expect(await sup.stop(300)).toBe(false);
+  });
+
+  test('stop: a well-behaved proxy exits on SIGINT', async () => {
+    const { sup } = await supervisor();
+    await sup.start();
+    await sup.waitReady();
+    const pid = sup.status().pid!;
+    await sup.stop(5000);
+    expect(alive(pid)).toBe(false);
+    expect(readFileSync(events, 'utf8')).toMatch(/"event":"sigint"}/);
+  });
+});

@@ -1,11 +1,11 @@
 import { mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { performance } from 'node:perf_hooks';
 import type { FastifyInstance } from 'fastify';
 import type { Dataplane, DesiredState, InterceptionMode } from '../dataplane/types.js';
 import { FsmNodeError, errorMessage } from '../errors.js';
 import { buildApi } from '../http/server.js';
-import type { NodePolicy } from '../policy/schema.js';
-import type { ProxySupervisor } from '../proxy/supervisor.js';
+import type { NodeModeStatus, NodePolicy } from '../policy/schema.js';
 import { logger } from '../util/log.js';
 import type { AgentConfig } from './config.js';
 import { agentMetrics, type AgentMetrics } from './metrics.js';
@@ -24,13 +24,39 @@ export interface PolicyFeed {
   fetchErrors(): number;
 }
 
+/**
+ * What the agent needs of the node proxy: the ProxySupervisor in production
+ * (src/proxy/supervisor.ts), in kernel tests a proxy the test runs itself.
+ */
+export interface AgentProxy {
+  /** Adopt a running proxy or start one, then watch it. */
+  start(): void | Promise<void>;
+  /** Stop watching; the proxy keeps running. */
+  detach(): void;
+  status(): { kind: string; up: boolean; listening: boolean; restarts: number };
+  /** Running and listening. */
+  ready(): boolean;
+  /** The proxy's own metrics text (Pipy admin /metrics), re-exported normalised on /metrics; absent for the passthrough proxy. */
+  metrics?(): Promise<string | undefined>;
+}
+
 export interface AgentDeps {
   policy: PolicyFeed;
   probe: () => Promise<ProbeReport>;
   dataplane: (mode: InterceptionMode) => Dataplane;
   render: (policy: NodePolicy) => DesiredState;
-  proxy: ProxySupervisor;
+  proxy: AgentProxy;
+  /** Report the mode decision to the controller (it posts a Node Event on a fallback); best effort. */
+  reportMode?: (status: NodeModeStatus) => Promise<void>;
 }
+
+/**
+ * After a switch, how long the old mode keeps answering for connections it
+ * redirected just before it stopped capturing: an eBPF-rewritten connect whose
+ * accept by the proxy (and SO_ORIGINAL_DST query) is still under way needs the
+ * old getsockopt program for that long. The proxy accepts within milliseconds.
+ */
+const SWITCH_DRAIN_MS = 250;
 
 /**
  * The agent: one reconcile loop from policy + probe + node state to the
@@ -46,6 +72,11 @@ export class Agent {
   private report: ProbeReport | undefined;
   private decision: ModeDecision | undefined;
   private active: Dataplane | undefined;
+  /** The previous mode's dataplane after a switch, until its cleanup has succeeded (retried by the next sync). */
+  private retiring: Dataplane | undefined;
+  private lastModeLog: string | undefined;
+  /** The last completed live switch: new mode in force after applyMs, old mode gone after totalMs. */
+  private lastSwitch: { from: InterceptionMode; to: InterceptionMode; applyMs: number; totalMs: number; at: string } | undefined;
   private applied: { version: string; pods: number; at: string } | undefined;
   private lastError: string | undefined;
   private readonly modeFile: string;
@@ -60,6 +91,10 @@ export class Agent {
       proxy: () => this.deps.proxy.status(),
       policyReceivedAt: () => this.deps.policy.current()?.receivedAt,
       policyFetchErrors: () => this.deps.policy.fetchErrors(),
+      node: () => this.config.node,
+      dataplane: () => this.active,
+      pods: () => this.deps.policy.current()?.policy.pods ?? [],
+      ...(this.deps.proxy.metrics ? { proxyMetrics: () => this.deps.proxy.metrics!() } : {}),
     });
     this.runner = new SyncRunner((ctx) => this.sync(ctx), {
       minIntervalMs: 20,
@@ -79,12 +114,12 @@ export class Agent {
     mkdirSync(this.config.stateDir, { recursive: true });
     this.report = await this.deps.probe();
     for (const c of this.report.checks) this.metrics.probe.set({ check: c.name }, c.ok ? 1 : 0);
-    this.deps.proxy.start();
+    await this.deps.proxy.start();
     this.deps.policy.onChange(() => this.runner.request('policy changed'));
     this.deps.policy.start();
     this.runner.start();
     const [host, port] = splitHostPort(this.config.listen);
-    this.api = buildApi({ notReadyReason: () => this.notReadyReason(), state: () => this.state(), registry: this.metrics.registry });
+    this.api = buildApi({ notReadyReason: () => this.notReadyReason(), state: () => this.state(), registry: this.metrics.registry, exposition: () => this.metrics.exposition() });
     try {
       await this.api.listen({ host, port });
     } catch (err) {
@@ -100,8 +135,15 @@ export class Agent {
     await this.deps.policy.stop();
     this.deps.proxy.detach();
     await this.active?.close();
+    await this.retiring?.close();
     await this.api?.close();
     log.info('agent stopped; dataplane and proxy left in place');
+  }
+
+  /** Where the HTTP API listens (after start), e.g. http://127.0.0.1:15900. */
+  apiUrl(): string | undefined {
+    const a = this.api?.server.address();
+    return a && typeof a === 'object' ? `http://${a.family === 'IPv6' ? `[${a.address}]` : a.address}:${a.port}` : undefined;
   }
 
   /** Ask for a sync now (mode change requests from the API, tests). */
@@ -127,6 +169,8 @@ export class Agent {
       probe: this.report,
       policy: cur ? { version: cur.policy.version, ageSeconds: (Date.now() - cur.receivedAt) / 1000, pods: cur.policy.pods.length } : undefined,
       applied: this.applied,
+      retiring: this.retiring?.mode,
+      lastSwitch: this.lastSwitch,
       lastError: this.lastError,
       proxy: this.deps.proxy.status(),
     };
@@ -144,16 +188,14 @@ export class Agent {
     );
     this.decision = decision;
     this.metrics.mode.reset();
-    if (!decision.ready) {
-      log.error({ reason: decision.reason }, 'no interception mode works on this node; not ready');
-      return;
-    }
+    this.logDecision(decision);
+    if (!decision.ready) return;
     this.metrics.mode.set({ desired: decision.desired, effective: decision.effective, fallback_reason: decision.fallbackReason ?? '' }, 1);
-    if (decision.fallbackReason) log.warn({ desired: decision.desired, effective: decision.effective, reason: decision.fallbackReason }, 'interception mode fell back');
 
     const desired = this.deps.render(policy);
     const previous = this.active;
     const next = previous?.mode === decision.effective ? previous : this.deps.dataplane(decision.effective);
+    const started = performance.now();
     try {
       await next.apply(desired, { full: ctx.full || next !== previous });
     } catch (err) {
@@ -161,19 +203,69 @@ export class Agent {
       if (next !== previous) await next.close();
       throw err;
     }
-    if (previous && previous !== next) {
-      // Make before break: the new mode is in force; now remove every trace of the old one.
-      const report = await previous.cleanup();
-      await previous.close();
-      this.metrics.modeSwitches.inc({ from: previous.mode, to: next.mode });
-      log.info({ from: previous.mode, to: next.mode, removed: report.removed.length }, 'switched interception mode');
-    } else if (!previous) {
-      await this.cleanupOtherMode(next.mode);
-    }
+    // Make before break: the new mode is in force (apply read it back); from here on it is the active one.
     this.active = next;
     this.persistMode({ desired: decision.desired, effective: decision.effective });
     this.applied = { version: policy.version, pods: desired.pods.length, at: new Date().toISOString() };
     this.metrics.enrolledPods.set(desired.pods.length);
+    if (this.retiring?.mode === next.mode) {
+      // Switched back before the old instance was removed: `next` adopted its state.
+      await this.retiring.close();
+      this.retiring = undefined;
+    }
+    if (previous && previous !== next) {
+      const applyMs = performance.now() - started;
+      this.retiring = previous;
+      // Only eBPF needs the drain: iptables answers SO_ORIGINAL_DST from conntrack, which outlives its rules.
+      await this.retire(previous, desired, previous.mode === 'ebpf');
+      this.metrics.modeSwitches.inc({ from: previous.mode, to: next.mode });
+      this.lastSwitch = { from: previous.mode, to: next.mode, applyMs, totalMs: performance.now() - started, at: new Date().toISOString() };
+    } else if (this.retiring && this.retiring.mode !== next.mode) {
+      await this.retire(this.retiring, desired, false);
+    } else if (!previous) {
+      await this.cleanupOtherMode(next.mode);
+    }
+  }
+
+  /**
+   * Break after make: with `drain`, the old mode first stops capturing (its
+   * pods are un-enrolled, so every new connection meets only the new mode) and
+   * keeps answering for a moment for connections it redirected just before;
+   * then everything of it is removed. A failure leaves it in `retiring`; the
+   * next sync (full, after a failure) retries the cleanup.
+   */
+  private async retire(old: Dataplane, desired: DesiredState, drain: boolean): Promise<void> {
+    if (drain) {
+      await old.apply({ ...desired, pods: [] });
+      await new Promise((r) => setTimeout(r, SWITCH_DRAIN_MS));
+    }
+    const report = await old.cleanup();
+    await old.close();
+    this.retiring = undefined;
+    log.info({ from: old.mode, to: this.active?.mode, removed: report.removed.length }, 'switched interception mode; nothing of the old mode remains');
+  }
+
+  /**
+   * One log line and one report to the controller per new decision (not one
+   * per sync): the fallback reason, or why nothing works. A failed report is
+   * retried by the next sync.
+   */
+  private logDecision(d: ModeDecision): void {
+    const key = JSON.stringify(d);
+    if (key === this.lastModeLog) return;
+    this.lastModeLog = key;
+    if (this.deps.reportMode) {
+      const status: NodeModeStatus = d.ready
+        ? { ready: true, desired: d.desired, effective: d.effective, ...(d.fallbackReason ? { fallbackReason: d.fallbackReason } : {}) }
+        : { ready: false, desired: d.desired, reason: d.reason };
+      this.deps.reportMode(status).catch((err: unknown) => {
+        if (this.lastModeLog === key) this.lastModeLog = undefined;
+        log.warn({ err: errorMessage(err) }, 'could not report the interception mode to the controller; retried at the next sync');
+      });
+    }
+    if (!d.ready) log.error({ desired: d.desired, source: d.desiredSource, reason: d.reason }, 'no interception mode works on this node; not ready');
+    else if (d.fallbackReason) log.warn({ desired: d.desired, source: d.desiredSource, effective: d.effective, reason: d.fallbackReason }, 'interception mode fell back');
+    else log.info({ desired: d.desired, source: d.desiredSource, effective: d.effective }, 'interception mode chosen');
   }
 
   /** On the first sync, leftovers of the other mode (a switch interrupted by a crash) are removed after ours is in force. */

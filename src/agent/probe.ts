@@ -70,7 +70,7 @@ export function supportFrom(checks: ProbeCheck[]): ModeSupport {
   return support;
 }
 
-function mountCheck(name: string, mounts: string, fsType: string, missing: string): ProbeCheck {
+export function mountCheck(name: string, mounts: string, fsType: string, missing: string): ProbeCheck {
   const points = mounts
     .split('\n')
     .map((l) => l.split(' '))

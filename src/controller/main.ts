@@ -5,11 +5,13 @@ import type { FastifyInstance } from 'fastify';
 import { FsmNodeError, InvalidInputError } from '../errors.js';
 import { PolicyCompiler } from '../policy/compiler.js';
 import { DEFAULT_CONTROLLER_NAMESPACE } from '../policy/fsm.js';
+import type { NodeModeStatus } from '../policy/schema.js';
 import { logger } from '../util/log.js';
 import { TokenFileAuthenticator, TokenReviewAuthenticator, type Authenticator } from './auth.js';
 import { ensureTls, FileCertStore, publishCa, SecretCertStore, type CertStore } from './certs.js';
 import { PolicyHub } from './hub.js';
 import { controllerMetrics } from './metrics.js';
+import { NODE_EVENT_NAMESPACE, NodeStatusEvents } from './node-status.js';
 import { buildPolicyServer } from './server.js';
 import { DirectorySource } from './sources/directory.js';
 import { KubernetesSource } from './sources/kubernetes.js';
@@ -123,7 +125,13 @@ export async function runController(opts: ControllerOptions): Promise<RunningCon
       },
     });
   }
-  const server = buildPolicyServer({ hub, auth, tls, registry: metrics.registry });
+  // In a cluster a fallback (or a node with no working mode) becomes an Event on the Node.
+  const nodeEvents = kc ? new NodeStatusEvents(async (body) => void (await kc.makeApiClient(CoreV1Api).createNamespacedEvent({ namespace: NODE_EVENT_NAMESPACE, body }))) : undefined;
+  const onNodeStatus = (node: string, status: NodeModeStatus): void => {
+    log.info({ node, ...status }, 'agent reported its interception mode');
+    void nodeEvents?.report(node, status);
+  };
+  const server = buildPolicyServer({ hub, auth, tls, registry: metrics.registry, onNodeStatus });
   let address: string;
   try {
     address = await server.listen({ host, port });

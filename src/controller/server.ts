@@ -1,7 +1,8 @@
-import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify';
+import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import type { Registry } from 'prom-client';
 import { errorMessage } from '../errors.js';
 import type { CompiledNode } from '../policy/compiler.js';
+import { formatIssues, NodeModeStatusSchema, type NodeModeStatus } from '../policy/schema.js';
 import { logger } from '../util/log.js';
 import type { Authenticator } from './auth.js';
 import type { PolicyHub } from './hub.js';
@@ -16,6 +17,8 @@ export interface PolicyServerOptions {
   registry?: Registry;
   /** Longest long-poll granted (a longer ?wait is clamped). Default 60 s. */
   maxWaitMs?: number;
+  /** An agent reported its interception mode (the Kubernetes controller posts an Event on a fallback). */
+  onNodeStatus?: (node: string, status: NodeModeStatus) => void;
 }
 
 const NODE_NAME = /^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$/;
@@ -42,6 +45,8 @@ export function parseIfNoneMatch(v: string | undefined): string | undefined {
  *     changes within the wait), 304 when the wait ends without a change,
  *     401 unknown token, 403 token of another node, 404 unknown node,
  *     503 before the first full sync. gzip when the client accepts it.
+ *   POST /v1/nodes/:node/status  the agent's interception mode (NodeModeStatus),
+ *     same credentials; 204, 400 on a malformed body.
  *   GET /healthz, /readyz, /metrics (no credentials, nothing secret).
  */
 export function buildPolicyServer(o: PolicyServerOptions): FastifyInstance {
@@ -66,23 +71,42 @@ export function buildPolicyServer(o: PolicyServerOptions): FastifyInstance {
     });
   }
 
-  app.get<{ Params: { node: string }; Querystring: { wait?: string } }>('/v1/nodes/:node/policy', async (req, reply) => {
+  /** The caller's token must be valid and bound to `node`; otherwise the reply is sent and false returned. */
+  async function authorized(req: FastifyRequest<{ Params: { node: string } }>, reply: FastifyReply): Promise<boolean> {
+    const deny = (code: number, error: string, message: string): false => {
+      void problem(reply, code, error, message);
+      return false;
+    };
     const { node } = req.params;
-    if (!NODE_NAME.test(node)) return problem(reply, 400, 'BadRequest', `invalid node name ${JSON.stringify(node)}`);
+    if (!NODE_NAME.test(node)) return deny(400, 'BadRequest', `invalid node name ${JSON.stringify(node)}`);
     const token = /^Bearer\s+(\S+)$/i.exec(req.headers.authorization ?? '')?.[1];
-    if (!token) return problem(reply, 401, 'Unauthorized', 'a bearer token is required');
+    if (!token) return deny(401, 'Unauthorized', 'a bearer token is required');
     let caller;
     try {
       caller = await o.auth.authenticate(token);
     } catch (err) {
       log.error({ err: errorMessage(err) }, 'authentication backend failed');
-      return problem(reply, 503, 'AuthUnavailable', 'cannot check the token now; retry');
+      return deny(503, 'AuthUnavailable', 'cannot check the token now; retry');
     }
-    if (!caller) return problem(reply, 401, 'Unauthorized', 'unknown token');
+    if (!caller) return deny(401, 'Unauthorized', 'unknown token');
     if (caller.node !== node) {
-      log.warn({ principal: caller.principal, asked: node }, 'refused: policy of another node');
-      return problem(reply, 403, 'Forbidden', `this token belongs to node ${JSON.stringify(caller.node)}`);
+      log.warn({ principal: caller.principal, asked: node }, 'refused: another node');
+      return deny(403, 'Forbidden', `this token belongs to node ${JSON.stringify(caller.node)}`);
     }
+    return true;
+  }
+
+  app.post<{ Params: { node: string } }>('/v1/nodes/:node/status', async (req, reply) => {
+    if (!(await authorized(req, reply))) return reply;
+    const parsed = NodeModeStatusSchema.safeParse(req.body);
+    if (!parsed.success) return problem(reply, 400, 'BadRequest', `invalid node status: ${formatIssues(parsed.error)}`);
+    o.onNodeStatus?.(req.params.node, parsed.data);
+    return reply.code(204).send();
+  });
+
+  app.get<{ Params: { node: string }; Querystring: { wait?: string } }>('/v1/nodes/:node/policy', async (req, reply) => {
+    const { node } = req.params;
+    if (!(await authorized(req, reply))) return reply;
     if (!o.hub.ready) return reply.header('retry-after', '1').code(503).send({ error: 'NotReady', message: 'sources have not synced yet' });
     let waitMs = 0;
     if (req.query.wait !== undefined) {

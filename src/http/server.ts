@@ -10,6 +10,8 @@ export interface AgentView {
   notReadyReason(): string | undefined;
   state(): unknown;
   registry: Registry;
+  /** The whole /metrics text when it is more than the registry (the agent appends the node proxy's metrics). */
+  exposition?: () => Promise<string>;
 }
 
 export interface ApiOptions {
@@ -38,7 +40,7 @@ export function buildApi(view: AgentView, opts: ApiOptions = {}): FastifyInstanc
 
   app.get('/metrics', async (_req, reply) => {
     reply.header('content-type', view.registry.contentType);
-    return view.registry.metrics();
+    return view.exposition ? view.exposition() : view.registry.metrics();
   });
 
   app.register(async (scoped) => {

@@ -6,7 +6,7 @@ import { gunzip } from 'node:zlib';
 import { promisify } from 'node:util';
 import { errorMessage, FsmNodeError } from '../errors.js';
 import { logger } from '../util/log.js';
-import { formatIssues, NodePolicySchema, type NodePolicy } from './schema.js';
+import { formatIssues, NodePolicySchema, type NodeModeStatus, type NodePolicy } from './schema.js';
 import { readLastGood, writeLastGood } from './store.js';
 
 const gunzipAsync = promisify(gunzip);
@@ -206,6 +206,23 @@ export class PolicyClient extends EventEmitter {
     } catch (err) {
       throw new FetchError('token', `cannot read token file ${this.opts.tokenFile}: ${errorMessage(err)}`);
     }
+  }
+
+  /** Tell the controller this node's interception mode (it posts an Event on a fallback). Throws on failure. */
+  async reportStatus(status: NodeModeStatus): Promise<void> {
+    const url = new URL(`/v1/nodes/${encodeURIComponent(this.opts.node)}/status`, this.opts.url);
+    const body = JSON.stringify(status);
+    const code = await new Promise<number>((resolve, reject) => {
+      // Not on the pooled agent: its one socket is parked in the long-poll.
+      const req = request(url, { method: 'POST', ca: this.opts.ca, agent: false, headers: { authorization: `Bearer ${this.token()}`, 'content-type': 'application/json' } }, (res) => {
+        res.resume();
+        res.on('end', () => resolve(res.statusCode ?? 0));
+      });
+      req.setTimeout(10_000, () => req.destroy(new Error('no answer from the controller')));
+      req.on('error', (err) => reject(new FetchError('network', errorMessage(err), { cause: err })));
+      req.end(body);
+    });
+    if (code !== 204) throw new FetchError('status', `controller answered ${code} to the node status report`);
   }
 
   private get(url: URL, headers: Record<string, string>, signal: AbortSignal): Promise<{ status: number; etag: string | undefined; body: Buffer }> {

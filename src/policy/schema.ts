@@ -198,3 +198,22 @@ export function formatPath(path: (string | number)[]): string {
   for (const p of path) out += typeof p === 'number' ? `[${p}]` : out === '' ? p : `.${p}`;
   return out || '(root)';
 }
+
+/**
+ * What an agent reports about its interception mode (POST /v1/nodes/:node/status):
+ * the controller turns a fallback or a node without a working mode into an Event
+ * on the Node. Reasons are the agent's own text (src/agent/mode.ts).
+ */
+export const NodeModeStatusSchema = z
+  .object({
+    ready: z.boolean(),
+    desired: InterceptionModeSchema,
+    /** Undefined when no mode works. */
+    effective: z.enum(['ebpf', 'iptables']).optional(),
+    /** Why effective differs from desired. */
+    fallbackReason: z.string().max(1024).optional(),
+    /** Why no mode works (ready false). */
+    reason: z.string().max(1024).optional(),
+  })
+  .strict();
+export type NodeModeStatus = z.infer<typeof NodeModeStatusSchema>;

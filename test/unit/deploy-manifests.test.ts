@@ -12,6 +12,7 @@ import { PodMonitor, ServiceMonitor } from '@kubernetes-models/prometheus-operat
 import { parseAllDocuments } from 'yaml';
 import { agentDefaults, envName, loadAgentConfig, AgentConfigSchema } from '../../src/agent/config.js';
 import { agentMetrics } from '../../src/agent/metrics.js';
+import { PIPY_BUILTINS } from '../../src/proxy/metrics.js';
 import { modeLabel } from '../../src/agent/mode.js';
 import { parseCommandArgs } from '../../src/cli/command.js';
 import { agentCommand } from '../../src/cli/commands/agent.js';
@@ -651,6 +652,8 @@ describe('Grafana dashboard', () => {
       }
     };
     add(agentMetrics(idle).registry.getMetricsAsArray());
+    // The node proxy's metrics, re-exported on the agent's /metrics under fixed names (src/proxy/metrics.ts).
+    add(Object.values(PIPY_BUILTINS));
     const compiler = new PolicyCompiler({ controllerNamespace: DEFAULT_CONTROLLER_NAMESPACE });
     add(controllerMetrics(compiler, new PolicyHub((node) => compiler.get(node))).registry.getMetricsAsArray());
     const d = dashboard();

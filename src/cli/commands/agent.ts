@@ -33,8 +33,10 @@ export function buildAgent(config: AgentConfig): Agent {
     nodeAddresses: config.nodeAddresses,
     cgroupPathFor: cgroupResolver(cgroup2Root()),
   };
+  const client = new PolicyClient({ url: config.controller, node: config.node, ca: readFileSync(config.caFile), tokenFile: config.tokenFile, stateDir: config.stateDir });
   return new Agent(config, {
-    policy: new PolicyClient({ url: config.controller, node: config.node, ca: readFileSync(config.caFile), tokenFile: config.tokenFile, stateDir: config.stateDir }),
+    policy: client,
+    reportMode: (status) => client.reportStatus(status),
     probe: () => probe(config.netns ? { netns: config.netns } : {}),
     dataplane: (mode) => createDataplane(mode, site),
     render: (policy) => desiredState(policy, facts),

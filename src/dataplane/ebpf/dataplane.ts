@@ -475,6 +475,15 @@ export class EbpfDataplane implements Dataplane {
         if (!(err instanceof BpfError && err.errnoCode === 'ENOENT')) throw err;
       }
     }
+    if (existsSync(sockhashPin)) {
+      // Sockets of established fast-path connections hold the sk_msg program, and it holds the
+      // maps: without this the kernel objects outlive the pins until those connections close.
+      // Out of the sockhash, such a connection carries on over plain TCP.
+      using sockhash = BpfMap.fromPin(sockhashPin);
+      let n = 0;
+      for (const key of [...sockhash.keys()]) if (sockhash.delete(key)) n++;
+      if (n > 0) removed.push(`${n} established sockets from ${SK_MSG.map} (they continue without the fast path)`);
+    }
     removed.push(...removePins(l, removed));
     return { removed };
   }

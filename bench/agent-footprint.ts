@@ -198,6 +198,8 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
         outboundPort: 15001,
         inboundPort: 15003,
         fastPath: true,
+        failurePolicy: 'fail-closed',
+        proxyThreadCap: 4,
         nodeAddresses: [node.gateway, node.underlayIp],
       };
       const child = await startAgent({ config, pods: pods.slice(0, count) }, join(work, `agent-${count}.json`), nodeFlags);

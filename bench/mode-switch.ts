@@ -212,6 +212,8 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
       outboundPort: PROXY_PORT,
       inboundPort: 15003,
       fastPath: true,
+      failurePolicy: 'fail-closed',
+      proxyThreadCap: 4,
       nodeAddresses: [node.gateway, node.underlayIp],
     };
     const feed = new LabelFeed(node);

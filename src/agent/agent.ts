@@ -38,6 +38,10 @@ export interface AgentProxy {
   ready(): boolean;
   /** The proxy's own metrics text (Pipy admin /metrics), re-exported normalised on /metrics; absent for the passthrough proxy. */
   metrics?(): Promise<string | undefined>;
+  /** Hand the proxy its configuration and wait until it runs it (Pipy); absent for the passthrough proxy. */
+  deliver?(config: object): Promise<{ changed: boolean; applied: boolean; ms: number }>;
+  /** Fail-open policy: the proxy says when interception should stop (crash loop) and resume. */
+  onInterception?(fn: (wanted: boolean, reason: string) => void): void;
 }
 
 export interface AgentDeps {
@@ -46,6 +50,8 @@ export interface AgentDeps {
   dataplane: (mode: InterceptionMode) => Dataplane;
   render: (policy: NodePolicy) => DesiredState;
   proxy: AgentProxy;
+  /** The proxy's configuration for a policy (src/proxy/config.ts), delivered before the dataplane applies. */
+  proxyConfig?: (policy: NodePolicy) => object;
   /** Report the mode decision to the controller (it posts a Node Event on a fallback); best effort. */
   reportMode?: (status: NodeModeStatus) => Promise<void>;
 }
@@ -78,6 +84,8 @@ export class Agent {
   /** The last completed live switch: new mode in force after applyMs, old mode gone after totalMs. */
   private lastSwitch: { from: InterceptionMode; to: InterceptionMode; applyMs: number; totalMs: number; at: string } | undefined;
   private applied: { version: string; pods: number; at: string } | undefined;
+  /** Set while the proxy's fail-open policy has asked to stop redirecting (the proxy is crash-looping). */
+  private suspended: string | undefined;
   private lastError: string | undefined;
   private readonly modeFile: string;
 
@@ -114,6 +122,11 @@ export class Agent {
     mkdirSync(this.config.stateDir, { recursive: true });
     this.report = await this.deps.probe();
     for (const c of this.report.checks) this.metrics.probe.set({ check: c.name }, c.ok ? 1 : 0);
+    this.deps.proxy.onInterception?.((wanted, reason) => {
+      this.suspended = wanted ? undefined : reason;
+      log.warn({ wanted, reason }, wanted ? 'proxy is back: interception resumes' : 'proxy crash-looping, fail-open: interception suspended');
+      this.runner.request(wanted ? 'proxy recovered' : 'proxy failing open', { full: true });
+    });
     await this.deps.proxy.start();
     this.deps.policy.onChange(() => this.runner.request('policy changed'));
     this.deps.policy.start();
@@ -170,6 +183,7 @@ export class Agent {
       policy: cur ? { version: cur.policy.version, ageSeconds: (Date.now() - cur.receivedAt) / 1000, pods: cur.policy.pods.length } : undefined,
       applied: this.applied,
       retiring: this.retiring?.mode,
+      interceptionSuspended: this.suspended,
       lastSwitch: this.lastSwitch,
       lastError: this.lastError,
       proxy: this.deps.proxy.status(),
@@ -192,7 +206,10 @@ export class Agent {
     if (!decision.ready) return;
     this.metrics.mode.set({ desired: decision.desired, effective: decision.effective, fallback_reason: decision.fallbackReason ?? '' }, 1);
 
-    const desired = this.deps.render(policy);
+    await this.deliverProxyConfig(policy);
+    const rendered = this.deps.render(policy);
+    // Fail-open: while the proxy crash-loops no pod is redirected, so pods talk directly instead of failing.
+    const desired = this.suspended ? { ...rendered, pods: [] } : rendered;
     const previous = this.active;
     const next = previous?.mode === decision.effective ? previous : this.deps.dataplane(decision.effective);
     const started = performance.now();
@@ -224,6 +241,24 @@ export class Agent {
       await this.retire(this.retiring, desired, false);
     } else if (!previous) {
       await this.cleanupOtherMode(next.mode);
+    }
+  }
+
+  /**
+   * The proxy learns a policy before the kernel redirects to it: a new
+   * service is routable by the time pods' connections reach the proxy. A
+   * config the proxy rejects keeps its previous one running (the supervisor
+   * restores it) and counts as a failed reload; the dataplane still applies.
+   */
+  private async deliverProxyConfig(policy: NodePolicy): Promise<void> {
+    if (!this.deps.proxy.deliver || !this.deps.proxyConfig) return;
+    const started = performance.now();
+    try {
+      const r = await this.deps.proxy.deliver(this.deps.proxyConfig(policy));
+      if (r.changed && r.applied) this.metrics.proxyReload.observe({ result: 'ok' }, r.ms / 1000);
+    } catch (err) {
+      this.metrics.proxyReload.observe({ result: 'failed' }, (performance.now() - started) / 1000);
+      log.error({ err: errorMessage(err), version: policy.version }, 'proxy rejected the configuration; it keeps running the previous one');
     }
   }
 

@@ -33,6 +33,10 @@ export const AgentConfigSchema = z
     outboundPort: port,
     inboundPort: port,
     fastPath: bool,
+    /** What happens while the proxy crash-loops: keep redirecting (connections fail) or stop redirecting until it is back. */
+    failurePolicy: z.enum(['fail-closed', 'fail-open']),
+    /** Upper bound on Pipy worker threads (one per CPU up to this): small boards keep memory low. */
+    proxyThreadCap: z.coerce.number().int().min(1).max(64),
     /** Addresses of this node that pods and peers use (its own traffic is never redirected). */
     nodeAddresses: z.array(z.string().ip({ version: 'v4' })),
   })
@@ -48,6 +52,8 @@ export const agentDefaults: Partial<AgentConfig> = {
   outboundPort: 15001,
   inboundPort: 15003,
   fastPath: true,
+  failurePolicy: 'fail-closed',
+  proxyThreadCap: 4,
   nodeAddresses: [],
 };
 

@@ -132,6 +132,8 @@ describe('Prometheus scrapes the agent', () => {
       outboundPort: 15001,
       inboundPort: 15003,
       fastPath: true,
+      failurePolicy: 'fail-closed',
+      proxyThreadCap: 4,
       nodeAddresses: [node.gateway, node.underlayIp],
     };
     const site = { stateDir: config.stateDir, bpffsDir: config.bpffsDir, podsCgroup: config.podsCgroup, proxyCgroup: config.proxyCgroup, netns: node.netns };

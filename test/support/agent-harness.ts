@@ -161,6 +161,8 @@ export function agentConfig(node: TopoNode, stateDir: string, mode: AgentConfig[
     outboundPort: PROXY_PORT,
     inboundPort: 15003,
     fastPath: true,
+    failurePolicy: 'fail-closed',
+    proxyThreadCap: 4,
     nodeAddresses: [node.gateway, node.underlayIp],
   };
 }

@@ -5,7 +5,9 @@ import { probe } from '../../agent/probe.js';
 import { createDataplane } from '../../dataplane/index.js';
 import { PolicyClient } from '../../policy/client.js';
 import { cgroupResolver, desiredState } from '../../policy/desired.js';
+import { renderProxyConfig } from '../../proxy/config.js';
 import { ProxySupervisor } from '../../proxy/supervisor.js';
+import type { NodePolicy } from '../../policy/schema.js';
 import { cgroup2Root } from '../../util/cgroup.js';
 import { logger } from '../../util/log.js';
 import type { Command, ParsedValues } from '../command.js';
@@ -47,8 +49,11 @@ export function buildAgent(config: AgentConfig): Agent {
       address: config.proxyAddress,
       outboundPort: config.outboundPort,
       inboundPort: config.inboundPort,
+      failurePolicy: config.failurePolicy,
+      ...(config.proxy === 'pipy' ? { pipy: { threadCap: config.proxyThreadCap } } : {}),
       ...(config.netns ? { netns: config.netns } : {}),
     }),
+    ...(config.proxy === 'pipy' ? { proxyConfig: (policy: NodePolicy) => renderProxyConfig(policy, { outboundPort: config.outboundPort, inboundPort: config.inboundPort }) } : {}),
   });
 }
 
@@ -86,6 +91,8 @@ traffic keeps flowing; \`fsm-node cleanup\` removes everything.`,
     'inbound-port': { type: 'string', valueName: 'PORT', description: 'Proxy inbound/tunnel listener (default 15003).' },
     proxy: { type: 'string', valueName: 'KIND', description: 'pipy (default) or passthrough (L4 test proxy, no policy).' },
     'no-fast-path': { type: 'boolean', description: 'Do not use the sockmap/sk_msg same-node fast path.' },
+    'failure-policy': { type: 'string', valueName: 'POLICY', description: 'While the proxy crash-loops: fail-closed (default; keep redirecting, connections fail — right for strict meshes) or fail-open (stop redirecting until it is back — permissive meshes).' },
+    'proxy-thread-cap': { type: 'string', valueName: 'N', description: 'At most N Pipy worker threads (default 4; one per CPU below that).' },
     netns: { type: 'string', valueName: 'NAME', description: 'Lab only: network namespace that plays the node.' },
     listen: { type: 'string', valueName: 'HOST:PORT', description: 'Agent HTTP API (default 0.0.0.0:15900).' },
     'print-config': { type: 'boolean', description: 'Print the effective configuration and exit.' },

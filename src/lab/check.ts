@@ -55,10 +55,15 @@ export interface MeshView {
   enrolled: Set<string>;
   /** Outbound ports excluded per pod (its annotation plus the mesh-wide list). */
   excludedPorts: Map<string, Set<number>>;
+  /** Labels of every pod in the lab namespace (to find a service's endpoints). */
+  labels: Map<string, Record<string, string>>;
+  /** The TrafficSplit of the root service `echo`: backend service -> weight. */
+  split: Map<string, number>;
 }
 
 interface K8sDoc {
   kind?: string;
+  spec?: { service?: string; backends?: Array<{ service?: string; weight?: unknown }> };
   metadata?: { name?: string; namespace?: string; labels?: Record<string, string>; annotations?: Record<string, string> };
   data?: Record<string, string>;
 }
@@ -91,10 +96,13 @@ export function meshView(dir: string): MeshView {
   const meshPorts = ports(mesh?.data?.outboundPortExclusionList);
   const ns = docs.find((d) => d.kind === 'Namespace' && d.metadata?.name === LAB_NAMESPACE);
   const monitored = ns?.metadata?.labels?.[LABEL_MONITORED_BY] === meshName;
-  const view: MeshView = { enrolled: new Set(), excludedPorts: new Map() };
+  const view: MeshView = { enrolled: new Set(), excludedPorts: new Map(), labels: new Map(), split: new Map() };
+  const split = docs.find((d) => d.kind === 'TrafficSplit' && d.spec?.service === 'echo');
+  for (const b of split?.spec?.backends ?? []) if (b.service && typeof b.weight === 'number') view.split.set(b.service, b.weight);
   for (const d of docs) {
     if (d.kind !== 'Pod' || (d.metadata?.namespace ?? 'default') !== LAB_NAMESPACE || !d.metadata?.name) continue;
     const a = d.metadata.annotations ?? {};
+    view.labels.set(d.metadata.name, d.metadata.labels ?? {});
     if (monitored && a[ANNOTATION_SIDECAR_INJECTION] !== 'disabled') view.enrolled.add(d.metadata.name);
     view.excludedPorts.set(d.metadata.name, new Set([...meshPorts, ...ports(a[ANNOTATION_OUTBOUND_PORT_EXCLUSION])]));
   }
@@ -269,7 +277,8 @@ export async function labCheck(state: LabState): Promise<CheckReport> {
       const allowed = !(denied && denied.from === from.name && denied.to === to.name) || !intercepted;
       const answer = parseAnswer(got.body);
       const ok = allowed ? got.ok && answer?.pod === to.name : !(got.ok && answer?.pod === to.name);
-      cases.push({ name, kind: 'pod-to-pod', from: from.name, to: to.name, result: ok ? 'pass' : 'fail', reason: `${allowed ? 'allowed' : 'denied'}: ${got.ok ? `HTTP ${got.status} from ${answer?.pod}` : got.error}` });
+      const outcome = got.ok ? (answer ? `HTTP ${got.status} from ${answer.pod}` : `HTTP ${got.status}`) : got.error;
+      cases.push({ name, kind: 'pod-to-pod', from: from.name, to: to.name, result: ok ? 'pass' : 'fail', reason: `${allowed ? 'allowed' : 'denied'}: ${outcome}` });
       return;
     }
     const judged = judgePodCase({ from, to, fromNode, intercepted }, got, proxyRecords(fromNode));
@@ -277,17 +286,84 @@ export async function labCheck(state: LabState): Promise<CheckReport> {
   });
   cases.sort((a, b) => a.from.localeCompare(b.from, 'en', { numeric: true }) || a.to.localeCompare(b.to, 'en', { numeric: true }));
 
-  // With Pipy these become real cases once the Pipy program exists to be checked against.
-  const skipWhy = state.proxy === 'passthrough' ? needsPipy : 'not checked yet: the Pipy program is not part of this build';
-  for (const s of LAB_SERVICES) {
-    cases.push({ name: `service ${s.name} (${s.clusterIP}:${ECHO_PORT}) from every pod`, kind: 'service', from: '*', to: s.name, result: 'skip', reason: `${skipWhy}; a service address is routed to its endpoints by the proxy` });
-  }
-  cases.push({ name: `split echo ${Object.entries(SPLIT_WEIGHTS).map(([k, v]) => `${k}=${v}`).join(' ')}`, kind: 'split', from: '*', to: 'echo', result: 'skip', reason: skipWhy });
   const denied = deniedPair(state.pods);
-  if (denied && state.proxy === 'passthrough') cases.push({ name: `deny ${denied.from} -> ${denied.to}`, kind: 'access', from: denied.from, to: denied.to, result: 'skip', reason: skipWhy });
+  if (state.proxy === 'passthrough') {
+    for (const s of LAB_SERVICES) {
+      cases.push({ name: `service ${s.name} (${s.clusterIP}:${ECHO_PORT}) from every pod`, kind: 'service', from: '*', to: s.name, result: 'skip', reason: `${needsPipy}; a service address is routed to its endpoints by the proxy` });
+    }
+    cases.push({ name: `split echo ${Object.entries(SPLIT_WEIGHTS).map(([k, v]) => `${k}=${v}`).join(' ')}`, kind: 'split', from: '*', to: 'echo', result: 'skip', reason: needsPipy });
+    if (denied) cases.push({ name: `deny ${denied.from} -> ${denied.to}`, kind: 'access', from: denied.from, to: denied.to, result: 'skip', reason: needsPipy });
+  } else {
+    cases.push(...(await serviceCases(state, view, denied?.from)));
+  }
   const count = (r: CaseResult): number => cases.filter((c) => c.result === r).length;
   const failed = count('fail');
   return { ok: failed === 0 && cases.length > 0, proxy: state.proxy, passed: count('pass'), failed, skipped: count('skip'), notes, cases };
+}
+
+/** Endpoints of a lab service: pods whose labels match its selector. */
+function endpointsOf(view: MeshView, selector: Record<string, string>): Set<string> {
+  const out = new Set<string>();
+  for (const [pod, labels] of view.labels) if (Object.entries(selector).every(([k, v]) => labels[k] === v)) out.add(pod);
+  return out;
+}
+
+const SPLIT_REQUESTS = 200;
+const SPLIT_TOLERANCE_POINTS = 12;
+
+/**
+ * With Pipy: every pod reaches every service by its cluster address and is
+ * answered by one of that service's endpoints; and requests to the split's
+ * root service land on its backends in the ratio of the weights (within a
+ * stated tolerance over SPLIT_REQUESTS requests). The denied source is left
+ * out: its access to some endpoints is refused by design.
+ */
+async function serviceCases(state: LabState, view: MeshView, deniedFrom: string | undefined): Promise<CheckCase[]> {
+  const cases: CheckCase[] = [];
+  const clients = state.pods.filter((p) => p.name !== deniedFrom && view.enrolled.has(p.name));
+  for (const s of LAB_SERVICES) {
+    const endpoints = endpointsOf(view, s.selector);
+    const bad: string[] = [];
+    await pool(clients, 4, async (from) => {
+      const got = await request(from, `http://${s.clusterIP}:${ECHO_PORT}/`).catch((err: unknown): GetResult => ({ ok: false, error: errorMessage(err) }));
+      const answer = parseAnswer(got.body);
+      if (!got.ok || got.status !== 200 || !answer || !endpoints.has(answer.pod)) bad.push(`${from.name}: ${got.ok ? `HTTP ${got.status} from ${answer?.pod}` : got.error}`);
+    });
+    cases.push({
+      name: `service ${s.name} (${s.clusterIP}:${ECHO_PORT}) from every pod`,
+      kind: 'service',
+      from: '*',
+      to: s.name,
+      result: bad.length === 0 && clients.length > 0 ? 'pass' : 'fail',
+      reason: bad.length === 0 ? `${clients.length} clients answered by endpoints of ${s.name} (${[...endpoints].join(' ')})` : `not answered by an endpoint: ${bad.join('; ')}`,
+    });
+  }
+  const total = [...view.split.values()].reduce((a, b) => a + b, 0);
+  const client = clients[0];
+  if (!client || total === 0) return cases;
+  const backendOf = new Map<string, string>();
+  for (const s of LAB_SERVICES) if (view.split.has(s.name)) for (const pod of endpointsOf(view, s.selector)) backendOf.set(pod, s.name);
+  const seen = new Map<string, number>();
+  const root = LAB_SERVICES.find((s) => s.name === 'echo')!;
+  for (let i = 0; i < SPLIT_REQUESTS; i += 20) {
+    await pool(Array.from({ length: 20 }, (_v, k) => k), 10, async () => {
+      const got = await request(client, `http://${root.clusterIP}:${ECHO_PORT}/`).catch((): GetResult => ({ ok: false, error: 'failed' }));
+      const pod = parseAnswer(got.body)?.pod;
+      const backend = (pod && backendOf.get(pod)) ?? 'none';
+      seen.set(backend, (seen.get(backend) ?? 0) + 1);
+    });
+  }
+  const shares = [...view.split].map(([svc, w]) => ({ svc, want: (100 * w) / total, got: (100 * (seen.get(svc) ?? 0)) / SPLIT_REQUESTS }));
+  const off = shares.filter((x) => Math.abs(x.want - x.got) > SPLIT_TOLERANCE_POINTS);
+  cases.push({
+    name: `split echo ${[...view.split].map(([k, v]) => `${k}=${v}`).join(' ')}`,
+    kind: 'split',
+    from: client.name,
+    to: 'echo',
+    result: off.length === 0 && (seen.get('none') ?? 0) === 0 ? 'pass' : 'fail',
+    reason: `${SPLIT_REQUESTS} requests from ${client.name}: ${shares.map((x) => `${x.svc} ${x.got.toFixed(0)}% (want ${x.want.toFixed(0)}±${SPLIT_TOLERANCE_POINTS})`).join(', ')}${seen.get('none') ? `, ${seen.get('none')} failed` : ''}`,
+  });
+  return cases;
 }
 
 export function renderCheck(r: CheckReport): string[] {

@@ -131,7 +131,8 @@ function accessObjects(pods: readonly ManifestPod[]): unknown[] {
   const denied = deniedPair(pods);
   const route = { apiVersion: 'specs.smi-spec.io/v1alpha4', kind: 'TCPRoute', metadata: { name: 'echo-tcp', namespace: LAB_NAMESPACE }, spec: { matches: { ports: [ECHO_PORT] } } };
   const targets = pods.flatMap((to) => {
-    const sources = pods.filter((from) => from !== to && !(denied?.from === from.name && denied.to === to.name));
+    // Every pod may reach every pod, itself included (a service it calls may pick its own pod), but the denied pair.
+    const sources = pods.filter((from) => !(denied?.from === from.name && denied.to === to.name));
     if (sources.length === 0) return [];
     return [
       {

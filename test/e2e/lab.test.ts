@@ -6,6 +6,7 @@ import { promisify } from 'node:util';
 import type { CheckReport } from '../../src/lab/check.js';
 import { LAB_POINTER, type LabState } from '../../src/lab/state.js';
 import { cgroup2Root } from '../../src/util/cgroup.js';
+import { pipySkipReason } from '../support/pipy.js';
 
 /**
  * The main job end to end, through the real CLI (`node dist/src/cli/bin.js`,
@@ -198,4 +199,50 @@ maybe.each(['ebpf', 'iptables'] as const)('fsm-node lab with --mode %s', (mode) 
     expect(again.code).toBe(0);
     expect(again.stdout).toMatch(/no lab to remove/);
   }, 60_000);
+});
+
+/*
+ * With Pipy the lab enforces policy, so nothing is skipped: pod pairs,
+ * services by cluster address, the 80/20 split (and a live change of its
+ * weights) and the denied pair. Runs when a Pipy binary is found.
+ */
+const pipySkip = skipReason ?? pipySkipReason();
+if (!skipReason && pipySkip) console.log(`SKIP e2e lab with Pipy: ${pipySkip}`);
+
+(pipySkip ? describe.skip : describe)('fsm-node lab with the Pipy proxy', () => {
+  let dir: string;
+
+  beforeAll(() => {
+    dir = mkdtempSync('/tmp/fsmlab-e2e-');
+  });
+
+  afterAll(async () => {
+    if (existsSync(join(dir, 'lab.json')) || existsSync(LAB_POINTER)) await cli('lab', 'down', '--dir', dir);
+    rmSync(dir, { recursive: true, force: true });
+  }, 60_000);
+
+  test('every case passes, none skipped; a live split change moves the ratio; down leaves nothing', async () => {
+    const up = await cli('lab', 'up', '--proxy', 'pipy', '--dir', dir);
+    expect(up.stderr + up.stdout).toContain('proxy: pipy');
+    expect(up.code).toBe(0);
+
+    const report = await check();
+    expect(report.proxy).toBe('pipy');
+    expect(report.cases.filter((c) => c.result === 'skip')).toEqual([]);
+    expect(report.cases.filter((c) => c.kind === 'service')).toHaveLength(3);
+    expect(report.cases.find((c) => c.kind === 'split')?.reason).toMatch(/echo-v1 \d+% \(want 80/);
+    expect(report.cases.find((c) => c.from === 'p4' && c.to === 'p1')?.reason).toMatch(/^denied: HTTP 403/);
+
+    const split = join(dir, 'manifests', '50-split.yaml');
+    writeFileSync(split, readFileSync(split, 'utf8').replace(/weight: 80/, 'weight: 50').replace(/weight: 20/, 'weight: 50'));
+    await until('the new split weights reach the proxies', async () => {
+      const r = await cli('lab', 'check', '--json');
+      const c = (JSON.parse(r.stdout) as CheckReport).cases.find((x) => x.kind === 'split');
+      return c?.result === 'pass' && /want 50/.test(c.reason);
+    }, 60_000);
+
+    const down = await cli('lab', 'down', '--dir', dir);
+    expect(down.code).toBe(0);
+    expect(down.stdout).toMatch(/verified none left/);
+  }, 180_000);
 });

@@ -56,7 +56,7 @@ describe('lab manifests', () => {
     expect(n1.splits).toEqual([expect.objectContaining({ service: 'echo', backends: [{ service: 'echo-v1', weight: 80 }, { service: 'echo-v2', weight: 20 }] })]);
     expect(deniedPair(input.pods)).toEqual({ from: 'p4', to: 'p1' });
     const toP1 = n1.access.find((a) => a.destination.serviceAccount === 'p1')!;
-    expect(toP1.sources.map((s) => s.serviceAccount).sort()).toEqual(['p2', 'p3']);
+    expect(toP1.sources.map((s) => s.serviceAccount).sort()).toEqual(['p1', 'p2', 'p3']);
   });
 });
 

@@ -1,5 +1,5 @@
 import { readFileSync } from 'node:fs';
-import { parse as parseYaml } from 'yaml';
+import { createRequire } from 'node:module';
 import { z } from 'zod';
 import { InvalidInputError } from '../errors.js';
 import { formatPath } from '../policy/schema.js';
@@ -67,7 +67,9 @@ export function loadAgentConfig(flags: Record<string, unknown>, env: NodeJS.Proc
   if (file) {
     let doc: unknown;
     try {
-      doc = parseYaml(readFileSync(file, 'utf8'));
+      // yaml is loaded only when a file is given: most agents are configured by flags and env.
+      const { parse } = createRequire(import.meta.url)('yaml') as typeof import('yaml');
+      doc = parse(readFileSync(file, 'utf8'));
     } catch (err) {
       throw new InvalidInputError('--config', file, (err as Error).message);
     }

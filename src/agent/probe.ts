@@ -1,6 +1,5 @@
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import si from 'systeminformation';
 import { errorMessage } from '../errors.js';
 import { run } from '../util/exec.js';
 import { bpfObjectDir } from '../util/paths.js';
@@ -37,6 +36,8 @@ export interface ProbeOptions {
 }
 
 export async function probe(opts: ProbeOptions = {}): Promise<ProbeReport> {
+  // Loaded on use: the agent probes rarely and should not carry the module's ~10 MiB between probes.
+  const { default: si } = await import('systeminformation');
   const [os, cpu, mem] = await Promise.all([si.osInfo(), si.cpu(), si.mem()]);
   const mounts = opts.procMounts ?? readFileSync('/proc/mounts', 'utf8');
   const checks: ProbeCheck[] = [

@@ -18,10 +18,9 @@ import { KubernetesSource } from './sources/kubernetes.js';
 
 const log = logger('controller');
 
-export const DEFAULT_LISTEN = '0.0.0.0:15443';
-export const DEFAULT_STATE_DIR = '/var/lib/fsm-node-controller';
-export const DEFAULT_AGENT_SERVICE_ACCOUNT = `${DEFAULT_CONTROLLER_NAMESPACE}:fsm-node-agent`;
-export const CONTROLLER_SERVICE = 'fsm-node-controller';
+import { CONTROLLER_SERVICE, DEFAULT_AGENT_SERVICE_ACCOUNT, DEFAULT_LISTEN, DEFAULT_STATE_DIR } from './defaults.js';
+
+export { CONTROLLER_SERVICE, DEFAULT_AGENT_SERVICE_ACCOUNT, DEFAULT_LISTEN, DEFAULT_STATE_DIR };
 
 export interface ControllerOptions {
   /** Directory of manifests (lab, embedded default). Exactly one of manifests, kubeconfig, inCluster. */

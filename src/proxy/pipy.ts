@@ -1,7 +1,6 @@
 import { spawn } from 'node:child_process';
 import { accessSync, constants } from 'node:fs';
 import { delimiter, join } from 'node:path';
-import si from 'systeminformation';
 import { FsmNodeError, InvalidInputError } from '../errors.js';
 
 /**
@@ -88,6 +87,7 @@ export function threadsFor(cpus: number, cap: number): number {
 
 /** Logical CPUs the node has (systeminformation, as the probe reports them). */
 export async function nodeCpus(): Promise<number> {
+  const { default: si } = await import('systeminformation'); // on use: sizing happens once per start
   const cpu = await si.cpu();
   return cpu.cores || 1;
 }

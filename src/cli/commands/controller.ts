@@ -1,4 +1,4 @@
-import { DEFAULT_AGENT_SERVICE_ACCOUNT, DEFAULT_LISTEN, DEFAULT_STATE_DIR, runController } from '../../controller/main.js';
+import { DEFAULT_AGENT_SERVICE_ACCOUNT, DEFAULT_LISTEN, DEFAULT_STATE_DIR } from '../../controller/defaults.js';
 import { InvalidInputError } from '../../errors.js';
 import { DEFAULT_CONTROLLER_NAMESPACE } from '../../policy/fsm.js';
 import { logger } from '../../util/log.js';
@@ -33,6 +33,8 @@ cluster, files in --state-dir otherwise). See docs/controller.md.`,
   async run(values) {
     const sources = ['manifests', 'kubeconfig', 'in-cluster'].filter((k) => values[k] !== undefined);
     if (sources.length !== 1) throw new InvalidInputError('--manifests | --kubeconfig | --in-cluster', sources, 'give exactly one source');
+    // Loaded here, not at the top: the Kubernetes client costs ~70 MiB the agent must not pay.
+    const { runController } = await import('../../controller/main.js');
     const controller = await runController({
       ...(values.manifests ? { manifests: String(values.manifests) } : {}),
       ...(values.kubeconfig ? { kubeconfig: String(values.kubeconfig) } : {}),

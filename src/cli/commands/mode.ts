@@ -1,9 +1,12 @@
 import { readdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { parseAllDocuments } from 'yaml';
+import { createRequire } from 'node:module';
 import { desiredModes, modeLabel } from '../../agent/mode.js';
 import { FsmNodeError, InvalidInputError, errorMessage } from '../../errors.js';
 import { oneOf, type Command } from '../command.js';
+
+/** yaml is loaded on use: this module is part of the CLI every agent process loads. */
+const yaml = (): typeof import('yaml') => createRequire(import.meta.url)('yaml') as typeof import('yaml');
 
 /**
  * Set the Node label in a manifest directory (the lab's controller source):
@@ -13,7 +16,7 @@ import { oneOf, type Command } from '../command.js';
 export function setModeInManifests(dir: string, node: string, mode: string): string {
   for (const file of readdirSync(dir).filter((f) => /\.ya?ml$/.test(f)).sort()) {
     const path = join(dir, file);
-    const docs = parseAllDocuments(readFileSync(path, 'utf8'));
+    const docs = yaml().parseAllDocuments(readFileSync(path, 'utf8'));
     const hit = docs.find((d) => d.get('kind') === 'Node' && d.getIn(['metadata', 'name']) === node);
     if (!hit) continue;
     hit.setIn(['metadata', 'labels', modeLabel], mode);

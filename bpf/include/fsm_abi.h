@@ -17,7 +17,7 @@
 
 #include <linux/types.h>
 
-#define FSM_ABI_VERSION 1
+#define FSM_ABI_VERSION 2
 
 /* "FSMNODE1": the first word of fsm_meta, how the agent recognises its own pin directory. */
 #define FSM_META_MAGIC 0x3145444f4e4d5346ULL
@@ -114,13 +114,33 @@ struct fsm_cidr_key {
 	__u32 addr[4];
 };
 
-/* A connection as seen from the pod: s = pod, d = where it connected to (the proxy). */
+/*
+ * A connection with the pod as s and where it connected to (the proxy) as d.
+ * In fsm_tuple_orig the pod's port is the one the proxy sees (NAT may have
+ * changed it); in fsm_sockhash every socket is keyed by its own view.
+ */
 struct fsm_tuple {
 	__u32 family;
 	__u32 saddr[4];
 	__u32 daddr[4];
 	__u16 sport;            /* host order */
 	__u16 dport;            /* host order */
+};
+
+/*
+ * Key of fsm_seq_orig: a redirected connection by what NAT leaves alone. The
+ * node's conntrack may give the connection another pod port on its way to the
+ * proxy (see sockops.bpf.c), never other sequence numbers, so the pod's and
+ * the proxy's sides of one connection compute the same key.
+ */
+struct fsm_seq_key {
+	__u32 family;
+	__u32 pod_addr[4];
+	__u32 proxy_addr[4];
+	__u16 proxy_port;       /* host order */
+	__u16 pad;
+	__u32 pod_seq;          /* the pod's ISN + 1: pod snd_nxt = proxy rcv_nxt at establishment */
+	__u32 proxy_seq;        /* the proxy's ISN + 1: proxy snd_nxt = pod rcv_nxt at establishment */
 };
 
 /* Where a redirected connection was going. */
@@ -130,6 +150,13 @@ struct fsm_orig_dst {
 	__u16 family;
 	__u32 reserved;
 	__u64 pod_cgroup_id;    /* who connected */
+};
+
+/* Value of fsm_seq_orig: what the pod's side knows, until the proxy's side takes it over. */
+struct fsm_pending {
+	struct fsm_orig_dst orig;
+	__u16 pod_port;         /* host order: the pod socket's own port, to tell whether NAT changed it */
+	__u16 pad[3];
 };
 
 /* fsm_stats (per CPU): pod cgroup id -> counters. */

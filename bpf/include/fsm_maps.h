@@ -12,7 +12,7 @@
  *     fsm_config, fsm_pods, fsm_pod_ips, fsm_addrs, fsm_ports,
  *     fsm_cidr_excl, fsm_cidr_incl, fsm_meta; it deletes fsm_stats entries
  *     of pods it removes.
- *   programs: fsm_cookie_orig (connect4), fsm_tuple_orig (sockops),
+ *   programs: fsm_cookie_orig (connect4), fsm_seq_orig, fsm_tuple_orig and
  *     fsm_sockhash (sockops), fsm_sk_state and fsm_fastpath_stats (sk_msg),
  *     fsm_stats (all).
  */
@@ -101,7 +101,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } fsm_cookie_orig SEC(".maps");
 
-/* sockops -> getsockopt: the original destination by the connection's 4-tuple (pod's view). */
+/* sockops (pod side) -> sockops (proxy side): the original destination by sequence numbers, between the two ends' establishment. LRU: a handshake the proxy never completes must not leak. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, FSM_DEFAULT_CONNS);
+	__type(key, struct fsm_seq_key);
+	__type(value, struct fsm_pending);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fsm_seq_orig SEC(".maps");
+
+/* sockops (proxy side) -> getsockopt: the original destination by the 4-tuple the proxy's socket has. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, FSM_DEFAULT_CONNS);

@@ -1,4 +1,4 @@
-import { AddrFlag, CfgFlag, Dir, PodFlag, addrKeyCodec, cidrKeyCodec, configCodec, portKeyCodec, tupleCodec, origDstCodec, metaCodec, META_MAGIC } from '../../src/dataplane/ebpf/abi.js';
+import { AddrFlag, CfgFlag, Dir, PodFlag, addrKeyCodec, cidrKeyCodec, configCodec, portKeyCodec, tupleCodec, origDstCodec, seqKeyCodec, pendingCodec, metaCodec, META_MAGIC } from '../../src/dataplane/ebpf/abi.js';
 import { diffMap, encodeMaps, renderAddrs, renderMaps, type CgroupIds } from '../../src/dataplane/ebpf/render.js';
 import { validateDesired } from '../../src/dataplane/ebpf/validate.js';
 import { noExclusions, type DesiredState } from '../../src/dataplane/types.js';
@@ -78,9 +78,11 @@ describe('eBPF render: DesiredState -> map entries', () => {
     expect(() => renderMaps(validateDesired(state()), { proxy: 100n, pods: ids.pods }, { fastPath: true })).toThrow(/proxy's cgroup/);
   });
 
+  /** n as `bytes` little-endian bytes, in hex. */
+  const le = (n: number, bytes: number): string => Buffer.from(new Uint8Array(new BigUint64Array([BigInt(n)]).buffer).subarray(0, bytes)).toString('hex');
+
   test('encodes keys and values in the C layout (golden bytes)', () => {
     const enc = encodeMaps(renderMaps(validateDesired(state()), ids, { fastPath: true }));
-    const le = (n: number, bytes: number): string => Buffer.from(new Uint8Array(new BigUint64Array([BigInt(n)]).buffer).subarray(0, bytes)).toString('hex');
     // struct fsm_config: ip4 (network order), ports (network order), ip6[16], cgroup id, flags, reserved
     expect(enc.fsm_config.get(le(0, 4))!.toString('hex')).toBe(['0a000001', '3a99', '3a9b', '00'.repeat(16), le(7, 8), le(1, 4), '00'.repeat(4)].join(''));
     // struct fsm_port_key: scope u64, port u16 (host order), dir u8, pad[5]
@@ -94,9 +96,14 @@ describe('eBPF render: DesiredState -> map entries', () => {
   });
 
   test('codecs round-trip and agree with the C struct sizes', () => {
-    expect([configCodec.size, addrKeyCodec.size, portKeyCodec.size, cidrKeyCodec.size, tupleCodec.size, origDstCodec.size, metaCodec.size]).toEqual([40, 24, 16, 32, 40, 32, 4096]);
+    expect([configCodec.size, addrKeyCodec.size, portKeyCodec.size, cidrKeyCodec.size, tupleCodec.size, origDstCodec.size, seqKeyCodec.size, pendingCodec.size, metaCodec.size]).toEqual([40, 24, 16, 32, 40, 32, 48, 40, 4096]);
     const k = { prefixLen: 24, family: 2, scope: 5n, addr: '10.1.2.0' };
     expect(cidrKeyCodec.decode(cidrKeyCodec.encode(k))).toEqual(k);
+    // struct fsm_seq_key: family, pod_addr[16], proxy_addr[16], proxy_port u16, pad, pod_seq u32, proxy_seq u32
+    const sk = { family: 2, podAddr: '10.1.0.5', proxyAddr: '10.1.0.1', proxyPort: 15001, podSeq: 0xdeadbeef, proxySeq: 7 };
+    expect(seqKeyCodec.encode(sk).toString('hex')).toBe([le(2, 4), '0a010005', '00'.repeat(12), '0a010001', '00'.repeat(12), le(15001, 2), '0000', le(0xdeadbeef, 4), le(7, 4)].join(''));
+    const p = { orig: { addr: '10.1.0.9', port: 8080, family: 2, podCgroupId: 42n }, podPort: 40000 };
+    expect(pendingCodec.decode(pendingCodec.encode(p))).toEqual(p);
     const m = { magic: META_MAGIC, abi: 1, json: '{"owner":"fsm-node"}' };
     expect(metaCodec.decode(metaCodec.encode(m))).toEqual(m);
   });

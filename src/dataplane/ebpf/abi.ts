@@ -7,7 +7,7 @@ import { codecs, type Codec } from '../../ebpf/index.js';
  * test/unit/ebpf-abi.test.ts checks them against the built objects.
  */
 
-export const ABI_VERSION = 1;
+export const ABI_VERSION = 2;
 /** "FSMNODE1" little endian: first word of fsm_meta in a pin directory we own. */
 export const META_MAGIC = 0x3145444f4e4d5346n;
 
@@ -35,6 +35,7 @@ export const MapName = {
   cidrExcl: 'fsm_cidr_excl',
   cidrIncl: 'fsm_cidr_incl',
   cookieOrig: 'fsm_cookie_orig',
+  seqOrig: 'fsm_seq_orig',
   tupleOrig: 'fsm_tuple_orig',
   sockhash: 'fsm_sockhash',
   skState: 'fsm_sk_state',
@@ -192,6 +193,34 @@ export const origDstCodec = codecs.struct<OrigDst>(32, {
   podCgroupId: { offset: 24, codec: codecs.u64 },
 });
 
+/** fsm_seq_orig key: a redirected connection by its handshake's sequence numbers (pod ISN + 1, proxy ISN + 1). */
+export interface SeqKey {
+  family: number;
+  podAddr: string;
+  proxyAddr: string;
+  proxyPort: number;
+  podSeq: number;
+  proxySeq: number;
+}
+export const seqKeyCodec = codecs.struct<SeqKey>(48, {
+  family: { offset: 0, codec: codecs.u32 },
+  podAddr: { offset: 4, codec: addr16 },
+  proxyAddr: { offset: 20, codec: addr16 },
+  proxyPort: { offset: 36, codec: codecs.u16 },
+  podSeq: { offset: 40, codec: codecs.u32 },
+  proxySeq: { offset: 44, codec: codecs.u32 },
+});
+
+/** fsm_seq_orig value: the original destination and the pod socket's own port. */
+export interface Pending {
+  orig: OrigDst;
+  podPort: number;
+}
+export const pendingCodec = codecs.struct<Pending>(40, {
+  orig: { offset: 0, codec: origDstCodec },
+  podPort: { offset: 32, codec: codecs.u16 },
+});
+
 /** Sum per-CPU values of an all-u64 struct (one 8-aligned slot per possible CPU) into named fields. */
 function sumPerCpu<T extends Record<string, bigint>>(raw: Buffer, fields: ReadonlyArray<keyof T & string>): T {
   const size = fields.length * 8;
@@ -267,6 +296,7 @@ export const mapLayout: Record<MapName, { keySize: number; valueSize: number }> 
   fsm_cidr_excl: { keySize: cidrKeyCodec.size, valueSize: 4 },
   fsm_cidr_incl: { keySize: cidrKeyCodec.size, valueSize: 4 },
   fsm_cookie_orig: { keySize: 8, valueSize: origDstCodec.size },
+  fsm_seq_orig: { keySize: seqKeyCodec.size, valueSize: pendingCodec.size },
   fsm_tuple_orig: { keySize: tupleCodec.size, valueSize: origDstCodec.size },
   fsm_sockhash: { keySize: tupleCodec.size, valueSize: 4 },
   fsm_sk_state: { keySize: 4, valueSize: 4 },

@@ -61,6 +61,7 @@ export function mapSizes(c: Capacity): Partial<Record<MapName, number>> {
     fsm_cidr_excl: c.rules,
     fsm_cidr_incl: c.rules,
     fsm_cookie_orig: c.connections,
+    fsm_seq_orig: c.connections,
     fsm_tuple_orig: c.connections,
     fsm_sockhash: c.connections,
   };

@@ -207,7 +207,7 @@ maybe.each(['ebpf', 'iptables'] as const)('fsm-node lab with --mode %s', (mode) 
  * weights) and the denied pair. Runs when a Pipy binary is found.
  */
 const pipySkip = skipReason ?? pipySkipReason();
-if (!skipReason && pipySkip) console.log(`SKIP e2e lab with Pipy: ${pipySkip}`);
+if (!skipReason && pipySkip) console.log(pipySkip.replace('SKIP pipy tier', 'SKIP e2e lab with Pipy'));
 
 (pipySkip ? describe.skip : describe)('fsm-node lab with the Pipy proxy', () => {
   let dir: string;

@@ -84,6 +84,7 @@ function policy(nodeName: string, addresses: string[], local: TopoPod[], remote:
     mesh: { name: 'bench', inbound: 'permissive', interceptionMode: 'iptables', egress: 'allow', trafficPolicy: 'permissive', exclusions: noExclusions() },
     proxies: [{ node: nodeName, addresses }, ...remote.map((r) => ({ node: r.node, addresses: [r.address] }))],
     node: { name: nodeName, addresses, interceptionMode: null },
+    meshPods: [...local.map((p) => ({ ip: p.ip, namespace: NS, serviceAccount: p.name, node: nodeName })), ...remote.map((r) => ({ ip: r.pod.ip, namespace: NS, serviceAccount: r.pod.name, node: r.node }))],
     pods: local.map((p) => ({ uid: `uid-${p.name}`, namespace: NS, name: p.name, ip: p.ip, serviceAccount: p.name, cgroup: { qosClass: null, path: p.cgroupPath }, exclusions: noExclusions() })),
     access: [],
     services: [

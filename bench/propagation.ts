@@ -19,7 +19,7 @@ import { intFlag, quantile, round } from './util.js';
  * from just before that write until a node holds the new version: fs watch,
  * debounce, reload, incremental compile, long-poll wake, gzip, TLS, transfer.
  * Changes: an EndpointSlice port (every node in permissive mode), a split
- * weight (every node), a pod added on node-0 (that node only).
+ * weight (every node), a pod added on node-0 (every node too: the mesh pods list).
  * Target: p99 under 100 ms.
  */
 

@@ -14,6 +14,7 @@ var EMPTY = {
   pods: {},
   services: {},
   endpoints: {},
+  meshPods: {},
   access: {},
 }
 

@@ -3,6 +3,9 @@
 // ratios) and an endpoint of that backend (round robin); a pod address goes
 // to that pod; anything else is egress. Then: a pod of this node is served
 // here, a pod of another node through that node's proxy.
+// A pod address is any service endpoint or, failing that, any mesh pod
+// (config.meshPods): a pod the node's pods may not reach is in no service of
+// its policy, and dialing its address directly must still meet access control.
 
 import config from './config.js'
 
@@ -33,9 +36,13 @@ function pickEndpoint(key, endpoints) {
   return endpoints[i % endpoints.length]
 }
 
+function podAt(ip) {
+  return config.endpoints[ip] || config.meshPods[ip]
+}
+
 function toEndpoint(target, service, protocol) {
   var ip = target.substring(0, target.lastIndexOf(':'))
-  var ep = config.endpoints[ip]
+  var ep = podAt(ip)
   if (!ep) return { mode: 'direct', target, tunnel: null, identity: null, local: false, service, protocol }
   if (ep.local) return { mode: 'local', target, tunnel: null, identity: ep.identity, local: true, service, protocol }
   if (ep.tunnel) return { mode: 'tunnel', target, tunnel: ep.tunnel, identity: ep.identity, local: false, service, protocol }
@@ -49,6 +56,7 @@ export function protocolOf(dstIp, dstPort) {
   var svc = config.services[dst]
   if (svc) return svc.protocol
   var ep = config.endpoints[dstIp]
+  // A mesh pod outside every service has no described port: TCP.
   return (ep && ep.ports[dstPort]) || 'tcp'
 }
 
@@ -60,7 +68,7 @@ export function decide(dstIp, dstPort) {
     if (!backend) return { mode: 'unavailable', target: dst, tunnel: null, identity: null, local: false, service: svc.service, protocol: svc.protocol }
     return toEndpoint(pickEndpoint(dst + '>' + backend.service, backend.endpoints), svc.service, svc.protocol)
   }
-  if (config.endpoints[dstIp]) return toEndpoint(dst, null, protocolOf(dstIp, dstPort))
+  if (podAt(dstIp)) return toEndpoint(dst, null, protocolOf(dstIp, dstPort))
   if (config.egress === 'allow') return { mode: 'egress', target: dst, tunnel: null, identity: null, local: false, service: null, protocol: 'tcp' }
   return { mode: 'refused', target: dst, tunnel: null, identity: null, local: false, service: null, protocol: 'tcp' }
 }

@@ -27,6 +27,7 @@ import {
   type Access,
   type Endpoint,
   type GlobalPart,
+  type MeshPod,
   type MeshSettings,
   type NodePart,
   type NodePolicy,
@@ -45,14 +46,18 @@ import {
  * then rebuilds only what is marked and returns the nodes whose policy
  * version changed.
  *
- * A policy is assembled from three cached parts so that one change costs
+ * A policy is assembled from four cached parts so that one change costs
  * little and 100 nodes do not each hold a copy of 2k services:
  *   - global: mesh settings and every node proxy's addresses (one for all);
+ *   - mesh pods: every enrolled pod's address, identity and node (one for
+ *             all), so that a proxy never mistakes a mesh pod it may not
+ *             reach for egress; assembled from per-node slices, so a pod
+ *             change rebuilds its node's slice and rehashes 100 short hashes;
  *   - node:   the node, its enrolled pods and, in smi mode, the access rules
  *             whose destination is one of its pods' identities;
  *   - section: the services (with endpoints) and splits the node's pods may
- *             reach; shared by all nodes that may reach the same set (all
- *             nodes in permissive mode).
+ *             reach, and those of its pods' own identities; shared by all
+ *             nodes with the same set (all nodes in permissive mode).
  * The version is a hash over the part hashes: content-addressed, so replicas
  * compiling the same objects agree and an unrelated change wakes nobody.
  */
@@ -75,7 +80,7 @@ export interface CompiledNode {
   json(): string;
   /**
    * The same JSON in two pieces: `{` + shared.text() is shared by every node
-   * that may reach the same services (services and splits), so an encoder can
+   * that may reach the same services (mesh pods, services and splits), so an encoder can
    * cache its encoding once for all of them; tail is this node's own
    * (see controller/hub.ts).
    */
@@ -124,8 +129,18 @@ interface Section {
 
 interface NodeEntry {
   part: Part<NodePart>;
-  /** Which section the node reads: '*' (everything) or the sorted identities its pods may reach. */
+  /** Which section the node reads: '*' (everything) or the sorted identities its pods may reach or run as. */
   signature: string;
+  /** The node's slice of the mesh pods part: its enrolled pods by address; json is their comma-joined objects. */
+  meshPods: { pods: MeshPod[]; json: string; hash: string };
+}
+
+/** Every node's mesh pods slice, concatenated in node name order. */
+interface MeshPodsAll {
+  pods: MeshPod[];
+  hash: string;
+  /** `"meshPods":[...]`, built on first use. */
+  text(): string;
 }
 
 type Store = { [K in Kind]: Map<string, RecordOf[K]> };
@@ -165,12 +180,17 @@ export class PolicyCompiler {
   private global: Part<GlobalPart> | undefined;
   private readonly serviceEntries = new Map<string, ServiceEntry>();
   private sortedServiceKeys: string[] | undefined;
+  /** Identity -> keys of the services with an endpoint of it; built with sortedServiceKeys, dropped with it. */
+  private servicesByIdentity: Map<string, string[]> | undefined;
   private readonly splitEntries = new Map<string, SplitEntry>();
   private accessByDestination = new Map<string, Access[]>();
   private destinationsBySource = new Map<string, Set<string>>();
   private readonly sections = new Map<string, Section>();
   private readonly nodeEntries = new Map<string, NodeEntry>();
   private readonly compiled = new Map<string, CompiledNode>();
+  private meshPods: MeshPodsAll | undefined;
+  /** Mesh pods + section as one shared piece, per section; replaced whenever the mesh pods change. */
+  private sharedBySection = new WeakMap<Section, SharedJson>();
   /** The last version of each split/target whose references all resolved: kept in force while a newer one does not. */
   private readonly lastResolvedSplit = new Map<string, SplitRec>();
   private readonly lastResolvedTarget = new Map<string, TargetRec>();
@@ -347,6 +367,7 @@ export class PolicyCompiler {
       if (r === 'membership') {
         sectionsStale = true;
         this.sortedServiceKeys = undefined;
+        this.servicesByIdentity = undefined;
         this.splitsDirty = true;
       }
     }
@@ -371,21 +392,34 @@ export class PolicyCompiler {
 
     const changed: string[] = [];
     const present = this.nodeNames();
+    let meshPodsDirty = this.meshPods === undefined;
     for (const node of this.dirtyNodes) {
+      const old = this.nodeEntries.get(node);
       if (present.has(node)) {
         const entry = this.buildNode(node, mesh);
         if (entry) this.nodeEntries.set(node, entry);
-      } else if (this.nodeEntries.delete(node) && this.compiled.delete(node)) {
-        changed.push(node);
+        if (entry?.meshPods.hash !== old?.meshPods.hash) meshPodsDirty = true;
+      } else if (this.nodeEntries.delete(node)) {
+        meshPodsDirty = true;
+        if (this.compiled.delete(node)) changed.push(node);
       }
     }
+    if (meshPodsDirty) {
+      const all = this.buildMeshPods();
+      if (all.hash !== this.meshPods?.hash) {
+        this.meshPods = all;
+        this.sharedBySection = new WeakMap();
+        allNodes = true;
+      }
+    }
+    const meshPods = this.meshPods!;
     for (const node of allNodes ? present : this.dirtyNodes) {
       const entry = this.nodeEntries.get(node);
       if (!entry || !this.global) continue;
       const section = this.section(entry.signature, mesh);
-      const version = shortHash(`${this.global.hash}.${entry.part.hash}.${section.hash}`);
+      const version = shortHash(`${this.global.hash}.${meshPods.hash}.${entry.part.hash}.${section.hash}`);
       if (this.compiled.get(node)?.version === version) continue;
-      this.compiled.set(node, compiledNode(node, version, this.global, entry.part, section));
+      this.compiled.set(node, compiledNode(node, version, this.global, meshPods, entry.part, section, this.sharedOf(section, meshPods)));
       changed.push(node);
     }
 
@@ -393,6 +427,28 @@ export class PolicyCompiler {
     this.dirtyNodes.clear();
     this.globalDirty = this.splitsDirty = this.accessDirty = false;
     return { changed, durationMs: performance.now() - started };
+  }
+
+  /** The mesh pods part from the nodes' slices: concatenation and a hash over short hashes, never a pass over every pod's JSON. */
+  private buildMeshPods(): MeshPodsAll {
+    const slices = byKey(this.nodeEntries.entries()).map((e) => e.meshPods).filter((m) => m.pods.length > 0);
+    let text: string | undefined;
+    return {
+      pods: slices.flatMap((m) => m.pods),
+      hash: shortHash(slices.map((m) => m.hash).join('')),
+      text: () => (text ??= `"meshPods":[${slices.map((m) => m.json).join(',')}]`),
+    };
+  }
+
+  /** One shared piece per section for as long as the mesh pods stay the same (an encoder caches by identity). */
+  private sharedOf(section: Section, meshPods: MeshPodsAll): SharedJson {
+    let s = this.sharedBySection.get(section);
+    if (!s) {
+      let text: string | undefined;
+      s = { text: () => (text ??= `${meshPods.text()},${section.shared.text()}`) };
+      this.sharedBySection.set(section, s);
+    }
+    return s;
   }
 
   /** Nodes that get a policy: every Node object, and every node that runs pods. */
@@ -613,8 +669,15 @@ export class PolicyCompiler {
       });
     }
     pods.sort((a, b) => (a.uid < b.uid ? -1 : a.uid > b.uid ? 1 : 0));
+    const slice = pods
+      .map((p): MeshPod => ({ ip: p.ip, namespace: p.namespace, serviceAccount: p.serviceAccount, node }))
+      .sort((a, b) => (a.ip < b.ip ? -1 : a.ip > b.ip ? 1 : 0));
+    const sliceJson = slice.map((p) => JSON.stringify(p)).join(',');
     const access: Access[] = [];
-    const reachable = new Set<string>();
+    // The section also holds the services of the node's own identities: the
+    // inbound side reads its pods' port protocols from them (HTTP routes need
+    // to know a port is HTTP), whether or not a pod here may reach them.
+    const reachable = new Set<string>(identities);
     for (const id of [...identities].sort()) {
       access.push(...(this.accessByDestination.get(id) ?? []));
       for (const dst of this.destinationsBySource.get(id) ?? []) reachable.add(dst);
@@ -626,7 +689,11 @@ export class PolicyCompiler {
     };
     const checked = this.checked(NodePartSchema, value, { kind: 'Node', namespace: '', name: node });
     if (!checked) return this.nodeEntries.get(node);
-    return { part: part(checked), signature: mesh.trafficPolicy === 'smi' ? [...reachable].sort().join('\n') : '*' };
+    return {
+      part: part(checked),
+      signature: mesh.trafficPolicy === 'smi' ? [...reachable].sort().join('\n') : '*',
+      meshPods: { pods: slice, json: sliceJson, hash: shortHash(sliceJson) },
+    };
   }
 
   private section(signature: string, mesh: MeshSettings): Section {
@@ -635,12 +702,28 @@ export class PolicyCompiler {
     this.sortedServiceKeys ??= [...this.serviceEntries.keys()].sort();
     let keys = this.sortedServiceKeys;
     if (mesh.trafficPolicy === 'smi') {
-      const allowed = new Set(signature.split('\n'));
-      keys = keys.filter((k) => [...this.serviceEntries.get(k)!.identities].some((id) => allowed.has(id)));
+      // Every node has a section of its own (its own identities are in its
+      // signature): gather from an index rather than filter every service per node.
+      const index = (this.servicesByIdentity ??= this.indexServicesByIdentity(keys));
+      const picked = new Set<string>();
+      for (const id of signature.split('\n')) for (const k of index.get(id) ?? []) picked.add(k);
+      keys = [...picked].sort();
     }
     s = this.buildSection(keys);
     this.sections.set(signature, s);
     return s;
+  }
+
+  private indexServicesByIdentity(keys: string[]): Map<string, string[]> {
+    const index = new Map<string, string[]>();
+    for (const k of keys) {
+      for (const id of this.serviceEntries.get(k)!.identities) {
+        const list = index.get(id);
+        if (list) list.push(k);
+        else index.set(id, [k]);
+      }
+    }
+    return index;
   }
 
   private buildSection(keys: string[]): Section {
@@ -664,19 +747,36 @@ function part<T>(value: T): Part<T> {
 }
 
 /**
- * The shared services part comes first in the document (key order means
- * nothing to JSON readers): an encoder can then keep the gzip state and CRC
- * of `{` + shared once, and only carry on over each node's own tail.
+ * The shared parts (mesh pods, services) come first in the document (key
+ * order means nothing to JSON readers): an encoder can then keep the gzip
+ * state and CRC of `{` + shared once, and only carry on over each node's own tail.
  */
-function compiledNode(node: string, version: string, global: Part<GlobalPart>, nodePart: Part<NodePart>, section: Section): CompiledNode {
+function compiledNode(
+  node: string,
+  version: string,
+  global: Part<GlobalPart>,
+  meshPods: MeshPodsAll,
+  nodePart: Part<NodePart>,
+  section: Section,
+  shared: SharedJson,
+): CompiledNode {
   const tail = `,"apiVersion":"${POLICY_API_VERSION}","kind":"NodePolicy","version":"${version}",${global.members},${nodePart.members}}`;
   let json: string | undefined;
   return {
     node,
     version,
-    policy: { services: section.services, splits: section.splits, apiVersion: POLICY_API_VERSION, kind: 'NodePolicy', version, ...global.value, ...nodePart.value },
-    json: () => (json ??= `{${section.shared.text()}${tail}`),
-    pieces: () => [section.shared, tail],
+    policy: {
+      meshPods: meshPods.pods,
+      services: section.services,
+      splits: section.splits,
+      apiVersion: POLICY_API_VERSION,
+      kind: 'NodePolicy',
+      version,
+      ...global.value,
+      ...nodePart.value,
+    },
+    json: () => (json ??= `{${shared.text()}${tail}`),
+    pieces: () => [shared, tail],
   };
 }
 

@@ -6,10 +6,16 @@ import { z } from 'zod';
  * validates what it compiles against it, the agent validates what it fetches
  * (and what it reads back from disk), tests build fixtures from its types.
  *
+ * One exception to "nothing about other nodes' pods": meshPods lists every
+ * enrolled pod of the mesh (address, identity, node), so that a proxy
+ * recognises a direct connection to any mesh pod as a mesh destination and
+ * applies access control to it, even when no service its node may reach
+ * selects that pod (it would otherwise look like egress).
+ *
  * The document is made of parts the compiler caches separately (see
- * compiler.ts): mesh + proxies (shared by every node), node + pods + access (this
- * node only), services + splits (shared by every node that may reach the same
- * set of services). Each part has its own schema so the controller can check a
+ * compiler.ts): mesh + proxies (shared by every node), meshPods (shared by
+ * every node), node + pods + access (this node only), services + splits
+ * (shared by every node that may reach the same set of services). Each part has its own schema so the controller can check a
  * part once when it is built rather than the whole document on every change.
  */
 
@@ -151,6 +157,19 @@ export const SplitSchema = z
   .strict();
 export type Split = z.infer<typeof SplitSchema>;
 
+/** An enrolled pod of the mesh, on any node: what a proxy needs to treat its address as a mesh destination. */
+export const MeshPodSchema = z.object({ ip: Ip, namespace: Name, serviceAccount: Name, node: Name }).strict();
+export type MeshPod = z.infer<typeof MeshPodSchema>;
+
+/**
+ * Every enrolled pod of the mesh, ordered by node name, then address. Absent
+ * in documents of controllers older than the field: read as none known (the
+ * proxy then treats unlisted pods as before), so agents and controllers can
+ * be upgraded in either order and a stored last good policy stays usable.
+ */
+export const MeshPodsPartSchema = z.object({ meshPods: z.array(MeshPodSchema).default([]) }).strict();
+export type MeshPodsPart = z.infer<typeof MeshPodsPartSchema>;
+
 export const GlobalPartSchema = z.object({ mesh: MeshSchema, proxies: z.array(ProxyPeerSchema) }).strict();
 export type GlobalPart = z.infer<typeof GlobalPartSchema>;
 
@@ -181,6 +200,7 @@ export const NodePolicySchema = z
     version: z.string().regex(/^[0-9a-f]{16,64}$/),
   })
   .merge(GlobalPartSchema)
+  .merge(MeshPodsPartSchema)
   .merge(NodePartSchema)
   .merge(ServicesPartSchema)
   .strict();

@@ -49,6 +49,16 @@ export interface ProxyEndpoint {
   ports: Record<string, PortProtocol>;
 }
 
+/** A mesh pod no service of the node's policy lists: enough to route it as a mesh destination. */
+export interface ProxyMeshPod {
+  /** ns/serviceAccount. */
+  identity: string;
+  /** true: a pod of this node (policy applied here); false: tunnel to `tunnel`. */
+  local: boolean;
+  /** "address:inboundPort" of the pod's node proxy; null when local or when that node has no address. */
+  tunnel: string | null;
+}
+
 export interface ProxyHttpMatch {
   /** Anchored in the proxy (the whole path must match); null = any path. */
   pathRegex: string | null;
@@ -92,6 +102,12 @@ export interface ProxyConfig {
   services: Record<string, ProxyService>;
   /** Pod address -> what the proxy knows about it. */
   endpoints: Record<string, ProxyEndpoint>;
+  /**
+   * Every other mesh pod (not in `endpoints`) by address. In smi mode the
+   * policy leaves out the services this node's pods may not reach; without
+   * this map a direct connection to such a pod would be egress and skip access control.
+   */
+  meshPods: Record<string, ProxyMeshPod>;
   /** Destination identity (ns/serviceAccount of a pod on this node) -> its TrafficTargets. */
   access: Record<string, ProxyAccessRule[]>;
 }
@@ -200,6 +216,13 @@ export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): Pr
     }
   }
 
+  const meshPods: Record<string, ProxyMeshPod> = {};
+  for (const p of policy.meshPods) {
+    if (endpoints[p.ip] !== undefined) continue;
+    const local = p.node === policy.node.name;
+    meshPods[p.ip] = { identity: id(p.namespace, p.serviceAccount), local, tunnel: local ? null : (tunnelOf.get(p.node) ?? null) };
+  }
+
   const access: Record<string, ProxyAccessRule[]> = {};
   for (const a of policy.access) (access[id(a.destination.namespace, a.destination.serviceAccount)] ??= []).push(renderAccess(a));
 
@@ -214,6 +237,7 @@ export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): Pr
     pods,
     services,
     endpoints,
+    meshPods,
     access,
   };
 }

@@ -19,13 +19,18 @@ import { echo, startEchoServer, startLoad, waitForOutput } from '../support/traf
  * dataplane mode in turn (iptables; eBPF when its objects are built), real
  * HTTP and TCP:
  *
- *   n1: A (sa client)  B (sa server-v1)  X (sa intruder)
- *   n2: C (sa server-v1)  D (sa server-v2)
+ *   n1: A (sa client)  B (sa server-v1)  X (sa intruder)  F (sa safe)
+ *   n2: C (sa server-v1)  D (sa server-v2)  E (sa vault)
  *
  * Services: echo (B, C, D) split 80/20 over echo-v1 (B, C) and echo-v2 (D),
- * HTTP on 8080; tcp-echo (C) on 9000. smi access: client may GET
- * /split and /allowed/... of both server identities and use TCP 9000;
- * intruder may do nothing.
+ * HTTP on 8080; tcp-echo (C) on 9000; safe (F) and vault (E), HTTP on 8080
+ * and TCP on 9000. smi access: client may GET /split and /allowed/... of both
+ * server identities and use TCP 9000; server-v2 may do the same to safe and
+ * vault; intruder may do nothing.
+ *
+ * Each node's policy has the compiler's shape: the services its pods may
+ * reach or that select its own pods, the access rules of its own identities,
+ * and every mesh pod. n1 may reach no vault: E is known there only as a mesh pod.
  */
 
 const skip = pipySkipReason();
@@ -37,6 +42,8 @@ const HTTP_PORT = 8080;
 const TCP_PORT = 9000;
 const ECHO_IP = '10.96.0.10';
 const TCP_ECHO_IP = '10.96.0.20';
+const VAULT_IP = '10.96.0.30';
+const SAFE_IP = '10.96.0.31';
 const support = fileURLToPath(new URL('../support/', import.meta.url));
 const tsRegister = join(support, 'ts-register.mjs');
 const echoServer = fileURLToPath(new URL('../../src/lab/echo-server.ts', import.meta.url));
@@ -119,7 +126,7 @@ maybe.each(modes)('Pipy node proxy on the topology (%s interception)', (mode) =>
   let work = '';
   let topo: Topology;
   let n1: TopoNode, n2: TopoNode;
-  let A: TopoPod, B: TopoPod, X: TopoPod, C: TopoPod, D: TopoPod;
+  let A: TopoPod, B: TopoPod, X: TopoPod, C: TopoPod, D: TopoPod, E: TopoPod, F: TopoPod;
   const sa = new Map<TopoPod, string>();
   const dps: Dataplane[] = [];
   const proxies = new Map<TopoNode, NodeProxy>();
@@ -149,44 +156,67 @@ maybe.each(modes)('Pipy node proxy on the topology (%s interception)', (mode) =>
     endpoints: pods.map((p) => endpoint(p, 'http', HTTP_PORT)),
   });
 
+  /** HTTP on 8080 and TCP on 9000, one pod. */
+  const bothService = (name: string, ip: string, p: TopoPod) => ({
+    namespace: NS,
+    name,
+    clusterIPs: [ip],
+    ports: [
+      { name: 'http', port: HTTP_PORT, protocol: 'TCP' as const, appProtocol: 'http' },
+      { name: 'tcp-echo', port: TCP_PORT, protocol: 'TCP' as const, appProtocol: null },
+    ],
+    endpoints: [{ ...endpoint(p, 'http', HTTP_PORT), ports: { http: HTTP_PORT, 'tcp-echo': TCP_PORT } }],
+  });
+
   function policyFor(node: TopoNode, weights: { v1: number; v2: number }): NodePolicy {
-    const local = [A, B, X, C, D].filter((p) => p.node === node);
-    const clientRules = [
+    const all = [A, B, X, C, D, E, F];
+    const local = all.filter((p) => p.node === node);
+    const localIds = new Set(local.map((p) => sa.get(p)!));
+    const rules = [
       { kind: 'HTTPRouteGroup' as const, name: 'routes', matches: [{ name: 'ok', pathRegex: '/(split|allowed)(/.*)?', methods: ['GET'], headers: {} }] },
       { kind: 'TCPRoute' as const, name: 'tcp', ports: [TCP_PORT] },
     ];
-    const access = ['server-v1', 'server-v2']
-      .filter((id) => local.some((p) => sa.get(p) === id))
-      .map((id) => ({
+    const targets = [
+      { to: 'server-v1', from: 'client' },
+      { to: 'server-v2', from: 'client' },
+      { to: 'vault', from: 'server-v2' },
+      { to: 'safe', from: 'server-v2' },
+    ].map((t) => ({
+      namespace: NS,
+      name: `to-${t.to}`,
+      destination: { namespace: NS, serviceAccount: t.to, port: null },
+      sources: [{ namespace: NS, serviceAccount: t.from }],
+      rules,
+    }));
+    // As the compiler does: the services of identities this node's pods may reach, or of its own pods.
+    const wanted = new Set([...localIds, ...targets.filter((t) => t.sources.some((s) => localIds.has(s.serviceAccount))).map((t) => t.destination.serviceAccount)]);
+    const services = [
+      httpService('echo', ECHO_IP, [B, C, D]),
+      httpService('echo-v1', '10.96.0.11', [B, C]),
+      httpService('echo-v2', '10.96.0.12', [D]),
+      {
         namespace: NS,
-        name: `to-${id}`,
-        destination: { namespace: NS, serviceAccount: id, port: null },
-        sources: [{ namespace: NS, serviceAccount: 'client' }],
-        rules: clientRules,
-      }));
+        name: 'tcp-echo',
+        clusterIPs: [TCP_ECHO_IP],
+        ports: [{ name: 'tcp-echo', port: TCP_PORT, protocol: 'TCP' as const, appProtocol: null }],
+        endpoints: [endpoint(C, 'tcp-echo', TCP_PORT)],
+      },
+      bothService('vault', VAULT_IP, E),
+      bothService('safe', SAFE_IP, F),
+    ].filter((s) => s.endpoints.some((e) => wanted.has(e.serviceAccount)));
     const body = {
       apiVersion: POLICY_API_VERSION,
       kind: 'NodePolicy',
       mesh: { name: 'fsmt', inbound: 'permissive', interceptionMode: mode, egress: 'allow', trafficPolicy: 'smi', exclusions: noExclusions() },
       proxies: topo.nodes.map((n) => ({ node: n.name, addresses: [n.underlayIp, n.gateway] })),
       node: { name: node.name, addresses: [node.gateway, node.underlayIp], interceptionMode: null },
+      meshPods: all.map((p) => ({ ip: p.ip, namespace: NS, serviceAccount: sa.get(p)!, node: p.node.name })),
       pods: local.map(podOf),
-      access,
-      services: [
-        httpService('echo', ECHO_IP, [B, C, D]),
-        httpService('echo-v1', '10.96.0.11', [B, C]),
-        httpService('echo-v2', '10.96.0.12', [D]),
-        {
-          namespace: NS,
-          name: 'tcp-echo',
-          clusterIPs: [TCP_ECHO_IP],
-          ports: [{ name: 'tcp-echo', port: TCP_PORT, protocol: 'TCP' as const, appProtocol: null }],
-          endpoints: [endpoint(C, 'tcp-echo', TCP_PORT)],
-        },
-      ],
-      splits: [
-        { namespace: NS, name: 'echo-split', service: 'echo', backends: [{ service: 'echo-v1', weight: weights.v1 }, { service: 'echo-v2', weight: weights.v2 }], matches: [] },
-      ],
+      access: targets.filter((t) => localIds.has(t.destination.serviceAccount)),
+      services,
+      splits: services.some((s) => s.name === 'echo')
+        ? [{ namespace: NS, name: 'echo-split', service: 'echo', backends: [{ service: 'echo-v1', weight: weights.v1 }, { service: 'echo-v2', weight: weights.v2 }], matches: [] }]
+        : [],
     };
     const version = createHash('sha256').update(JSON.stringify(body)).digest('hex').slice(0, 16);
     return NodePolicySchema.parse({ ...body, version });
@@ -228,8 +258,10 @@ maybe.each(modes)('Pipy node proxy on the topology (%s interception)', (mode) =>
     X = await topo.addPod(n1, 'x');
     C = await topo.addPod(n2, 'c');
     D = await topo.addPod(n2, 'd');
-    for (const [p, id] of [[A, 'client'], [B, 'server-v1'], [X, 'intruder'], [C, 'server-v1'], [D, 'server-v2']] as const) sa.set(p, id);
-    for (const p of [B, C, D]) {
+    E = await topo.addPod(n2, 'e');
+    F = await topo.addPod(n1, 'f');
+    for (const [p, id] of [[A, 'client'], [B, 'server-v1'], [X, 'intruder'], [C, 'server-v1'], [D, 'server-v2'], [E, 'vault'], [F, 'safe']] as const) sa.set(p, id);
+    for (const p of [B, C, D, E, F]) {
       const s = p.exec(process.execPath, ['--import', tsRegister, echoServer, 'serve', '--name', p.name, '--port', String(HTTP_PORT)], { stdio: ['ignore', 'pipe', 'pipe'] });
       servers.push(s);
       await waitForOutput(s, 'listening');
@@ -314,6 +346,27 @@ maybe.each(modes)('Pipy node proxy on the topology (%s interception)', (mode) =>
     const denied = await proxies.get(n1)!.metrics();
     expect(metricValue(denied, 'fsmn_proxy_denied_total', { source: `${NS}/intruder`, destination: `${NS}/server-v1`, reason: 'access' })).toBeGreaterThanOrEqual(2);
   }, 60_000);
+
+  test('strict (smi): dialing a pod IP that no service of the node lists is still access controlled (egress allow), same node and across', async () => {
+    // The shape that used to leak: n1 may reach no vault, so E is in none of n1's services, only a mesh pod.
+    const c1 = configFor(n1, { v1: 80, v2: 20 });
+    expect(c1.endpoints[E.ip]).toBeUndefined();
+    expect(c1.meshPods[E.ip]).toEqual({ identity: `${NS}/vault`, local: false, tunnel: `${n2.underlayIp}:15003` });
+    expect(c1.egress).toBe('allow');
+
+    // Denied: the intruder and the client (allowed elsewhere, not to vault or safe), across nodes and on the same node.
+    for (const [from, to] of [[X, E], [A, E], [X, F], [A, F]] as const) {
+      expect(await get(from, `http://${to.ip}:${HTTP_PORT}/allowed/1`)).toMatchObject({ status: 403 });
+      const r = await echo(from, to.ip, TCP_PORT, 1000, 5000);
+      expect(r.outcome === 'ok' && r.intact === true).toBe(false);
+      expect(r.banner ?? '').toBe('');
+    }
+    // Allowed: server-v2 (D on n2) to both, same node and across, HTTP and TCP.
+    for (const [to, via] of [[E, n2.gateway], [F, n1.gateway]] as const) {
+      expect(await get(D, `http://${to.ip}:${HTTP_PORT}/allowed/1`)).toMatchObject({ status: 200, pod: to.name, peer: via });
+      expect(await echo(D, to.ip, TCP_PORT, 100_000)).toMatchObject({ outcome: 'ok', intact: true, banner: `${to.name}-tcp ${via}` });
+    }
+  }, 90_000);
 
   test('an HTTP route match allows one path and denies another, on this node and behind the tunnel', async () => {
     for (const p of [B, C]) {

@@ -126,6 +126,7 @@ export function nodePolicy(topo: Topology, node: TopoNode, pods: TopoPod[], o: P
     },
     proxies: topo.nodes.map((n) => ({ node: n.name, addresses: [n.gateway, n.underlayIp] })),
     node: { name: node.name, addresses: [node.underlayIp], interceptionMode: o.label ?? null },
+    meshPods: pods.map((p) => ({ ip: p.ip, namespace: 'fsmt', serviceAccount: 'default', node: node.name })),
     pods: pods.map((p) => ({
       uid: `uid-${p.name}`,
       namespace: 'fsmt',

@@ -116,7 +116,7 @@ describe('policy server over HTTPS', () => {
     const vb = compiler.get('node-b')!.version;
     const pending = get(policyUrl('node-b', '?wait=300ms'), { ca: tls.caCert, headers: { ...auth('node-b'), 'if-none-match': `W/"${vb}"` } });
     await until(() => hub.waiting() === 1);
-    publish(pod('batch-1', { ip: '10.0.0.30', labels: { app: 'batch' } })); // node-a only
+    publish(pod('web-1', { ip: '10.0.0.1', sa: 'web', qosClass: 'Guaranteed' })); // node-a only (its cgroup)
     expect((await pending).status).toBe(304);
   });
 

@@ -134,10 +134,22 @@ describe('versions', () => {
   test('a change on one node does not change another node’s version', () => {
     const c = compiled(baseMesh());
     const before = c.get('node-b')!.version;
-    // A pod on node-a that backs no service: only node-a's own part changes.
-    up(c, pod('batch-1', { ip: '10.0.0.30', labels: { app: 'batch' } }));
+    // A pod's QoS class (its cgroup) is node-a's own business: only node-a's own part changes.
+    up(c, pod('web-1', { ip: '10.0.0.1', sa: 'web', qosClass: 'Guaranteed' }));
     expect(c.compile().changed).toEqual(['node-a']);
     expect(c.get('node-b')!.version).toBe(before);
+  });
+
+  test('a new mesh pod reaches every node (mesh pods), a pod outside the mesh none', () => {
+    const c = compiled(baseMesh());
+    up(c, pod('outsider-2', { ns: 'other', ip: '10.0.0.31' }));
+    expect(c.compile().changed).toEqual([]);
+    up(c, pod('batch-1', { ip: '10.0.0.30', labels: { app: 'batch' } }));
+    expect(c.compile().changed.sort()).toEqual(['node-a', 'node-b']);
+    expect(c.get('node-b')!.policy.meshPods).toContainEqual({ ip: '10.0.0.30', namespace: 'app', serviceAccount: 'default', node: 'node-a' });
+    c.remove({ kind: 'Pod', namespace: 'app', name: 'batch-1' });
+    expect(c.compile().changed.sort()).toEqual(['node-a', 'node-b']);
+    expect(c.get('node-b')!.policy.meshPods.map((p) => p.ip)).not.toContain('10.0.0.30');
   });
 
   test('an endpoint change reaches every node that may reach the service', () => {
@@ -267,11 +279,26 @@ describe('access (smi traffic policy)', () => {
     expect(c.get('node-b')!.policy.access).toEqual([]);
   });
 
-  test('a node only gets the services its pods may reach', () => {
+  test('a node only gets the services its pods may reach, and those of its own pods (their port protocols)', () => {
     const c = compiled(smiMesh());
     // api (node-b) may reach web; web (node-a) may reach db.
-    expect(c.get('node-b')!.policy.services.map((s) => s.name)).toEqual(['web']);
-    expect(c.get('node-a')!.policy.services.map((s) => s.name)).toEqual(['db']);
+    expect(c.get('node-b')!.policy.services.map((s) => s.name)).toEqual(['api', 'web']);
+    expect(c.get('node-a')!.policy.services.map((s) => s.name)).toEqual(['db', 'web']);
+  });
+
+  test('a node lists every mesh pod, also those of other nodes whose services it may not reach', () => {
+    const c = compiled(smiMesh());
+    // No pod of node-a may reach api: no service of api in node-a's policy, yet api-1 is a mesh pod there.
+    const a = c.get('node-a')!.policy;
+    expect(a.services.map((s) => s.name)).not.toContain('api');
+    expect(a.meshPods).toEqual([
+      { ip: '10.0.0.1', namespace: 'app', serviceAccount: 'web', node: 'node-a' },
+      { ip: '10.0.0.2', namespace: 'app', serviceAccount: 'db', node: 'node-a' },
+      { ip: '10.0.1.1', namespace: 'app', serviceAccount: 'api', node: 'node-b' },
+    ]);
+    // The same list on every node (one shared part), in the served JSON too.
+    expect(c.get('node-b')!.policy.meshPods).toEqual(a.meshPods);
+    expect((JSON.parse(c.get('node-b')!.json()) as { meshPods: unknown }).meshPods).toEqual(a.meshPods);
   });
 
   test('a target naming a missing route group is reported and left out', () => {

@@ -15,6 +15,7 @@ const policy = (): NodePolicy => ({
   },
   proxies: [{ node: 'node-a', addresses: ['192.168.1.10'] }],
   node: { name: 'node-a', addresses: ['192.168.1.10'], interceptionMode: null },
+  meshPods: [{ ip: '10.0.0.1', namespace: 'app', serviceAccount: 'web', node: 'node-a' }],
   pods: [
     {
       uid: 'u1',
@@ -51,6 +52,19 @@ const policy = (): NodePolicy => ({
 });
 
 describe('NodePolicy schema', () => {
+  test('a document without meshPods (an older controller, an older stored copy) reads as no mesh pods known', () => {
+    const { meshPods: _dropped, ...old } = policy();
+    const r = NodePolicySchema.safeParse(JSON.parse(JSON.stringify(old)));
+    expect(r.success && r.data.meshPods).toEqual([]);
+  });
+
+  test('a mesh pod with a bad address is rejected by field', () => {
+    const p = { ...policy(), meshPods: [{ ip: '10.0.0.300', namespace: 'app', serviceAccount: 'web', node: 'node-a' }] };
+    const r = NodePolicySchema.safeParse(p);
+    expect(r.success).toBe(false);
+    expect(!r.success && formatPath(r.error.issues[0]!.path)).toBe('meshPods[0].ip');
+  });
+
   test('a policy survives a JSON round trip and still parses to the same value', () => {
     const p = policy();
     const r = NodePolicySchema.safeParse(JSON.parse(JSON.stringify(p)));

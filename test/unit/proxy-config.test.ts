@@ -57,6 +57,10 @@ describe('proxy config rendering (golden)', () => {
     golden('proxy-config-smi-node-a.json', `${JSON.stringify(renderProxyConfig(policyOf(smiMesh(), 'node-a'), facts), null, 2)}\n`);
   });
 
+  test('smi mesh, node-b: db is in no service it may reach, so it is a mesh pod behind node-a', () => {
+    golden('proxy-config-smi-node-b.json', `${JSON.stringify(renderProxyConfig(policyOf(smiMesh(), 'node-b'), facts), null, 2)}\n`);
+  });
+
   test('permissive mesh, node-b: no access rules, every service, egress allowed', () => {
     golden('proxy-config-permissive-node-b.json', `${JSON.stringify(renderProxyConfig(policyOf(baseMesh(), 'node-b'), facts), null, 2)}\n`);
   });
@@ -87,6 +91,17 @@ describe('proxy config rendering (rules)', () => {
     ]);
     expect(cfg.access['app/db']?.[0]).toMatchObject({ tcpPorts: [5432], http: [] });
     expect(cfg.access['app/web']?.[0]?.http[1]).toEqual({ pathRegex: '/admin', methods: ['*'], headers: { 'x-admin': 'yes|true' } });
+  });
+
+  test('mesh pods no service of the policy lists: known by address, remote ones behind their node proxy', () => {
+    // No pod of node-b may reach db: its service is not in node-b's policy, its pod still is a mesh pod.
+    const b = renderProxyConfig(policyOf(smiMesh(), 'node-b'), facts);
+    expect(Object.values(b.services).map((s) => s.service)).not.toContain('app/db');
+    expect(b.endpoints['10.0.0.2']).toBeUndefined();
+    expect(b.meshPods['10.0.0.2']).toEqual({ identity: 'app/db', local: false, tunnel: '192.168.1.10:15003' });
+    // Pods already known as endpoints (every local pod, every listed endpoint) are not repeated.
+    for (const ip of Object.keys(b.meshPods)) expect(b.endpoints[ip]).toBeUndefined();
+    expect(Object.keys(cfg.meshPods)).toEqual([]);
   });
 
   test('only node proxies and this node may open tunnels', () => {

@@ -116,6 +116,7 @@ class LabelFeed implements PolicyFeed {
       mesh: { name: 'bench', inbound: 'permissive', interceptionMode: 'auto', egress: 'allow', trafficPolicy: 'permissive', exclusions: noExclusions() },
       proxies: [{ node: this.node.name, addresses: [this.node.gateway] }],
       node: { name: this.node.name, addresses: [this.node.underlayIp], interceptionMode: mode },
+      meshPods: [],
       pods: [],
       access: [],
       services: [],
@@ -164,6 +165,11 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
   const stateDir = join(work, 'state');
   const site: DataplaneSite = { stateDir, bpffsDir: node.bpffsDir, podsCgroup: node.podsCgroup, proxyCgroup: node.proxyCgroup, netns: node.netns };
   try {
+    // A real node always has other rules that use conntrack (kube-proxy, the CNI), so conntrack stays on
+    // in its namespace when ours go. Without this, removing the iptables mode turns conntrack off in the
+    // bare lab node and resets the connections it DNATed that are still open (docs/ARCHITECTURE.md).
+    const kube = await node.run('nft', ['-f', '-'], { input: 'table ip fsmbench_kube {\n chain input {\n  type filter hook input priority 0;\n  ct state established,related counter accept\n }\n}\n' });
+    if (kube.code !== 0) throw new Error(`nft: ${kube.stderr}`);
     const A = await topo.addPod(node, 'a');
     const B = await topo.addPod(node, 'b');
     const pods: PodIntercept[] = [A, B].map((p) => ({ uid: `uid-${p.name}`, namespace: 'bench', name: p.name, ip: p.ip, cgroupPath: p.cgroupPath, inbound: 'permissive', exclusions: noExclusions() }));

@@ -12,6 +12,7 @@ import { probe } from '../src/agent/probe.js';
 import { createDataplane, type DataplaneSite } from '../src/dataplane/index.js';
 import { noExclusions, type DesiredState } from '../src/dataplane/types.js';
 import { errorMessage } from '../src/errors.js';
+import { nodeAgentConfig } from '../src/lab/node-agent.js';
 import { Topology } from '../src/lab/topology.js';
 import type { NodePolicy } from '../src/policy/schema.js';
 import { BpfMap } from '../src/ebpf/index.js';
@@ -181,27 +182,7 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
     for (const count of [0, n]) {
       const port = await freePort();
       const api = `http://127.0.0.1:${port}`;
-      const config: AgentConfig = {
-        node: node.name,
-        controller: 'https://127.0.0.1:1',
-        caFile: '/nonexistent',
-        tokenFile: '/nonexistent',
-        mode: 'ebpf',
-        stateDir: site.stateDir,
-        bpffsDir: site.bpffsDir,
-        podsCgroup: site.podsCgroup,
-        proxyCgroup: site.proxyCgroup,
-        listen: `127.0.0.1:${port}`,
-        netns: node.netns,
-        proxy: 'passthrough',
-        proxyAddress: node.gateway,
-        outboundPort: 15001,
-        inboundPort: 15003,
-        fastPath: true,
-        failurePolicy: 'fail-closed',
-        proxyThreadCap: 4,
-        nodeAddresses: [node.gateway, node.underlayIp],
-      };
+      const config = nodeAgentConfig(node, site.stateDir, { mode: 'ebpf', controller: 'https://127.0.0.1:1', bpffsDir: site.bpffsDir, podsCgroup: site.podsCgroup, proxyCgroup: site.proxyCgroup, listen: `127.0.0.1:${port}` });
       const child = await startAgent({ config, pods: pods.slice(0, count) }, join(work, `agent-${count}.json`), nodeFlags);
       try {
         await waitEnrolled(api, count);

@@ -6,10 +6,10 @@ import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
 import { Agent, type AgentProxy, type PolicyFeed } from '../src/agent/agent.js';
-import type { AgentConfig } from '../src/agent/config.js';
 import { probe } from '../src/agent/probe.js';
 import { createDataplane, type DataplaneSite } from '../src/dataplane/index.js';
 import { noExclusions, type DesiredState, type InterceptionMode, type PodIntercept } from '../src/dataplane/types.js';
+import { nodeAgentConfig } from '../src/lab/node-agent.js';
 import { Topology, type TopoNode, type TopoPod } from '../src/lab/topology.js';
 import { POLICY_API_VERSION, type NodePolicy } from '../src/policy/schema.js';
 import { createCgroup } from '../src/util/cgroup.js';
@@ -201,27 +201,7 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
       ready: () => proxyChild.exitCode === null,
     };
 
-    const config: AgentConfig = {
-      node: node.name,
-      controller: 'https://controller.invalid:15443',
-      caFile: '/nonexistent',
-      tokenFile: '/nonexistent',
-      mode: 'auto',
-      stateDir,
-      bpffsDir: node.bpffsDir,
-      podsCgroup: node.podsCgroup,
-      proxyCgroup: node.proxyCgroup,
-      listen: '127.0.0.1:0',
-      netns: node.netns,
-      proxy: 'passthrough',
-      proxyAddress: node.gateway,
-      outboundPort: PROXY_PORT,
-      inboundPort: 15003,
-      fastPath: true,
-      failurePolicy: 'fail-closed',
-      proxyThreadCap: 4,
-      nodeAddresses: [node.gateway, node.underlayIp],
-    };
+    const config = nodeAgentConfig(node, stateDir, { outboundPort: PROXY_PORT });
     const feed = new LabelFeed(node);
     const report = await probe({ netns: node.netns });
     agent = new Agent(config, { policy: feed, probe: async () => report, dataplane: (m) => createDataplane(m, site), render: () => desired, proxy });

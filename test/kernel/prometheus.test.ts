@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Agent, type AgentProxy } from '../../src/agent/agent.js';
-import type { AgentConfig } from '../../src/agent/config.js';
+import { nodeAgentConfig } from '../../src/lab/node-agent.js';
 import { pipyAdminMetrics } from '../../src/agent/metrics.js';
 import { probe } from '../../src/agent/probe.js';
 import { createDataplane } from '../../src/dataplane/index.js';
@@ -115,27 +115,7 @@ describe('Prometheus scrapes the agent', () => {
       mesh: noExclusions(),
       pods: pods.map((p) => ({ uid: p.uid, namespace: p.namespace, name: p.name, ip: p.ip, cgroupPath: p.cgroup, inbound: 'permissive', exclusions: noExclusions() })),
     });
-    const config: AgentConfig = {
-      node: node.name,
-      controller: 'https://127.0.0.1:1',
-      caFile: '/nonexistent',
-      tokenFile: '/nonexistent',
-      mode: 'ebpf',
-      stateDir: join(work, 'state'),
-      bpffsDir: node.bpffsDir,
-      podsCgroup: node.podsCgroup,
-      proxyCgroup: node.proxyCgroup,
-      listen: `127.0.0.1:${api}`,
-      netns: node.netns,
-      proxy: 'pipy',
-      proxyAddress: node.gateway,
-      outboundPort: 15001,
-      inboundPort: 15003,
-      fastPath: true,
-      failurePolicy: 'fail-closed',
-      proxyThreadCap: 4,
-      nodeAddresses: [node.gateway, node.underlayIp],
-    };
+    const config = nodeAgentConfig(node, join(work, 'state'), { mode: 'ebpf', controller: 'https://127.0.0.1:1', listen: `127.0.0.1:${api}`, proxy: 'pipy' });
     const site = { stateDir: config.stateDir, bpffsDir: config.bpffsDir, podsCgroup: config.podsCgroup, proxyCgroup: config.proxyCgroup, netns: node.netns };
     agent = new Agent(config, {
       policy: { current: () => ({ policy, receivedAt: Date.now() }), onChange: () => undefined, start: () => undefined, stop: async () => undefined, fetchErrors: () => 0 },

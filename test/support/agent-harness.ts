@@ -5,6 +5,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Agent, type AgentDeps, type AgentProxy, type PolicyFeed } from '../../src/agent/agent.js';
+import { nodeAgentConfig } from '../../src/lab/node-agent.js';
 import type { AgentConfig } from '../../src/agent/config.js';
 import { supportFrom, type ProbeReport } from '../../src/agent/probe.js';
 import { createDataplane } from '../../src/dataplane/index.js';
@@ -145,27 +146,7 @@ export function nodePolicy(topo: Topology, node: TopoNode, pods: TopoPod[], o: P
 }
 
 export function agentConfig(node: TopoNode, stateDir: string, mode: AgentConfig['mode'] = 'auto'): AgentConfig {
-  return {
-    node: node.name,
-    controller: 'https://controller.invalid:15443',
-    caFile: '/nonexistent/ca.pem',
-    tokenFile: '/nonexistent/token',
-    mode,
-    stateDir,
-    bpffsDir: node.bpffsDir,
-    podsCgroup: node.podsCgroup,
-    proxyCgroup: node.proxyCgroup,
-    listen: '127.0.0.1:0',
-    netns: node.netns,
-    proxy: 'passthrough',
-    proxyAddress: node.gateway,
-    outboundPort: PROXY_PORT,
-    inboundPort: 15003,
-    fastPath: true,
-    failurePolicy: 'fail-closed',
-    proxyThreadCap: 4,
-    nodeAddresses: [node.gateway, node.underlayIp],
-  };
+  return nodeAgentConfig(node, stateDir, { mode, outboundPort: PROXY_PORT });
 }
 
 /** The agent as `fsm-node agent` builds it, with the test's feed, proxy and (optionally) probe. */

@@ -1,4 +1,4 @@
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { loadAgentConfig } from '../../src/agent/config.js';
@@ -13,6 +13,14 @@ const required = {
   proxyAddress: '10.0.0.1',
 };
 
+const dirs: string[] = [];
+const tempDir = (): string => {
+  const d = mkdtempSync(join(tmpdir(), 'fsmn-config-'));
+  dirs.push(d);
+  return d;
+};
+afterAll(() => dirs.forEach((d) => rmSync(d, { recursive: true, force: true })));
+
 describe('agent configuration', () => {
   test('defaults fill what is not given', () => {
     const c = loadAgentConfig(required, {});
@@ -20,7 +28,7 @@ describe('agent configuration', () => {
   });
 
   test('precedence: file < env < flags', () => {
-    const dir = mkdtempSync(join(tmpdir(), 'fsmn-config-'));
+    const dir = tempDir();
     const file = join(dir, 'agent.yaml');
     writeFileSync(file, 'mode: iptables\nlisten: 127.0.0.1:1\noutboundPort: 16001\n');
     const c = loadAgentConfig({ ...required, listen: '127.0.0.1:3' }, { FSMN_LISTEN: '127.0.0.1:2', FSMN_MODE: 'ebpf' }, file);
@@ -43,7 +51,7 @@ describe('agent configuration', () => {
   });
 
   test('an unknown key in the file is refused by name', () => {
-    const dir = mkdtempSync(join(tmpdir(), 'fsmn-config-'));
+    const dir = tempDir();
     const file = join(dir, 'agent.yaml');
     writeFileSync(file, 'modee: ebpf\n');
     expect(() => loadAgentConfig(required, {}, file)).toThrow(/modee/);

@@ -1,13 +1,21 @@
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseAllDocuments } from 'yaml';
 import { setModeInManifests } from '../../src/cli/commands/mode.js';
 import { renderStatus } from '../../src/cli/commands/status.js';
 
+const dirs: string[] = [];
+const tempDir = (): string => {
+  const d = mkdtempSync(join(tmpdir(), 'fsmn-mode-'));
+  dirs.push(d);
+  return d;
+};
+afterAll(() => dirs.forEach((d) => rmSync(d, { recursive: true, force: true })));
+
 describe('fsm-node mode set --manifests', () => {
   test('labels the named Node and leaves every other document as it was', () => {
-    const dir = mkdtempSync(join(tmpdir(), 'fsmn-mode-'));
+    const dir = tempDir();
     writeFileSync(join(dir, 'a.yaml'), 'apiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n');
     writeFileSync(join(dir, 'nodes.yaml'), 'apiVersion: v1\nkind: Node\nmetadata:\n  name: n1\n---\napiVersion: v1\nkind: Node\nmetadata:\n  name: n2\n  labels:\n    zone: a\n');
     expect(setModeInManifests(dir, 'n2', 'iptables')).toBe(join(dir, 'nodes.yaml'));
@@ -17,7 +25,7 @@ describe('fsm-node mode set --manifests', () => {
   });
 
   test('an unknown node is an error naming it', () => {
-    const dir = mkdtempSync(join(tmpdir(), 'fsmn-mode-'));
+    const dir = tempDir();
     writeFileSync(join(dir, 'nodes.yaml'), 'apiVersion: v1\nkind: Node\nmetadata:\n  name: n1\n');
     expect(() => setModeInManifests(dir, 'n9', 'ebpf')).toThrow(/--node "n9": no Node manifest/);
   });

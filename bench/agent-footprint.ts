@@ -39,7 +39,7 @@ import { intFlag, quantile, round } from './util.js';
  * Before measuring, every pod gets counters in fsm_stats (written by the
  * bench as the connect programs would), so every pod has its series.
  * Targets (issue 9): RSS < 80 MiB with 1000 pods, idle CPU < 0.5 % of a core.
- *   npm run bench -- agent-footprint [--pods 1000] [--seconds 60] [--node-flags=--max-semi-space-size=1]
+ *   npm run bench -- agent-footprint [--pods 1000] [--seconds 60] [--node-flags='...' (default: the DaemonSet's)]
  */
 
 interface ChildSpec {
@@ -131,7 +131,7 @@ async function timedGet(url: string): Promise<{ ms: number; bytes: number; statu
 async function startAgent(spec: ChildSpec, specFile: string, nodeFlags: string[]): Promise<ChildProcess> {
   const self = fileURLToPath(import.meta.url);
   writeFileSync(specFile, JSON.stringify(spec));
-  const child = spawn(process.execPath, [...process.execArgv, ...nodeFlags, self, '--agent-child', specFile], { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, FSMN_LOG_LEVEL: 'warn' } });
+  const child = spawn(process.execPath, [...process.execArgv, ...nodeFlags, self, '--agent-child', specFile], { stdio: ['ignore', 'pipe', 'inherit'], env: { MALLOC_ARENA_MAX: nodeFlags.length ? '2' : '', ...process.env, FSMN_LOG_LEVEL: 'warn' } });
   let out = '';
   child.stdout!.on('data', (b: Buffer) => (out += b.toString()));
   const deadline = Date.now() + 60_000;
@@ -165,8 +165,9 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
   const seconds = intFlag(flags, 'seconds', 60);
   if (n < 1 || n > 8192) throw new Error(`--pods must be from 1 to 8192, got ${n}`);
   if (seconds < 1) throw new Error(`--seconds must be at least 1, got ${seconds}`);
-  // Node/V8 flags for the agent process, e.g. --node-flags=--max-semi-space-size=1 (what a deployment may set).
-  const nodeFlags = typeof flags['node-flags'] === 'string' ? flags['node-flags'].split(' ').filter(Boolean) : [];
+  // Node/V8 flags for the agent process; the default is what the DaemonSet sets (NODE_OPTIONS in
+  // daemonset/base/agent.yaml, with MALLOC_ARENA_MAX=2); --node-flags= (empty) measures plain Node.
+  const nodeFlags = (typeof flags['node-flags'] === 'string' ? flags['node-flags'] : '--max-semi-space-size=1').split(' ').filter(Boolean);
   const ticksPerSecond = Number((await exec('getconf', ['CLK_TCK'])).stdout.trim());
   const work = mkdtempSync(join(tmpdir(), 'fsmbench-footprint-'));
   const topo = await Topology.create({ prefix: `fsmbench${process.pid}f`, nodes: 1 });

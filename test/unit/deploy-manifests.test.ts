@@ -298,7 +298,8 @@ describe('the agent DaemonSet agrees with the agent', () => {
     const { values } = parseCommandArgs(agentCommand, agent.args!.slice(1));
     expect(agent.args![0]).toBe('agent');
     const env = envOf(agent, { 'spec.nodeName': 'node-a', 'status.hostIP': '192.0.2.10' });
-    const known = new Set([...Object.keys(AgentConfigSchema.shape).map(envName), 'NODE_NAME', 'FSMN_LOG_LEVEL']);
+    // NODE_OPTIONS and MALLOC_ARENA_MAX are read by Node and glibc (memory sizing), not by the agent.
+    const known = new Set([...Object.keys(AgentConfigSchema.shape).map(envName), 'NODE_NAME', 'FSMN_LOG_LEVEL', 'NODE_OPTIONS', 'MALLOC_ARENA_MAX']);
     expect(Object.keys(env).filter((k) => !known.has(k))).toEqual([]);
 
     const s = site();

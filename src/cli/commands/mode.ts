@@ -3,7 +3,23 @@ import { join } from 'node:path';
 import { createRequire } from 'node:module';
 import { desiredModes, modeLabel } from '../../agent/mode.js';
 import { FsmNodeError, InvalidInputError, errorMessage } from '../../errors.js';
+import { labFiles, readLabState, resolveLabDir } from '../../lab/state.js';
 import { oneOf, type Command } from '../command.js';
+
+/** The running lab, if any: `mode` then needs neither --agent nor --manifests. */
+function runningLab(): { manifests: string; agentOf(node: string): string } | undefined {
+  const dir = resolveLabDir(undefined);
+  const state = readLabState(dir);
+  if (!state) return undefined;
+  return {
+    manifests: labFiles(dir).manifests,
+    agentOf(node) {
+      const n = state.nodes.find((x) => x.name === node);
+      if (!n) throw new InvalidInputError('--node', node, `not a node of the lab (${state.nodes.map((x) => x.name).join(', ')})`);
+      return n.agentUrl;
+    },
+  };
+}
 
 /** yaml is loaded on use: this module is part of the CLI every agent process loads. */
 const yaml = (): typeof import('yaml') => createRequire(import.meta.url)('yaml') as typeof import('yaml');
@@ -40,7 +56,7 @@ async function patchNodeLabel(kubeconfig: string | undefined, node: string, mode
 export const modeCommand: Command = {
   name: 'mode',
   summary: "get or set a node's interception mode (ebpf, iptables or auto)",
-  usage: ['get [--agent URL]', 'set ebpf|iptables|auto --node NAME [--kubeconfig PATH | --manifests DIR]'],
+  usage: ['get [--node NAME | --agent URL]', 'set ebpf|iptables|auto --node NAME [--kubeconfig PATH | --manifests DIR]'],
   help: `
 \`set\` writes the Node label ${modeLabel}: with --kubeconfig (or the default
 kubeconfig) it patches the Node in the cluster; with --manifests it edits the
@@ -49,18 +65,21 @@ The controller passes the label to the node's agent, which switches live,
 make-before-break: the new mode is installed and verified before the old one
 is removed; new connections do not fail during the switch.
 \`get\` asks the node's agent for the desired and effective mode and the reason
-for any fallback.`,
+for any fallback. While a lab runs, --node names a lab node: \`get\` asks that
+node's agent and \`set\` edits the lab's manifests, no other flag needed.`,
   options: {
     node: { type: 'string', valueName: 'NAME', description: 'Node to set.' },
     kubeconfig: { type: 'string', valueName: 'PATH', description: 'Cluster to patch (default: the default kubeconfig).' },
     manifests: { type: 'string', valueName: 'DIR', description: 'Edit the Node in this manifest directory instead of a cluster.' },
-    agent: { type: 'string', valueName: 'URL', default: 'http://127.0.0.1:15900', description: 'Agent to ask (get).' },
+    agent: { type: 'string', valueName: 'URL', description: 'Agent to ask (get; default: the lab node named by --node, else http://127.0.0.1:15900).' },
   },
   positionals: true,
   async run(values, positionals) {
     const verb = oneOf('verb', positionals[0], ['get', 'set'] as const);
+    const lab = runningLab();
     if (verb === 'get') {
-      const url = `${String(values.agent).replace(/\/$/, '')}/v1/state`;
+      const base = typeof values.agent === 'string' ? values.agent : lab && typeof values.node === 'string' ? lab.agentOf(values.node) : 'http://127.0.0.1:15900';
+      const url = `${base.replace(/\/$/, '')}/v1/state`;
       let state: { node?: string; mode?: Record<string, unknown> };
       try {
         state = (await (await fetch(url, { signal: AbortSignal.timeout(3000) })).json()) as typeof state;
@@ -72,8 +91,9 @@ for any fallback.`,
     }
     const mode = oneOf('mode', positionals[1], desiredModes);
     if (typeof values.node !== 'string') throw new InvalidInputError('--node', values.node, 'required for mode set');
-    if (typeof values.manifests === 'string') {
-      const file = setModeInManifests(values.manifests, values.node, mode);
+    const manifests = typeof values.manifests === 'string' ? values.manifests : values.kubeconfig === undefined ? lab?.manifests : undefined;
+    if (manifests !== undefined) {
+      const file = setModeInManifests(manifests, values.node, mode);
       console.log(`set ${modeLabel}=${mode} on Node ${values.node} in ${file}`);
     } else {
       await patchNodeLabel(values.kubeconfig as string | undefined, values.node, mode);

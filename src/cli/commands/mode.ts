@@ -76,8 +76,8 @@ node's agent and \`set\` edits the lab's manifests, no other flag needed.`,
   positionals: true,
   async run(values, positionals) {
     const verb = oneOf('verb', positionals[0], ['get', 'set'] as const);
-    const lab = runningLab();
     if (verb === 'get') {
+      const lab = typeof values.agent === 'string' || typeof values.node !== 'string' ? undefined : runningLab();
       const base = typeof values.agent === 'string' ? values.agent : lab && typeof values.node === 'string' ? lab.agentOf(values.node) : 'http://127.0.0.1:15900';
       const url = `${base.replace(/\/$/, '')}/v1/state`;
       let state: { node?: string; mode?: Record<string, unknown> };
@@ -91,7 +91,7 @@ node's agent and \`set\` edits the lab's manifests, no other flag needed.`,
     }
     const mode = oneOf('mode', positionals[1], desiredModes);
     if (typeof values.node !== 'string') throw new InvalidInputError('--node', values.node, 'required for mode set');
-    const manifests = typeof values.manifests === 'string' ? values.manifests : values.kubeconfig === undefined ? lab?.manifests : undefined;
+    const manifests = typeof values.manifests === 'string' ? values.manifests : values.kubeconfig === undefined ? runningLab()?.manifests : undefined;
     if (manifests !== undefined) {
       const file = setModeInManifests(manifests, values.node, mode);
       console.log(`set ${modeLabel}=${mode} on Node ${values.node} in ${file}`);

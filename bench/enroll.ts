@@ -1,10 +1,9 @@
 import { performance } from 'node:perf_hooks';
-import { join } from 'node:path';
 import { noExclusions, type DesiredState, type PodIntercept } from '../src/dataplane/types.js';
 import { Topology } from '../src/lab/topology.js';
 import { createCgroup } from '../src/util/cgroup.js';
 import { selectModes } from './modes.js';
-import { intFlag, quantile, round } from './util.js';
+import { intFlag, quantile, round, syntheticPod } from './util.js';
 
 /**
  * enroll: how fast a dataplane takes pods in and out. On a one-node topology
@@ -18,18 +17,6 @@ import { intFlag, quantile, round } from './util.js';
  *   npm run bench -- enroll [--pods 1000] [--mode ebpf]
  */
 
-function podAt(podsCgroup: string, i: number): PodIntercept {
-  return {
-    uid: `bench-${i}`,
-    namespace: 'bench',
-    name: `p${i}`,
-    ip: `10.200.${i >> 8}.${i & 255}`,
-    cgroupPath: join(podsCgroup, `p${i}`),
-    inbound: i % 2 === 0 ? 'strict' : 'permissive',
-    exclusions: { ...noExclusions(), outboundPorts: [9000 + (i % 7)] },
-  };
-}
-
 export async function* run(flags: Record<string, string | boolean>): AsyncGenerator<object> {
   const n = intFlag(flags, 'pods', 1000);
   if (n < 1 || n > 65_000) throw new Error(`--pods must be from 1 to 65000, got ${n}`);
@@ -39,7 +26,7 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
       const node = topo.nodes[0]!;
       const pods: PodIntercept[] = [];
       for (let i = 0; i < n; i++) {
-        const p = podAt(node.podsCgroup, i);
+        const p = syntheticPod(node.podsCgroup, i, { inbound: i % 2 === 0 ? 'strict' : 'permissive', exclusions: { ...noExclusions(), outboundPorts: [9000 + (i % 7)] } });
         await createCgroup(p.cgroupPath);
         pods.push(p);
       }

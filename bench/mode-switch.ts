@@ -13,7 +13,7 @@ import { nodeAgentConfig } from '../src/lab/node-agent.js';
 import { Topology, type TopoNode, type TopoPod } from '../src/lab/topology.js';
 import { POLICY_API_VERSION, type NodePolicy } from '../src/policy/schema.js';
 import { createCgroup } from '../src/util/cgroup.js';
-import { intFlag, round } from './util.js';
+import { intFlag, round, syntheticPod } from './util.js';
 
 /**
  * mode-switch: a live switch of the interception mode by the real Agent, with
@@ -138,18 +138,6 @@ class LabelFeed implements PolicyFeed {
   }
 }
 
-function fakePod(podsCgroup: string, i: number): PodIntercept {
-  return {
-    uid: `bench-${i}`,
-    namespace: 'bench',
-    name: `p${i}`,
-    ip: `10.200.${i >> 8}.${i & 255}`,
-    cgroupPath: join(podsCgroup, `p${i}`),
-    inbound: 'permissive',
-    exclusions: noExclusions(),
-  };
-}
-
 type SwitchInfo = { mode?: { effective?: string }; retiring?: string; lastSwitch?: { at: string; to: string; applyMs: number; totalMs: number } };
 
 export async function* run(flags: Record<string, string | boolean>): AsyncGenerator<object> {
@@ -174,7 +162,7 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
     const B = await topo.addPod(node, 'b');
     const pods: PodIntercept[] = [A, B].map((p) => ({ uid: `uid-${p.name}`, namespace: 'bench', name: p.name, ip: p.ip, cgroupPath: p.cgroupPath, inbound: 'permissive', exclusions: noExclusions() }));
     for (let i = 0; i < n - 2; i++) {
-      const p = fakePod(node.podsCgroup, i);
+      const p = syntheticPod(node.podsCgroup, i);
       await createCgroup(p.cgroupPath);
       pods.push(p);
     }

@@ -1,17 +1,15 @@
-import { mkdtempSync, rmSync } from 'node:fs';
 import { request } from 'node:https';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { gunzipSync } from 'node:zlib';
 import type { FastifyInstance } from 'fastify';
-import { generateTokens, TokenFileAuthenticator, writeTokensFile } from '../../src/controller/auth.js';
+import { writeTokensFile } from '../../src/controller/auth.js';
 import { generateTls, type TlsMaterial } from '../../src/controller/certs.js';
 import { PolicyHub } from '../../src/controller/hub.js';
-import { buildPolicyServer, parseIfNoneMatch, parseWait } from '../../src/controller/server.js';
+import { parseIfNoneMatch, parseWait } from '../../src/controller/server.js';
 import { PolicyCompiler } from '../../src/policy/compiler.js';
-import type { Kind } from '../../src/policy/objects.js';
 import { NodePolicySchema } from '../../src/policy/schema.js';
 import { baseMesh, pod, type Obj } from './policy-fixtures.js';
+import { policyServerFixture, type PolicyServerFixture } from './policy-server-fixture.js';
 
 interface Res {
   status: number;
@@ -31,6 +29,7 @@ function get(url: string, o: { ca?: string; headers?: Record<string, string> } =
   });
 }
 
+let fx: PolicyServerFixture;
 let tls: TlsMaterial;
 let dir: string;
 let tokens: Record<string, string>;
@@ -39,28 +38,17 @@ let hub: PolicyHub;
 let server: FastifyInstance;
 let base: string;
 
-const publish = (...objs: Obj[]) => {
-  for (const o of objs) compiler.upsert(o.kind as Kind, o);
-  hub.publish(compiler.compile().changed);
-};
+const publish = (...objs: Obj[]) => fx.publish(...objs);
 const auth = (node: string) => ({ authorization: `Bearer ${tokens[node]}` });
 const policyUrl = (node: string, q = '') => `${base}/v1/nodes/${node}/policy${q}`;
 
 beforeAll(async () => {
-  tls = await generateTls(['localhost', '127.0.0.1']);
-  dir = mkdtempSync(join(tmpdir(), 'fsmt-ctrl-'));
-  tokens = generateTokens(['node-a', 'node-b']);
-  writeTokensFile(join(dir, 'tokens.json'), tokens);
-  compiler = new PolicyCompiler();
-  hub = new PolicyHub((n) => compiler.get(n));
-  server = buildPolicyServer({ hub, auth: new TokenFileAuthenticator(join(dir, 'tokens.json')), tls });
+  fx = await policyServerFixture('fsmt-ctrl-');
+  ({ tls, dir, tokens, compiler, hub, server } = fx);
   base = await server.listen({ host: '127.0.0.1', port: 0 });
 });
 
-afterAll(async () => {
-  await server.close();
-  rmSync(dir, { recursive: true, force: true });
-});
+afterAll(() => fx.close());
 
 describe('policy server over HTTPS', () => {
   test('503 with Retry-After until the sources have synced', async () => {

@@ -1,17 +1,15 @@
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { FastifyInstance } from 'fastify';
-import { generateTokens, TokenFileAuthenticator, writeTokensFile } from '../../src/controller/auth.js';
 import { generateTls, type TlsMaterial } from '../../src/controller/certs.js';
 import { PolicyHub } from '../../src/controller/hub.js';
-import { buildPolicyServer } from '../../src/controller/server.js';
 import { backoffDelay, PolicyClient, type PolicyEvent } from '../../src/policy/client.js';
 import { PolicyCompiler } from '../../src/policy/compiler.js';
-import type { Kind } from '../../src/policy/objects.js';
 import { lastGoodPath, readLastGood, writeLastGood } from '../../src/policy/store.js';
 import { baseMesh, pod, type Obj } from './policy-fixtures.js';
+import { policyServerFixture, type PolicyServerFixture } from './policy-server-fixture.js';
 
+let fx: PolicyServerFixture;
 let tls: TlsMaterial;
 let dir: string;
 let tokens: Record<string, string>;
@@ -21,10 +19,7 @@ let server: FastifyInstance;
 let url: string;
 const clients: PolicyClient[] = [];
 
-const publish = (...objs: Obj[]) => {
-  for (const o of objs) compiler.upsert(o.kind as Kind, o);
-  hub.publish(compiler.compile().changed);
-};
+const publish = (...objs: Obj[]) => fx.publish(...objs);
 
 function client(o: { stateDir: string; url?: string; ca?: string; node?: string; token?: string }): PolicyClient {
   const c = new PolicyClient({
@@ -44,15 +39,10 @@ const next = <T>(c: PolicyClient, event: string): Promise<T> => new Promise((res
 const stateDir = () => mkdtempSync(join(dir, 'state-'));
 
 beforeAll(async () => {
-  tls = await generateTls(['localhost', '127.0.0.1']);
-  dir = mkdtempSync(join(tmpdir(), 'fsmt-client-'));
-  tokens = generateTokens(['node-a', 'node-b']);
-  writeTokensFile(join(dir, 'tokens.json'), tokens);
-  compiler = new PolicyCompiler();
-  hub = new PolicyHub((n) => compiler.get(n));
+  fx = await policyServerFixture('fsmt-client-');
+  ({ tls, dir, tokens, compiler, hub, server } = fx);
   publish(...baseMesh());
   hub.setReady();
-  server = buildPolicyServer({ hub, auth: new TokenFileAuthenticator(join(dir, 'tokens.json')), tls });
   url = (await server.listen({ host: '127.0.0.1', port: 0 })).replace('127.0.0.1', 'localhost');
 });
 
@@ -60,10 +50,7 @@ afterEach(async () => {
   await Promise.all(clients.splice(0).map((c) => c.stop()));
 });
 
-afterAll(async () => {
-  await server.close();
-  rmSync(dir, { recursive: true, force: true });
-});
+afterAll(() => fx.close());
 
 describe('PolicyClient against the real server', () => {
   test('fetches, validates and stores the policy; then follows changes by long-poll', async () => {

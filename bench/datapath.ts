@@ -1,11 +1,12 @@
 import type { ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { accessSync, constants, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { delimiter, join } from 'node:path';
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { noExclusions, type DesiredState } from '../src/dataplane/types.js';
 import { Topology, type TopoNode, type TopoPod } from '../src/lab/topology.js';
+import { pipyBinary } from '../src/proxy/pipy.js';
 import { run as runMesh } from './mesh.js';
 import { selectModes } from './modes.js';
 import { intFlag, round } from './util.js';
@@ -79,20 +80,6 @@ export function parseWrk(out: string): WrkResult {
   return { rps: round(rps, 0), p50_us: pct('50'), p99_us: pct('99'), requests, errors };
 }
 
-function findPipy(): string | undefined {
-  const candidates = [process.env.PIPY_BIN, ...(process.env.PATH ?? '').split(delimiter).map((d) => join(d, 'pipy'))];
-  for (const c of candidates) {
-    if (c === undefined || c === '') continue;
-    try {
-      accessSync(c, constants.X_OK);
-      return c;
-    } catch {
-      // not this one
-    }
-  }
-  return undefined;
-}
-
 async function waitFor(child: ChildProcess, marker: string): Promise<void> {
   await new Promise<void>((resolve, reject) => {
     let out = '';
@@ -146,7 +133,7 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
   if (flags.proxy === 'pipy') return yield* runMesh(flags);
   const opts = { duration: intFlag(flags, 'duration', 10), connections: intFlag(flags, 'connections', 50), threads: intFlag(flags, 'threads', 1) };
   const modes = selectModes(flags.mode);
-  const pipy = findPipy();
+  const pipy = pipyBinary();
   const topo = await Topology.create({ prefix: `fsmbench${process.pid}d`, nodes: 1, podsPerNode: 2 });
   const work = mkdtempSync(join(tmpdir(), 'fsmbench-datapath-'));
   try {

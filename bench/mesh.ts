@@ -1,11 +1,12 @@
 import type { ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { accessSync, constants, copyFileSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { delimiter, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { noExclusions } from '../src/dataplane/types.js';
 import { IptablesDataplane } from '../src/dataplane/iptables/index.js';
+import { pipyBinary } from '../src/proxy/pipy.js';
+import { packageRoot } from '../src/util/paths.js';
 import { Topology, type TopoNode, type TopoPod } from '../src/lab/topology.js';
 import { NodePolicySchema, POLICY_API_VERSION, type NodePolicy } from '../src/policy/schema.js';
 import { renderProxyConfig, type ProxyConfig } from '../src/proxy/config.js';
@@ -41,32 +42,8 @@ http.createServer((req, res) => { res.writeHead(200, { 'content-type': 'text/pla
   .listen(${PORT}, '0.0.0.0', () => console.log('listening'));
 `;
 
-function findPipy(): string | undefined {
-  const candidates = process.env.PIPY_BIN ? [process.env.PIPY_BIN] : (process.env.PATH ?? '').split(delimiter).filter(Boolean).map((d) => join(d, 'pipy'));
-  for (const c of candidates) {
-    try {
-      accessSync(c, constants.X_OK);
-      return c;
-    } catch {
-      // next
-    }
-  }
-  return undefined;
-}
-
-/** proxy/ next to the package root, from bench/ (sources) or dist/bench/ (built). */
-function proxyProgramDir(): string {
-  for (const rel of ['../proxy/', '../../proxy/']) {
-    const dir = fileURLToPath(new URL(rel, import.meta.url));
-    try {
-      accessSync(join(dir, 'main.js'));
-      return dir;
-    } catch {
-      // next
-    }
-  }
-  throw new Error(`proxy/main.js not found next to ${fileURLToPath(new URL('.', import.meta.url))}`);
-}
+/** The project's Pipy program, from bench/ (sources) or dist/bench/ (built) alike. */
+const proxyProgramDir = (): string => join(packageRoot(), 'proxy');
 
 interface Place {
   /** Proxy name (node or pod) -> where its process runs. */
@@ -166,7 +143,7 @@ async function measure(client: TopoPod, url: string, proxies: RunningProxy[], fl
 export async function* run(flags: Record<string, string | boolean>): AsyncGenerator<object> {
   const opts = { duration: intFlag(flags, 'duration', 10), connections: intFlag(flags, 'connections', 50), threads: intFlag(flags, 'threads', 1) };
   const base = { bench: 'mesh', ...opts };
-  const pipy = findPipy();
+  const pipy = pipyBinary();
   if (pipy === undefined) {
     yield { ...base, case: 'pipy', skipped: 'no Pipy binary found (set PIPY_BIN or put pipy on PATH)' };
     return;

@@ -3,7 +3,8 @@ import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync
 import { request as httpsRequest } from 'node:https';
 import { createServer } from 'node:net';
 import { constants } from 'node:os';
-import { delimiter, dirname, join } from 'node:path';
+import { dirname, join } from 'node:path';
+import { pipyBinary } from '../proxy/pipy.js';
 import { generateTokens, writeTokensFile } from '../controller/auth.js';
 import { createDataplane } from '../dataplane/index.js';
 import type { InterceptionMode } from '../dataplane/types.js';
@@ -65,19 +66,13 @@ export interface ProxyChoice {
   note: string;
 }
 
-function findPipy(env: NodeJS.ProcessEnv): string | undefined {
-  if (env.PIPY_BIN) return existsSync(env.PIPY_BIN) ? env.PIPY_BIN : undefined;
-  for (const dir of (env.PATH ?? '').split(delimiter)) if (dir && existsSync(join(dir, 'pipy'))) return join(dir, 'pipy');
-  return undefined;
-}
-
 /**
  * --proxy auto takes Pipy when the binary and the project's Pipy program
  * (proxy/main.js) are both there; otherwise the passthrough proxy, saying what
  * that costs: it forwards to the original destination and enforces nothing.
  */
 export function chooseProxy(choice: UpOptions['proxy'], env: NodeJS.ProcessEnv = process.env, programPresent = existsSync(join(packageRoot(), 'proxy', 'main.js'))): ProxyChoice {
-  const bin = findPipy(env);
+  const bin = pipyBinary(env);
   const missing = !bin ? 'no Pipy binary found (PIPY_BIN or PATH)' : !programPresent ? `Pipy found at ${bin} but the Pipy proxy program (proxy/main.js) is not part of this build` : undefined;
   if (choice === 'passthrough') return { kind: 'passthrough', note: 'passthrough proxy as asked: services, splits and allow/deny are not enforced, their checks are skipped' };
   if (missing === undefined) return { kind: 'pipy', note: `Pipy at ${bin}` };

@@ -43,6 +43,16 @@ export function findPipy(env: NodeJS.ProcessEnv = process.env): string {
   throw new PipyNotFoundError(undefined);
 }
 
+/** findPipy for callers that fall back (the lab's passthrough proxy, skipped tests and bench rows): undefined when there is none. */
+export function pipyBinary(env: NodeJS.ProcessEnv = process.env): string | undefined {
+  try {
+    return findPipy(env);
+  } catch (err) {
+    if (err instanceof PipyNotFoundError) return undefined;
+    throw err;
+  }
+}
+
 export const UNKNOWN_LOCAL_BUILD = 'unknown (local build)';
 
 /** The "Version : x" line of `pipy --version`; a build without version metadata leaves it empty. */

@@ -1,7 +1,7 @@
 import type { ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { accessSync, constants, copyFileSync, mkdirSync, readdirSync, renameSync, writeFileSync } from 'node:fs';
-import { delimiter, join } from 'node:path';
+import { copyFileSync, mkdirSync, readdirSync, renameSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { TopoNode } from '../../src/lab/topology.js';
 import type { ProxyConfig } from '../../src/proxy/config.js';
@@ -13,22 +13,11 @@ import type { ProxyConfig } from '../../src/proxy/config.js';
  * node's network namespace, the process in the node's proxy cgroup.
  */
 
+export { pipyBinary as findPipy } from '../../src/proxy/pipy.js';
+import { pipyBinary as findPipy } from '../../src/proxy/pipy.js';
+
 export const ADMIN_PORT = 6060;
 const programDir = fileURLToPath(new URL('../../proxy/', import.meta.url));
-
-/** PIPY_BIN, then pipy on PATH; undefined when neither is an executable file. */
-export function findPipy(env: NodeJS.ProcessEnv = process.env): string | undefined {
-  const candidates = env.PIPY_BIN ? [env.PIPY_BIN] : (env.PATH ?? '').split(delimiter).filter(Boolean).map((d) => join(d, 'pipy'));
-  for (const c of candidates) {
-    try {
-      accessSync(c, constants.X_OK);
-      return c;
-    } catch {
-      // next candidate
-    }
-  }
-  return undefined;
-}
 
 /** The one skip line a Pipy-tier file prints when there is no Pipy. */
 export function pipySkipReason(): string | undefined {

@@ -13,16 +13,7 @@ import { run } from '../../src/util/exec.js';
  */
 
 /** What a dataplane needs to know about a topology node; plain data, so a child process gets it as JSON. */
-export interface NodeSpec {
-  name: string;
-  netns: string;
-  gateway: string;
-  underlayIp: string;
-  podCidr: string;
-  podsCgroup: string;
-  proxyCgroup: string;
-  bpffsDir: string;
-}
+export type NodeSpec = Pick<TopoNode, 'name' | 'netns' | 'gateway' | 'underlayIp' | 'podCidr' | 'podsCgroup' | 'proxyCgroup' | 'bpffsDir'>;
 
 export function nodeSpec(n: TopoNode): NodeSpec {
   const { name, netns, gateway, underlayIp, podCidr, podsCgroup, proxyCgroup, bpffsDir } = n;

@@ -22,6 +22,8 @@ export interface PolicyFeed {
   start(): void;
   stop(): Promise<void>;
   fetchErrors(): number;
+  /** New versions taken in by how they came, and body bytes received (the controller client). */
+  stats?(): { updates: { full: number; delta: number }; receivedBytes: number };
 }
 
 /**
@@ -99,6 +101,7 @@ export class Agent {
       proxy: () => this.deps.proxy.status(),
       policyReceivedAt: () => this.deps.policy.current()?.receivedAt,
       policyFetchErrors: () => this.deps.policy.fetchErrors(),
+      ...(this.deps.policy.stats ? { policyTransfer: () => this.deps.policy.stats!() } : {}),
       node: () => this.config.node,
       dataplane: () => this.active,
       pods: () => this.deps.policy.current()?.policy.pods ?? [],

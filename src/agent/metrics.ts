@@ -26,6 +26,8 @@ export interface LiveValues {
   proxy(): { listening: boolean; restarts: number };
   policyReceivedAt(): number | undefined;
   policyFetchErrors(): number;
+  /** Policy versions taken in, by how they came (full or delta), and body bytes received. */
+  policyTransfer?(): { updates: { full: number; delta: number }; receivedBytes: number };
   /** This node's name: the `node` label on the re-exported proxy metrics. */
   node?(): string;
   /** The dataplane in force (read back with installed() at scrape time, cached). */
@@ -288,6 +290,7 @@ export function agentMetrics(live: LiveValues) {
         this.inc(live.policyFetchErrors());
       },
     }),
+    ...(live.policyTransfer ? policyTransferMetrics(registry, live.policyTransfer) : {}),
     proxyUp: new Gauge({ name: 'fsm_node_proxy_up', help: '1 when the node proxy runs and listens.', registers: r, collect() { this.set(live.proxy().listening ? 1 : 0); } }),
     proxyRestarts: new Gauge({ name: 'fsm_node_proxy_restarts', help: 'Proxy restarts by this agent.', registers: r, collect() { this.set(live.proxy().restarts); } }),
     /** Observed by the proxy supervisor around each config reload (result: ok | failed). */
@@ -329,5 +332,31 @@ export function pipyAdminMetrics(url: string, timeoutMs = 500): () => Promise<st
     const res = await fetch(url, { signal: AbortSignal.timeout(timeoutMs) });
     if (!res.ok) throw new Error(`${url}: HTTP ${res.status}`);
     return res.text();
+  };
+}
+
+function policyTransferMetrics(r: Registry, read: NonNullable<LiveValues['policyTransfer']>) {
+  return {
+    policyUpdates: new Counter({
+      name: 'fsm_node_policy_updates_total',
+      help: 'Policy versions taken in from the controller, by how they came: full or delta.',
+      labelNames: ['kind'],
+      registers: [r],
+      collect() {
+        this.reset();
+        const { updates } = read();
+        this.inc({ kind: 'full' }, updates.full);
+        this.inc({ kind: 'delta' }, updates.delta);
+      },
+    }),
+    policyBytes: new Counter({
+      name: 'fsm_node_policy_received_bytes_total',
+      help: 'Policy body bytes received from the controller (as on the wire).',
+      registers: [r],
+      collect() {
+        this.reset();
+        this.inc(read().receivedBytes);
+      },
+    }),
   };
 }

@@ -1,6 +1,7 @@
 import { promisify } from 'node:util';
 import { constants, crc32, deflateRaw, deflateRawSync } from 'node:zlib';
 import type { CompiledNode, SharedJson } from '../policy/compiler.js';
+import { deltaPieces, type DeltaBase } from '../policy/delta.js';
 
 const deflateRawAsync = promisify(deflateRaw);
 /** gzip member header: magic, deflate, no flags, no mtime, no extra flags, OS unknown. */
@@ -10,14 +11,23 @@ interface SharedEncoding {
   /** `{` + the shared text: the start of every document that shares it. */
   utf8: Buffer;
   crc: number;
-  /** Raw deflate of utf8, ended with a full flush: byte-aligned and free of back-references, so it can be spliced. */
-  deflated: Promise<Buffer>;
+  /** Raw deflate of utf8, ended with a full flush: byte-aligned and free of back-references, so it can be spliced. Made on first use. */
+  deflated?: Promise<Buffer>;
 }
+
+/** Smaller delta bodies go uncompressed. */
+export const GZIP_MIN_BYTES = 1400;
+
+/** Versions of a node remembered as delta bases: an agent a few versions behind still gets a delta. */
+const HISTORY = 4;
+
+type Pieces = readonly [shared: SharedJson, tail: string];
 
 /**
  * Between the compiler and the HTTP server: the current policy of each node,
- * the long-polls waiting for a node's next version, and the encoded bodies
- * (plain and gzip), made once per version however many requests want them.
+ * the long-polls waiting for a node's next version, the encoded bodies
+ * (plain and gzip), made once per version however many requests want them,
+ * and the last versions each node was known to hold, to send deltas from.
  */
 export class PolicyHub {
   private isReady = false;
@@ -25,6 +35,8 @@ export class PolicyHub {
   private readonly plain = new WeakMap<CompiledNode, Buffer>();
   private readonly gzipped = new WeakMap<CompiledNode, Promise<Buffer>>();
   private readonly shared = new WeakMap<SharedJson, SharedEncoding>();
+  /** Per node, the versions it was last known to hold, newest last: their parts only, not their encodings. */
+  private readonly history = new Map<string, DeltaBase[]>();
 
   constructor(private readonly lookup: (node: string) => CompiledNode | undefined) {}
 
@@ -44,6 +56,7 @@ export class PolicyHub {
   /** New versions for these nodes: wake their long-polls. */
   publish(nodes: Iterable<string>): void {
     for (const node of nodes) {
+      if (!this.lookup(node)) this.history.delete(node);
       const set = this.waiters.get(node);
       if (!set) continue;
       this.waiters.delete(node);
@@ -81,13 +94,40 @@ export class PolicyHub {
     this.publish([...this.waiters.keys()]);
   }
 
+  /** The node now holds `c` (it was sent, or confirmed by a 304): a later delta may start from it. */
+  held(c: CompiledNode): void {
+    let list = this.history.get(c.node);
+    if (!list) this.history.set(c.node, (list = []));
+    if (list.at(-1)?.version === c.version) return;
+    list.push({ version: c.version, parts: c.parts });
+    if (list.length > HISTORY) list.shift();
+  }
+
+  /** A version the node was known to hold, when still remembered. */
+  base(node: string, version: string): DeltaBase | undefined {
+    return this.history.get(node)?.find((b) => b.version === version);
+  }
+
   body(c: CompiledNode): Buffer {
     let b = this.plain.get(c);
-    if (!b) {
-      const [shared, tail] = c.pieces();
-      this.plain.set(c, (b = Buffer.concat([this.encoding(shared).utf8, Buffer.from(tail)])));
-    }
+    if (!b) this.plain.set(c, (b = this.plainOf(c.pieces())));
     return b;
+  }
+
+  /**
+   * The NodePolicyDelta from `base` to `c` (policy/delta.ts), gzipped when
+   * asked and worth it: a delta under a packet's size goes plain (gzip would
+   * save a few hundred bytes for a deflate per node).
+   */
+  async delta(base: DeltaBase, c: CompiledNode, gzip: boolean): Promise<{ body: Buffer; gzip: boolean }> {
+    const pieces = deltaPieces(base, c);
+    const plain = this.plainOf(pieces);
+    if (!gzip || plain.length < GZIP_MIN_BYTES) return { body: plain, gzip: false };
+    return { body: await this.gzipOf(pieces), gzip: true };
+  }
+
+  private plainOf([shared, tail]: Pieces): Buffer {
+    return Buffer.concat([this.encoding(shared).utf8, Buffer.from(tail)]);
   }
 
   /**
@@ -100,26 +140,27 @@ export class PolicyHub {
    */
   gzip(c: CompiledNode): Promise<Buffer> {
     let p = this.gzipped.get(c);
-    if (!p) {
-      const [shared, tail] = c.pieces();
-      const enc = this.encoding(shared);
-      p = enc.deflated.then((head) => {
-        const t = Buffer.from(tail);
-        const trailer = Buffer.alloc(8);
-        trailer.writeUInt32LE(crc32(t, enc.crc), 0);
-        trailer.writeUInt32LE((enc.utf8.length + t.length) % 2 ** 32, 4);
-        return Buffer.concat([GZIP_HEADER, head, deflateRawSync(t), trailer]);
-      });
-      this.gzipped.set(c, p);
-    }
+    if (!p) this.gzipped.set(c, (p = this.gzipOf(c.pieces())));
     return p;
+  }
+
+  private gzipOf([shared, tail]: Pieces): Promise<Buffer> {
+    const enc = this.encoding(shared);
+    enc.deflated ??= deflateRawAsync(enc.utf8, { finishFlush: constants.Z_FULL_FLUSH });
+    return enc.deflated.then((head) => {
+      const t = Buffer.from(tail);
+      const trailer = Buffer.alloc(8);
+      trailer.writeUInt32LE(crc32(t, enc.crc), 0);
+      trailer.writeUInt32LE((enc.utf8.length + t.length) % 2 ** 32, 4);
+      return Buffer.concat([GZIP_HEADER, head, deflateRawSync(t), trailer]);
+    });
   }
 
   private encoding(shared: SharedJson): SharedEncoding {
     let e = this.shared.get(shared);
     if (!e) {
       const utf8 = Buffer.from(`{${shared.text()}`);
-      e = { utf8, crc: crc32(utf8), deflated: deflateRawAsync(utf8, { finishFlush: constants.Z_FULL_FLUSH }) };
+      e = { utf8, crc: crc32(utf8) };
       this.shared.set(shared, e);
     }
     return e;

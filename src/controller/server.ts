@@ -1,7 +1,8 @@
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
-import type { Registry } from 'prom-client';
+import { Counter, type Registry } from 'prom-client';
 import { errorMessage } from '../errors.js';
 import type { CompiledNode } from '../policy/compiler.js';
+import { DELTA_IM, type DeltaBase } from '../policy/delta.js';
 import { formatIssues, NodeModeStatusSchema, type NodeModeStatus } from '../policy/schema.js';
 import { logger } from '../util/log.js';
 import type { Authenticator } from './auth.js';
@@ -38,11 +39,18 @@ export function parseIfNoneMatch(v: string | undefined): string | undefined {
   return first.replace(/^"(.*)"$/, '$1');
 }
 
+/** True when an A-IM header (RFC 3229) lists the policy delta manipulation. */
+export function acceptsDelta(v: string | string[] | undefined): boolean {
+  return [v ?? []].flat().join(',').split(',').some((im) => im.split(';')[0]!.trim().toLowerCase() === DELTA_IM);
+}
+
 /**
  * The controller's HTTPS API (docs/controller.md "Protocol"):
  *   GET /v1/nodes/:node/policy[?wait=30s]  with If-None-Match: "<version>"
  *     200 + ETag when the node's version differs (at once, or as soon as it
- *     changes within the wait), 304 when the wait ends without a change,
+ *     changes within the wait), 226 + a NodePolicyDelta instead when the
+ *     request has A-IM: fsm-policy-delta and the held version is one the
+ *     controller remembers, 304 when the wait ends without a change,
  *     401 unknown token, 403 token of another node, 404 unknown node,
  *     503 before the first full sync. gzip when the client accepts it.
  *   POST /v1/nodes/:node/status  the agent's interception mode (NodeModeStatus),
@@ -60,6 +68,18 @@ export function buildPolicyServer(o: PolicyServerOptions): FastifyInstance {
   });
 
   const problem = (reply: FastifyReply, code: number, error: string, message: string) => reply.code(code).send({ error, message });
+  const responses = new Counter({
+    name: 'fsm_node_controller_policy_responses_total',
+    help: 'Policy answers to agents, by kind: full (200), delta (226), not_modified (304).',
+    labelNames: ['kind'],
+    registers: o.registry ? [o.registry] : [],
+  });
+  const responseBytes = new Counter({
+    name: 'fsm_node_controller_policy_response_bytes_total',
+    help: 'Policy body bytes sent to agents (as sent: gzip when asked), by kind.',
+    labelNames: ['kind'],
+    registers: o.registry ? [o.registry] : [],
+  });
 
   app.get('/healthz', async () => ({ ok: true }));
   app.get('/readyz', async (_req, reply) => (o.hub.ready ? { ready: true } : problem(reply, 503, 'NotReady', 'sources have not synced yet')));
@@ -126,14 +146,31 @@ export function buildPolicyServer(o: PolicyServerOptions): FastifyInstance {
       cur = o.hub.get(node);
     }
     if (!cur) return problem(reply, 404, 'NotFound', `no policy for node ${JSON.stringify(node)} (no Node object and no pods)`);
-    if (cur.version === held) return reply.code(304).header('etag', `"${cur.version}"`).send();
-    return send(reply, cur, /\bgzip\b/.test(req.headers['accept-encoding'] ?? ''));
+    if (cur.version === held) {
+      // Confirmed: the node holds it (perhaps from another replica or an earlier run), so the next change can be a delta.
+      o.hub.held(cur);
+      responses.inc({ kind: 'not_modified' });
+      return reply.code(304).header('etag', `"${cur.version}"`).send();
+    }
+    const base = held !== undefined && acceptsDelta(req.headers['a-im']) ? o.hub.base(node, held) : undefined;
+    return send(reply, cur, base, /\bgzip\b/.test(req.headers['accept-encoding'] ?? ''));
   });
 
-  async function send(reply: FastifyReply, c: CompiledNode, gzip: boolean) {
-    reply.header('etag', `"${c.version}"`).header('cache-control', 'no-cache').header('vary', 'accept-encoding').type('application/json');
-    if (gzip) return reply.header('content-encoding', 'gzip').send(await o.hub.gzip(c));
-    return reply.send(o.hub.body(c));
+  async function send(reply: FastifyReply, c: CompiledNode, base: DeltaBase | undefined, gzip: boolean) {
+    reply.header('etag', `"${c.version}"`).header('cache-control', 'no-cache').header('vary', 'accept-encoding, a-im').type('application/json');
+    let body: Buffer;
+    if (base) {
+      reply.code(226).header('im', DELTA_IM).header('delta-base', `"${base.version}"`);
+      const d = await o.hub.delta(base, c, gzip);
+      body = d.body;
+      gzip = d.gzip;
+    } else body = gzip ? await o.hub.gzip(c) : o.hub.body(c);
+    if (gzip) reply.header('content-encoding', 'gzip');
+    o.hub.held(c);
+    const kind = base ? 'delta' : 'full';
+    responses.inc({ kind });
+    responseBytes.inc({ kind }, body.length);
+    return reply.send(body);
   }
 
   app.addHook('preClose', async () => o.hub.wakeAll());

@@ -6,8 +6,9 @@ import { gunzip } from 'node:zlib';
 import { promisify } from 'node:util';
 import { errorMessage, FsmNodeError } from '../errors.js';
 import { logger } from '../util/log.js';
-import { formatIssues, NodePolicySchema, type NodeModeStatus, type NodePolicy } from './schema.js';
-import { readLastGood, writeLastGood } from './store.js';
+import { applyDelta, DELTA_IM, DeltaError } from './delta.js';
+import { formatIssues, NodePolicyDeltaSchema, NodePolicySchema, type NodeModeStatus, type NodePolicy } from './schema.js';
+import { readLastGood, storeLastGood } from './store.js';
 
 const gunzipAsync = promisify(gunzip);
 const log = logger('policy-client');
@@ -15,8 +16,10 @@ const log = logger('policy-client');
 /**
  * The agent's side of the policy protocol (docs/controller.md "Protocol"):
  * a long-poll loop against GET /v1/nodes/<node>/policy with the version it
- * holds in If-None-Match. Every policy is checked against the schema before
- * use and kept on disk as the last good copy; at start the client serves that
+ * holds in If-None-Match. Once it holds a policy it asks for deltas (A-IM,
+ * policy/delta.ts): a change then costs its own size, not the policy's.
+ * Every policy, and every piece a delta brings, is checked against the schema
+ * before use, and kept on disk as the last good copy; at start the client serves that
  * copy until the controller answers, so a node keeps working through an
  * uplink outage and its own reboot. Failures back off exponentially with
  * jitter so a fleet of agents does not reconnect in step.
@@ -36,6 +39,8 @@ export interface PolicyClientOptions {
   /** Long-poll wait the client asks for (default 30 s). */
   waitSeconds?: number;
   backoff?: { initialMs: number; maxMs: number };
+  /** Ask for deltas once a policy is held (default true). */
+  deltas?: boolean;
 }
 
 export type FetchErrorKind = 'network' | 'status' | 'invalid' | 'persist' | 'token';
@@ -48,6 +53,10 @@ export interface PolicyClientStats {
   lastContactAt: number | undefined;
   fetches: number;
   notModified: number;
+  /** New versions taken in, by how they came. */
+  updates: { full: number; delta: number };
+  /** Body bytes received (compressed, as on the wire). */
+  receivedBytes: number;
   errors: Record<FetchErrorKind, number>;
 }
 
@@ -74,11 +83,16 @@ export class PolicyClient extends EventEmitter {
   private running: Promise<void> | undefined;
   private abort = new AbortController();
   private readonly counters: PolicyClientStats;
+  /** After a delta that did not fit: ask for the whole policy once. */
+  private fullNext = false;
+  /** The newest policy not yet on disk, and the write in progress. */
+  private unsaved: { policy: NodePolicy; receivedAt: number; text?: string } | undefined;
+  private saving: Promise<void> | undefined;
 
   constructor(options: PolicyClientOptions) {
     super();
     if (!options.token === !options.tokenFile) throw new FsmNodeError('FSMN_ERR_INVALID_INPUT', 'PolicyClient needs exactly one of token and tokenFile');
-    this.opts = { waitSeconds: 30, backoff: { initialMs: 500, maxMs: 30_000 }, ...options };
+    this.opts = { waitSeconds: 30, backoff: { initialMs: 500, maxMs: 30_000 }, deltas: true, ...options };
     this.agent = new Agent({ keepAlive: true, maxSockets: 1, ca: options.ca });
     this.counters = {
       version: undefined,
@@ -86,6 +100,8 @@ export class PolicyClient extends EventEmitter {
       lastContactAt: undefined,
       fetches: 0,
       notModified: 0,
+      updates: { full: 0, delta: 0 },
+      receivedBytes: 0,
       errors: { network: 0, status: 0, invalid: 0, persist: 0, token: 0 },
     };
   }
@@ -112,6 +128,12 @@ export class PolicyClient extends EventEmitter {
     await this.running;
     this.running = undefined;
     this.agent.destroy();
+    await this.persisted();
+  }
+
+  /** Resolves once the newest policy taken in is on disk (or its write failed, counted as a persist error). */
+  async persisted(): Promise<void> {
+    while (this.saving) await this.saving;
   }
 
   current(): PolicyEvent | undefined {
@@ -127,7 +149,7 @@ export class PolicyClient extends EventEmitter {
   }
 
   stats(): PolicyClientStats {
-    return { ...this.counters, errors: { ...this.counters.errors } };
+    return { ...this.counters, updates: { ...this.counters.updates }, errors: { ...this.counters.errors } };
   }
 
   private hold(e: PolicyEvent): void {
@@ -158,45 +180,82 @@ export class PolicyClient extends EventEmitter {
 
   private async fetchOnce(signal: AbortSignal): Promise<void> {
     const headers: Record<string, string> = { authorization: `Bearer ${this.token()}`, 'accept-encoding': 'gzip' };
-    if (this.held) headers['if-none-match'] = `"${this.held.policy.version}"`;
+    if (this.held) {
+      headers['if-none-match'] = `"${this.held.policy.version}"`;
+      if (this.opts.deltas && !this.fullNext) headers['a-im'] = DELTA_IM;
+    }
     const url = new URL(`/v1/nodes/${encodeURIComponent(this.opts.node)}/policy`, this.opts.url);
     url.searchParams.set('wait', `${this.opts.waitSeconds}s`);
     this.counters.fetches++;
     const res = await this.get(url, headers, signal);
+    this.counters.receivedBytes += res.wireBytes;
     if (res.status === 304) {
       this.counters.notModified++;
       this.counters.lastContactAt = Date.now();
       return;
     }
-    if (res.status !== 200) throw new FetchError('status', `controller answered ${res.status}: ${res.body.toString('utf8').slice(0, 200)}`);
+    const delta = res.status === 226 && headers['a-im'] !== undefined;
+    if (res.status !== 200 && !delta) throw new FetchError('status', `controller answered ${res.status}: ${res.body.toString('utf8').slice(0, 200)}`);
     const text = res.body.toString('utf8');
-    const policy = this.check(text, res.etag);
+    let policy: NodePolicy;
+    try {
+      policy = delta ? this.applyDelta(text) : this.check(text);
+      this.checkIdentity(policy, res.etag);
+    } catch (err) {
+      if (delta) this.fullNext = true;
+      throw err;
+    }
+    this.fullNext = false;
     const receivedAt = Date.now();
     this.counters.lastContactAt = receivedAt;
     if (policy.version === this.held?.policy.version) return;
-    try {
-      // The text as received: it passed the (strict) schema, so it is the policy.
-      writeLastGood(this.opts.stateDir, policy, receivedAt, text);
-    } catch (err) {
-      // Still use it: a full disk must not keep the node on an old policy.
-      this.counters.errors.persist++;
-      log.error({ err: errorMessage(err) }, 'could not store the last good policy');
-    }
+    this.counters.updates[delta ? 'delta' : 'full']++;
     this.hold({ policy, receivedAt, source: 'controller' });
+    // After use, not before: the node must not wait on its disk to apply a policy.
+    // A full policy is stored as received (it passed the strict schema, so it is the policy).
+    this.persist({ policy, receivedAt, text: delta ? undefined : text });
   }
 
-  private check(body: string, etag: string | undefined): NodePolicy {
-    let json: unknown;
-    try {
-      json = JSON.parse(body);
-    } catch (err) {
-      throw new FetchError('invalid', `policy is not JSON: ${errorMessage(err)}`);
-    }
-    const r = NodePolicySchema.safeParse(json);
+  private check(body: string): NodePolicy {
+    const r = NodePolicySchema.safeParse(parseJson(body, 'policy'));
     if (!r.success) throw new FetchError('invalid', `policy fails the NodePolicy schema: ${formatIssues(r.error)}`);
-    if (r.data.node.name !== this.opts.node) throw new FetchError('invalid', `policy is for node ${JSON.stringify(r.data.node.name)}, not ${JSON.stringify(this.opts.node)}`);
-    if (etag !== undefined && etag !== `"${r.data.version}"`) throw new FetchError('invalid', `ETag ${etag} does not match policy version ${r.data.version}`);
     return r.data;
+  }
+
+  /** The held policy with the delta applied; every piece it brings passes its schema first. */
+  private applyDelta(body: string): NodePolicy {
+    const r = NodePolicyDeltaSchema.safeParse(parseJson(body, 'policy delta'));
+    if (!r.success) throw new FetchError('invalid', `policy delta fails the NodePolicyDelta schema: ${formatIssues(r.error)}`);
+    try {
+      return applyDelta(this.held!.policy, r.data);
+    } catch (err) {
+      if (err instanceof DeltaError) throw new FetchError('invalid', `policy delta does not apply: ${err.message}`, { cause: err });
+      throw err;
+    }
+  }
+
+  private checkIdentity(policy: NodePolicy, etag: string | undefined): void {
+    if (policy.node.name !== this.opts.node) throw new FetchError('invalid', `policy is for node ${JSON.stringify(policy.node.name)}, not ${JSON.stringify(this.opts.node)}`);
+    if (etag !== undefined && etag !== `"${policy.version}"`) throw new FetchError('invalid', `ETag ${etag} does not match policy version ${policy.version}`);
+  }
+
+  /** Write the newest policy to disk, one write at a time: a burst of versions costs one write per write time, not a queue. */
+  private persist(p: { policy: NodePolicy; receivedAt: number; text?: string }): void {
+    this.unsaved = p;
+    this.saving ??= (async () => {
+      while (this.unsaved) {
+        const { policy, receivedAt, text } = this.unsaved;
+        this.unsaved = undefined;
+        try {
+          await storeLastGood(this.opts.stateDir, policy, receivedAt, text);
+        } catch (err) {
+          // Still used: a full disk must not keep the node on an old policy.
+          this.counters.errors.persist++;
+          log.error({ err: errorMessage(err) }, 'could not store the last good policy');
+        }
+      }
+      this.saving = undefined;
+    })();
   }
 
   private token(): string {
@@ -225,7 +284,7 @@ export class PolicyClient extends EventEmitter {
     if (code !== 204) throw new FetchError('status', `controller answered ${code} to the node status report`);
   }
 
-  private get(url: URL, headers: Record<string, string>, signal: AbortSignal): Promise<{ status: number; etag: string | undefined; body: Buffer }> {
+  private get(url: URL, headers: Record<string, string>, signal: AbortSignal): Promise<{ status: number; etag: string | undefined; body: Buffer; wireBytes: number }> {
     return new Promise((resolve, reject) => {
       const req = request(url, { method: 'GET', headers, agent: this.agent, signal }, (res: IncomingMessage) => {
         const chunks: Buffer[] = [];
@@ -233,7 +292,7 @@ export class PolicyClient extends EventEmitter {
         res.on('error', (err) => reject(new FetchError('network', errorMessage(err), { cause: err })));
         res.on('end', () => {
           const raw = Buffer.concat(chunks);
-          const done = (body: Buffer) => resolve({ status: res.statusCode ?? 0, etag: res.headers.etag, body });
+          const done = (body: Buffer) => resolve({ status: res.statusCode ?? 0, etag: res.headers.etag, body, wireBytes: raw.length });
           if (res.headers['content-encoding'] === 'gzip') gunzipAsync(raw).then(done, (err: unknown) => reject(new FetchError('invalid', `bad gzip body: ${errorMessage(err)}`)));
           else done(raw);
         });
@@ -243,6 +302,14 @@ export class PolicyClient extends EventEmitter {
       req.on('error', (err) => reject(new FetchError('network', errorMessage(err), { cause: err })));
       req.end();
     });
+  }
+}
+
+function parseJson(body: string, what: string): unknown {
+  try {
+    return JSON.parse(body);
+  } catch (err) {
+    throw new FetchError('invalid', `${what} is not JSON: ${errorMessage(err)}`);
   }
 }
 

@@ -85,6 +85,35 @@ export interface CompiledNode {
    * (see controller/hub.ts).
    */
   pieces(): readonly [shared: SharedJson, tail: string];
+  /** What the policy was assembled from: a delta between two versions compares these (policy/delta.ts). */
+  readonly parts: PolicyParts;
+}
+
+/** A piece of a policy's JSON that a delta carries whole or not at all. */
+export interface Keyed {
+  /** ns/name for services and splits, the node name for a mesh pods slice. */
+  readonly key: string;
+  readonly hash: string;
+  /** Its JSON (a slice: its pods' objects, comma-joined). */
+  readonly json: string;
+}
+
+/** The keyed pieces every node with the same services shares; the same object for as long as they are the same. */
+export interface SharedParts {
+  /** Sorted by key, as in the policy. */
+  readonly services: readonly Keyed[];
+  readonly splits: readonly Keyed[];
+  /** One slice per node with enrolled pods, sorted by node name. */
+  readonly meshPods: readonly Keyed[];
+  readonly meshPodCount: number;
+}
+
+export interface PolicyParts {
+  /** `"mesh":…,"proxies":…` */
+  readonly global: { readonly hash: string; readonly members: string };
+  /** `"node":…,"pods":…,"access":…` */
+  readonly node: { readonly hash: string; readonly members: string };
+  readonly shared: SharedParts;
 }
 
 export interface CompileResult {
@@ -100,7 +129,7 @@ interface Part<T> {
   hash: string;
 }
 
-interface ServiceEntry {
+interface ServiceEntry extends Keyed {
   service: PolicyService;
   json: string;
   hash: string;
@@ -110,7 +139,7 @@ interface ServiceEntry {
   pods: string[];
 }
 
-interface SplitEntry {
+interface SplitEntry extends Keyed {
   split: Split;
   /** ns/name of the root service: a node gets the split when it may reach that service. */
   root: string;
@@ -120,6 +149,9 @@ interface SplitEntry {
 interface Section {
   /** Member service keys, sorted: a content change to one of them rebuilds the section from these. */
   keys: string[];
+  /** Aligned with keys. */
+  entries: ServiceEntry[];
+  splitEntries: SplitEntry[];
   services: PolicyService[];
   splits: Split[];
   hash: string;
@@ -132,11 +164,16 @@ interface NodeEntry {
   /** Which section the node reads: '*' (everything) or the sorted identities its pods may reach or run as. */
   signature: string;
   /** The node's slice of the mesh pods part: its enrolled pods by address; json is their comma-joined objects. */
-  meshPods: { pods: MeshPod[]; json: string; hash: string };
+  meshPods: MeshPodsSlice;
+}
+
+interface MeshPodsSlice extends Keyed {
+  pods: MeshPod[];
 }
 
 /** Every node's mesh pods slice, concatenated in node name order. */
 interface MeshPodsAll {
+  slices: MeshPodsSlice[];
   pods: MeshPod[];
   hash: string;
   /** `"meshPods":[...]`, built on first use. */
@@ -190,7 +227,7 @@ export class PolicyCompiler {
   private readonly compiled = new Map<string, CompiledNode>();
   private meshPods: MeshPodsAll | undefined;
   /** Mesh pods + section as one shared piece, per section; replaced whenever the mesh pods change. */
-  private sharedBySection = new WeakMap<Section, SharedJson>();
+  private sharedBySection = new WeakMap<Section, { json: SharedJson; parts: SharedParts }>();
   /** The last version of each split/target whose references all resolved: kept in force while a newer one does not. */
   private readonly lastResolvedSplit = new Map<string, SplitRec>();
   private readonly lastResolvedTarget = new Map<string, TargetRec>();
@@ -434,6 +471,7 @@ export class PolicyCompiler {
     const slices = byKey(this.nodeEntries.entries()).map((e) => e.meshPods).filter((m) => m.pods.length > 0);
     let text: string | undefined;
     return {
+      slices,
       pods: slices.flatMap((m) => m.pods),
       hash: shortHash(slices.map((m) => m.hash).join('')),
       text: () => (text ??= `"meshPods":[${slices.map((m) => m.json).join(',')}]`),
@@ -441,11 +479,14 @@ export class PolicyCompiler {
   }
 
   /** One shared piece per section for as long as the mesh pods stay the same (an encoder caches by identity). */
-  private sharedOf(section: Section, meshPods: MeshPodsAll): SharedJson {
+  private sharedOf(section: Section, meshPods: MeshPodsAll): { json: SharedJson; parts: SharedParts } {
     let s = this.sharedBySection.get(section);
     if (!s) {
       let text: string | undefined;
-      s = { text: () => (text ??= `${meshPods.text()},${section.shared.text()}`) };
+      s = {
+        json: { text: () => (text ??= `${meshPods.text()},${section.shared.text()}`) },
+        parts: { services: section.entries, splits: section.splitEntries, meshPods: meshPods.slices, meshPodCount: meshPods.pods.length },
+      };
       this.sharedBySection.set(section, s);
     }
     return s;
@@ -550,7 +591,7 @@ export class PolicyCompiler {
     const json = JSON.stringify(service);
     const identities = new Set<string>();
     for (const e of endpoints) if (e.pod && e.serviceAccount) identities.add(idKey(e.pod.namespace, e.serviceAccount));
-    return { service, json, hash: shortHash(json), identities, pods };
+    return { key, service, json, hash: shortHash(json), identities, pods };
   }
 
   /** Resolve every split against the services in the mesh; true when the set of splits changed. */
@@ -562,7 +603,9 @@ export class PolicyCompiler {
       const split = this.resolveKeepingLastGood('TrafficSplit', key, rec, this.lastResolvedSplit, (r) => this.resolveSplit(r));
       if (!split) continue;
       const value = this.checked(SplitSchema, split, { kind: 'TrafficSplit', namespace: rec.namespace, name: rec.name });
-      if (value) this.splitEntries.set(key, { split: value, root: `${rec.namespace}/${rec.service}`, hash: shortHash(JSON.stringify(value)) });
+      if (!value) continue;
+      const json = JSON.stringify(value);
+      this.splitEntries.set(key, { key, split: value, root: `${rec.namespace}/${rec.service}`, json, hash: shortHash(json) });
     }
     return before !== [...this.splitEntries.values()].map((e) => e.hash).join();
   }
@@ -692,7 +735,7 @@ export class PolicyCompiler {
     return {
       part: part(checked),
       signature: mesh.trafficPolicy === 'smi' ? [...reachable].sort().join('\n') : '*',
-      meshPods: { pods: slice, json: sliceJson, hash: shortHash(sliceJson) },
+      meshPods: { key: node, pods: slice, json: sliceJson, hash: shortHash(sliceJson) },
     };
   }
 
@@ -733,10 +776,12 @@ export class PolicyCompiler {
     let json: string | undefined;
     return {
       keys,
+      entries,
+      splitEntries: splits,
       services: entries.map((e) => e.service),
       splits: splits.map((e) => e.split),
       hash: shortHash(entries.map((e) => e.hash).join('') + '|' + splits.map((e) => e.hash).join('')),
-      shared: { text: () => (json ??= `"services":[${entries.map((e) => e.json).join(',')}],"splits":${JSON.stringify(splits.map((e) => e.split))}`) },
+      shared: { text: () => (json ??= `"services":[${entries.map((e) => e.json).join(',')}],"splits":[${splits.map((e) => e.json).join(',')}]`) },
     };
   }
 }
@@ -758,7 +803,7 @@ function compiledNode(
   meshPods: MeshPodsAll,
   nodePart: Part<NodePart>,
   section: Section,
-  shared: SharedJson,
+  shared: { json: SharedJson; parts: SharedParts },
 ): CompiledNode {
   const tail = `,"apiVersion":"${POLICY_API_VERSION}","kind":"NodePolicy","version":"${version}",${global.members},${nodePart.members}}`;
   let json: string | undefined;
@@ -775,8 +820,9 @@ function compiledNode(
       ...global.value,
       ...nodePart.value,
     },
-    json: () => (json ??= `{${shared.text()}${tail}`),
-    pieces: () => [shared, tail],
+    json: () => (json ??= `{${shared.json.text()}${tail}`),
+    pieces: () => [shared.json, tail],
+    parts: { global, node: nodePart, shared: shared.parts },
   };
 }
 

@@ -206,6 +206,37 @@ export const NodePolicySchema = z
   .strict();
 export type NodePolicy = z.infer<typeof NodePolicySchema>;
 
+/**
+ * A NodePolicyDelta turns the policy of version `base` into version `version`
+ * (docs/controller.md "Deltas"). Parts that did not change are absent; a
+ * changed singleton part comes whole; services and splits come as the ones
+ * set (added or changed, whole) and the keys (ns/name) removed; mesh pods as
+ * whole per-node slices. `counts` are the sizes after applying: a client whose
+ * result differs drops the delta and asks for the full policy.
+ */
+const KeyedChanges = <T extends z.ZodTypeAny>(item: T) => z.object({ set: z.array(item), remove: z.array(z.string().min(1)) }).strict();
+const Version = NodePolicySchema.shape.version;
+
+export const NodePolicyDeltaSchema = z
+  .object({
+    apiVersion: z.literal(POLICY_API_VERSION),
+    kind: z.literal('NodePolicyDelta'),
+    base: Version,
+    version: Version,
+    counts: z.object({ services: z.number().int().min(0), splits: z.number().int().min(0), meshPods: z.number().int().min(0) }).strict(),
+    mesh: MeshSchema.optional(),
+    proxies: GlobalPartSchema.shape.proxies.optional(),
+    node: NodePartSchema.shape.node.optional(),
+    pods: NodePartSchema.shape.pods.optional(),
+    access: NodePartSchema.shape.access.optional(),
+    services: KeyedChanges(PolicyServiceSchema).optional(),
+    splits: KeyedChanges(SplitSchema).optional(),
+    /** Node name -> that node's mesh pods, replacing its slice (an absent node keeps its slice). */
+    meshPods: z.object({ set: z.record(Name, z.array(MeshPodSchema)), remove: z.array(Name) }).strict().optional(),
+  })
+  .strict();
+export type NodePolicyDelta = z.infer<typeof NodePolicyDeltaSchema>;
+
 /** zod issues as "path: message" lines, the path in the dotted/indexed form of kubectl explain. */
 export function formatIssues(error: z.ZodError, max = 3): string {
   const lines = error.issues.slice(0, max).map((i) => `${formatPath(i.path)}: ${i.message}`);

@@ -1,4 +1,5 @@
 import { closeSync, fsyncSync, openSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { open, rename } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { formatIssues, NodePolicySchema, type NodePolicy } from './schema.js';
@@ -23,6 +24,11 @@ export function lastGoodPath(stateDir: string): string {
 /** `policyJson` may be given when the caller holds the policy's JSON text already (as received). */
 export function writeLastGood(stateDir: string, policy: NodePolicy, receivedAt: number, policyJson = JSON.stringify(policy)): void {
   writeFileAtomic(lastGoodPath(stateDir), `{"receivedAt":${receivedAt},"policy":${policyJson}}`);
+}
+
+/** writeLastGood without blocking the event loop on the disk (the agent's path: an SD card's fsync can take long). */
+export function storeLastGood(stateDir: string, policy: NodePolicy, receivedAt: number, policyJson = JSON.stringify(policy)): Promise<void> {
+  return writeFileAtomicAsync(lastGoodPath(stateDir), `{"receivedAt":${receivedAt},"policy":${policyJson}}`);
 }
 
 /** The stored policy, or why there is none usable (missing, unreadable, fails the schema). */
@@ -60,5 +66,23 @@ export function writeFileAtomic(path: string, data: string, mode = 0o600): void 
     fsyncSync(dir);
   } finally {
     closeSync(dir);
+  }
+}
+
+export async function writeFileAtomicAsync(path: string, data: string, mode = 0o600): Promise<void> {
+  const tmp = `${path}.${process.pid}.tmp`;
+  const file = await open(tmp, 'w', mode);
+  try {
+    await file.writeFile(data);
+    await file.sync();
+  } finally {
+    await file.close();
+  }
+  await rename(tmp, path);
+  const dir = await open(join(path, '..'), 'r');
+  try {
+    await dir.sync();
+  } finally {
+    await dir.close();
   }
 }

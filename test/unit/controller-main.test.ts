@@ -52,6 +52,12 @@ describe('runController', () => {
     const second = next(client, (e) => e.policy.pods.length === 3);
     writeFileSync(join(manifests, 'more.yaml'), stringify(pod('web-2', { ip: '10.0.0.12' })));
     expect((await second).policy.pods.map((p) => p.name).sort()).toEqual(['db-1', 'web-1', 'web-2']);
+    // The edit came as a delta; the controller counts what it sent by kind.
+    expect(client.stats().updates).toEqual({ full: 1, delta: 1 });
+    const metrics = await ctrl.server.inject({ method: 'GET', url: '/metrics' });
+    expect(metrics.body).toContain('fsm_node_controller_policy_responses_total{kind="full"} 1');
+    expect(metrics.body).toContain('fsm_node_controller_policy_responses_total{kind="delta"} 1');
+    expect(metrics.body).toMatch(/^fsm_node_controller_policy_response_bytes_total\{kind="delta"\} [1-9]\d*$/m);
   });
 
   test('a restart keeps the CA agents already trust', async () => {

@@ -5,9 +5,10 @@ import type { FastifyInstance } from 'fastify';
 import { writeTokensFile } from '../../src/controller/auth.js';
 import { generateTls, type TlsMaterial } from '../../src/controller/certs.js';
 import { PolicyHub } from '../../src/controller/hub.js';
-import { parseIfNoneMatch, parseWait } from '../../src/controller/server.js';
+import { acceptsDelta, parseIfNoneMatch, parseWait } from '../../src/controller/server.js';
 import { PolicyCompiler } from '../../src/policy/compiler.js';
-import { NodePolicySchema } from '../../src/policy/schema.js';
+import { applyDelta } from '../../src/policy/delta.js';
+import { NodePolicyDeltaSchema, NodePolicySchema } from '../../src/policy/schema.js';
 import { baseMesh, pod, type Obj } from './policy-fixtures.js';
 import { policyServerFixture, type PolicyServerFixture } from './policy-server-fixture.js';
 
@@ -116,6 +117,42 @@ describe('policy server over HTTPS', () => {
     expect(gunzipSync(gz.body).equals(plain.body)).toBe(true);
     // One gzip member for the whole body (decoders that stop after the first member still see it all).
     expect(gz.body.readUInt32LE(gz.body.length - 4)).toBe(plain.body.length);
+  });
+
+  test('226 with a NodePolicyDelta when asked (A-IM) from a version the node was served; 200 otherwise', async () => {
+    const held = await get(policyUrl('node-a'), { ca: tls.caCert, headers: auth('node-a') });
+    const heldVersion = compiler.get('node-a')!.version;
+    publish(pod('web-4', { ip: '10.0.0.14', sa: 'web' }));
+    const now = compiler.get('node-a')!;
+    const ask = (version: string, extra: Record<string, string> = {}) =>
+      get(policyUrl('node-a'), { ca: tls.caCert, headers: { ...auth('node-a'), 'if-none-match': `"${version}"`, ...extra } });
+
+    const d = await ask(heldVersion, { 'a-im': 'vcdiff, fsm-policy-delta' });
+    expect(d.status).toBe(226);
+    expect(d.headers).toMatchObject({ im: 'fsm-policy-delta', 'delta-base': `"${heldVersion}"`, etag: `"${now.version}"` });
+    const delta = NodePolicyDeltaSchema.parse(JSON.parse(d.body.toString()));
+    expect(applyDelta(NodePolicySchema.parse(JSON.parse(held.body.toString())), delta)).toEqual(NodePolicySchema.parse(JSON.parse(now.json())));
+    // Only what the pod changed: node-a's pods and mesh pods slice, the web service's endpoints.
+    expect(delta.services?.set.map((x) => x.name)).toEqual(['web']);
+    expect(Object.keys(delta.meshPods?.set ?? {})).toEqual(['node-a']);
+    expect(delta.mesh).toBeUndefined();
+
+    const gz = await ask(heldVersion, { 'a-im': 'fsm-policy-delta', 'accept-encoding': 'gzip' });
+    expect(gz.status).toBe(226);
+    expect(gunzipSync(gz.body).equals(d.body)).toBe(true);
+
+    // Without A-IM, or from a version never served to this node: the full policy.
+    expect((await ask(heldVersion)).status).toBe(200);
+    expect((await ask('0123456789abcdef', { 'a-im': 'fsm-policy-delta' })).status).toBe(200);
+    expect((await ask(compiler.get('node-b')!.version, { 'a-im': 'fsm-policy-delta' })).status).toBe(200);
+  });
+
+  test('A-IM lists', () => {
+    expect(acceptsDelta('fsm-policy-delta')).toBe(true);
+    expect(acceptsDelta('vcdiff, FSM-Policy-Delta;q=1')).toBe(true);
+    expect(acceptsDelta(['gzip', 'fsm-policy-delta'])).toBe(true);
+    expect(acceptsDelta('vcdiff')).toBe(false);
+    expect(acceptsDelta(undefined)).toBe(false);
   });
 
   test('a client that does not trust the CA cannot talk to the controller', async () => {

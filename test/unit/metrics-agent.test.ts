@@ -100,6 +100,14 @@ describe('agent metrics', () => {
     expect(text).not.toContain('fsm_node_proxy_inbound');
   });
 
+  test('policy transfer: versions taken in by kind, bytes received', async () => {
+    const transfer = { updates: { full: 1, delta: 41 }, receivedBytes: 52_000 };
+    const text = await agentMetrics(live({ policyTransfer: () => transfer })).exposition();
+    expect(text).toContain('fsm_node_policy_updates_total{kind="full"} 1');
+    expect(text).toContain('fsm_node_policy_updates_total{kind="delta"} 41');
+    expect(text).toContain('fsm_node_policy_received_bytes_total 52000');
+  });
+
   test('the reload histogram is there for the supervisor to observe', async () => {
     const m = agentMetrics(live());
     m.proxyReload.observe({ result: 'ok' }, 0.2);

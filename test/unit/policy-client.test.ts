@@ -5,6 +5,7 @@ import { generateTls, type TlsMaterial } from '../../src/controller/certs.js';
 import { PolicyHub } from '../../src/controller/hub.js';
 import { backoffDelay, PolicyClient, type PolicyEvent } from '../../src/policy/client.js';
 import { PolicyCompiler } from '../../src/policy/compiler.js';
+import { NodePolicySchema } from '../../src/policy/schema.js';
 import { lastGoodPath, readLastGood, writeLastGood } from '../../src/policy/store.js';
 import { baseMesh, pod, type Obj } from './policy-fixtures.js';
 import { policyServerFixture, type PolicyServerFixture } from './policy-server-fixture.js';
@@ -61,6 +62,7 @@ describe('PolicyClient against the real server', () => {
     const e1 = await first;
     expect(e1.source).toBe('controller');
     expect(e1.policy.version).toBe(compiler.get('node-a')!.version);
+    await c.persisted();
     const stored = readLastGood(sd);
     expect(stored.ok && stored.value.policy).toEqual(e1.policy);
 
@@ -71,8 +73,34 @@ describe('PolicyClient against the real server', () => {
     expect(e2.policy.pods.map((p) => p.name)).toContain('web-3');
     expect(c.stats()).toMatchObject({ version: e2.policy.version, errors: { network: 0, status: 0, invalid: 0, persist: 0, token: 0 } });
     expect(c.current()!.policy.version).toBe(e2.policy.version);
+    // The change came as a delta, and gives the same policy as the full document.
+    expect(c.stats().updates).toEqual({ full: 1, delta: 1 });
+    expect(e2.policy).toEqual(NodePolicySchema.parse(JSON.parse(compiler.get('node-a')!.json())));
+    await c.persisted();
+    const stored2 = readLastGood(sd);
+    expect(stored2.ok && stored2.value.policy).toEqual(e2.policy);
     // Written atomically: no temporary file left next to it.
     expect(readdirSync(sd)).toEqual(['policy.json']);
+  });
+
+  test('a delta that does not fit the policy held is dropped and the full policy fetched', async () => {
+    // A stored copy with the current version but one service lost (a drifted copy): the
+    // controller confirms the version (304), so the next change comes as a delta from it.
+    const sd = stateDir();
+    const good = compiler.get('node-a')!.policy;
+    writeLastGood(sd, { ...good, services: good.services.filter((s) => s.name !== 'db') }, 1);
+    const c = client({ stateDir: sd });
+    const events: PolicyEvent[] = [];
+    c.onChange((e) => events.push(e));
+    const refused = next<Error>(c, 'fetchError');
+    c.start();
+    await until(() => c.stats().notModified === 1 && hub.waiting() === 1);
+    publish(pod('web-5', { ip: '10.0.0.15', sa: 'web' }));
+    expect((await refused).message).toMatch(/policy delta does not apply: counts.services/);
+    await until(() => c.current()!.policy.version === compiler.get('node-a')!.version);
+    expect(c.current()!.policy).toEqual(NodePolicySchema.parse(JSON.parse(compiler.get('node-a')!.json())));
+    expect(c.stats()).toMatchObject({ updates: { full: 1, delta: 0 }, errors: { invalid: 1 } });
+    expect(events.map((e) => e.source)).toEqual(['disk', 'controller']);
   });
 
   test('starts from the last good copy when the controller is unreachable, and counts the failures', async () => {

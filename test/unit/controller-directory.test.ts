@@ -1,3 +1,4 @@
+import { jest } from '@jest/globals';
 import { mkdirSync, mkdtempSync, renameSync, rmSync, unlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -125,6 +126,54 @@ describe('DirectorySource', () => {
     const names = compiler.get('node-a')!.policy.services.map((s) => s.name);
     expect(names).toEqual(['api', 'db', 'new', 'web']);
     expect(compiler.get('node-a')!.policy.services.find((s) => s.name === 'web')!.clusterIPs).toEqual(['172.16.0.1']);
+  });
+
+  test('reloading only the changed files agrees with a fresh load of the whole directory, edit after edit', async () => {
+    const fast = jest.spyOn(DirectorySource.prototype as unknown as { loadChanged(p: unknown): boolean }, 'loadChanged');
+    /** Versions of every node and the active reports: what a fresh source over the same directory must also give. */
+    const state = (c: PolicyCompiler) => ({
+      versions: Object.fromEntries(c.nodes().map((n) => [n, c.get(n)!.version])),
+      issues: c.reporter.active().map((i) => `${i.origin} ${i.field}`).sort(),
+    });
+    const fresh = async () => {
+      const c = new PolicyCompiler();
+      const s = new DirectorySource({ dir, compiler: c, onChange: () => c.compile() });
+      await s.start();
+      await s.stop();
+      return state(c);
+    };
+    const agreed = async (what: string) => {
+      const want = await fresh();
+      for (let i = 0; i < 200 && JSON.stringify(state(compiler)) !== JSON.stringify(want); i++) await new Promise((r) => setTimeout(r, 25));
+      expect({ what, ...state(compiler) }).toEqual({ what, ...want });
+    };
+    const podsYml = baseMesh().filter((o) => o.kind === 'Pod');
+    const web2 = (ip: string) => pod('web-2', { ip, sa: 'web' });
+
+    write('apps/more.yaml', yaml(web2('10.0.0.12')));
+    await agreed('a file added');
+    write('apps/more.yaml', yaml(web2('10.0.0.22')));
+    await agreed('an object changed');
+    write('apps/pods.yml', yaml(...podsYml, web2('10.0.0.22')));
+    write('apps/more.yaml', yaml(service('cache', { clusterIP: '172.16.0.9' })));
+    await agreed('an object moved to another file');
+    write('extra.yaml', yaml(pod('db-1', { ip: '10.0.0.99', sa: 'db' })));
+    await agreed('a duplicate added (reported; the first in path order wins)');
+    unlinkSync(join(dir, 'extra.yaml'));
+    await agreed('the duplicate removed');
+    write('cluster.yaml', yaml(...baseMesh().filter((o) => o.kind !== 'Pod' && o.metadata.name !== 'db')));
+    await agreed('a document dropped from a multi-document file');
+    // A broken file keeps what it held (a fresh load cannot know that): same versions, one report.
+    const held = state(compiler).versions;
+    write('apps/more.yaml', 'kind: [');
+    for (let i = 0; i < 200 && state(compiler).issues.length === 0; i++) await new Promise((r) => setTimeout(r, 25));
+    expect(state(compiler)).toEqual({ versions: held, issues: ['apps/more.yaml#0 (document)'] });
+    write('apps/more.yaml', yaml(service('cache', { clusterIP: '172.16.0.10' })));
+    await agreed('the file fixed');
+    unlinkSync(join(dir, 'apps/more.yaml'));
+    await agreed('a file deleted');
+    expect(fast.mock.results.filter((r) => r.value === true).length).toBeGreaterThanOrEqual(4);
+    fast.mockRestore();
   });
 
   test('an object failing its own checks keeps its last good version (compiler side)', async () => {

@@ -88,27 +88,34 @@ export class DirectorySource {
 
   private schedule(): void {
     clearTimeout(this.timer);
-    this.timer = setTimeout(() => void this.enqueue(), this.o.debounceMs ?? 20);
+    this.timer = setTimeout(() => void this.enqueue(), this.o.debounceMs ?? 10);
   }
 
-  /** Bring `files` up to date: everything on a rescan, otherwise just the paths events named. */
-  private async refreshFiles(): Promise<void> {
+  /**
+   * Bring `files` up to date: everything on a rescan, otherwise just the paths
+   * events named. Returns the files whose documents changed, with what they
+   * held before, or undefined after a rescan.
+   */
+  private async refreshFiles(): Promise<Map<string, CachedFile | undefined> | undefined> {
     if (!this.rescan) {
       const paths = [...this.pending];
       this.pending.clear();
+      const previous = new Map<string, CachedFile | undefined>();
       for (const path of paths) {
         const st = await stat(path).catch(() => undefined);
         if (st?.isDirectory() || (!st && this.watchers.has(path))) {
           this.rescan = true; // a directory came or went
           break;
         }
+        const old = this.files.get(path);
         if (!st) this.files.delete(path);
         else if (isManifestFile(basename(path))) {
           const parsed = await this.parsed(path);
           if (parsed) this.files.set(path, parsed);
         }
+        if (this.files.get(path) !== old && !previous.has(path)) previous.set(path, old);
       }
-      if (!this.rescan) return;
+      if (!this.rescan) return previous;
     }
     this.rescan = false;
     this.pending.clear();
@@ -126,6 +133,7 @@ export class DirectorySource {
       if (parsed) next.set(file, parsed);
     }
     this.files = next;
+    return undefined;
   }
 
   private watch(dir: string): void {
@@ -146,8 +154,9 @@ export class DirectorySource {
   }
 
   private async load(): Promise<void> {
+    const previous = await this.refreshFiles();
+    if (previous && this.loadChanged(previous)) return;
     const reporter = this.o.compiler.reporter;
-    await this.refreshFiles();
     const next = new Map<string, Doc>();
     const badOrigins = new Set<string>();
     for (const file of [...this.files.keys()].sort()) {
@@ -159,7 +168,7 @@ export class DirectorySource {
           continue;
         }
         const { doc } = p;
-        const key = `${doc.kind}/${doc.namespace}/${doc.name}`;
+        const key = docKey(doc);
         const first = next.get(key);
         if (first) {
           badOrigins.add(doc.origin);
@@ -193,6 +202,49 @@ export class DirectorySource {
     this.current = next;
     log.debug({ files: this.files.size, objects: next.size, changes }, 'manifests loaded');
     if (changes > 0) this.o.onChange();
+  }
+
+  /**
+   * The common case in time proportional to the files that changed, not to
+   * the directory (a 14k-object directory costs ~15 ms to walk): nothing was
+   * reported at the last load (so every document held is the only one of its
+   * key) and the changed files bring no bad document and no duplicate.
+   * Anything else returns false before changing anything, and the full walk
+   * above decides.
+   */
+  private loadChanged(previous: Map<string, CachedFile | undefined>): boolean {
+    if (this.reportedOrigins.size > 0) return false;
+    const changedFiles = new Set([...previous.keys()].map((f) => relative(this.o.dir, f)));
+    const incoming = new Map<string, Doc>();
+    for (const file of previous.keys()) {
+      for (const p of this.files.get(file)?.docs ?? []) {
+        if ('bad' in p) return false;
+        const key = docKey(p.doc);
+        const held = this.current.get(key);
+        if (incoming.has(key) || (held && !changedFiles.has(fileOf(held.origin)))) return false;
+        incoming.set(key, p.doc);
+      }
+    }
+    let changes = 0;
+    for (const old of previous.values()) {
+      for (const p of old?.docs ?? []) {
+        if ('bad' in p) continue;
+        const key = docKey(p.doc);
+        if (incoming.has(key) || !this.current.delete(key)) continue;
+        this.o.compiler.remove({ kind: p.doc.kind, namespace: p.doc.namespace, name: p.doc.name });
+        changes++;
+      }
+    }
+    for (const [key, doc] of incoming) {
+      if (this.current.get(key)?.text !== doc.text) {
+        this.o.compiler.upsert(doc.kind, doc.obj, doc.origin);
+        changes++;
+      }
+      this.current.set(key, doc);
+    }
+    log.debug({ files: previous.size, objects: this.current.size, changes }, 'manifests loaded (changed files only)');
+    if (changes > 0) this.o.onChange();
+    return true;
   }
 
   /** What a document position held at the last load (bad documents are rare: a scan is fine). */
@@ -242,6 +294,10 @@ export function parseManifest(file: string, text: string): ParsedDoc[] {
   });
   return out;
 }
+
+const docKey = (d: Doc): string => `${d.kind}/${d.namespace}/${d.name}`;
+/** The file part of an origin (file#index). */
+const fileOf = (origin: string): string => origin.slice(0, origin.lastIndexOf('#'));
 
 const isManifestFile = (name: string): boolean => /\.ya?ml$/.test(name) && !name.startsWith('.');
 

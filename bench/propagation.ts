@@ -1,4 +1,5 @@
 import { mkdirSync, mkdtempSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import type { ClientRequest } from 'node:http';
 import { Agent, request } from 'node:https';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -6,6 +7,7 @@ import { stringify } from 'yaml';
 import { generateTokens, writeTokensFile } from '../src/controller/auth.js';
 import { runController, type RunningController } from '../src/controller/main.js';
 import { PolicyClient } from '../src/policy/client.js';
+import { DELTA_IM } from '../src/policy/delta.js';
 import { desiredState } from '../src/policy/desired.js';
 import { endpointSlice, nodeName, pod, syntheticCluster, type ClusterShape, type K8sObject } from './synthetic-cluster.js';
 import { intFlag, quantile, round } from './util.js';
@@ -21,14 +23,24 @@ import { intFlag, quantile, round } from './util.js';
  * Changes: an EndpointSlice port (every node in permissive mode), a split
  * weight (every node), a pod added on node-0 (every node too: the mesh pods list).
  * Target: p99 under 100 ms.
+ *
+ * Both transfers are measured in one run, in alternating blocks (delta, full,
+ * delta, full, ...) so that machine noise falls on both alike: `delta` (the
+ * agents' default: A-IM, 226 + NodePolicyDelta) and `full` (every change sends
+ * the whole policy, as before deltas). Rows give per-mode p50/p99 and the
+ * bytes a node received per change; ratio rows give full / delta.
  */
 
+type Transfer = 'delta' | 'full';
 
-
-/** A minimal node client: long-polls, records when each version arrived, does not parse. */
+/** A minimal node client: long-polls, records when each version arrived and its size on the wire, does not parse. */
 class Poller {
-  readonly arrivals = new Map<string, number>();
+  readonly arrivals = new Map<string, { at: number; bytes: number }>();
   version = '';
+  private transfer: Transfer = 'delta';
+  /** The mode of the request parked now. */
+  asked: Transfer | undefined;
+  private req: ClientRequest | undefined;
   private stopped = false;
   private readonly agent: Agent;
 
@@ -45,6 +57,12 @@ class Poller {
     void this.loop();
   }
 
+  /** Re-park with the new mode: a request parked in the old one would answer the next change in it. */
+  switchTo(t: Transfer): void {
+    this.transfer = t;
+    this.req?.destroy();
+  }
+
   stop(): void {
     this.stopped = true;
     this.agent.destroy();
@@ -55,7 +73,7 @@ class Poller {
       try {
         await this.once();
       } catch {
-        if (!this.stopped) await new Promise((r) => setTimeout(r, 100));
+        if (!this.stopped) await new Promise((r) => setTimeout(r, 10));
       }
     }
   }
@@ -64,17 +82,20 @@ class Poller {
     return new Promise((resolve, reject) => {
       const headers: Record<string, string> = { authorization: `Bearer ${this.token}`, 'accept-encoding': 'gzip' };
       if (this.version) headers['if-none-match'] = `"${this.version}"`;
-      const req = request(`${this.url}/v1/nodes/${this.node}/policy?wait=30s`, { agent: this.agent, headers }, (res) => {
-        res.on('data', () => {});
+      if (this.version && this.transfer === 'delta') headers['a-im'] = DELTA_IM;
+      this.asked = this.transfer;
+      const req = (this.req = request(`${this.url}/v1/nodes/${this.node}/policy?wait=30s`, { agent: this.agent, headers }, (res) => {
+        let bytes = 0;
+        res.on('data', (c: Buffer) => (bytes += c.length));
         res.on('end', () => {
-          if (res.statusCode === 200) {
+          if (res.statusCode === 200 || res.statusCode === 226) {
             this.version = String(res.headers.etag).replaceAll('"', '');
-            this.arrivals.set(this.version, performance.now());
+            this.arrivals.set(this.version, { at: performance.now(), bytes });
           }
           resolve();
         });
         res.on('error', reject);
-      });
+      }));
       req.on('error', reject);
       req.end();
     });
@@ -107,6 +128,10 @@ export async function run(flags: Record<string, string | boolean>): Promise<obje
     trafficPolicy: flags.mode === 'smi' ? 'smi' : 'permissive',
   };
   const samples = intFlag(flags, 'samples', 20);
+  const rounds = Math.max(1, Math.min(samples, intFlag(flags, 'rounds', 2)));
+  const transferFlag = flags.transfer ?? 'delta,full';
+  const transfers = String(transferFlag).split(',') as Transfer[];
+  if (transfers.length === 0 || transfers.some((t) => t !== 'delta' && t !== 'full')) throw new Error(`--transfer must be delta, full or delta,full, got ${JSON.stringify(transferFlag)}`);
   const dir = mkdtempSync(join(tmpdir(), 'fsm-bench-propagation-'));
   const manifests = join(dir, 'manifests');
   const pollers: Poller[] = [];
@@ -136,16 +161,25 @@ export async function run(flags: Record<string, string | boolean>): Promise<obje
 
     for (const n of nodes) pollers.push(new Poller(ctrl.url, n, tokens[n]!, ctrl.caCert));
     pollers.forEach((p) => p.start());
-    agent = new PolicyClient({ url: ctrl.url, node: nodes[0]!, ca: ctrl.caCert, token: tokens[nodes[0]!], stateDir: dir });
-    const agentArrivals = new Map<string, number>();
-    const facts = { proxy: { address: '127.0.0.1', outboundPort: 15001, inboundPort: 15003, cgroupPath: '/' }, nodeAddresses: [], cgroupPathFor: () => '/' };
-    agent.onChange((e) => {
-      desiredState(e.policy, facts);
-      agentArrivals.set(e.policy.version, performance.now());
-    });
-    agent.start();
     const current = (n: string) => c.compiler.get(n)?.version;
-    await until(() => pollers.every((p) => p.version === current(p.node)) && agentArrivals.has(current(nodes[0]!)!), 60_000);
+    await until(() => pollers.every((p) => p.version === current(p.node)), 60_000);
+
+    // The real agent client of node-0, one per block (its transfer mode is fixed at construction).
+    const facts = { proxy: { address: '127.0.0.1', outboundPort: 15001, inboundPort: 15003, cgroupPath: '/' }, nodeAddresses: [], cgroupPathFor: () => '/' };
+    const agentArrivals = new Map<string, number>();
+    let agentErrors = 0;
+    const startAgent = async (transfer: Transfer): Promise<PolicyClient> => {
+      const stateDir = join(dir, `agent-${transfer}`);
+      mkdirSync(stateDir, { recursive: true });
+      const a = new PolicyClient({ url: c.url, node: nodes[0]!, ca: c.caCert, token: tokens[nodes[0]!], stateDir, deltas: transfer === 'delta' });
+      a.onChange((e) => {
+        desiredState(e.policy, facts);
+        agentArrivals.set(e.policy.version, performance.now());
+      });
+      a.start();
+      await until(() => a.current()?.policy.version === current(nodes[0]!), 60_000);
+      return a;
+    };
 
     const perNs = Math.ceil(shape.services / shape.namespaces);
     const nsOf = (svc: number) => `ns-${Math.floor(svc / perNs)}`;
@@ -173,46 +207,94 @@ export async function run(flags: Record<string, string | boolean>): Promise<obje
       },
     };
 
-    const out: object[] = [{ bench: 'propagation', phase: 'setup', traffic_policy: shape.trafficPolicy, nodes: shape.nodes, pods: shape.pods, services: shape.services, clients: pollers.length, real_agents: 1, startup_ms: round(startupMs) }];
-    for (const [change, apply] of Object.entries(changes)) {
-      const latencies: number[] = [];
-      const agentLatencies: number[] = [];
-      let affected = 0;
-      let missed = 0;
-      for (let i = 0; i < samples; i++) {
-        const before = new Map(nodes.map((n) => [n, current(n)]));
-        const compiles = c.compiles();
-        const t0 = performance.now();
-        apply(i);
-        const compiled = await until(() => c.compiles() > compiles, 10_000);
-        const changed = nodes.filter((n) => current(n) !== before.get(n));
-        affected += changed.length;
-        const held = await until(() => changed.every((n) => pollers.find((p) => p.node === n)!.version === current(n)), 10_000);
-        if (!compiled || !held) missed++;
-        for (const n of changed) {
-          const at = pollers.find((p) => p.node === n)!.arrivals.get(current(n)!);
-          if (at !== undefined) latencies.push(at - t0);
-        }
-        if (changed.includes(nodes[0]!) && (await until(() => agentArrivals.has(current(nodes[0]!)!), 10_000))) {
-          agentLatencies.push(agentArrivals.get(current(nodes[0]!)!)! - t0);
-        }
-      }
-      out.push({
-        bench: 'propagation',
-        traffic_policy: shape.trafficPolicy,
-        change,
-        samples,
-        nodes_affected_per_change: affected / samples,
-        missed_changes: missed,
-        p50_ms: round(quantile(latencies, 0.5)),
-        p99_ms: round(quantile(latencies, 0.99)),
-        max_ms: round(Math.max(...latencies)),
-        agent_samples: agentLatencies.length,
-        agent_p50_ms: round(quantile(agentLatencies, 0.5)),
-        agent_p99_ms: round(quantile(agentLatencies, 0.99)),
-      });
+    interface Series {
+      latencies: number[];
+      /** From the write until the controller compiled the change (fs watch, debounce, reload, compile). */
+      compiled: number[];
+      bytes: number[];
+      agent: number[];
+      affected: number;
+      missed: number;
+      samples: number;
     }
-    out.push({ bench: 'propagation', phase: 'after', rss_mib: Math.round(process.memoryUsage().rss / 2 ** 20), agent_fetch_errors: agent.fetchErrors() });
+    const series = new Map<string, Series>();
+    const seriesOf = (t: Transfer, change: string): Series => {
+      const k = `${t}/${change}`;
+      let x = series.get(k);
+      if (!x) series.set(k, (x = { latencies: [], compiled: [], bytes: [], agent: [], affected: 0, missed: 0, samples: 0 }));
+      return x;
+    };
+    // Sample i of every change is written once whatever the mode: each sample is a new change.
+    let i = 0;
+    for (let round = 0; round < rounds; round++) {
+      for (const transfer of transfers) {
+        for (const p of pollers) p.switchTo(transfer);
+        agent = await startAgent(transfer);
+        await until(() => pollers.every((p) => p.asked === transfer) && c.hub.waiting() === pollers.length + 1, 10_000);
+        const perBlock = Math.ceil(samples / rounds);
+        for (const [change, apply] of Object.entries(changes)) {
+          const x = seriesOf(transfer, change);
+          for (let k = 0; k < perBlock && x.samples < samples; k++, i++) {
+            x.samples++;
+            const before = new Map(nodes.map((n) => [n, current(n)]));
+            const compiles = c.compiles();
+            const t0 = performance.now();
+            apply(i);
+            const compiled = await until(() => c.compiles() > compiles, 10_000);
+            x.compiled.push(performance.now() - t0);
+            const changed = nodes.filter((n) => current(n) !== before.get(n));
+            x.affected += changed.length;
+            const held = await until(() => changed.every((n) => pollers.find((p) => p.node === n)!.version === current(n)), 10_000);
+            if (!compiled || !held) x.missed++;
+            for (const n of changed) {
+              const got = pollers.find((p) => p.node === n)!.arrivals.get(current(n)!);
+              if (got === undefined) continue;
+              x.latencies.push(got.at - t0);
+              x.bytes.push(got.bytes);
+            }
+            if (changed.includes(nodes[0]!) && (await until(() => agentArrivals.has(current(nodes[0]!)!), 10_000))) {
+              x.agent.push(agentArrivals.get(current(nodes[0]!)!)! - t0);
+            }
+          }
+        }
+        agentErrors += agent.fetchErrors();
+        await agent.stop();
+        agent = undefined;
+      }
+    }
+
+    const out: object[] = [
+      { bench: 'propagation', phase: 'setup', traffic_policy: shape.trafficPolicy, nodes: shape.nodes, pods: shape.pods, services: shape.services, clients: pollers.length, real_agents: 1, rounds, startup_ms: round(startupMs) },
+    ];
+    for (const change of Object.keys(changes)) {
+      const rows: Record<Transfer, Record<string, number>> = { delta: {}, full: {} };
+      for (const transfer of transfers) {
+        const x = seriesOf(transfer, change);
+        rows[transfer] = {
+          compiled_p50_ms: round(quantile(x.compiled, 0.5)),
+          p50_ms: round(quantile(x.latencies, 0.5)),
+          p99_ms: round(quantile(x.latencies, 0.99)),
+          bytes_per_node_p50: quantile(x.bytes, 0.5),
+          agent_p50_ms: round(quantile(x.agent, 0.5)),
+          agent_p99_ms: round(quantile(x.agent, 0.99)),
+        };
+        out.push({
+          bench: 'propagation',
+          traffic_policy: shape.trafficPolicy,
+          transfer,
+          change,
+          samples: x.samples,
+          nodes_affected_per_change: x.affected / x.samples,
+          missed_changes: x.missed,
+          ...rows[transfer],
+          max_ms: round(Math.max(...x.latencies)),
+          agent_samples: x.agent.length,
+        });
+      }
+      const ratio = (k: string) => round(rows.full[k]! / rows.delta[k]!, 2);
+      if (transfers.length === 2) out.push({ bench: 'propagation', change, ratio: 'full/delta', p50: ratio('p50_ms'), p99: ratio('p99_ms'), bytes: ratio('bytes_per_node_p50'), agent_p50: ratio('agent_p50_ms'), agent_p99: ratio('agent_p99_ms') });
+    }
+    out.push({ bench: 'propagation', phase: 'after', rss_mib: Math.round(process.memoryUsage().rss / 2 ** 20), agent_fetch_errors: agentErrors });
     return out;
   } finally {
     pollers.forEach((p) => p.stop());

@@ -7,12 +7,17 @@ const deflateRawAsync = promisify(deflateRaw);
 /** gzip member header: magic, deflate, no flags, no mtime, no extra flags, OS unknown. */
 const GZIP_HEADER = Buffer.from([0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff]);
 
+/**
+ * What is kept of `{` + a shared text (the start of every document that shares
+ * it): its CRC and length, and its raw deflate ended with a full flush
+ * (byte-aligned and free of back-references, so it can be spliced). Not the
+ * text's bytes: in smi mode every node has a shared piece of its own, and
+ * holding 100 of them as buffers cost ~90 MB at 10k pods.
+ */
 interface SharedEncoding {
-  /** `{` + the shared text: the start of every document that shares it. */
-  utf8: Buffer;
   crc: number;
-  /** Raw deflate of utf8, ended with a full flush: byte-aligned and free of back-references, so it can be spliced. Made on first use. */
-  deflated?: Promise<Buffer>;
+  length: number;
+  deflated: Promise<Buffer>;
 }
 
 /** Smaller delta bodies go uncompressed. */
@@ -32,7 +37,6 @@ type Pieces = readonly [shared: SharedJson, tail: string];
 export class PolicyHub {
   private isReady = false;
   private readonly waiters = new Map<string, Set<() => void>>();
-  private readonly plain = new WeakMap<CompiledNode, Buffer>();
   private readonly gzipped = new WeakMap<CompiledNode, Promise<Buffer>>();
   private readonly shared = new WeakMap<SharedJson, SharedEncoding>();
   /** Per node, the versions it was last known to hold, newest last: their parts only, not their encodings. */
@@ -108,10 +112,9 @@ export class PolicyHub {
     return this.history.get(node)?.find((b) => b.version === version);
   }
 
+  /** The policy uncompressed (made per request: agents ask for gzip, plain is for people with curl). */
   body(c: CompiledNode): Buffer {
-    let b = this.plain.get(c);
-    if (!b) this.plain.set(c, (b = this.plainOf(c.pieces())));
-    return b;
+    return this.plainOf(c.pieces());
   }
 
   /**
@@ -127,12 +130,12 @@ export class PolicyHub {
   }
 
   private plainOf([shared, tail]: Pieces): Buffer {
-    return Buffer.concat([this.encoding(shared).utf8, Buffer.from(tail)]);
+    return Buffer.from(`{${shared.text()}${tail}`);
   }
 
   /**
    * One ordinary single-member gzip body, built the way pigz splices its
-   * output: the shared start of the document (services and splits, the bulk,
+   * output: the shared start of the document (mesh pods, services and splits, the bulk,
    * the same for every node in permissive mode) is deflated and checksummed
    * once; each node's tail is deflated on its own and the CRC carried on from
    * the shared part's. A change that touches every node then costs one big
@@ -146,12 +149,11 @@ export class PolicyHub {
 
   private gzipOf([shared, tail]: Pieces): Promise<Buffer> {
     const enc = this.encoding(shared);
-    enc.deflated ??= deflateRawAsync(enc.utf8, { finishFlush: constants.Z_FULL_FLUSH });
     return enc.deflated.then((head) => {
       const t = Buffer.from(tail);
       const trailer = Buffer.alloc(8);
       trailer.writeUInt32LE(crc32(t, enc.crc), 0);
-      trailer.writeUInt32LE((enc.utf8.length + t.length) % 2 ** 32, 4);
+      trailer.writeUInt32LE((enc.length + t.length) % 2 ** 32, 4);
       return Buffer.concat([GZIP_HEADER, head, deflateRawSync(t), trailer]);
     });
   }
@@ -160,7 +162,7 @@ export class PolicyHub {
     let e = this.shared.get(shared);
     if (!e) {
       const utf8 = Buffer.from(`{${shared.text()}`);
-      e = { utf8, crc: crc32(utf8) };
+      e = { crc: crc32(utf8), length: utf8.length, deflated: deflateRawAsync(utf8, { finishFlush: constants.Z_FULL_FLUSH }) };
       this.shared.set(shared, e);
     }
     return e;

@@ -1,4 +1,3 @@
-import { AuthenticationV1Api, CoreV1Api, KubeConfig } from '@kubernetes/client-node';
 import { hostname } from 'node:os';
 import { isIP } from 'node:net';
 import type { FastifyInstance } from 'fastify';
@@ -7,14 +6,14 @@ import { PolicyCompiler } from '../policy/compiler.js';
 import { DEFAULT_CONTROLLER_NAMESPACE } from '../policy/fsm.js';
 import type { NodeModeStatus } from '../policy/schema.js';
 import { logger } from '../util/log.js';
-import { TokenFileAuthenticator, TokenReviewAuthenticator, type Authenticator } from './auth.js';
-import { ensureTls, FileCertStore, publishCa, SecretCertStore, type CertStore } from './certs.js';
+import { TokenFileAuthenticator, type Authenticator } from './auth.js';
+import { ensureTls, FileCertStore } from './certs.js';
+import type { ClusterAccess } from './cluster.js';
 import { PolicyHub } from './hub.js';
 import { controllerMetrics } from './metrics.js';
-import { NODE_EVENT_NAMESPACE, NodeStatusEvents } from './node-status.js';
+import { NodeStatusEvents } from './node-status.js';
 import { buildPolicyServer } from './server.js';
 import { DirectorySource } from './sources/directory.js';
-import { KubernetesSource } from './sources/kubernetes.js';
 
 const log = logger('controller');
 
@@ -87,45 +86,19 @@ export async function runController(opts: ControllerOptions): Promise<RunningCon
     if (r.changed.length) log.debug({ nodes: r.changed.length, ms: Math.round(r.durationMs * 10) / 10 }, 'compiled');
   };
 
-  let kc: KubeConfig | undefined;
-  if (opts.manifests === undefined) {
-    kc = new KubeConfig();
-    if (opts.inCluster) kc.loadFromCluster();
-    else kc.loadFromFile(opts.kubeconfig!);
-  }
+  // Cluster mode only: client-node is loaded here, not at startup (see cluster.ts).
+  const cluster: ClusterAccess | undefined =
+    opts.manifests === undefined ? (await import('./cluster.js')).clusterAccess({ kubeconfig: opts.kubeconfig, inCluster: opts.inCluster, namespace }) : undefined;
 
   const sans = [...new Set(['localhost', '127.0.0.1', hostname(), ...(isIP(host) && host !== '0.0.0.0' && host !== '::' ? [host] : []), ...(opts.certSans ?? [])])];
-  let store: CertStore;
-  if (kc) {
-    sans.push(CONTROLLER_SERVICE, `${CONTROLLER_SERVICE}.${namespace}`, `${CONTROLLER_SERVICE}.${namespace}.svc`);
-    store = new SecretCertStore(kc.makeApiClient(CoreV1Api), namespace);
-  } else store = new FileCertStore(opts.stateDir ?? DEFAULT_STATE_DIR);
-  const tls = await ensureTls(store, sans);
-  if (kc) await publishCa(kc.makeApiClient(CoreV1Api), namespace, tls.caCert);
+  if (cluster) sans.push(CONTROLLER_SERVICE, `${CONTROLLER_SERVICE}.${namespace}`, `${CONTROLLER_SERVICE}.${namespace}.svc`);
+  const tls = await ensureTls(cluster?.certStore ?? new FileCertStore(opts.stateDir ?? DEFAULT_STATE_DIR), sans);
+  await cluster?.publishCa(tls.caCert);
 
   // Listen first: until the sources have synced, agents get 503 + Retry-After and /healthz answers.
-  let k8s: KubernetesSource | undefined;
-  let auth: Authenticator;
-  if (opts.tokens) auth = new TokenFileAuthenticator(opts.tokens);
-  else {
-    const authn = kc!.makeApiClient(AuthenticationV1Api);
-    const core = kc!.makeApiClient(CoreV1Api);
-    auth = new TokenReviewAuthenticator({
-      agentServiceAccount: opts.agentServiceAccount ?? DEFAULT_AGENT_SERVICE_ACCOUNT,
-      review: async (token) => {
-        const r = await authn.createTokenReview({ body: { spec: { token } } });
-        return { authenticated: r.status?.authenticated === true, username: r.status?.user?.username, extra: r.status?.user?.extra };
-      },
-      pod: async (ns, name) => {
-        const cached = k8s?.pod(ns, name);
-        if (cached) return cached;
-        const p = await core.readNamespacedPod({ namespace: ns, name }).catch(() => undefined);
-        return p && { nodeName: p.spec?.nodeName, uid: p.metadata?.uid };
-      },
-    });
-  }
+  const auth: Authenticator = opts.tokens ? new TokenFileAuthenticator(opts.tokens) : cluster!.authenticator(opts.agentServiceAccount ?? DEFAULT_AGENT_SERVICE_ACCOUNT);
   // In a cluster a fallback (or a node with no working mode) becomes an Event on the Node.
-  const nodeEvents = kc ? new NodeStatusEvents(async (body) => void (await kc.makeApiClient(CoreV1Api).createNamespacedEvent({ namespace: NODE_EVENT_NAMESPACE, body }))) : undefined;
+  const nodeEvents = cluster ? new NodeStatusEvents((body) => cluster.postNodeEvent(body)) : undefined;
   const onNodeStatus = (node: string, status: NodeModeStatus): void => {
     log.info({ node, ...status }, 'agent reported its interception mode');
     void nodeEvents?.report(node, status);
@@ -140,14 +113,11 @@ export async function runController(opts: ControllerOptions): Promise<RunningCon
 
   let source: { stop(): Promise<void> };
   try {
-    if (kc) {
-      k8s = new KubernetesSource({ kubeConfig: kc, compiler, namespace, onChange: compileAndPublish });
-      source = k8s;
-      await k8s.start();
-    } else {
+    if (cluster) source = await cluster.startSource(compiler, compileAndPublish);
+    else {
       const dir = new DirectorySource({ dir: opts.manifests!, compiler, onChange: compileAndPublish });
-      source = dir;
       await dir.start();
+      source = dir;
     }
   } catch (err) {
     await server.close();

@@ -224,7 +224,8 @@ export function judgePodCase(
   const evidence: Record<string, unknown> = { status: got.status, answer, clientPort: got.localPort };
   if (!got.ok) return { result: 'fail', reason: `request failed: ${got.error}`, evidence };
   if (got.status !== 200 || answer?.pod !== to.name) return { result: 'fail', reason: `expected an answer from ${to.name}, got HTTP ${got.status}: ${String(got.body).trim().slice(0, 120)}`, evidence };
-  const record = records.find((r) => r.event === 'open' && r.source === from.ip && r.sourcePort === got.localPort);
+  // The log spans the lab's life and Linux reuses a source port for other destinations: the newest open is this request's.
+  const record = records.filter((r) => r.event === 'open' && r.source === from.ip && r.sourcePort === got.localPort).pop();
   evidence.proxyRecord = record ?? null;
   const sameNode = from.node === to.node;
   if (!intercepted) {
@@ -261,7 +262,13 @@ export async function labCheck(state: LabState): Promise<CheckReport> {
   const pairs = state.pods.flatMap((from) => state.pods.filter((to) => to !== from).map((to) => ({ from, to })));
   const needsPipy = 'needs the Pipy proxy (passthrough forwards to the original destination and enforces no policy)';
 
-  await pool(pairs, 4, async ({ from, to }) => {
+  // One pod's requests one after another: with two in flight from a pod, both could hold the same
+  // source port (to different destinations) and the proxy log could not tell them apart.
+  const byPod = [...new Set(pairs.map((p) => p.from.name))].map((name) => pairs.filter((p) => p.from.name === name));
+  await pool(byPod, 4, async (group) => {
+    for (const pair of group) await podCase(pair);
+  });
+  async function podCase({ from, to }: (typeof pairs)[number]): Promise<void> {
     const fromNode = nodes.get(from.node)!;
     const name = `${from.name} -> ${to.name} (${from.node === to.node ? 'same node' : `${from.node} -> ${to.node}`})`;
     let got: GetResult;
@@ -283,7 +290,7 @@ export async function labCheck(state: LabState): Promise<CheckReport> {
     }
     const judged = judgePodCase({ from, to, fromNode, intercepted }, got, proxyRecords(fromNode));
     cases.push({ name, kind: 'pod-to-pod', from: from.name, to: to.name, ...judged });
-  });
+  }
   cases.sort((a, b) => a.from.localeCompare(b.from, 'en', { numeric: true }) || a.to.localeCompare(b.to, 'en', { numeric: true }));
 
   const denied = deniedPair(state.pods);

@@ -108,6 +108,12 @@ describe('judging one request', () => {
     expect(judgePodCase({ from: p1, to: p3, fromNode: node, intercepted: true }, answer('p3', '10.78.0.1'), [rec('10.77.2.2')]).result).toBe('pass');
   });
 
+  test('an older connection from the same source port (to another pod) does not stand in for this one', () => {
+    // Linux reuses a source port for other destinations; the log spans the lab's life.
+    expect(judgePodCase({ from: p1, to: p3, fromNode: node, intercepted: true }, answer('p3', '10.78.0.1'), [rec('10.77.1.3'), rec('10.77.2.2')]).result).toBe('pass');
+    expect(judgePodCase({ from: p1, to: p3, fromNode: node, intercepted: true }, answer('p3', '10.78.0.1'), [rec('10.77.2.2'), rec('10.77.1.3')]).result).toBe('fail');
+  });
+
   test('fails when the proxy has no record of the connection (not intercepted)', () => {
     const r = judgePodCase({ from: p1, to: p2, fromNode: node, intercepted: true }, answer('p2', '10.77.1.2'), []);
     expect(r).toMatchObject({ result: 'fail', reason: expect.stringMatching(/no record/) });

@@ -219,7 +219,8 @@ export class PolicyCompiler {
   private sortedServiceKeys: string[] | undefined;
   /** Identity -> keys of the services with an endpoint of it; built with sortedServiceKeys, dropped with it. */
   private servicesByIdentity: Map<string, string[]> | undefined;
-  private readonly splitEntries = new Map<string, SplitEntry>();
+  /** Sorted by key: every section takes its splits from here, in this order. */
+  private splitEntries: SplitEntry[] = [];
   private accessByDestination = new Map<string, Access[]>();
   private destinationsBySource = new Map<string, Set<string>>();
   private readonly sections = new Map<string, Section>();
@@ -416,13 +417,14 @@ export class PolicyCompiler {
         sectionsStale = true;
       }
     }
-    if (this.splitsDirty && this.rebuildSplits(mesh)) sectionsStale = true;
+    // Splits do not decide which services a section holds, only which splits: rebuild from the keys.
+    const splitsChanged = this.splitsDirty && this.rebuildSplits(mesh);
     if (sectionsStale) {
       this.sections.clear();
       allNodes = true;
-    } else if (contentChanged.size > 0) {
+    } else if (contentChanged.size > 0 || splitsChanged) {
       for (const [signature, section] of this.sections) {
-        if (section.keys.some((k) => contentChanged.has(k))) this.sections.set(signature, this.buildSection(section.keys));
+        if (splitsChanged || section.keys.some((k) => contentChanged.has(k))) this.sections.set(signature, this.buildSection(section.keys));
       }
       allNodes = true;
     }
@@ -596,8 +598,8 @@ export class PolicyCompiler {
 
   /** Resolve every split against the services in the mesh; true when the set of splits changed. */
   private rebuildSplits(mesh: MeshSettings): boolean {
-    const before = [...this.splitEntries.values()].map((e) => e.hash).join();
-    this.splitEntries.clear();
+    const before = this.splitEntries.map((e) => e.hash).join();
+    const entries: SplitEntry[] = [];
     for (const [key, rec] of this.store.TrafficSplit) {
       if (!this.monitored(rec.namespace, mesh)) continue;
       const split = this.resolveKeepingLastGood('TrafficSplit', key, rec, this.lastResolvedSplit, (r) => this.resolveSplit(r));
@@ -605,9 +607,10 @@ export class PolicyCompiler {
       const value = this.checked(SplitSchema, split, { kind: 'TrafficSplit', namespace: rec.namespace, name: rec.name });
       if (!value) continue;
       const json = JSON.stringify(value);
-      this.splitEntries.set(key, { key, split: value, root: `${rec.namespace}/${rec.service}`, json, hash: shortHash(json) });
+      entries.push({ key, split: value, root: `${rec.namespace}/${rec.service}`, json, hash: shortHash(json) });
     }
-    return before !== [...this.splitEntries.values()].map((e) => e.hash).join();
+    this.splitEntries = entries.sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0));
+    return before !== this.splitEntries.map((e) => e.hash).join();
   }
 
   private resolveSplit(rec: SplitRec): Split {
@@ -772,7 +775,7 @@ export class PolicyCompiler {
   private buildSection(keys: string[]): Section {
     const entries = keys.map((k) => this.serviceEntries.get(k)!);
     const members = new Set(keys);
-    const splits = byKey(this.splitEntries.entries()).filter((e) => members.has(e.root));
+    const splits = this.splitEntries.filter((e) => members.has(e.root));
     let json: string | undefined;
     return {
       keys,

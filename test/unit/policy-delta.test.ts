@@ -1,8 +1,7 @@
 import type { CompiledNode, Keyed } from '../../src/policy/compiler.js';
 import { applyDelta, DeltaError, deltaPieces, diffKeyed } from '../../src/policy/delta.js';
-import type { Kind } from '../../src/policy/objects.js';
 import { NodePolicyDeltaSchema, NodePolicySchema, type NodePolicy, type NodePolicyDelta } from '../../src/policy/schema.js';
-import { baseMesh, compiled, meshConfig, pod, routeGroup, service, slice, split, target, type Obj } from './policy-fixtures.js';
+import { applyStep, baseMesh, changeSteps as steps, compiled, pod, slice } from './policy-fixtures.js';
 
 /** The delta from `from` to `to` as a client reads it off the wire: the encoded pieces, parsed, through the schema. */
 function wireDelta(from: CompiledNode, to: CompiledNode): NodePolicyDelta {
@@ -13,33 +12,13 @@ function wireDelta(from: CompiledNode, to: CompiledNode): NodePolicyDelta {
 /** The full policy as a client reads it off the wire. */
 const wireFull = (c: CompiledNode): NodePolicy => NodePolicySchema.parse(JSON.parse(c.json()));
 
-type Step = [what: string, change: { upsert?: Obj[]; remove?: Obj[] }];
-
-const steps: Step[] = [
-  ['a pod added on node-b', { upsert: [pod('api-2', { ip: '10.0.1.2', node: 'node-b', sa: 'api' })] }],
-  ['an endpoint port changed', { upsert: [slice('api', [{ ip: '10.0.1.1', node: 'node-b', pod: 'api-1' }], { port: 9090 })] }],
-  ['a service added', { upsert: [service('cache', { clusterIP: '172.16.0.9' }), pod('cache-1', { ip: '10.0.0.7', sa: 'cache' })] }],
-  ['a split added', { upsert: [split('web-split', 'web', [{ service: 'db', weight: 1 }, { service: 'api', weight: 3 }])] }],
-  ['a split weight changed', { upsert: [split('web-split', 'web', [{ service: 'db', weight: 2 }, { service: 'api', weight: 3 }])] }],
-  ['a service removed', { remove: [service('cache')] }],
-  ['the split removed', { remove: [split('web-split', 'web', [])] }],
-  ['every pod of node-b removed (its mesh pods slice goes)', { remove: [pod('api-1', { node: 'node-b' }), pod('api-2', { node: 'node-b' })] }],
-  ['a pod back on node-b', { upsert: [pod('api-1', { ip: '10.0.1.1', node: 'node-b', sa: 'api' })] }],
-  ['a pod on a new node whose name sorts first', { upsert: [pod('web-0', { ip: '10.0.2.1', node: 'node-0', sa: 'web' })] }],
-  ['mesh settings changed', { upsert: [meshConfig({ inbound: 'strict' })] }],
-  ['smi mode with targets', { upsert: [meshConfig({ inbound: 'strict', trafficPolicy: 'smi' }), routeGroup('routes'), target('web-to-api', 'api', ['web'])] }],
-  ['a target changed', { upsert: [target('web-to-api', 'api', ['web', 'db'])] }],
-  ['back to permissive', { upsert: [meshConfig({ inbound: 'strict', trafficPolicy: 'permissive' })] }],
-];
-
 describe('policy deltas', () => {
   test('applied to the policy held, every delta gives exactly the full policy of the new version', () => {
     const c = compiled(baseMesh());
     let held = new Map(c.nodes().map((n) => [n, c.get(n)!]));
     let deltas = 0;
     for (const [what, change] of steps) {
-      for (const o of change.upsert ?? []) expect(c.upsert(o.kind as Kind, o)).toBe(true);
-      for (const o of change.remove ?? []) c.remove({ kind: o.kind as Kind, namespace: String(o.metadata.namespace ?? ''), name: String(o.metadata.name) });
+      applyStep(c, change);
       const { changed } = c.compile();
       expect({ what, changed: changed.length > 0 }).toEqual({ what, changed: true });
       for (const node of changed) {

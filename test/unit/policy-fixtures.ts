@@ -133,3 +133,33 @@ export function baseMesh(): Obj[] {
     slice('api', [{ ip: '10.0.1.1', node: 'node-b', pod: 'api-1' }]),
   ];
 }
+
+export type ChangeStep = [what: string, change: { upsert?: Obj[]; remove?: Obj[] }];
+
+/** A run of every kind of change, from baseMesh(): deltas and incremental compiles are checked against it step by step. */
+export const changeSteps: ChangeStep[] = [
+  ['a pod added on node-b', { upsert: [pod('api-2', { ip: '10.0.1.2', node: 'node-b', sa: 'api' })] }],
+  ['an endpoint port changed', { upsert: [slice('api', [{ ip: '10.0.1.1', node: 'node-b', pod: 'api-1' }], { port: 9090 })] }],
+  ['a service added', { upsert: [service('cache', { clusterIP: '172.16.0.9' }), pod('cache-1', { ip: '10.0.0.7', sa: 'cache' })] }],
+  ['a split added', { upsert: [split('web-split', 'web', [{ service: 'db', weight: 1 }, { service: 'api', weight: 3 }])] }],
+  ['a split weight changed', { upsert: [split('web-split', 'web', [{ service: 'db', weight: 2 }, { service: 'api', weight: 3 }])] }],
+  ['a service removed', { remove: [service('cache')] }],
+  ['the split removed', { remove: [split('web-split', 'web', [])] }],
+  ['every pod of node-b removed (its mesh pods slice goes)', { remove: [pod('api-1', { node: 'node-b' }), pod('api-2', { node: 'node-b' })] }],
+  ['a pod back on node-b', { upsert: [pod('api-1', { ip: '10.0.1.1', node: 'node-b', sa: 'api' })] }],
+  ['a pod on a new node whose name sorts first', { upsert: [pod('web-0', { ip: '10.0.2.1', node: 'node-0', sa: 'web' })] }],
+  ['mesh settings changed', { upsert: [meshConfig({ inbound: 'strict' })] }],
+  ['smi mode with targets', { upsert: [meshConfig({ inbound: 'strict', trafficPolicy: 'smi' }), routeGroup('routes'), target('web-to-api', 'api', ['web'])] }],
+  ['a target changed', { upsert: [target('web-to-api', 'api', ['web', 'db'])] }],
+  ['a split added in smi mode', { upsert: [split('api-split', 'api', [{ service: 'db', weight: 1 }, { service: 'web', weight: 1 }])] }],
+  ['its weight changed in smi mode', { upsert: [split('api-split', 'api', [{ service: 'db', weight: 5 }, { service: 'web', weight: 1 }])] }],
+  ['back to permissive', { upsert: [meshConfig({ inbound: 'strict', trafficPolicy: 'permissive' })] }],
+];
+
+/** Feed one step's objects to the compiler (every upsert must be accepted). */
+export function applyStep(c: PolicyCompiler, change: ChangeStep[1]): void {
+  for (const o of change.upsert ?? []) {
+    if (!c.upsert(o.kind as Kind, o)) throw new Error(`${o.kind} ${String(o.metadata.name)} was rejected: ${JSON.stringify(c.reporter.active())}`);
+  }
+  for (const o of change.remove ?? []) c.remove({ kind: o.kind as Kind, namespace: String(o.metadata.namespace ?? ''), name: String(o.metadata.name) });
+}

@@ -22,18 +22,28 @@ export const DELTA_IM = 'fsm-policy-delta';
 export type DeltaBase = Pick<CompiledNode, 'version' | 'parts'>;
 
 const sharedDeltas = new WeakMap<SharedParts, WeakMap<SharedParts, SharedJson>>();
+/**
+ * Equal shared pieces of different pairs, as one object: in smi mode every
+ * node has shared parts of its own, yet a pod added elsewhere gives 99 of them
+ * the same piece (that node's mesh pods), which is then deflated once, not 99
+ * times. Emptied when it grows: it only has to span one change.
+ */
+const interned = new Map<string, SharedJson>();
+const INTERNED_MAX = 512;
 
 /**
  * The delta from `base` to `to`, in the two pieces the hub encodes
- * (`{` + shared.text() + tail): the shared piece (counts, services, splits,
- * mesh pods) is the same for every node moving between the same two shared
- * states, so it is built, and deflated, once for all of them.
+ * (`{` + shared.text() + tail): the shared piece (services, splits, mesh
+ * pods) is the same for every node moving between the same two shared
+ * states, so it is built, and deflated, once for all of them; the tail holds
+ * what is the node's own (versions, counts, its node part).
  */
 export function deltaPieces(base: DeltaBase, to: CompiledNode): readonly [shared: SharedJson, tail: string] {
-  let tail = `,"apiVersion":"${POLICY_API_VERSION}","kind":"NodePolicyDelta","base":"${base.version}","version":"${to.version}"`;
+  const s = to.parts.shared;
+  let tail = `,"apiVersion":"${POLICY_API_VERSION}","base":"${base.version}","version":"${to.version}","counts":{"services":${s.services.length},"splits":${s.splits.length},"meshPods":${s.meshPodCount}}`;
   if (base.parts.global.hash !== to.parts.global.hash) tail += `,${to.parts.global.members}`;
   if (base.parts.node.hash !== to.parts.node.hash) tail += `,${to.parts.node.members}`;
-  return [sharedDelta(base.parts.shared, to.parts.shared), `${tail}}`];
+  return [sharedDelta(base.parts.shared, s), `${tail}}`];
 }
 
 function sharedDelta(from: SharedParts, to: SharedParts): SharedJson {
@@ -41,15 +51,20 @@ function sharedDelta(from: SharedParts, to: SharedParts): SharedJson {
   if (!byTo) sharedDeltas.set(from, (byTo = new WeakMap()));
   let piece = byTo.get(to);
   if (!piece) {
-    let text = `"counts":{"services":${to.services.length},"splits":${to.splits.length},"meshPods":${to.meshPodCount}}`;
+    // Always a first member, so the piece is never empty before the tail's comma.
+    let text = '"kind":"NodePolicyDelta"';
     const services = diffKeyed(from.services, to.services);
     if (services) text += `,"services":{"set":[${services.set.map((e) => e.json).join(',')}],"remove":${JSON.stringify(services.remove)}}`;
     const splits = diffKeyed(from.splits, to.splits);
     if (splits) text += `,"splits":{"set":[${splits.set.map((e) => e.json).join(',')}],"remove":${JSON.stringify(splits.remove)}}`;
     const pods = diffKeyed(from.meshPods, to.meshPods);
     if (pods) text += `,"meshPods":{"set":{${pods.set.map((e) => `${JSON.stringify(e.key)}:[${e.json}]`).join(',')}},"remove":${JSON.stringify(pods.remove)}}`;
-    const done = text;
-    piece = { text: () => done };
+    piece = interned.get(text);
+    if (!piece) {
+      if (interned.size >= INTERNED_MAX) interned.clear();
+      const done = text;
+      interned.set(text, (piece = { text: () => done }));
+    }
     byTo.set(to, piece);
   }
   return piece;

@@ -2,7 +2,7 @@ import { EventEmitter } from 'node:events';
 import { readFileSync } from 'node:fs';
 import type { IncomingMessage } from 'node:http';
 import { Agent, request } from 'node:https';
-import { gunzip } from 'node:zlib';
+import { gunzip, gunzipSync } from 'node:zlib';
 import { promisify } from 'node:util';
 import { errorMessage, FsmNodeError } from '../errors.js';
 import { logger } from '../util/log.js';
@@ -11,6 +11,8 @@ import { formatIssues, NodePolicyDeltaSchema, NodePolicySchema, type NodeModeSta
 import { readLastGood, storeLastGood } from './store.js';
 
 const gunzipAsync = promisify(gunzip);
+/** Compressed bodies below this are inflated on the spot. */
+const SYNC_GUNZIP_MAX = 64 * 1024;
 const log = logger('policy-client');
 
 /**
@@ -293,8 +295,18 @@ export class PolicyClient extends EventEmitter {
         res.on('end', () => {
           const raw = Buffer.concat(chunks);
           const done = (body: Buffer) => resolve({ status: res.statusCode ?? 0, etag: res.headers.etag, body, wireBytes: raw.length });
-          if (res.headers['content-encoding'] === 'gzip') gunzipAsync(raw).then(done, (err: unknown) => reject(new FetchError('invalid', `bad gzip body: ${errorMessage(err)}`)));
-          else done(raw);
+          const bad = (err: unknown) => reject(new FetchError('invalid', `bad gzip body: ${errorMessage(err)}`));
+          if (res.headers['content-encoding'] !== 'gzip') done(raw);
+          // A delta inflates in microseconds: a trip through libuv's thread pool (shared with fs and dns) costs more.
+          else if (raw.length < SYNC_GUNZIP_MAX) {
+            let body: Buffer;
+            try {
+              body = gunzipSync(raw);
+            } catch (err) {
+              return bad(err);
+            }
+            done(body);
+          } else gunzipAsync(raw).then(done, bad);
         });
       });
       // A long-poll answers within the wait; silence well past it means a dead peer.

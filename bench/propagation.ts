@@ -1,14 +1,12 @@
+import { fork, type ChildProcess } from 'node:child_process';
 import { mkdirSync, mkdtempSync, renameSync, rmSync, writeFileSync } from 'node:fs';
-import type { ClientRequest } from 'node:http';
-import { Agent, request } from 'node:https';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { stringify } from 'yaml';
 import { generateTokens, writeTokensFile } from '../src/controller/auth.js';
 import { runController, type RunningController } from '../src/controller/main.js';
-import { PolicyClient } from '../src/policy/client.js';
-import { DELTA_IM } from '../src/policy/delta.js';
-import { desiredState } from '../src/policy/desired.js';
+import { now, type FleetCommand, type FleetReport, type Transfer } from './propagation-fleet.js';
 import { endpointSlice, nodeName, pod, syntheticCluster, type ClusterShape, type K8sObject } from './synthetic-cluster.js';
 import { intFlag, quantile, round } from './util.js';
 
@@ -17,6 +15,9 @@ import { intFlag, quantile, round } from './util.js';
  * manifest mode over a directory (one file per service, so a change rewrites
  * one file); 100 node clients long-poll it over HTTPS, plus one real agent
  * policy client (schema check, atomic write to disk, desiredState) on node-0.
+ * The clients run in a child process (bench/propagation-fleet.ts): they
+ * stand for remote machines, whose work must not share the controller's
+ * event loop; on this 2-core machine the two processes get a core each.
  * Each change is a file written (atomically) into the directory; latency runs
  * from just before that write until a node holds the new version: fs watch,
  * debounce, reload, incremental compile, long-poll wake, gzip, TLS, transfer.
@@ -30,77 +31,6 @@ import { intFlag, quantile, round } from './util.js';
  * the whole policy, as before deltas). Rows give per-mode p50/p99 and the
  * bytes a node received per change; ratio rows give full / delta.
  */
-
-type Transfer = 'delta' | 'full';
-
-/** A minimal node client: long-polls, records when each version arrived and its size on the wire, does not parse. */
-class Poller {
-  readonly arrivals = new Map<string, { at: number; bytes: number }>();
-  version = '';
-  private transfer: Transfer = 'delta';
-  /** The mode of the request parked now. */
-  asked: Transfer | undefined;
-  private req: ClientRequest | undefined;
-  private stopped = false;
-  private readonly agent: Agent;
-
-  constructor(
-    private readonly url: string,
-    readonly node: string,
-    private readonly token: string,
-    ca: string,
-  ) {
-    this.agent = new Agent({ keepAlive: true, maxSockets: 1, ca });
-  }
-
-  start(): void {
-    void this.loop();
-  }
-
-  /** Re-park with the new mode: a request parked in the old one would answer the next change in it. */
-  switchTo(t: Transfer): void {
-    this.transfer = t;
-    this.req?.destroy();
-  }
-
-  stop(): void {
-    this.stopped = true;
-    this.agent.destroy();
-  }
-
-  private async loop(): Promise<void> {
-    while (!this.stopped) {
-      try {
-        await this.once();
-      } catch {
-        if (!this.stopped) await new Promise((r) => setTimeout(r, 10));
-      }
-    }
-  }
-
-  private once(): Promise<void> {
-    return new Promise((resolve, reject) => {
-      const headers: Record<string, string> = { authorization: `Bearer ${this.token}`, 'accept-encoding': 'gzip' };
-      if (this.version) headers['if-none-match'] = `"${this.version}"`;
-      if (this.version && this.transfer === 'delta') headers['a-im'] = DELTA_IM;
-      this.asked = this.transfer;
-      const req = (this.req = request(`${this.url}/v1/nodes/${this.node}/policy?wait=30s`, { agent: this.agent, headers }, (res) => {
-        let bytes = 0;
-        res.on('data', (c: Buffer) => (bytes += c.length));
-        res.on('end', () => {
-          if (res.statusCode === 200 || res.statusCode === 226) {
-            this.version = String(res.headers.etag).replaceAll('"', '');
-            this.arrivals.set(this.version, { at: performance.now(), bytes });
-          }
-          resolve();
-        });
-        res.on('error', reject);
-      }));
-      req.on('error', reject);
-      req.end();
-    });
-  }
-}
 
 function writeAtomic(path: string, text: string): void {
   const tmp = join(path, '..', `.tmp-${process.pid}`);
@@ -134,9 +64,9 @@ export async function run(flags: Record<string, string | boolean>): Promise<obje
   if (transfers.length === 0 || transfers.some((t) => t !== 'delta' && t !== 'full')) throw new Error(`--transfer must be delta, full or delta,full, got ${JSON.stringify(transferFlag)}`);
   const dir = mkdtempSync(join(tmpdir(), 'fsm-bench-propagation-'));
   const manifests = join(dir, 'manifests');
-  const pollers: Poller[] = [];
   let ctrl: RunningController | undefined;
-  let agent: PolicyClient | undefined;
+  let fleet: ChildProcess | undefined;
+  let agentErrors = 0;
   try {
     // One file per service (service, slice, pods), the rest in cluster.yaml.
     for (const d of ['services', 'splits', 'extra']) mkdirSync(join(manifests, d), { recursive: true });
@@ -159,26 +89,34 @@ export async function run(flags: Record<string, string | boolean>): Promise<obje
     const startupMs = performance.now() - started;
     const c = ctrl;
 
-    for (const n of nodes) pollers.push(new Poller(ctrl.url, n, tokens[n]!, ctrl.caCert));
-    pollers.forEach((p) => p.start());
-    const current = (n: string) => c.compiler.get(n)?.version;
-    await until(() => pollers.every((p) => p.version === current(p.node)), 60_000);
-
-    // The real agent client of node-0, one per block (its transfer mode is fixed at construction).
-    const facts = { proxy: { address: '127.0.0.1', outboundPort: 15001, inboundPort: 15003, cgroupPath: '/' }, nodeAddresses: [], cgroupPathFor: () => '/' };
+    // The node side: arrivals come back over IPC.
+    const arrivals = new Map<string, Map<string, { at: number; bytes: number }>>(nodes.map((n) => [n, new Map()]));
+    const held = new Map<string, string>();
     const agentArrivals = new Map<string, number>();
-    let agentErrors = 0;
-    const startAgent = async (transfer: Transfer): Promise<PolicyClient> => {
-      const stateDir = join(dir, `agent-${transfer}`);
-      mkdirSync(stateDir, { recursive: true });
-      const a = new PolicyClient({ url: c.url, node: nodes[0]!, ca: c.caCert, token: tokens[nodes[0]!], stateDir, deltas: transfer === 'delta' });
-      a.onChange((e) => {
-        desiredState(e.policy, facts);
-        agentArrivals.set(e.policy.version, performance.now());
-      });
-      a.start();
-      await until(() => a.current()?.policy.version === current(nodes[0]!), 60_000);
-      return a;
+    let agentHolds = '';
+    let modeDone: Transfer | undefined;
+    let stopped: ((errors: number) => void) | undefined;
+    const ext = import.meta.url.endsWith('.ts') ? '.ts' : '.js';
+    const child = (fleet = fork(fileURLToPath(new URL(`./propagation-fleet${ext}`, import.meta.url)), [], { execArgv: process.execArgv, stdio: ['ignore', 'inherit', 'inherit', 'ipc'] }));
+    child.on('message', (r: FleetReport) => {
+      if (r.type === 'arrival') {
+        arrivals.get(r.node)!.set(r.version, { at: r.at, bytes: r.bytes });
+        held.set(r.node, r.version);
+      } else if (r.type === 'agent') {
+        agentArrivals.set(r.version, r.at);
+        agentHolds = r.version;
+      } else if (r.type === 'mode') modeDone = r.transfer;
+      else stopped?.(r.agentFetchErrors);
+    });
+    const tell = (m: FleetCommand) => child.send(m);
+    tell({ cmd: 'start', url: c.url, ca: c.caCert, tokens, agentNode: nodes[0]!, dir });
+    const current = (n: string) => c.compiler.get(n)?.version;
+    if (!(await until(() => nodes.every((n) => held.get(n) === current(n)), 60_000))) throw new Error('the node clients never all held the first policy');
+    const switchTo = async (transfer: Transfer): Promise<void> => {
+      modeDone = undefined;
+      tell({ cmd: 'mode', transfer });
+      const ok = await until(() => modeDone === transfer && agentHolds === current(nodes[0]!) && c.hub.waiting() === nodes.length + 1, 60_000);
+      if (!ok) throw new Error(`the node clients did not settle in ${transfer} mode`);
     };
 
     const perNs = Math.ceil(shape.services / shape.namespaces);
@@ -228,9 +166,7 @@ export async function run(flags: Record<string, string | boolean>): Promise<obje
     let i = 0;
     for (let round = 0; round < rounds; round++) {
       for (const transfer of transfers) {
-        for (const p of pollers) p.switchTo(transfer);
-        agent = await startAgent(transfer);
-        await until(() => pollers.every((p) => p.asked === transfer) && c.hub.waiting() === pollers.length + 1, 10_000);
+        await switchTo(transfer);
         const perBlock = Math.ceil(samples / rounds);
         for (const [change, apply] of Object.entries(changes)) {
           const x = seriesOf(transfer, change);
@@ -238,16 +174,16 @@ export async function run(flags: Record<string, string | boolean>): Promise<obje
             x.samples++;
             const before = new Map(nodes.map((n) => [n, current(n)]));
             const compiles = c.compiles();
-            const t0 = performance.now();
+            const t0 = now();
             apply(i);
             const compiled = await until(() => c.compiles() > compiles, 10_000);
-            x.compiled.push(performance.now() - t0);
+            x.compiled.push(now() - t0);
             const changed = nodes.filter((n) => current(n) !== before.get(n));
             x.affected += changed.length;
-            const held = await until(() => changed.every((n) => pollers.find((p) => p.node === n)!.version === current(n)), 10_000);
-            if (!compiled || !held) x.missed++;
+            const all = await until(() => changed.every((n) => held.get(n) === current(n)), 10_000);
+            if (!compiled || !all) x.missed++;
             for (const n of changed) {
-              const got = pollers.find((p) => p.node === n)!.arrivals.get(current(n)!);
+              const got = arrivals.get(n)!.get(current(n)!);
               if (got === undefined) continue;
               x.latencies.push(got.at - t0);
               x.bytes.push(got.bytes);
@@ -257,14 +193,11 @@ export async function run(flags: Record<string, string | boolean>): Promise<obje
             }
           }
         }
-        agentErrors += agent.fetchErrors();
-        await agent.stop();
-        agent = undefined;
       }
     }
 
     const out: object[] = [
-      { bench: 'propagation', phase: 'setup', traffic_policy: shape.trafficPolicy, nodes: shape.nodes, pods: shape.pods, services: shape.services, clients: pollers.length, real_agents: 1, rounds, startup_ms: round(startupMs) },
+      { bench: 'propagation', phase: 'setup', traffic_policy: shape.trafficPolicy, nodes: shape.nodes, pods: shape.pods, services: shape.services, clients: nodes.length, real_agents: 1, clients_in: 'a child process', rounds, startup_ms: round(startupMs) },
     ];
     for (const change of Object.keys(changes)) {
       const rows: Record<Transfer, Record<string, number>> = { delta: {}, full: {} };
@@ -294,11 +227,18 @@ export async function run(flags: Record<string, string | boolean>): Promise<obje
       const ratio = (k: string) => round(rows.full[k]! / rows.delta[k]!, 2);
       if (transfers.length === 2) out.push({ bench: 'propagation', change, ratio: 'full/delta', p50: ratio('p50_ms'), p99: ratio('p99_ms'), bytes: ratio('bytes_per_node_p50'), agent_p50: ratio('agent_p50_ms'), agent_p99: ratio('agent_p99_ms') });
     }
-    out.push({ bench: 'propagation', phase: 'after', rss_mib: Math.round(process.memoryUsage().rss / 2 ** 20), agent_fetch_errors: agentErrors });
+    agentErrors = await new Promise<number>((resolve) => {
+      stopped = resolve;
+      tell({ cmd: 'stop' });
+    });
+    out.push({ bench: 'propagation', phase: 'after', controller_rss_mib: Math.round(process.memoryUsage().rss / 2 ** 20), agent_fetch_errors: agentErrors });
     return out;
   } finally {
-    pollers.forEach((p) => p.stop());
-    await agent?.stop();
+    if (fleet && fleet.exitCode === null) {
+      const exited = new Promise((r) => fleet!.once('exit', r));
+      fleet.kill();
+      await exited;
+    }
     await ctrl?.close();
     rmSync(dir, { recursive: true, force: true });
   }

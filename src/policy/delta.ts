@@ -6,7 +6,7 @@ import { POLICY_API_VERSION, type MeshPod, type NodePolicy, type NodePolicyDelta
  * Policy deltas (docs/controller.md "Deltas"). Every enrolled pod of the mesh
  * is in every node's policy (meshPods), so one pod added anywhere gives every
  * node a new version; at 10k pods and 2k services a full policy is ~2.5 MB
- * (~250 KB gzipped). Over an edge uplink, and for 100 agents at once, that is
+ * (165 KB gzipped). Over an edge uplink, and for 100 agents at once, that is
  * the cost of a change, not of its size. A delta carries what changed: a few
  * KB for a pod or an endpoint.
  *
@@ -29,7 +29,8 @@ const sharedDeltas = new WeakMap<SharedParts, WeakMap<SharedParts, SharedJson>>(
  * times. Emptied when it grows: it only has to span one change.
  */
 const interned = new Map<string, SharedJson>();
-const INTERNED_MAX = 512;
+let internedChars = 0;
+const INTERNED_MAX_CHARS = 4_000_000;
 
 /**
  * The delta from `base` to `to`, in the two pieces the hub encodes
@@ -61,7 +62,11 @@ function sharedDelta(from: SharedParts, to: SharedParts): SharedJson {
     if (pods) text += `,"meshPods":{"set":{${pods.set.map((e) => `${JSON.stringify(e.key)}:[${e.json}]`).join(',')}},"remove":${JSON.stringify(pods.remove)}}`;
     piece = interned.get(text);
     if (!piece) {
-      if (interned.size >= INTERNED_MAX) interned.clear();
+      if (internedChars > INTERNED_MAX_CHARS) {
+        interned.clear();
+        internedChars = 0;
+      }
+      internedChars += text.length;
       const done = text;
       interned.set(text, (piece = { text: () => done }));
     }

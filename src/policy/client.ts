@@ -241,7 +241,7 @@ export class PolicyClient extends EventEmitter {
     if (etag !== undefined && etag !== `"${policy.version}"`) throw new FetchError('invalid', `ETag ${etag} does not match policy version ${policy.version}`);
   }
 
-  /** Write the newest policy to disk, one write at a time: a burst of versions costs one write per write time, not a queue. */
+  /** Write the newest policy to disk, one write at a time: versions that arrive during a write fold into the next one. */
   private persist(p: { policy: NodePolicy; receivedAt: number; text?: string }): void {
     this.unsaved = p;
     this.saving ??= (async () => {

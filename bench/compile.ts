@@ -1,7 +1,7 @@
 import { gzipSync } from 'node:zlib';
 import { PolicyCompiler } from '../src/policy/compiler.js';
 import type { Kind } from '../src/policy/objects.js';
-import { endpointSlice, pod, syntheticCluster, type ClusterShape } from './synthetic-cluster.js';
+import { shapeFlags, syntheticChanges, syntheticCluster, type ClusterShape } from './synthetic-cluster.js';
 import { intFlag, quantile, round } from './util.js';
 
 /**
@@ -18,12 +18,7 @@ import { intFlag, quantile, round } from './util.js';
 
 
 export async function run(flags: Record<string, string | boolean>): Promise<object[]> {
-  const base = {
-    nodes: intFlag(flags, 'nodes', 100),
-    pods: intFlag(flags, 'pods', 10_000),
-    services: intFlag(flags, 'services', 2000),
-    namespaces: intFlag(flags, 'namespaces', 20),
-  };
+  const base = shapeFlags(flags);
   const samples = intFlag(flags, 'samples', 50);
   const modes = typeof flags.mode === 'string' ? [flags.mode as ClusterShape['trafficPolicy']] : (['permissive', 'smi'] as const);
   const out: object[] = [];
@@ -61,32 +56,14 @@ export async function run(flags: Record<string, string | boolean>): Promise<obje
       node_policy_gzip_bytes: gzipSync(json).length,
     });
 
-    const perNs = Math.ceil(shape.services / shape.namespaces);
-    const nsOf = (svc: number) => `ns-${Math.floor(svc / perNs)}`;
-    const podsOf = (svc: number) => Array.from({ length: Math.ceil(shape.pods / shape.services) }, (_, k) => svc + k * shape.services).filter((p) => p < shape.pods);
+    const change = syntheticChanges(shape);
     const changes: Record<string, (i: number) => void> = {
-      endpoint_port: (i) => {
-        const svc = (i * 37) % shape.services;
-        compiler.upsert('EndpointSlice', endpointSlice(svc, nsOf(svc), podsOf(svc), shape.nodes, 9000 + i));
-      },
-      split_weight: (i) => {
-        const s = ((i * 7) % Math.floor(shape.services / 10)) * 10;
-        compiler.upsert('TrafficSplit', {
-          apiVersion: 'split.smi-spec.io/v1alpha2',
-          kind: 'TrafficSplit',
-          metadata: { name: `split-${s}`, namespace: nsOf(s) },
-          spec: { service: `svc-${s}`, backends: [{ service: `svc-${s + 1}`, weight: 50 + i }, { service: `svc-${s + 2}`, weight: 50 }] },
-        });
-      },
-      pod_added: (i) => {
-        const p = shape.pods + i;
-        const svc = p % shape.services;
-        compiler.upsert('Pod', pod(p, svc, nsOf(svc), `sa-${svc}`, shape.nodes));
-      },
+      endpoint_port: (i) => compiler.upsert('EndpointSlice', change.endpointPort(i).slice),
+      split_weight: (i) => compiler.upsert('TrafficSplit', change.splitWeight(i)),
+      pod_added: (i) => compiler.upsert('Pod', change.pod(shape.pods + i)),
       pod_deleted: (i) => {
-        const p = shape.pods + i;
-        const svc = p % shape.services;
-        compiler.remove({ kind: 'Pod', namespace: nsOf(svc), name: `pod-${p}` });
+        const { metadata } = change.pod(shape.pods + i);
+        compiler.remove({ kind: 'Pod', namespace: String(metadata.namespace), name: String(metadata.name) });
       },
     };
     for (const [change, apply] of Object.entries(changes)) {

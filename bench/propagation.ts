@@ -7,7 +7,7 @@ import { stringify } from 'yaml';
 import { generateTokens, writeTokensFile } from '../src/controller/auth.js';
 import { runController, type RunningController } from '../src/controller/main.js';
 import { now, type FleetCommand, type FleetReport, type Transfer } from './propagation-fleet.js';
-import { endpointSlice, nodeName, pod, syntheticCluster, type ClusterShape, type K8sObject } from './synthetic-cluster.js';
+import { nodeName, shapeFlags, syntheticChanges, syntheticCluster, type ClusterShape, type K8sObject } from './synthetic-cluster.js';
 import { intFlag, quantile, round } from './util.js';
 
 /**
@@ -50,13 +50,7 @@ async function until(cond: () => boolean, ms: number): Promise<boolean> {
 }
 
 export async function run(flags: Record<string, string | boolean>): Promise<object[]> {
-  const shape: ClusterShape = {
-    nodes: intFlag(flags, 'nodes', 100),
-    pods: intFlag(flags, 'pods', 10_000),
-    services: intFlag(flags, 'services', 2000),
-    namespaces: intFlag(flags, 'namespaces', 20),
-    trafficPolicy: flags.mode === 'smi' ? 'smi' : 'permissive',
-  };
+  const shape: ClusterShape = { ...shapeFlags(flags), trafficPolicy: flags.mode === 'smi' ? 'smi' : 'permissive' };
   const samples = intFlag(flags, 'samples', 20);
   const rounds = Math.max(1, Math.min(samples, intFlag(flags, 'rounds', 2)));
   const transferFlag = flags.transfer ?? 'delta,full';
@@ -119,29 +113,20 @@ export async function run(flags: Record<string, string | boolean>): Promise<obje
       if (!ok) throw new Error(`the node clients did not settle in ${transfer} mode`);
     };
 
-    const perNs = Math.ceil(shape.services / shape.namespaces);
-    const nsOf = (svc: number) => `ns-${Math.floor(svc / perNs)}`;
-    const podsOf = (svc: number) => Array.from({ length: Math.ceil(shape.pods / shape.services) }, (_, k) => svc + k * shape.services).filter((p) => p < shape.pods);
+    const change = syntheticChanges(shape);
     const changes: Record<string, (i: number) => void> = {
       endpoint_port: (i) => {
-        const svc = (i * 37) % shape.services;
-        const objs = byService.get(`svc-${svc}`)!.map((o) => (o.kind === 'EndpointSlice' ? endpointSlice(svc, nsOf(svc), podsOf(svc), shape.nodes, 9000 + i) : o));
+        const { svc, slice } = change.endpointPort(i);
+        const objs = byService.get(`svc-${svc}`)!.map((o) => (o.kind === 'EndpointSlice' ? slice : o));
         writeAtomic(join(manifests, 'services', `svc-${svc}.yaml`), yaml(objs));
       },
       split_weight: (i) => {
-        const s = ((i * 7) % Math.floor(shape.services / 10)) * 10;
-        const split = {
-          apiVersion: 'split.smi-spec.io/v1alpha2',
-          kind: 'TrafficSplit',
-          metadata: { name: `split-${s}`, namespace: nsOf(s) },
-          spec: { service: `svc-${s}`, backends: [{ service: `svc-${s + 1}`, weight: 50 + i }, { service: `svc-${s + 2}`, weight: 50 }] },
-        };
-        writeAtomic(join(manifests, 'splits', `split-${s}.yaml`), yaml([split]));
+        const split = change.splitWeight(i);
+        writeAtomic(join(manifests, 'splits', `${String(split.metadata.name)}.yaml`), yaml([split]));
       },
       pod_added: (i) => {
         const p = shape.pods + i * shape.nodes; // lands on node-0
-        const svc = p % shape.services;
-        writeAtomic(join(manifests, 'extra', `pod-${p}.yaml`), yaml([pod(p, svc, nsOf(svc), `sa-${svc}`, shape.nodes)]));
+        writeAtomic(join(manifests, 'extra', `pod-${p}.yaml`), yaml([change.pod(p)]));
       },
     };
 

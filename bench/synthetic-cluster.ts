@@ -1,4 +1,5 @@
 import { LABEL_MONITORED_BY, MESH_CONFIG_NAME } from '../src/policy/fsm.js';
+import { intFlag } from './util.js';
 
 /**
  * A synthetic cluster as plain Kubernetes objects, for the compile and
@@ -22,10 +23,54 @@ export function nodeName(i: number): string {
   return `node-${i}`;
 }
 
+/** The shape the benches take from --nodes, --pods, --services and --namespaces (defaults: the 10k-pod cluster). */
+export function shapeFlags(flags: Record<string, string | boolean>): Omit<ClusterShape, 'trafficPolicy'> {
+  return {
+    nodes: intFlag(flags, 'nodes', 100),
+    pods: intFlag(flags, 'pods', 10_000),
+    services: intFlag(flags, 'services', 2000),
+    namespaces: intFlag(flags, 'namespaces', 20),
+  };
+}
+
+/** Namespace of service `svc`: services fill namespaces in blocks. */
+function namespaceOf(shape: ClusterShape, svc: number): string {
+  return `ns-${Math.floor(svc / Math.ceil(shape.services / shape.namespaces))}`;
+}
+
+/**
+ * The objects of one change, sample by sample, the same whether a bench feeds
+ * them to a compiler or writes them to a manifest directory: a new endpoint
+ * port on a service, a new split weight, a pod more (pod `p` backs service
+ * p % services and runs on node p % nodes).
+ */
+export function syntheticChanges(shape: ClusterShape) {
+  const nsOf = (svc: number) => namespaceOf(shape, svc);
+  const podsOf = (svc: number) => Array.from({ length: Math.ceil(shape.pods / shape.services) }, (_, k) => svc + k * shape.services).filter((p) => p < shape.pods);
+  return {
+    endpointPort(i: number): { svc: number; slice: K8sObject } {
+      const svc = (i * 37) % shape.services;
+      return { svc, slice: endpointSlice(svc, nsOf(svc), podsOf(svc), shape.nodes, 9000 + i) };
+    },
+    splitWeight(i: number): K8sObject {
+      const s = ((i * 7) % Math.floor(shape.services / 10)) * 10;
+      return {
+        apiVersion: 'split.smi-spec.io/v1alpha2',
+        kind: 'TrafficSplit',
+        metadata: { name: `split-${s}`, namespace: nsOf(s) },
+        spec: { service: `svc-${s}`, backends: [{ service: `svc-${s + 1}`, weight: 50 + i }, { service: `svc-${s + 2}`, weight: 50 }] },
+      };
+    },
+    pod(p: number): K8sObject {
+      const svc = p % shape.services;
+      return pod(p, svc, nsOf(svc), `sa-${svc}`, shape.nodes);
+    },
+  };
+}
+
 export function syntheticCluster(shape: ClusterShape): K8sObject[] {
   const out: K8sObject[] = [];
-  const perNs = Math.ceil(shape.services / shape.namespaces);
-  const nsOf = (svc: number) => `ns-${Math.floor(svc / perNs)}`;
+  const nsOf = (svc: number) => namespaceOf(shape, svc);
   const svcName = (svc: number) => `svc-${svc}`;
   const saOf = (svc: number) => `sa-${svc}`;
 

@@ -127,8 +127,8 @@ export class PolicyHub {
    */
   async delta(base: DeltaBase, c: CompiledNode, gzip: boolean): Promise<{ body: Buffer; gzip: boolean }> {
     const pieces = deltaPieces(base, c);
-    const plain = this.plainOf(pieces);
-    if (!gzip || plain.length < GZIP_MIN_BYTES) return { body: plain, gzip: false };
+    // Characters, not bytes: near enough for a threshold, and no body is built only to be measured.
+    if (!gzip || pieces[0].text().length + pieces[1].length < GZIP_MIN_BYTES) return { body: this.plainOf(pieces), gzip: false };
     return { body: await this.gzipOf(pieces), gzip: true };
   }
 

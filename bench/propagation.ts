@@ -77,7 +77,7 @@ export async function run(flags: Record<string, string | boolean>): Promise<obje
 
     const nodes = Array.from({ length: shape.nodes }, (_, i) => nodeName(i));
     const tokens = generateTokens(nodes);
-    writeTokensFile(join(dir, 'tokens.json'), tokens);
+    await writeTokensFile(join(dir, 'tokens.json'), tokens);
     const started = performance.now();
     ctrl = await runController({ manifests, tokens: join(dir, 'tokens.json'), listen: '127.0.0.1:0', stateDir: join(dir, 'state') });
     const startupMs = performance.now() - started;

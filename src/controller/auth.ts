@@ -40,8 +40,8 @@ export function generateTokens(nodes: string[]): Record<string, string> {
 }
 
 /** `{ "<node>": "<token>" }`, mode 0600, written atomically. */
-export function writeTokensFile(path: string, tokens: Record<string, string>): void {
-  writeFileAtomic(path, `${JSON.stringify(tokens, null, 2)}\n`, 0o600);
+export function writeTokensFile(path: string, tokens: Record<string, string>): Promise<void> {
+  return writeFileAtomic(path, `${JSON.stringify(tokens, null, 2)}\n`, 0o600);
 }
 
 /**

@@ -184,7 +184,7 @@ export class FileCertStore implements CertStore {
 
   async replace(m: TlsMaterial): Promise<void> {
     mkdirSync(this.dir, { recursive: true, mode: 0o700 });
-    for (const [k, f] of Object.entries(FILES)) writeFileAtomic(join(this.dir, f), m[k as keyof TlsMaterial], k.endsWith('ey') ? 0o600 : 0o644);
+    for (const [k, f] of Object.entries(FILES)) await writeFileAtomic(join(this.dir, f), m[k as keyof TlsMaterial], k.endsWith('ey') ? 0o600 : 0o644);
   }
 }
 

@@ -255,7 +255,7 @@ export async function labUp(opts: UpOptions, say: Say): Promise<LabState> {
     mkdirSync(dirname(join(f.manifests, name)), { recursive: true });
     writeFileSync(join(f.manifests, name), text);
   }
-  writeTokensFile(f.tokens, tokens);
+  await writeTokensFile(f.tokens, tokens);
   for (const n of state.nodes) {
     mkdirSync(dirname(n.tokenFile), { recursive: true });
     writeFileSync(n.tokenFile, `${tokens[n.name]}\n`, { mode: 0o600 });

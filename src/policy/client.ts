@@ -8,7 +8,7 @@ import { errorMessage, FsmNodeError } from '../errors.js';
 import { logger } from '../util/log.js';
 import { applyDelta, DELTA_IM, DeltaError } from './delta.js';
 import { formatIssues, NodePolicyDeltaSchema, NodePolicySchema, type NodeModeStatus, type NodePolicy } from './schema.js';
-import { readLastGood, storeLastGood } from './store.js';
+import { readLastGood, writeLastGood } from './store.js';
 
 const gunzipAsync = promisify(gunzip);
 /** Compressed bodies below this are inflated on the spot. */
@@ -249,7 +249,7 @@ export class PolicyClient extends EventEmitter {
         const { policy, receivedAt, text } = this.unsaved;
         this.unsaved = undefined;
         try {
-          await storeLastGood(this.opts.stateDir, policy, receivedAt, text);
+          await writeLastGood(this.opts.stateDir, policy, receivedAt, text);
         } catch (err) {
           // Still used: a full disk must not keep the node on an old policy.
           this.counters.errors.persist++;

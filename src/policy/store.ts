@@ -1,4 +1,4 @@
-import { closeSync, fsyncSync, openSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { open, rename } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
@@ -21,14 +21,13 @@ export function lastGoodPath(stateDir: string): string {
   return join(stateDir, LAST_GOOD_FILE);
 }
 
-/** `policyJson` may be given when the caller holds the policy's JSON text already (as received). */
-export function writeLastGood(stateDir: string, policy: NodePolicy, receivedAt: number, policyJson = JSON.stringify(policy)): void {
-  writeFileAtomic(lastGoodPath(stateDir), `{"receivedAt":${receivedAt},"policy":${policyJson}}`);
-}
-
-/** writeLastGood without blocking the event loop on the disk (the agent's path: an SD card's fsync can take long). */
-export function storeLastGood(stateDir: string, policy: NodePolicy, receivedAt: number, policyJson = JSON.stringify(policy)): Promise<void> {
-  return writeFileAtomicAsync(lastGoodPath(stateDir), `{"receivedAt":${receivedAt},"policy":${policyJson}}`);
+/**
+ * `policyJson` may be given when the caller holds the policy's JSON text
+ * already (as received). Off the event loop: an SD card's fsync can take long,
+ * and the agent keeps serving while it runs.
+ */
+export function writeLastGood(stateDir: string, policy: NodePolicy, receivedAt: number, policyJson = JSON.stringify(policy)): Promise<void> {
+  return writeFileAtomic(lastGoodPath(stateDir), `{"receivedAt":${receivedAt},"policy":${policyJson}}`);
 }
 
 /** The stored policy, or why there is none usable (missing, unreadable, fails the schema). */
@@ -50,26 +49,7 @@ export function readLastGood(stateDir: string): { ok: true; value: LastGood } | 
   return r.success ? { ok: true, value: r.data } : { ok: false, why: `${path} fails the NodePolicy schema: ${formatIssues(r.error)}` };
 }
 
-export function writeFileAtomic(path: string, data: string, mode = 0o600): void {
-  const tmp = `${path}.${process.pid}.tmp`;
-  const fd = openSync(tmp, 'w', mode);
-  try {
-    writeFileSync(fd, data);
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
-  renameSync(tmp, path);
-  // The rename itself must reach the disk too.
-  const dir = openSync(join(path, '..'), 'r');
-  try {
-    fsyncSync(dir);
-  } finally {
-    closeSync(dir);
-  }
-}
-
-export async function writeFileAtomicAsync(path: string, data: string, mode = 0o600): Promise<void> {
+export async function writeFileAtomic(path: string, data: string, mode = 0o600): Promise<void> {
   const tmp = `${path}.${process.pid}.tmp`;
   const file = await open(tmp, 'w', mode);
   try {
@@ -79,6 +59,7 @@ export async function writeFileAtomicAsync(path: string, data: string, mode = 0o
     await file.close();
   }
   await rename(tmp, path);
+  // The rename itself must reach the disk too.
   const dir = await open(join(path, '..'), 'r');
   try {
     await dir.sync();

@@ -40,7 +40,7 @@ describe('runController', () => {
     mkdirSync(manifests);
     writeFileSync(join(manifests, 'mesh.yaml'), baseMesh().map((o) => stringify(o)).join('---\n'));
     const tokens = generateTokens(['node-a', 'node-b']);
-    writeTokensFile(join(dir, 'tokens.json'), tokens);
+    await writeTokensFile(join(dir, 'tokens.json'), tokens);
     ctrl = await runController({ manifests, tokens: join(dir, 'tokens.json'), listen: '127.0.0.1:0', stateDir: join(dir, 'state') });
     expect(readFileSync(join(dir, 'state', 'ca.crt'), 'utf8')).toBe(ctrl.caCert);
 
@@ -63,7 +63,7 @@ describe('runController', () => {
   test('a restart keeps the CA agents already trust', async () => {
     const manifests = join(dir, 'manifests');
     mkdirSync(manifests);
-    writeTokensFile(join(dir, 'tokens.json'), generateTokens(['node-a']));
+    await writeTokensFile(join(dir, 'tokens.json'), generateTokens(['node-a']));
     const opts = { manifests, tokens: join(dir, 'tokens.json'), listen: '127.0.0.1:0', stateDir: join(dir, 'state') };
     ctrl = await runController(opts);
     const ca = ctrl.caCert;

@@ -72,7 +72,7 @@ describe('POST /v1/nodes/:node/status', () => {
     ca = tls.caCert;
     dir = mkdtempSync(join(tmpdir(), 'fsmn-status-'));
     tokens = generateTokens(['node-a', 'node-b']);
-    writeTokensFile(join(dir, 'tokens.json'), tokens);
+    await writeTokensFile(join(dir, 'tokens.json'), tokens);
     const compiler = new PolicyCompiler();
     server = buildPolicyServer({ hub: new PolicyHub((n) => compiler.get(n)), auth: new TokenFileAuthenticator(join(dir, 'tokens.json')), tls, onNodeStatus: (n, s) => void got.push([n, s]) });
   });

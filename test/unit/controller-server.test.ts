@@ -79,7 +79,7 @@ describe('policy server over HTTPS', () => {
   test('400 for a malformed wait, 404 for a node with no policy', async () => {
     expect((await get(policyUrl('node-a', '?wait=soon'), { ca: tls.caCert, headers: auth('node-a') })).status).toBe(400);
     tokens['node-z'] = 'z'.repeat(40);
-    writeTokensFile(join(dir, 'tokens.json'), tokens);
+    await writeTokensFile(join(dir, 'tokens.json'), tokens);
     expect((await get(policyUrl('node-z'), { ca: tls.caCert, headers: auth('node-z') })).status).toBe(404);
   });
 

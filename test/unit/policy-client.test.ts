@@ -88,7 +88,7 @@ describe('PolicyClient against the real server', () => {
     // controller confirms the version (304), so the next change comes as a delta from it.
     const sd = stateDir();
     const good = compiler.get('node-a')!.policy;
-    writeLastGood(sd, { ...good, services: good.services.filter((s) => s.name !== 'db') }, 1);
+    await writeLastGood(sd, { ...good, services: good.services.filter((s) => s.name !== 'db') }, 1);
     const c = client({ stateDir: sd });
     const events: PolicyEvent[] = [];
     c.onChange((e) => events.push(e));
@@ -106,7 +106,7 @@ describe('PolicyClient against the real server', () => {
   test('starts from the last good copy when the controller is unreachable, and counts the failures', async () => {
     const sd = stateDir();
     const good = compiler.get('node-a')!.policy;
-    writeLastGood(sd, good, 1_700_000_000_000);
+    await writeLastGood(sd, good, 1_700_000_000_000);
     const c = client({ stateDir: sd, url: 'https://127.0.0.1:1' });
     const events: PolicyEvent[] = [];
     c.onChange((e) => events.push(e));
@@ -136,9 +136,9 @@ describe('PolicyClient against the real server', () => {
     expect(c.current()).toBeUndefined();
   });
 
-  test('a stored copy for another node or failing the schema is not used', () => {
+  test('a stored copy for another node or failing the schema is not used', async () => {
     const sd = stateDir();
-    writeLastGood(sd, { ...compiler.get('node-b')!.policy }, 1);
+    await writeLastGood(sd, { ...compiler.get('node-b')!.policy }, 1);
     const c = client({ stateDir: sd, url: 'https://127.0.0.1:1' });
     c.start();
     expect(c.current()).toBeUndefined();
@@ -150,10 +150,10 @@ describe('PolicyClient against the real server', () => {
 });
 
 describe('last good store', () => {
-  test('a crash before the rename leaves the previous copy readable', () => {
+  test('a crash before the rename leaves the previous copy readable', async () => {
     const sd = stateDir();
     const good = compiler.get('node-a')!.policy;
-    writeLastGood(sd, good, 5);
+    await writeLastGood(sd, good, 5);
     // What a crash mid-write leaves behind: a partial temporary file next to the good one.
     writeFileSync(`${lastGoodPath(sd)}.12345.tmp`, '{"receivedAt": 6, "pol');
     const r = readLastGood(sd);

@@ -31,7 +31,7 @@ export async function policyServerFixture(dirPrefix: string): Promise<PolicyServ
   const tls = await generateTls(['localhost', '127.0.0.1']);
   const dir = mkdtempSync(join(tmpdir(), dirPrefix));
   const tokens = generateTokens(['node-a', 'node-b']);
-  writeTokensFile(join(dir, 'tokens.json'), tokens);
+  await writeTokensFile(join(dir, 'tokens.json'), tokens);
   const compiler = new PolicyCompiler();
   const hub = new PolicyHub((n) => compiler.get(n));
   const server = buildPolicyServer({ hub, auth: new TokenFileAuthenticator(join(dir, 'tokens.json')), tls });

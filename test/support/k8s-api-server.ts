@@ -42,7 +42,7 @@ export const RESOURCES: ApiResource[] = [
   { group: '', version: 'v1', plural: 'secrets', kind: 'Secret', namespaced: true },
   { group: '', version: 'v1', plural: 'events', kind: 'Event', namespaced: true },
   { group: 'discovery.k8s.io', version: 'v1', plural: 'endpointslices', kind: 'EndpointSlice', namespaced: true },
-  { group: 'split.smi-spec.io', version: 'v1alpha2', plural: 'trafficsplits', kind: 'TrafficSplit', namespaced: true },
+  { group: 'split.smi-spec.io', version: 'v1alpha4', plural: 'trafficsplits', kind: 'TrafficSplit', namespaced: true },
   { group: 'access.smi-spec.io', version: 'v1alpha3', plural: 'traffictargets', kind: 'TrafficTarget', namespaced: true },
   { group: 'specs.smi-spec.io', version: 'v1alpha4', plural: 'httproutegroups', kind: 'HTTPRouteGroup', namespaced: true },
   { group: 'specs.smi-spec.io', version: 'v1alpha4', plural: 'tcproutes', kind: 'TCPRoute', namespaced: true },
@@ -146,7 +146,7 @@ export class TestApiServer {
   create(obj: Obj): Obj {
     const res = this.resourceOf(obj);
     const o = clone(obj);
-    o.apiVersion ??= apiVersionOf(res);
+    o.apiVersion = apiVersionOf(res);
     o.kind ??= res.kind;
     if (!o.metadata.name && o.metadata.generateName) o.metadata.name = `${o.metadata.generateName}${randomUUID().slice(0, 5)}`;
     if (res.namespaced) o.metadata.namespace ??= 'default';
@@ -167,7 +167,7 @@ export class TestApiServer {
       throw new HttpError(409, 'Conflict', `the object has been modified; please apply your changes to the latest version`);
     }
     const o = clone(obj);
-    o.apiVersion ??= old.apiVersion;
+    o.apiVersion = apiVersionOf(res);
     o.kind ??= old.kind;
     o.metadata = { ...o.metadata, uid: old.metadata.uid, creationTimestamp: old.metadata.creationTimestamp, namespace: old.metadata.namespace };
     return this.write('MODIFIED', res, key, o, old);
@@ -238,8 +238,14 @@ export class TestApiServer {
     return `${res.plural}/${res.namespaced ? (namespace ?? 'default') : ''}/${name}`;
   }
 
+  /**
+   * The resource of an object of any version of its group: like a CRD whose
+   * conversion strategy is None, the object is kept as written and served
+   * under the resource's version, with only apiVersion changed (see create).
+   */
   private resourceOf(obj: Obj): ApiResource {
-    const res = RESOURCES.find((r) => r.kind === obj.kind && (obj.apiVersion === undefined || apiVersionOf(r) === obj.apiVersion));
+    const group = (v: string) => (v.includes('/') ? v.slice(0, v.indexOf('/')) : '');
+    const res = RESOURCES.find((r) => r.kind === obj.kind && (obj.apiVersion === undefined || r.group === group(obj.apiVersion)));
     if (!res) throw new HttpError(400, 'BadRequest', `no resource for ${obj.apiVersion}/${obj.kind}`);
     return res;
   }

@@ -179,7 +179,7 @@ describe('manifests', () => {
 
   test('custom resources validate against our CRDs, lose no field to pruning, and are accepted by the controller', () => {
     const ajv = new Ajv({ strict: false, allErrors: true });
-    const schemas = new Map(crds().flatMap((c) => c.spec.versions.map((v) => [`${c.spec.group}/${v.name}/${c.spec.names.kind}`, v.schema.openAPIV3Schema] as const)));
+    const schemas = new Map<string, JsonSchema>(crds().flatMap((c) => c.spec.versions.map((v) => [`${c.spec.group}/${v.name}/${c.spec.names.kind}`, v.schema.openAPIV3Schema] as const)));
     const resources = objects().filter((d) => /smi-spec\.io\//.test(d.obj.apiVersion));
     expect(resources.length).toBeGreaterThanOrEqual(4);
     for (const { file, obj } of resources) {

@@ -142,9 +142,9 @@ maybe('TrafficSplit versions in the Pipy node proxy (iptables interception)', ()
   }
 
   /** The node's proxy config, compiled from the base objects plus `splits` by the real compiler. */
-  function configWith(splits: Obj[]): ProxyConfig {
+  function configWith(splits: Obj[], extra: Obj[] = []): ProxyConfig {
     const c = new PolicyCompiler();
-    for (const o of [...baseObjects(), ...splits]) {
+    for (const o of [...baseObjects(), ...extra, ...splits]) {
       if (!c.upsert(o.kind as Kind, o)) throw new Error(`${o.kind} ${String(o.metadata.name)} rejected: ${JSON.stringify(c.reporter.active())}`);
     }
     c.compile();
@@ -156,17 +156,22 @@ maybe('TrafficSplit versions in the Pipy node proxy (iptables interception)', ()
   }
 
   /** Load the config of `splits` into the running proxy and wait until it runs it. */
-  async function useSplits(splits: Obj[]): Promise<void> {
-    const cfg = configWith(splits);
+  async function useSplits(splits: Obj[], extra: Obj[] = []): Promise<void> {
+    const cfg = configWith(splits, extra);
     writeConfig(work, cfg);
     proxy.reload();
     const seen = await eventually(async () => metricValue(await proxy.metrics(), 'fsmn_proxy_config', { version: cfg.version }), (v) => v === 1, 10_000);
     expect(seen).toBe(1);
   }
 
-  async function load(path: string, n: number, headers: Record<string, string> = {}): Promise<LoadResult> {
+  async function send(path: string, n: number, headers: Record<string, string> = {}): Promise<LoadResult> {
     const r = await A.run(process.execPath, ['-e', HTTP_LOAD, `http://${ROOT_IP}:${HTTP_PORT}${path}`, String(n), JSON.stringify(headers)]);
-    const out = JSON.parse(r.stdout.trim().split('\n').pop() ?? '') as LoadResult;
+    return JSON.parse(r.stdout.trim().split('\n').pop() ?? '') as LoadResult;
+  }
+
+  /** `n` requests that must all be answered 200. */
+  async function load(path: string, n: number, headers: Record<string, string> = {}): Promise<LoadResult> {
+    const out = await send(path, n, headers);
     expect({ path, headers, failures: out.failures, errors: out.errors, statuses: out.statuses }).toEqual({ path, headers, failures: 0, errors: [], statuses: { '200': n } });
     return out;
   }
@@ -250,6 +255,29 @@ maybe('TrafficSplit versions in the Pipy node proxy (iptables interception)', ()
     await useSplits([trafficSplit('v1alpha3', 'canary', [{ service: 'echo-v2', weight: 100 }], [{ kind: 'HTTPRouteGroup', name: 'canary' }])]);
     expect(where(await load('/', 20, { 'x-canary': 'yes' }))).toEqual({ [V2.name]: 20 });
     expect(where(await load('/', 20))).toEqual({ [R.name]: 20 });
+  }, 90_000);
+
+  test('attack: a header that picks the canary does not get past access control (smi): the canary backend still refuses a client it does not allow', async () => {
+    // The client may reach the root and v1 identities, not v2's.
+    const target = (to: TopoPod): Obj => ({
+      apiVersion: 'access.smi-spec.io/v1alpha3',
+      kind: 'TrafficTarget',
+      metadata: { name: `to-${to.name}`, namespace: NS },
+      spec: { destination: { kind: 'ServiceAccount', name: to.name, namespace: NS }, sources: [{ kind: 'ServiceAccount', name: A.name, namespace: NS }], rules: [{ kind: 'TCPRoute', name: 'all' }] },
+    });
+    const smi: Obj[] = [
+      { apiVersion: 'v1', kind: 'ConfigMap', metadata: { name: 'fsm-mesh-config', namespace: 'fsm-system' }, data: { trafficPolicy: 'smi' } },
+      { apiVersion: 'specs.smi-spec.io/v1alpha4', kind: 'TCPRoute', metadata: { name: 'all', namespace: NS }, spec: { matches: { ports: [HTTP_PORT, TCP_PORT] } } },
+      target(R),
+      target(V1),
+    ];
+    await useSplits([trafficSplit('v1alpha4', 'canary', [{ service: 'echo-v2', weight: 1 }], v4Matches)], smi);
+    const canary = await send('/', 10, { 'x-canary': 'yes' });
+    expect({ statuses: canary.statuses, pods: canary.pods }).toEqual({ statuses: { '403': 10 }, pods: {} });
+    expect(where(await load('/', 10))).toEqual({ [R.name]: 10 });
+    // The same split to a backend the client may reach: routed and answered.
+    await useSplits([trafficSplit('v1alpha4', 'canary', [{ service: 'echo-v1', weight: 1 }], v4Matches)], smi);
+    expect(where(await load('/', 10, { 'x-canary': 'yes' }))).toEqual({ [V1.name]: 10 });
   }, 90_000);
 
   test('v1alpha2 (whole weights) and v1alpha1 (quantity weights) split every request, HTTP and TCP', async () => {

@@ -105,11 +105,16 @@ export class TestApiServer {
   private readonly sockets = new Set<Socket>();
   private readonly failures: { method: string; pathPrefix: string; status: number; times: number }[] = [];
 
-  private constructor(private readonly server: Server) {}
+  private constructor(
+    private readonly server: Server,
+    /** RESOURCES, with the versions a test chose to serve instead. */
+    private readonly resources: ApiResource[],
+  ) {}
 
-  static async start(): Promise<TestApiServer> {
+  /** `served`: kind -> the one version to serve for it instead of RESOURCES' (a cluster with other CRDs). */
+  static async start(opts: { served?: Record<string, string> } = {}): Promise<TestApiServer> {
     const server = createServer();
-    const api = new TestApiServer(server);
+    const api = new TestApiServer(server, RESOURCES.map((r) => ({ ...r, version: opts.served?.[r.kind] ?? r.version })));
     server.on('request', (req, res) => api.handle(req, res));
     server.on('connection', (s) => {
       api.sockets.add(s);
@@ -180,7 +185,7 @@ export class TestApiServer {
   }
 
   remove(kind: string, namespace: string | undefined, name: string): void {
-    const res = RESOURCES.find((r) => r.kind === kind)!;
+    const res = this.resources.find((r) => r.kind === kind)!;
     const key = this.key(res, namespace, name);
     const old = this.objects.get(key);
     if (!old) throw new HttpError(404, 'NotFound', `${res.plural} "${name}" not found`);
@@ -192,13 +197,13 @@ export class TestApiServer {
   }
 
   get(kind: string, namespace: string | undefined, name: string): Obj | undefined {
-    const res = RESOURCES.find((r) => r.kind === kind)!;
+    const res = this.resources.find((r) => r.kind === kind)!;
     const o = this.objects.get(this.key(res, namespace, name));
     return o && clone(o);
   }
 
   list(kind: string): Obj[] {
-    const res = RESOURCES.find((r) => r.kind === kind)!;
+    const res = this.resources.find((r) => r.kind === kind)!;
     return [...this.objects.entries()].filter(([k]) => k.startsWith(`${res.plural}/`)).map(([, o]) => clone(o));
   }
 
@@ -245,7 +250,7 @@ export class TestApiServer {
    */
   private resourceOf(obj: Obj): ApiResource {
     const group = (v: string) => (v.includes('/') ? v.slice(0, v.indexOf('/')) : '');
-    const res = RESOURCES.find((r) => r.kind === obj.kind && (obj.apiVersion === undefined || r.group === group(obj.apiVersion)));
+    const res = this.resources.find((r) => r.kind === obj.kind && (obj.apiVersion === undefined || r.group === group(obj.apiVersion)));
     if (!res) throw new HttpError(400, 'BadRequest', `no resource for ${obj.apiVersion}/${obj.kind}`);
     return res;
   }
@@ -315,7 +320,7 @@ export class TestApiServer {
       parts.splice(0, 2);
     }
     const [plural, name] = parts;
-    const r = RESOURCES.find((x) => x.group === group && x.version === version && x.plural === plural);
+    const r = this.resources.find((x) => x.group === group && x.version === version && x.plural === plural);
     if (!r) throw new HttpError(404, 'NotFound', `the server could not find the requested resource (${path})`);
     if (name === undefined) {
       if (method === 'GET') return query.watch === 'true' || query.watch === '1' ? this.watch(r, namespace, query, res) : this.listResponse(r, namespace, query, res);

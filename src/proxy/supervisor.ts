@@ -7,31 +7,40 @@ import { logger } from '../util/log.js';
 import { packageRoot } from '../util/paths.js';
 import { ENTRY_FILE, pruneCodebases, stageCodebase, writeConfig } from './codebase.js';
 import { adminGet, listeningPorts, parseReloadAck, probeAdmin, processStartTime } from './health.js';
+import { instanceCount, logFileName, parseAdoptionRecord, pickAdminPorts, planAdoption, splitThreads, type AdoptionRecord, type ProxyInstance } from './instances.js';
+import { InstanceMetricsSum } from './metrics-sum.js';
 import { findPipy, nodeCpus, pipyArgs, pipyVersion, threadsFor } from './pipy.js';
+
+export type { ProxyInstance } from './instances.js';
 
 const log = logger('proxy');
 
 /**
- * Keeps the node's shared proxy running. The proxy is started detached, in its
- * own cgroup (so the eBPF dataplane never re-captures it), optionally as its
- * own uid, and in the lab in the node's network namespace; what runs is
- * recorded in <stateDir>/proxy.json. A restarted agent adopts a live proxy
- * instead of starting a second one, so agent restarts never interrupt traffic;
- * an adopted proxy of another binary or program version is replaced hitlessly
- * (upgrade: new instance beside the old on the same ports, then drain the old).
+ * Keeps the node's shared proxy running. The proxy is N instances (Pipy
+ * processes, default 2) listening on the same ports with SO_REUSEPORT: when
+ * one dies the kernel sends new connections to the others at once while it
+ * is restarted. Each is started detached, in the proxy cgroup (so the eBPF
+ * dataplane never re-captures it), optionally as its own uid, and in the lab
+ * in the node's network namespace; what runs is recorded in
+ * <stateDir>/proxy.json. A restarted agent adopts the live instances instead
+ * of starting others, so agent restarts never interrupt traffic; an adopted
+ * set of another binary, program or shape is replaced hitlessly (upgrade: the
+ * new set beside the old on the same ports, then drain the old).
  *
- * A dead or hung proxy is restarted with exponential backoff and jitter; N
- * crashes within a window are a crash loop (status, counter, log) handled by
- * the failure policy: fail-closed keeps interception (connections fail until
- * the proxy is back), fail-open asks the agent to stop redirecting through
- * onInterception(false) and to resume with onInterception(true) once the proxy
- * has been ready for recoverAfterMs.
+ * A dead or hung instance is restarted with exponential backoff and jitter;
+ * crashes are counted per instance, and N crashes within a window are that
+ * instance's crash loop. When every instance is crash-looping the proxy is,
+ * and the failure policy applies: fail-closed keeps interception (connections
+ * fail until the proxy is back), fail-open asks the agent to stop redirecting
+ * through onInterception(false) and to resume with onInterception(true) once
+ * an instance has been ready for recoverAfterMs.
  *
- * Config delivery (deliver): write <codebase>/config.json atomically, SIGHUP,
- * and wait for Pipy's own per-thread reload log lines. Pipy swaps programs only
- * when every thread loaded the new one and keeps its listening sockets, so a
- * change drops no connection; a config the program rejects is rolled back on
- * disk and reported, the running proxy keeps the last good one. See docs/proxy.md.
+ * Config delivery (deliver): write <codebase>/config.json atomically, SIGHUP
+ * every instance, and wait for Pipy's own per-thread reload log lines of each.
+ * Pipy swaps programs only when every thread loaded the new one and keeps its
+ * listening sockets, so a change drops no connection; a config any instance
+ * rejects is rolled back (on disk, and by a second SIGHUP to instances that
+ * took it) and reported: the proxy keeps the last good one. See docs/proxy.md.
  */
 
 export type FailurePolicy = 'fail-closed' | 'fail-open';
@@ -41,9 +50,14 @@ export interface PipySettings {
   bin?: string;
   /** Directory holding the Pipy program (main.js ...); default <package>/proxy. */
   programDir?: string;
-  /** Admin API port on 127.0.0.1; an upgrade's second instance uses port+1. Default 6060. */
+  /** First admin API port on 127.0.0.1: instances use 6060, 6061, ...; an upgrade's new set the next free ones. Default 6060. */
   adminPort?: number;
-  /** Worker threads; default one per CPU up to threadCap. */
+  /**
+   * Pipy processes sharing the listeners (SO_REUSEPORT), so a crash of one
+   * fails no new connection. Default 2 (DEFAULT_PIPY_INSTANCES).
+   */
+  instances?: number;
+  /** Worker threads of the whole proxy, split among the instances; default one per CPU up to threadCap. */
   threads?: number;
   /** Upper bound on threads (small boards). Default 4. */
   threadCap?: number;
@@ -82,10 +96,11 @@ export interface ProxySupervisorOptions {
   /** SIGINT grace before SIGKILL when stopping or retiring an instance. Default 10 s. */
   drainMs?: number;
   /**
-   * Before an upgrade, set net.ipv4.tcp_migrate_req=1 in the proxy's network
-   * namespace: connections still in the old listener's accept queue when it
-   * closes move to the new instance's listener instead of being reset. In
-   * production that namespace is the node's. Default true.
+   * At start (with more than one instance) and before an upgrade, set
+   * net.ipv4.tcp_migrate_req=1 in the proxy's network namespace: connections
+   * still in a listener's accept queue when it closes (retired or crashed
+   * instance) move to another listener of the group instead of being reset.
+   * In production that namespace is the node's. Default true.
    */
   migrateRequests?: boolean;
   /** Extra environment for the proxy process. */
@@ -96,32 +111,36 @@ export interface ProxySupervisorOptions {
   random?: () => number;
 }
 
-/** What runs, as recorded in proxy.json (the adoption record). */
-export interface ProxyInstance {
-  pid: number;
-  /** /proc/<pid>/stat start time: pid reuse cannot pass for our proxy. */
-  startTime: string;
-  kind: 'passthrough' | 'pipy';
-  bin: string;
-  version: string;
-  programHash?: string;
-  codebase?: string;
+/** One instance in status(). */
+export interface ProxyInstanceStatus {
+  slot: number;
+  pid: number | undefined;
+  up: boolean;
+  listening: boolean;
   adminPort?: number;
   threads: number;
-  logFile: string;
-  startedAt: string;
+  restarts: number;
+  crashes: number;
+  crashLoop: boolean;
+  lastExit?: string;
 }
 
 export interface ProxyStatus {
   kind: string;
+  /** The first running instance's pid. */
   pid: number | undefined;
+  /** Some instance runs. */
   up: boolean;
+  /** Ready: some instance listens on every ready port (the kernel sends new connections only to listening ones). */
   listening: boolean;
+  /** Summed over the instances. */
   restarts: number;
   adopted: boolean;
   version?: string;
+  /** Worker threads of the running instances together. */
   threads?: number;
   crashes: number;
+  /** The proxy as a whole: every instance is crash-looping (what the failure policy acts on). */
   crashLoop: boolean;
   crashLoopsDetected: number;
   failurePolicy: FailurePolicy;
@@ -132,6 +151,9 @@ export interface ProxyStatus {
   lastReload?: { at: string; ms: number; ok: boolean; error?: string };
   upgrades: number;
   lastExit?: string;
+  /** Instances wanted, and each slot's state. */
+  instanceCount: number;
+  instances: ProxyInstanceStatus[];
 }
 
 export interface DeliverResult {
@@ -175,27 +197,47 @@ function isAlive(inst: ProxyInstance): boolean {
   return processStartTime(inst.pid) === inst.startTime;
 }
 
+/** Everything the supervisor tracks about one instance slot (its process comes and goes). */
+interface Slot {
+  index: number;
+  threads: number;
+  inst: ProxyInstance | undefined;
+  restarts: number;
+  crashes: number;
+  consecutiveCrashes: number;
+  crashTimes: number[];
+  crashLoop: boolean;
+  crashLoopsDetected: number;
+  nextStartAt: number;
+  upSince: number;
+  readySince: number;
+  livenessMisses: number;
+  lastProbeAt: number;
+  probing: boolean;
+  killReason: string | undefined;
+  lastExit: string | undefined;
+}
+
+function newSlot(index: number, threads: number): Slot {
+  return {
+    index, threads, inst: undefined, restarts: 0, crashes: 0, consecutiveCrashes: 0, crashTimes: [], crashLoop: false, crashLoopsDetected: 0,
+    nextStartAt: 0, upSince: 0, readySince: 0, livenessMisses: 0, lastProbeAt: 0, probing: false, killReason: undefined, lastExit: undefined,
+  };
+}
+
 export class ProxySupervisor {
-  private current: ProxyInstance | undefined;
-  private restarts = 0;
+  private slots: Slot[] = [];
   private adopted = false;
   private timer: NodeJS.Timeout | undefined;
-  private nextStartAt = 0;
-  private consecutiveCrashes = 0;
-  private crashTimes: number[] = [];
-  private crashes = 0;
+  /** The proxy as a whole is crash-looping (every instance is). */
   private crashLoop = false;
   private crashLoopsDetected = 0;
   private interceptionWanted = true;
   private lastExit: string | undefined;
-  private killReason: string | undefined;
-  private upSince = 0;
-  private readySince = 0;
-  private livenessMisses = 0;
-  private lastProbeAt = 0;
-  private probing = false;
   private busy = false;
   private stopped = false;
+  /** A delivery is between writing config.json and its outcome: a restarting instance must not overwrite the file. */
+  private delivering = false;
   private reloads = 0;
   private reloadFailures = 0;
   private upgrades = 0;
@@ -203,7 +245,7 @@ export class ProxySupervisor {
   private delivery: Promise<unknown> = Promise.resolve();
   private pipyBin: string | undefined;
   private pipyVersionText: string | undefined;
-  private threads = 1;
+  private readonly metricSum = new InstanceMetricsSum();
   private readonly listeners: Array<(wanted: boolean, reason: string) => void> = [];
   private readonly stateFile: string;
   private readonly configFile: string;
@@ -225,6 +267,8 @@ export class ProxySupervisor {
       liveness: opts.liveness ?? { intervalMs: 5000, timeoutMs: 1000, failures: 3 },
       drainMs: opts.drainMs ?? 10_000,
     };
+    // Validated here, so a bad setting fails the agent's start, not a later restart.
+    instanceCount(opts.kind, opts.pipy?.instances);
   }
 
   /** Fail-open hook: called with false when the agent should stop redirecting, true when it may again. */
@@ -233,27 +277,55 @@ export class ProxySupervisor {
   }
 
   /**
-   * Adopt a running proxy or start one; then watch it. An adopted proxy of
-   * another kind, binary version or program is upgraded in the background.
+   * Adopt the running instances or start them; then watch them. Missing
+   * instances are started beside adopted ones; an adopted set of another
+   * kind, binary version, program or thread split is upgraded in the background.
    */
   async start(): Promise<void> {
     mkdirSync(this.opts.stateDir, { recursive: true });
     this.stopped = false;
+    const n = instanceCount(this.opts.kind, this.opts.pipy?.instances);
+    let threads = [1];
     if (this.opts.kind === 'pipy') {
       this.pipyBin = this.opts.pipy?.bin ?? findPipy();
       this.pipyVersionText = await pipyVersion(this.pipyBin);
-      this.threads = this.opts.pipy?.threads ?? threadsFor(await nodeCpus(), this.opts.pipy?.threadCap ?? 4);
+      const total = this.opts.pipy?.threads ?? threadsFor(await nodeCpus(), this.opts.pipy?.threadCap ?? 4);
+      threads = splitThreads(total, n);
     }
-    const found = this.readState();
-    if (found && isAlive(found) && this.inOurCgroup(found.pid)) {
-      this.current = found;
-      this.adopted = true;
-      this.upSince = Date.now();
-      log.info({ pid: found.pid, kind: found.kind, version: found.version }, 'adopted the running proxy');
-      const why = this.replaceReason(found);
-      if (why) void this.upgrade(why).catch((err: unknown) => log.error({ err: errorMessage(err) }, 'upgrade of the adopted proxy failed; it keeps running'));
+    this.slots = threads.map((t, i) => newSlot(i, t));
+    if (n > 1 && this.opts.migrateRequests !== false) await this.enableRequestMigration();
+    const record = this.readState();
+    const ours = (i: ProxyInstance): boolean => isAlive(i) && this.inOurCgroup(i.pid);
+    for (const r of record.retiring.filter(ours)) {
+      log.warn({ pid: r.pid }, 'an interrupted upgrade left an old proxy instance; retiring it');
+      void this.retire(r, this.o.drainMs);
+    }
+    const alive = record.instances.filter(ours);
+    if (alive.length === 0) {
+      for (const slot of this.slots) this.startSlot(slot);
     } else {
-      this.launch();
+      const plan = planAdoption(alive, { n, threads, differs: (i) => this.replaceReason(i) });
+      this.adopted = true;
+      const now = Date.now();
+      plan.slots.forEach((inst, i) => {
+        if (!inst) return;
+        const slot = this.slots[i]!;
+        slot.inst = inst;
+        slot.upSince = now;
+        slot.lastProbeAt = now;
+      });
+      log.info({ pids: alive.map((i) => i.pid), kind: alive[0]!.kind, version: alive[0]!.version, want: n }, 'adopted the running proxy');
+      for (const extra of plan.surplus) {
+        log.info({ pid: extra.pid, want: n }, 'more proxy instances run than wanted; retiring one');
+        void this.retire(extra, this.o.drainMs);
+      }
+      if (plan.replace) {
+        this.writeState();
+        void this.upgrade(plan.replace).catch((err: unknown) => log.error({ err: errorMessage(err) }, 'upgrade of the adopted proxy failed; it keeps running'));
+      } else {
+        for (const slot of this.slots) if (!slot.inst) this.startSlot(slot);
+        this.writeState();
+      }
     }
     this.timer = setInterval(() => this.check(), this.o.checkIntervalMs);
     this.timer.unref();
@@ -272,26 +344,44 @@ export class ProxySupervisor {
   async stop(graceMs = this.o.drainMs): Promise<boolean> {
     this.detach();
     this.stopped = true;
-    const inst = this.current ?? this.readState();
+    const record = this.readState();
+    const tracked = this.slots.flatMap((s) => (s.inst ? [s.inst] : []));
+    const all = [...tracked, ...record.instances, ...record.retiring].filter((i, k, xs) => xs.findIndex((j) => j.pid === i.pid && j.startTime === i.startTime) === k);
     rmSync(this.stateFile, { force: true });
-    this.current = undefined;
-    if (!inst || !isAlive(inst) || !this.inOurCgroup(inst.pid)) return false;
-    await this.retire(inst, graceMs);
-    return true;
+    for (const s of this.slots) s.inst = undefined;
+    const ours = all.filter((i) => isAlive(i) && this.inOurCgroup(i.pid));
+    await Promise.all(ours.map((i) => this.retire(i, graceMs)));
+    return ours.length > 0;
   }
 
   status(): ProxyStatus {
-    const inst = this.current;
-    const up = inst !== undefined && isAlive(inst);
+    const instances: ProxyInstanceStatus[] = this.slots.map((s) => {
+      const up = s.inst !== undefined && isAlive(s.inst);
+      return {
+        slot: s.index,
+        pid: s.inst?.pid,
+        up,
+        listening: up && this.listening(s.inst!),
+        ...(s.inst?.adminPort !== undefined ? { adminPort: s.inst.adminPort } : {}),
+        threads: s.inst?.threads ?? s.threads,
+        restarts: s.restarts,
+        crashes: s.crashes,
+        crashLoop: s.crashLoop,
+        ...(s.lastExit ? { lastExit: s.lastExit } : {}),
+      };
+    });
+    const running = this.slots.filter((s, i) => instances[i]!.up).map((s) => s.inst!);
+    const first = running[0] ?? this.slots.find((s) => s.inst)?.inst;
+    const sum = (f: (s: Slot) => number): number => this.slots.reduce((a, s) => a + f(s), 0);
     return {
-      kind: inst?.kind ?? this.opts.kind,
-      pid: inst?.pid,
-      up,
-      listening: up && this.listening(inst),
-      restarts: this.restarts,
+      kind: first?.kind ?? this.opts.kind,
+      pid: first?.pid,
+      up: running.length > 0,
+      listening: instances.some((i) => i.listening),
+      restarts: sum((s) => s.restarts),
       adopted: this.adopted,
-      ...(inst ? { version: inst.version, threads: inst.threads } : {}),
-      crashes: this.crashes,
+      ...(first ? { version: first.version, threads: running.reduce((a, i) => a + i.threads, 0) } : {}),
+      crashes: sum((s) => s.crashes),
       crashLoop: this.crashLoop,
       crashLoopsDetected: this.crashLoopsDetected,
       failurePolicy: this.o.failurePolicy,
@@ -301,40 +391,54 @@ export class ProxySupervisor {
       ...(this.lastReload ? { lastReload: this.lastReload } : {}),
       upgrades: this.upgrades,
       ...(this.lastExit ? { lastExit: this.lastExit } : {}),
+      instanceCount: this.slots.length,
+      instances,
     };
   }
 
   /**
-   * Pipy's Prometheus text from its admin API (GET /metrics), for the agent to
-   * normalise and re-export; undefined for the passthrough proxy or when the
-   * proxy does not answer. Crosses into the proxy's namespace when needed.
+   * Pipy's Prometheus text from the admin API (GET /metrics) of every
+   * instance, summed (counters as running totals that survive an instance's
+   * restart or reload: metrics-sum.ts), for the agent to normalise and
+   * re-export; undefined for the passthrough proxy or when no instance
+   * answers. Crosses into the proxy's namespace when needed.
    */
   async metrics(timeoutMs = 2000): Promise<string | undefined> {
-    const inst = this.current;
-    if (!inst?.adminPort || !isAlive(inst)) return undefined;
-    const r = await adminGet(inst.adminPort, '/metrics', timeoutMs, this.opts.netns ? `/proc/${inst.pid}/ns/net` : undefined);
-    return r?.status === 200 ? r.body : undefined;
+    const live = this.slots.filter((s) => s.inst?.adminPort !== undefined && isAlive(s.inst));
+    if (live.length === 0) return undefined;
+    const answers = await Promise.all(live.map((s) => adminGet(s.inst!.adminPort!, '/metrics', timeoutMs, this.opts.netns ? `/proc/${s.inst!.pid}/ns/net` : undefined)));
+    let answered = false;
+    live.forEach((s, i) => {
+      const r = answers[i];
+      if (r?.status !== 200) return;
+      this.metricSum.observe(s.index, instanceId(s.inst!), r.body);
+      answered = true;
+    });
+    if (!answered) return undefined;
+    return this.metricSum.render(new Map(this.slots.filter((s) => s.inst && isAlive(s.inst)).map((s) => [s.index, instanceId(s.inst!)])));
   }
 
-  /** Ready = alive and every ready port is in LISTEN on a socket of the proxy process itself. */
+  /** Ready = some instance is alive and listens on every ready port with sockets of its own. */
   ready(): boolean {
-    return this.status().listening;
+    return this.slots.some((s) => s.inst !== undefined && isAlive(s.inst) && this.listening(s.inst));
   }
 
-  /** Resolves when ready, rejects after the timeout (tests, benchmarks, upgrade). */
-  async waitReady(timeoutMs = 10_000): Promise<void> {
+  /** Resolves when ready (with `all`: when every instance listens), rejects after the timeout (tests, benchmarks, upgrade). */
+  async waitReady(timeoutMs = 10_000, o: { all?: boolean } = {}): Promise<void> {
     const deadline = Date.now() + timeoutMs;
-    while (!this.ready()) {
+    const done = (): boolean => (o.all ? this.slots.length > 0 && this.status().instances.every((i) => i.listening) : this.ready());
+    while (!done()) {
       if (Date.now() > deadline) throw new FsmNodeError('FSMN_ERR_PROXY_NOT_READY', `proxy not ready within ${timeoutMs} ms`, { details: { status: this.status() } });
       await sleep(10);
     }
   }
 
   /**
-   * Hand the proxy a new config.json and make it live. Calls are serialised;
-   * an unchanged config is a no-op. Rejects with ProxyReloadError when Pipy
-   * could not load it: the file is rolled back and the proxy keeps running the
-   * last good config.
+   * Hand the proxy a new config.json and make it live in every instance.
+   * Calls are serialised; an unchanged config is a no-op. Rejects with
+   * ProxyReloadError when an instance could not load it: the file is rolled
+   * back, instances that took it reload the previous one, and the proxy keeps
+   * running the last good config.
    */
   deliver(config: object, timeoutMs = 5000): Promise<DeliverResult> {
     const run = this.delivery.then(() => this.deliverNow(JSON.stringify(config, null, 1) + '\n', timeoutMs));
@@ -343,13 +447,16 @@ export class ProxySupervisor {
   }
 
   /**
-   * Replace the running instance without a failed connection: start the new
-   * one (current binary and program) beside it on the same ports
-   * (--reuse-port), wait until it listens, record it, then SIGINT the old one
-   * so it stops accepting and drains.
+   * Replace the running instances without a failed connection: start the new
+   * set (current binary, program and thread split; admin ports disjoint from
+   * the old set's) beside the old on the same ports (--reuse-port), wait until
+   * each new instance listens, record them, then SIGINT the old ones so they
+   * stop accepting and drain.
    */
   upgrade(reason = 'requested'): Promise<void> {
-    // In the delivery queue: a config delivered meanwhile reaches the new instance, not the retiring one.
+    // Paused from now: the check loop must not start missing instances the upgrade is about to start.
+    this.busy = true;
+    // In the delivery queue: a config delivered meanwhile reaches the new instances, not the retiring ones.
     const run = this.delivery.then(() => this.upgradeNow(reason));
     this.delivery = run.catch(() => undefined);
     return run;
@@ -358,32 +465,48 @@ export class ProxySupervisor {
   private async upgradeNow(reason: string): Promise<void> {
     this.busy = true;
     try {
-      const old = this.current;
-      if (old && (old.kind !== 'pipy' || this.opts.kind !== 'pipy')) {
+      const old = this.slots.flatMap((s) => (s.inst && isAlive(s.inst) ? [s.inst] : []));
+      if (old.some((i) => i.kind !== 'pipy') || this.opts.kind !== 'pipy') {
         // The passthrough proxy cannot share its port (no SO_REUSEPORT in Node 20): stop, then start.
-        log.warn({ reason, from: old.kind, to: this.opts.kind }, 'replacing the proxy with a short listening gap (kind change)');
-        await this.retire(old, this.o.drainMs);
-        this.launch();
+        log.warn({ reason, from: old[0]?.kind, to: this.opts.kind }, 'replacing the proxy with a short listening gap (kind change)');
+        await Promise.all(old.map((i) => this.retire(i, this.o.drainMs)));
+        for (const slot of this.slots) {
+          slot.inst = undefined;
+          this.startSlot(slot);
+        }
         await this.waitReady(this.o.startTimeoutMs);
         this.upgrades += 1;
         return;
       }
-      if (old && this.opts.migrateRequests !== false) await enableRequestMigration(old.pid);
-      const base = this.opts.pipy?.adminPort ?? 6060;
-      const next = this.launch({ adminPort: old?.adminPort === base ? base + 1 : base, keepPrevious: true });
+      if (old.length && this.opts.migrateRequests !== false) await this.enableRequestMigration();
+      const ports = pickAdminPorts(this.adminBase(), this.slots.length, old.map((i) => i.adminPort));
+      const next: ProxyInstance[] = [];
+      const abandon = (why: string): never => {
+        for (const i of next) if (isAlive(i)) process.kill(i.pid, 'SIGKILL');
+        throw new FsmNodeError('FSMN_ERR_PROXY_UPGRADE', `new proxy instances (pids ${next.map((i) => i.pid).join(', ')}) ${why}; the old ones (pids ${old.map((i) => i.pid).join(', ')}) keep serving`, { details: { reason } });
+      };
+      try {
+        for (const slot of this.slots) next.push(this.spawnInstance(slot.index, slot.threads, ports[slot.index]!));
+      } catch (err) {
+        abandon(`could not all be started: ${errorMessage(err)}`);
+      }
       const deadline = Date.now() + this.o.startTimeoutMs;
-      while (!(isAlive(next) && this.listening(next))) {
-        if (!isAlive(next) || Date.now() > deadline) {
-          if (isAlive(next)) process.kill(next.pid, 'SIGKILL');
-          this.current = old;
-          if (old) this.writeState(old);
-          throw new FsmNodeError('FSMN_ERR_PROXY_UPGRADE', `new proxy instance (pid ${next.pid}) did not become ready; the old one (pid ${old?.pid}) keeps serving`, { details: { reason } });
-        }
+      while (!next.every((i) => isAlive(i) && this.listening(i))) {
+        if (next.some((i) => !isAlive(i))) abandon('exited before listening');
+        if (Date.now() > deadline) abandon(`did not all listen within ${this.o.startTimeoutMs} ms`);
         await sleep(10);
       }
-      log.info({ reason, old: old?.pid, new: next.pid, version: next.version }, 'new proxy instance ready; draining the old one');
-      if (old && isAlive(old)) await this.retire(old, this.o.drainMs);
-      if (next.codebase) pruneCodebases(this.codebaseRoot, [next.codebase]);
+      const now = Date.now();
+      for (const slot of this.slots) {
+        Object.assign(slot, { inst: next[slot.index], upSince: now, readySince: 0, livenessMisses: 0, lastProbeAt: now, killReason: undefined });
+      }
+      this.writeState(old);
+      log.info({ reason, old: old.map((i) => i.pid), new: next.map((i) => i.pid), version: next[0]?.version }, 'new proxy instances ready; draining the old ones');
+      // The new set is watched from here on; the old one only drains.
+      this.busy = false;
+      await Promise.all(old.map((i) => this.retire(i, this.o.drainMs)));
+      this.writeState();
+      pruneCodebases(this.codebaseRoot, [...new Set(next.flatMap((i) => (i.codebase ? [i.codebase] : [])))]);
       this.upgrades += 1;
     } finally {
       this.busy = false;
@@ -407,57 +530,76 @@ export class ProxySupervisor {
   private check(): void {
     if (this.busy || this.stopped || this.timer === undefined) return;
     const now = Date.now();
-    const inst = this.current;
-    if (inst && isAlive(inst)) {
-      this.watchRunning(inst, now);
-      return;
-    }
-    if (inst) this.recordCrash(`proxy pid ${inst.pid} exited`, now);
-    if (now >= this.nextStartAt) {
-      this.restarts += 1;
-      try {
-        this.launch();
-      } catch (err) {
-        this.recordCrash(`proxy could not be started: ${errorMessage(err)}`, now);
+    for (const slot of this.slots) {
+      const inst = slot.inst;
+      if (inst && isAlive(inst)) {
+        this.watchRunning(slot, inst, now);
+        continue;
+      }
+      if (inst) this.recordCrash(slot, `proxy instance ${slot.index} (pid ${inst.pid}) exited`, now);
+      if (now >= slot.nextStartAt) {
+        slot.restarts += 1;
+        try {
+          this.startSlot(slot);
+        } catch (err) {
+          this.recordCrash(slot, `proxy instance ${slot.index} could not be started: ${errorMessage(err)}`, now);
+        }
       }
     }
+    this.proxyCrashLoop();
   }
 
-  private watchRunning(inst: ProxyInstance, now: number): void {
-    const ready = this.listening(inst);
-    if (!ready) {
-      this.readySince = 0;
-      if (now - this.upSince > this.o.startTimeoutMs) this.kill(inst, `not listening on ${this.readyPorts().join(', ')} ${this.o.startTimeoutMs} ms after start`);
-      return;
-    }
-    if (this.readySince === 0) this.readySince = now;
-    if (now - this.upSince >= this.o.stableMs) this.consecutiveCrashes = 0;
-    if (this.crashLoop && now - this.readySince >= this.o.recoverAfterMs) {
-      this.crashLoop = false;
-      log.info({ pid: inst.pid }, 'proxy recovered from the crash loop');
+  /** The failure policy acts on the proxy as a whole: crash-looping when every instance is. */
+  private proxyCrashLoop(): void {
+    const all = this.slots.length > 0 && this.slots.every((s) => s.crashLoop);
+    if (all === this.crashLoop) return;
+    this.crashLoop = all;
+    if (all) {
+      this.crashLoopsDetected += 1;
+      const each = this.slots.length > 1 ? `, in each of its ${this.slots.length} instances` : '';
+      const reason = `proxy crash loop: ${this.o.crashLoop.crashes} exits within ${this.o.crashLoop.windowMs} ms${each} (last: ${this.lastExit})`;
+      log.error({ policy: this.o.failurePolicy, instances: this.slots.length }, reason);
+      if (this.o.failurePolicy === 'fail-open') this.emitInterception(false, reason);
+    } else {
+      log.info('proxy recovered from the crash loop');
       this.emitInterception(true, 'proxy recovered');
     }
-    if (inst.adminPort !== undefined && !this.probing && now - this.lastProbeAt >= this.o.liveness.intervalMs) void this.probe(inst);
   }
 
-  private async probe(inst: ProxyInstance): Promise<void> {
-    this.probing = true;
-    this.lastProbeAt = Date.now();
+  private watchRunning(slot: Slot, inst: ProxyInstance, now: number): void {
+    const ready = this.listening(inst);
+    if (!ready) {
+      slot.readySince = 0;
+      if (now - slot.upSince > this.o.startTimeoutMs) this.kill(slot, inst, `not listening on ${this.readyPorts().join(', ')} ${this.o.startTimeoutMs} ms after start`);
+      return;
+    }
+    if (slot.readySince === 0) slot.readySince = now;
+    if (now - slot.upSince >= this.o.stableMs) slot.consecutiveCrashes = 0;
+    if (slot.crashLoop && now - slot.readySince >= this.o.recoverAfterMs) {
+      slot.crashLoop = false;
+      log.info({ slot: slot.index, pid: inst.pid }, 'proxy instance recovered from its crash loop');
+    }
+    if (inst.adminPort !== undefined && !slot.probing && now - slot.lastProbeAt >= this.o.liveness.intervalMs) void this.probe(slot, inst);
+  }
+
+  private async probe(slot: Slot, inst: ProxyInstance): Promise<void> {
+    slot.probing = true;
+    slot.lastProbeAt = Date.now();
     try {
       const ok = await probeAdmin(inst.adminPort!, this.o.liveness.timeoutMs, this.opts.netns ? `/proc/${inst.pid}/ns/net` : undefined);
-      if (this.current !== inst) return;
-      this.livenessMisses = ok ? 0 : this.livenessMisses + 1;
-      if (this.livenessMisses >= this.o.liveness.failures) this.kill(inst, `hung: admin /status unanswered ${this.livenessMisses} times`);
+      if (slot.inst !== inst) return;
+      slot.livenessMisses = ok ? 0 : slot.livenessMisses + 1;
+      if (slot.livenessMisses >= this.o.liveness.failures) this.kill(slot, inst, `hung: admin /status unanswered ${slot.livenessMisses} times`);
     } finally {
-      this.probing = false;
+      slot.probing = false;
     }
   }
 
-  /** A hung or stuck proxy: SIGKILL; the next check sees it dead and restarts it as after a crash. */
-  private kill(inst: ProxyInstance, why: string): void {
-    log.error({ pid: inst.pid, why }, 'killing the proxy');
-    this.killReason = why;
-    this.livenessMisses = 0;
+  /** A hung or stuck instance: SIGKILL; the next check sees it dead and restarts it as after a crash. */
+  private kill(slot: Slot, inst: ProxyInstance, why: string): void {
+    log.error({ slot: slot.index, pid: inst.pid, why }, 'killing a proxy instance');
+    slot.killReason = why;
+    slot.livenessMisses = 0;
     try {
       process.kill(inst.pid, 'SIGKILL');
     } catch {
@@ -465,26 +607,26 @@ export class ProxySupervisor {
     }
   }
 
-  private recordCrash(what: string, now: number): void {
-    this.lastExit = this.killReason ? `${what}: killed, ${this.killReason}` : what;
-    this.killReason = undefined;
-    this.current = undefined;
-    this.crashes += 1;
-    this.consecutiveCrashes += 1;
-    this.readySince = 0;
-    const { recent, loop } = crashWindow([...this.crashTimes, now], now, this.o.crashLoop);
-    this.crashTimes = recent;
-    const delay = backoffDelay(this.consecutiveCrashes, this.o.backoff, this.opts.random);
-    this.nextStartAt = now + delay;
+  private recordCrash(slot: Slot, what: string, now: number): void {
+    slot.lastExit = slot.killReason ? `${what}: killed, ${slot.killReason}` : what;
+    this.lastExit = slot.lastExit;
+    slot.killReason = undefined;
+    slot.inst = undefined;
+    slot.crashes += 1;
+    slot.consecutiveCrashes += 1;
+    slot.readySince = 0;
+    const { recent, loop } = crashWindow([...slot.crashTimes, now], now, this.o.crashLoop);
+    slot.crashTimes = recent;
+    const delay = backoffDelay(slot.consecutiveCrashes, this.o.backoff, this.opts.random);
+    slot.nextStartAt = now + delay;
     // Restart on time rather than on the next poll.
     setTimeout(() => this.check(), delay + 1).unref();
-    log.warn({ crashes: this.consecutiveCrashes, backoffMs: Math.round(delay), lastExit: this.lastExit }, 'proxy down; restarting after backoff');
-    if (loop && !this.crashLoop) {
-      this.crashLoop = true;
-      this.crashLoopsDetected += 1;
-      const reason = `proxy crash loop: ${recent.length} exits within ${this.o.crashLoop.windowMs} ms (last: ${this.lastExit})`;
-      log.error({ policy: this.o.failurePolicy, crashes: recent.length }, reason);
-      if (this.o.failurePolicy === 'fail-open') this.emitInterception(false, reason);
+    const others = this.slots.filter((s) => s !== slot && s.inst !== undefined && isAlive(s.inst) && this.listening(s.inst)).length;
+    log.warn({ slot: slot.index, crashes: slot.consecutiveCrashes, backoffMs: Math.round(delay), lastExit: slot.lastExit, otherInstancesListening: others }, 'proxy instance down; restarting after backoff');
+    if (loop && !slot.crashLoop) {
+      slot.crashLoop = true;
+      slot.crashLoopsDetected += 1;
+      log.error({ slot: slot.index, crashes: recent.length, windowMs: this.o.crashLoop.windowMs, lastExit: slot.lastExit }, 'proxy instance crash loop');
     }
   }
 
@@ -497,7 +639,11 @@ export class ProxySupervisor {
     return listeningPorts(inst.pid, want).size === new Set(want).size;
   }
 
-  /** Why an adopted instance must be replaced, or undefined when it is what we would start. */
+  private adminBase(): number {
+    return this.opts.pipy?.adminPort ?? 6060;
+  }
+
+  /** Why an adopted instance is not what this agent would start (kind, binary, program), or undefined. */
   private replaceReason(found: ProxyInstance): string | undefined {
     if (found.kind !== this.opts.kind) return `kind ${found.kind} -> ${this.opts.kind}`;
     if (found.kind !== 'pipy') return undefined;
@@ -516,7 +662,7 @@ export class ProxySupervisor {
     return JSON.stringify(this.opts.initialConfig ?? {}, null, 1) + '\n';
   }
 
-  private command(adminPort: number): { argv: string[]; inst: Omit<ProxyInstance, 'pid' | 'startTime' | 'logFile' | 'startedAt'> } {
+  private command(threads: number, adminPort: number): { argv: string[]; inst: Omit<ProxyInstance, 'pid' | 'startTime' | 'logFile' | 'startedAt'> } {
     if (this.opts.kind === 'passthrough') {
       const script = join(packageRoot(), 'dist', 'src', 'proxy', 'passthrough.js');
       if (!existsSync(script)) throw new FsmNodeError('FSMN_ERR_PROXY', `passthrough proxy not built: ${script} missing (run npm run build:ts)`);
@@ -527,16 +673,30 @@ export class ProxySupervisor {
     }
     const { dir, hash } = stageCodebase(this.programDir(), this.codebaseRoot);
     return {
-      argv: [this.pipyBin!, ...pipyArgs({ entry: join(dir, ENTRY_FILE), threads: this.threads, adminPort })],
-      inst: { kind: 'pipy', bin: this.pipyBin!, version: this.pipyVersionText!, programHash: hash, codebase: dir, adminPort, threads: this.threads },
+      argv: [this.pipyBin!, ...pipyArgs({ entry: join(dir, ENTRY_FILE), threads, adminPort })],
+      inst: { kind: 'pipy', bin: this.pipyBin!, version: this.pipyVersionText!, programHash: hash, codebase: dir, adminPort, threads },
     };
   }
 
-  private launch(o: { adminPort?: number; keepPrevious?: boolean } = {}): ProxyInstance {
-    const { argv, inst } = this.command(o.adminPort ?? this.opts.pipy?.adminPort ?? 6060);
-    if (inst.codebase) writeConfig(inst.codebase, this.startConfig());
-    const logFile = join(this.opts.stateDir, 'proxy.log');
-    // The old log is kept once; an instance being replaced keeps writing to its (renamed) file.
+  /** Start (or restart) the instance of a slot, on its own admin port when free, and record it. */
+  private startSlot(slot: Slot): ProxyInstance {
+    const used = new Set(this.slots.filter((s) => s !== slot && s.inst && isAlive(s.inst)).map((s) => s.inst!.adminPort));
+    const preferred = this.adminBase() + slot.index;
+    const port = used.has(preferred) ? pickAdminPorts(this.adminBase(), 1, used)[0]! : preferred;
+    const inst = this.spawnInstance(slot.index, slot.threads, port);
+    const now = Date.now();
+    Object.assign(slot, { inst, upSince: now, readySince: 0, livenessMisses: 0, lastProbeAt: now });
+    this.writeState();
+    return inst;
+  }
+
+  /** Spawn one instance (not yet tracked by a slot). */
+  private spawnInstance(slot: number, threads: number, adminPort: number): ProxyInstance {
+    const { argv, inst } = this.command(threads, adminPort);
+    // Mid-delivery the file holds the candidate config, which the instance then starts with.
+    if (inst.codebase && !this.delivering) writeConfig(inst.codebase, this.startConfig());
+    // One log per admin port: no running instance shares it, so rotating it never renames a live instance's log.
+    const logFile = join(this.opts.stateDir, inst.kind === 'pipy' ? logFileName(adminPort) : logFileName(undefined));
     if (existsSync(logFile)) renameSync(logFile, `${logFile}.1`);
     const out = openSync(logFile, 'a');
     const full = launchArgv({ ...(this.opts.cgroup ? { cgroup: this.opts.cgroup } : {}), ...(this.opts.netns ? { netnsPath: `/run/netns/${this.opts.netns}` } : {}), ...(this.opts.runAs ? { runAs: this.opts.runAs } : {}), argv });
@@ -550,14 +710,7 @@ export class ProxySupervisor {
     const startTime = pid === undefined ? undefined : processStartTime(pid);
     if (pid === undefined || startTime === undefined) throw new FsmNodeError('FSMN_ERR_PROXY', `proxy did not start: ${full.join(' ')}`);
     const next: ProxyInstance = { ...inst, pid, startTime, logFile, startedAt: new Date().toISOString() };
-    if (!o.keepPrevious) this.adopted = false;
-    this.current = next;
-    this.upSince = Date.now();
-    this.readySince = 0;
-    this.livenessMisses = 0;
-    this.lastProbeAt = Date.now();
-    this.writeState(next);
-    log.info({ pid, kind: next.kind, version: next.version, threads: next.threads, netns: this.opts.netns }, 'started the proxy');
+    log.info({ slot, pid, kind: next.kind, version: next.version, threads: next.threads, adminPort: next.adminPort, netns: this.opts.netns }, 'started a proxy instance');
     return next;
   }
 
@@ -589,53 +742,86 @@ export class ProxySupervisor {
     const t0 = performance.now();
     const previous = existsSync(this.configFile) ? readFileSync(this.configFile, 'utf8') : undefined;
     if (previous === text) return { changed: false, applied: false, ms: 0 };
-    const inst = this.current;
-    if (this.opts.kind !== 'pipy' || !inst?.codebase || !isAlive(inst)) {
+    const live = this.slots.flatMap((s) => (s.inst?.codebase && isAlive(s.inst) ? [s.inst] : []));
+    if (this.opts.kind !== 'pipy' || live.length === 0) {
       // Not running (or being replaced): the next instance starts from this file.
       writeFileSync(this.configFile, text);
       return { changed: true, applied: false, ms: performance.now() - t0 };
     }
-    const offset = statSync(inst.logFile).size;
-    writeConfig(inst.codebase, text);
-    process.kill(inst.pid, 'SIGHUP');
-    for (;;) {
-      const ack = parseReloadAck(readFrom(inst.logFile, offset), inst.threads);
+    const codebases = [...new Set(live.map((i) => i.codebase!))];
+    this.delivering = true;
+    try {
+      const offsets = live.map((i) => fileSize(i.logFile));
+      for (const dir of codebases) writeConfig(dir, text);
+      for (const i of live) signal(i, 'SIGHUP');
+      const outcome = await this.awaitAcks(live, offsets, timeoutMs, t0);
       const ms = performance.now() - t0;
-      if (ack.state === 'ok') {
+      const bad = live.map((_, k) => k).filter((k) => outcome[k]!.state === 'failed' || outcome[k]!.state === 'pending');
+      if (bad.length === 0) {
         writeFileSync(this.configFile, text);
-        this.reloads += 1;
-        this.lastReload = { at: new Date().toISOString(), ms, ok: true };
-        return { changed: true, applied: true, ms };
+        const acked = outcome.some((o) => o.state === 'ok');
+        if (acked) {
+          this.reloads += 1;
+          this.lastReload = { at: new Date().toISOString(), ms, ok: true };
+        }
+        // Every instance died meanwhile: the restarted ones start from this config.
+        return { changed: true, applied: acked, ms };
       }
-      if (!isAlive(inst) && ack.state === 'pending') {
-        // It died for its own reasons (the check loop restarts it): the next instance starts from this config.
-        writeFileSync(this.configFile, text);
-        return { changed: true, applied: false, ms };
-      }
-      if (ack.state === 'failed' || ms > timeoutMs) {
-        writeConfig(inst.codebase, previous ?? this.startConfig());
-        this.reloadFailures += 1;
-        const error = ack.state === 'failed' ? ack.line : `no reload ack within ${timeoutMs} ms`;
-        this.lastReload = { at: new Date().toISOString(), ms, ok: false, error };
-        log.error({ error, log: readFrom(inst.logFile, offset).slice(-2000) }, 'proxy rejected the new config; last good config kept');
-        throw new ProxyReloadError(`proxy did not apply the new config: ${error}`, { pid: inst.pid });
-      }
+      // Roll back: the previous file, and instances that took the new config reload the previous one.
+      const back = previous ?? this.startConfig();
+      for (const dir of codebases) writeConfig(dir, back);
+      const took = live.filter((_, k) => outcome[k]!.state === 'ok');
+      const backOffsets = took.map((i) => fileSize(i.logFile));
+      for (const i of took) signal(i, 'SIGHUP');
+      if (took.length) await this.awaitAcks(took, backOffsets, timeoutMs, performance.now());
+      this.reloadFailures += 1;
+      const first = outcome[bad[0]!]!;
+      const error = first.state === 'failed' ? first.line : `no reload ack within ${timeoutMs} ms`;
+      this.lastReload = { at: new Date().toISOString(), ms, ok: false, error };
+      const pids = bad.map((k) => live[k]!.pid);
+      log.error({ error, pids, log: readFrom(live[bad[0]!]!.logFile, offsets[bad[0]!]!).slice(-2000) }, 'proxy rejected the new config; last good config kept');
+      throw new ProxyReloadError(`proxy did not apply the new config: ${error}`, { pids });
+    } finally {
+      this.delivering = false;
+    }
+  }
+
+  /** Each instance's reload outcome: ok, failed (its log says so), pending (no ack in time), gone (died meanwhile). */
+  private async awaitAcks(insts: ProxyInstance[], offsets: number[], timeoutMs: number, t0: number): Promise<Array<ReloadOutcome>> {
+    const out: ReloadOutcome[] = insts.map(() => ({ state: 'pending' }));
+    for (;;) {
+      let waiting = false;
+      insts.forEach((inst, k) => {
+        if (out[k]!.state !== 'pending') return;
+        const ack = parseReloadAck(readFrom(inst.logFile, offsets[k]!), inst.threads);
+        if (ack.state !== 'pending') out[k] = ack;
+        else if (!isAlive(inst)) out[k] = { state: 'gone' };
+        else waiting = true;
+      });
+      if (!waiting || performance.now() - t0 > timeoutMs) return out;
       await sleep(2);
     }
   }
 
-  private writeState(inst: ProxyInstance): void {
+  private async enableRequestMigration(): Promise<void> {
+    const argv = ['sysctl', '-qw', 'net.ipv4.tcp_migrate_req=1'];
+    const r = this.opts.netns ? await run('nsenter', [`--net=/run/netns/${this.opts.netns}`, '--', ...argv], { allowFail: true }) : await run(argv[0]!, argv.slice(1), { allowFail: true });
+    if (r.code !== 0) log.warn({ err: r.stderr.trim() }, 'cannot enable tcp_migrate_req; connections queued on a closing listener may be reset');
+  }
+
+  /** proxy.json: the slots' instances in order, and (during an upgrade) the old ones being retired. */
+  private writeState(retiring: ProxyInstance[] = []): void {
+    const record: AdoptionRecord = { instances: this.slots.flatMap((s) => (s.inst ? [s.inst] : [])), retiring };
     const tmp = `${this.stateFile}.tmp`;
-    writeFileSync(tmp, JSON.stringify(inst) + '\n');
+    writeFileSync(tmp, JSON.stringify(record) + '\n');
     renameSync(tmp, this.stateFile);
   }
 
-  private readState(): ProxyInstance | undefined {
+  private readState(): AdoptionRecord {
     try {
-      const s = JSON.parse(readFileSync(this.stateFile, 'utf8')) as ProxyInstance;
-      return Number.isInteger(s.pid) && s.pid > 0 && typeof s.startTime === 'string' ? s : undefined;
+      return parseAdoptionRecord(readFileSync(this.stateFile, 'utf8'));
     } catch {
-      return undefined;
+      return { instances: [], retiring: [] };
     }
   }
 
@@ -651,10 +837,24 @@ export class ProxySupervisor {
   }
 }
 
-/** tcp_migrate_req is per network namespace: set it from inside the proxy's (Linux 5.14+; older kernels just lack it). */
-async function enableRequestMigration(pid: number): Promise<void> {
-  const r = await run('nsenter', [`--net=/proc/${pid}/ns/net`, '--', 'sysctl', '-qw', 'net.ipv4.tcp_migrate_req=1'], { allowFail: true });
-  if (r.code !== 0) log.warn({ err: r.stderr.trim() }, 'cannot enable tcp_migrate_req; connections queued on the old listener may be reset during the upgrade');
+type ReloadOutcome = { state: 'pending' } | { state: 'ok' } | { state: 'failed'; line: string } | { state: 'gone' };
+
+const instanceId = (i: ProxyInstance): string => `${i.pid}:${i.startTime}`;
+
+function signal(inst: ProxyInstance, sig: NodeJS.Signals): void {
+  try {
+    process.kill(inst.pid, sig);
+  } catch {
+    // gone: its reload outcome is "gone"
+  }
+}
+
+function fileSize(file: string): number {
+  try {
+    return statSync(file).size;
+  } catch {
+    return 0;
+  }
 }
 
 function readFrom(file: string, offset: number): string {

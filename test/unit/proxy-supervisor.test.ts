@@ -122,7 +122,9 @@ describe('proxy supervisor with a fake proxy', () => {
       outboundPort: ports[0]!,
       inboundPort: ports[1]!,
       checkIntervalMs: 20,
-      pipy: { bin: FAKE, programDir: PROGRAM, adminPort: ports[2]!, threads: 2 },
+      pipy: { bin: FAKE, programDir: PROGRAM, adminPort: ports[2]!, threads: 2, instances: 1 },
+      // The host namespace: never touch its sysctls.
+      migrateRequests: false,
       backoff: { baseMs: 10, maxMs: 40 },
       crashLoop: { crashes: 3, windowMs: 60_000 },
       recoverAfterMs: 100,
@@ -142,7 +144,7 @@ describe('proxy supervisor with a fake proxy', () => {
     const st = sup.status();
     expect(st).toMatchObject({ kind: 'pipy', up: true, listening: true, version: '0.0.0-fake', threads: 2, restarts: 0, crashLoop: false });
     expect(starts()).toEqual([st.pid]);
-    expect(await sup.metrics()).toBe('{"version":0}');
+    expect(await sup.metrics()).toBe('# TYPE fake_scrapes counter\nfake_scrapes 1\n# TYPE fake_reloads counter\nfake_reloads 0\n# TYPE fake_up gauge\nfake_up 1\n');
   });
 
   test('deliver: config.json replaced, SIGHUP, acked by every thread; same config again is a no-op', async () => {
@@ -233,7 +235,7 @@ describe('proxy supervisor with a fake proxy', () => {
   });
 
   test('a proxy that never listens is killed after the start timeout and counted as a crash', async () => {
-    const { sup } = await supervisor({ FAKE_PROXY_MODE: 'slow-start:60000', FAKE_PROXY_FAULTY: '1' }, { startTimeoutMs: 300 });
+    const { sup } = await supervisor({ FAKE_PROXY_MODE: 'slow-start:60000', FAKE_PROXY_FAULTY: '1' }, { startTimeoutMs: 1500 });
     await sup.start();
     const st = await eventually(async () => sup.status(), (s) => s.listening, 10_000);
     expect(st).toMatchObject({ restarts: 1, crashes: 1, listening: true });
@@ -274,6 +276,174 @@ describe('proxy supervisor with a fake proxy', () => {
     expect(readFileSync(events, 'utf8')).toMatch(/"event":"sigint","ignored":true/);
     expect(existsSync(join(dir, 'state', 'proxy.json'))).toBe(false);
     expect(await sup.stop(300)).toBe(false);
+  });
+
+  /** Two instances sharing the ports (threads 2 -> 1 each). */
+  async function pair(env: Record<string, string> = {}, extra: Partial<ProxySupervisorOptions> = {}): Promise<{ sup: ProxySupervisor; ports: number[] }> {
+    const { sup, ports } = await supervisor(env, extra);
+    const opts = (sup as unknown as { opts: ProxySupervisorOptions }).opts;
+    opts.pipy = { ...opts.pipy, instances: 2 };
+    return { sup, ports };
+  }
+  const reloadEvents = (): Array<{ pid: number; version: number }> =>
+    readFileSync(events, 'utf8').split('\n').filter((l) => l.includes('"reload"')).map((l) => JSON.parse(l) as { pid: number; version: number });
+
+  test('two instances: both listen on the ports, own admin ports and logs, threads split, both recorded', async () => {
+    const { sup, ports } = await pair();
+    await sup.start();
+    await sup.waitReady(10_000, { all: true });
+    const st = sup.status();
+    expect(st).toMatchObject({ instanceCount: 2, listening: true, threads: 2, restarts: 0 });
+    expect(st.instances.map((i) => [i.slot, i.listening, i.threads, i.adminPort])).toEqual([[0, true, 1, ports[2]], [1, true, 1, ports[2]! + 1]]);
+    expect(new Set(st.instances.map((i) => i.pid)).size).toBe(2);
+    expect(starts().sort()).toEqual(st.instances.map((i) => i.pid).sort());
+    const record = JSON.parse(readFileSync(join(dir, 'state', 'proxy.json'), 'utf8')) as { instances: Array<{ pid: number; logFile: string }> };
+    expect(record.instances.map((i) => i.pid)).toEqual(st.instances.map((i) => i.pid));
+    expect(record.instances.map((i) => i.logFile)).toEqual([join(dir, 'state', `proxy-${ports[2]}.log`), join(dir, 'state', `proxy-${ports[2]! + 1}.log`)]);
+  });
+
+  test('two instances: kill -9 of one keeps the proxy ready; only that one is restarted and counted', async () => {
+    const { sup } = await pair({}, { backoff: { baseMs: 300, maxMs: 300 } });
+    await sup.start();
+    await sup.waitReady(10_000, { all: true });
+    const [a, b] = sup.status().instances.map((i) => i.pid!);
+    process.kill(b!, 'SIGKILL');
+    const down = await eventually(async () => sup.status(), (s) => !s.instances[1]!.listening, 5000);
+    // The survivor carries the ports: still ready, and status shows the dead one.
+    expect(down).toMatchObject({ listening: true, up: true });
+    expect(sup.ready()).toBe(true);
+    const st = await eventually(async () => sup.status(), (s) => s.instances[1]!.listening && s.instances[1]!.pid !== b, 10_000);
+    expect(st.instances[0]).toMatchObject({ pid: a, restarts: 0, crashes: 0 });
+    expect(st.instances[1]).toMatchObject({ restarts: 1, crashes: 1, crashLoop: false });
+    expect(st.instances[1]!.lastExit).toMatch(/proxy instance 1 \(pid \d+\) exited/);
+    expect(st).toMatchObject({ restarts: 1, crashes: 1, crashLoop: false });
+  });
+
+  test('two instances: a crash loop of one is its own; the proxy stays available and fail-open keeps interception', async () => {
+    // The instance on the second admin port always crashes at start.
+    const { sup, ports } = await pair({}, { failurePolicy: 'fail-open' });
+    (sup as unknown as { opts: ProxySupervisorOptions }).opts.env!.FAKE_PROXY_CRASH_ADMIN_PORT = String(ports[2]! + 1);
+    const calls: boolean[] = [];
+    sup.onInterception((w) => calls.push(w));
+    await sup.start();
+    const st = await eventually(async () => sup.status(), (s) => s.instances[1]!.crashLoop, 10_000);
+    expect(st).toMatchObject({ listening: true, crashLoop: false, crashLoopsDetected: 0, interceptionWanted: true });
+    expect(st.instances[0]).toMatchObject({ listening: true, crashes: 0 });
+    expect(st.instances[1]!.crashes).toBeGreaterThanOrEqual(3);
+    expect(calls).toEqual([]);
+  });
+
+  test('two instances: deliver SIGHUPs both and waits for both acks', async () => {
+    const { sup, ports } = await pair();
+    await sup.start();
+    await sup.waitReady(10_000, { all: true });
+    expect(await sup.deliver({ version: 3 })).toMatchObject({ changed: true, applied: true });
+    const pids = sup.status().instances.map((i) => i.pid).sort();
+    expect(reloadEvents().filter((e) => e.version === 3).map((e) => e.pid).sort()).toEqual(pids);
+    expect([await adminVersion(ports[2]!), await adminVersion(ports[2]! + 1)]).toEqual([3, 3]);
+  });
+
+  test('two instances: one rejects: the other reloads the previous config back, the file is rolled back', async () => {
+    const { sup, ports } = await pair();
+    await sup.start();
+    await sup.waitReady(10_000, { all: true });
+    await sup.deliver({ version: 1 });
+    await expect(sup.deliver({ version: 2, reject: ports[2]! + 1 })).rejects.toThrow(ProxyReloadError);
+    expect([await adminVersion(ports[2]!), await adminVersion(ports[2]! + 1)]).toEqual([1, 1]);
+    expect(sup.status()).toMatchObject({ reloads: 1, reloadFailures: 1, lastReload: { ok: false } });
+    expect(JSON.parse(readFileSync(join(dir, 'state', 'proxy-config.json'), 'utf8'))).toEqual({ version: 1 });
+  });
+
+  test('two instances: /metrics summed, counters of a killed instance kept, gauges of live ones only', async () => {
+    const { sup } = await pair({}, { backoff: { baseMs: 10, maxMs: 10 } });
+    await sup.start();
+    await sup.waitReady(10_000, { all: true });
+    await sup.metrics();
+    let text = (await sup.metrics())!;
+    expect(text).toMatch(/^fake_scrapes 4$/m);
+    expect(text).toMatch(/^fake_up 2$/m);
+    const b = sup.status().instances[1]!.pid!;
+    process.kill(b, 'SIGKILL');
+    await eventually(async () => sup.status(), (s) => s.instances[1]!.listening && s.instances[1]!.pid !== b, 10_000);
+    text = (await sup.metrics())!;
+    // slot 0: 3 scrapes; slot 1: 2 by the killed process + 1 by its successor.
+    expect(text).toMatch(/^fake_scrapes 6$/m);
+    expect(text).toMatch(/^fake_up 2$/m);
+  });
+
+  test('adoption: a restarted agent adopts both instances and starts none', async () => {
+    const { sup } = await pair();
+    await sup.start();
+    await sup.waitReady(10_000, { all: true });
+    const pids = sup.status().instances.map((i) => i.pid);
+    sup.detach();
+    const again = new ProxySupervisor((sup as unknown as { opts: ProxySupervisorOptions }).opts);
+    supervisors.push(again);
+    await again.start();
+    expect(again.status()).toMatchObject({ adopted: true, listening: true });
+    expect(again.status().instances.map((i) => i.pid)).toEqual(pids);
+    expect(starts()).toHaveLength(2);
+  });
+
+  test('adoption of the previous version\'s single-instance record: a fitting instance is kept and the set grown', async () => {
+    const { sup } = await supervisor({}, {});
+    const opts = (sup as unknown as { opts: ProxySupervisorOptions }).opts;
+    opts.pipy = { ...opts.pipy, threads: 1 };
+    await sup.start();
+    await sup.waitReady();
+    const old = sup.status().pid!;
+    sup.detach();
+    // What the previous version wrote: the instance object itself.
+    const file = join(dir, 'state', 'proxy.json');
+    writeFileSync(file, JSON.stringify((JSON.parse(readFileSync(file, 'utf8')) as { instances: unknown[] }).instances[0]));
+    const grown = new ProxySupervisor({ ...opts, pipy: { ...opts.pipy, threads: 2, instances: 2 } });
+    supervisors.push(grown);
+    await grown.start();
+    expect(grown.ready()).toBe(true);
+    await grown.waitReady(10_000, { all: true });
+    const st = grown.status();
+    expect(st.instances[0]!.pid).toBe(old);
+    expect(st).toMatchObject({ adopted: true, upgrades: 0, instanceCount: 2 });
+    expect(starts()).toHaveLength(2);
+    expect((JSON.parse(readFileSync(file, 'utf8')) as { instances: Array<{ pid: number }> }).instances.map((i) => i.pid)).toEqual(st.instances.map((i) => i.pid));
+  });
+
+  test('adoption of the previous version\'s 2-thread single instance: replaced by two 1-thread instances, always ready', async () => {
+    const { sup } = await supervisor();
+    await sup.start();
+    await sup.waitReady();
+    const old = sup.status().pid!;
+    sup.detach();
+    const file = join(dir, 'state', 'proxy.json');
+    writeFileSync(file, JSON.stringify((JSON.parse(readFileSync(file, 'utf8')) as { instances: unknown[] }).instances[0]));
+    const opts = (sup as unknown as { opts: ProxySupervisorOptions }).opts;
+    const next = new ProxySupervisor({ ...opts, pipy: { ...opts.pipy, instances: 2 } });
+    supervisors.push(next);
+    await next.start();
+    let gaps = 0;
+    const st = await eventually(async () => {
+      if (!next.ready()) gaps += 1;
+      return next.status();
+    }, (s) => s.upgrades === 1, 10_000);
+    expect(gaps).toBe(0);
+    expect(alive(old)).toBe(false);
+    expect(st.instances.map((i) => [i.threads, i.listening])).toEqual([[1, true], [1, true]]);
+    expect(st.instances.map((i) => i.pid)).not.toContain(old);
+  });
+
+  test('upgrade: the new set starts beside the old on disjoint admin ports, then the old set is retired', async () => {
+    const { sup, ports } = await pair();
+    await sup.start();
+    await sup.waitReady(10_000, { all: true });
+    const old = sup.status().instances.map((i) => i.pid!);
+    await sup.deliver({ version: 9 });
+    await sup.upgrade('test');
+    const st = sup.status();
+    expect(st.instances.map((i) => i.adminPort)).toEqual([ports[2]! + 2, ports[2]! + 3]);
+    expect(st.instances.every((i) => i.listening)).toBe(true);
+    expect(old.some(alive)).toBe(false);
+    expect([await adminVersion(ports[2]! + 2), await adminVersion(ports[2]! + 3)]).toEqual([9, 9]);
+    expect((JSON.parse(readFileSync(join(dir, 'state', 'proxy.json'), 'utf8')) as { retiring: unknown[] }).retiring).toEqual([]);
   });
 
   test('stop: a well-behaved proxy exits on SIGINT', async () => {

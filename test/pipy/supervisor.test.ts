@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Topology, type TopoNode } from '../../src/lab/topology.js';
 import { findPipy } from '../../src/proxy/pipy.js';
-import { ProxySupervisor, type ProxySupervisorOptions } from '../../src/proxy/supervisor.js';
+import { ProxySupervisor, type ProxyStatus, type ProxySupervisorOptions } from '../../src/proxy/supervisor.js';
 import { cgroupPids } from '../../src/util/cgroup.js';
 import { eventually } from '../support/eventually.js';
 import { uniqueTestPrefix } from '../support/names.js';
@@ -88,6 +88,11 @@ describeWithPipy('proxy supervisor with real Pipy', () => {
   };
   const config = (version: number): object => ({ version, outboundPort: 15001, inboundPort: 15003 });
   const get = async (): Promise<string> => (await node.run('curl', ['-s', '--max-time', '2', 'http://127.0.0.1:15001/'])).stdout;
+  /** The distinct answers of 40 new connections: the reuseport hash of their source ports spreads them over every instance. */
+  const answers = async (): Promise<string[]> => {
+    const r = await node.run('sh', ['-c', 'for i in $(seq 1 40); do curl -s --max-time 2 http://127.0.0.1:15001/; done']);
+    return [...new Set(r.stdout.split('\n').filter(Boolean))];
+  };
   const wrk = async (seconds: number, connections = 20): Promise<WrkResult> =>
     parseWrk((await node.run('wrk', ['-t1', `-c${connections}`, `-d${seconds}s`, 'http://127.0.0.1:15001/'])).stdout);
   const pipyPids = async (): Promise<number[]> => cgroupPids(node.proxyCgroup);
@@ -96,12 +101,15 @@ describeWithPipy('proxy supervisor with real Pipy', () => {
     const sup = supervisor();
     await sup.start();
     await sup.waitReady();
+    await sup.waitReady(10_000, { all: true });
     const st = sup.status();
-    expect(st).toMatchObject({ kind: 'pipy', up: true, listening: true, restarts: 0 });
+    expect(st).toMatchObject({ kind: 'pipy', up: true, listening: true, restarts: 0, instanceCount: 2, threads: 2 });
     expect(st.version).toEqual(expect.any(String));
-    expect(await pipyPids()).toEqual([st.pid]);
+    // Two instances (the default), one thread each, both listening on the shared ports.
+    expect(st.instances.map((i) => [i.threads, i.listening, i.adminPort])).toEqual([[1, true, 6060], [1, true, 6061]]);
+    expect((await pipyPids()).sort()).toEqual(st.instances.map((i) => i.pid).sort());
     expect(await get()).toBe('version=0\n');
-    // Pipy's own metrics, fetched from inside the node namespace.
+    // Pipy's own metrics, fetched from inside the node namespace, summed over both instances.
     expect(await sup.metrics()).toMatch(/^pipy_inbound_count/m);
   });
 
@@ -124,22 +132,41 @@ describeWithPipy('proxy supervisor with real Pipy', () => {
     expect(await get()).toBe('version=100\n');
   });
 
-  test('kill -9: the proxy comes back with the last delivered config', async () => {
+  test('kill -9 of each instance: it comes back with the last delivered config, the other keeps serving', async () => {
     const sup = supervisor();
     await sup.start();
-    await sup.waitReady();
+    await sup.waitReady(10_000, { all: true });
     await sup.deliver(config(42));
+    for (const slot of [0, 1]) {
+      const first = sup.status().instances[slot]!.pid!;
+      const other = sup.status().instances[1 - slot]!.pid!;
+      const t0 = performance.now();
+      process.kill(first, 'SIGKILL');
+      expect(await get()).toBe('version=42\n');
+      const st = await eventually(async () => sup.status(), (s) => s.instances[slot]!.listening && s.instances[slot]!.pid !== first, 10_000);
+      console.log(`restart of instance ${slot} after kill -9: listening again after ${(performance.now() - t0).toFixed(0)} ms`);
+      expect(st.instances[slot]).toMatchObject({ restarts: 1, crashes: 1, listening: true });
+      expect(st.instances[1 - slot]!.pid).toBe(other);
+    }
+    expect(sup.status()).toMatchObject({ restarts: 2, crashes: 2, listening: true });
+    // The restarted instances run the delivered config too.
+    expect(await answers()).toEqual(['version=42']);
+  });
+
+  test('one instance: kill -9 leaves the node without a listener until the restart', async () => {
+    const sup = new ProxySupervisor({ ...options(), pipy: { ...options().pipy, instances: 1 } });
+    sups.push(sup);
+    await sup.start();
+    await sup.waitReady();
     const first = sup.status().pid!;
-    const t0 = performance.now();
     process.kill(first, 'SIGKILL');
+    await eventually(async () => sup.ready(), (r) => !r, 5000);
     const st = await eventually(async () => sup.status(), (s) => s.listening && s.pid !== first, 10_000);
-    console.log(`restart after kill -9: ready again after ${(performance.now() - t0).toFixed(0)} ms`);
-    expect(st).toMatchObject({ restarts: 1, crashes: 1, listening: true });
-    expect(await get()).toBe('version=42\n');
+    expect(st).toMatchObject({ restarts: 1, crashes: 1, instanceCount: 1 });
   });
 
   test('agent SIGKILL and restart while traffic flows: 0 failed requests, one proxy afterwards', async () => {
-    const startHost = async (): Promise<{ pid: number; adopted: boolean }> => {
+    const startHost = async (): Promise<ProxyStatus> => {
       const h = spawn(process.execPath, ['--import', TS_REGISTER, HOST, JSON.stringify(options())], { stdio: ['ignore', 'pipe', 'inherit'] });
       hosts.push(h);
       const line = await new Promise<string>((resolve, reject) => {
@@ -150,7 +177,7 @@ describeWithPipy('proxy supervisor with real Pipy', () => {
         });
         h.once('exit', (code) => reject(new Error(`supervisor host exited ${code}`)));
       });
-      return JSON.parse(line) as { pid: number; adopted: boolean };
+      return JSON.parse(line) as ProxyStatus;
     };
     const first = await startHost();
     expect(first.adopted).toBe(false);
@@ -161,7 +188,8 @@ describeWithPipy('proxy supervisor with real Pipy', () => {
     const second = await startHost();
     const result = await load;
     expect(second).toMatchObject({ pid: first.pid, adopted: true });
-    expect(await pipyPids()).toEqual([first.pid]);
+    expect(second.instances.map((i) => i.pid)).toEqual(first.instances.map((i) => i.pid));
+    expect((await pipyPids()).sort()).toEqual(first.instances.map((i) => i.pid).sort());
     expect(result.requests).toBeGreaterThan(0);
     expect({ socketErrors: result.socketErrors, non2xx: result.non2xx }).toEqual({ socketErrors: 0, non2xx: 0 });
     // Leave the proxy to this test's cleanup: a supervisor that adopts and stops it.
@@ -176,15 +204,17 @@ describeWithPipy('proxy supervisor with real Pipy', () => {
     await sup.start();
     await sup.waitReady();
     await sup.deliver(config(7));
-    const old = sup.status().pid!;
+    const old = sup.status().instances.map((i) => i.pid!);
     const load = wrk(4);
     await new Promise((r) => setTimeout(r, 1000));
     await sup.upgrade('test');
     const result = await load;
     const st = sup.status();
     expect(st).toMatchObject({ upgrades: 1, listening: true });
-    expect(st.pid).not.toBe(old);
-    expect(await pipyPids()).toEqual([st.pid]);
+    // The new set on admin ports disjoint from the old set's.
+    expect(st.instances.map((i) => i.adminPort)).toEqual([6062, 6063]);
+    expect(st.instances.map((i) => i.pid)).not.toContain(old[0]);
+    expect((await pipyPids()).sort()).toEqual(st.instances.map((i) => i.pid).sort());
     expect(await get()).toBe('version=7\n');
     expect((await node.run('sysctl', ['-n', 'net.ipv4.tcp_migrate_req'])).stdout.trim()).toBe('1');
     expect(result.requests).toBeGreaterThan(0);
@@ -196,14 +226,17 @@ describeWithPipy('proxy supervisor with real Pipy', () => {
     sups.push(sup);
     await sup.start();
     await sup.waitReady();
-    const pid = sup.status().pid;
+    await sup.waitReady(10_000, { all: true });
+    const pids = sup.status().instances.map((i) => i.pid);
     const { probeAdmin } = await import('../../src/proxy/health.js');
     const t0 = performance.now();
-    expect(await probeAdmin(6060, 1000, `/proc/${pid}/ns/net`)).toBe(true);
+    expect(await probeAdmin(6060, 1000, `/proc/${pids[0]}/ns/net`)).toBe(true);
     console.log(`admin probe through nsenter: ${(performance.now() - t0).toFixed(0)} ms`);
-    expect(await probeAdmin(6061, 1000, `/proc/${pid}/ns/net`)).toBe(false);
+    expect(await probeAdmin(6061, 1000, `/proc/${pids[0]}/ns/net`)).toBe(true);
+    expect(await probeAdmin(6062, 1000, `/proc/${pids[0]}/ns/net`)).toBe(false);
     await new Promise((r) => setTimeout(r, 1500));
-    expect(sup.status()).toMatchObject({ pid, restarts: 0, crashes: 0 });
+    expect(sup.status()).toMatchObject({ restarts: 0, crashes: 0 });
+    expect(sup.status().instances.map((i) => i.pid)).toEqual(pids);
   });
 
   test('runs as uid 1500 when configured, still listening and reloading', async () => {
@@ -211,9 +244,11 @@ describeWithPipy('proxy supervisor with real Pipy', () => {
     const sup = new ProxySupervisor({ ...options(), runAs: { uid: 1500, gid: 1500 } });
     sups.push(sup);
     await sup.start();
-    await sup.waitReady();
-    const status = readFileSync(`/proc/${sup.status().pid}/status`, 'utf8');
-    expect(/^Uid:\s+(\d+)/m.exec(status)?.[1]).toBe('1500');
+    await sup.waitReady(10_000, { all: true });
+    for (const i of sup.status().instances) {
+      const status = readFileSync(`/proc/${i.pid}/status`, 'utf8');
+      expect(/^Uid:\s+(\d+)/m.exec(status)?.[1]).toBe('1500');
+    }
     expect(await sup.deliver(config(3))).toMatchObject({ applied: true });
     expect(await get()).toBe('version=3\n');
   });

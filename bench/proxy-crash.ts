@@ -1,0 +1,347 @@
+import type { ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createDataplane } from '../src/dataplane/index.js';
+import { noExclusions, type DesiredState, type InterceptionMode } from '../src/dataplane/types.js';
+import { Topology, type TopoNode, type TopoPod } from '../src/lab/topology.js';
+import { NodePolicySchema, POLICY_API_VERSION, type NodePolicy } from '../src/policy/schema.js';
+import { renderProxyConfig } from '../src/proxy/config.js';
+import { DEFAULT_PIPY_INSTANCES } from '../src/proxy/instances.js';
+import { pipyBinary } from '../src/proxy/pipy.js';
+import { ProxySupervisor } from '../src/proxy/supervisor.js';
+import { packageRoot } from '../src/util/paths.js';
+import type { BenchFlags } from './run.js';
+import { intFlag, quantile, round } from './util.js';
+
+/**
+ * `npm run bench -- proxy-crash [--mode ebpf|iptables] [--instances 1,2] [--kills 2] [--connections 8]`
+ *
+ * kill -9 of one node-proxy instance under connection-per-request load from a
+ * pod, on a real topology node: the project's Pipy program run by the real
+ * ProxySupervisor (N instances sharing 15001/15003 with SO_REUSEPORT), the
+ * pods intercepted by the real dataplane of each mode. Pod a sends HTTP GETs,
+ * each on a new connection (Connection: close), to a service cluster IP that
+ * only the proxy can route (to pod b on the same node); every --gap-ms one
+ * instance (in turn) is killed with SIGKILL while the supervisor restarts it.
+ *
+ * Per mode and instance count, one row:
+ *   failed_new_connections  connections started after a kill (not open at any
+ *                           kill) that failed: the target is 0 with 2 instances;
+ *   broken_in_flight        connections open at the moment of a kill that failed
+ *                           (only the killed instance's own may break);
+ *   rps_before_kill, relisten_ms (kill -> that instance listening again),
+ *   rss_kb per instance idle and under load.
+ * The load client and the proxies share the machine's 2 cores.
+ */
+
+const PORT = 8080;
+const OUT = 15001;
+const IN = 15003;
+const NS = 'crash';
+const SERVICE_IP = '10.96.7.7';
+
+// Answers every request with a fixed 200 (keep-alive; the client closes).
+const HTTP_SERVER = `
+const net = require('node:net');
+const RESP = Buffer.from('HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\nContent-Type: text/plain\\r\\n\\r\\nok');
+net.createServer((s) => {
+  let tail = '';
+  s.on('data', (d) => {
+    const str = tail + d.toString('latin1');
+    let n = 0, i = 0, end = 0;
+    while ((i = str.indexOf('\\r\\n\\r\\n', i)) >= 0) { n++; i += 4; end = i; }
+    tail = str.slice(end);
+    if (n > 0) s.write(n === 1 ? RESP : Buffer.concat(Array(n).fill(RESP)));
+  });
+  s.on('error', () => {});
+}).listen(${PORT}, '0.0.0.0', () => console.log('listening'));
+`;
+
+/**
+ * Connection-per-request load: `conns` workers for `ms` milliseconds, each
+ * opening a connection, sending one GET with Connection: close and waiting
+ * for the whole 200 answer. Times are process.hrtime (CLOCK_MONOTONIC, the
+ * same clock in every process of the machine) in microseconds. Prints
+ * "started", then one JSON line: ok count, ok per 100 ms, and each failure
+ * [start_us, end_us, phase, code].
+ */
+const LOAD_CLIENT = `
+const net = require('node:net');
+const [host, port, conns, ms] = process.argv.slice(1);
+const now = () => Number(process.hrtime.bigint() / 1000n);
+const REQ = 'GET / HTTP/1.1\\r\\nHost: server\\r\\nConnection: close\\r\\n\\r\\n';
+const t0 = now(); const end = t0 + Number(ms) * 1000;
+const out = { t0, ok: 0, okPer100ms: [], failures: [] };
+const one = () => new Promise((resolve) => {
+  const start = now(); let got = ''; let connected = false; let done = false;
+  const s = net.connect({ host, port: Number(port) });
+  const finish = (ok, code) => {
+    if (done) return; done = true; s.destroy();
+    if (ok) { out.ok++; const b = Math.floor((start - t0) / 100000); out.okPer100ms[b] = (out.okPer100ms[b] || 0) + 1; }
+    else out.failures.push([start, now(), connected ? 'response' : 'connect', code]);
+    resolve();
+  };
+  s.setTimeout(5000, () => finish(false, 'timeout'));
+  s.on('connect', () => { connected = true; s.write(REQ); });
+  s.on('data', (d) => { got += d.toString('latin1'); if (got.endsWith('\\r\\n\\r\\nok')) finish(got.startsWith('HTTP/1.1 200'), 'status ' + got.slice(9, 12)); });
+  s.on('error', (e) => finish(false, e.code || e.message));
+  s.on('close', () => finish(false, 'closed early'));
+});
+const worker = async () => { while (now() < end) await one(); };
+console.log('started');
+Promise.all(Array.from({ length: Number(conns) }, worker)).then(() => { for (let i = 0; i < out.okPer100ms.length; i++) out.okPer100ms[i] ||= 0; console.log(JSON.stringify(out)); });
+`;
+
+export interface CrashOptions {
+  mode: InterceptionMode;
+  instances: number;
+  /** Worker threads of the whole proxy (split among the instances). Default 2 (a 2-core board). */
+  threads?: number;
+  kills?: number;
+  gapMs?: number;
+  connections?: number;
+}
+
+export interface CrashResult {
+  mode: InterceptionMode;
+  instances: number;
+  threads_per_instance: number[];
+  kills: number;
+  requests_ok: number;
+  failed_new_connections: number;
+  broken_in_flight: number;
+  /** A few failure codes with their phase, to tell what broke. */
+  failure_kinds: Record<string, number>;
+  rps_before_kill: number;
+  relisten_ms: number[];
+  rss_kb_idle: number[];
+  rss_kb_load: number[];
+  /** Each kill's time, relative to the load's start (ms). */
+  kill_at_ms: number[];
+}
+
+interface LoadOutput {
+  t0: number;
+  ok: number;
+  okPer100ms: number[];
+  failures: Array<[number, number, string, string]>;
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+const nowUs = (): number => Number(process.hrtime.bigint() / 1000n);
+
+function rssKb(pid: number): number {
+  try {
+    return Number(/^VmRSS:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? NaN);
+  } catch {
+    return NaN;
+  }
+}
+
+/** Failures split by whether the connection was open at a kill (in flight) or started after one (new). */
+export function classifyFailures(failures: ReadonlyArray<readonly [number, number, string, string]>, kills: readonly number[]): { failedNew: number; brokenInFlight: number; kinds: Record<string, number> } {
+  let failedNew = 0;
+  let brokenInFlight = 0;
+  const kinds: Record<string, number> = {};
+  for (const [start, end, phase, code] of failures) {
+    const inFlight = kills.some((k) => start <= k && k <= end);
+    if (inFlight) brokenInFlight += 1;
+    else failedNew += 1;
+    const kind = `${inFlight ? 'in-flight' : 'new'} ${phase} ${code}`;
+    kinds[kind] = (kinds[kind] ?? 0) + 1;
+  }
+  return { failedNew, brokenInFlight, kinds };
+}
+
+/** A one-node topology with a client pod, a server pod, and the policy that routes a cluster IP to the server through the node proxy. */
+export class CrashRig {
+  private constructor(
+    readonly topo: Topology,
+    readonly node: TopoNode,
+    readonly client: TopoPod,
+    readonly server: TopoPod,
+    private readonly serverProc: ChildProcess,
+    private readonly work: string,
+    private readonly pipyBin: string,
+  ) {}
+
+  static async create(prefix: string, pipyBin: string): Promise<CrashRig> {
+    const topo = await Topology.create({ prefix, nodes: 1, podsPerNode: 0 });
+    try {
+      const node = topo.nodes[0]!;
+      const client = await topo.addPod(node, 'a');
+      const server = await topo.addPod(node, 'b');
+      const proc = server.exec(process.execPath, ['-e', HTTP_SERVER], { stdio: ['ignore', 'pipe', 'pipe'] });
+      await once(proc.stdout!, 'data');
+      return new CrashRig(topo, node, client, server, proc, mkdtempSync(join(tmpdir(), `${prefix}-crash-`)), pipyBin);
+    } catch (err) {
+      await topo.destroy();
+      throw err;
+    }
+  }
+
+  async destroy(): Promise<void> {
+    this.serverProc.kill('SIGKILL');
+    await this.topo.destroy();
+    rmSync(this.work, { recursive: true, force: true });
+  }
+
+  policy(): NodePolicy {
+    const { node, client, server } = this;
+    const pod = (p: TopoPod) => ({ uid: `uid-${p.name}`, namespace: NS, name: p.name, ip: p.ip, serviceAccount: p.name, cgroup: { qosClass: null, path: p.cgroupPath }, exclusions: noExclusions() });
+    return NodePolicySchema.parse({
+      apiVersion: POLICY_API_VERSION,
+      kind: 'NodePolicy',
+      mesh: { name: NS, inbound: 'permissive', interceptionMode: 'auto', egress: 'allow', trafficPolicy: 'permissive', exclusions: noExclusions() },
+      proxies: [{ node: node.name, addresses: [node.gateway, node.underlayIp] }],
+      node: { name: node.name, addresses: [node.gateway, node.underlayIp], interceptionMode: null },
+      meshPods: [client, server].map((p) => ({ ip: p.ip, namespace: NS, serviceAccount: p.name, node: node.name })),
+      pods: [pod(client), pod(server)],
+      access: [],
+      services: [
+        {
+          namespace: NS,
+          name: 'server',
+          clusterIPs: [SERVICE_IP],
+          ports: [{ name: 'http', port: PORT, protocol: 'TCP', appProtocol: 'http' }],
+          endpoints: [{ ip: server.ip, ports: { http: PORT }, node: node.name, pod: { namespace: NS, name: server.name }, serviceAccount: server.name }],
+        },
+      ],
+      splits: [],
+      version: '00000000000000c1',
+    });
+  }
+
+  desired(): DesiredState {
+    const { node } = this;
+    return {
+      proxy: { address: node.gateway, outboundPort: OUT, inboundPort: IN, cgroupPath: node.proxyCgroup },
+      nodeAddresses: [node.gateway, node.underlayIp],
+      proxySources: [node.gateway, node.underlayIp],
+      mesh: noExclusions(),
+      pods: [this.client, this.server].map((p) => ({ uid: `uid-${p.name}`, namespace: NS, name: p.name, ip: p.ip, cgroupPath: p.cgroupPath, inbound: 'permissive' as const, exclusions: noExclusions() })),
+    };
+  }
+
+  /** One GET through the proxy; true when it answered 200. */
+  async probe(): Promise<boolean> {
+    const r = await this.client.run('curl', ['-s', '-o', '/dev/null', '-w', '%{http_code}', '--max-time', '3', `http://${SERVICE_IP}:${PORT}/`]);
+    return r.stdout.trim() === '200';
+  }
+
+  async run(o: CrashOptions): Promise<CrashResult> {
+    const kills = o.kills ?? 2;
+    const gapMs = o.gapMs ?? 2000;
+    const stateDir = join(this.work, `${o.mode}-${o.instances}-${Date.now()}`);
+    const sup = new ProxySupervisor({
+      kind: 'pipy',
+      stateDir,
+      cgroup: this.node.proxyCgroup,
+      netns: this.node.netns,
+      address: this.node.gateway,
+      outboundPort: OUT,
+      inboundPort: IN,
+      pipy: { bin: this.pipyBin, programDir: join(packageRoot(), 'proxy'), instances: o.instances, threads: o.threads ?? 2 },
+      initialConfig: renderProxyConfig(this.policy(), { outboundPort: OUT, inboundPort: IN }),
+      drainMs: 3000,
+    });
+    const dp = createDataplane(o.mode, { stateDir, bpffsDir: this.node.bpffsDir, podsCgroup: this.node.podsCgroup, proxyCgroup: this.node.proxyCgroup, netns: this.node.netns, fastPath: true });
+    try {
+      await sup.start();
+      await sup.waitReady(20_000, { all: true });
+      await dp.apply(this.desired());
+      if (!(await this.probe())) throw new Error(`no answer through the proxy (${o.mode}, ${o.instances} instances) before the kill`);
+      const pids = (): number[] => sup.status().instances.map((i) => i.pid ?? 0);
+      const rssIdle = pids().map(rssKb);
+      const loadMs = 1000 + kills * gapMs + 500;
+      const client = this.client.exec(process.execPath, ['-e', LOAD_CLIENT, SERVICE_IP, String(PORT), String(o.connections ?? 8), String(loadMs)], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let text = '';
+      client.stdout!.setEncoding('utf8').on('data', (d: string) => (text += d));
+      const exited = once(client, 'exit');
+      while (!text.includes('started')) {
+        if (client.exitCode !== null) throw new Error('load client exited before starting');
+        await sleep(5);
+      }
+      await sleep(800);
+      const rssLoad = pids().map(rssKb);
+      await sleep(200);
+      const killAt: number[] = [];
+      const relisten: number[] = [];
+      for (let k = 0; k < kills; k++) {
+        const slot = k % o.instances;
+        const victim = sup.status().instances[slot]!.pid!;
+        const t = nowUs();
+        process.kill(victim, 'SIGKILL');
+        killAt.push(t);
+        const deadline = Date.now() + 10_000;
+        while (!(sup.status().instances[slot]!.listening && sup.status().instances[slot]!.pid !== victim) && Date.now() < deadline) await sleep(5);
+        relisten.push(round((nowUs() - t) / 1000, 0));
+        const rest = gapMs - (nowUs() - t) / 1000;
+        if (rest > 0) await sleep(rest);
+      }
+      await exited;
+      const load = JSON.parse(text.split('\n').find((l) => l.startsWith('{')) ?? 'null') as LoadOutput | null;
+      if (!load) throw new Error(`load client printed no result: ${text.slice(-300)}`);
+      const { failedNew, brokenInFlight, kinds } = classifyFailures(load.failures, killAt);
+      const firstKillBucket = Math.floor((killAt[0]! - load.t0) / 100_000);
+      const before = load.okPer100ms.slice(2, Math.max(3, firstKillBucket));
+      return {
+        mode: o.mode,
+        instances: o.instances,
+        threads_per_instance: sup.status().instances.map((i) => i.threads),
+        kills,
+        requests_ok: load.ok,
+        failed_new_connections: failedNew,
+        broken_in_flight: brokenInFlight,
+        failure_kinds: kinds,
+        rps_before_kill: round((before.reduce((a, b) => a + b, 0) / Math.max(1, before.length)) * 10, 0),
+        relisten_ms: relisten,
+        rss_kb_idle: rssIdle,
+        rss_kb_load: rssLoad,
+        kill_at_ms: killAt.map((k) => round((k - load.t0) / 1000, 0)),
+      };
+    } finally {
+      await dp.cleanup().catch(() => undefined);
+      await dp.close().catch(() => undefined);
+      await sup.stop(3000);
+    }
+  }
+}
+
+function listFlag(flags: BenchFlags, name: string, dflt: number[]): number[] {
+  const v = flags[name];
+  if (v === undefined) return dflt;
+  const xs = String(v).split(',').map(Number);
+  if (typeof v !== 'string' || xs.some((x) => !Number.isInteger(x) || x < 1)) throw new Error(`--${name} must be a comma-separated list of positive integers, got ${JSON.stringify(v)}`);
+  return xs;
+}
+
+export async function* run(flags: BenchFlags): AsyncGenerator<object> {
+  const pipy = pipyBinary();
+  if (pipy === undefined) {
+    yield { bench: 'proxy-crash', skipped: 'no Pipy binary found (set PIPY_BIN or put pipy on PATH)' };
+    return;
+  }
+  const bpfBuilt = existsSync(join(packageRoot(), 'bpf', 'build', 'connect4.o'));
+  const modes = (flags.mode ? [String(flags.mode)] : ['ebpf', 'iptables']).filter((m): m is InterceptionMode => m === 'iptables' || (m === 'ebpf' && bpfBuilt));
+  const instances = listFlag(flags, 'instances', [1, DEFAULT_PIPY_INSTANCES]);
+  const opts = { kills: intFlag(flags, 'kills', 2), gapMs: intFlag(flags, 'gap-ms', 2000), connections: intFlag(flags, 'connections', 8), threads: intFlag(flags, 'threads', 2) };
+  const rig = await CrashRig.create(`fsmbench${process.pid}c`, pipy);
+  try {
+    for (const mode of modes) {
+      for (const n of instances) {
+        const r = await rig.run({ mode, instances: n, ...opts });
+        yield {
+          bench: 'proxy-crash',
+          ...r,
+          rss_kb_idle_p50: quantile(r.rss_kb_idle, 0.5),
+          rss_kb_load_p50: quantile(r.rss_kb_load, 0.5),
+        };
+      }
+    }
+  } finally {
+    await rig.destroy();
+  }
+}

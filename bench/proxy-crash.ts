@@ -16,7 +16,7 @@ import type { BenchFlags } from './run.js';
 import { intFlag, quantile, round } from './util.js';
 
 /**
- * `npm run bench -- proxy-crash [--mode ebpf|iptables] [--instances 1,2] [--kills 2] [--connections 8]`
+ * `npm run bench -- proxy-crash [--mode ebpf|iptables] [--instances 1,2] [--kills 2] [--gap-ms 2000] [--warm-ms 1000] [--connections 8] [--threads 2] [--no-migrate]`
  *
  * kill -9 of one node-proxy instance under connection-per-request load from a
  * pod, on a real topology node: the project's Pipy program run by the real
@@ -33,7 +33,9 @@ import { intFlag, quantile, round } from './util.js';
  *                           (only the killed instance's own may break);
  *   rps_before_kill, relisten_ms (kill -> that instance listening again),
  *   rss_kb per instance idle and under load.
- * The load client and the proxies share the machine's 2 cores.
+ * --no-migrate leaves net.ipv4.tcp_migrate_req at 0 (what it buys: connections
+ * queued on the killed instance's listeners). The load client and the proxies
+ * share the machine's 2 cores.
  */
 
 const PORT = 8080;
@@ -60,7 +62,8 @@ net.createServer((s) => {
 `;
 
 /**
- * Connection-per-request load: `conns` workers for `ms` milliseconds, each
+ * Connection-per-request load: `conns` workers until stdin closes (at most
+ * `ms` milliseconds), each
  * opening a connection, sending one GET with Connection: close and waiting
  * for the whole 200 answer. Times are process.hrtime (CLOCK_MONOTONIC, the
  * same clock in every process of the machine) in microseconds. Prints
@@ -72,7 +75,8 @@ const net = require('node:net');
 const [host, port, conns, ms] = process.argv.slice(1);
 const now = () => Number(process.hrtime.bigint() / 1000n);
 const REQ = 'GET / HTTP/1.1\\r\\nHost: server\\r\\nConnection: close\\r\\n\\r\\n';
-const t0 = now(); const end = t0 + Number(ms) * 1000;
+const t0 = now(); const end = t0 + Number(ms) * 1000; let stop = false;
+process.stdin.on('end', () => { stop = true; }).resume();
 const out = { t0, ok: 0, okPer100ms: [], failures: [] };
 const one = () => new Promise((resolve) => {
   const start = now(); let got = ''; let connected = false; let done = false;
@@ -89,7 +93,7 @@ const one = () => new Promise((resolve) => {
   s.on('error', (e) => finish(false, e.code || e.message));
   s.on('close', () => finish(false, 'closed early'));
 });
-const worker = async () => { while (now() < end) await one(); };
+const worker = async () => { while (!stop && now() < end) await one(); };
 console.log('started');
 Promise.all(Array.from({ length: Number(conns) }, worker)).then(() => { for (let i = 0; i < out.okPer100ms.length; i++) out.okPer100ms[i] ||= 0; console.log(JSON.stringify(out)); });
 `;
@@ -102,12 +106,17 @@ export interface CrashOptions {
   kills?: number;
   gapMs?: number;
   connections?: number;
+  /** Load before the first kill (rps_before_kill is measured over it). Default 1000 ms. */
+  warmMs?: number;
+  /** net.ipv4.tcp_migrate_req in the node namespace (default true: the supervisor sets it with 2+ instances). */
+  migrate?: boolean;
 }
 
 export interface CrashResult {
   mode: InterceptionMode;
   instances: number;
   threads_per_instance: number[];
+  tcp_migrate_req: number;
   kills: number;
   requests_ok: number;
   failed_new_connections: number;
@@ -246,7 +255,10 @@ export class CrashRig {
       pipy: { bin: this.pipyBin, programDir: join(packageRoot(), 'proxy'), instances: o.instances, threads: o.threads ?? 2 },
       initialConfig: renderProxyConfig(this.policy(), { outboundPort: OUT, inboundPort: IN }),
       drainMs: 3000,
+      migrateRequests: o.migrate !== false,
     });
+    // The sysctl outlives a run in the node namespace: state it for each.
+    await this.node.run('sysctl', ['-qw', `net.ipv4.tcp_migrate_req=${o.migrate === false ? 0 : o.instances > 1 ? 1 : 0}`]);
     const dp = createDataplane(o.mode, { stateDir, bpffsDir: this.node.bpffsDir, podsCgroup: this.node.podsCgroup, proxyCgroup: this.node.proxyCgroup, netns: this.node.netns, fastPath: true });
     try {
       await sup.start();
@@ -255,8 +267,7 @@ export class CrashRig {
       if (!(await this.probe())) throw new Error(`no answer through the proxy (${o.mode}, ${o.instances} instances) before the kill`);
       const pids = (): number[] => sup.status().instances.map((i) => i.pid ?? 0);
       const rssIdle = pids().map(rssKb);
-      const loadMs = 1000 + kills * gapMs + 500;
-      const client = this.client.exec(process.execPath, ['-e', LOAD_CLIENT, SERVICE_IP, String(PORT), String(o.connections ?? 8), String(loadMs)], { stdio: ['ignore', 'pipe', 'pipe'] });
+      const client = this.client.exec(process.execPath, ['-e', LOAD_CLIENT, SERVICE_IP, String(PORT), String(o.connections ?? 8), '120000'], { stdio: ['pipe', 'pipe', 'pipe'] });
       let text = '';
       client.stdout!.setEncoding('utf8').on('data', (d: string) => (text += d));
       const exited = once(client, 'exit');
@@ -264,9 +275,10 @@ export class CrashRig {
         if (client.exitCode !== null) throw new Error('load client exited before starting');
         await sleep(5);
       }
-      await sleep(800);
+      const warmMs = o.warmMs ?? 1000;
+      await sleep(warmMs * 0.8);
       const rssLoad = pids().map(rssKb);
-      await sleep(200);
+      await sleep(warmMs * 0.2);
       const killAt: number[] = [];
       const relisten: number[] = [];
       for (let k = 0; k < kills; k++) {
@@ -281,6 +293,7 @@ export class CrashRig {
         const rest = gapMs - (nowUs() - t) / 1000;
         if (rest > 0) await sleep(rest);
       }
+      client.stdin!.end();
       await exited;
       const load = JSON.parse(text.split('\n').find((l) => l.startsWith('{')) ?? 'null') as LoadOutput | null;
       if (!load) throw new Error(`load client printed no result: ${text.slice(-300)}`);
@@ -291,6 +304,7 @@ export class CrashRig {
         mode: o.mode,
         instances: o.instances,
         threads_per_instance: sup.status().instances.map((i) => i.threads),
+        tcp_migrate_req: Number((await this.node.run('sysctl', ['-n', 'net.ipv4.tcp_migrate_req'])).stdout.trim()),
         kills,
         requests_ok: load.ok,
         failed_new_connections: failedNew,
@@ -327,7 +341,7 @@ export async function* run(flags: BenchFlags): AsyncGenerator<object> {
   const bpfBuilt = existsSync(join(packageRoot(), 'bpf', 'build', 'connect4.o'));
   const modes = (flags.mode ? [String(flags.mode)] : ['ebpf', 'iptables']).filter((m): m is InterceptionMode => m === 'iptables' || (m === 'ebpf' && bpfBuilt));
   const instances = listFlag(flags, 'instances', [1, DEFAULT_PIPY_INSTANCES]);
-  const opts = { kills: intFlag(flags, 'kills', 2), gapMs: intFlag(flags, 'gap-ms', 2000), connections: intFlag(flags, 'connections', 8), threads: intFlag(flags, 'threads', 2) };
+  const opts = { migrate: flags['no-migrate'] !== true, warmMs: intFlag(flags, 'warm-ms', 1000), kills: intFlag(flags, 'kills', 2), gapMs: intFlag(flags, 'gap-ms', 2000), connections: intFlag(flags, 'connections', 8), threads: intFlag(flags, 'threads', 2) };
   const rig = await CrashRig.create(`fsmbench${process.pid}c`, pipy);
   try {
     for (const mode of modes) {

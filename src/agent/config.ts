@@ -37,6 +37,12 @@ export const AgentConfigSchema = z
     failurePolicy: z.enum(['fail-closed', 'fail-open']),
     /** Upper bound on Pipy worker threads (one per CPU up to this): small boards keep memory low. */
     proxyThreadCap: z.coerce.number().int().min(1).max(64),
+    /**
+     * Pipy processes sharing the proxy's listeners (SO_REUSEPORT): with 2 or
+     * more a crash of one fails no new connection. Threads are split among
+     * them. Optional in the type (in-process agents get the supervisor's default).
+     */
+    proxyInstances: z.coerce.number().int().min(1).max(16).optional(),
     /** Addresses of this node that pods and peers use (its own traffic is never redirected). */
     nodeAddresses: z.array(z.string().ip({ version: 'v4' })),
   })
@@ -54,6 +60,7 @@ export const agentDefaults: Partial<AgentConfig> = {
   fastPath: true,
   failurePolicy: 'fail-closed',
   proxyThreadCap: 4,
+  proxyInstances: 2,
   nodeAddresses: [],
 };
 

@@ -50,6 +50,14 @@ describe('agent configuration', () => {
     expect(() => loadAgentConfig({ ...required, listen: 'nowhere' }, {})).toThrow(/--listen.*"nowhere".*HOST:PORT/);
   });
 
+  test('proxy instances: 2 by default, FSMN_PROXY_INSTANCES or --proxy-instances, 1..16', () => {
+    expect(loadAgentConfig(required, {}).proxyInstances).toBe(2);
+    expect(loadAgentConfig(required, { FSMN_PROXY_INSTANCES: '1' }).proxyInstances).toBe(1);
+    expect(loadAgentConfig({ ...required, proxyInstances: '3' }, { FSMN_PROXY_INSTANCES: '1' }).proxyInstances).toBe(3);
+    expect(() => loadAgentConfig({ ...required, proxyInstances: '0' }, {})).toThrow(/--proxy-instances \/ FSMN_PROXY_INSTANCES "0"/);
+    expect(() => loadAgentConfig(required, { FSMN_PROXY_INSTANCES: 'two' })).toThrow(/--proxy-instances \/ FSMN_PROXY_INSTANCES "two"/);
+  });
+
   test('an unknown key in the file is refused by name', () => {
     const dir = tempDir();
     const file = join(dir, 'agent.yaml');

@@ -1,6 +1,7 @@
 import { DEFAULT_PIPY_INSTANCES, instanceCount, logFileName, parseAdoptionRecord, pickAdminPorts, planAdoption, splitThreads, type ProxyInstance } from '../../src/proxy/instances.js';
 import { normalisePipyMetrics } from '../../src/proxy/metrics.js';
 import { InstanceMetricsSum } from '../../src/proxy/metrics-sum.js';
+import { proxyStatusRows } from '../../src/proxy/status-rows.js';
 
 const inst = (pid: number, over: Partial<ProxyInstance> = {}): ProxyInstance => ({
   pid,
@@ -160,5 +161,33 @@ describe('proxy instances: metrics summed across instances', () => {
 
   test('nothing observed: empty', () => {
     expect(new InstanceMetricsSum().render(new Map())).toBe('');
+  });
+});
+
+describe('proxy instances: status lines', () => {
+  test('one instance: the single summary line as before', () => {
+    expect(proxyStatusRows({ kind: 'pipy', pid: 7, up: true, listening: true, restarts: 1, adopted: false, instances: [{ slot: 0, pid: 7, up: true, listening: true, restarts: 1 }] })).toEqual([
+      ['proxy', 'pipy pid 7, listening, 1 restarts'],
+    ]);
+  });
+
+  test('two instances, one down: ready on the other, the dead one shown with its last exit', () => {
+    const rows = proxyStatusRows({
+      kind: 'pipy',
+      pid: 7,
+      up: true,
+      listening: true,
+      restarts: 3,
+      adopted: true,
+      instances: [
+        { slot: 0, pid: 7, up: true, listening: true, restarts: 0, adminPort: 6060, threads: 1 },
+        { slot: 1, pid: 9, up: false, listening: false, restarts: 3, crashLoop: true, adminPort: 6061, threads: 1, lastExit: 'proxy instance 1 (pid 9) exited' },
+      ],
+    });
+    expect(rows).toEqual([
+      ['proxy', 'pipy, 1 of 2 instances listening, 3 restarts, adopted'],
+      ['  instance 0', 'pid 7, listening, admin 6060, 1 thread, 0 restarts'],
+      ['  instance 1', 'pid 9, DOWN (restarting), admin 6061, 1 thread, 3 restarts, CRASH LOOP, last exit: proxy instance 1 (pid 9) exited'],
+    ]);
   });
 });

@@ -1,4 +1,5 @@
 import { FsmNodeError, errorMessage } from '../../errors.js';
+import { proxyStatusRows, type ProxyView } from '../../proxy/status-rows.js';
 import type { Command } from '../command.js';
 
 interface AgentState {
@@ -10,7 +11,7 @@ interface AgentState {
   policy?: { version: string; ageSeconds: number; pods: number };
   applied?: { version: string; pods: number; at: string };
   lastError?: string;
-  proxy?: { kind: string; pid?: number; up: boolean; listening: boolean; restarts: number; adopted: boolean };
+  proxy?: ProxyView;
 }
 
 /** A readable summary of the agent's /v1/state. Pure, so tests can check it without an agent. */
@@ -26,7 +27,7 @@ export function renderStatus(s: AgentState): string {
   }
   if (s.policy) rows.push(['policy', `${s.policy.version.slice(0, 12)} (${s.policy.pods} pods, ${Math.round(s.policy.ageSeconds)} s old)`]);
   if (s.applied) rows.push(['applied', `${s.applied.version.slice(0, 12)}: ${s.applied.pods} pods enrolled at ${s.applied.at}`]);
-  if (s.proxy) rows.push(['proxy', `${s.proxy.kind} pid ${s.proxy.pid ?? '-'}, ${s.proxy.listening ? 'listening' : 'NOT listening'}, ${s.proxy.restarts} restarts${s.proxy.adopted ? ', adopted' : ''}`]);
+  if (s.proxy) rows.push(...proxyStatusRows(s.proxy));
   if (s.lastError) rows.push(['last error', s.lastError]);
   for (const c of s.probe?.checks ?? []) rows.push([`probe ${c.name}`, `${c.ok ? 'ok' : 'FAILED'}: ${c.detail}`]);
   const width = Math.max(...rows.map(([k]) => k.length)) + 2;

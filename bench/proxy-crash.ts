@@ -288,7 +288,11 @@ export class CrashRig {
         process.kill(victim, 'SIGKILL');
         killAt.push(t);
         const deadline = Date.now() + 10_000;
-        while (!(sup.status().instances[slot]!.listening && sup.status().instances[slot]!.pid !== victim) && Date.now() < deadline) await sleep(5);
+        for (;;) {
+          const st = sup.status().instances[slot]!;
+          if ((st.listening && st.pid !== victim) || Date.now() > deadline) break;
+          await sleep(20);
+        }
         relisten.push(round((nowUs() - t) / 1000, 0));
         const rest = gapMs - (nowUs() - t) / 1000;
         if (rest > 0) await sleep(rest);

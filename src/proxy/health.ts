@@ -1,6 +1,6 @@
 import { spawn } from 'node:child_process';
 import http from 'node:http';
-import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
+import { closeSync, openSync, readdirSync, readFileSync, readlinkSync, readSync } from 'node:fs';
 
 /**
  * How the supervisor sees the proxy without sharing its network namespace.
@@ -41,17 +41,49 @@ export function listenInodes(table: string): Map<string, number> {
   return out;
 }
 
-function read(path: string): string {
+/**
+ * The head of a /proc/net/tcp{,6} table up to its last LISTEN row. The kernel
+ * lists the listening hash before the established one, so reading stops at
+ * the first other row: on a node under connection churn the table holds tens
+ * of thousands of TIME_WAIT rows (megabytes the kernel formats on read), and
+ * the supervisor checks every instance twice a second.
+ */
+export function readListenRows(path: string): string {
+  let fd: number;
   try {
-    return readFileSync(path, 'utf8');
+    fd = openSync(path, 'r');
   } catch {
     return '';
+  }
+  try {
+    const buf = Buffer.alloc(64 * 1024);
+    let text = '';
+    let scanned = text.length;
+    let header = true;
+    for (;;) {
+      const n = readSync(fd, buf, 0, buf.length, null);
+      if (n <= 0) return text;
+      text += buf.toString('latin1', 0, n);
+      for (let nl = text.indexOf('\n', scanned); nl >= 0; nl = text.indexOf('\n', scanned)) {
+        const line = text.slice(scanned, nl);
+        scanned = nl + 1;
+        if (header) {
+          header = false;
+          continue;
+        }
+        if (line.trim().split(/\s+/)[3] !== '0A') return text.slice(0, scanned);
+      }
+    }
+  } catch {
+    return '';
+  } finally {
+    closeSync(fd);
   }
 }
 
 /** The wanted ports this process itself listens on (in its own network namespace). */
 export function listeningPorts(pid: number, ports: readonly number[]): Set<number> {
-  const listen = new Map([...listenInodes(read(`/proc/${pid}/net/tcp`)), ...listenInodes(read(`/proc/${pid}/net/tcp6`))]);
+  const listen = new Map([...listenInodes(readListenRows(`/proc/${pid}/net/tcp`)), ...listenInodes(readListenRows(`/proc/${pid}/net/tcp6`))]);
   const wanted = new Map([...listen].filter(([, port]) => ports.includes(port)));
   const found = new Set<number>();
   if (wanted.size === 0) return found;

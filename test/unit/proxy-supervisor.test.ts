@@ -4,7 +4,7 @@ import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { listenInodes, parseReloadAck, processStartTime } from '../../src/proxy/health.js';
+import { listenInodes, parseReloadAck, processStartTime, readListenRows } from '../../src/proxy/health.js';
 import { parsePipyVersion, pipyArgs, threadsFor, UNKNOWN_LOCAL_BUILD, findPipy } from '../../src/proxy/pipy.js';
 import { ProxyReloadError, ProxySupervisor, backoffDelay, crashWindow, launchArgv, type ProxySupervisorOptions } from '../../src/proxy/supervisor.js';
 import { eventually } from '../support/eventually.js';
@@ -67,6 +67,23 @@ describe('proxy supervisor: pure parts', () => {
       '   1: 0100007F:3A99 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 2222 1 0',
     ].join('\n');
     expect([...listenInodes(table)]).toEqual([['1111', 15001]]);
+  });
+
+  test('LISTEN rows: the table is read only up to the first other row (the kernel lists listeners first)', () => {
+    const d = mkdtempSync(join(tmpdir(), 'fsm-tcp-'));
+    const head = '  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n';
+    const listen = (i: number) => `   ${i}: 00000000:3A99 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 ${1000 + i} 1 0\n`;
+    const tw = (i: number) => `   ${i}: 0100007F:3A99 0100007F:9C40 06 00000000:00000000 03:00000100 00000000     0        0 0 3 0\n`;
+    // Listeners across a 64 KiB read boundary, then 20000 TIME_WAIT rows.
+    const rows = Array.from({ length: 800 }, (_, i) => listen(i)).join('');
+    writeFileSync(join(d, 'tcp'), head + rows + Array.from({ length: 20000 }, (_, i) => tw(i)).join(''));
+    const got = readListenRows(join(d, 'tcp'));
+    expect(listenInodes(got).size).toBe(800);
+    expect(got.length).toBeLessThan(head.length + rows.length + 200);
+    writeFileSync(join(d, 'only'), head + listen(1));
+    expect([...listenInodes(readListenRows(join(d, 'only')))]).toEqual([['1001', 15001]]);
+    expect(readListenRows(join(d, 'missing'))).toBe('');
+    rmSync(d, { recursive: true, force: true });
   });
 
   test('findPipy names PIPY_BIN and PATH when there is none', () => {

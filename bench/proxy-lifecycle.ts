@@ -12,7 +12,7 @@ import type { BenchFlags } from './run.js';
 import { intFlag, quantile, round } from './util.js';
 
 /**
- * `npm run bench -- proxy-lifecycle [--changes 100] [--starts 5] [--pods 50]`
+ * `npm run bench -- proxy-lifecycle [--changes 100] [--starts 5] [--pods 50] [--instances 1]`
  *
  * The shared Pipy proxy's lifecycle, with real Pipy (PIPY_BIN or PATH) in a
  * private node namespace, running the test responder program
@@ -26,6 +26,8 @@ import { intFlag, quantile, round } from './util.js';
  *  - restart: kill -9 -> ready again;
  *  - rss: the shared proxy idle and under wrk load (50 and 500 connections);
  *  - per-pod: --pods Pipy processes (one per pod, 1 thread each), summed RSS.
+ * --instances: the supervisor's instance count (default 1, the single-process
+ * numbers docs/proxy.md compares; bench/proxy-crash measures several).
  */
 
 const PROGRAM = (): string => join(packageRoot(), 'test', 'fixtures', 'pipy');
@@ -47,7 +49,7 @@ const stats = (xs: number[], unit: string): Record<string, number> => ({
 
 /**
  * Runs inside the node namespace. Mode "sighup": for each version write
- * config.json, SIGHUP the pid, poll GET until the answer names the version.
+ * config.json, SIGHUP the pids (comma-separated), poll GET until the answer names the version.
  * Mode "repo": serve the codebase as a Pipy repo (listing, files, ETag),
  * accept Pipy's WebSocket, and per version change the ETag, push "reload",
  * poll until the answer names it. Prints {ms: [...]} and, in repo mode,
@@ -65,7 +67,7 @@ async function measure(apply) {
   process.stdout.write(JSON.stringify({ ms }) + '\n'); process.exit(0);
 }
 if (mode === 'sighup') {
-  measure((v) => { fs.writeFileSync(dir + '/.c', conf(v)); fs.renameSync(dir + '/.c', dir + '/config.json'); process.kill(Number(arg), 'SIGHUP'); });
+  measure((v) => { fs.writeFileSync(dir + '/.c', conf(v)); fs.renameSync(dir + '/.c', dir + '/config.json'); for (const pid of arg.split(',')) process.kill(Number(pid), 'SIGHUP'); });
 } else {
   let version = 0; let etag = '"0"'; const sockets = new Set();
   const files = { '/main.js': fs.readFileSync(dir + '/main.js') };
@@ -115,13 +117,14 @@ export async function* run(flags: BenchFlags): AsyncGenerator<object> {
   const changes = intFlag(flags, 'changes', 100);
   const starts = intFlag(flags, 'starts', 5);
   const pods = intFlag(flags, 'pods', 50);
+  const instances = intFlag(flags, 'instances', 1);
   const pipyBin = findPipy();
   const topo = await Topology.create({ prefix: `fsmbench${process.pid}p`, nodes: 1 });
   const node = topo.nodes[0]!;
   const dir = mkdtempSync(join(tmpdir(), 'fsm-bench-proxy-'));
   const opts = (stateDir: string): ProxySupervisorOptions => ({
     kind: 'pipy', stateDir, cgroup: node.proxyCgroup, netns: node.netns, address: '127.0.0.1', outboundPort: OUT, inboundPort: IN,
-    pipy: { bin: pipyBin, programDir: PROGRAM(), adminPort: 6060 }, initialConfig: cfg(0), drainMs: 5000,
+    pipy: { bin: pipyBin, programDir: PROGRAM(), adminPort: 6060, instances }, initialConfig: cfg(0), drainMs: 5000,
   });
   try {
     // start -> ready
@@ -130,7 +133,7 @@ export async function* run(flags: BenchFlags): AsyncGenerator<object> {
       const sup = new ProxySupervisor(opts(join(dir, `start${i}`)));
       const t0 = performance.now();
       await sup.start();
-      await sup.waitReady(20_000);
+      await sup.waitReady(20_000, { all: true });
       ready.push(performance.now() - t0);
       await sup.stop(5000);
     }
@@ -150,9 +153,9 @@ export async function* run(flags: BenchFlags): AsyncGenerator<object> {
     yield { case: 'reload', via: 'deliver (file + SIGHUP, log ack)', changes, threads, ...stats(acks, 'ms') };
 
     // reload, file + SIGHUP, until a client sees it
-    const pid = sup.status().pid!;
-    const codebase = (JSON.parse(readFileSync(join(dir, 'main', 'proxy.json'), 'utf8')) as { codebase: string }).codebase;
-    const m1 = node.exec(process.execPath, ['-e', MEASURER, 'sighup', codebase, String(pid), String(changes), String(OUT), String(IN)], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const pids = sup.status().instances.map((i) => i.pid!).join(',');
+    const codebase = (JSON.parse(readFileSync(join(dir, 'main', 'proxy.json'), 'utf8')) as { instances: Array<{ codebase: string }> }).instances[0]!.codebase;
+    const m1 = node.exec(process.execPath, ['-e', MEASURER, 'sighup', codebase, pids, String(changes), String(OUT), String(IN)], { stdio: ['ignore', 'pipe', 'inherit'] });
     const r1 = JSON.parse(await readLine(m1, (l) => l.startsWith('{'))) as { ms: number[] };
     yield { case: 'reload', via: 'file + SIGHUP, client-observed', changes, threads, ...stats(r1.ms, 'ms') };
     writeConfig(codebase, JSON.stringify(cfg(changes)));
@@ -160,21 +163,27 @@ export async function* run(flags: BenchFlags): AsyncGenerator<object> {
     // restart after kill -9
     const restart: number[] = [];
     for (let i = 0; i < starts; i++) {
-      const before = sup.status().pid!;
+      const before = sup.status().instances[0]!.pid!;
       const t0 = performance.now();
       process.kill(before, 'SIGKILL');
-      while (!(sup.status().listening && sup.status().pid !== before)) await sleep(5);
+      for (;;) {
+        const st = sup.status().instances[0]!;
+        if (st.listening && st.pid !== before) break;
+        await sleep(5);
+      }
       restart.push(performance.now() - t0);
       await sleep(10_500); // past stableMs: each kill is a first crash, not a growing backoff
     }
     yield { case: 'restart-after-kill', runs: starts, ...stats(restart, 'ms'), note: 'includes the first backoff: 250 ms +-20 %' };
 
     // RSS idle and under load
-    const shared = sup.status().pid!;
-    yield { case: 'rss', proxy: 'shared', threads, load: 'idle', rss_kb: rssKb(shared) };
+    // Summed over the instances (one by default).
+    const shared = sup.status().instances.map((i) => i.pid!);
+    const rssSum = (): number => shared.reduce((a, p) => a + rssKb(p), 0);
+    yield { case: 'rss', proxy: 'shared', instances, threads, load: 'idle', rss_kb: rssSum() };
     for (const c of [50, 500]) {
-      const r = await wrkWhile(node, c, 4, async () => rssKb(shared));
-      yield { case: 'rss', proxy: 'shared', threads, load: `wrk ${c} connections`, rss_kb: r.rssKb, rps: round(r.rps, 0) };
+      const r = await wrkWhile(node, c, 4, async () => rssSum());
+      yield { case: 'rss', proxy: 'shared', instances, threads, load: `wrk ${c} connections`, rss_kb: r.rssKb, rps: round(r.rps, 0) };
     }
     await sup.stop(5000);
 

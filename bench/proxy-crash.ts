@@ -16,17 +16,22 @@ import type { BenchFlags } from './run.js';
 import { intFlag, quantile, round } from './util.js';
 
 /**
- * `npm run bench -- proxy-crash [--mode ebpf|iptables] [--instances 1,2] [--kills 2] [--gap-ms 2000] [--warm-ms 1000] [--connections 8] [--threads 2] [--no-migrate]`
+ * `npm run bench -- proxy-crash [--mode ebpf|iptables] [--path same-node,cross-node] [--kill server|client]
+ *   [--instances 1,2] [--kills 2] [--gap-ms 2000] [--warm-ms 1000] [--connections 8] [--threads 2] [--no-migrate]`
  *
  * kill -9 of one node-proxy instance under connection-per-request load from a
- * pod, on a real topology node: the project's Pipy program run by the real
- * ProxySupervisor (N instances sharing 15001/15003 with SO_REUSEPORT), the
- * pods intercepted by the real dataplane of each mode. Pod a sends HTTP GETs,
- * each on a new connection (Connection: close), to a service cluster IP that
- * only the proxy can route (to pod b on the same node); every --gap-ms one
- * instance (in turn) is killed with SIGKILL while the supervisor restarts it.
+ * pod, on a real 2-node topology: the project's Pipy program run by the real
+ * ProxySupervisor on each node (N instances sharing 15001/15003 with
+ * SO_REUSEPORT), the pods intercepted by the real dataplane of each mode. Pod
+ * a sends HTTP GETs, each on a new connection (Connection: close), to a
+ * service cluster IP that only the proxies can route: same-node to pod b
+ * (a's node proxy on 15001 is killed), cross-node to pod c on the other node
+ * (through a's node proxy and the HTTP/2 tunnel to c's node proxy on 15003;
+ * --kill server, the default, kills c's node proxy instances, the tunnels'
+ * end). Every --gap-ms one instance (in turn) is killed with SIGKILL while the
+ * supervisor restarts it.
  *
- * Per mode and instance count, one row:
+ * Per mode, path and instance count, one row:
  *   failed_new_connections  connections started after a kill (not open at any
  *                           kill) that failed: the target is 0 with 2 instances;
  *   broken_in_flight        connections open at the moment of a kill that failed
@@ -43,6 +48,7 @@ const OUT = 15001;
 const IN = 15003;
 const NS = 'crash';
 const SERVICE_IP = '10.96.7.7';
+const CROSS_SERVICE_IP = '10.96.7.8';
 
 // Answers every request with a fixed 200 (keep-alive; the client closes).
 const HTTP_SERVER = `
@@ -106,6 +112,10 @@ export interface CrashOptions {
   kills?: number;
   gapMs?: number;
   connections?: number;
+  /** same-node (default): a -> b on a's node; cross-node: a -> c on the other node through both proxies. */
+  path?: 'same-node' | 'cross-node';
+  /** cross-node: kill instances of the client's node proxy (default) or of the server's (the tunnels' end on 15003). */
+  kill?: 'client' | 'server';
   /** Load before the first kill (rps_before_kill is measured over it). Default 1000 ms. */
   warmMs?: number;
   /** net.ipv4.tcp_migrate_req in the node namespace (default true: the supervisor sets it with 2+ instances). */
@@ -114,6 +124,8 @@ export interface CrashOptions {
 
 export interface CrashResult {
   mode: InterceptionMode;
+  path: 'same-node' | 'cross-node';
+  killed: string;
   instances: number;
   threads_per_instance: number[];
   tcp_migrate_req: number;
@@ -164,110 +176,133 @@ export function classifyFailures(failures: ReadonlyArray<readonly [number, numbe
   return { failedNew, brokenInFlight, kinds };
 }
 
-/** A one-node topology with a client pod, a server pod, and the policy that routes a cluster IP to the server through the node proxy. */
+/**
+ * A two-node topology: client pod a on n1, server pods b on n1 (same-node
+ * path) and c on n2 (cross-node path: n1's proxy tunnels to n2's proxy on
+ * 15003), one cluster IP per path that only the proxies can route.
+ */
 export class CrashRig {
   private constructor(
     readonly topo: Topology,
-    readonly node: TopoNode,
     readonly client: TopoPod,
-    readonly server: TopoPod,
-    private readonly serverProc: ChildProcess,
+    readonly servers: { same: TopoPod; cross: TopoPod },
+    private readonly serverProcs: ChildProcess[],
     private readonly work: string,
     private readonly pipyBin: string,
   ) {}
 
   static async create(prefix: string, pipyBin: string): Promise<CrashRig> {
-    const topo = await Topology.create({ prefix, nodes: 1, podsPerNode: 0 });
+    const topo = await Topology.create({ prefix, nodes: 2, podsPerNode: 0 });
+    const procs: ChildProcess[] = [];
     try {
-      const node = topo.nodes[0]!;
-      const client = await topo.addPod(node, 'a');
-      const server = await topo.addPod(node, 'b');
-      const proc = server.exec(process.execPath, ['-e', HTTP_SERVER], { stdio: ['ignore', 'pipe', 'pipe'] });
-      await once(proc.stdout!, 'data');
-      return new CrashRig(topo, node, client, server, proc, mkdtempSync(join(tmpdir(), `${prefix}-crash-`)), pipyBin);
+      const [n1, n2] = topo.nodes as [TopoNode, TopoNode];
+      const client = await topo.addPod(n1, 'a');
+      const same = await topo.addPod(n1, 'b');
+      const cross = await topo.addPod(n2, 'c');
+      for (const p of [same, cross]) {
+        const proc = p.exec(process.execPath, ['-e', HTTP_SERVER], { stdio: ['ignore', 'pipe', 'pipe'] });
+        procs.push(proc);
+        await once(proc.stdout!, 'data');
+      }
+      return new CrashRig(topo, client, { same, cross }, procs, mkdtempSync(join(tmpdir(), `${prefix}-crash-`)), pipyBin);
     } catch (err) {
+      for (const p of procs) p.kill('SIGKILL');
       await topo.destroy();
       throw err;
     }
   }
 
   async destroy(): Promise<void> {
-    this.serverProc.kill('SIGKILL');
+    for (const p of this.serverProcs) p.kill('SIGKILL');
     await this.topo.destroy();
     rmSync(this.work, { recursive: true, force: true });
   }
 
-  policy(): NodePolicy {
-    const { node, client, server } = this;
+  private get pods(): TopoPod[] {
+    return [this.client, this.servers.same, this.servers.cross];
+  }
+
+  /** Node `node`'s policy: its own pods enrolled, the two services, every node a proxy peer. */
+  policy(node: TopoNode): NodePolicy {
     const pod = (p: TopoPod) => ({ uid: `uid-${p.name}`, namespace: NS, name: p.name, ip: p.ip, serviceAccount: p.name, cgroup: { qosClass: null, path: p.cgroupPath }, exclusions: noExclusions() });
+    const service = (name: string, ip: string, p: TopoPod) => ({
+      namespace: NS,
+      name,
+      clusterIPs: [ip],
+      ports: [{ name: 'http', port: PORT, protocol: 'TCP', appProtocol: 'http' }],
+      endpoints: [{ ip: p.ip, ports: { http: PORT }, node: p.node.name, pod: { namespace: NS, name: p.name }, serviceAccount: p.name }],
+    });
     return NodePolicySchema.parse({
       apiVersion: POLICY_API_VERSION,
       kind: 'NodePolicy',
       mesh: { name: NS, inbound: 'permissive', interceptionMode: 'auto', egress: 'allow', trafficPolicy: 'permissive', exclusions: noExclusions() },
-      proxies: [{ node: node.name, addresses: [node.gateway, node.underlayIp] }],
+      proxies: this.topo.nodes.map((n) => ({ node: n.name, addresses: [n.gateway, n.underlayIp] })),
       node: { name: node.name, addresses: [node.gateway, node.underlayIp], interceptionMode: null },
-      meshPods: [client, server].map((p) => ({ ip: p.ip, namespace: NS, serviceAccount: p.name, node: node.name })),
-      pods: [pod(client), pod(server)],
+      meshPods: this.pods.map((p) => ({ ip: p.ip, namespace: NS, serviceAccount: p.name, node: p.node.name })),
+      pods: this.pods.filter((p) => p.node === node).map(pod),
       access: [],
-      services: [
-        {
-          namespace: NS,
-          name: 'server',
-          clusterIPs: [SERVICE_IP],
-          ports: [{ name: 'http', port: PORT, protocol: 'TCP', appProtocol: 'http' }],
-          endpoints: [{ ip: server.ip, ports: { http: PORT }, node: node.name, pod: { namespace: NS, name: server.name }, serviceAccount: server.name }],
-        },
-      ],
+      services: [service('same', SERVICE_IP, this.servers.same), service('cross', CROSS_SERVICE_IP, this.servers.cross)],
       splits: [],
-      version: '00000000000000c1',
+      version: `00000000000000c${node.index}`,
     });
   }
 
-  desired(): DesiredState {
-    const { node } = this;
+  desired(node: TopoNode): DesiredState {
     return {
       proxy: { address: node.gateway, outboundPort: OUT, inboundPort: IN, cgroupPath: node.proxyCgroup },
       nodeAddresses: [node.gateway, node.underlayIp],
-      proxySources: [node.gateway, node.underlayIp],
+      proxySources: this.topo.nodes.flatMap((n) => [n.gateway, n.underlayIp]),
       mesh: noExclusions(),
-      pods: [this.client, this.server].map((p) => ({ uid: `uid-${p.name}`, namespace: NS, name: p.name, ip: p.ip, cgroupPath: p.cgroupPath, inbound: 'permissive' as const, exclusions: noExclusions() })),
+      pods: this.pods.filter((p) => p.node === node).map((p) => ({ uid: `uid-${p.name}`, namespace: NS, name: p.name, ip: p.ip, cgroupPath: p.cgroupPath, inbound: 'permissive' as const, exclusions: noExclusions() })),
     };
   }
 
-  /** One GET through the proxy; true when it answered 200. */
-  async probe(): Promise<boolean> {
-    const r = await this.client.run('curl', ['-s', '-o', '/dev/null', '-w', '%{http_code}', '--max-time', '3', `http://${SERVICE_IP}:${PORT}/`]);
+  /** One GET through the proxies; true when it answered 200. */
+  async probe(ip: string): Promise<boolean> {
+    const r = await this.client.run('curl', ['-s', '-o', '/dev/null', '-w', '%{http_code}', '--max-time', '3', `http://${ip}:${PORT}/`]);
     return r.stdout.trim() === '200';
   }
 
   async run(o: CrashOptions): Promise<CrashResult> {
     const kills = o.kills ?? 2;
     const gapMs = o.gapMs ?? 2000;
-    const stateDir = join(this.work, `${o.mode}-${o.instances}-${Date.now()}`);
-    const sup = new ProxySupervisor({
-      kind: 'pipy',
-      stateDir,
-      cgroup: this.node.proxyCgroup,
-      netns: this.node.netns,
-      address: this.node.gateway,
-      outboundPort: OUT,
-      inboundPort: IN,
-      pipy: { bin: this.pipyBin, programDir: join(packageRoot(), 'proxy'), instances: o.instances, threads: o.threads ?? 2 },
-      initialConfig: renderProxyConfig(this.policy(), { outboundPort: OUT, inboundPort: IN }),
-      drainMs: 3000,
-      migrateRequests: o.migrate !== false,
-    });
-    // The sysctl outlives a run in the node namespace: state it for each.
-    await this.node.run('sysctl', ['-qw', `net.ipv4.tcp_migrate_req=${o.migrate === false ? 0 : o.instances > 1 ? 1 : 0}`]);
-    const dp = createDataplane(o.mode, { stateDir, bpffsDir: this.node.bpffsDir, podsCgroup: this.node.podsCgroup, proxyCgroup: this.node.proxyCgroup, netns: this.node.netns, fastPath: true });
+    const path = o.path ?? 'same-node';
+    const target = path === 'same-node' ? SERVICE_IP : CROSS_SERVICE_IP;
+    // The client's node proxy, or (cross-node, --kill server) the far node's, which takes the tunnels on 15003.
+    const victimNode = this.topo.nodes[path === 'cross-node' && o.kill === 'server' ? 1 : 0]!;
+    const tag = `${o.mode}-${o.instances}-${Date.now()}`;
+    const sups = new Map<TopoNode, ProxySupervisor>();
+    const dps = [];
     try {
-      await sup.start();
-      await sup.waitReady(20_000, { all: true });
-      await dp.apply(this.desired());
-      if (!(await this.probe())) throw new Error(`no answer through the proxy (${o.mode}, ${o.instances} instances) before the kill`);
+      for (const node of this.topo.nodes) {
+        const stateDir = join(this.work, node.name, tag);
+        // The sysctl outlives a run in the node namespace: state it for each.
+        await node.run('sysctl', ['-qw', `net.ipv4.tcp_migrate_req=${o.migrate === false ? 0 : o.instances > 1 ? 1 : 0}`]);
+        const sup = new ProxySupervisor({
+          kind: 'pipy',
+          stateDir,
+          cgroup: node.proxyCgroup,
+          netns: node.netns,
+          address: node.gateway,
+          outboundPort: OUT,
+          inboundPort: IN,
+          pipy: { bin: this.pipyBin, programDir: join(packageRoot(), 'proxy'), instances: o.instances, threads: o.threads ?? 2 },
+          initialConfig: renderProxyConfig(this.policy(node), { outboundPort: OUT, inboundPort: IN }),
+          drainMs: 3000,
+          migrateRequests: o.migrate !== false,
+        });
+        sups.set(node, sup);
+        await sup.start();
+        await sup.waitReady(20_000, { all: true });
+        const dp = createDataplane(o.mode, { stateDir, bpffsDir: node.bpffsDir, podsCgroup: node.podsCgroup, proxyCgroup: node.proxyCgroup, netns: node.netns, fastPath: true });
+        dps.push(dp);
+        await dp.apply(this.desired(node));
+      }
+      if (!(await this.probe(target))) throw new Error(`no answer through the proxy (${o.mode}, ${path}, ${o.instances} instances) before the kill`);
+      const sup = sups.get(victimNode)!;
       const pids = (): number[] => sup.status().instances.map((i) => i.pid ?? 0);
       const rssIdle = pids().map(rssKb);
-      const client = this.client.exec(process.execPath, ['-e', LOAD_CLIENT, SERVICE_IP, String(PORT), String(o.connections ?? 8), '120000'], { stdio: ['pipe', 'pipe', 'pipe'] });
+      const client = this.client.exec(process.execPath, ['-e', LOAD_CLIENT, target, String(PORT), String(o.connections ?? 8), '120000'], { stdio: ['pipe', 'pipe', 'pipe'] });
       let text = '';
       client.stdout!.setEncoding('utf8').on('data', (d: string) => (text += d));
       const exited = once(client, 'exit');
@@ -306,9 +341,11 @@ export class CrashRig {
       const before = load.okPer100ms.slice(2, Math.max(3, firstKillBucket));
       return {
         mode: o.mode,
+        path,
+        killed: path === 'same-node' ? 'client node proxy' : o.kill === 'server' ? 'server node proxy (tunnel end)' : 'client node proxy',
         instances: o.instances,
         threads_per_instance: sup.status().instances.map((i) => i.threads),
-        tcp_migrate_req: Number((await this.node.run('sysctl', ['-n', 'net.ipv4.tcp_migrate_req'])).stdout.trim()),
+        tcp_migrate_req: Number((await victimNode.run('sysctl', ['-n', 'net.ipv4.tcp_migrate_req'])).stdout.trim()),
         kills,
         requests_ok: load.ok,
         failed_new_connections: failedNew,
@@ -321,9 +358,11 @@ export class CrashRig {
         kill_at_ms: killAt.map((k) => round((k - load.t0) / 1000, 0)),
       };
     } finally {
-      await dp.cleanup().catch(() => undefined);
-      await dp.close().catch(() => undefined);
-      await sup.stop(3000);
+      for (const dp of dps) {
+        await dp.cleanup().catch(() => undefined);
+        await dp.close().catch(() => undefined);
+      }
+      for (const sup of sups.values()) await sup.stop(3000);
     }
   }
 }
@@ -345,18 +384,18 @@ export async function* run(flags: BenchFlags): AsyncGenerator<object> {
   const bpfBuilt = existsSync(join(packageRoot(), 'bpf', 'build', 'connect4.o'));
   const modes = (flags.mode ? [String(flags.mode)] : ['ebpf', 'iptables']).filter((m): m is InterceptionMode => m === 'iptables' || (m === 'ebpf' && bpfBuilt));
   const instances = listFlag(flags, 'instances', [1, DEFAULT_PIPY_INSTANCES]);
+  const paths = String(flags.path ?? 'same-node,cross-node').split(',');
+  for (const p of paths) if (p !== 'same-node' && p !== 'cross-node') throw new Error(`--path takes same-node and/or cross-node, got ${JSON.stringify(p)}`);
+  const kill = flags.kill === 'client' ? 'client' : 'server';
   const opts = { migrate: flags['no-migrate'] !== true, warmMs: intFlag(flags, 'warm-ms', 1000), kills: intFlag(flags, 'kills', 2), gapMs: intFlag(flags, 'gap-ms', 2000), connections: intFlag(flags, 'connections', 8), threads: intFlag(flags, 'threads', 2) };
   const rig = await CrashRig.create(`fsmbench${process.pid}c`, pipy);
   try {
     for (const mode of modes) {
-      for (const n of instances) {
-        const r = await rig.run({ mode, instances: n, ...opts });
-        yield {
-          bench: 'proxy-crash',
-          ...r,
-          rss_kb_idle_p50: quantile(r.rss_kb_idle, 0.5),
-          rss_kb_load_p50: quantile(r.rss_kb_load, 0.5),
-        };
+      for (const path of paths as Array<'same-node' | 'cross-node'>) {
+        for (const n of instances) {
+          const r = await rig.run({ mode, path, kill, instances: n, ...opts });
+          yield { bench: 'proxy-crash', ...r, rss_kb_idle_p50: quantile(r.rss_kb_idle, 0.5), rss_kb_load_p50: quantile(r.rss_kb_load, 0.5) };
+        }
       }
     }
   } finally {

@@ -6,8 +6,9 @@ import { findPipy, pipySkipReason } from '../support/pipy.js';
 
 /**
  * kill -9 of a node-proxy instance under connection-per-request load from a
- * pod (bench/proxy-crash.ts's rig: real topology node, real dataplane of each
- * mode, the project's Pipy program run by the real supervisor). With two
+ * pod (bench/proxy-crash.ts's rig: real 2-node topology, real dataplane of
+ * each mode, the project's Pipy program run by the real supervisor on each
+ * node), same-node and cross-node (through the HTTP/2 tunnel). With two
  * instances sharing the listeners no new connection may fail; only those in
  * flight on the killed instance may break. The same kill with one instance
  * is the control: it must fail new connections, or the test proves nothing.
@@ -38,6 +39,14 @@ maybe('proxy instance killed under load', () => {
     expect(r.relisten_ms).toHaveLength(2);
     for (const ms of r.relisten_ms) expect(ms).toBeLessThan(10_000);
     expect(r.tcp_migrate_req).toBe(1);
+    expect(r.failed_new_connections).toBe(0);
+  }, 120_000);
+
+  test.each(modes)('%s, cross-node: the client node proxy\'s instances killed: 0 failed new connections', async (mode) => {
+    const r = await rig.run({ mode, path: 'cross-node', kill: 'client', instances: 2, kills: 2, gapMs: 2000 });
+    console.log(`${mode}, cross-node, 2 instances: ${JSON.stringify(r)}`);
+    expect(r.requests_ok).toBeGreaterThan(100);
+    expect(r.relisten_ms).toHaveLength(2);
     expect(r.failed_new_connections).toBe(0);
   }, 120_000);
 

@@ -23,7 +23,7 @@ export interface PodRef {
  */
 export interface LiveValues {
   ready(): boolean;
-  proxy(): { listening: boolean; restarts: number };
+  proxy(): { listening: boolean; restarts: number; instanceCount?: number; instances?: Array<{ listening: boolean }> };
   policyReceivedAt(): number | undefined;
   policyFetchErrors(): number;
   /** Policy versions taken in, by how they came (full or delta), and body bytes received. */
@@ -293,6 +293,16 @@ export function agentMetrics(live: LiveValues) {
     ...(live.policyTransfer ? policyTransferMetrics(registry, live.policyTransfer) : {}),
     proxyUp: new Gauge({ name: 'fsm_node_proxy_up', help: '1 when the node proxy runs and listens.', registers: r, collect() { this.set(live.proxy().listening ? 1 : 0); } }),
     proxyRestarts: new Gauge({ name: 'fsm_node_proxy_restarts', help: 'Proxy restarts by this agent.', registers: r, collect() { this.set(live.proxy().restarts); } }),
+    proxyInstances: new Gauge({ name: 'fsm_node_proxy_instances', help: 'Node proxy instances (Pipy processes sharing the proxy ports) wanted.', registers: r, collect() { this.set(live.proxy().instanceCount ?? 1); } }),
+    proxyInstancesListening: new Gauge({
+      name: 'fsm_node_proxy_instances_listening',
+      help: 'Node proxy instances listening on every proxy port; below fsm_node_proxy_instances while one is down (the node stays ready on the others).',
+      registers: r,
+      collect() {
+        const p = live.proxy();
+        this.set(p.instances ? p.instances.filter((i) => i.listening).length : p.listening ? 1 : 0);
+      },
+    }),
     /** Observed by the proxy supervisor around each config reload (result: ok | failed). */
     proxyReload: new Histogram({
       name: 'fsm_node_proxy_reload_seconds',

@@ -83,11 +83,22 @@ describe('agent metrics', () => {
     expect(await c.get()).toBe(2);
   });
 
+  test('proxy instances: wanted and listening, a dead one shows while the proxy is up', async () => {
+    const m = agentMetrics(live({ proxy: () => ({ listening: true, restarts: 1, instanceCount: 2, instances: [{ listening: true }, { listening: false }] }) }));
+    const text = await m.exposition();
+    expect(text).toMatch(/^fsm_node_proxy_instances 2$/m);
+    expect(text).toMatch(/^fsm_node_proxy_instances_listening 1$/m);
+    expect(text).toMatch(/^fsm_node_proxy_up 1$/m);
+  });
+
   test('the proxy metrics are appended normalised, with the node label and pod identity', async () => {
     const m = agentMetrics(live({ proxyMetrics: async () => sample, pods: () => [{ uid: 'u9', namespace: 'demo', name: 'upstream', ip: '127.0.0.1' }] }));
     const text = await m.exposition();
     expect(text).toContain('fsm_node_proxy_up 1');
     expect(text).toContain('fsm_node_proxy_restarts 2');
+    // Without instance details (the passthrough proxy): one, listening.
+    expect(text).toContain('fsm_node_proxy_instances 1');
+    expect(text).toContain('fsm_node_proxy_instances_listening 1');
     expect(text).toContain('fsm_node_proxy_metrics_up 1');
     expect(text).toContain('fsm_node_proxy_outbound_sent_bytes_total{protocol="TCP",peer="[127.0.0.1]:38481",peer_namespace="demo",peer_pod="upstream",node="node-a"} 520');
     expect(text).not.toMatch(/^pipy_/m);

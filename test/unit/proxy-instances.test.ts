@@ -2,6 +2,7 @@ import { DEFAULT_PIPY_INSTANCES, instanceCount, logFileName, parseAdoptionRecord
 import { normalisePipyMetrics } from '../../src/proxy/metrics.js';
 import { InstanceMetricsSum } from '../../src/proxy/metrics-sum.js';
 import { proxyStatusRows } from '../../src/proxy/status-rows.js';
+import { classifyFailures } from '../../bench/proxy-crash.js';
 
 const inst = (pid: number, over: Partial<ProxyInstance> = {}): ProxyInstance => ({
   pid,
@@ -189,5 +190,25 @@ describe('proxy instances: status lines', () => {
       ['  instance 0', 'pid 7, listening, admin 6060, 1 thread, 0 restarts'],
       ['  instance 1', 'pid 9, DOWN (restarting), admin 6061, 1 thread, 3 restarts, CRASH LOOP, last exit: proxy instance 1 (pid 9) exited'],
     ]);
+  });
+});
+
+describe('proxy-crash bench: failures classified against the kills', () => {
+  test('open at a kill: in flight; started after it (or unrelated): a failed new connection', () => {
+    const kills = [1000, 5000];
+    const r = classifyFailures(
+      [
+        [900, 1100, 'response', 'ECONNRESET'], // open across kill 1
+        [1001, 1002, 'connect', 'ECONNREFUSED'], // started after kill 1
+        [4000, 5000, 'response', 'closed early'], // ended exactly at kill 2
+        [6000, 6001, 'response', 'timeout'], // nothing to do with a kill: still counts as new
+      ],
+      kills,
+    );
+    expect(r).toEqual({
+      failedNew: 2,
+      brokenInFlight: 2,
+      kinds: { 'in-flight response ECONNRESET': 1, 'new connect ECONNREFUSED': 1, 'in-flight response closed early': 1, 'new response timeout': 1 },
+    });
   });
 });

@@ -277,7 +277,7 @@ export class CrashRig {
       for (const node of this.topo.nodes) {
         const stateDir = join(this.work, node.name, tag);
         // The sysctl outlives a run in the node namespace: state it for each.
-        await node.run('sysctl', ['-qw', `net.ipv4.tcp_migrate_req=${o.migrate === false ? 0 : o.instances > 1 ? 1 : 0}`]);
+        await node.run('/bin/sh', ['-c', `echo ${o.migrate === false ? 0 : o.instances > 1 ? 1 : 0} > /proc/sys/net/ipv4/tcp_migrate_req`]);
         const sup = new ProxySupervisor({
           kind: 'pipy',
           stateDir,
@@ -345,7 +345,7 @@ export class CrashRig {
         killed: path === 'same-node' ? 'client node proxy' : o.kill === 'server' ? 'server node proxy (tunnel end)' : 'client node proxy',
         instances: o.instances,
         threads_per_instance: sup.status().instances.map((i) => i.threads),
-        tcp_migrate_req: Number((await victimNode.run('sysctl', ['-n', 'net.ipv4.tcp_migrate_req'])).stdout.trim()),
+        tcp_migrate_req: Number((await victimNode.run('cat', ['/proc/sys/net/ipv4/tcp_migrate_req'])).stdout.trim()),
         kills,
         requests_ok: load.ok,
         failed_new_connections: failedNew,

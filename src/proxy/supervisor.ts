@@ -803,10 +803,25 @@ export class ProxySupervisor {
     }
   }
 
+  /**
+   * tcp_migrate_req is per network namespace: written from inside the proxy's
+   * (/proc/sys/net shows the writer's namespace). A plain file write, so the
+   * image needs no sysctl binary (procps); Linux 5.14+, older kernels lack it.
+   */
   private async enableRequestMigration(): Promise<void> {
-    const argv = ['sysctl', '-qw', 'net.ipv4.tcp_migrate_req=1'];
-    const r = this.opts.netns ? await run('nsenter', [`--net=/run/netns/${this.opts.netns}`, '--', ...argv], { allowFail: true }) : await run(argv[0]!, argv.slice(1), { allowFail: true });
-    if (r.code !== 0) log.warn({ err: r.stderr.trim() }, 'cannot enable tcp_migrate_req; connections queued on a closing listener may be reset');
+    const file = '/proc/sys/net/ipv4/tcp_migrate_req';
+    let err: string | undefined;
+    if (this.opts.netns) {
+      const r = await run('nsenter', [`--net=/run/netns/${this.opts.netns}`, '--', '/bin/sh', '-c', `echo 1 > ${file}`], { allowFail: true });
+      if (r.code !== 0) err = r.stderr.trim();
+    } else {
+      try {
+        writeFileSync(file, '1\n');
+      } catch (e) {
+        err = errorMessage(e);
+      }
+    }
+    if (err !== undefined) log.warn({ err }, 'cannot enable tcp_migrate_req; connections queued on a closing listener may be reset');
   }
 
   /** proxy.json: the slots' instances in order, and (during an upgrade) the old ones being retired. */

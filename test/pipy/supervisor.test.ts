@@ -1,5 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { chmodSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -217,6 +217,32 @@ describeWithPipy('proxy supervisor with real Pipy', () => {
     expect((await pipyPids()).sort()).toEqual(st.instances.map((i) => i.pid).sort());
     expect(await get()).toBe('version=7\n');
     expect((await node.run('cat', ['/proc/sys/net/ipv4/tcp_migrate_req'])).stdout.trim()).toBe('1');
+    expect(result.requests).toBeGreaterThan(0);
+    expect({ socketErrors: result.socketErrors, non2xx: result.non2xx }).toEqual({ socketErrors: 0, non2xx: 0 });
+  });
+
+  test('the previous version\'s single 2-thread proxy is adopted and replaced by two 1-thread instances under load: 0 failed requests', async () => {
+    const old = new ProxySupervisor({ ...options(), pipy: { ...options().pipy, instances: 1 } });
+    sups.push(old);
+    await old.start();
+    await old.waitReady();
+    await old.deliver(config(5));
+    const oldPid = old.status().pid!;
+    expect(old.status().threads).toBe(2);
+    old.detach();
+    // What the previous version wrote: the one instance object.
+    const file = join(dir, 'state', 'proxy.json');
+    writeFileSync(file, JSON.stringify((JSON.parse(readFileSync(file, 'utf8')) as { instances: unknown[] }).instances[0]));
+    const load = wrk(5);
+    await new Promise((r) => setTimeout(r, 1000));
+    const sup = supervisor();
+    await sup.start();
+    expect(sup.status()).toMatchObject({ adopted: true, pid: oldPid });
+    const st = await eventually(async () => sup.status(), (x) => x.upgrades === 1, 20_000);
+    const result = await load;
+    expect(st.instances.map((i) => [i.threads, i.listening])).toEqual([[1, true], [1, true]]);
+    expect((await pipyPids()).sort()).toEqual(st.instances.map((i) => i.pid).sort());
+    expect(await answers()).toEqual(['version=5']);
     expect(result.requests).toBeGreaterThan(0);
     expect({ socketErrors: result.socketErrors, non2xx: result.non2xx }).toEqual({ socketErrors: 0, non2xx: 0 });
   });

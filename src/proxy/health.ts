@@ -158,6 +158,48 @@ export function adminGet(port: number, path: string, timeoutMs: number, netnsPat
   });
 }
 
+// GETs one path on several ports at once; prints a JSON array of {status, body} or null per port.
+const GET_MANY_SCRIPT = `
+const [ports, path, timeout] = process.argv.slice(1);
+const one = (port) => new Promise((resolve) => {
+  const req = require('http').get({ host: '127.0.0.1', port: Number(port), path, timeout: Number(timeout) }, (res) => {
+    const chunks = [];
+    res.on('data', (d) => chunks.push(d));
+    res.on('end', () => resolve({ status: res.statusCode, body: Buffer.concat(chunks).toString('utf8') }));
+    res.on('error', () => resolve(null));
+  });
+  req.on('timeout', () => req.destroy());
+  req.on('error', () => resolve(null));
+});
+Promise.all(ports.split(',').map(one)).then((r) => process.stdout.write(JSON.stringify(r)));
+`;
+
+/**
+ * GET the same path on several admin ports (the instances of one proxy share
+ * a namespace): across namespaces one helper process for all of them, so N
+ * instances cost one Node start-up per probe round, not N.
+ */
+export function adminGetMany(ports: readonly number[], path: string, timeoutMs: number, netnsPath?: string): Promise<Array<AdminAnswer | undefined>> {
+  if (!netnsPath) return Promise.all(ports.map((p) => adminGet(p, path, timeoutMs)));
+  return new Promise((resolve) => {
+    const none = ports.map(() => undefined);
+    const child = spawn('nsenter', [`--net=${netnsPath}`, '--', process.execPath, '-e', GET_MANY_SCRIPT, ports.join(','), path, String(timeoutMs)], { stdio: ['ignore', 'pipe', 'ignore'] });
+    let out = '';
+    child.stdout.setEncoding('utf8').on('data', (d: string) => (out += d));
+    const kill = setTimeout(() => child.kill('SIGKILL'), timeoutMs + 2000);
+    child.on('error', () => resolve(none));
+    child.on('close', (code) => {
+      clearTimeout(kill);
+      try {
+        const r = code === 0 ? (JSON.parse(out) as Array<AdminAnswer | null>) : [];
+        resolve(ports.map((_, i) => r[i] ?? undefined));
+      } catch {
+        resolve(none);
+      }
+    });
+  });
+}
+
 /** GET /status answered 200 within the timeout: the liveness probe. */
 export async function probeAdmin(port: number, timeoutMs: number, netnsPath?: string): Promise<boolean> {
   return (await adminGet(port, '/status', timeoutMs, netnsPath))?.status === 200;

@@ -6,7 +6,7 @@ import { run } from '../util/exec.js';
 import { logger } from '../util/log.js';
 import { packageRoot } from '../util/paths.js';
 import { ENTRY_FILE, pruneCodebases, stageCodebase, writeConfig } from './codebase.js';
-import { adminGet, listeningPorts, parseReloadAck, probeAdmin, processStartTime } from './health.js';
+import { adminGetMany, listeningPorts, parseReloadAck, processStartTime } from './health.js';
 import { instanceCount, logFileName, parseAdoptionRecord, pickAdminPorts, planAdoption, splitThreads, type AdoptionRecord, type ProxyInstance } from './instances.js';
 import { InstanceMetricsSum } from './metrics-sum.js';
 import { findPipy, nodeCpus, pipyArgs, pipyVersion, threadsFor } from './pipy.js';
@@ -406,7 +406,7 @@ export class ProxySupervisor {
   async metrics(timeoutMs = 2000): Promise<string | undefined> {
     const live = this.slots.filter((s) => s.inst?.adminPort !== undefined && isAlive(s.inst));
     if (live.length === 0) return undefined;
-    const answers = await Promise.all(live.map((s) => adminGet(s.inst!.adminPort!, '/metrics', timeoutMs, this.opts.netns ? `/proc/${s.inst!.pid}/ns/net` : undefined)));
+    const answers = await adminGetMany(live.map((s) => s.inst!.adminPort!), '/metrics', timeoutMs, this.netnsPath());
     let answered = false;
     live.forEach((s, i) => {
       const r = answers[i];
@@ -530,10 +530,11 @@ export class ProxySupervisor {
   private check(): void {
     if (this.busy || this.stopped || this.timer === undefined) return;
     const now = Date.now();
+    const probe: Slot[] = [];
     for (const slot of this.slots) {
       const inst = slot.inst;
       if (inst && isAlive(inst)) {
-        this.watchRunning(slot, inst, now);
+        if (this.watchRunning(slot, inst, now)) probe.push(slot);
         continue;
       }
       if (inst) this.recordCrash(slot, `proxy instance ${slot.index} (pid ${inst.pid}) exited`, now);
@@ -547,6 +548,7 @@ export class ProxySupervisor {
       }
     }
     this.proxyCrashLoop();
+    if (probe.length) void this.probe(probe);
   }
 
   /** The failure policy acts on the proxy as a whole: crash-looping when every instance is. */
@@ -566,12 +568,13 @@ export class ProxySupervisor {
     }
   }
 
-  private watchRunning(slot: Slot, inst: ProxyInstance, now: number): void {
+  /** Readiness, stability and crash-loop recovery of a running instance; true when its liveness probe is due. */
+  private watchRunning(slot: Slot, inst: ProxyInstance, now: number): boolean {
     const ready = this.listening(inst);
     if (!ready) {
       slot.readySince = 0;
       if (now - slot.upSince > this.o.startTimeoutMs) this.kill(slot, inst, `not listening on ${this.readyPorts().join(', ')} ${this.o.startTimeoutMs} ms after start`);
-      return;
+      return false;
     }
     if (slot.readySince === 0) slot.readySince = now;
     if (now - slot.upSince >= this.o.stableMs) slot.consecutiveCrashes = 0;
@@ -579,20 +582,30 @@ export class ProxySupervisor {
       slot.crashLoop = false;
       log.info({ slot: slot.index, pid: inst.pid }, 'proxy instance recovered from its crash loop');
     }
-    if (inst.adminPort !== undefined && !slot.probing && now - slot.lastProbeAt >= this.o.liveness.intervalMs) void this.probe(slot, inst);
+    return inst.adminPort !== undefined && !slot.probing && now - slot.lastProbeAt >= this.o.liveness.intervalMs;
   }
 
-  private async probe(slot: Slot, inst: ProxyInstance): Promise<void> {
-    slot.probing = true;
-    slot.lastProbeAt = Date.now();
+  /** GET /status on the admin port of each due instance, all in one helper process when it crosses namespaces. */
+  private async probe(slots: Slot[]): Promise<void> {
+    const insts = slots.map((s) => s.inst!);
+    const now = Date.now();
+    for (const s of slots) Object.assign(s, { probing: true, lastProbeAt: now });
     try {
-      const ok = await probeAdmin(inst.adminPort!, this.o.liveness.timeoutMs, this.opts.netns ? `/proc/${inst.pid}/ns/net` : undefined);
-      if (slot.inst !== inst) return;
-      slot.livenessMisses = ok ? 0 : slot.livenessMisses + 1;
-      if (slot.livenessMisses >= this.o.liveness.failures) this.kill(slot, inst, `hung: admin /status unanswered ${slot.livenessMisses} times`);
+      const answers = await adminGetMany(insts.map((i) => i.adminPort!), '/status', this.o.liveness.timeoutMs, this.netnsPath());
+      slots.forEach((slot, k) => {
+        const inst = insts[k]!;
+        if (slot.inst !== inst) return;
+        slot.livenessMisses = answers[k]?.status === 200 ? 0 : slot.livenessMisses + 1;
+        if (slot.livenessMisses >= this.o.liveness.failures) this.kill(slot, inst, `hung: admin /status unanswered ${slot.livenessMisses} times`);
+      });
     } finally {
-      slot.probing = false;
+      for (const s of slots) s.probing = false;
     }
+  }
+
+  /** The proxy's network namespace by name (stable, unlike a pid's, which goes with a dead instance); undefined: ours. */
+  private netnsPath(): string | undefined {
+    return this.opts.netns ? `/run/netns/${this.opts.netns}` : undefined;
   }
 
   /** A hung or stuck instance: SIGKILL; the next check sees it dead and restarts it as after a crash. */

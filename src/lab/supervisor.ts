@@ -164,7 +164,7 @@ export async function runSupervisor(dir: string, policy: BackoffPolicy = AGENT_B
       const { child, proc } = spawnDetached(slot.run.cgroup, undefined, agentArgv(state, node), slot.run.log);
       slot.started = Date.now();
       Object.assign(slot.run, { pid: proc.pid, running: true, startedAt: new Date(slot.started).toISOString() });
-      log.info({ node: node.name, pid: proc.pid, restarts: slot.run.restarts }, 'agent started');
+      log.info({ node: node.name, agentPid: proc.pid, restarts: slot.run.restarts }, 'agent started');
       child.once('exit', (code, signal) => exited(slot, code, signal));
     } catch (err) {
       // Could not even spawn (fork failed): treat it like an exit, so the backoff applies.
@@ -184,7 +184,7 @@ export async function runSupervisor(dir: string, policy: BackoffPolicy = AGENT_B
     if (stopping) return void save();
     slot.delayMs = nextRestartDelay(slot.delayMs, ranMs, policy);
     slot.run.nextRestartAt = new Date(Date.now() + slot.delayMs).toISOString();
-    log.warn({ node: slot.node.name, pid: slot.run.pid, reason, ranSeconds: slot.run.lastExit.ranSeconds, restartInMs: slot.delayMs }, 'agent exited; restarting it after the backoff');
+    log.warn({ node: slot.node.name, agentPid: slot.run.pid, reason, ranSeconds: slot.run.lastExit.ranSeconds, restartInMs: slot.delayMs }, 'agent exited; restarting it after the backoff');
     slot.timer = setTimeout(() => {
       if (stopping) return;
       slot.run.restarts += 1;

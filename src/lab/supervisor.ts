@@ -134,12 +134,22 @@ interface Slot {
   timer?: NodeJS.Timeout;
 }
 
+export interface SupervisorOptions {
+  policy?: BackoffPolicy;
+  /** The agent's command line (tests run a stand-in). */
+  argv?: (state: LabState, n: LabNode) => string[];
+  /** Stops the supervisor (the CLI aborts it on SIGTERM and SIGINT). */
+  signal?: AbortSignal;
+}
+
 /**
- * Run until SIGTERM/SIGINT or until the lab state disappears: start every
- * node's agent, restart each one that exits. Resolves when stopped; the
- * agents keep running.
+ * Run until `signal` aborts or the lab state disappears: start every node's
+ * agent, restart each one that exits. Resolves when stopped; the agents keep
+ * running.
  */
-export async function runSupervisor(dir: string, policy: BackoffPolicy = AGENT_BACKOFF): Promise<void> {
+export async function runSupervisor(dir: string, opts: SupervisorOptions = {}): Promise<void> {
+  const policy = opts.policy ?? AGENT_BACKOFF;
+  const argvOf = opts.argv ?? agentArgv;
   const state = readLabState(dir);
   if (!state) throw new LabError(`no lab in ${dir}: the supervisor is started by \`fsm-node lab up\``);
   const status: SupervisorStatus = { pid: process.pid, startedAt: new Date().toISOString(), updatedAt: '', agents: {} };
@@ -161,7 +171,7 @@ export async function runSupervisor(dir: string, policy: BackoffPolicy = AGENT_B
     const { node } = slot;
     try {
       mkdirSync(node.stateDir, { recursive: true });
-      const { child, proc } = spawnDetached(slot.run.cgroup, undefined, agentArgv(state, node), slot.run.log);
+      const { child, proc } = spawnDetached(slot.run.cgroup, undefined, argvOf(state, node), slot.run.log);
       slot.started = Date.now();
       Object.assign(slot.run, { pid: proc.pid, running: true, startedAt: new Date(slot.started).toISOString() });
       log.info({ node: node.name, agentPid: proc.pid, restarts: slot.run.restarts }, 'agent started');
@@ -202,6 +212,10 @@ export async function runSupervisor(dir: string, policy: BackoffPolicy = AGENT_B
   await save();
 
   await new Promise<void>((resolve) => {
+    // Never outlive the lab: without its state there is nothing to supervise.
+    const watch = setInterval(() => {
+      if (!existsSync(labFiles(dir).state)) stop(`${labFiles(dir).state} is gone`);
+    }, 2000);
     const stop = (why: string): void => {
       if (stopping) return;
       stopping = true;
@@ -212,11 +226,7 @@ export async function runSupervisor(dir: string, policy: BackoffPolicy = AGENT_B
       status.stoppedAt = new Date().toISOString();
       void save().then(resolve);
     };
-    process.once('SIGTERM', () => stop('SIGTERM'));
-    process.once('SIGINT', () => stop('SIGINT'));
-    // Never outlive the lab: without its state there is nothing to supervise.
-    const watch = setInterval(() => {
-      if (!existsSync(labFiles(dir).state)) stop(`${labFiles(dir).state} is gone`);
-    }, 2000);
+    if (opts.signal?.aborted) stop('stopped before it started');
+    else opts.signal?.addEventListener('abort', () => stop(String(opts.signal?.reason ?? 'aborted')), { once: true });
   });
 }

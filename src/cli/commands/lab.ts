@@ -53,7 +53,9 @@ async function supervise(values: ParsedValues): Promise<number> {
   // Its log is the history of the agents' restarts: keep the info lines, unless told otherwise.
   if (process.env.FSMN_LOG_LEVEL === undefined) rootLogger.level = 'info';
   const { runSupervisor } = await import('../../lab/supervisor.js');
-  await runSupervisor(values.dir);
+  const stop = new AbortController();
+  for (const sig of ['SIGTERM', 'SIGINT'] as const) process.once(sig, () => stop.abort(sig));
+  await runSupervisor(values.dir, { signal: stop.signal });
   return 0;
 }
 

@@ -15,9 +15,11 @@ import { InvalidInputError, errorMessage } from '../errors.js';
  *     the body and the client's local port (how `lab check` finds the
  *     connection in the proxy's log). Exit 0 on any HTTP answer, 1 otherwise;
  *   node echo-server.js loop URL --seconds S [--interval-ms MS]
- *     one GET after another (a new connection each) for S seconds; prints one
- *     JSON line (LoopSummary): answers by pod and by peer, failures, the
- *     longest gap between two answers. Exit 0 when no request failed.
+ *     one GET after another (a new connection each) for S seconds or until
+ *     SIGTERM; prints {"event":"flowing","pid":N} at the first answer, then
+ *     at the end one JSON line (LoopSummary): answers by pod and by peer,
+ *     failures, the longest gap between two answers. Exit 0 when no request
+ *     failed.
  *
  * A separate file rather than `node -e`, so the processes show up readably in
  * `ps` and the protocol is typed in one place.
@@ -54,12 +56,16 @@ export interface LoopSummary {
   maxGapMs: number;
 }
 
-/** Requests back to back for `seconds`, paced by `intervalMs`: traffic that must keep flowing while something else happens. */
-export async function loop(url: string, seconds: number, intervalMs: number): Promise<LoopSummary> {
+/**
+ * Requests back to back for `seconds` (or until `stop` aborts), paced by
+ * `intervalMs`: traffic that must keep flowing while something else happens.
+ * `onFirst` runs at the first answer, so a caller knows it flows.
+ */
+export async function loop(url: string, seconds: number, intervalMs: number, opts: { stop?: AbortSignal; onFirst?: () => void } = {}): Promise<LoopSummary> {
   const sum: LoopSummary = { ok: 0, failed: 0, errors: [], pods: {}, peers: {}, startedAt: Date.now(), endedAt: 0, maxGapMs: 0 };
   const end = sum.startedAt + seconds * 1000;
   let lastOk = sum.startedAt;
-  while (Date.now() < end) {
+  while (Date.now() < end && !opts.stop?.aborted) {
     const r = await get(url, 2000);
     let answer: EchoAnswer | undefined;
     try {
@@ -73,6 +79,7 @@ export async function loop(url: string, seconds: number, intervalMs: number): Pr
       sum.peers[answer.peer] = (sum.peers[answer.peer] ?? 0) + 1;
       sum.maxGapMs = Math.max(sum.maxGapMs, Date.now() - lastOk);
       lastOk = Date.now();
+      if (sum.ok === 1) opts.onFirst?.();
     } else {
       sum.failed += 1;
       if (sum.errors.length < 5) sum.errors.push(`${new Date().toISOString()} ${r.ok ? `HTTP ${r.status}: ${String(r.body).slice(0, 100)}` : r.error}`);
@@ -131,7 +138,12 @@ async function main(argv: string[]): Promise<number> {
     const interval = Number(values['interval-ms'] ?? '20');
     if (!(seconds > 0 && seconds <= 600)) throw new InvalidInputError('--seconds', values.seconds, 'must be a number of seconds from 0 to 600');
     if (!Number.isInteger(interval) || interval < 0 || interval > 10_000) throw new InvalidInputError('--interval-ms', values['interval-ms'], 'must be an integer from 0 to 10000');
-    const summary = await loop(positionals[0], seconds, interval);
+    const stop = new AbortController();
+    process.once('SIGTERM', () => stop.abort());
+    const summary = await loop(positionals[0], seconds, interval, {
+      stop: stop.signal,
+      onFirst: () => void process.stdout.write(`${JSON.stringify({ event: 'flowing', pid: process.pid })}\n`),
+    });
     process.stdout.write(`${JSON.stringify(summary)}\n`);
     return summary.failed === 0 ? 0 : 1;
   }

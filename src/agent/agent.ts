@@ -2,7 +2,7 @@ import { mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import type { FastifyInstance } from 'fastify';
-import type { Dataplane, DesiredState, InterceptionMode } from '../dataplane/types.js';
+import type { ApplyResult, Dataplane, DesiredState, InterceptionMode } from '../dataplane/types.js';
 import { FsmNodeError, errorMessage } from '../errors.js';
 import { buildApi } from '../http/server.js';
 import type { NodeModeStatus, NodePolicy } from '../policy/schema.js';
@@ -58,6 +58,17 @@ export interface AgentDeps {
   reportMode?: (status: NodeModeStatus) => Promise<void>;
 }
 
+/** One sync as /v1/state reports it (`sync.first`, `sync.last`). */
+export interface SyncOutcome {
+  mode: InterceptionMode;
+  full: boolean;
+  /** Kernel objects the dataplane changed (map entries, rules, set members). */
+  changes: number;
+  /** Whether the proxy was offered a configuration other than the one it has (absent: this proxy takes none). */
+  proxyConfigChanged?: boolean;
+  at: string;
+}
+
 /**
  * After a switch, how long the old mode keeps answering for connections it
  * redirected just before it stopped capturing: an eBPF-rewritten connect whose
@@ -86,6 +97,8 @@ export class Agent {
   /** The last completed live switch: new mode in force after applyMs, old mode gone after totalMs. */
   private lastSwitch: { from: InterceptionMode; to: InterceptionMode; applyMs: number; totalMs: number; at: string } | undefined;
   private applied: { version: string; pods: number; at: string } | undefined;
+  /** The first sync of this process and the latest one: a restarted agent that adopts shows 0 changes in `first`. */
+  private syncs: { count: number; first?: SyncOutcome; last?: SyncOutcome } = { count: 0 };
   /** Set while the proxy's fail-open policy has asked to stop redirecting (the proxy is crash-looping). */
   private suspended: string | undefined;
   private lastError: string | undefined;
@@ -185,6 +198,7 @@ export class Agent {
       probe: this.report,
       policy: cur ? { version: cur.policy.version, ageSeconds: (Date.now() - cur.receivedAt) / 1000, pods: cur.policy.pods.length } : undefined,
       applied: this.applied,
+      sync: this.syncs,
       retiring: this.retiring?.mode,
       interceptionSuspended: this.suspended,
       lastSwitch: this.lastSwitch,
@@ -209,15 +223,16 @@ export class Agent {
     if (!decision.ready) return;
     this.metrics.mode.set({ desired: decision.desired, effective: decision.effective, fallback_reason: decision.fallbackReason ?? '' }, 1);
 
-    await this.deliverProxyConfig(policy);
+    const proxyConfigChanged = await this.deliverProxyConfig(policy);
     const rendered = this.deps.render(policy);
     // Fail-open: while the proxy crash-loops no pod is redirected, so pods talk directly instead of failing.
     const desired = this.suspended ? { ...rendered, pods: [] } : rendered;
     const previous = this.active;
     const next = previous?.mode === decision.effective ? previous : this.deps.dataplane(decision.effective);
     const started = performance.now();
+    let result: ApplyResult;
     try {
-      await next.apply(desired, { full: ctx.full || next !== previous });
+      result = await next.apply(desired, { full: ctx.full || next !== previous });
     } catch (err) {
       this.metrics.applyFailures.inc({ dataplane: next.mode });
       if (next !== previous) await next.close();
@@ -228,6 +243,7 @@ export class Agent {
     this.persistMode({ desired: decision.desired, effective: decision.effective });
     this.applied = { version: policy.version, pods: desired.pods.length, at: new Date().toISOString() };
     this.metrics.enrolledPods.set(desired.pods.length);
+    this.recordSync({ mode: next.mode, full: result.full, changes: result.changes, ...(proxyConfigChanged === undefined ? {} : { proxyConfigChanged }), at: this.applied.at });
     if (this.retiring?.mode === next.mode) {
       // Switched back before the old instance was removed: `next` adopted its state.
       await this.retiring.close();
@@ -253,16 +269,32 @@ export class Agent {
    * config the proxy rejects keeps its previous one running (the supervisor
    * restores it) and counts as a failed reload; the dataplane still applies.
    */
-  private async deliverProxyConfig(policy: NodePolicy): Promise<void> {
-    if (!this.deps.proxy.deliver || !this.deps.proxyConfig) return;
+  private async deliverProxyConfig(policy: NodePolicy): Promise<boolean | undefined> {
+    if (!this.deps.proxy.deliver || !this.deps.proxyConfig) return undefined;
     const started = performance.now();
     try {
       const r = await this.deps.proxy.deliver(this.deps.proxyConfig(policy));
       if (r.changed && r.applied) this.metrics.proxyReload.observe({ result: 'ok' }, r.ms / 1000);
+      return r.changed;
     } catch (err) {
       this.metrics.proxyReload.observe({ result: 'failed' }, (performance.now() - started) / 1000);
       log.error({ err: errorMessage(err), version: policy.version }, 'proxy rejected the configuration; it keeps running the previous one');
+      return true;
     }
+  }
+
+  /**
+   * What a sync changed. The first one of a process is full and compares with
+   * the kernel, not with memory: after a restart it is the proof of adoption
+   * (0 changes: the pins, rules and proxy config found were exactly the desired ones).
+   */
+  private recordSync(outcome: SyncOutcome): void {
+    this.syncs.count += 1;
+    this.syncs.last = outcome;
+    if (this.syncs.first) return;
+    this.syncs.first = outcome;
+    const adopted = outcome.changes === 0 && outcome.proxyConfigChanged !== true;
+    log.info({ ...outcome }, adopted ? 'first sync changed nothing: adopted what was installed' : 'first sync installed the desired state');
   }
 
   /**

@@ -16,6 +16,7 @@ import { agentState } from './lab.js';
 import { CANARY, deniedPair, ECHO_PORT, LAB_NAMESPACE, LAB_SERVICES, SPLIT_WEIGHTS } from './manifests.js';
 import type { EchoAnswer, GetResult } from './echo-server.js';
 import { runInside, sleep } from './processes.js';
+import { gatherLabStatus, restartNotes } from './status.js';
 import { labFiles, type LabNode, type LabPod, type LabState } from './state.js';
 
 /**
@@ -262,6 +263,7 @@ async function pool<T>(items: T[], limit: number, fn: (t: T) => Promise<void>): 
 
 export async function labCheck(state: LabState): Promise<CheckReport> {
   const notes = await waitConverged(state);
+  notes.push(...restartNotes(await gatherLabStatus(state)));
   const view = meshView(labFiles(state.dir).manifests);
   const nodes = new Map(state.nodes.map((n) => [n.name, n]));
   const cases: CheckCase[] = [];

@@ -13,7 +13,13 @@ import { InvalidInputError, errorMessage } from '../errors.js';
  *   node echo-server.js get URL
  *     one HTTP GET without keep-alive; prints one JSON line with the status,
  *     the body and the client's local port (how `lab check` finds the
- *     connection in the proxy's log). Exit 0 on any HTTP answer, 1 otherwise.
+ *     connection in the proxy's log). Exit 0 on any HTTP answer, 1 otherwise;
+ *   node echo-server.js loop URL --seconds S [--interval-ms MS]
+ *     one GET after another (a new connection each) for S seconds or until
+ *     SIGTERM; prints {"event":"flowing","pid":N} at the first answer, then
+ *     at the end one JSON line (LoopSummary): answers by pod and by peer,
+ *     failures, the longest gap between two answers. Exit 0 when no request
+ *     failed.
  *
  * A separate file rather than `node -e`, so the processes show up readably in
  * `ps` and the protocol is typed in one place.
@@ -34,6 +40,55 @@ export interface GetResult {
   localAddress?: string;
   localPort?: number;
   error?: string;
+}
+
+export interface LoopSummary {
+  ok: number;
+  failed: number;
+  /** The first few failures, as they came. */
+  errors: string[];
+  /** Answers by the pod that gave them, and by the peer the server saw. */
+  pods: Record<string, number>;
+  peers: Record<string, number>;
+  startedAt: number;
+  endedAt: number;
+  /** Longest time between two successful answers (or from the start to the first). */
+  maxGapMs: number;
+}
+
+/**
+ * Requests back to back for `seconds` (or until `stop` aborts), paced by
+ * `intervalMs`: traffic that must keep flowing while something else happens.
+ * `onFirst` runs at the first answer, so a caller knows it flows.
+ */
+export async function loop(url: string, seconds: number, intervalMs: number, opts: { stop?: AbortSignal; onFirst?: () => void } = {}): Promise<LoopSummary> {
+  const sum: LoopSummary = { ok: 0, failed: 0, errors: [], pods: {}, peers: {}, startedAt: Date.now(), endedAt: 0, maxGapMs: 0 };
+  const end = sum.startedAt + seconds * 1000;
+  let lastOk = sum.startedAt;
+  while (Date.now() < end && !opts.stop?.aborted) {
+    const r = await get(url, 2000);
+    let answer: EchoAnswer | undefined;
+    try {
+      answer = JSON.parse(r.body ?? '') as EchoAnswer;
+    } catch {
+      answer = undefined;
+    }
+    if (r.ok && r.status === 200 && answer) {
+      sum.ok += 1;
+      sum.pods[answer.pod] = (sum.pods[answer.pod] ?? 0) + 1;
+      sum.peers[answer.peer] = (sum.peers[answer.peer] ?? 0) + 1;
+      sum.maxGapMs = Math.max(sum.maxGapMs, Date.now() - lastOk);
+      lastOk = Date.now();
+      if (sum.ok === 1) opts.onFirst?.();
+    } else {
+      sum.failed += 1;
+      if (sum.errors.length < 5) sum.errors.push(`${new Date().toISOString()} ${r.ok ? `HTTP ${r.status}: ${String(r.body).slice(0, 100)}` : r.error}`);
+    }
+    if (intervalMs > 0) await new Promise((res) => setTimeout(res, intervalMs));
+  }
+  sum.endedAt = Date.now();
+  sum.maxGapMs = Math.max(sum.maxGapMs, sum.endedAt - lastOk);
+  return sum;
 }
 
 export function serve(name: string, port: number): http.Server {
@@ -62,7 +117,7 @@ export function get(url: string, timeoutMs = 5000): Promise<GetResult> {
 
 async function main(argv: string[]): Promise<number> {
   const [verb, ...rest] = argv;
-  const { values, positionals } = parseArgs({ args: rest, options: { name: { type: 'string' }, port: { type: 'string' } }, allowPositionals: true, strict: true });
+  const { values, positionals } = parseArgs({ args: rest, options: { name: { type: 'string' }, port: { type: 'string' }, seconds: { type: 'string' }, 'interval-ms': { type: 'string' } }, allowPositionals: true, strict: true });
   if (verb === 'serve') {
     const port = Number(values.port ?? '8080');
     if (!values.name) throw new InvalidInputError('--name', values.name, 'required: the pod name to answer with');
@@ -78,7 +133,21 @@ async function main(argv: string[]): Promise<number> {
     process.stdout.write(`${JSON.stringify(result)}\n`);
     return result.ok ? 0 : 1;
   }
-  throw new InvalidInputError('verb', argv.join(' '), 'usage: echo-server.js serve --name POD [--port 8080] | get URL');
+  if (verb === 'loop' && positionals[0] !== undefined) {
+    const seconds = Number(values.seconds ?? '5');
+    const interval = Number(values['interval-ms'] ?? '20');
+    if (!(seconds > 0 && seconds <= 600)) throw new InvalidInputError('--seconds', values.seconds, 'must be a number of seconds from 0 to 600');
+    if (!Number.isInteger(interval) || interval < 0 || interval > 10_000) throw new InvalidInputError('--interval-ms', values['interval-ms'], 'must be an integer from 0 to 10000');
+    const stop = new AbortController();
+    process.once('SIGTERM', () => stop.abort());
+    const summary = await loop(positionals[0], seconds, interval, {
+      stop: stop.signal,
+      onFirst: () => void process.stdout.write(`${JSON.stringify({ event: 'flowing', pid: process.pid })}\n`),
+    });
+    process.stdout.write(`${JSON.stringify(summary)}\n`);
+    return summary.failed === 0 ? 0 : 1;
+  }
+  throw new InvalidInputError('verb', argv.join(' '), 'usage: echo-server.js serve --name POD [--port 8080] | get URL | loop URL [--seconds S] [--interval-ms MS]');
 }
 
 if (process.argv[1] !== undefined && fileURLToPath(import.meta.url) === process.argv[1]) {

@@ -16,6 +16,7 @@ import { BPFFS_ROOT, ensureBpffs } from './bpffs.js';
 import { ECHO_PORT, podVersion, renderManifests } from './manifests.js';
 import { hostNetworkSnapshot } from './net-probe.js';
 import { isOurs, pidAlive, sleep, spawnInside, startDetached, stopProcess, tail } from './processes.js';
+import { agentCgroup, agentProcess, labCli, readSupervisorStatus, supervisorArgv, type SupervisorStatus } from './supervisor.js';
 import {
   claimLabPointer,
   LAB_POINTER,
@@ -56,7 +57,7 @@ export interface UpOptions {
 
 export type Say = (line: string) => void;
 
-const cli = (): string => join(packageRoot(), 'dist', 'src', 'cli', 'bin.js');
+const cli = labCli;
 const echoScript = (): string => join(packageRoot(), 'dist', 'src', 'lab', 'echo-server.js');
 
 // ---- proxy choice (pure but for the lookups) ---------------------------------
@@ -103,7 +104,15 @@ export function labObjects(): string[] {
 
 // ---- lab up ------------------------------------------------------------------
 
-function waitFor<T>(what: string, timeoutMs: number, proc: LabProcess | undefined, attempt: () => Promise<T | undefined>): Promise<T> {
+/** Why waiting is pointless (the process died), with its log's last lines; undefined while it lives. */
+type DeadCheck = () => string | undefined;
+
+const processDied =
+  (proc: LabProcess | undefined): DeadCheck =>
+  () =>
+    proc && !pidAlive(proc.pid) ? `the process (pid ${proc.pid}) exited. Last lines of ${proc.log}:\n${tail(proc.log)}` : undefined;
+
+function waitFor<T>(what: string, timeoutMs: number, dead: DeadCheck, attempt: () => Promise<T | undefined>): Promise<T> {
   const deadline = Date.now() + timeoutMs;
   return (async () => {
     let last = '';
@@ -114,10 +123,9 @@ function waitFor<T>(what: string, timeoutMs: number, proc: LabProcess | undefine
       } catch (err) {
         last = errorMessage(err);
       }
-      if (proc && !pidAlive(proc.pid)) throw new LabError(`${what}: the process (pid ${proc.pid}) exited. Last lines of ${proc.log}:\n${tail(proc.log)}`);
-      if (Date.now() > deadline) {
-        throw new LabError(`${what}: not ready after ${timeoutMs / 1000} s${last ? ` (${last})` : ''}${proc ? `. Last lines of ${proc.log}:\n${tail(proc.log)}` : ''}`);
-      }
+      const died = dead();
+      if (died) throw new LabError(`${what}: ${died}`);
+      if (Date.now() > deadline) throw new LabError(`${what}: not ready after ${timeoutMs / 1000} s${last ? ` (${last})` : ''}`);
       await sleep(100);
     }
   })();
@@ -152,26 +160,6 @@ function controllerArgv(state: LabState): string[] {
   return [process.execPath, cli(), 'controller', '--manifests', f.manifests, '--listen', `127.0.0.1:${CONTROLLER_PORT}`, '--state-dir', state.controller.stateDir, '--tokens', f.tokens];
 }
 
-function agentArgv(state: LabState, n: LabNode): string[] {
-  return [
-    process.execPath, cli(), 'agent',
-    '--node', n.name,
-    '--controller', state.controller.url,
-    '--ca-file', state.controller.caFile,
-    '--token-file', n.tokenFile,
-    '--mode', state.mode,
-    '--state-dir', n.stateDir,
-    '--bpffs-dir', n.bpffsDir,
-    '--pods-cgroup', n.podsCgroup,
-    '--proxy-cgroup', n.proxyCgroup,
-    '--listen', n.agentUrl.replace(/^http:\/\//, ''),
-    '--netns', n.netns,
-    '--proxy', state.proxy,
-    '--proxy-address', n.gateway,
-    '--node-addresses', `${n.gateway},${n.underlayIp}`,
-  ];
-}
-
 function refuseExisting(dir: string): void {
   const existing = labObjects();
   const pointer = existsSync(LAB_POINTER) ? readFileSync(LAB_POINTER, 'utf8').trim() : undefined;
@@ -194,6 +182,17 @@ async function assertPortsFree(ports: number[]): Promise<void> {
       srv.listen(port, '127.0.0.1', () => srv.close(() => resolve()));
     });
   }
+}
+
+/** During `lab up` an agent that exits is an error (the supervisor would retry it, but a crash at start is a bug to show). */
+function agentDiedDuringStart(state: LabState, n: LabNode): DeadCheck {
+  const supervisorDied = processDied(state.supervisor);
+  return () => {
+    const run = readSupervisorStatus(state.dir)?.agents[n.name];
+    if (run?.lastExit) return `the agent ${run.lastExit.reason} after ${run.lastExit.ranSeconds} s (the lab supervisor restarts it with backoff). Last lines of ${run.log}:\n${tail(run.log)}`;
+    const died = supervisorDied();
+    return died ? `the lab supervisor died: ${died}` : undefined;
+  };
 }
 
 /** Everything `lab up` does; progress lines go to `say`. Returns the state of the running lab. */
@@ -268,7 +267,7 @@ export async function labUp(opts: UpOptions, say: Say): Promise<LabState> {
   }
   writeLabState(state);
   await Promise.all(
-    state.pods.map((pod) => waitFor(`echo server in pod ${pod.name}`, 10_000, pod.server, async () => (readFileSync(pod.server!.log, 'utf8').includes('"listening"') ? true : undefined))),
+    state.pods.map((pod) => waitFor(`echo server in pod ${pod.name}`, 10_000, processDied(pod.server), async () => (readFileSync(pod.server!.log, 'utf8').includes('"listening"') ? true : undefined))),
   );
   say(`workloads: ${state.pods.length} echo servers on :${ECHO_PORT} (${state.pods.map((p) => `${p.name}@${p.node}=${p.ip}`).join(' ')})`);
 
@@ -278,28 +277,30 @@ export async function labUp(opts: UpOptions, say: Say): Promise<LabState> {
   await createCgroup(ctlCgroup);
   state.controller.process = startDetached(ctlCgroup, undefined, controllerArgv(state), join(f.logs, 'controller.log'));
   writeLabState(state);
-  await waitFor('controller', READY_TIMEOUT_MS, state.controller.process, async () => (existsSync(state.controller.caFile) ? httpsReady(state.controller.url, readFileSync(state.controller.caFile, 'utf8')) : undefined));
+  await waitFor('controller', READY_TIMEOUT_MS, processDied(state.controller.process), async () => (existsSync(state.controller.caFile) ? httpsReady(state.controller.url, readFileSync(state.controller.caFile, 'utf8')) : undefined));
   say(`controller: ${state.controller.url} (pid ${state.controller.process.pid}), watching ${f.manifests}`);
 
+  // The agents run under the lab supervisor, which restarts one that dies (as kubelet restarts a DaemonSet pod).
   for (const n of state.nodes) {
-    const cg = join(ctlRoot, `agent-${n.name}`);
-    await createCgroup(cg);
+    await createCgroup(agentCgroup(state, n));
     mkdirSync(n.stateDir, { recursive: true });
-    n.agent = startDetached(cg, undefined, agentArgv(state, n), join(f.logs, `agent-${n.name}.log`));
   }
+  const supCgroup = join(ctlRoot, 'supervisor');
+  await createCgroup(supCgroup);
+  state.supervisor = startDetached(supCgroup, undefined, supervisorArgv(opts.dir), join(f.logs, 'supervisor.log'));
   writeLabState(state);
-  await Promise.all(state.nodes.map((n) => waitFor(`agent of node ${n.name} (${n.agentUrl})`, READY_TIMEOUT_MS, n.agent, () => agentReady(n.agentUrl))));
-  say(`agents: ${state.nodes.length} ready (${state.nodes.map((n) => n.agentUrl).join(', ')})`);
+  await Promise.all(state.nodes.map((n) => waitFor(`agent of node ${n.name} (${n.agentUrl})`, READY_TIMEOUT_MS, agentDiedDuringStart(state, n), () => agentReady(n.agentUrl))));
+  say(`agents: ${state.nodes.length} ready (${state.nodes.map((n) => n.agentUrl).join(', ')}), run by the lab supervisor (pid ${state.supervisor.pid}), which restarts a dead one`);
   say(`lab up in ${((Date.now() - started) / 1000).toFixed(1)} s`);
   return state;
 }
 
 /** The summary table after `lab up`: one row per node. */
-export function renderSummary(state: LabState, modes: Record<string, string>): string[] {
-  const rows = [['NODE', 'MODE', 'PODS', 'AGENT', 'METRICS']];
+export function renderSummary(state: LabState, modes: Record<string, string>, supervisor: SupervisorStatus | undefined = readSupervisorStatus(state.dir)): string[] {
+  const rows = [['NODE', 'MODE', 'PODS', 'AGENT', 'RESTARTS', 'METRICS']];
   for (const n of state.nodes) {
     const pods = state.pods.filter((p) => p.node === n.name).map((p) => `${p.name}=${p.ip}`).join(' ');
-    rows.push([n.name, modes[n.name] ?? '?', pods || '-', n.agentUrl, `${n.agentUrl}/metrics`]);
+    rows.push([n.name, modes[n.name] ?? '?', pods || '-', n.agentUrl, String(supervisor?.agents[n.name]?.restarts ?? '?'), `${n.agentUrl}/metrics`]);
   }
   const widths = rows[0]!.map((_c, i) => Math.max(...rows.map((r) => r[i]!.length)));
   const first = state.pods[0]?.name ?? 'p1';
@@ -310,8 +311,9 @@ export function renderSummary(state: LabState, modes: Record<string, string>): s
     `proxy: ${state.proxy}${state.proxy === 'passthrough' ? ' (L4, no policy: split and allow/deny checks are skipped)' : ''}; controller ${state.controller.url}; logs in ${labFiles(state.dir).logs}`,
     'next:',
     '  fsm-node lab check                     real requests between every pair of pods',
+    '  fsm-node lab status                    nodes, agents (restarts, last exit), proxies, pods',
     `  fsm-node lab exec ${first} -- node ${echoScript()} get http://${other?.ip ?? '10.77.1.2'}:${ECHO_PORT}/`,
-    `  fsm-node status --agent ${state.nodes[0]?.agentUrl ?? ''}`,
+    '  fsm-node status                        every node\'s agent: mode and why, policy, proxy',
     `  fsm-node mode set ${state.mode === 'iptables' ? 'ebpf' : 'iptables'} --node ${state.nodes[0]?.name ?? 'n1'} --manifests ${labFiles(state.dir).manifests}`,
     `  edit ${labFiles(state.dir).manifests}/*.yaml (the mesh follows live), then fsm-node lab check`,
     '  fsm-node lab down                      stop everything and verify nothing is left',
@@ -470,9 +472,17 @@ export async function labDown(dirFlag: string | undefined, say: Say): Promise<Do
   if (!state && before.length === 0 && !pointer && !existsSync(labFiles(dir).state)) return report;
   report.existed = true;
 
+  let agentProcs: Array<LabProcess | undefined> = [];
   if (state) {
+    // The supervisor first: it would restart the agents stopped below. Then its last word has every agent's pid.
+    if (await stopProcess(state.supervisor)) {
+      report.removed.push('lab supervisor process');
+      say('supervisor: stopped');
+    }
+    const supervised = readSupervisorStatus(dir);
+    agentProcs = state.nodes.map((n) => agentProcess(supervised?.agents[n.name]));
     let agents = 0;
-    for (const n of state.nodes) if (await stopProcess(n.agent)) agents++;
+    for (const p of agentProcs) if (await stopProcess(p)) agents++;
     say(`agents: stopped ${agents} of ${state.nodes.length}${agents < state.nodes.length ? ' (the others were not running)' : ''}`);
     if (agents) report.removed.push(`${agents} agent process(es)`);
     for (const n of state.nodes) {
@@ -489,7 +499,7 @@ export async function labDown(dirFlag: string | undefined, say: Say): Promise<Do
       say('controller: stopped');
     }
   }
-  const pidsToCheck = state ? [state.controller.process, ...state.nodes.map((n) => n.agent), ...state.pods.map((p) => p.server)].filter((p): p is LabProcess => p !== undefined) : [];
+  const pidsToCheck = state ? [state.controller.process, state.supervisor, ...agentProcs, ...state.pods.map((p) => p.server)].filter((p): p is LabProcess => p !== undefined) : [];
   const swept = await sweep(LAB_PREFIX);
   report.removed.push(...swept);
   const count = (kind: string): number => swept.filter((x) => x.startsWith(`${kind} `)).length;
@@ -510,7 +520,7 @@ export async function labDown(dirFlag: string | undefined, say: Say): Promise<Do
   }
   if (report.leftovers.length === 0) {
     const f = labFiles(dir);
-    for (const p of [f.state, f.manifests, f.controller, f.tokens, f.nodes, hostFile]) rmSync(p, { recursive: true, force: true });
+    for (const p of [f.state, f.supervisor, f.manifests, f.controller, f.tokens, f.nodes, hostFile]) rmSync(p, { recursive: true, force: true });
     removeLabPointer();
   }
   return report;

@@ -20,18 +20,29 @@ function argvInside(cgroup: string, netns: string | undefined, argv: string[]): 
   return ['-c', ENTER, cgroup, ...enter, ...argv];
 }
 
-/** Start a detached process in a cgroup (and netns), stdout and stderr appended to `log`. */
-export function startDetached(cgroup: string, netns: string | undefined, argv: string[], log: string): LabProcess {
+/**
+ * Start a detached process (its own session: a signal to the starter's group
+ * does not reach it) in a cgroup (and netns), stdout and stderr appended to
+ * `log`. The child handle tells a parent that stays (the lab supervisor)
+ * how it exited; the pid is the command's own (the shell execs it).
+ */
+export function spawnDetached(cgroup: string, netns: string | undefined, argv: string[], log: string): { child: ChildProcess; proc: LabProcess } {
   const out = openSync(log, 'a');
   try {
     const child = spawn('/bin/sh', argvInside(cgroup, netns, argv), { detached: true, stdio: ['ignore', out, out] });
     child.on('error', () => undefined);
-    child.unref();
     if (child.pid === undefined) throw new Error(`cannot start ${argv[0]}`);
-    return { pid: child.pid, cgroup, log };
+    return { child, proc: { pid: child.pid, cgroup, log } };
   } finally {
     closeSync(out);
   }
+}
+
+/** Start a detached process that outlives this one (see spawnDetached). */
+export function startDetached(cgroup: string, netns: string | undefined, argv: string[], log: string): LabProcess {
+  const { child, proc } = spawnDetached(cgroup, netns, argv, log);
+  child.unref();
+  return proc;
 }
 
 /** Run a command in a pod (netns + cgroup) attached to this process's stdio or pipes. */

@@ -31,7 +31,6 @@ const NodeSchema = z
     stateDir: z.string(),
     tokenFile: z.string(),
     agentUrl: z.string(),
-    agent: ProcessSchema.optional(),
   })
   .strict();
 
@@ -59,6 +58,8 @@ export const LabStateSchema = z
     proxyNote: z.string(),
     controllerCgroupRoot: z.string(),
     controller: z.object({ url: z.string(), stateDir: z.string(), caFile: z.string(), process: ProcessSchema.optional() }).strict(),
+    /** The lab supervisor, which runs the agents (their pids are in supervisor.json, src/lab/supervisor.ts). */
+    supervisor: ProcessSchema.optional(),
     nodes: z.array(NodeSchema),
     pods: z.array(PodSchema),
   })
@@ -84,6 +85,7 @@ export const labFiles = (dir: string) => ({
   controller: join(dir, 'controller'),
   tokens: join(dir, 'tokens.json'),
   nodes: join(dir, 'nodes'),
+  supervisor: join(dir, 'supervisor.json'),
 });
 
 /** --dir when given, else the directory of the lab that runs, else the default. */

@@ -1,10 +1,13 @@
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import type { CheckReport } from '../../src/lab/check.js';
+import type { LoopSummary } from '../../src/lab/echo-server.js';
 import { LAB_POINTER, type LabState } from '../../src/lab/state.js';
+import type { LabStatus } from '../../src/lab/status.js';
+import type { SupervisorStatus } from '../../src/lab/supervisor.js';
 import { cgroup2Root } from '../../src/util/cgroup.js';
 import { pipySkipReason } from '../support/pipy.js';
 
@@ -92,6 +95,78 @@ async function check(): Promise<CheckReport> {
   return report;
 }
 
+async function labStatus(): Promise<LabStatus> {
+  const r = await cli('lab', 'status', '--json');
+  return JSON.parse(r.stdout) as LabStatus;
+}
+
+const echoScript = join(root, 'dist', 'src', 'lab', 'echo-server.js');
+
+/**
+ * kill -9 of one node's agent while a pod on that node sends requests: the
+ * requests keep being answered (the data path needs no agent), the lab
+ * supervisor starts a new agent, and that agent's first full sync changes
+ * nothing (it adopted the pins or rules and the proxy) and keeps the proxy.
+ */
+async function killAgentUnderTraffic(nodeName: string, from: string, to: { name: string; ip: string }, peer?: string): Promise<LabStatus['nodes'][number]> {
+  const before = (await labStatus()).nodes.find((n) => n.name === nodeName)!;
+  expect(before.agent).toMatchObject({ up: true, ready: true });
+  const restartsBefore = before.agent.restarts;
+  // The loop runs until we stop it (SIGTERM), bounded at 120 s; it says when its first request was answered.
+  const child = spawn(process.execPath, [bin, 'lab', 'exec', from, '--', process.execPath, echoScript, 'loop', `http://${to.ip}:8080/`, '--seconds', '120'], { cwd: root, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  child.stdout.setEncoding('utf8').on('data', (d: string) => (out += d));
+  child.stderr.setEncoding('utf8').on('data', (d: string) => (out += d));
+  const exited = new Promise<number | null>((resolve) => child.on('close', resolve));
+  let loopPid = 0;
+  try {
+    await until(`traffic from ${from} to ${to.name} flows`, async () => {
+      const m = /\{"event":"flowing","pid":(\d+)\}/.exec(out);
+      if (m) loopPid = Number(m[1]);
+      return loopPid > 0;
+    }, 30_000);
+  } catch (err) {
+    child.kill('SIGKILL');
+    throw new Error(`${(err as Error).message}; output: ${out}`);
+  }
+  const killedAt = Date.now();
+  process.kill(before.agent.pid!, 'SIGKILL');
+  let after: LabStatus['nodes'][number] | undefined;
+  await until(
+    `the lab supervisor restarts the agent of ${nodeName} and it is ready`,
+    async () => {
+      after = (await labStatus()).nodes.find((n) => n.name === nodeName)!;
+      return after.agent.restarts === restartsBefore + 1 && after.agent.up && after.agent.ready && after.firstSync !== undefined;
+    },
+    45_000,
+  );
+  const readyAt = Date.now();
+  await new Promise((r) => setTimeout(r, 1000));
+  process.kill(loopPid, 'SIGTERM');
+  const code = await exited;
+  const sum = JSON.parse(out.trim().split('\n').pop()!) as LoopSummary;
+  // Every request answered by the target, through the node's proxy, before, during and after the agent's absence.
+  expect(sum.errors).toEqual([]);
+  expect(sum.failed).toBe(0);
+  expect(code).toBe(0);
+  expect(sum.startedAt).toBeLessThan(killedAt);
+  expect(sum.endedAt).toBeGreaterThan(readyAt);
+  expect(sum.ok).toBeGreaterThan(0);
+  expect(sum.pods).toEqual({ [to.name]: sum.ok });
+  // Intercepted all along: the server saw the node proxy's address, never the pod's.
+  if (peer !== undefined) expect(sum.peers).toEqual({ [peer]: sum.ok });
+  console.log(`agent of ${nodeName} killed: ${sum.ok} requests from ${from} answered, 0 failed, longest gap ${sum.maxGapMs} ms; back ready ${((readyAt - killedAt) / 1000).toFixed(1)} s after the kill`);
+
+  const a = after!;
+  expect(a.agent.pid).not.toBe(before.agent.pid);
+  expect(a.agent.lastExit).toMatchObject({ signal: 'SIGKILL', reason: 'killed by SIGKILL' });
+  // Adoption: the new agent's first sync was full and changed nothing; the proxy is the same process, adopted.
+  expect(a.firstSync).toMatchObject({ full: true, changes: 0 });
+  expect(a.firstSync!.proxyConfigChanged).not.toBe(true);
+  expect(a.proxy).toMatchObject({ pid: before.proxy!.pid, adopted: true, listening: true });
+  return a;
+}
+
 const effectiveMode = async (url: string): Promise<string | undefined> => ((await agentState(url)).mode as { effective?: string } | undefined)?.effective;
 
 maybe.each(['ebpf', 'iptables'] as const)('fsm-node lab with --mode %s', (mode) => {
@@ -116,7 +191,8 @@ maybe.each(['ebpf', 'iptables'] as const)('fsm-node lab with --mode %s', (mode) 
     state = JSON.parse(readFileSync(join(dir, 'lab.json'), 'utf8')) as LabState;
     expect(state.nodes.map((n) => n.name)).toEqual(['n1', 'n2']);
     expect(state.pods).toHaveLength(4);
-    expect(r.stdout).toMatch(/NODE\s+MODE\s+PODS\s+AGENT\s+METRICS/);
+    expect(r.stdout).toMatch(/NODE\s+MODE\s+PODS\s+AGENT\s+RESTARTS\s+METRICS/);
+    expect(r.stdout).toMatch(/^n1\s.*\s0\s+http:\S+\/metrics$/m);
     for (const n of state.nodes) {
       expect(r.stdout).toContain(`${n.agentUrl}/metrics`);
       expect(await effectiveMode(n.agentUrl)).toBe(mode);
@@ -141,6 +217,38 @@ maybe.each(['ebpf', 'iptables'] as const)('fsm-node lab with --mode %s', (mode) 
       expect(c.reason).toMatch(/Pipy/);
     }
   }, 60_000);
+
+  test('lab status and fsm-node status (no --agent) show every lab node', async () => {
+    const s = await labStatus();
+    expect(s.ok).toBe(true);
+    expect(s.nodes.map((n) => [n.name, n.mode, n.agent.up, n.agent.ready, n.agent.restarts])).toEqual([
+      ['n1', mode, true, true, 0],
+      ['n2', mode, true, true, 0],
+    ]);
+    expect(s.supervisor.up).toBe(true);
+    expect(s.pods.map((p) => [p.name, p.up])).toEqual([['p1', true], ['p2', true], ['p3', true], ['p4', true]]);
+    const text = await cli('lab', 'status');
+    expect(text.code).toBe(0);
+    expect(text.stdout).toMatch(/^NODE\s+MODE\s+AGENT\s+PID\s+STATUS\s+RESTARTS\s+LAST EXIT\s+PROXY\s+PODS$/m);
+
+    const st = await cli('status');
+    expect(st.code).toBe(0);
+    expect(st.stdout).toContain('== lab node n1 (agent http://127.0.0.1:15901) ==');
+    expect(st.stdout).toContain('== lab node n2 (agent http://127.0.0.1:15902) ==');
+    const json = JSON.parse((await cli('status', '--json')).stdout) as { nodes: Array<{ node: string; state: { ready: boolean } }> };
+    expect(json.nodes.map((n) => [n.node, n.state.ready])).toEqual([['n1', true], ['n2', true]]);
+  }, 90_000);
+
+  test('kill -9 of an agent: traffic keeps flowing, the lab supervisor restarts it, the new agent adopts with 0 changes, lab check passes', async () => {
+    const n1 = state.nodes.find((n) => n.name === 'n1')!;
+    const p3 = state.pods.find((p) => p.name === 'p3')!;
+    await killAgentUnderTraffic('n1', 'p1', p3, n1.underlayIp);
+    const shown = await cli('lab', 'status');
+    expect(shown.stdout).toMatch(/^n1\s.*\sready\s+1\s+killed by SIGKILL \d+ s ago\s/m);
+    const report = await check();
+    expect(report.notes).toEqual([expect.stringMatching(/^agent of n1 restarted 1 time by the lab supervisor \(last exit: killed by SIGKILL .*\); its first sync: 0 changes.*\(adopted what was installed\)$/)]);
+    for (const c of report.cases.filter((x) => x.kind === 'pod-to-pod')) expect(c.reason).toMatch(/^via n\d proxy/);
+  }, 180_000);
 
   test('lab exec runs a command in the pod and passes its exit code through', async () => {
     const ok = await cli('lab', 'exec', 'p1', '--', 'ip', '-o', '-4', 'addr', 'show', 'dev', 'eth0');
@@ -185,7 +293,10 @@ maybe.each(['ebpf', 'iptables'] as const)('fsm-node lab with --mode %s', (mode) 
   }, 90_000);
 
   test('lab down removes everything and verifies it; a second down is a no-op', async () => {
-    const pids = [state.controller.process, ...state.nodes.map((n) => n.agent), ...state.pods.map((p) => p.server)].map((p) => p!.pid);
+    const supervised = JSON.parse(readFileSync(join(dir, 'supervisor.json'), 'utf8')) as SupervisorStatus;
+    const agentPids = Object.values(supervised.agents).map((a) => a.pid!);
+    expect(agentPids).toHaveLength(2);
+    const pids = [state.controller.process!.pid, state.supervisor!.pid, ...agentPids, ...state.pods.map((p) => p.server!.pid)];
     const r = await cli('lab', 'down');
     if (r.code !== 0) throw new Error(`lab down failed (exit ${r.code}):\n${r.stdout}\n${r.stderr}`);
     expect(r.stdout).toContain('verified none left');
@@ -198,6 +309,10 @@ maybe.each(['ebpf', 'iptables'] as const)('fsm-node lab with --mode %s', (mode) 
     const again = await cli('lab', 'down');
     expect(again.code).toBe(0);
     expect(again.stdout).toMatch(/no lab to remove/);
+    // No lab and (on this machine) no agent at the default address: the error says both.
+    const st = await cli('status');
+    expect(st.code).toBe(1);
+    expect(st.stderr).toMatch(/no agent answered at http:\/\/127\.0\.0\.1:15900\/v1\/state .*and no lab is up/);
   }, 60_000);
 });
 
@@ -221,7 +336,7 @@ if (!skipReason && pipySkip) console.log(pipySkip.replace('SKIP pipy tier', 'SKI
     rmSync(dir, { recursive: true, force: true });
   }, 60_000);
 
-  test('every case passes, none skipped; a live split change moves the ratio; down leaves nothing', async () => {
+  test('every case passes, none skipped', async () => {
     const up = await cli('lab', 'up', '--proxy', 'pipy', '--dir', dir);
     expect(up.stderr + up.stdout).toContain('proxy: pipy');
     expect(up.code).toBe(0);
@@ -232,7 +347,18 @@ if (!skipReason && pipySkip) console.log(pipySkip.replace('SKIP pipy tier', 'SKI
     expect(report.cases.filter((c) => c.kind === 'service')).toHaveLength(3);
     expect(report.cases.find((c) => c.kind === 'split')?.reason).toMatch(/echo-v1 \d+% \(want 80/);
     expect(report.cases.find((c) => c.from === 'p4' && c.to === 'p1')?.reason).toMatch(/^denied: HTTP 403/);
+  }, 180_000);
 
+  test('kill -9 of an agent: the new one adopts the running Pipy and its configuration unchanged; every case still passes', async () => {
+    const lab = JSON.parse(readFileSync(join(dir, 'lab.json'), 'utf8')) as LabState;
+    const p1 = lab.pods.find((p) => p.name === 'p1')!;
+    const n2 = await killAgentUnderTraffic('n2', 'p3', p1);
+    expect(n2.firstSync!.proxyConfigChanged).toBe(false);
+    const report = await check();
+    expect(report.cases.filter((c) => c.result === 'skip')).toEqual([]);
+  }, 180_000);
+
+  test('a live split change moves the ratio; down leaves nothing', async () => {
     const split = join(dir, 'manifests', '50-split.yaml');
     writeFileSync(split, readFileSync(split, 'utf8').replace(/weight: 80/, 'weight: 50').replace(/weight: 20/, 'weight: 50'));
     await until('the new split weights reach the proxies', async () => {

@@ -3,7 +3,7 @@ import { InvalidInputError } from '../../errors.js';
 import { rootLogger } from '../../util/log.js';
 import { intFlag, oneOf, type Command, type ParsedValues } from '../command.js';
 
-const verbs = ['up', 'check', 'exec', 'down', 'selfcheck'] as const;
+const verbs = ['up', 'status', 'check', 'exec', 'down', 'selfcheck', 'supervise'] as const;
 const say = (line: string): void => void process.stdout.write(`${line}\n`);
 
 async function up(values: ParsedValues): Promise<number> {
@@ -37,6 +37,26 @@ async function check(values: ParsedValues): Promise<number> {
   if (values.json) say(JSON.stringify(report, null, 2));
   else for (const line of renderCheck(report)) say(line);
   return report.ok ? 0 : 1;
+}
+
+async function status(values: ParsedValues): Promise<number> {
+  const { gatherLabStatus, renderLabStatus } = await import('../../lab/status.js');
+  const s = await gatherLabStatus(await runningLab(values));
+  if (values.json) say(JSON.stringify(s, null, 2));
+  else for (const line of renderLabStatus(s)) say(line);
+  return s.ok ? 0 : 1;
+}
+
+/** The lab supervisor itself (started by `lab up`, not by hand): runs the agents until SIGTERM. */
+async function supervise(values: ParsedValues): Promise<number> {
+  if (typeof values.dir !== 'string') throw new InvalidInputError('--dir', values.dir, 'required: the lab directory (lab up starts the supervisor with it)');
+  // Its log is the history of the agents' restarts: keep the info lines, unless told otherwise.
+  if (process.env.FSMN_LOG_LEVEL === undefined) rootLogger.level = 'info';
+  const { runSupervisor } = await import('../../lab/supervisor.js');
+  const stop = new AbortController();
+  for (const sig of ['SIGTERM', 'SIGINT'] as const) process.once(sig, () => stop.abort(sig));
+  await runSupervisor(values.dir, { signal: stop.signal });
+  return 0;
 }
 
 async function exec(values: ParsedValues, positionals: string[]): Promise<number> {
@@ -74,6 +94,7 @@ export const labCommand: Command = {
   summary: 'a real multi-node mesh in a box: network namespaces as nodes and pods, real agents and proxies',
   usage: [
     'up [--nodes N] [--pods-per-node M] [--mode auto|ebpf|iptables] [--proxy auto|pipy|passthrough] [--dir DIR]',
+    'status [--json]',
     'check [--json]',
     'exec POD -- CMD...',
     'down',
@@ -85,8 +106,13 @@ the lab makes is named with the prefix "fsmlab" (network namespaces, cgroups,
 bpffs directories); one lab per machine.
 
   up         builds the nodes and pods, writes example manifests into DIR/manifests,
-             starts an echo server in every pod, the controller and one agent per
-             node, waits until all are ready and prints what runs where.
+             starts an echo server in every pod, the controller and the lab
+             supervisor, which runs one agent per node and restarts a dead one
+             with backoff (as kubelet restarts a DaemonSet pod); waits until all
+             are ready and prints what runs where.
+  status     nodes (mode, agent pid, up or down, restarts and last exit, proxy),
+             pods, controller and supervisor; --json for scripts. Exit 0 when
+             everything is up.
   check      real HTTP requests from every pod to every other pod: each must be
              answered by the target and, when the manifests enrol the client, go
              through its node's proxy (same-node hops stay on the node). Cases
@@ -97,6 +123,7 @@ bpffs directories); one lab per machine.
              verifies nothing is left; also after a crash.
   selfcheck  builds 2 nodes x 2 pods, checks TCP between every pair (same node
              and across nodes), tears it down and verifies nothing is left.
+  supervise  the lab supervisor itself (lab up starts it with --dir; not for use by hand).
 
 Editing DIR/manifests changes the mesh live: the controller watches it.
 --dir is only needed for \`up\`; the other verbs find the running lab.`,
@@ -106,7 +133,7 @@ Editing DIR/manifests changes the mesh live: the controller watches it.
     mode: { type: 'string', valueName: 'MODE', description: 'Interception mode of every node: auto, ebpf or iptables (default auto).' },
     proxy: { type: 'string', valueName: 'PROXY', description: 'auto (Pipy when found), pipy, or passthrough (L4 test proxy, no policy) (default auto).' },
     dir: { type: 'string', valueName: 'DIR', description: 'Lab directory: manifests, state, logs (default /var/tmp/fsm-node-lab).' },
-    json: { type: 'boolean', description: 'Machine-readable output (lab check).' },
+    json: { type: 'boolean', description: 'Machine-readable output (lab status, lab check).' },
   },
   positionals: true,
   async run(values, positionals) {
@@ -125,8 +152,12 @@ Editing DIR/manifests changes the mesh live: the controller watches it.
       }
       case 'up':
         return up(values);
+      case 'status':
+        return status(values);
       case 'check':
         return check(values);
+      case 'supervise':
+        return supervise(values);
       case 'exec':
         return exec(values, rest);
       case 'down':

@@ -12,6 +12,22 @@ interface AgentState {
   applied?: { version: string; pods: number; at: string };
   lastError?: string;
   proxy?: ProxyView;
+  sync?: { count: number; first?: SyncOutcome; last?: SyncOutcome };
+}
+
+interface SyncOutcome {
+  full: boolean;
+  changes: number;
+  proxyConfigChanged?: boolean;
+  at: string;
+}
+
+const DEFAULT_AGENT = 'http://127.0.0.1:15900';
+
+/** "full, 0 changes, proxy config unchanged at ...": one sync as a person reads it. */
+function syncText(o: SyncOutcome): string {
+  const proxy = o.proxyConfigChanged === undefined ? '' : o.proxyConfigChanged ? ', proxy config changed' : ', proxy config unchanged';
+  return `${o.full ? 'full' : 'incremental'}, ${o.changes} changes${proxy} at ${o.at}`;
 }
 
 /** A readable summary of the agent's /v1/state. Pure, so tests can check it without an agent. */
@@ -27,11 +43,44 @@ export function renderStatus(s: AgentState): string {
   }
   if (s.policy) rows.push(['policy', `${s.policy.version.slice(0, 12)} (${s.policy.pods} pods, ${Math.round(s.policy.ageSeconds)} s old)`]);
   if (s.applied) rows.push(['applied', `${s.applied.version.slice(0, 12)}: ${s.applied.pods} pods enrolled at ${s.applied.at}`]);
+  if (s.sync?.first) {
+    const f = s.sync.first;
+    rows.push(['first sync', `${syncText(f)}${f.changes === 0 && f.proxyConfigChanged !== true ? ' (adopted what was installed)' : ''}`]);
+  }
   if (s.proxy) rows.push(...proxyStatusRows(s.proxy));
   if (s.lastError) rows.push(['last error', s.lastError]);
   for (const c of s.probe?.checks ?? []) rows.push([`probe ${c.name}`, `${c.ok ? 'ok' : 'FAILED'}: ${c.detail}`]);
   const width = Math.max(...rows.map(([k]) => k.length)) + 2;
   return rows.map(([k, v]) => `${k.padEnd(width)}${v}`).join('\n') + '\n';
+}
+
+async function askAgent(base: string): Promise<AgentState> {
+  const url = `${base.replace(/\/$/, '')}/v1/state`;
+  const res = await fetch(url, { signal: AbortSignal.timeout(3000) });
+  if (!res.ok) throw new Error(`HTTP ${res.status}: ${await res.text()}`);
+  return (await res.json()) as AgentState;
+}
+
+const noAgent = (base: string, err: unknown, more = '; is fsm-node agent running on this node?'): FsmNodeError =>
+  new FsmNodeError('FSMN_ERR_NO_AGENT', `no agent answered at ${base.replace(/\/$/, '')}/v1/state (${errorMessage(err)})${more}`);
+
+/** Every node of the running lab: one block per node (or one JSON object with `nodes`). Exit 0 when all are ready. */
+async function labStatus(lab: { dir: string; nodes: Array<{ name: string; agentUrl: string }> }, json: boolean): Promise<number> {
+  const nodes = await Promise.all(
+    lab.nodes.map(async (n) => {
+      try {
+        return { node: n.name, agent: n.agentUrl, state: await askAgent(n.agentUrl) };
+      } catch (err) {
+        return { node: n.name, agent: n.agentUrl, error: `no answer: ${errorMessage(err)}` };
+      }
+    }),
+  );
+  if (json) process.stdout.write(`${JSON.stringify({ lab: lab.dir, nodes }, null, 2)}\n`);
+  else {
+    const blocks = nodes.map((n) => `== lab node ${n.node} (agent ${n.agent}) ==\n${n.state ? renderStatus(n.state) : `${n.error}; see fsm-node lab status\n`}`);
+    process.stdout.write(`${blocks.join('\n')}`);
+  }
+  return nodes.every((n) => n.state?.ready === true) ? 0 : 1;
 }
 
 export const statusCommand: Command = {
@@ -40,23 +89,32 @@ export const statusCommand: Command = {
   usage: ['[--agent URL] [--json]'],
   help: `
 Asks the agent on this node (its /v1/state endpoint on loopback) and prints a
-summary table, or the raw state with --json for scripts. Says so clearly when
-no agent answers.`,
+summary table, or the raw state with --json for scripts. Without --agent, while
+a lab runs (fsm-node lab up), it asks every lab node's agent instead; otherwise
+the agent at ${DEFAULT_AGENT}. Says so clearly when no agent answers.`,
   options: {
-    agent: { type: 'string', valueName: 'URL', default: 'http://127.0.0.1:15900', description: 'Agent HTTP API to ask.' },
+    agent: { type: 'string', valueName: 'URL', description: `Agent HTTP API to ask (default: every lab node while a lab runs, else ${DEFAULT_AGENT}).` },
     json: { type: 'boolean', description: 'Print machine-readable JSON.' },
   },
   async run(values) {
-    const url = `${String(values.agent).replace(/\/$/, '')}/v1/state`;
+    const json = values.json === true;
+    let base = typeof values.agent === 'string' ? values.agent : undefined;
+    let noLab = '';
+    if (base === undefined) {
+      const { readLabState, resolveLabDir } = await import('../../lab/state.js');
+      const dir = resolveLabDir(undefined);
+      const lab = readLabState(dir);
+      if (lab) return labStatus(lab, json);
+      base = DEFAULT_AGENT;
+      noLab = `, and no lab is up (no lab state in ${dir}): on a node, start fsm-node agent; to try the mesh, fsm-node lab up; or name an agent with --agent URL`;
+    }
     let state: AgentState;
     try {
-      const res = await fetch(url, { signal: AbortSignal.timeout(3000) });
-      if (!res.ok) throw new Error(`HTTP ${res.status}: ${await res.text()}`);
-      state = (await res.json()) as AgentState;
+      state = await askAgent(base);
     } catch (err) {
-      throw new FsmNodeError('FSMN_ERR_NO_AGENT', `no agent answered at ${url} (${errorMessage(err)}); is fsm-node agent running on this node?`);
+      throw noLab ? noAgent(base, err, noLab) : noAgent(base, err);
     }
-    process.stdout.write(values.json ? JSON.stringify(state, null, 2) + '\n' : renderStatus(state));
+    process.stdout.write(json ? JSON.stringify(state, null, 2) + '\n' : renderStatus(state));
     return state.ready ? 0 : 1;
   },
 };

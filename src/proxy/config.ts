@@ -1,3 +1,4 @@
+import { InvalidInputError } from '../errors.js';
 import type { Access, HttpMatch, NodePolicy, PolicyService } from '../policy/schema.js';
 
 /**
@@ -16,10 +17,53 @@ export const DEFAULT_INBOUND_PORT = 15003;
 
 export type PortProtocol = 'http' | 'tcp';
 
+/** How long a tunnel connection takes new tunnels (proxy/tls.js): reloads reach every pool within it. */
+export const DEFAULT_TUNNEL_MAX_AGE_SECONDS = 60;
+
+/** The mesh's trust: what node proxies accept a peer certificate from. */
+export interface ProxyTrust {
+  trustDomain: string;
+  /** PEM certificates of every trusted root (old and new during a rotation). */
+  bundle: string[];
+}
+
+/** One local identity's certificate as the agent keeps it (the IdentityManager's snapshot). */
+export interface ProxyIdentityFiles {
+  certPath: string;
+  keyPath: string;
+  notAfter: Date | number | string;
+  /** 'expired' fails closed; any other state with files is used (the proxy checks notAfter itself too). */
+  state: string;
+}
+
 export interface ProxyNodeFacts {
   outboundPort: number;
   /** The inbound (tunnel) listener; every node proxy of the mesh uses the same port. */
   inboundPort: number;
+  /** Trust bundle: with one, tunnels are mutual TLS; without, plaintext (authenticated by node address only). */
+  trust?: ProxyTrust | null;
+  /** identity ("ns/sa") -> its certificate files; a local identity missing here fails closed. */
+  identities?: Record<string, ProxyIdentityFiles>;
+  /** Default DEFAULT_TUNNEL_MAX_AGE_SECONDS. */
+  tunnelMaxAgeSeconds?: number;
+}
+
+/** A local identity in the proxy's config: files, not key material (the proxy reads them at load). */
+export interface ProxyIdentity {
+  certFile: string;
+  keyFile: string;
+  /** ISO time; part of the config so a renewal changes config.json and the reload reads the new files. */
+  notAfter: string;
+  state: 'valid' | 'expired' | 'missing';
+}
+
+export interface ProxyTunnelTLS {
+  trustDomain: string;
+  /** PEM text of every trusted root; never empty (the proxy refuses to load an empty one too). */
+  trustBundle: string;
+  maxConnectionAgeSeconds: number;
+  /** Every identity of this node's pods, sorted. */
+  identities: Record<string, ProxyIdentity>;
 }
 
 export interface ProxyBackend {
@@ -91,11 +135,14 @@ export interface ProxyConfig {
   trafficPolicy: 'permissive' | 'smi';
   egress: 'allow' | 'deny';
   /**
-   * Addresses whose tunnel requests the inbound listener accepts: the node
-   * proxies of the mesh. Until the tunnel has mTLS this address check is the
-   * only thing that authenticates the source identity a tunnel claims.
+   * Addresses whose tunnel requests the inbound listener accepts when tunnels
+   * are plaintext (tunnelTLS null): the node proxies of the mesh. Then this
+   * address check is the only thing that authenticates the source identity a
+   * tunnel claims; under mTLS it is not used (the certificate is the proof).
    */
   tunnelPeers: string[];
+  /** Mutual TLS for node-to-node tunnels (proxy/tls.js); null: plaintext tunnels (no trust bundle). */
+  tunnelTLS: ProxyTunnelTLS | null;
   /** This node's pods by address: the source identity of an outbound connection. */
   pods: Record<string, { identity: string; name: string }>;
   /** "clusterIP:port" -> service. */
@@ -159,6 +206,31 @@ function endpointsFor(svc: PolicyService, portName: string, port: number): strin
   return out.sort();
 }
 
+function isoTime(t: Date | number | string, field: string): string {
+  const d = t instanceof Date ? t : new Date(t);
+  if (Number.isNaN(d.getTime())) throw new InvalidInputError(field, t, 'is not a time');
+  return d.toISOString();
+}
+
+/**
+ * The tunnel's TLS part: the trust bundle inline (it is public), each local
+ * identity by file paths (private keys never enter config.json). An identity
+ * of a local pod without files is rendered 'missing': its tunnels fail closed.
+ */
+export function renderTunnelTLS(trust: ProxyTrust, localIdentities: string[], files: Record<string, ProxyIdentityFiles>, maxAgeSeconds = DEFAULT_TUNNEL_MAX_AGE_SECONDS): ProxyTunnelTLS {
+  const bundle = trust.bundle.map((p) => p.trim()).filter((p) => p.includes('-----BEGIN CERTIFICATE-----'));
+  if (bundle.length === 0) throw new InvalidInputError('trust.bundle', trust.bundle.length, 'holds no PEM certificate: a TLS listener with an empty trust list would accept any peer');
+  if (!Number.isInteger(maxAgeSeconds) || maxAgeSeconds < 1) throw new InvalidInputError('tunnelMaxAgeSeconds', maxAgeSeconds, 'must be a whole number of seconds, at least 1');
+  const identities: Record<string, ProxyIdentity> = {};
+  for (const id of [...new Set(localIdentities)].sort()) {
+    const f = files[id];
+    identities[id] = f
+      ? { certFile: f.certPath, keyFile: f.keyPath, notAfter: isoTime(f.notAfter, `identities[${id}].notAfter`), state: f.state === 'expired' ? 'expired' : 'valid' }
+      : { certFile: '', keyFile: '', notAfter: new Date(0).toISOString(), state: 'missing' };
+  }
+  return { trustDomain: trust.trustDomain, trustBundle: `${bundle.join('\n')}\n`, maxConnectionAgeSeconds: maxAgeSeconds, identities };
+}
+
 export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): ProxyConfig {
   const byName = new Map(policy.services.map((s) => [id(s.namespace, s.name), s]));
   // A split with HTTP matches applies only to matching requests; the proxy
@@ -178,6 +250,10 @@ export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): Pr
     for (const a of p.addresses) tunnelPeers.add(a);
   }
   for (const a of policy.node.addresses) tunnelPeers.add(a);
+
+  const tunnelTLS = facts.trust
+    ? renderTunnelTLS(facts.trust, policy.pods.map((p) => id(p.namespace, p.serviceAccount)), facts.identities ?? {}, facts.tunnelMaxAgeSeconds)
+    : null;
 
   const pods: ProxyConfig['pods'] = {};
   const endpoints: Record<string, ProxyEndpoint> = {};
@@ -234,6 +310,7 @@ export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): Pr
     trafficPolicy: policy.mesh.trafficPolicy,
     egress: policy.mesh.egress,
     tunnelPeers: [...tunnelPeers].sort(),
+    tunnelTLS,
     pods,
     services,
     endpoints,

@@ -39,15 +39,9 @@ var END = '-----END CERTIFICATE-----'
 
 // Every PEM certificate block of a text, in order.
 function pemBlocks(text) {
-  var out = []
-  var at = text.indexOf(BEGIN)
-  while (at >= 0) {
-    var end = text.indexOf(END, at)
-    if (end < 0) break
-    out.push(text.substring(at, end + END.length) + '\n')
-    at = text.indexOf(BEGIN, end)
-  }
-  return out
+  return text.split(END)
+    .filter(part => part.indexOf(BEGIN) >= 0)
+    .map(part => part.substring(part.indexOf(BEGIN)) + END + '\n')
 }
 
 var suffix = T ? '.sa.' + T.trustDomain : ''
@@ -62,7 +56,9 @@ var sniCache = {}
 export function sniOf(id) {
   var s = sniCache[id]
   if (s) return s
-  s = 'id-' + new crypto.Hash('sha256').update(nameOf(id)).digest('hex').substring(0, 32) + '.' + T.trustDomain
+  var h = new crypto.Hash('sha256')
+  h.update(nameOf(id))
+  s = 'id-' + h.digest('hex').substring(0, 32) + '.' + T.trustDomain
   sniCache[id] = s
   return s
 }
@@ -97,7 +93,7 @@ function chainProblem(cert) {
 function classify(error) {
   var e = String(error || '')
   if (e === '') return 'aborted'
-  if (e.indexOf('http request') >= 0 || e.indexOf('wrong version number') >= 0 || e.indexOf('packet length too long') >= 0) return 'plaintext'
+  if (e.indexOf('http request') >= 0 || e.indexOf('proxy request') >= 0 || e.indexOf('wrong version number') >= 0 || e.indexOf('packet length too long') >= 0) return 'plaintext'
   if (e.indexOf('peer did not return a certificate') >= 0 || e.indexOf('certificate required') >= 0) return 'no-client-certificate'
   if (e.indexOf('unsupported protocol') >= 0 || e.indexOf('protocol version') >= 0) return 'protocol-version'
   if (e.indexOf('certificate expired') >= 0) return 'peer-expired'
@@ -154,8 +150,11 @@ var $src      // the source identity's entry (certificate and key)
 var $expect   // the destination identity the server must prove
 var $reason   // why a handshake failed, when one of our callbacks knew
 var $up       // the handshake completed
+var $failed   // counted already (a session reports 'closed' more than once)
 
 function fail(side, reason) {
+  if ($failed) return
+  $failed = true
   metrics.handshakeFailures.withLabels(side, reason).increase()
 }
 
@@ -207,6 +206,7 @@ export function connectPeer(target) {
 // ---- server: :15003 -------------------------------------------------------------
 
 var $named    // the client sent a server name
+var $plain    // the first bytes were not a TLS handshake
 var $peerId   // the verified source identity ('' before the handshake)
 var $peerNotAfter
 
@@ -235,7 +235,7 @@ var serverOptions = {
       $peerId = peer ? identityOfCert(peer) : ''
       $peerNotAfter = peer ? peer.notAfter : 0
     } else if (s.state === 'closed' && !$up) {
-      var why = $reason || classify(s.error)
+      var why = $plain ? 'plaintext' : ($reason || classify(s.error))
       if (!$named && why !== 'plaintext' && why !== 'aborted') why = 'no-server-name'
       fail('server', why)
     }
@@ -244,7 +244,12 @@ var serverOptions = {
 
 // The inbound listener's pipeline: TLS first (when on), then `inner`.
 export function serve(inner) {
-  return T ? ($=>$.acceptTLS(serverOptions).to(inner)) : inner
+  return T
+    ? ($=>$
+      // Only to name the refusal: a plaintext request fails the handshake anyway.
+      .detectProtocol(p => { if (p !== 'TLS') $plain = true })
+      .acceptTLS(serverOptions).to(inner))
+    : inner
 }
 
 // The verified source identity of this tunnel connection.

@@ -25,14 +25,18 @@
 // the agent's IdentityManager), read here once per program load. A renewal
 // changes the config (notAfter), so the agent's reload brings the new files in.
 //
-// config.tunnelTLS === null (a policy without a trust bundle): plaintext
-// tunnels, authenticated by node address only (see proxy/README.md).
+// config.tunnelTLS.refuse (the policy's trust bundle holds no root): every
+// tunnel is refused both ways, with that reason; never plaintext.
+// config.tunnelTLS === null (only for tests and benchmarks of the old path;
+// the agent always renders tunnelTLS): plaintext tunnels, authenticated by
+// node address only (see proxy/README.md).
 
 import config from './config.js'
 import * as metrics from './metrics.js'
 
 var T = config.tunnelTLS || null
 export var enabled = T !== null
+var closed = T && T.refuse ? T.refuse : ''
 
 var BEGIN = '-----BEGIN CERTIFICATE-----'
 var END = '-----END CERTIFICATE-----'
@@ -107,7 +111,7 @@ var trusted = []
 var local = {}
 var bySni = {}
 
-if (T) {
+if (T && !closed) {
   trusted = pemBlocks(T.trustBundle || '').map(p => new crypto.Certificate(p))
   // Pipy verifies peers only when `trusted` is non-empty: an empty list would
   // silently accept anyone. Fail the load instead (the last good config stays).
@@ -162,6 +166,7 @@ function fail(side, reason) {
 // reason it may not (counted by the caller as a denial): fail closed.
 export function refusal(srcId, route) {
   if (!T) return ''
+  if (closed) return closed
   var e = local[srcId]
   if (!e) return 'no-identity'
   if (e.problem) return e.problem
@@ -198,6 +203,7 @@ var clientOptions = {
 
 // Where a tunnel pool's connection goes: TLS to the peer proxy, or plaintext.
 export function connectPeer(target) {
+  if (closed) return $=>$.replaceStreamStart(new StreamEnd) // never reached: refusal() stops these first
   return T
     ? ($=>$.connectTLS(clientOptions).to($=>$.connect(target)))
     : ($=>$.connect(target))
@@ -244,6 +250,11 @@ var serverOptions = {
 
 // The inbound listener's pipeline: TLS first (when on), then `inner`.
 export function serve(inner) {
+  if (closed) {
+    return $=>$
+      .onStart(() => { metrics.handshakeFailures.withLabels('server', closed).increase() })
+      .replaceStreamStart(new StreamEnd)
+  }
   return T
     ? ($=>$
       // Only to name the refusal: a plaintext request fails the handshake anyway.

@@ -59,8 +59,14 @@ export interface ProxyIdentity {
 
 export interface ProxyTunnelTLS {
   trustDomain: string;
-  /** PEM text of every trusted root; never empty (the proxy refuses to load an empty one too). */
+  /** PEM text of every trusted root; empty only with `refuse` set (the proxy refuses to load it otherwise). */
   trustBundle: string;
+  /**
+   * Set when no tunnel can be authenticated (the policy's trust bundle holds no
+   * root): every tunnel, both ways, is refused with this reason. Same-node
+   * traffic is unaffected. Failing closed, never falling back to plaintext.
+   */
+  refuse: string | null;
   maxConnectionAgeSeconds: number;
   /** Every identity of this node's pods, sorted. */
   identities: Record<string, ProxyIdentity>;
@@ -216,10 +222,10 @@ function isoTime(t: Date | number | string, field: string): string {
  * The tunnel's TLS part: the trust bundle inline (it is public), each local
  * identity by file paths (private keys never enter config.json). An identity
  * of a local pod without files is rendered 'missing': its tunnels fail closed.
+ * A bundle without any root makes every tunnel refused (`refuse`).
  */
 export function renderTunnelTLS(trust: ProxyTrust, localIdentities: string[], files: Record<string, ProxyIdentityFiles>, maxAgeSeconds = DEFAULT_TUNNEL_MAX_AGE_SECONDS): ProxyTunnelTLS {
   const bundle = trust.bundle.map((p) => p.trim()).filter((p) => p.includes('-----BEGIN CERTIFICATE-----'));
-  if (bundle.length === 0) throw new InvalidInputError('trust.bundle', trust.bundle.length, 'holds no PEM certificate: a TLS listener with an empty trust list would accept any peer');
   if (!Number.isInteger(maxAgeSeconds) || maxAgeSeconds < 1) throw new InvalidInputError('tunnelMaxAgeSeconds', maxAgeSeconds, 'must be a whole number of seconds, at least 1');
   const identities: Record<string, ProxyIdentity> = {};
   for (const id of [...new Set(localIdentities)].sort()) {
@@ -228,7 +234,9 @@ export function renderTunnelTLS(trust: ProxyTrust, localIdentities: string[], fi
       ? { certFile: f.certPath, keyFile: f.keyPath, notAfter: isoTime(f.notAfter, `identities[${id}].notAfter`), state: f.state === 'expired' ? 'expired' : 'valid' }
       : { certFile: '', keyFile: '', notAfter: new Date(0).toISOString(), state: 'missing' };
   }
-  return { trustDomain: trust.trustDomain, trustBundle: `${bundle.join('\n')}\n`, maxConnectionAgeSeconds: maxAgeSeconds, identities };
+  // No root: nothing could be verified, and a TLS listener with an empty trust list accepts anyone.
+  if (bundle.length === 0) return { trustDomain: trust.trustDomain, trustBundle: '', refuse: 'no-trust-bundle', maxConnectionAgeSeconds: maxAgeSeconds, identities };
+  return { trustDomain: trust.trustDomain, trustBundle: `${bundle.join('\n')}\n`, refuse: null, maxConnectionAgeSeconds: maxAgeSeconds, identities };
 }
 
 export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): ProxyConfig {

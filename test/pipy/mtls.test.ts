@@ -382,6 +382,24 @@ maybe('mutual TLS between node proxies (Pipy, iptables interception)', () => {
     expect(`${r.stdout}${r.stderr}`).toContain('trustBundle holds no certificate');
   }, 30_000);
 
+  test('a trust bundle without a root refuses every tunnel both ways (never plaintext); same-node traffic goes on', async () => {
+    try {
+      bundle = [];
+      for (const node of topo.nodes) await deliver(node);
+      const r = await curl(p3, [`http://${p1.ip}:${HTTP_PORT}/`]);
+      expect(r.status).toBe('503');
+      expect(r.body).toContain('no-trust-bundle');
+      const exploit = await curl(n2, ['-p', '-x', `http://${n1.underlayIp}:15003`, '--proxy-header', `fsmn-source-identity: ${NS}/p3`, `http://${p1.ip}:${HTTP_PORT}/`]);
+      expect(exploit.status).not.toBe('200');
+      expect(await serverFailures('no-trust-bundle')).toBeGreaterThanOrEqual(1);
+      expect(await get(p2, `http://${p1.ip}:${HTTP_PORT}/`)).toMatchObject({ status: 200, pod: 'p1' });
+    } finally {
+      bundle = [root.certPem];
+      for (const node of topo.nodes) await deliver(node);
+    }
+    expect(await get(p3, `http://${p1.ip}:${HTTP_PORT}/`)).toMatchObject({ status: 200, pod: 'p1' });
+  }, 60_000);
+
   // Last: it leaves the nodes on other roots and short certificates.
   test('rotation under load: 2-minute certificates renewed at half life and one root rotation, 0 failed requests', async () => {
     maxAge = 20; // pools also move to new connections on their own, under the load

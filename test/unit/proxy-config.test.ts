@@ -124,9 +124,12 @@ describe('proxy config rendering: mutual TLS tunnels', () => {
     expect(JSON.stringify(renderProxyConfig(p, renewed))).not.toBe(JSON.stringify(renderProxyConfig(p, f)));
   });
 
-  test('an empty trust bundle is refused with the field named (a TLS listener with no trust accepts anyone)', () => {
-    expect(() => renderProxyConfig(p, mtlsFacts({ trust: { trustDomain: 'cluster.local', bundle: [] } }))).toThrow(/trust\.bundle/);
-    expect(() => renderProxyConfig(p, mtlsFacts({ trust: { trustDomain: 'cluster.local', bundle: ['not a certificate'] } }))).toThrow(/trust\.bundle/);
+  test('a trust bundle without a root fails closed: every tunnel refused, never plaintext (a TLS listener with no trust accepts anyone)', () => {
+    for (const bundle of [[], ['not a certificate']]) {
+      const t = renderProxyConfig(p, mtlsFacts({ trust: { trustDomain: 'cluster.local', bundle } })).tunnelTLS;
+      expect(t).toMatchObject({ trustBundle: '', refuse: 'no-trust-bundle' });
+    }
+    expect(renderProxyConfig(p, mtlsFacts()).tunnelTLS?.refuse).toBeNull();
   });
 
   test('a bad notAfter or connection age is refused with the field named', () => {

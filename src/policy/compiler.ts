@@ -307,12 +307,14 @@ export class PolicyCompiler {
 
   /**
    * The PEM roots the certificate provider publishes (old and new during a
-   * root rotation). Goes into every node's policy; the next compile carries it.
+   * root rotation). Goes into every node's policy; the next compile carries
+   * it. True when it differs from the bundle held.
    */
-  setTrustBundle(bundle: readonly string[]): void {
-    if (bundle.join('\n') === this.trustBundle.join('\n')) return;
+  setTrustBundle(bundle: readonly string[]): boolean {
+    if (bundle.join('\n') === this.trustBundle.join('\n')) return false;
     this.trustBundle = [...bundle];
     this.globalDirty = true;
+    return true;
   }
 
   private isMeshConfig(ref: ObjectRef): boolean {

@@ -283,6 +283,12 @@ export const NodeModeStatusSchema = z
     fallbackReason: z.string().max(1024).optional(),
     /** Why no mode works (ready false). */
     reason: z.string().max(1024).optional(),
+    /**
+     * Local identities failing closed: their certificate expired without
+     * renewal (src/identity/agent-certs.ts). Sent only when non-empty, so a
+     * controller older than the field still accepts the usual reports.
+     */
+    expiredIdentities: z.array(IdentitySchema.extend({ reason: z.string().max(1024) }).strict()).max(256).optional(),
   })
   .strict();
 export type NodeModeStatus = z.infer<typeof NodeModeStatusSchema>;

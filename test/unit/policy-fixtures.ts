@@ -134,7 +134,8 @@ export function baseMesh(): Obj[] {
   ];
 }
 
-export type ChangeStep = [what: string, change: { upsert?: Obj[]; remove?: Obj[] }];
+/** trustBundle: the roots the certificate provider publishes from this step on. */
+export type ChangeStep = [what: string, change: { upsert?: Obj[]; remove?: Obj[]; trustBundle?: string[] }];
 
 /** A run of every kind of change, from baseMesh(): deltas and incremental compiles are checked against it step by step. */
 export const changeSteps: ChangeStep[] = [
@@ -154,6 +155,10 @@ export const changeSteps: ChangeStep[] = [
   ['a split added in smi mode', { upsert: [split('api-split', 'api', [{ service: 'db', weight: 1 }, { service: 'web', weight: 1 }])] }],
   ['its weight changed in smi mode', { upsert: [split('api-split', 'api', [{ service: 'db', weight: 5 }, { service: 'web', weight: 1 }])] }],
   ['back to permissive', { upsert: [meshConfig({ inbound: 'strict', trafficPolicy: 'permissive' })] }],
+  ['a trust bundle published', { trustBundle: ['root-1 PEM'] }],
+  ['a root rotation publishes old and new roots', { trustBundle: ['root-1 PEM', 'root-2 PEM'] }],
+  ['the old root withdrawn', { trustBundle: ['root-2 PEM'] }],
+  ['the trust domain changed', { upsert: [meshConfig({ inbound: 'strict', trustDomain: 'edge.example.org' })] }],
 ];
 
 /** Feed one step's objects to the compiler (every upsert must be accepted). */
@@ -162,4 +167,5 @@ export function applyStep(c: PolicyCompiler, change: ChangeStep[1]): void {
     if (!c.upsert(o.kind as Kind, o)) throw new Error(`${o.kind} ${String(o.metadata.name)} was rejected: ${JSON.stringify(c.reporter.active())}`);
   }
   for (const o of change.remove ?? []) c.remove({ kind: o.kind as Kind, namespace: String(o.metadata.namespace ?? ''), name: String(o.metadata.name) });
+  if (change.trustBundle) c.setTrustBundle(change.trustBundle);
 }

@@ -3,6 +3,7 @@ import { Agent } from '../../agent/agent.js';
 import { loadAgentConfig, type AgentConfig } from '../../agent/config.js';
 import { probe } from '../../agent/probe.js';
 import { createDataplane } from '../../dataplane/index.js';
+import { controllerIssuer, IdentityManager } from '../../identity/agent-certs.js';
 import { PolicyClient } from '../../policy/client.js';
 import { cgroupResolver, desiredState } from '../../policy/desired.js';
 import { renderProxyConfig } from '../../proxy/config.js';
@@ -35,10 +36,13 @@ export function buildAgent(config: AgentConfig): Agent {
     nodeAddresses: config.nodeAddresses,
     cgroupPathFor: cgroupResolver(cgroup2Root()),
   };
-  const client = new PolicyClient({ url: config.controller, node: config.node, ca: readFileSync(config.caFile), tokenFile: config.tokenFile, stateDir: config.stateDir });
+  const ca = readFileSync(config.caFile);
+  const client = new PolicyClient({ url: config.controller, node: config.node, ca, tokenFile: config.tokenFile, stateDir: config.stateDir });
+  const issuer = controllerIssuer({ url: config.controller, node: config.node, ca, token: () => readFileSync(config.tokenFile, 'utf8').trim() });
   return new Agent(config, {
     policy: client,
     reportMode: (status) => client.reportStatus(status),
+    identities: (o) => new IdentityManager({ stateDir: config.stateDir, issuer, ...o }),
     probe: () => probe(config.netns ? { netns: config.netns } : {}),
     dataplane: (mode) => createDataplane(mode, site),
     render: (policy) => desiredState(policy, facts),

@@ -11,6 +11,7 @@ interface AgentState {
   applied?: { version: string; pods: number; at: string };
   lastError?: string;
   proxy?: { kind: string; pid?: number; up: boolean; listening: boolean; restarts: number; adopted: boolean };
+  identities?: Array<{ identity: string; state: string; notAfter?: string; lastError?: string; reason?: string }>;
 }
 
 /** A readable summary of the agent's /v1/state. Pure, so tests can check it without an agent. */
@@ -27,6 +28,10 @@ export function renderStatus(s: AgentState): string {
   if (s.policy) rows.push(['policy', `${s.policy.version.slice(0, 12)} (${s.policy.pods} pods, ${Math.round(s.policy.ageSeconds)} s old)`]);
   if (s.applied) rows.push(['applied', `${s.applied.version.slice(0, 12)}: ${s.applied.pods} pods enrolled at ${s.applied.at}`]);
   if (s.proxy) rows.push(['proxy', `${s.proxy.kind} pid ${s.proxy.pid ?? '-'}, ${s.proxy.listening ? 'listening' : 'NOT listening'}, ${s.proxy.restarts} restarts${s.proxy.adopted ? ', adopted' : ''}`]);
+  for (const i of s.identities ?? []) {
+    const detail = i.state === 'valid' ? `valid until ${i.notAfter}${i.lastError ? ` (renewal failing: ${i.lastError})` : ''}` : i.state === 'expired' ? `EXPIRED, failing closed: ${i.reason}` : `pending${i.lastError ? `: ${i.lastError}` : ''}`;
+    rows.push([`identity ${i.identity}`, detail]);
+  }
   if (s.lastError) rows.push(['last error', s.lastError]);
   for (const c of s.probe?.checks ?? []) rows.push([`probe ${c.name}`, `${c.ok ? 'ok' : 'FAILED'}: ${c.detail}`]);
   const width = Math.max(...rows.map(([k]) => k.length)) + 2;

@@ -27,12 +27,13 @@ export interface ProxyTrust {
   bundle: string[];
 }
 
-/** One local identity's certificate as the agent keeps it (the IdentityManager's snapshot). */
+/** One local identity's certificate as the agent keeps it (an IdentityCert of the IdentityManager's snapshot). */
 export interface ProxyIdentityFiles {
   certPath: string;
   keyPath: string;
-  notAfter: Date | number | string;
-  /** 'expired' fails closed; any other state with files is used (the proxy checks notAfter itself too). */
+  /** Absent while no certificate was ever obtained. */
+  notAfter?: Date | number | string | undefined;
+  /** 'expired' fails closed, 'pending' (nothing yet) too; 'valid' is used (the proxy checks notAfter itself as well). */
   state: string;
 }
 
@@ -230,9 +231,10 @@ export function renderTunnelTLS(trust: ProxyTrust, localIdentities: string[], fi
   const identities: Record<string, ProxyIdentity> = {};
   for (const id of [...new Set(localIdentities)].sort()) {
     const f = files[id];
-    identities[id] = f
-      ? { certFile: f.certPath, keyFile: f.keyPath, notAfter: isoTime(f.notAfter, `identities[${id}].notAfter`), state: f.state === 'expired' ? 'expired' : 'valid' }
-      : { certFile: '', keyFile: '', notAfter: new Date(0).toISOString(), state: 'missing' };
+    identities[id] =
+      f && f.notAfter !== undefined && f.state !== 'pending'
+        ? { certFile: f.certPath, keyFile: f.keyPath, notAfter: isoTime(f.notAfter, `identities[${id}].notAfter`), state: f.state === 'expired' ? 'expired' : 'valid' }
+        : { certFile: '', keyFile: '', notAfter: new Date(0).toISOString(), state: 'missing' };
   }
   // No root: nothing could be verified, and a TLS listener with an empty trust list accepts anyone.
   if (bundle.length === 0) return { trustDomain: trust.trustDomain, trustBundle: '', refuse: 'no-trust-bundle', maxConnectionAgeSeconds: maxAgeSeconds, identities };

@@ -99,11 +99,13 @@ describe('proxy config rendering: mutual TLS tunnels', () => {
     expect(t.identities['app/web']).toMatchObject({ state: 'valid', notAfter: '2026-12-05T07:00:00.000Z' });
   });
 
-  test('an expired identity stays expired; other states with files are used (the proxy checks notAfter itself)', () => {
+  test('an expired identity stays expired, a pending one (no certificate yet) is missing; a valid one is used', () => {
     const f = mtlsFacts();
-    const t = renderProxyConfig(p, { ...f, identities: { ...f.identities, 'app/web': { ...f.identities!['app/web']!, state: 'expired' }, 'app/api': { ...f.identities!['app/api']!, state: 'renewing' } } }).tunnelTLS!;
+    const web = f.identities!['app/web']!;
+    const t = renderProxyConfig(p, { ...f, identities: { ...f.identities, 'app/web': { ...web, state: 'expired' }, 'app/api': { certPath: web.certPath, keyPath: web.keyPath, state: 'pending' } } }).tunnelTLS!;
     expect(t.identities['app/web']?.state).toBe('expired');
-    expect(t.identities['app/api']?.state).toBe('valid');
+    expect(t.identities['app/api']?.state).toBe('missing');
+    expect(renderProxyConfig(p, f).tunnelTLS!.identities['app/api']?.state).toBe('valid');
   });
 
   test('the bundle keeps every root, one PEM after the other', () => {

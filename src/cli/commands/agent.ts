@@ -8,7 +8,7 @@ import { PolicyClient } from '../../policy/client.js';
 import { cgroupResolver, desiredState } from '../../policy/desired.js';
 import { renderProxyConfig } from '../../proxy/config.js';
 import { ProxySupervisor } from '../../proxy/supervisor.js';
-import type { NodePolicy } from '../../policy/schema.js';
+import { DEFAULT_TRUST, type NodePolicy } from '../../policy/schema.js';
 import { cgroup2Root } from '../../util/cgroup.js';
 import { logger } from '../../util/log.js';
 import type { Command, ParsedValues } from '../command.js';
@@ -39,10 +39,12 @@ export function buildAgent(config: AgentConfig): Agent {
   const ca = readFileSync(config.caFile);
   const client = new PolicyClient({ url: config.controller, node: config.node, ca, tokenFile: config.tokenFile, stateDir: config.stateDir });
   const issuer = controllerIssuer({ url: config.controller, node: config.node, ca, token: () => readFileSync(config.tokenFile, 'utf8').trim() });
-  return new Agent(config, {
+  // The proxy's config renders from the agent's IdentityManager, made inside the Agent.
+  let identities: IdentityManager | undefined;
+  const agent: Agent = new Agent(config, {
     policy: client,
     reportMode: (status) => client.reportStatus(status),
-    identities: (o) => new IdentityManager({ stateDir: config.stateDir, issuer, ...o }),
+    identities: (o) => (identities = new IdentityManager({ stateDir: config.stateDir, issuer, ...o })),
     probe: () => probe(config.netns ? { netns: config.netns } : {}),
     dataplane: (mode) => createDataplane(mode, site),
     render: (policy) => desiredState(policy, facts),
@@ -57,8 +59,20 @@ export function buildAgent(config: AgentConfig): Agent {
       ...(config.proxy === 'pipy' ? { pipy: { threadCap: config.proxyThreadCap } } : {}),
       ...(config.netns ? { netns: config.netns } : {}),
     }),
-    ...(config.proxy === 'pipy' ? { proxyConfig: (policy: NodePolicy) => renderProxyConfig(policy, { outboundPort: config.outboundPort, inboundPort: config.inboundPort }) } : {}),
+    ...(config.proxy === 'pipy'
+      ? {
+          // Tunnels are always mutual TLS (an empty bundle refuses them): trust from the policy, keys by path.
+          proxyConfig: (policy: NodePolicy) =>
+            renderProxyConfig(policy, {
+              outboundPort: config.outboundPort,
+              inboundPort: config.inboundPort,
+              trust: policy.trust ?? DEFAULT_TRUST,
+              identities: Object.fromEntries(identities?.snapshot() ?? []),
+            }),
+        }
+      : {}),
   });
+  return agent;
 }
 
 export const agentCommand: Command = {

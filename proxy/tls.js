@@ -119,7 +119,7 @@ if (T && !closed) {
 
   Object.keys(T.identities).forEach(id => {
     var f = T.identities[id]
-    var e = { id, name: nameOf(id), cert: null, key: null, notAfter: 0, problem: '' }
+    var e = { id, cert: null, key: null, notAfter: 0, problem: '' }
     local[id] = e
     bySni[sniOf(id)] = e
     if (f.state === 'expired') { e.problem = 'identity-expired'; return }

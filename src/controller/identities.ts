@@ -5,7 +5,7 @@ import { errorMessage, InvalidInputError } from '../errors.js';
 import { DEFAULT_CERT_LIFETIME_MS } from '../identity/lifetime.js';
 import { ProviderError, type CertificateProvider } from '../identity/provider.js';
 import { identityDnsName, identityKey, spiffeId, validateIdentity, type WorkloadIdentity } from '../identity/spiffe.js';
-import { parseCsr } from '../identity/x509.js';
+import { parseCsr, type ParsedCsr } from '../identity/x509.js';
 import { formatIssues } from '../policy/schema.js';
 import { logger } from '../util/log.js';
 
@@ -124,13 +124,13 @@ export class IdentityService {
       return refuse(429, 'too_many_identities', `node ${node} holds ${held.size} identities already, the most one node may hold (${this.maxIds})`, 60);
     }
 
-    const problem = await this.csrProblem(parsed.data.csr, trustDomain, identity);
-    if (problem) return refuse(400, problem.reason, problem.message);
+    const checked = await this.checkCsr(parsed.data.csr, trustDomain, identity);
+    if ('reason' in checked) return refuse(400, checked.reason, checked.message);
 
     const lifetimeMs = certificateLifetimeMs ?? this.o.defaultLifetimeMs ?? DEFAULT_CERT_LIFETIME_MS;
     let issued;
     try {
-      issued = await this.o.provider.issue({ csrPem: parsed.data.csr, identity, trustDomain, lifetimeMs });
+      issued = await this.o.provider.issue({ csrPem: parsed.data.csr, csr: checked.csr, identity, trustDomain, lifetimeMs });
     } catch (err) {
       const transient = err instanceof ProviderError && (err.reason === 'unavailable' || err.reason === 'timeout');
       log.error({ node, identity: key, provider: this.o.provider.describe(), err: errorMessage(err) }, 'the certificate provider did not issue');
@@ -143,9 +143,9 @@ export class IdentityService {
     return { status: 200, body: { certificateChain: issued.certChainPem, trustBundle: this.o.provider.trustBundle(), notAfter: issued.notAfter.toISOString() } };
   }
 
-  /** Why the CSR is not exactly a request for `identity` with a P-256 key, or undefined when it is. */
-  private async csrProblem(pem: string, trustDomain: string, identity: WorkloadIdentity): Promise<{ reason: Refusal; message: string } | undefined> {
-    let csr;
+  /** The parsed CSR when it is exactly a request for `identity` with a P-256 key; otherwise why not. */
+  private async checkCsr(pem: string, trustDomain: string, identity: WorkloadIdentity): Promise<{ csr: ParsedCsr } | { reason: Refusal; message: string }> {
+    let csr: ParsedCsr;
     try {
       csr = await parseCsr(pem, 'csr');
     } catch (err) {
@@ -158,7 +158,7 @@ export class IdentityService {
     const exactly = (field: string, have: string[], want: string): string | undefined =>
       have.length === 1 && have[0] === want ? undefined : new InvalidInputError(field, have, `must be exactly [${JSON.stringify(want)}] for identity ${identityKey(identity)}`).message;
     const why = exactly('csr subject CN', csr.commonNames, dns) ?? exactly('csr DNS SANs', csr.dnsNames, dns) ?? exactly('csr URI SANs', csr.uris, uri) ?? (csr.otherNames.length ? new InvalidInputError('csr SANs', csr.otherNames, 'only the DNS and URI names of the identity are allowed').message : undefined);
-    return why ? { reason: 'csr_mismatch', message: why } : undefined;
+    return why ? { reason: 'csr_mismatch', message: why } : { csr };
   }
 
   private take(node: string): boolean {

@@ -1,5 +1,6 @@
 import { FsmNodeError } from '../errors.js';
 import type { WorkloadIdentity } from './spiffe.js';
+import type { ParsedCsr } from './x509.js';
 
 /**
  * One interface for every certificate authority the controller can use
@@ -11,6 +12,8 @@ import type { WorkloadIdentity } from './spiffe.js';
 export interface IssueRequest {
   /** PEM PKCS#10 request, made and signed on the node (the key never leaves it). */
   csrPem: string;
+  /** The same request parsed, its signature verified, when the caller has done that already (saves doing it twice). */
+  csr?: ParsedCsr;
   identity: WorkloadIdentity;
   trustDomain: string;
   lifetimeMs: number;

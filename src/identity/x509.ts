@@ -2,7 +2,7 @@
 // import must be evaluated before the library's, hence first.
 import 'reflect-metadata';
 import * as x509 from '@peculiar/x509';
-import { createPrivateKey, randomBytes, webcrypto } from 'node:crypto';
+import { createHash, createPrivateKey, randomBytes, webcrypto } from 'node:crypto';
 import { FsmNodeError, InvalidInputError } from '../errors.js';
 import { identityDnsName, parseIdentityDnsName, parseSpiffeId, spiffeId, type WorkloadIdentity } from './spiffe.js';
 
@@ -170,6 +170,14 @@ export interface CaSigner {
   signingAlgorithm: Algorithm | EcdsaParams;
   /** Intermediates above `certPem`, nearest first (empty for a root). */
   parentsPem: string[];
+  /** Parsed once, not per certificate signed. */
+  readonly prepared?: { cert: x509.X509Certificate; issuerName: string; aki: x509.Extension; selfSigned: boolean };
+}
+
+async function prepare(ca: CaSigner): Promise<NonNullable<CaSigner['prepared']>> {
+  if (ca.prepared) return ca.prepared;
+  const cert = certFromPem(ca.certPem, 'ca.crt');
+  return { cert, issuerName: cert.subjectName.toString(), aki: await x509.AuthorityKeyIdentifierExtension.create(cert.publicKey), selfSigned: cert.subject === cert.issuer };
 }
 
 /** A signer from PEM certificate + key (+ the certificates above it). Checks that the key matches and the cert is a CA. */
@@ -187,7 +195,8 @@ export async function loadSigner(certPem: string, keyPem: string, parentsPem: st
     .then((pub) => crypto.subtle.verify(sigAlg, pub, sig, probe))
     .catch(() => false); // a key of another kind than the certificate's
   if (!matches) throw new InvalidInputError('ca.key', '(PEM text)', `does not belong to certificate ${cert.subject}`);
-  return { certPem: cert.toString('pem') + '\n', key, signingAlgorithm, parentsPem };
+  const signer: CaSigner = { certPem: cert.toString('pem') + '\n', key, signingAlgorithm, parentsPem };
+  return { ...signer, prepared: await prepare(signer) };
 }
 
 export interface LeafOptions {
@@ -204,10 +213,10 @@ export interface LeafOptions {
  * come from `identity`, never from the request (the caller has checked the
  * request names the same identity). Never outlives the CA's certificate.
  */
-export async function signLeaf(csrPem: string, ca: CaSigner, o: LeafOptions): Promise<{ certPem: string; chainPem: string[]; notAfter: Date }> {
-  const csr = await parseCsr(csrPem);
+export async function signLeaf(csrIn: string | ParsedCsr, ca: CaSigner, o: LeafOptions): Promise<{ certPem: string; chainPem: string[]; notAfter: Date }> {
+  const csr = typeof csrIn === 'string' ? await parseCsr(csrIn) : csrIn;
   if (!csr.signatureValid) throw new InvalidInputError('csr', '(PEM text)', 'its signature does not verify (not signed by the key it carries)');
-  const caCert = certFromPem(ca.certPem, 'ca.crt');
+  const { cert: caCert, issuerName, aki, selfSigned } = await prepare(ca);
   const now = o.now ?? new Date();
   const notBefore = new Date(Math.max(now.getTime() - (o.skewMs ?? DEFAULT_SKEW_MS), caCert.notBefore.getTime()));
   const notAfter = new Date(Math.min(now.getTime() + o.lifetimeMs, caCert.notAfter.getTime()));
@@ -216,26 +225,36 @@ export async function signLeaf(csrPem: string, ca: CaSigner, o: LeafOptions): Pr
   const cert = await x509.X509CertificateGenerator.create({
     serialNumber: serial(),
     subject: [{ CN: [dns] }],
-    issuer: caCert.subjectName.toString(),
+    issuer: issuerName,
     notBefore,
     notAfter,
     publicKey: csr.publicKey,
     signingKey: ca.key,
     signingAlgorithm: ca.signingAlgorithm,
     extensions: [
-      new x509.BasicConstraintsExtension(false, undefined, true),
-      new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true),
-      new x509.ExtendedKeyUsageExtension([x509.ExtendedKeyUsage.serverAuth, x509.ExtendedKeyUsage.clientAuth]),
+      ...leafConstants(),
       new x509.SubjectAlternativeNameExtension([
         { type: 'dns', value: dns },
         { type: 'url', value: spiffeId(o.trustDomain, o.identity) },
       ]),
-      await x509.SubjectKeyIdentifierExtension.create(csr.publicKey),
-      await x509.AuthorityKeyIdentifierExtension.create(caCert.publicKey),
+      // SHA-1 of the whole SubjectPublicKeyInfo (RFC 7093 allows any stable method), hashed here in one call
+      // rather than through a WebCrypto job per certificate.
+      new x509.SubjectKeyIdentifierExtension(createHash('sha1').update(Buffer.from(csr.publicKey.rawData)).digest('hex')),
+      aki,
     ],
   });
   const certPem = cert.toString('pem') + '\n';
-  return { certPem, chainPem: [certPem, ...(caCert.subject === caCert.issuer ? [] : [ca.certPem]), ...ca.parentsPem], notAfter };
+  return { certPem, chainPem: [certPem, ...(selfSigned ? [] : [ca.certPem]), ...ca.parentsPem], notAfter };
+}
+
+let constants: x509.Extension[] | undefined;
+/** The extensions every workload leaf has, built once (the library encodes and re-parses each one it makes). */
+function leafConstants(): x509.Extension[] {
+  return (constants ??= [
+    new x509.BasicConstraintsExtension(false, undefined, true),
+    new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true),
+    new x509.ExtendedKeyUsageExtension([x509.ExtendedKeyUsage.serverAuth, x509.ExtendedKeyUsage.clientAuth]),
+  ]);
 }
 
 export interface CaOptions {

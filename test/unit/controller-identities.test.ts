@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { Registry } from 'prom-client';
 import * as x509 from '@peculiar/x509';
 import { IdentityService } from '../../src/controller/identities.js';
+import { controllerIssuer, IdentityManager } from '../../src/identity/agent-certs.js';
 import { BuiltinProvider, meshCaFileStore } from '../../src/identity/providers/builtin.js';
 import { createCsr, generateKeyPair, parseCertificate, verifyChain } from '../../src/identity/x509.js';
 import { baseMesh, meshConfig, pod } from './policy-fixtures.js';
@@ -198,6 +199,38 @@ describe('POST /v1/nodes/:node/identities', () => {
       expect((await ask('node-a', { namespace: 'app', serviceAccount: 'db', csr: await csrFor('app', 'db') })).status).toBe(400);
     } finally {
       fx.publish(meshConfig({}));
+    }
+  });
+
+  test('an agent’s IdentityManager gets its identities from the real server, with the node’s token; a foreign token gets nothing', async () => {
+    clock += 25 * 3600_000; // earlier tests' certificates no longer count against the bound
+    fx.compiler.setTrustBundle(provider.trustBundle());
+    fx.publish();
+    const policy = fx.compiler.get('node-b')!.policy;
+    expect(policy.trust!.bundle).toEqual(provider.trustBundle());
+    const stateDir = mkdtempSync(join(tmpdir(), 'fsmt-idagent-'));
+    const issuer = (token: string) => controllerIssuer({ url: base, node: 'node-b', ca: fx.tls.caCert, token: () => token });
+    const good = new IdentityManager({ stateDir, issuer: issuer(fx.tokens['node-b']!) });
+    const bad = new IdentityManager({ stateDir: join(stateDir, 'other'), issuer: issuer(fx.tokens['node-a']!), backoff: { initialMs: 10_000, maxMs: 10_000 } });
+    try {
+      good.update(policy);
+      bad.update(policy);
+      await good.settled();
+      await bad.settled();
+      const ok = await new Promise<ReturnType<IdentityManager['snapshot']>>((resolve) => {
+        const poll = () => (good.snapshot().get('app/api')?.state === 'valid' ? resolve(good.snapshot()) : setTimeout(poll, 20));
+        poll();
+      });
+      expect(parseCertificate(ok.get('app/api')!.certChainPem[0]!).identity).toEqual({ namespace: 'app', serviceAccount: 'api' });
+      const refused = await new Promise<ReturnType<IdentityManager['status']>>((resolve) => {
+        const poll = () => (bad.status()[0]?.lastError ? resolve(bad.status()) : setTimeout(poll, 20));
+        poll();
+      });
+      expect(refused).toEqual([expect.objectContaining({ identity: 'app/api', state: 'pending', lastError: 'controller answered 403: this token belongs to node "node-a"' })]);
+    } finally {
+      await good.stop();
+      await bad.stop();
+      rmSync(stateDir, { recursive: true, force: true });
     }
   });
 

@@ -91,7 +91,7 @@ export class BuiltinProvider implements CertificateProvider {
   }
 
   async issue(req: IssueRequest): Promise<IssuedCertificate> {
-    const { chainPem, notAfter } = await signLeaf(req.csrPem, this.loaded!.signer, { trustDomain: req.trustDomain, identity: req.identity, lifetimeMs: req.lifetimeMs, now: this.now() });
+    const { chainPem, notAfter } = await signLeaf(req.csr ?? req.csrPem, this.loaded!.signer, { trustDomain: req.trustDomain, identity: req.identity, lifetimeMs: req.lifetimeMs, now: this.now() });
     return { certChainPem: chainPem, notAfter };
   }
 

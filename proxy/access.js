@@ -33,12 +33,21 @@ export function grant(srcId, dstId, port) {
 // One HTTP request under a grant.
 export function requestAllowed(g, head) {
   if (g.tcp) return true
+  return matchesRequest(g.http, head)
+}
+
+// Does a request head match one of these HTTPRouteGroup matches (compiled by
+// config.js)? Path and header values are anchored regexes, the query string is
+// not part of the path, no methods or '*' is any method. Shared by access
+// control and TrafficSplit routes (route.js): one matcher, one meaning.
+export function matchesRequest(matches, head) {
+  if (matches.length === 0) return false
   var path = head.path || '/'
   var q = path.indexOf('?')
   if (q >= 0) path = path.substring(0, q)
   var method = (head.method || '').toUpperCase()
   var headers = head.headers || {}
-  return g.http.some(m => (
+  return matches.some(m => (
     (m.path === null || m.path.test(path)) &&
     (m.anyMethod || m.methods.indexOf(method) >= 0) &&
     m.headerList.every(([k, re]) => k in headers && re.test(headers[k]))

@@ -26,13 +26,23 @@ function anchored(re) {
   return new RegExp('^(?:' + re + ')$')
 }
 
+// An HTTP match (access rules and split routes alike, see access.js matchesRequest).
+function compileMatch(m) {
+  m.path = m.pathRegex === null ? null : anchored(m.pathRegex)
+  m.anyMethod = m.methods.length === 0 || m.methods.indexOf('*') >= 0
+  m.headerList = Object.entries(m.headers).map(([k, v]) => [k, anchored(v)])
+}
+
 Object.values(config.access).forEach(
   rules => rules.forEach(
-    rule => rule.http.forEach(m => {
-      m.path = m.pathRegex === null ? null : anchored(m.pathRegex)
-      m.anyMethod = m.methods.length === 0 || m.methods.indexOf('*') >= 0
-      m.headerList = Object.entries(m.headers).map(([k, v]) => [k, anchored(v)])
-    })
+    rule => rule.http.forEach(compileMatch)
+  )
+)
+
+// Several cluster IPs of a service share one entry: compile each match once.
+Object.values(config.services).forEach(
+  svc => (svc.routes || []).forEach(
+    route => route.matches.forEach(m => { if (!m.headerList) compileMatch(m) })
   )
 )
 

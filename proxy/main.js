@@ -127,7 +127,7 @@ var outboundHTTP = $=>$
   .demuxHTTP().to($=>$
     .handleMessageStart(msg => {
       $start = Date.now()
-      $route = decide($dstIp, $dstPort)
+      $route = decide($dstIp, $dstPort, msg.head)
       $labels = labelsOf($srcId, $route)
       metrics.requests.withLabels($labels[0], $labels[1]).increase()
       if ($route.mode === 'local') {

@@ -1,6 +1,8 @@
 // Where an outbound connection (or HTTP request) goes: a service address
 // picks a backend by TrafficSplit weight (smooth weighted round robin, exact
-// ratios) and an endpoint of that backend (round robin); a pod address goes
+// ratios) and an endpoint of that backend (round robin); an HTTP request that
+// matches a split with HTTP matches (a route) goes by that split's weights
+// instead, and a TCP connection (no request to match) never does; a pod address goes
 // to that pod; anything else is egress. Then: a pod of this node is served
 // here, a pod of another node through that node's proxy.
 // A pod address is any service endpoint or, failing that, any mesh pod
@@ -8,6 +10,7 @@
 // its policy, and dialing its address directly must still meet access control.
 
 import config from './config.js'
+import { matchesRequest } from './access.js'
 
 // Per-thread balancing state; a reload starts it afresh (config may differ).
 var wrr = {}
@@ -60,11 +63,20 @@ export function protocolOf(dstIp, dstPort) {
   return (ep && ep.ports[dstPort]) || 'tcp'
 }
 
-export function decide(dstIp, dstPort) {
+// The first split route whose matches match the request head.
+function routeOf(routes, head) {
+  for (var i = 0; i < routes.length; i++) if (matchesRequest(routes[i].matches, head)) return routes[i]
+  return null
+}
+
+// `head`: the HTTP request head, or nothing for a TCP connection.
+export function decide(dstIp, dstPort, head) {
   var dst = dstIp + ':' + dstPort
   var svc = config.services[dst]
   if (svc) {
-    var backend = pickBackend(dst, svc.backends)
+    var route = head && svc.routes ? routeOf(svc.routes, head) : null
+    // Each route balances on its own: its weights, its own smooth round robin.
+    var backend = route ? pickBackend(dst + '#' + route.split, route.backends) : pickBackend(dst, svc.backends)
     if (!backend) return { mode: 'unavailable', target: dst, tunnel: null, identity: null, local: false, service: svc.service, protocol: svc.protocol }
     return toEndpoint(pickEndpoint(dst + '>' + backend.service, backend.endpoints), svc.service, svc.protocol)
   }

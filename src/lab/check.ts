@@ -13,7 +13,7 @@ import {
 } from '../policy/fsm.js';
 import { packageRoot } from '../util/paths.js';
 import { agentState } from './lab.js';
-import { deniedPair, ECHO_PORT, LAB_NAMESPACE, LAB_SERVICES, SPLIT_WEIGHTS } from './manifests.js';
+import { CANARY, deniedPair, ECHO_PORT, LAB_NAMESPACE, LAB_SERVICES, SPLIT_WEIGHTS } from './manifests.js';
 import type { EchoAnswer, GetResult } from './echo-server.js';
 import { runInside, sleep } from './processes.js';
 import { labFiles, type LabNode, type LabPod, type LabState } from './state.js';
@@ -57,13 +57,15 @@ export interface MeshView {
   excludedPorts: Map<string, Set<number>>;
   /** Labels of every pod in the lab namespace (to find a service's endpoints). */
   labels: Map<string, Record<string, string>>;
-  /** The TrafficSplit of the root service `echo`: backend service -> weight. */
+  /** The TrafficSplit of the root service `echo` without matches: backend service -> weight. */
   split: Map<string, number>;
+  /** Backend services (weight > 0) of the TrafficSplits of `echo` with matches: where the canary path goes. */
+  canary: Set<string>;
 }
 
 interface K8sDoc {
   kind?: string;
-  spec?: { service?: string; backends?: Array<{ service?: string; weight?: unknown }> };
+  spec?: { service?: string; backends?: Array<{ service?: string; weight?: unknown }>; matches?: unknown[] };
   metadata?: { name?: string; namespace?: string; labels?: Record<string, string>; annotations?: Record<string, string> };
   data?: Record<string, string>;
 }
@@ -96,9 +98,13 @@ export function meshView(dir: string): MeshView {
   const meshPorts = ports(mesh?.data?.outboundPortExclusionList);
   const ns = docs.find((d) => d.kind === 'Namespace' && d.metadata?.name === LAB_NAMESPACE);
   const monitored = ns?.metadata?.labels?.[LABEL_MONITORED_BY] === meshName;
-  const view: MeshView = { enrolled: new Set(), excludedPorts: new Map(), labels: new Map(), split: new Map() };
-  const split = docs.find((d) => d.kind === 'TrafficSplit' && d.spec?.service === 'echo');
+  const view: MeshView = { enrolled: new Set(), excludedPorts: new Map(), labels: new Map(), split: new Map(), canary: new Set() };
+  const splits = docs.filter((d) => d.kind === 'TrafficSplit' && d.spec?.service === 'echo');
+  const split = splits.find((d) => !d.spec?.matches?.length);
   for (const b of split?.spec?.backends ?? []) if (b.service && typeof b.weight === 'number') view.split.set(b.service, b.weight);
+  for (const d of splits.filter((x) => x.spec?.matches?.length)) {
+    for (const b of d.spec?.backends ?? []) if (b.service && typeof b.weight === 'number' && b.weight > 0) view.canary.add(b.service);
+  }
   for (const d of docs) {
     if (d.kind !== 'Pod' || (d.metadata?.namespace ?? 'default') !== LAB_NAMESPACE || !d.metadata?.name) continue;
     const a = d.metadata.annotations ?? {};
@@ -326,6 +332,7 @@ export async function labCheck(state: LabState): Promise<CheckReport> {
       cases.push({ name: `service ${s.name} (${s.clusterIP}:${ECHO_PORT}) from every pod`, kind: 'service', from: '*', to: s.name, result: 'skip', reason: `${needsPipy}; a service address is routed to its endpoints by the proxy` });
     }
     cases.push({ name: `split echo ${Object.entries(SPLIT_WEIGHTS).map(([k, v]) => `${k}=${v}`).join(' ')}`, kind: 'split', from: '*', to: 'echo', result: 'skip', reason: needsPipy });
+    cases.push({ name: canaryName(view), kind: 'split', from: '*', to: 'echo', result: 'skip', reason: needsPipy });
     if (denied) cases.push({ name: `deny ${denied.from} -> ${denied.to}`, kind: 'access', from: denied.from, to: denied.to, result: 'skip', reason: needsPipy });
   } else {
     cases.push(...(await serviceCases(state, view, denied?.from)));
@@ -397,7 +404,34 @@ async function serviceCases(state: LabState, view: MeshView, deniedFrom: string 
     result: off.length === 0 && (seen.get('none') ?? 0) === 0 ? 'pass' : 'fail',
     reason: `${SPLIT_REQUESTS} requests from ${client.name}: ${shares.map((x) => `${x.svc} ${x.got.toFixed(0)}% (want ${x.want.toFixed(0)}±${SPLIT_TOLERANCE_POINTS})`).join(', ')}${seen.get('none') ? `, ${seen.get('none')} failed` : ''}`,
   });
+  if (view.canary.size > 0) cases.push(await canaryCase(view, client, root.clusterIP));
   return cases;
+}
+
+const CANARY_REQUESTS = 20;
+
+function canaryName(view: MeshView): string {
+  return `split echo ${CANARY.path}/* -> ${[...view.canary].join(' ') || CANARY.backend}`;
+}
+
+/** Requests on the canary path land only on the canary backends (HTTP matches of a v1alpha4 TrafficSplit). */
+async function canaryCase(view: MeshView, client: LabPod, rootIp: string): Promise<CheckCase> {
+  const allowed = new Set<string>();
+  for (const s of LAB_SERVICES) if (view.canary.has(s.name)) for (const pod of endpointsOf(view, s.selector)) allowed.add(pod);
+  const stray: string[] = [];
+  await pool(Array.from({ length: CANARY_REQUESTS }, (_v, k) => k), 10, async (k) => {
+    const got = await request(client, `http://${rootIp}:${ECHO_PORT}${CANARY.path}/${k}`).catch((err: unknown): GetResult => ({ ok: false, error: errorMessage(err) }));
+    const pod = parseAnswer(got.body)?.pod;
+    if (!got.ok || got.status !== 200 || !pod || !allowed.has(pod)) stray.push(got.ok ? `HTTP ${got.status} from ${pod ?? '?'}` : (got.error ?? 'failed'));
+  });
+  return {
+    name: canaryName(view),
+    kind: 'split',
+    from: client.name,
+    to: 'echo',
+    result: stray.length === 0 ? 'pass' : 'fail',
+    reason: stray.length === 0 ? `${CANARY_REQUESTS} requests from ${client.name} all answered by ${[...allowed].join(' ')}` : `${stray.length}/${CANARY_REQUESTS} not answered by a canary backend: ${stray.slice(0, 3).join('; ')}`,
+  };
 }
 
 export function renderCheck(r: CheckReport): string[] {

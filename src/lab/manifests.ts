@@ -21,6 +21,8 @@ import {
  *   service account = pod name, the lab cgroup annotation;
  * - Services echo (all pods), echo-v1, echo-v2 and a TrafficSplit of echo
  *   80/20 over them;
+ * - a canary: requests for /canary and below go to echo-v2 only (a v1alpha4
+ *   TrafficSplit with HTTPRouteGroup matches; every other request keeps the 80/20);
  * - one TrafficTarget per pod allowing every other pod except one denied pair
  *   (the last pod may not call the first).
  */
@@ -29,6 +31,8 @@ export const LAB_NAMESPACE = 'demo';
 export const LAB_MESH_NAME = 'fsmlab';
 export const ECHO_PORT = 8080;
 export const SPLIT_WEIGHTS = { 'echo-v1': 80, 'echo-v2': 20 } as const;
+/** Requests whose path is CANARY.path or below it go to CANARY.backend only. */
+export const CANARY = { path: '/canary', backend: 'echo-v2' } as const;
 
 export interface ManifestNode {
   name: string;
@@ -127,6 +131,26 @@ function splitObject(): unknown {
   };
 }
 
+function canaryObjects(): unknown[] {
+  const group = {
+    apiVersion: 'specs.smi-spec.io/v1alpha4',
+    kind: 'HTTPRouteGroup',
+    metadata: { name: 'echo-canary', namespace: LAB_NAMESPACE },
+    spec: { matches: [{ name: 'canary-path', pathRegex: `${CANARY.path}(/.*)?` }] },
+  };
+  const split = {
+    apiVersion: 'split.smi-spec.io/v1alpha4',
+    kind: 'TrafficSplit',
+    metadata: { name: 'echo-canary', namespace: LAB_NAMESPACE },
+    spec: {
+      service: 'echo',
+      matches: [{ apiGroup: 'specs.smi-spec.io', kind: 'HTTPRouteGroup', name: 'echo-canary' }],
+      backends: [{ service: CANARY.backend, weight: 100 }],
+    },
+  };
+  return [group, split];
+}
+
 function accessObjects(pods: readonly ManifestPod[]): unknown[] {
   const denied = deniedPair(pods);
   const route = { apiVersion: 'specs.smi-spec.io/v1alpha4', kind: 'TCPRoute', metadata: { name: 'echo-tcp', namespace: LAB_NAMESPACE }, spec: { matches: { ports: [ECHO_PORT] } } };
@@ -159,6 +183,7 @@ export function renderManifests(input: ManifestInput): Map<string, string> {
   for (const p of input.pods) files.set(`pods/${p.name}.yaml`, docs([podObject(p)]));
   files.set('40-services.yaml', docs(LAB_SERVICES.map(serviceObject)));
   files.set('50-split.yaml', docs([splitObject()]));
+  files.set('55-canary.yaml', docs(canaryObjects()));
   files.set('60-access.yaml', docs(accessObjects(input.pods)));
   return files;
 }

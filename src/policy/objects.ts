@@ -16,6 +16,8 @@ import {
   parseCidrList,
   parsePortList,
 } from './fsm.js';
+import { FieldError } from './fields.js';
+import { parseSplitSpec, SPLIT_API_VERSIONS } from './smi-split.js';
 import { formatPath, InterceptionModeSchema, type DesiredInterceptionMode, type Exclusions, type HttpMatch, type Identity, type MeshSettings } from './schema.js';
 
 /**
@@ -32,7 +34,8 @@ export const KINDS = {
   Service: ['v1'],
   EndpointSlice: ['discovery.k8s.io/v1'],
   ConfigMap: ['v1'],
-  TrafficSplit: ['split.smi-spec.io/v1alpha2'],
+  /** Every SMI version (src/policy/smi-split.ts); the first is the one the Kubernetes source watches. */
+  TrafficSplit: SPLIT_API_VERSIONS,
   TrafficTarget: ['access.smi-spec.io/v1alpha3'],
   HTTPRouteGroup: ['specs.smi-spec.io/v1alpha4'],
   TCPRoute: ['specs.smi-spec.io/v1alpha4'],
@@ -52,15 +55,7 @@ export interface ObjectRef {
 }
 
 
-/** A field of one object is wrong: `field` in kubectl's dotted form. */
-export class FieldError extends Error {
-  constructor(
-    readonly field: string,
-    message: string,
-  ) {
-    super(message);
-  }
-}
+export { FieldError };
 
 // ---- records --------------------------------------------------------------
 
@@ -232,14 +227,7 @@ const SliceIn = z.object({
 
 const ConfigMapIn = z.object({ metadata: Metadata, data: z.record(z.string()).nullish() });
 
-const SplitIn = z.object({
-  metadata: Metadata,
-  spec: z.object({
-    service: dns,
-    backends: z.array(z.object({ service: dns, weight: z.number().int().min(0) })).min(1),
-    matches: z.array(z.object({ kind: z.literal('HTTPRouteGroup'), name: dns })).nullish(),
-  }),
-});
+const SplitIn = z.object({ apiVersion: z.unknown(), metadata: Metadata, spec: z.unknown() });
 
 const SaRef = z.object({ kind: z.literal('ServiceAccount'), name: dns, namespace: dns.nullish() });
 const TargetIn = z.object({
@@ -496,20 +484,9 @@ const toMeshConfig = (o: unknown): MeshConfigRec => {
 };
 
 const toSplit = (o: unknown): SplitRec => {
-  const { metadata: m, spec } = parse(SplitIn, o);
-  const seen = new Set<string>();
-  spec.backends.forEach((b, i) => {
-    if (seen.has(b.service)) throw new FieldError(`spec.backends[${i}].service`, `duplicate backend ${JSON.stringify(b.service)}`);
-    seen.add(b.service);
-  });
-  if (spec.backends.every((b) => b.weight === 0)) throw new FieldError('spec.backends', 'all weights are 0');
-  return {
-    namespace: m.namespace ?? 'default',
-    name: m.name,
-    service: spec.service,
-    backends: spec.backends.map((b) => ({ service: b.service, weight: b.weight })),
-    matchGroups: (spec.matches ?? []).map((x) => x.name),
-  };
+  const { apiVersion, metadata: m, spec } = parse(SplitIn, o);
+  // The Kubernetes source's objects carry the version it watches; a hand-written one without apiVersion is refused by the directory source.
+  return { namespace: m.namespace ?? 'default', name: m.name, ...parseSplitSpec(apiVersion ?? SPLIT_API_VERSIONS[0], spec) };
 };
 
 const toTarget = (o: unknown): TargetRec => {

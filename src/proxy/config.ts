@@ -1,5 +1,5 @@
 import { InvalidInputError } from '../errors.js';
-import type { Access, HttpMatch, NodePolicy, PolicyService } from '../policy/schema.js';
+import type { Access, HttpMatch, NodePolicy, PolicyService, Split } from '../policy/schema.js';
 
 /**
  * NodePolicy -> the configuration of the shared Pipy proxy (proxy/config.json,
@@ -85,7 +85,26 @@ export interface ProxyService {
   /** ns/name of the service clients address. */
   service: string;
   protocol: PortProtocol;
-  /** One backend (the service itself) without a split; the split's backends with one. */
+  /**
+   * Where a connection or a request that no route matches goes: the backends
+   * of the service's TrafficSplit without matches, or the service itself
+   * (one backend).
+   */
+  backends: ProxyBackend[];
+  /**
+   * HTTP ports only, absent when there are none: the TrafficSplits with HTTP
+   * matches, in ns/name order. A request goes by the first route with a match
+   * that matches it, else by `backends`.
+   */
+  routes?: ProxySplitRoute[];
+}
+
+/** A TrafficSplit with HTTP matches (SMI v1alpha3/v1alpha4 `spec.matches`). */
+export interface ProxySplitRoute {
+  /** ns/name of the TrafficSplit, for logs and balancing state. */
+  split: string;
+  /** Every match of every HTTPRouteGroup the split names: a request matching one of them goes by `backends`. */
+  matches: ProxyHttpMatch[];
   backends: ProxyBackend[];
 }
 
@@ -241,15 +260,26 @@ export function renderTunnelTLS(trust: ProxyTrust, localIdentities: string[], fi
   return { trustDomain: trust.trustDomain, trustBundle: `${bundle.join('\n')}\n`, refuse: null, maxConnectionAgeSeconds: maxAgeSeconds, identities };
 }
 
+/** The backends of `split` for the root service port `sp`: weight 0 and unknown services left out. */
+function splitBackends(split: Split, byName: Map<string, PolicyService>, sp: { name: string; port: number }): ProxyBackend[] {
+  return split.backends.flatMap((b) => {
+    const backend = byName.get(id(split.namespace, b.service));
+    if (!backend || b.weight === 0) return [];
+    return [{ service: id(backend.namespace, backend.name), weight: b.weight, endpoints: endpointsFor(backend, sp.name, sp.port) }];
+  });
+}
+
 export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): ProxyConfig {
   const byName = new Map(policy.services.map((s) => [id(s.namespace, s.name), s]));
-  // A split with HTTP matches applies only to matching requests; the proxy
-  // splits per connection and per request alike, so such splits are not
-  // rendered (the root service's own endpoints serve), see proxy/README.md.
-  const splitOf = new Map<string, NodePolicy['splits'][number]>();
+  // Per root service: the first split without matches (by ns/name) takes all
+  // traffic the routes do not; every split with matches becomes a route,
+  // which only HTTP requests can take (TCP has no request to match).
+  const splitOf = new Map<string, Split>();
+  const routedBy = new Map<string, Split[]>();
   for (const sp of [...policy.splits].sort((a, b) => id(a.namespace, a.name).localeCompare(id(b.namespace, b.name)))) {
     const root = id(sp.namespace, sp.service);
-    if (sp.matches.length === 0 && !splitOf.has(root)) splitOf.set(root, sp);
+    if (sp.matches.length > 0) routedBy.set(root, [...(routedBy.get(root) ?? []), sp]);
+    else if (!splitOf.has(root)) splitOf.set(root, sp);
   }
 
   const tunnelOf = new Map<string, string>();
@@ -290,15 +320,12 @@ export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): Pr
         // Two services disagreeing about a pod port: TCP, the protocol that never breaks the bytes.
         ep.ports[String(target)] = known === undefined || known === protocol ? protocol : 'tcp';
       }
-      const split = splitOf.get(id(svc.namespace, svc.name));
-      const backends: ProxyBackend[] = split
-        ? split.backends.flatMap((b) => {
-            const backend = byName.get(id(split.namespace, b.service));
-            if (!backend || b.weight === 0) return [];
-            return [{ service: id(backend.namespace, backend.name), weight: b.weight, endpoints: endpointsFor(backend, sp.name, sp.port) }];
-          })
-        : [{ service: id(svc.namespace, svc.name), weight: 1, endpoints: endpointsFor(svc, sp.name, sp.port) }];
-      for (const ip of svc.clusterIPs) services[`${ip}:${sp.port}`] = { service: id(svc.namespace, svc.name), protocol, backends };
+      const root = id(svc.namespace, svc.name);
+      const split = splitOf.get(root);
+      const backends: ProxyBackend[] = split ? splitBackends(split, byName, sp) : [{ service: root, weight: 1, endpoints: endpointsFor(svc, sp.name, sp.port) }];
+      const routes = protocol === 'http' ? (routedBy.get(root) ?? []).map((r) => ({ split: id(r.namespace, r.name), matches: r.matches.map(renderMatch), backends: splitBackends(r, byName, sp) })) : [];
+      const entry: ProxyService = routes.length > 0 ? { service: root, protocol, backends, routes } : { service: root, protocol, backends };
+      for (const ip of svc.clusterIPs) services[`${ip}:${sp.port}`] = entry;
     }
   }
 

@@ -43,7 +43,7 @@ export const RESOURCES: ApiResource[] = [
   { group: '', version: 'v1', plural: 'events', kind: 'Event', namespaced: true },
   { group: 'discovery.k8s.io', version: 'v1', plural: 'endpointslices', kind: 'EndpointSlice', namespaced: true },
   { group: 'certificates.k8s.io', version: 'v1', plural: 'certificatesigningrequests', kind: 'CertificateSigningRequest', namespaced: false },
-  { group: 'split.smi-spec.io', version: 'v1alpha2', plural: 'trafficsplits', kind: 'TrafficSplit', namespaced: true },
+  { group: 'split.smi-spec.io', version: 'v1alpha4', plural: 'trafficsplits', kind: 'TrafficSplit', namespaced: true },
   { group: 'access.smi-spec.io', version: 'v1alpha3', plural: 'traffictargets', kind: 'TrafficTarget', namespaced: true },
   { group: 'specs.smi-spec.io', version: 'v1alpha4', plural: 'httproutegroups', kind: 'HTTPRouteGroup', namespaced: true },
   { group: 'specs.smi-spec.io', version: 'v1alpha4', plural: 'tcproutes', kind: 'TCPRoute', namespaced: true },
@@ -106,11 +106,16 @@ export class TestApiServer {
   private readonly sockets = new Set<Socket>();
   private readonly failures: { method: string; pathPrefix: string; status: number; times: number }[] = [];
 
-  private constructor(private readonly server: Server) {}
+  private constructor(
+    private readonly server: Server,
+    /** RESOURCES, with the versions a test chose to serve instead. */
+    private readonly resources: ApiResource[],
+  ) {}
 
-  static async start(): Promise<TestApiServer> {
+  /** `served`: kind -> the one version to serve for it instead of RESOURCES' (a cluster with other CRDs). */
+  static async start(opts: { served?: Record<string, string> } = {}): Promise<TestApiServer> {
     const server = createServer();
-    const api = new TestApiServer(server);
+    const api = new TestApiServer(server, RESOURCES.map((r) => ({ ...r, version: opts.served?.[r.kind] ?? r.version })));
     server.on('request', (req, res) => api.handle(req, res));
     server.on('connection', (s) => {
       api.sockets.add(s);
@@ -147,7 +152,7 @@ export class TestApiServer {
   create(obj: Obj): Obj {
     const res = this.resourceOf(obj);
     const o = clone(obj);
-    o.apiVersion ??= apiVersionOf(res);
+    o.apiVersion = apiVersionOf(res);
     o.kind ??= res.kind;
     if (!o.metadata.name && o.metadata.generateName) o.metadata.name = `${o.metadata.generateName}${randomUUID().slice(0, 5)}`;
     if (res.namespaced) o.metadata.namespace ??= 'default';
@@ -168,7 +173,7 @@ export class TestApiServer {
       throw new HttpError(409, 'Conflict', `the object has been modified; please apply your changes to the latest version`);
     }
     const o = clone(obj);
-    o.apiVersion ??= old.apiVersion;
+    o.apiVersion = apiVersionOf(res);
     o.kind ??= old.kind;
     o.metadata = { ...o.metadata, uid: old.metadata.uid, creationTimestamp: old.metadata.creationTimestamp, namespace: old.metadata.namespace };
     return this.write('MODIFIED', res, key, o, old);
@@ -181,7 +186,7 @@ export class TestApiServer {
   }
 
   remove(kind: string, namespace: string | undefined, name: string): void {
-    const res = RESOURCES.find((r) => r.kind === kind)!;
+    const res = this.resources.find((r) => r.kind === kind)!;
     const key = this.key(res, namespace, name);
     const old = this.objects.get(key);
     if (!old) throw new HttpError(404, 'NotFound', `${res.plural} "${name}" not found`);
@@ -193,13 +198,13 @@ export class TestApiServer {
   }
 
   get(kind: string, namespace: string | undefined, name: string): Obj | undefined {
-    const res = RESOURCES.find((r) => r.kind === kind)!;
+    const res = this.resources.find((r) => r.kind === kind)!;
     const o = this.objects.get(this.key(res, namespace, name));
     return o && clone(o);
   }
 
   list(kind: string): Obj[] {
-    const res = RESOURCES.find((r) => r.kind === kind)!;
+    const res = this.resources.find((r) => r.kind === kind)!;
     return [...this.objects.entries()].filter(([k]) => k.startsWith(`${res.plural}/`)).map(([, o]) => clone(o));
   }
 
@@ -239,8 +244,14 @@ export class TestApiServer {
     return `${res.plural}/${res.namespaced ? (namespace ?? 'default') : ''}/${name}`;
   }
 
+  /**
+   * The resource of an object of any version of its group: like a CRD whose
+   * conversion strategy is None, the object is kept as written and served
+   * under the resource's version, with only apiVersion changed (see create).
+   */
   private resourceOf(obj: Obj): ApiResource {
-    const res = RESOURCES.find((r) => r.kind === obj.kind && (obj.apiVersion === undefined || apiVersionOf(r) === obj.apiVersion));
+    const group = (v: string) => (v.includes('/') ? v.slice(0, v.indexOf('/')) : '');
+    const res = this.resources.find((r) => r.kind === obj.kind && (obj.apiVersion === undefined || r.group === group(obj.apiVersion)));
     if (!res) throw new HttpError(400, 'BadRequest', `no resource for ${obj.apiVersion}/${obj.kind}`);
     return res;
   }
@@ -310,7 +321,7 @@ export class TestApiServer {
       parts.splice(0, 2);
     }
     const [plural, name] = parts;
-    const r = RESOURCES.find((x) => x.group === group && x.version === version && x.plural === plural);
+    const r = this.resources.find((x) => x.group === group && x.version === version && x.plural === plural);
     if (!r) throw new HttpError(404, 'NotFound', `the server could not find the requested resource (${path})`);
     if (name === undefined) {
       if (method === 'GET') return query.watch === 'true' || query.watch === '1' ? this.watch(r, namespace, query, res) : this.listResponse(r, namespace, query, res);

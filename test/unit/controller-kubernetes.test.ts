@@ -3,7 +3,7 @@ import { TokenReviewAuthenticator } from '../../src/controller/auth.js';
 import { KubernetesSource } from '../../src/controller/sources/kubernetes.js';
 import { PolicyCompiler } from '../../src/policy/compiler.js';
 import { TestApiServer, type Obj as ApiObj } from '../support/k8s-api-server.js';
-import { baseMesh, meshConfig, pod, slice, split } from './policy-fixtures.js';
+import { baseMesh, matchSplit, meshConfig, pod, routeGroup, slice, split } from './policy-fixtures.js';
 
 let api: TestApiServer;
 let compiler: PolicyCompiler;
@@ -38,6 +38,42 @@ beforeEach(async () => {
 afterEach(async () => {
   await source?.stop();
   await api.close();
+});
+
+describe('TrafficSplit versions a cluster serves', () => {
+  const withSplit = async (served: Record<string, string>, obj: ApiObj): Promise<void> => {
+    await api.close();
+    api = await TestApiServer.start({ served });
+    for (const o of baseMesh()) api.create(o as ApiObj);
+    api.create(obj);
+    await startSource();
+  };
+
+  test('a cluster that serves only v1alpha2 (OSM\'s CRD) is read through v1alpha2', async () => {
+    await withSplit({ TrafficSplit: 'v1alpha2' }, split('s', 'web', [{ service: 'db', weight: 1 }]) as ApiObj);
+    expect(compiler.get('node-a')!.policy.splits.map((x) => x.name)).toEqual(['s']);
+    const paths = api.requests.filter((r) => r.path.includes('trafficsplits')).map((r) => r.path);
+    expect(paths[0]).toBe('/apis/split.smi-spec.io/v1alpha4/trafficsplits');
+    expect(paths).toContain('/apis/split.smi-spec.io/v1alpha2/trafficsplits');
+  });
+
+  test('a cluster that serves v1alpha4 is read through it, matches included', async () => {
+    await withSplit({}, matchSplit('s', 'web', [{ service: 'db', weight: 1 }], ['routes']) as ApiObj);
+    api.create(routeGroup('routes') as ApiObj);
+    await eventually(() => compiler.get('node-a')!.policy.splits.length === 1);
+    expect(compiler.get('node-a')!.policy.splits[0]!.matches.map((m) => m.name)).toEqual(['api']);
+    expect(api.requests.some((r) => r.path.includes('/v1alpha2/trafficsplits'))).toBe(false);
+  });
+
+  test('a cluster without the CRD does not block the sync', async () => {
+    await api.close();
+    api = await TestApiServer.start({ served: { TrafficSplit: 'v9' } });
+    for (const o of baseMesh()) api.create(o as ApiObj);
+    await startSource();
+    expect(source.synced).toBe(true);
+    expect(pods()).toEqual(['db-1', 'web-1']);
+    for (const v of ['v1alpha4', 'v1alpha3', 'v1alpha2', 'v1alpha1']) expect(api.requests.some((r) => r.path === `/apis/split.smi-spec.io/${v}/trafficsplits`)).toBe(true);
+  });
 });
 
 describe('KubernetesSource with the real client-node informers', () => {

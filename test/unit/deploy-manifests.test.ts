@@ -164,18 +164,22 @@ describe('manifests', () => {
     expect(defs.map((c) => c.spec.names.kind).sort()).toEqual([...smiKinds].sort());
     for (const c of defs) {
       const kind = c.spec.names.kind as Kind;
-      const [group, ver] = KINDS[kind][0].split('/');
-      expect({ kind, group: c.spec.group, versions: c.spec.versions.map((v) => [v.name, v.served, v.storage]), scope: c.spec.scope }).toEqual({ kind, group, versions: [[ver, true, true]], scope: 'Namespaced' });
+      const [group] = KINDS[kind][0].split('/');
+      // Every version the controller reads is served; the first (the one it watches) is stored.
+      const versions = (KINDS[kind] as readonly string[]).map((v, i) => [v.split('/')[1], true, i === 0]);
+      expect({ kind, group: c.spec.group, versions: c.spec.versions.map((v) => [v.name, v.served, v.storage]), scope: c.spec.scope }).toEqual({ kind, group, versions, scope: 'Namespaced' });
       expect(c.metadata.name).toBe(`${c.spec.names.plural}.${c.spec.group}`);
       // The plural is what the informer's path uses (src/controller/sources/kubernetes.ts).
       expect(c.spec.names.plural).toBe(`${kind.toLowerCase()}s`);
-      expect({ kind, problems: nonStructural(c.spec.versions[0]!.schema.openAPIV3Schema) }).toEqual({ kind, problems: [] });
+      for (const v of c.spec.versions) expect({ kind, version: v.name, problems: nonStructural(v.schema.openAPIV3Schema) }).toEqual({ kind, version: v.name, problems: [] });
+      // Several versions without conversion: the API server only rewrites apiVersion (what src/policy/smi-split.ts expects).
+      if (c.spec.versions.length > 1) expect((c.spec as { conversion?: unknown }).conversion).toEqual({ strategy: 'None' });
     }
   });
 
   test('custom resources validate against our CRDs, lose no field to pruning, and are accepted by the controller', () => {
     const ajv = new Ajv({ strict: false, allErrors: true });
-    const schemas = new Map(crds().map((c) => [`${c.spec.group}/${c.spec.versions[0]!.name}/${c.spec.names.kind}`, c.spec.versions[0]!.schema.openAPIV3Schema]));
+    const schemas = new Map<string, JsonSchema>(crds().flatMap((c) => c.spec.versions.map((v) => [`${c.spec.group}/${v.name}/${c.spec.names.kind}`, v.schema.openAPIV3Schema] as const)));
     const resources = objects().filter((d) => /smi-spec\.io\//.test(d.obj.apiVersion));
     expect(resources.length).toBeGreaterThanOrEqual(4);
     for (const { file, obj } of resources) {
@@ -189,9 +193,41 @@ describe('manifests', () => {
       expect(() => toRecord(obj.kind as Kind, { ...obj, metadata: { ...obj.metadata, namespace: 'fsm-demo' } })).not.toThrow();
     }
     // And the CRD schemas refuse what the controller refuses.
-    const split = schemas.get('split.smi-spec.io/v1alpha2/TrafficSplit')!;
-    expect(ajv.validate(split, { spec: { service: 'a', backends: [] } })).toBe(false);
-    expect(ajv.validate(split, { spec: { service: 'a', backends: [{ service: 'b', weight: -1 }] } })).toBe(false);
+    for (const v of ['v1alpha1', 'v1alpha2', 'v1alpha3', 'v1alpha4']) {
+      const split = schemas.get(`split.smi-spec.io/${v}/TrafficSplit`)!;
+      expect(ajv.validate(split, { spec: { service: 'a', backends: [] } })).toBe(false);
+      expect(ajv.validate(split, { spec: { service: 'a', backends: [{ service: 'b', weight: -1 }] } })).toBe(false);
+      expect(ajv.validate(split, { spec: { service: 'a', backends: [{ service: 'b', weight: '10%' }] } })).toBe(false);
+    }
+    for (const v of ['v1alpha3', 'v1alpha4']) {
+      const split = schemas.get(`split.smi-spec.io/${v}/TrafficSplit`)!;
+      expect(ajv.validate(split, { spec: { service: 'a', backends: [{ service: 'b', weight: 1 }], matches: [{ kind: 'TCPRoute', name: 'r' }] } })).toBe(false);
+      expect(ajv.validate(split, { spec: { service: 'a', backends: [{ service: 'b', weight: 1 }], matches: [{ apiGroup: 'x.io', kind: 'HTTPRouteGroup', name: 'r' }] } })).toBe(false);
+      expect(ajv.validate(split, { spec: { service: 'a', backends: [{ service: 'b', weight: 0.5 }] } })).toBe(false);
+    }
+  });
+
+  test('a TrafficSplit of every SMI version validates against its version of the CRD, keeps every field and is accepted by the controller', () => {
+    const ajv = new Ajv({ strict: false, allErrors: true });
+    const crd = crds().find((c) => c.spec.names.kind === 'TrafficSplit')!;
+    const meta = { name: 's', namespace: 'fsm-demo' };
+    const examples: Record<string, unknown> = {
+      v1alpha1: { service: 'echo', backends: [{ service: 'echo-v1', weight: '500m' }, { service: 'echo-v2', weight: 1 }] },
+      v1alpha2: { service: 'echo', backends: [{ service: 'echo-v1', weight: 80 }, { service: 'echo-v2', weight: 20 }] },
+      v1alpha3: { service: 'echo', matches: [{ kind: 'HTTPRouteGroup', name: 'canary' }], backends: [{ service: 'echo-v2', weight: 100 }] },
+      v1alpha4: { service: 'echo', matches: [{ apiGroup: 'specs.smi-spec.io', kind: 'HTTPRouteGroup', name: 'canary' }], backends: [{ service: 'echo-v1', weight: 0 }, { service: 'echo-v2', weight: 100 }] },
+    };
+    expect(crd.spec.versions.map((v) => v.name).sort()).toEqual(Object.keys(examples).sort());
+    for (const v of crd.spec.versions) {
+      const obj = { apiVersion: `split.smi-spec.io/${v.name}`, kind: 'TrafficSplit', metadata: meta, spec: examples[v.name] };
+      const validate = ajv.compile(v.schema.openAPIV3Schema);
+      expect({ v: v.name, valid: validate(obj), errors: validate.errors ?? null }).toEqual({ v: v.name, valid: true, errors: null });
+      expect({ v: v.name, pruned: prunedFields(obj, v.schema.openAPIV3Schema) }).toEqual({ v: v.name, pruned: [] });
+      expect(() => toRecord('TrafficSplit', obj)).not.toThrow();
+    }
+    // matches is no field of v1alpha2: the API server would prune it (the controller refuses it in a manifest).
+    const v2 = crd.spec.versions.find((v) => v.name === 'v1alpha2')!.schema.openAPIV3Schema;
+    expect(prunedFields({ spec: examples.v1alpha3 }, v2)).toEqual(['spec.matches']);
   });
 });
 

@@ -53,7 +53,10 @@ describe('lab manifests', () => {
     const echo = n1.services.find((s) => s.name === 'echo')!;
     expect(echo.endpoints.map((e) => e.ip).sort()).toEqual(['10.77.1.2', '10.77.1.3', '10.77.2.2', '10.77.2.3']);
     expect(n1.services.find((s) => s.name === 'echo-v2')!.endpoints.map((e) => e.ip).sort()).toEqual(['10.77.1.3', '10.77.2.3']);
-    expect(n1.splits).toEqual([expect.objectContaining({ service: 'echo', backends: [{ service: 'echo-v1', weight: 80 }, { service: 'echo-v2', weight: 20 }] })]);
+    expect(n1.splits).toEqual([
+      expect.objectContaining({ name: 'echo-canary', service: 'echo', backends: [{ service: 'echo-v2', weight: 100 }], matches: [expect.objectContaining({ pathRegex: '/canary(/.*)?' })] }),
+      expect.objectContaining({ name: 'echo-split', service: 'echo', backends: [{ service: 'echo-v1', weight: 80 }, { service: 'echo-v2', weight: 20 }], matches: [] }),
+    ]);
     expect(deniedPair(input.pods)).toEqual({ from: 'p4', to: 'p1' });
     const toP1 = n1.access.find((a) => a.destination.serviceAccount === 'p1')!;
     expect(toP1.sources.map((s) => s.serviceAccount).sort()).toEqual(['p1', 'p2', 'p3']);
@@ -70,6 +73,12 @@ describe('lab check expectations', () => {
     }
   });
   afterEach(() => rmSync(dir, { recursive: true, force: true }));
+
+  test('read the 80/20 split and the canary (the split with matches) apart', () => {
+    const view = meshView(dir);
+    expect(Object.fromEntries(view.split)).toEqual({ 'echo-v1': 80, 'echo-v2': 20 });
+    expect([...view.canary]).toEqual(['echo-v2']);
+  });
 
   test('follow the manifests: a removed pod or an excluded port is not intercepted', () => {
     expect(expectIntercepted(meshView(dir), 'p2', 8080)).toBe(true);

@@ -6,6 +6,7 @@ import {
   baseMesh,
   changeSteps,
   compiled,
+  matchSplit,
   meshConfig,
   namespace,
   node,
@@ -240,6 +241,72 @@ describe('splits', () => {
     c.compile();
     expect(c.get('node-a')!.policy.splits[0]!.backends).toEqual([{ service: 'dbb', weight: 1 }]);
     expect(c.reporter.active()).toEqual([]);
+  });
+});
+
+describe('splits with HTTP matches (v1alpha3/v1alpha4)', () => {
+  const canary = () => routeGroup('canary', [{ name: 'tester', headers: { 'x-canary': 'yes' } }, { name: 'v2-path', pathRegex: '/v2/.*' }]);
+
+  test('every match of every group named is in the split, in the order named', () => {
+    const c = compiled([...baseMesh(), canary(), routeGroup('firefox', [{ name: 'ff', headers: { 'user-agent': '.*Firefox.*' } }]), matchSplit('s', 'web', [{ service: 'api', weight: 100 }], ['firefox', 'canary'])]);
+    expect(c.get('node-a')!.policy.splits).toEqual([
+      {
+        namespace: 'app',
+        name: 's',
+        service: 'web',
+        backends: [{ service: 'api', weight: 100 }],
+        matches: [
+          { name: 'ff', pathRegex: null, methods: [], headers: { 'user-agent': '.*Firefox.*' } },
+          { name: 'tester', pathRegex: null, methods: [], headers: { 'x-canary': 'yes' } },
+          { name: 'v2-path', pathRegex: '/v2/.*', methods: [], headers: {} },
+        ],
+      },
+    ]);
+    expect(c.reporter.active()).toEqual([]);
+  });
+
+  test('a v1alpha3 split and a v1alpha1 split compile to the same shape as v1alpha4 and v1alpha2', () => {
+    const v3 = { ...matchSplit('s', 'web', [{ service: 'api', weight: 1 }], ['canary']), apiVersion: 'split.smi-spec.io/v1alpha3' };
+    const v1 = { ...split('w', 'db', [{ service: 'api', weight: '500m' }, { service: 'web', weight: '1500m' }]), apiVersion: 'split.smi-spec.io/v1alpha1' };
+    const c = compiled([...baseMesh(), canary(), v3, v1]);
+    const splits = c.get('node-a')!.policy.splits;
+    expect(splits.map((x) => [x.name, x.backends, x.matches.length])).toEqual([
+      ['s', [{ service: 'api', weight: 1 }], 2],
+      ['w', [{ service: 'api', weight: 1 }, { service: 'web', weight: 3 }], 0],
+    ]);
+  });
+
+  test('a missing route group is reported by field and the split left out; creating the group brings it in', () => {
+    const c = compiled([...baseMesh(), matchSplit('s', 'web', [{ service: 'api', weight: 1 }], ['canary'])]);
+    expect(c.get('node-a')!.policy.splits).toEqual([]);
+    expect(c.reporter.active()).toEqual([
+      expect.objectContaining({ ref: { kind: 'TrafficSplit', namespace: 'app', name: 's' }, stage: 'reference', field: 'spec.matches[0].name', message: 'HTTPRouteGroup app/canary not found', keptLastGood: false }),
+    ]);
+    up(c, canary());
+    c.compile();
+    expect(c.get('node-a')!.policy.splits.map((x) => x.matches.length)).toEqual([2]);
+    expect(c.reporter.active()).toEqual([]);
+  });
+
+  test('a changed route group changes the split in every policy that has it', () => {
+    const c = compiled([...baseMesh(), canary(), matchSplit('s', 'web', [{ service: 'api', weight: 1 }], ['canary'])]);
+    const before = c.get('node-b')!.version;
+    up(c, routeGroup('canary', [{ name: 'tester', headers: { 'x-canary': 'always' } }]));
+    expect(c.compile().changed.sort()).toEqual(['node-a', 'node-b']);
+    expect(c.get('node-b')!.version).not.toBe(before);
+    expect(c.get('node-b')!.policy.splits[0]!.matches).toEqual([{ name: 'tester', pathRegex: null, methods: [], headers: { 'x-canary': 'always' } }]);
+  });
+
+  test('an unknown kind in matches is reported at input naming the value; the last good split stays', () => {
+    const good = matchSplit('s', 'web', [{ service: 'api', weight: 1 }], ['canary']);
+    const c = compiled([...baseMesh(), canary(), good]);
+    const bad = { ...good, spec: { ...(good.spec as object), matches: [{ kind: 'TCPRoute', name: 'canary' }] } };
+    expect(up(c, bad)).toBe(false);
+    c.compile();
+    expect(c.get('node-a')!.policy.splits).toHaveLength(1);
+    const [issue] = c.reporter.active();
+    expect(issue).toMatchObject({ stage: 'input', field: 'spec.matches[0].kind', keptLastGood: true });
+    expect(issue!.message).toContain('"TCPRoute"');
   });
 });
 

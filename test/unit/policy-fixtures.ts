@@ -76,6 +76,14 @@ export const split = (name: string, root: string, backends: { service: string; w
   spec: { service: root, backends },
 });
 
+/** A v1alpha4 split that applies to requests matching the named HTTPRouteGroups. */
+export const matchSplit = (name: string, root: string, backends: { service: string; weight: unknown }[], groups: string[], ns = 'app'): Obj => ({
+  apiVersion: 'split.smi-spec.io/v1alpha4',
+  kind: 'TrafficSplit',
+  metadata: { name, namespace: ns },
+  spec: { service: root, matches: groups.map((g) => ({ apiGroup: 'specs.smi-spec.io', kind: 'HTTPRouteGroup', name: g })), backends },
+});
+
 export const target = (name: string, dstSa: string, srcSas: string[], rules: unknown[] = [{ kind: 'HTTPRouteGroup', name: 'routes' }], ns = 'app'): Obj => ({
   apiVersion: 'access.smi-spec.io/v1alpha3',
   kind: 'TrafficTarget',
@@ -154,6 +162,9 @@ export const changeSteps: ChangeStep[] = [
   ['a target changed', { upsert: [target('web-to-api', 'api', ['web', 'db'])] }],
   ['a split added in smi mode', { upsert: [split('api-split', 'api', [{ service: 'db', weight: 1 }, { service: 'web', weight: 1 }])] }],
   ['its weight changed in smi mode', { upsert: [split('api-split', 'api', [{ service: 'db', weight: 5 }, { service: 'web', weight: 1 }])] }],
+  ['a split with HTTP matches added', { upsert: [matchSplit('api-canary', 'api', [{ service: 'web', weight: 1 }], ['routes'])] }],
+  ['the route group it matches changed', { upsert: [routeGroup('routes', [{ name: 'api', pathRegex: '/v2/.*', methods: ['GET'] }])] }],
+  ['the split with matches removed', { remove: [matchSplit('api-canary', 'api', [], [])] }],
   ['back to permissive', { upsert: [meshConfig({ inbound: 'strict', trafficPolicy: 'permissive' })] }],
   ['a trust bundle published', { trustBundle: ['root-1 PEM'] }],
   ['a root rotation publishes old and new roots', { trustBundle: ['root-1 PEM', 'root-2 PEM'] }],

@@ -3,7 +3,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { NodePolicySchema, type NodePolicy } from '../../src/policy/schema.js';
 import { portProtocol, renderProxyConfig, type ProxyNodeFacts } from '../../src/proxy/config.js';
-import { baseMesh, compiled, meshConfig, pod, routeGroup, service, slice, split, target, tcpRoute, type Obj } from './policy-fixtures.js';
+import { baseMesh, compiled, matchSplit, meshConfig, pod, routeGroup, service, slice, split, target, tcpRoute, type Obj } from './policy-fixtures.js';
 
 /**
  * The proxy's configuration rendered from NodePolicies that the real compiler
@@ -59,6 +59,11 @@ describe('proxy config rendering (golden)', () => {
 
   test('smi mesh, node-b: db is in no service it may reach, so it is a mesh pod behind node-a', () => {
     golden('proxy-config-smi-node-b.json', `${JSON.stringify(renderProxyConfig(policyOf(smiMesh(), 'node-b'), facts), null, 2)}\n`);
+  });
+
+  test('smi mesh with a canary split on HTTP matches (v1alpha4), node-a: the root service has a route', () => {
+    const objs = [...smiMesh(), routeGroup('canary', [{ name: 'tester', headers: { 'X-Canary': 'yes' } }, { name: 'v2', pathRegex: '/v2(/.*)?', methods: ['GET', 'head'] }]), matchSplit('api-canary', 'api', [{ service: 'api-v1', weight: 10 }, { service: 'api-v2', weight: 90 }], ['canary'])];
+    golden('proxy-config-smi-routes-node-a.json', `${JSON.stringify(renderProxyConfig(policyOf(objs, 'node-a'), facts), null, 2)}\n`);
   });
 
   test('permissive mesh, node-b: no access rules, every service, egress allowed', () => {
@@ -183,11 +188,38 @@ describe('proxy config rendering (rules)', () => {
     expect(cfg.tunnelPeers).toEqual(['192.168.1.10', '192.168.1.11']);
   });
 
-  test('a split with HTTP matches is not rendered: the root service keeps its own endpoints', () => {
-    const objs = smiMesh().map((o) => (o.kind === 'TrafficSplit' ? { ...o, spec: { ...(o.spec as object), matches: [{ kind: 'HTTPRouteGroup', name: 'routes' }] } } : o));
-    const p = policyOf(objs, 'node-a');
-    expect(p.splits[0]?.matches.length).toBeGreaterThan(0);
-    expect(renderProxyConfig(p, facts).services['172.16.0.3:80']?.backends.map((b) => b.service)).toEqual(['app/api']);
+  test('a split with HTTP matches is a route of the root service: its matches and its own backends; other traffic keeps the split without matches', () => {
+    const objs = [...smiMesh(), routeGroup('canary', [{ name: 'tester', headers: { 'X-Canary': 'yes' } }]), matchSplit('api-canary', 'api', [{ service: 'api-v1', weight: 0 }, { service: 'api-v2', weight: 100 }], ['canary'])];
+    const svc = renderProxyConfig(policyOf(objs, 'node-a'), facts).services['172.16.0.3:80'];
+    expect(svc).toEqual({
+      service: 'app/api',
+      protocol: 'http',
+      backends: [
+        { service: 'app/api-v1', weight: 80, endpoints: ['10.0.1.2:8080'] },
+        { service: 'app/api-v2', weight: 20, endpoints: ['10.0.0.3:8080'] },
+      ],
+      routes: [{ split: 'app/api-canary', matches: [{ pathRegex: null, methods: [], headers: { 'x-canary': 'yes' } }], backends: [{ service: 'app/api-v2', weight: 100, endpoints: ['10.0.0.3:8080'] }] }],
+    });
+  });
+
+  test('without a split without matches, requests no route matches go to the root service itself', () => {
+    const objs = [...smiMesh().filter((o) => o.kind !== 'TrafficSplit'), matchSplit('api-canary', 'api', [{ service: 'api-v2', weight: 1 }], ['routes'])];
+    const svc = renderProxyConfig(policyOf(objs, 'node-a'), facts).services['172.16.0.3:80'];
+    expect(svc?.backends.map((b) => b.service)).toEqual(['app/api']);
+    expect(svc?.routes?.map((r) => [r.split, r.matches.length, r.backends.map((b) => b.service)])).toEqual([['app/api-canary', 2, ['app/api-v2']]]);
+  });
+
+  test('routes are rendered on HTTP ports only: a TCP port of the root service has none', () => {
+    const objs = [
+      ...smiMesh().filter((o) => !(o.kind === 'Service' && ['api', 'api-v2'].includes(String(o.metadata.name)))),
+      service('api', { clusterIP: '172.16.0.3', ports: [{ name: 'http', port: 80, targetPort: 'http' }, { name: 'tcp-raw', port: 9000, targetPort: 9000 }] }),
+      service('api-v2', { clusterIP: '172.16.0.32', selector: { app: 'api', version: 'v2' }, ports: [{ name: 'http', port: 80, targetPort: 'http' }, { name: 'tcp-raw', port: 9000, targetPort: 9000 }] }),
+      matchSplit('api-canary', 'api', [{ service: 'api-v2', weight: 1 }], ['routes']),
+    ];
+    const cfg2 = renderProxyConfig(policyOf(objs, 'node-a'), facts);
+    expect(cfg2.services['172.16.0.3:80']?.routes).toHaveLength(1);
+    expect(cfg2.services['172.16.0.3:9000']).toMatchObject({ protocol: 'tcp' });
+    expect(cfg2.services['172.16.0.3:9000']?.routes).toBeUndefined();
   });
 
   test('a backend with weight 0 or a missing service is left out', () => {

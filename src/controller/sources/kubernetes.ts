@@ -35,7 +35,15 @@ interface Resource {
 }
 
 interface Informer {
+  /** The resource watched now: one of `versions`. */
   res: Resource;
+  /**
+   * The versions the controller reads, newest first (SMI kinds: KINDS). A
+   * version the cluster does not serve (404) is followed by the next one at
+   * once, so a cluster whose CRD serves only an older version (OSM's
+   * TrafficSplit: v1alpha2) is still read; after the last, the newest again.
+   */
+  versions: Resource[];
   lw: ListWatch<KubernetesObject>;
   synced: boolean;
   failures: number;
@@ -82,11 +90,12 @@ export class KubernetesSource {
     this.core = kc.makeApiClient(CoreV1Api);
     const discovery = kc.makeApiClient(DiscoveryV1Api);
     const custom = kc.makeApiClient(CustomObjectsApi);
-    const crd = (kind: Kind, plural: string): Resource => {
-      const [group, version] = KINDS[kind][0].split('/') as [string, string];
-      return { kind, path: `/apis/${group}/${version}/${plural}`, list: () => custom.listClusterCustomObject({ group, version, plural }), optional: true };
-    };
-    const resources: Resource[] = [
+    const crd = (kind: Kind, plural: string): Resource[] =>
+      (KINDS[kind] as readonly string[]).map((apiVersion) => {
+        const [group, version] = apiVersion.split('/') as [string, string];
+        return { kind, path: `/apis/${group}/${version}/${plural}`, list: () => custom.listClusterCustomObject({ group, version, plural }), optional: true };
+      });
+    const core: Resource[] = [
       { kind: 'Namespace', path: '/api/v1/namespaces', list: () => this.core.listNamespace() },
       { kind: 'Node', path: '/api/v1/nodes', list: () => this.core.listNode() },
       { kind: 'Pod', path: '/api/v1/pods', list: () => this.core.listPodForAllNamespaces() },
@@ -98,12 +107,9 @@ export class KubernetesSource {
         fieldSelector: `metadata.name=${MESH_CONFIG_NAME}`,
         list: () => this.core.listNamespacedConfigMap({ namespace: o.namespace, fieldSelector: `metadata.name=${MESH_CONFIG_NAME}` }),
       },
-      crd('TrafficSplit', 'trafficsplits'),
-      crd('TrafficTarget', 'traffictargets'),
-      crd('HTTPRouteGroup', 'httproutegroups'),
-      crd('TCPRoute', 'tcproutes'),
     ];
-    for (const res of resources) this.informers.push(this.makeInformer(res));
+    const resources = [...core.map((r) => [r]), crd('TrafficSplit', 'trafficsplits'), crd('TrafficTarget', 'traffictargets'), crd('HTTPRouteGroup', 'httproutegroups'), crd('TCPRoute', 'tcproutes')];
+    for (const versions of resources) this.informers.push(this.makeInformer(versions));
     if (o.events !== false) o.compiler.reporter.onIssue((issue) => void this.postEvent(issue));
   }
 
@@ -134,8 +140,15 @@ export class KubernetesSource {
     return p && { nodeName: p.spec?.nodeName, uid: p.metadata?.uid };
   }
 
-  private makeInformer(res: Resource): Informer {
-    const inf: Informer = { res, synced: false, failures: 0 } as Informer;
+  private makeInformer(versions: Resource[]): Informer {
+    const inf: Informer = { res: versions[0]!, versions, synced: false, failures: 0 } as Informer;
+    this.listWatch(inf);
+    return inf;
+  }
+
+  /** A ListWatch for the informer's current resource. */
+  private listWatch(inf: Informer): void {
+    const res = inf.res;
     const list = async () => {
       const l = await res.list();
       inf.failures = 0;
@@ -150,16 +163,17 @@ export class KubernetesSource {
     inf.lw.on('update', mark);
     inf.lw.on('delete', mark);
     inf.lw.on('error', (err: unknown) => this.failed(inf, err));
-    return inf;
   }
 
   private async run(inf: Informer): Promise<void> {
     if (this.stopped) return;
     let errored = false;
     const onError = () => (errored = true);
-    inf.lw.on('error', onError);
-    await inf.lw.start();
-    inf.lw.off('error', onError);
+    // The error handler may move the informer to another version (a new ListWatch) meanwhile.
+    const lw = inf.lw;
+    lw.on('error', onError);
+    await lw.start();
+    lw.off('error', onError);
     if (!errored) this.markSynced(inf);
   }
 
@@ -168,6 +182,19 @@ export class KubernetesSource {
     const status = (err as { code?: number; statusCode?: number }).code ?? (err as { statusCode?: number }).statusCode;
     inf.failures++;
     const absent = status === 404 && inf.res.optional;
+    if (absent && inf.versions.length > 1) {
+      const next = inf.versions[(inf.versions.indexOf(inf.res) + 1) % inf.versions.length]!;
+      const lastTried = next === inf.versions[0];
+      log.info({ kind: inf.res.kind, path: inf.res.path, next: next.path }, lastTried ? 'no version served; will look again from the newest' : 'version not served; trying the next older one');
+      void inf.lw.stop();
+      inf.res = next;
+      this.listWatch(inf);
+      if (!lastTried) {
+        clearTimeout(inf.restart);
+        inf.restart = setTimeout(() => void this.run(inf), 0);
+        return;
+      }
+    }
     // An absent CRD is not an outage: count it as synced (nothing there) and look again later.
     if (absent) this.markSynced(inf);
     const delay = absent ? (this.o.backoff?.maxMs ?? 30_000) : backoffDelay(inf.failures, this.o.backoff ?? { initialMs: 500, maxMs: 30_000 });

@@ -45,7 +45,7 @@ http.createServer((req, res) => { res.writeHead(200, { 'content-type': 'text/pla
 /** The project's Pipy program, from bench/ (sources) or dist/bench/ (built) alike. */
 const proxyProgramDir = (): string => join(packageRoot(), 'proxy');
 
-interface Place {
+export interface Place {
   /** Proxy name (node or pod) -> where its process runs. */
   name: string;
   exec: TopoNode['exec'];
@@ -53,7 +53,7 @@ interface Place {
 }
 
 /** A permissive NodePolicy: `local` pods are served here, other pods reach through `tunnelTo`'s address. */
-function policy(nodeName: string, addresses: string[], local: TopoPod[], remote: Array<{ pod: TopoPod; node: string; address: string }>): NodePolicy {
+export function policy(nodeName: string, addresses: string[], local: TopoPod[], remote: Array<{ pod: TopoPod; node: string; address: string }>): NodePolicy {
   const ep = (p: TopoPod, node: string) => ({ ip: p.ip, ports: { http: PORT }, node, pod: { namespace: NS, name: p.name }, serviceAccount: p.name });
   const body = {
     apiVersion: POLICY_API_VERSION,
@@ -79,12 +79,12 @@ function policy(nodeName: string, addresses: string[], local: TopoPod[], remote:
   return NodePolicySchema.parse(body);
 }
 
-interface RunningProxy {
+export interface RunningProxy {
   name: string;
   child: ChildProcess;
 }
 
-async function startProxy(place: Place, pipy: string, dir: string, config: ProxyConfig, inProxyCgroup: boolean): Promise<RunningProxy> {
+export async function startProxy(place: Place, pipy: string, dir: string, config: ProxyConfig, inProxyCgroup: boolean): Promise<RunningProxy> {
   mkdirSync(dir, { recursive: true });
   const src = proxyProgramDir();
   for (const f of readdirSync(src)) if (f.endsWith('.js')) copyFileSync(join(src, f), join(dir, f));
@@ -100,30 +100,30 @@ async function startProxy(place: Place, pipy: string, dir: string, config: Proxy
   throw new Error(`pipy for ${place.name} did not listen on ${IN}`);
 }
 
-async function stop(child: ChildProcess): Promise<void> {
+export async function stop(child: ChildProcess): Promise<void> {
   if (child.exitCode !== null || child.signalCode !== null) return;
   const exited = once(child, 'exit');
   child.kill('SIGTERM');
   await exited;
 }
 
-function cpuTicks(pid: number): number {
+export function cpuTicks(pid: number): number {
   const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
   return Number(f[11]) + Number(f[12]); // utime + stime (fields 14, 15)
 }
 
-function rssKiB(pid: number): number {
+export function rssKiB(pid: number): number {
   return Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? NaN);
 }
 
-async function wrk(client: TopoPod, url: string, flags: { duration: number; connections: number; threads: number }): Promise<WrkResult> {
+export async function wrk(client: TopoPod, url: string, flags: { duration: number; connections: number; threads: number }): Promise<WrkResult> {
   const r = await client.run('wrk', ['-t', String(flags.threads), '-c', String(flags.connections), '-d', `${flags.duration}s`, '--latency', url]);
   if (r.code !== 0) throw new Error(`wrk failed (exit ${r.code}): ${r.stderr.trim()}`);
   return parseWrk(r.stdout);
 }
 
 /** wrk plus the proxies' CPU (% of one core) and RSS, as one row. */
-async function measure(client: TopoPod, url: string, proxies: RunningProxy[], flags: { duration: number; connections: number; threads: number }): Promise<Record<string, unknown>> {
+export async function measure(client: TopoPod, url: string, proxies: RunningProxy[], flags: { duration: number; connections: number; threads: number }): Promise<Record<string, unknown>> {
   const pids = proxies.map((p) => p.child.pid!);
   const t0 = Date.now();
   const before = pids.map(cpuTicks);

@@ -33,7 +33,7 @@ export function parseFlags(args: string[]): BenchFlags {
 async function main(argv: string[]): Promise<void> {
   const [name, ...rest] = argv;
   if (name === undefined || !/^[a-z][a-z0-9-]*$/.test(name) || name === 'run') {
-    throw new Error('usage: npm run bench -- NAME [--flag value]... (NAME is a file in bench/, e.g. enroll, datapath)');
+    throw new Error('usage: npm run bench -- NAME [--flag value]... (NAME is a file in bench/, e.g. enroll, datapath, identity-issue)');
   }
   const ext = import.meta.url.endsWith('.ts') ? '.ts' : '.js';
   const url = new URL(`./${name}${ext}`, import.meta.url);

@@ -11,6 +11,7 @@ var EMPTY = {
   trafficPolicy: 'permissive',
   egress: 'allow',
   tunnelPeers: [],
+  tunnelTLS: null,
   pods: {},
   services: {},
   endpoints: {},

@@ -4,7 +4,8 @@
 //   :15001 outbound, transparent: every intercepted connection of this
 //          node's mesh pods; routed by its original destination.
 //   :15003 inbound: HTTP CONNECT tunnels from the other node proxies,
-//          carrying the original destination and the source identity.
+//          carrying the original destination; mutual TLS proves the source
+//          identity (tls.js).
 //
 // The policy of a destination pod is applied by the proxy of the pod's node:
 // here for a local pod, by the far proxy (behind the tunnel) for a remote one.
@@ -13,6 +14,7 @@ import config from './config.js'
 import { decide, protocolOf } from './route.js'
 import { grant, requestAllowed } from './access.js'
 import * as metrics from './metrics.js'
+import * as tls from './tls.js'
 
 var SOURCE_HEADER = 'fsmn-source-identity'
 var connections = 0
@@ -28,6 +30,7 @@ var $dstPort
 var $route
 var $grant
 var $labels
+var why
 // Per HTTP request
 var $start
 var $head
@@ -62,7 +65,7 @@ function labelsOf(srcId, route) {
 
 function tunnelRequest() {
   var headers = { host: $route.target }
-  if ($srcId) headers[SOURCE_HEADER] = $srcId
+  if ($srcId && !tls.enabled) headers[SOURCE_HEADER] = $srcId
   return new Message({ method: 'CONNECT', path: $route.target, headers })
 }
 
@@ -72,10 +75,11 @@ function deny(reason, status, text) {
 }
 
 // Tunnels to one peer node proxy are HTTP/2 streams over one shared
-// connection: a cross-node connection costs no extra TCP handshake.
+// connection (per source and destination identity under mTLS): a cross-node
+// connection costs no extra TCP or TLS handshake.
 var toPeerProxy = $=>$
-  .muxHTTP(() => $route.tunnel, { version: 2 }).to($=>$
-    .connect(() => $route.tunnel)
+  .muxHTTP(() => tls.poolKey($srcId, $route), { version: 2 }).to(
+    tls.connectPeer(() => $route.tunnel)
   )
 
 var closeNow = $=>$.replaceStreamStart(new StreamEnd)
@@ -100,6 +104,9 @@ var outboundTCP = $=>$
       $route = Object.assign({}, $route, { mode: 'denied' })
     } else if ($route.mode === 'refused' || $route.mode === 'unavailable') {
       metrics.denied.withLabels($labels[0], $labels[1], $route.mode).increase()
+    } else if ($route.mode === 'tunnel' && (why = tls.refusal($srcId, $route))) {
+      metrics.denied.withLabels($labels[0], $labels[1], why).increase()
+      $route = Object.assign({}, $route, { mode: 'refused' })
     }
   })
   .handleData(d => metrics.bytes.withLabels($labels[0], $labels[1], 'sent').increase(d.size))
@@ -126,6 +133,8 @@ var outboundHTTP = $=>$
       if ($route.mode === 'local') {
         $grant = grant($srcId, $route.identity, portOf($route.target))
         if (!requestAllowed($grant, msg.head)) $route = Object.assign({}, $route, { mode: 'denied' })
+      } else if ($route.mode === 'tunnel' && (why = tls.refusal($srcId, $route))) {
+        $route = Object.assign({}, $route, { mode: 'unauthenticated', why })
       }
     })
     .handleData(d => metrics.bytes.withLabels($labels[0], $labels[1], 'sent').increase(d.size))
@@ -133,6 +142,7 @@ var outboundHTTP = $=>$
       denied: $=>$.replaceMessage(() => deny('access', 403, 'access denied by fsm-node')),
       refused: $=>$.replaceMessage(() => deny('refused', 503, 'no endpoint available')),
       unavailable: $=>$.replaceMessage(() => deny('unavailable', 503, 'no endpoint available')),
+      unauthenticated: $=>$.replaceMessage(() => deny($route.why, 503, 'no valid identity certificate for this source: ' + $route.why)),
       tunnel: $=>$
         .muxHTTP(() => $conn + '|' + $route.target).to($=>$
           .connectHTTPTunnel(() => tunnelRequest()).to(toPeerProxy)
@@ -164,13 +174,16 @@ pipy.listen(config.listen.outbound, { transparent: true }, $=>$
 
 // ---- inbound: tunnels from the other node proxies ----------------------------
 //
-// Until the tunnel has mTLS, a tunnel is trusted because it comes from a
-// known node proxy address (config.tunnelPeers); its source identity header
-// is believed on that basis alone. Tunnels only reach pods of this node.
+// Under mTLS (tls.js) the source identity is the one the client certificate
+// proved; headers are ignored. Without a trust bundle (plaintext tunnels) a
+// tunnel is believed because it comes from a known node proxy address
+// (config.tunnelPeers) and its source identity header is taken on that basis
+// alone. Tunnels only reach pods of this node.
 
-pipy.listen(config.listen.inbound, $=>$
+pipy.listen(config.listen.inbound, tls.serve($=>$
   .onStart(ib => {
-    $srcId = config.peers[ib.remoteAddress] ? '' : null
+    // Under TLS this pipeline starts inside acceptTLS (no inbound object): the handshake authenticates.
+    $srcId = tls.enabled || config.peers[ib.remoteAddress] ? '' : null
   })
   .demuxHTTP().to($=>$.acceptHTTPTunnel(req => {
     var peer = $srcId !== null
@@ -179,12 +192,14 @@ pipy.listen(config.listen.inbound, $=>$
     var ip = target.substring(0, colon)
     var port = +target.substring(colon + 1)
     var ep = config.endpoints[ip]
-    $srcId = (peer && req.head.headers[SOURCE_HEADER]) || ''
+    $srcId = tls.enabled ? tls.peerIdentity() : ((peer && req.head.headers[SOURCE_HEADER]) || '')
     var labels = [$srcId || 'unknown', (ep && ep.identity) || 'unknown']
     var refuse = (result, status, text) => {
-      metrics.tunnels.withLabels(labels[0], labels[1], result).increase()
+      metrics.tunnels.withLabels(labels[0], labels[1], result, tls.transport).increase()
       return new Message({ status }, text + '\n')
     }
+    var why = tls.enabled ? tls.peerRefusal() : ''
+    if (why) return refuse(why, 403, 'tunnel not authenticated: ' + why)
     if (!peer) return refuse('not-a-peer', 403, 'not a node proxy of this mesh')
     if (colon < 0 || !ep || !ep.local) return refuse('no-such-pod', 404, 'no such pod on this node')
     // One connection from a peer carries many tunnels (HTTP/2 streams): each
@@ -195,7 +210,7 @@ pipy.listen(config.listen.inbound, $=>$
     $dstIp = ip
     $dstPort = port
     if ((ep.ports[port] || 'tcp') === 'tcp' && !$grant.tcp) return refuse('denied', 403, 'access denied by fsm-node')
-    metrics.tunnels.withLabels(labels[0], labels[1], 'accepted').increase()
+    metrics.tunnels.withLabels(labels[0], labels[1], 'accepted', tls.transport).increase()
     return new Message({ status: 200 })
   }).to($=>$
     // As on the outbound side: start at once, so a server-first protocol gets its connection.
@@ -212,4 +227,4 @@ pipy.listen(config.listen.inbound, $=>$
       tcp: connectTarget,
     })
   ))
-)
+))

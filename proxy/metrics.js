@@ -24,7 +24,13 @@ export function statusClass(status) {
 
 // Tunnels this proxy's inbound side answered (the far side of a cross-node
 // hop): a separate metric, so requests and bytes are still counted once.
-export var tunnels = new stats.Counter('fsmn_proxy_tunnels_total', ['source', 'destination', 'result'])
+// source = the identity the tunnel proved (its client certificate) under
+// mTLS; transport = mtls | plaintext (a policy without a trust bundle).
+export var tunnels = new stats.Counter('fsmn_proxy_tunnels_total', ['source', 'destination', 'result', 'transport'])
+
+// TLS handshakes of tunnel connections that failed: side = server (:15003) or
+// client (this node's tunnel pools); reason, see proxy/tls.js.
+export var handshakeFailures = new stats.Counter('fsmn_proxy_tls_handshake_failures_total', ['side', 'reason'])
 
 // 1 for the config version this program runs: how a reload is seen to have landed.
 export var configVersion = new stats.Gauge('fsmn_proxy_config', ['version'])

@@ -6,6 +6,8 @@ import type { ApplyResult, Dataplane, DesiredState, InterceptionMode } from '../
 import { FsmNodeError, errorMessage } from '../errors.js';
 import { buildApi } from '../http/server.js';
 import type { NodeModeStatus, NodePolicy } from '../policy/schema.js';
+import type { Registry } from 'prom-client';
+import type { IdentityManager } from '../identity/agent-certs.js';
 import { logger } from '../util/log.js';
 import type { AgentConfig } from './config.js';
 import { agentMetrics, type AgentMetrics } from './metrics.js';
@@ -56,6 +58,11 @@ export interface AgentDeps {
   proxyConfig?: (policy: NodePolicy) => object;
   /** Report the mode decision to the controller (it posts a Node Event on a fallback); best effort. */
   reportMode?: (status: NodeModeStatus) => Promise<void>;
+  /**
+   * Workload certificates for the node's mesh identities (src/identity/agent-certs.ts),
+   * made with the agent's metrics registry and its callbacks; absent: none kept.
+   */
+  identities?: (o: { registry: Registry; onChange: () => void; onExpired: () => void }) => IdentityManager;
 }
 
 /** One sync as /v1/state reports it (`sync.first`, `sync.last`). */
@@ -103,6 +110,8 @@ export class Agent {
   private suspended: string | undefined;
   private lastError: string | undefined;
   private readonly modeFile: string;
+  /** Certificates of the local identities; the proxy configuration renders from its snapshot(). */
+  readonly identities: IdentityManager | undefined;
 
   constructor(
     readonly config: AgentConfig,
@@ -119,6 +128,13 @@ export class Agent {
       dataplane: () => this.active,
       pods: () => this.deps.policy.current()?.policy.pods ?? [],
       ...(this.deps.proxy.metrics ? { proxyMetrics: () => this.deps.proxy.metrics!() } : {}),
+    });
+    this.identities = this.deps.identities?.({
+      registry: this.metrics.registry,
+      // A certificate obtained, renewed, dropped or expired: the proxy's configuration follows at the next sync.
+      onChange: () => this.runner.request('identity certificates changed'),
+      // Reported with the mode (the controller posts a Node Event).
+      onExpired: () => this.runner.request('identity expired or recovered'),
     });
     this.runner = new SyncRunner((ctx) => this.sync(ctx), {
       minIntervalMs: 20,
@@ -161,6 +177,7 @@ export class Agent {
   /** SIGTERM: stop taking work; dataplane and proxy stay in place so traffic keeps flowing. */
   async stop(): Promise<void> {
     await this.runner.stop();
+    await this.identities?.stop();
     await this.deps.policy.stop();
     this.deps.proxy.detach();
     await this.active?.close();
@@ -204,6 +221,7 @@ export class Agent {
       lastSwitch: this.lastSwitch,
       lastError: this.lastError,
       proxy: this.deps.proxy.status(),
+      ...(this.identities ? { identities: this.identities.status() } : {}),
     };
   }
 
@@ -212,6 +230,8 @@ export class Agent {
     this.refreshGauges(cur);
     if (!cur) return;
     const { policy } = cur;
+    // Before the proxy configuration: new identities start fetching, gone ones are dropped.
+    this.identities?.update(policy);
     const decision = chooseMode(
       { nodeLabel: policy.node.interceptionMode ?? undefined, meshDefault: policy.mesh.interceptionMode, flag: this.config.mode },
       this.report!.support,
@@ -321,18 +341,22 @@ export class Agent {
    * retried by the next sync.
    */
   private logDecision(d: ModeDecision): void {
-    const key = JSON.stringify(d);
+    const expired = this.identities?.expired() ?? [];
+    const key = JSON.stringify([d, expired]);
     if (key === this.lastModeLog) return;
+    const modeChanged = this.lastModeLog === undefined || !this.lastModeLog.startsWith(`[${JSON.stringify(d)},`);
     this.lastModeLog = key;
     if (this.deps.reportMode) {
-      const status: NodeModeStatus = d.ready
-        ? { ready: true, desired: d.desired, effective: d.effective, ...(d.fallbackReason ? { fallbackReason: d.fallbackReason } : {}) }
-        : { ready: false, desired: d.desired, reason: d.reason };
+      const status: NodeModeStatus = {
+        ...(d.ready ? { ready: true, desired: d.desired, effective: d.effective, ...(d.fallbackReason ? { fallbackReason: d.fallbackReason } : {}) } : { ready: false, desired: d.desired, reason: d.reason }),
+        ...(expired.length ? { expiredIdentities: expired } : {}),
+      };
       this.deps.reportMode(status).catch((err: unknown) => {
         if (this.lastModeLog === key) this.lastModeLog = undefined;
         log.warn({ err: errorMessage(err) }, 'could not report the interception mode to the controller; retried at the next sync');
       });
     }
+    if (!modeChanged) return;
     if (!d.ready) log.error({ desired: d.desired, source: d.desiredSource, reason: d.reason }, 'no interception mode works on this node; not ready');
     else if (d.fallbackReason) log.warn({ desired: d.desired, source: d.desiredSource, effective: d.effective, reason: d.fallbackReason }, 'interception mode fell back');
     else log.info({ desired: d.desired, source: d.desiredSource, effective: d.effective }, 'interception mode chosen');

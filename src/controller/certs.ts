@@ -31,12 +31,7 @@ export class CertificateError extends FsmNodeError {
 }
 
 /** Where the material is kept. createIfAbsent returns what is stored afterwards (another replica may have won). */
-export interface CertStore {
-  readonly description: string;
-  load(): Promise<TlsMaterial | undefined>;
-  createIfAbsent(m: TlsMaterial): Promise<TlsMaterial>;
-  replace(m: TlsMaterial): Promise<void>;
-}
+export type CertStore = PemStore<TlsMaterial>;
 
 const log = logger('controller-certs');
 const RENEW_BEFORE_MS = 30 * 24 * 3600 * 1000;
@@ -157,34 +152,75 @@ export async function issueServing(caCert: string, caKey: string, sans: string[]
   });
 }
 
-const FILES = { caCert: 'ca.crt', caKey: 'ca.key', cert: 'tls.crt', key: 'tls.key' } as const;
+/**
+ * Where PEM material is kept: the controller's own CA and serving certificate
+ * (TlsMaterial), the mesh's workload CA (src/identity/providers/builtin.ts),
+ * each as one set of named PEM texts. Files in a directory in the lab; one
+ * Secret per set in a cluster. `optional` members may be absent ('' on load).
+ */
+export type PemSet<T> = { [K in keyof T]: string };
 
-/** Lab: four PEM files in the controller's state directory (keys 0600). ca.crt is what agents are given. */
-export class FileCertStore implements CertStore {
+export interface PemStoreLayout<T extends PemSet<T>> {
+  /** Member -> file name in the directory, and key in the Secret. */
+  files: { [K in keyof T]: string };
+  /** Members that are private keys (mode 0600). */
+  secret: (keyof T)[];
+  /** Members that may be missing. */
+  optional?: (keyof T)[];
+}
+
+export interface PemStore<T extends PemSet<T>> {
+  readonly description: string;
+  load(): Promise<T | undefined>;
+  createIfAbsent(m: T): Promise<T>;
+  replace(m: T): Promise<void>;
+}
+
+const TLS_LAYOUT: PemStoreLayout<TlsMaterial> = { files: { caCert: 'ca.crt', caKey: 'ca.key', cert: 'tls.crt', key: 'tls.key' }, secret: ['caKey', 'key'] };
+
+/** PEM files in a directory (keys 0600). */
+export class FilePemStore<T extends PemSet<T>> implements PemStore<T> {
   readonly description: string;
 
-  constructor(private readonly dir: string) {
+  constructor(
+    private readonly dir: string,
+    private readonly layout: PemStoreLayout<T>,
+  ) {
     this.description = `directory ${dir}`;
   }
 
-  async load(): Promise<TlsMaterial | undefined> {
-    try {
-      return Object.fromEntries(Object.entries(FILES).map(([k, f]) => [k, readFileSync(join(this.dir, f), 'utf8')])) as unknown as TlsMaterial;
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-      throw new CertificateError(`cannot read certificates in ${this.dir}: ${(err as Error).message}`, { cause: err });
+  async load(): Promise<T | undefined> {
+    const out: Record<string, string> = {};
+    for (const [k, f] of Object.entries(this.layout.files) as [keyof T & string, string][]) {
+      try {
+        out[k] = readFileSync(join(this.dir, f), 'utf8');
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw new CertificateError(`cannot read certificates in ${this.dir}: ${(err as Error).message}`, { cause: err });
+        if (!this.layout.optional?.includes(k)) return undefined;
+        out[k] = '';
+      }
     }
+    return out as T;
   }
 
-  async createIfAbsent(m: TlsMaterial): Promise<TlsMaterial> {
+  async createIfAbsent(m: T): Promise<T> {
     // One controller per state directory: no race to settle here.
     await this.replace(m);
     return m;
   }
 
-  async replace(m: TlsMaterial): Promise<void> {
+  async replace(m: T): Promise<void> {
     mkdirSync(this.dir, { recursive: true, mode: 0o700 });
-    for (const [k, f] of Object.entries(FILES)) await writeFileAtomic(join(this.dir, f), m[k as keyof TlsMaterial], k.endsWith('ey') ? 0o600 : 0o644);
+    for (const [k, f] of Object.entries(this.layout.files) as [keyof T & string, string][]) {
+      await writeFileAtomic(join(this.dir, f), m[k], this.layout.secret.includes(k) ? 0o600 : 0o644);
+    }
+  }
+}
+
+/** Lab: four PEM files in the controller's state directory (keys 0600). ca.crt is what agents are given. */
+export class FileCertStore extends FilePemStore<TlsMaterial> {
+  constructor(dir: string) {
+    super(dir, TLS_LAYOUT);
   }
 }
 
@@ -198,34 +234,37 @@ export interface SecretApi {
 const statusOf = (err: unknown): number | undefined => (err as { code?: unknown }).code as number | undefined;
 
 /**
- * Cluster: one Secret (type kubernetes.io/tls plus ca.crt/ca.key) shared by all
- * replicas. Creation is create-if-absent: the replica that loses the race
- * (409 AlreadyExists) reads and uses the winner's material.
+ * Cluster: one Secret per set, shared by all replicas. Creation is
+ * create-if-absent: the replica that loses the race (409 AlreadyExists) reads
+ * and uses the winner's material.
  */
-export class SecretCertStore implements CertStore {
+export class SecretPemStore<T extends PemSet<T>> implements PemStore<T> {
   readonly description: string;
 
   constructor(
     private readonly api: SecretApi,
     private readonly namespace: string,
-    private readonly name = 'fsm-node-controller-tls',
+    private readonly name: string,
+    private readonly layout: PemStoreLayout<T>,
+    private readonly type = 'Opaque',
   ) {
     this.description = `Secret ${namespace}/${name}`;
   }
 
-  async load(): Promise<TlsMaterial | undefined> {
+  async load(): Promise<T | undefined> {
     try {
       const s = await this.api.readNamespacedSecret({ name: this.name, namespace: this.namespace });
       const d = s.data ?? {};
-      const get = (k: string) => Buffer.from(d[k] ?? '', 'base64').toString('utf8');
-      return { caCert: get('ca.crt'), caKey: get('ca.key'), cert: get('tls.crt'), key: get('tls.key') };
+      const out: Record<string, string> = {};
+      for (const [k, f] of Object.entries(this.layout.files) as [string, string][]) out[k] = Buffer.from(d[f] ?? '', 'base64').toString('utf8');
+      return out as T;
     } catch (err) {
       if (statusOf(err) === 404) return undefined;
       throw new CertificateError(`cannot read ${this.description}: ${(err as Error).message}`, { cause: err });
     }
   }
 
-  async createIfAbsent(m: TlsMaterial): Promise<TlsMaterial> {
+  async createIfAbsent(m: T): Promise<T> {
     try {
       await this.api.createNamespacedSecret({ namespace: this.namespace, body: this.body(m) });
       return m;
@@ -237,19 +276,22 @@ export class SecretCertStore implements CertStore {
     }
   }
 
-  async replace(m: TlsMaterial): Promise<void> {
+  async replace(m: T): Promise<void> {
     await this.api.replaceNamespacedSecret({ name: this.name, namespace: this.namespace, body: this.body(m) });
   }
 
-  private body(m: TlsMaterial): object {
+  private body(m: T): object {
     const b64 = (s: string) => Buffer.from(s).toString('base64');
-    return {
-      apiVersion: 'v1',
-      kind: 'Secret',
-      metadata: { name: this.name, namespace: this.namespace },
-      type: 'kubernetes.io/tls',
-      data: { 'ca.crt': b64(m.caCert), 'ca.key': b64(m.caKey), 'tls.crt': b64(m.cert), 'tls.key': b64(m.key) },
-    };
+    const data: Record<string, string> = {};
+    for (const [k, f] of Object.entries(this.layout.files) as [keyof T & string, string][]) data[f] = b64(m[k]);
+    return { apiVersion: 'v1', kind: 'Secret', metadata: { name: this.name, namespace: this.namespace }, type: this.type, data };
+  }
+}
+
+/** Cluster: the controller's CA and serving certificate in one Secret (type kubernetes.io/tls plus ca.crt/ca.key). */
+export class SecretCertStore extends SecretPemStore<TlsMaterial> {
+  constructor(api: SecretApi, namespace: string, name = 'fsm-node-controller-tls') {
+    super(api, namespace, name, TLS_LAYOUT, 'kubernetes.io/tls');
   }
 }
 

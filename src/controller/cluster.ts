@@ -1,7 +1,10 @@
-import { AuthenticationV1Api, CoreV1Api, KubeConfig, type CoreV1Event } from '@kubernetes/client-node';
+import { AuthenticationV1Api, CertificatesV1Api, CoreV1Api, KubeConfig, type CoreV1Event } from '@kubernetes/client-node';
+import type { CertificateProvider } from '../identity/provider.js';
+import { meshCaSecretStore, type MeshCaMaterial } from '../identity/providers/builtin.js';
+import { KubernetesCsrProvider, type CsrApi } from '../identity/providers/kubernetes-csr.js';
 import type { PolicyCompiler } from '../policy/compiler.js';
 import { TokenReviewAuthenticator, type Authenticator } from './auth.js';
-import { publishCa, SecretCertStore, type CertStore } from './certs.js';
+import { publishCa, SecretCertStore, type CertStore, type PemStore } from './certs.js';
 import { NODE_EVENT_NAMESPACE } from './node-status.js';
 import { KubernetesSource } from './sources/kubernetes.js';
 
@@ -13,6 +16,10 @@ import { KubernetesSource } from './sources/kubernetes.js';
  */
 export interface ClusterAccess {
   certStore: CertStore;
+  /** The built-in workload CA's Secret (fsm-node-mesh-ca). */
+  meshCaStore: PemStore<MeshCaMaterial>;
+  /** Workload certificates from an external signer through the CSR API. */
+  csrProvider(signerName: string, trustBundle: () => string[]): CertificateProvider;
   publishCa(caCert: string): Promise<void>;
   /** TokenReview bound to the node of the agent pod; pods are looked up in the source's cache first. */
   authenticator(agentServiceAccount: string): Authenticator;
@@ -28,6 +35,8 @@ export function clusterAccess(o: { kubeconfig?: string; inCluster?: boolean; nam
   let source: KubernetesSource | undefined;
   return {
     certStore: new SecretCertStore(core, o.namespace),
+    meshCaStore: meshCaSecretStore(core, o.namespace),
+    csrProvider: (signerName, trustBundle) => new KubernetesCsrProvider({ api: kc.makeApiClient(CertificatesV1Api) as unknown as CsrApi, signerName, trustBundle }),
     publishCa: (caCert) => publishCa(core, o.namespace, caCert),
     authenticator(agentServiceAccount) {
       const authn = kc.makeApiClient(AuthenticationV1Api);

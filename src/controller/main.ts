@@ -14,6 +14,13 @@ import { controllerMetrics } from './metrics.js';
 import { NodeStatusEvents } from './node-status.js';
 import { buildPolicyServer } from './server.js';
 import { DirectorySource } from './sources/directory.js';
+import { IdentityService } from './identities.js';
+import { parseLifetime } from '../identity/lifetime.js';
+import type { CertificateProvider } from '../identity/provider.js';
+import { BuiltinProvider, MESH_CA_DIR, meshCaFileStore } from '../identity/providers/builtin.js';
+import { splitPem } from '../identity/x509.js';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
 
 const log = logger('controller');
 
@@ -38,6 +45,18 @@ export interface ControllerOptions {
   agentServiceAccount?: string;
   /** Extra names/addresses for the serving certificate (the address agents dial). */
   certSans?: string[];
+  /** Workload certificate lifetime when the mesh config sets none, e.g. "24h" (default) or "7d". */
+  certificateLifetime?: string;
+  /**
+   * Cluster mode: sign workload certificates through the Kubernetes CSR API
+   * with this signerName (cert-manager, Vault, any external CA) instead of the
+   * built-in CA; caBundleFile then names the signer's root(s), PEM.
+   */
+  caSignerName?: string;
+  caBundleFile?: string;
+  /** Per-node certificate requests per second and burst; distinct identities a node may hold. */
+  identityRate?: { perSecond: number; burst: number };
+  maxIdentitiesPerNode?: number;
 }
 
 export interface RunningController {
@@ -45,12 +64,41 @@ export interface RunningController {
   url: string;
   /** PEM of the CA agents must trust. */
   caCert: string;
+  /** Where workload certificates come from (built-in CA or the CSR API). */
+  certificates: CertificateProvider;
   compiler: PolicyCompiler;
   hub: PolicyHub;
   server: FastifyInstance;
   /** Compiles run so far (a benchmark or test waits on this to know a change was taken in). */
   compiles(): number;
   close(): Promise<void>;
+}
+
+/** How often the CA store and trust bundle are re-read. */
+const CA_REFRESH_MS = 30_000;
+
+/** The built-in CA (files under the state directory, or a Secret in a cluster), or the CSR API with a signerName. */
+async function certificateProvider(opts: ControllerOptions, cluster: ClusterAccess | undefined): Promise<CertificateProvider> {
+  if (opts.caSignerName !== undefined) {
+    if (!cluster) throw new InvalidInputError('--ca-signer-name', opts.caSignerName, 'the CSR API needs a cluster (--kubeconfig or --in-cluster)');
+    if (!opts.caBundleFile) throw new InvalidInputError('--ca-bundle', opts.caBundleFile, "an external signer needs its root(s): a PEM file (mount the signer's CA ConfigMap)");
+    const file = opts.caBundleFile;
+    const read = (): string[] => {
+      const roots = splitPem(readFileSync(file, 'utf8'));
+      if (roots.length === 0) throw new InvalidInputError('--ca-bundle', file, 'holds no PEM certificate');
+      return roots;
+    };
+    let roots = read();
+    return cluster.csrProvider(opts.caSignerName, () => {
+      try {
+        roots = read();
+      } catch (err) {
+        log.error({ file, err: (err as Error).message }, 'CA bundle unreadable; keeping the previous roots');
+      }
+      return roots;
+    });
+  }
+  return BuiltinProvider.start({ store: cluster?.meshCaStore ?? meshCaFileStore(join(opts.stateDir ?? DEFAULT_STATE_DIR, MESH_CA_DIR)) });
 }
 
 export function parseListen(listen: string): { host: string; port: number } {
@@ -95,6 +143,20 @@ export async function runController(opts: ControllerOptions): Promise<RunningCon
   const tls = await ensureTls(cluster?.certStore ?? new FileCertStore(opts.stateDir ?? DEFAULT_STATE_DIR), sans);
   await cluster?.publishCa(tls.caCert);
 
+  // Workload identities: the provider's roots go into every node's policy.
+  const provider = await certificateProvider(opts, cluster);
+  compiler.setTrustBundle(provider.trustBundle());
+  const identities = new IdentityService({
+    provider,
+    podsOf: (node) => compiler.get(node)?.policy.pods,
+    settings: () => compiler.identitySettings(),
+    defaultLifetimeMs: opts.certificateLifetime === undefined ? undefined : parseLifetime(opts.certificateLifetime, '--certificate-lifetime'),
+    rate: opts.identityRate,
+    maxIdentitiesPerNode: opts.maxIdentitiesPerNode,
+    registry: metrics.registry,
+  });
+  log.info({ provider: provider.describe() }, 'workload certificates');
+
   // Listen first: until the sources have synced, agents get 503 + Retry-After and /healthz answers.
   const auth: Authenticator = opts.tokens ? new TokenFileAuthenticator(opts.tokens) : cluster!.authenticator(opts.agentServiceAccount ?? DEFAULT_AGENT_SERVICE_ACCOUNT);
   // In a cluster a fallback (or a node with no working mode) becomes an Event on the Node.
@@ -103,7 +165,7 @@ export async function runController(opts: ControllerOptions): Promise<RunningCon
     log.info({ node, ...status }, 'agent reported its interception mode');
     void nodeEvents?.report(node, status);
   };
-  const server = buildPolicyServer({ hub, auth, tls, registry: metrics.registry, onNodeStatus });
+  const server = buildPolicyServer({ hub, auth, tls, registry: metrics.registry, onNodeStatus, identities });
   let address: string;
   try {
     address = await server.listen({ host, port });
@@ -125,18 +187,28 @@ export async function runController(opts: ControllerOptions): Promise<RunningCon
   }
   compileAndPublish();
   hub.setReady();
+  // A CA or trust list edited in its store (root rotation) reaches the policies without a restart.
+  const caWatch = setInterval(() => {
+    void (async () => {
+      if (provider instanceof BuiltinProvider) await provider.refresh();
+      if (compiler.setTrustBundle(provider.trustBundle())) compileAndPublish();
+    })();
+  }, CA_REFRESH_MS);
+  caWatch.unref();
   log.info({ url: address, nodes: compiler.nodes().length, source: opts.manifests ?? (opts.inCluster ? 'in-cluster' : opts.kubeconfig) }, 'controller serving');
 
   let closed: Promise<void> | undefined;
   return {
     url: address,
     caCert: tls.caCert,
+    certificates: provider,
     compiler,
     hub,
     server,
     compiles: () => compiles,
     close: () =>
       (closed ??= (async () => {
+        clearInterval(caWatch);
         await source.stop();
         await server.close();
       })()),

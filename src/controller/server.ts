@@ -7,6 +7,7 @@ import { formatIssues, NodeModeStatusSchema, type NodeModeStatus } from '../poli
 import { logger } from '../util/log.js';
 import type { Authenticator } from './auth.js';
 import type { PolicyHub } from './hub.js';
+import { registerIdentityRoutes, type IdentityService } from './identities.js';
 
 const log = logger('controller-server');
 
@@ -20,6 +21,8 @@ export interface PolicyServerOptions {
   maxWaitMs?: number;
   /** An agent reported its interception mode (the Kubernetes controller posts an Event on a fallback). */
   onNodeStatus?: (node: string, status: NodeModeStatus) => void;
+  /** Workload certificates (POST /v1/nodes/:node/identities); absent: the route is not served. */
+  identities?: IdentityService;
 }
 
 const NODE_NAME = /^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$/;
@@ -55,6 +58,8 @@ export function acceptsDelta(v: string | string[] | undefined): boolean {
  *     503 before the first full sync. gzip when the client accepts it.
  *   POST /v1/nodes/:node/status  the agent's interception mode (NodeModeStatus),
  *     same credentials; 204, 400 on a malformed body.
+ *   POST /v1/nodes/:node/identities  a workload certificate for a CSR, same
+ *     credentials (identities.ts; docs/security.md).
  *   GET /healthz, /readyz, /metrics (no credentials, nothing secret).
  */
 export function buildPolicyServer(o: PolicyServerOptions): FastifyInstance {
@@ -115,6 +120,8 @@ export function buildPolicyServer(o: PolicyServerOptions): FastifyInstance {
     }
     return true;
   }
+
+  if (o.identities) registerIdentityRoutes(app, o.identities, authorized);
 
   app.post<{ Params: { node: string } }>('/v1/nodes/:node/status', async (req, reply) => {
     if (!(await authorized(req, reply))) return reply;

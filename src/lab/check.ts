@@ -204,6 +204,26 @@ async function request(from: LabPod, url: string): Promise<GetResult> {
   }
 }
 
+/**
+ * Did `to`'s node proxy accept a mutual-TLS tunnel whose client certificate
+ * proved `from`'s identity (service account = pod name in the lab)? Read from
+ * its agent's /metrics (fsm_node_proxy_tunnels_total, proxy/README.md).
+ */
+async function tunnelEvidence(toNode: LabNode, from: LabPod, to: LabPod): Promise<{ mtls: boolean; source: string; seen: string }> {
+  const source = `${LAB_NAMESPACE}/${from.name}`;
+  const destination = `${LAB_NAMESPACE}/${to.name}`;
+  let text = '';
+  try {
+    const res = await fetch(`${toNode.agentUrl}/metrics`, { signal: AbortSignal.timeout(5000) });
+    text = await res.text();
+  } catch (err) {
+    return { mtls: false, source, seen: `metrics of ${toNode.name}: ${errorMessage(err)}` };
+  }
+  const lines = text.split('\n').filter((l) => l.startsWith('fsm_node_proxy_tunnels_total{') && l.includes(`source="${source}"`) && l.includes(`destination="${destination}"`) && l.includes('result="accepted"'));
+  const count = (transport: string): number => lines.filter((l) => l.includes(`transport="${transport}"`)).reduce((n, l) => n + Number(l.slice(l.lastIndexOf(' ') + 1)), 0);
+  return { mtls: count('mtls') > 0, source, seen: count('plaintext') > 0 ? `plaintext tunnels from ${source}` : `no tunnel from ${source} counted by ${toNode.name}` };
+}
+
 function parseAnswer(body: string | undefined): EchoAnswer | undefined {
   try {
     return JSON.parse(body ?? '') as EchoAnswer;
@@ -291,9 +311,16 @@ export async function labCheck(state: LabState): Promise<CheckReport> {
       const denied = deniedPair(state.pods);
       const allowed = !(denied && denied.from === from.name && denied.to === to.name) || !intercepted;
       const answer = parseAnswer(got.body);
-      const ok = allowed ? got.ok && answer?.pod === to.name : !(got.ok && answer?.pod === to.name);
+      let ok = allowed ? got.ok && answer?.pod === to.name : !(got.ok && answer?.pod === to.name);
       const outcome = got.ok ? (answer ? `HTTP ${got.status} from ${answer.pod}` : `HTTP ${got.status}`) : got.error;
-      cases.push({ name, kind: 'pod-to-pod', from: from.name, to: to.name, result: ok ? 'pass' : 'fail', reason: `${allowed ? 'allowed' : 'denied'}: ${outcome}` });
+      let tunnel = '';
+      if (intercepted && from.node !== to.node && got.ok) {
+        // The far node's proxy counts each tunnel it accepted by the identity the client certificate proved.
+        const t = await tunnelEvidence(nodes.get(to.node)!, from, to);
+        tunnel = t.mtls ? `; mTLS, ${to.node} verified ${t.source}` : `; tunnel NOT mTLS (${t.seen})`;
+        ok &&= t.mtls;
+      }
+      cases.push({ name, kind: 'pod-to-pod', from: from.name, to: to.name, result: ok ? 'pass' : 'fail', reason: `${allowed ? 'allowed' : 'denied'}: ${outcome}${tunnel}` });
       return;
     }
     const judged = judgePodCase({ from, to, fromNode, intercepted }, got, proxyRecords(fromNode));

@@ -5,7 +5,9 @@ import { DEFAULT_CONTROLLER_NAMESPACE, MESH_CONFIG_NAME } from './fsm.js';
 import { IssueReporter } from './issues.js';
 import {
   FieldError,
+  IDENTITY_DEFAULTS,
   MESH_DEFAULTS,
+  type MeshIdentitySettings,
   refOf,
   toRecord,
   type Kind,
@@ -236,6 +238,7 @@ export class PolicyCompiler {
   // What the next compile must redo.
   private fullDirty = true;
   private globalDirty = false;
+  private trustBundle: string[] = [];
   private splitsDirty = false;
   private accessDirty = false;
   private readonly dirtyServices = new Set<string>();
@@ -294,7 +297,24 @@ export class PolicyCompiler {
   }
 
   mesh(): MeshSettings {
-    return this.store.ConfigMap.get(`${this.controllerNamespace}/${MESH_CONFIG_NAME}`) ?? MESH_DEFAULTS;
+    return this.store.ConfigMap.get(`${this.controllerNamespace}/${MESH_CONFIG_NAME}`)?.settings ?? MESH_DEFAULTS;
+  }
+
+  /** Trust domain and certificate lifetime from the mesh ConfigMap (the controller's identity API reads them). */
+  identitySettings(): MeshIdentitySettings {
+    return this.store.ConfigMap.get(`${this.controllerNamespace}/${MESH_CONFIG_NAME}`)?.identity ?? IDENTITY_DEFAULTS;
+  }
+
+  /**
+   * The PEM roots the certificate provider publishes (old and new during a
+   * root rotation). Goes into every node's policy; the next compile carries
+   * it. True when it differs from the bundle held.
+   */
+  setTrustBundle(bundle: readonly string[]): boolean {
+    if (bundle.join('\n') === this.trustBundle.join('\n')) return false;
+    this.trustBundle = [...bundle];
+    this.globalDirty = true;
+    return true;
   }
 
   private isMeshConfig(ref: ObjectRef): boolean {
@@ -521,7 +541,8 @@ export class PolicyCompiler {
     const proxies = byKey(this.store.Node.entries())
       .filter((n) => n.addresses.length > 0)
       .map((n) => ({ node: n.name, addresses: n.addresses }));
-    const value = this.checked(GlobalPartSchema, { mesh, proxies }, { kind: 'ConfigMap', namespace: this.controllerNamespace, name: MESH_CONFIG_NAME });
+    const trust = { trustDomain: this.identitySettings().trustDomain, bundle: this.trustBundle };
+    const value = this.checked(GlobalPartSchema, { mesh, proxies, trust }, { kind: 'ConfigMap', namespace: this.controllerNamespace, name: MESH_CONFIG_NAME });
     return value && part(value);
   }
 

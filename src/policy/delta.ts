@@ -124,6 +124,7 @@ export function applyDelta(held: NodePolicy, delta: NodePolicyDelta): NodePolicy
     version: delta.version,
     mesh: delta.mesh ?? held.mesh,
     proxies: delta.proxies ?? held.proxies,
+    trust: delta.trust ?? held.trust,
     node: delta.node ?? held.node,
     pods: delta.pods ?? held.pods,
     access: delta.access ?? held.access,

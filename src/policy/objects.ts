@@ -1,5 +1,8 @@
 import { createHash } from 'node:crypto';
 import { z } from 'zod';
+import { InvalidInputError } from '../errors.js';
+import { parseLifetime } from '../identity/lifetime.js';
+import { DEFAULT_TRUST_DOMAIN, validateTrustDomain } from '../identity/spiffe.js';
 import {
   ANNOTATION_INBOUND_PORT_EXCLUSION,
   ANNOTATION_LAB_CGROUP,
@@ -135,7 +138,7 @@ export interface RecordOf {
   Pod: PodRec;
   Service: ServiceRec;
   EndpointSlice: SliceRec;
-  ConfigMap: MeshSettings;
+  ConfigMap: MeshConfigRec;
   TrafficSplit: SplitRec;
   TrafficTarget: TargetRec;
   HTTPRouteGroup: RouteGroupRec;
@@ -399,9 +402,29 @@ export const MESH_DEFAULTS: MeshSettings = {
   exclusions: { outboundPorts: [], outboundCidrs: [], outboundIncludeCidrs: [], inboundPorts: [] },
 };
 
+/**
+ * The mesh ConfigMap: the settings every node's policy carries, and the
+ * workload identity settings the controller keeps to itself (the trust domain
+ * goes into the policy's trust part, the lifetime only into certificates).
+ */
+export interface MeshConfigRec {
+  settings: MeshSettings;
+  identity: MeshIdentitySettings;
+}
+
+export interface MeshIdentitySettings {
+  trustDomain: string;
+  /** Certificate lifetime from data.certificateLifetime; null: the controller's default (flag or 24 h). */
+  certificateLifetimeMs: number | null;
+}
+
+export const IDENTITY_DEFAULTS: MeshIdentitySettings = { trustDomain: DEFAULT_TRUST_DOMAIN, certificateLifetimeMs: null };
+
 const MeshData = z
   .object({
     meshName: dns.optional(),
+    trustDomain: z.string().optional(),
+    certificateLifetime: z.string().optional(),
     inbound: z.enum(['strict', 'permissive']).optional(),
     interceptionMode: InterceptionModeSchema.optional(),
     egress: z.enum(['allow', 'deny']).optional(),
@@ -413,7 +436,7 @@ const MeshData = z
   })
   .strict();
 
-const toMeshConfig = (o: unknown): MeshSettings => {
+const toMeshConfig = (o: unknown): MeshConfigRec => {
   const { data } = parse(ConfigMapIn, o);
   let d: z.infer<typeof MeshData>;
   try {
@@ -432,7 +455,19 @@ const toMeshConfig = (o: unknown): MeshSettings => {
       throw err;
     }
   };
-  return {
+  const checked = <T>(key: string, fn: () => T): T => {
+    try {
+      return fn();
+    } catch (err) {
+      if (err instanceof InvalidInputError) throw new FieldError(`data.${key}`, err.message);
+      throw err;
+    }
+  };
+  const identity: MeshIdentitySettings = {
+    trustDomain: d.trustDomain === undefined ? IDENTITY_DEFAULTS.trustDomain : checked('trustDomain', () => validateTrustDomain(d.trustDomain!, 'trustDomain')),
+    certificateLifetimeMs: d.certificateLifetime === undefined ? null : checked('certificateLifetime', () => parseLifetime(d.certificateLifetime!, 'certificateLifetime')),
+  };
+  const settings: MeshSettings = {
     name: d.meshName ?? MESH_DEFAULTS.name,
     inbound: d.inbound ?? MESH_DEFAULTS.inbound,
     interceptionMode: d.interceptionMode ?? MESH_DEFAULTS.interceptionMode,
@@ -445,6 +480,7 @@ const toMeshConfig = (o: unknown): MeshSettings => {
       inboundPorts: list('inboundPortExclusionList', parsePortList),
     },
   };
+  return { settings, identity };
 };
 
 const toSplit = (o: unknown): SplitRec => {

@@ -170,7 +170,24 @@ export type MeshPod = z.infer<typeof MeshPodSchema>;
 export const MeshPodsPartSchema = z.object({ meshPods: z.array(MeshPodSchema).default([]) }).strict();
 export type MeshPodsPart = z.infer<typeof MeshPodsPartSchema>;
 
-export const GlobalPartSchema = z.object({ mesh: MeshSchema, proxies: z.array(ProxyPeerSchema) }).strict();
+/**
+ * Workload identity trust (docs/security.md): the trust domain of the mesh's
+ * SPIFFE IDs and the PEM roots a proxy verifies peers against (during a root
+ * rotation, old and new together). Absent in documents of controllers older
+ * than the field (optional, so fixtures and stored policies without it stay
+ * valid): read it as DEFAULT_TRUST, an empty bundle, which a proxy must treat
+ * as "no mTLS possible", never as "trust anyone". The compiler always sets it.
+ */
+export const TrustSchema = z
+  .object({
+    trustDomain: z.string().min(1).max(253),
+    bundle: z.array(z.string().min(1)),
+  })
+  .strict();
+export type Trust = z.infer<typeof TrustSchema>;
+export const DEFAULT_TRUST: Trust = { trustDomain: 'cluster.local', bundle: [] };
+
+export const GlobalPartSchema = z.object({ mesh: MeshSchema, proxies: z.array(ProxyPeerSchema), trust: TrustSchema.optional() }).strict();
 export type GlobalPart = z.infer<typeof GlobalPartSchema>;
 
 export const NodePartSchema = z
@@ -226,6 +243,7 @@ export const NodePolicyDeltaSchema = z
     counts: z.object({ services: z.number().int().min(0), splits: z.number().int().min(0), meshPods: z.number().int().min(0) }).strict(),
     mesh: MeshSchema.optional(),
     proxies: GlobalPartSchema.shape.proxies.optional(),
+    trust: TrustSchema.optional(),
     node: NodePartSchema.shape.node.optional(),
     pods: NodePartSchema.shape.pods.optional(),
     access: NodePartSchema.shape.access.optional(),
@@ -265,6 +283,12 @@ export const NodeModeStatusSchema = z
     fallbackReason: z.string().max(1024).optional(),
     /** Why no mode works (ready false). */
     reason: z.string().max(1024).optional(),
+    /**
+     * Local identities failing closed: their certificate expired without
+     * renewal (src/identity/agent-certs.ts). Sent only when non-empty, so a
+     * controller older than the field still accepts the usual reports.
+     */
+    expiredIdentities: z.array(IdentitySchema.extend({ reason: z.string().max(1024) }).strict()).max(256).optional(),
   })
   .strict();
 export type NodeModeStatus = z.infer<typeof NodeModeStatusSchema>;

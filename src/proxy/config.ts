@@ -1,3 +1,4 @@
+import { InvalidInputError } from '../errors.js';
 import type { Access, HttpMatch, NodePolicy, PolicyService, Split } from '../policy/schema.js';
 
 /**
@@ -16,10 +17,60 @@ export const DEFAULT_INBOUND_PORT = 15003;
 
 export type PortProtocol = 'http' | 'tcp';
 
+/** How long a tunnel connection takes new tunnels (proxy/tls.js): reloads reach every pool within it. */
+export const DEFAULT_TUNNEL_MAX_AGE_SECONDS = 60;
+
+/** The mesh's trust: what node proxies accept a peer certificate from. */
+export interface ProxyTrust {
+  trustDomain: string;
+  /** PEM certificates of every trusted root (old and new during a rotation). */
+  bundle: string[];
+}
+
+/** One local identity's certificate as the agent keeps it (an IdentityCert of the IdentityManager's snapshot). */
+export interface ProxyIdentityFiles {
+  certPath: string;
+  keyPath: string;
+  /** Absent while no certificate was ever obtained. */
+  notAfter?: Date | number | string | undefined;
+  /** 'expired' fails closed, 'pending' (nothing yet) too; 'valid' is used (the proxy checks notAfter itself as well). */
+  state: string;
+}
+
 export interface ProxyNodeFacts {
   outboundPort: number;
   /** The inbound (tunnel) listener; every node proxy of the mesh uses the same port. */
   inboundPort: number;
+  /** Trust bundle: with one, tunnels are mutual TLS; without, plaintext (authenticated by node address only). */
+  trust?: ProxyTrust | null;
+  /** identity ("ns/sa") -> its certificate files; a local identity missing here fails closed. */
+  identities?: Record<string, ProxyIdentityFiles>;
+  /** Default DEFAULT_TUNNEL_MAX_AGE_SECONDS. */
+  tunnelMaxAgeSeconds?: number;
+}
+
+/** A local identity in the proxy's config: files, not key material (the proxy reads them at load). */
+export interface ProxyIdentity {
+  certFile: string;
+  keyFile: string;
+  /** ISO time; part of the config so a renewal changes config.json and the reload reads the new files. */
+  notAfter: string;
+  state: 'valid' | 'expired' | 'missing';
+}
+
+export interface ProxyTunnelTLS {
+  trustDomain: string;
+  /** PEM text of every trusted root; empty only with `refuse` set (the proxy refuses to load it otherwise). */
+  trustBundle: string;
+  /**
+   * Set when no tunnel can be authenticated (the policy's trust bundle holds no
+   * root): every tunnel, both ways, is refused with this reason. Same-node
+   * traffic is unaffected. Failing closed, never falling back to plaintext.
+   */
+  refuse: string | null;
+  maxConnectionAgeSeconds: number;
+  /** Every identity of this node's pods, sorted. */
+  identities: Record<string, ProxyIdentity>;
 }
 
 export interface ProxyBackend {
@@ -110,11 +161,14 @@ export interface ProxyConfig {
   trafficPolicy: 'permissive' | 'smi';
   egress: 'allow' | 'deny';
   /**
-   * Addresses whose tunnel requests the inbound listener accepts: the node
-   * proxies of the mesh. Until the tunnel has mTLS this address check is the
-   * only thing that authenticates the source identity a tunnel claims.
+   * Addresses whose tunnel requests the inbound listener accepts when tunnels
+   * are plaintext (tunnelTLS null): the node proxies of the mesh. Then this
+   * address check is the only thing that authenticates the source identity a
+   * tunnel claims; under mTLS it is not used (the certificate is the proof).
    */
   tunnelPeers: string[];
+  /** Mutual TLS for node-to-node tunnels (proxy/tls.js); null: plaintext tunnels (no trust bundle). */
+  tunnelTLS: ProxyTunnelTLS | null;
   /** This node's pods by address: the source identity of an outbound connection. */
   pods: Record<string, { identity: string; name: string }>;
   /** "clusterIP:port" -> service. */
@@ -178,6 +232,34 @@ function endpointsFor(svc: PolicyService, portName: string, port: number): strin
   return out.sort();
 }
 
+function isoTime(t: Date | number | string, field: string): string {
+  const d = t instanceof Date ? t : new Date(t);
+  if (Number.isNaN(d.getTime())) throw new InvalidInputError(field, t, 'is not a time');
+  return d.toISOString();
+}
+
+/**
+ * The tunnel's TLS part: the trust bundle inline (it is public), each local
+ * identity by file paths (private keys never enter config.json). An identity
+ * of a local pod without files is rendered 'missing': its tunnels fail closed.
+ * A bundle without any root makes every tunnel refused (`refuse`).
+ */
+export function renderTunnelTLS(trust: ProxyTrust, localIdentities: string[], files: Record<string, ProxyIdentityFiles>, maxAgeSeconds = DEFAULT_TUNNEL_MAX_AGE_SECONDS): ProxyTunnelTLS {
+  const bundle = trust.bundle.map((p) => p.trim()).filter((p) => p.includes('-----BEGIN CERTIFICATE-----'));
+  if (!Number.isInteger(maxAgeSeconds) || maxAgeSeconds < 1) throw new InvalidInputError('tunnelMaxAgeSeconds', maxAgeSeconds, 'must be a whole number of seconds, at least 1');
+  const identities: Record<string, ProxyIdentity> = {};
+  for (const id of [...new Set(localIdentities)].sort()) {
+    const f = files[id];
+    identities[id] =
+      f && f.notAfter !== undefined && f.state !== 'pending'
+        ? { certFile: f.certPath, keyFile: f.keyPath, notAfter: isoTime(f.notAfter, `identities[${id}].notAfter`), state: f.state === 'expired' ? 'expired' : 'valid' }
+        : { certFile: '', keyFile: '', notAfter: new Date(0).toISOString(), state: 'missing' };
+  }
+  // No root: nothing could be verified, and a TLS listener with an empty trust list accepts anyone.
+  if (bundle.length === 0) return { trustDomain: trust.trustDomain, trustBundle: '', refuse: 'no-trust-bundle', maxConnectionAgeSeconds: maxAgeSeconds, identities };
+  return { trustDomain: trust.trustDomain, trustBundle: `${bundle.join('\n')}\n`, refuse: null, maxConnectionAgeSeconds: maxAgeSeconds, identities };
+}
+
 /** The backends of `split` for the root service port `sp`: weight 0 and unknown services left out. */
 function splitBackends(split: Split, byName: Map<string, PolicyService>, sp: { name: string; port: number }): ProxyBackend[] {
   return split.backends.flatMap((b) => {
@@ -208,6 +290,10 @@ export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): Pr
     for (const a of p.addresses) tunnelPeers.add(a);
   }
   for (const a of policy.node.addresses) tunnelPeers.add(a);
+
+  const tunnelTLS = facts.trust
+    ? renderTunnelTLS(facts.trust, policy.pods.map((p) => id(p.namespace, p.serviceAccount)), facts.identities ?? {}, facts.tunnelMaxAgeSeconds)
+    : null;
 
   const pods: ProxyConfig['pods'] = {};
   const endpoints: Record<string, ProxyEndpoint> = {};
@@ -261,6 +347,7 @@ export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): Pr
     trafficPolicy: policy.mesh.trafficPolicy,
     egress: policy.mesh.egress,
     tunnelPeers: [...tunnelPeers].sort(),
+    tunnelTLS,
     pods,
     services,
     endpoints,

@@ -46,6 +46,21 @@ describe('fsm-node status rendering', () => {
     expect(text).toMatch(/probe bpffs\s+FAILED: no bpffs mount/);
   });
 
+  test('shows each local identity: valid until when, pending, or expired and failing closed with the reason', () => {
+    const text = renderStatus({
+      node: 'n1',
+      ready: true,
+      identities: [
+        { identity: 'demo/web', state: 'valid', notAfter: '2026-12-05T08:00:00.000Z' },
+        { identity: 'demo/db', state: 'expired', reason: 'certificate expired at 2026-12-04T08:00:00.000Z without renewal: controller unreachable' },
+        { identity: 'demo/api', state: 'pending', lastError: 'controller answered 503' },
+      ],
+    });
+    expect(text).toMatch(/identity demo\/web\s+valid until 2026-12-05T08:00:00.000Z\n/);
+    expect(text).toMatch(/identity demo\/db\s+EXPIRED, failing closed: certificate expired at .* controller unreachable/);
+    expect(text).toMatch(/identity demo\/api\s+pending: controller answered 503/);
+  });
+
   test('not ready shows the reason', () => {
     expect(renderStatus({ node: 'n1', ready: false, notReadyReason: 'proxy not ready' })).toMatch(/ready\s+no — proxy not ready/);
   });

@@ -6,7 +6,7 @@ import type { FastifyInstance } from 'fastify';
 import { generateTokens, TokenFileAuthenticator, writeTokensFile } from '../../src/controller/auth.js';
 import { generateTls } from '../../src/controller/certs.js';
 import { PolicyHub } from '../../src/controller/hub.js';
-import { nodeModeEvent, NodeStatusEvents } from '../../src/controller/node-status.js';
+import { nodeIdentityEvent, nodeModeEvent, NodeStatusEvents } from '../../src/controller/node-status.js';
 import { buildPolicyServer } from '../../src/controller/server.js';
 import { PolicyClient } from '../../src/policy/client.js';
 import { PolicyCompiler } from '../../src/policy/compiler.js';
@@ -34,6 +34,31 @@ describe('nodeModeEvent', () => {
 
   test('the desired mode in force is no Event', () => {
     expect(nodeModeEvent('node-a', fine, NOW)).toBeUndefined();
+  });
+});
+
+describe('nodeIdentityEvent', () => {
+  test('identities failing closed are one Warning naming them and why; none is no Event', () => {
+    const expired = { ...fine, expiredIdentities: [{ namespace: 'demo', serviceAccount: 'web', reason: 'certificate expired at 2026-01-01T00:00:00.000Z without renewal: controller unreachable' }] };
+    expect(nodeIdentityEvent('node-a', expired, NOW)).toMatchObject({
+      involvedObject: { kind: 'Node', name: 'node-a' },
+      type: 'Warning',
+      reason: 'IdentityExpired',
+      message: 'fsm-node fails closed for 1 identity on this node whose certificate expired without renewal: demo/web (certificate expired at 2026-01-01T00:00:00.000Z without renewal: controller unreachable)',
+    });
+    expect(nodeIdentityEvent('node-a', fine, NOW)).toBeUndefined();
+  });
+
+  test('mode and identity problems post separately, each once', async () => {
+    const posted: CoreV1Event[] = [];
+    const events = new NodeStatusEvents(async (e) => void posted.push(e));
+    const both = { ...fallback, expiredIdentities: [{ namespace: 'demo', serviceAccount: 'web', reason: 'expired' }] };
+    await events.report('node-a', both, NOW);
+    await events.report('node-a', both, NOW);
+    expect(posted.map((e) => e.reason)).toEqual(['InterceptionModeFallback', 'IdentityExpired']);
+    await events.report('node-a', fallback, NOW); // renewed
+    await events.report('node-a', both, NOW); // expired again: a new Event
+    expect(posted.map((e) => e.reason)).toEqual(['InterceptionModeFallback', 'IdentityExpired', 'IdentityExpired']);
   });
 });
 

@@ -137,12 +137,16 @@ describe('versions', () => {
   test('after every kind of change, the incremental compile equals a compile from scratch of the same objects', () => {
     const objs = new Map(baseMesh().map((o) => [`${o.kind}/${String(o.metadata.namespace ?? '')}/${String(o.metadata.name)}`, o]));
     const c = compiled([...objs.values()]);
+    let bundle: string[] = [];
     for (const [what, change] of changeSteps) {
       applyStep(c, change);
       c.compile();
       for (const o of change.upsert ?? []) objs.set(`${o.kind}/${String(o.metadata.namespace ?? '')}/${String(o.metadata.name)}`, o);
       for (const o of change.remove ?? []) objs.delete(`${o.kind}/${String(o.metadata.namespace ?? '')}/${String(o.metadata.name)}`);
+      bundle = change.trustBundle ?? bundle;
       const scratch = compiled([...objs.values()]);
+      scratch.setTrustBundle(bundle);
+      scratch.compile();
       const versions = (x: PolicyCompiler) => Object.fromEntries(x.nodes().map((n) => [n, x.get(n)!.json()]));
       expect({ what, policies: versions(c) }).toEqual({ what, policies: versions(scratch) });
     }
@@ -329,6 +333,23 @@ describe('bad objects are isolated', () => {
     expect(c.get('node-c')).toBeUndefined();
     expect(c.get('node-a')!.policy.mesh.inbound).toBe('permissive');
     expect(c.reporter.active().map((i) => `${i.ref.kind}:${i.field}`).sort()).toEqual(['ConfigMap:data', 'Node:metadata.labels["flomesh.io/interception-mode"]']);
+  });
+
+  test('the mesh config sets the trust domain (into every policy) and the certificate lifetime (controller only); bad values name the key', () => {
+    const c = compiled([...baseMesh(), meshConfig({ trustDomain: 'edge.example.org', certificateLifetime: '7d' })]);
+    expect(c.get('node-a')!.policy.trust).toEqual({ trustDomain: 'edge.example.org', bundle: [] });
+    expect(c.identitySettings()).toEqual({ trustDomain: 'edge.example.org', certificateLifetimeMs: 7 * 24 * 3600_000 });
+    for (const [key, value, why] of [
+      ['trustDomain', 'Edge_Site', /invalid trustDomain "Edge_Site"/],
+      ['certificateLifetime', '30s', /invalid certificateLifetime "30s": must be between 1m and 366d/],
+      ['certificateLifetime', 'forever', /expected a duration/],
+    ] as const) {
+      const bad = compiled([...baseMesh(), meshConfig({ [key]: value })]);
+      const issue = bad.reporter.active().find((i) => i.ref.kind === 'ConfigMap');
+      expect(issue).toMatchObject({ field: `data.${key}` });
+      expect(issue!.message).toMatch(why);
+      expect(bad.identitySettings()).toEqual({ trustDomain: 'cluster.local', certificateLifetimeMs: null });
+    }
   });
 
   test('deleting a bad object clears its report', () => {

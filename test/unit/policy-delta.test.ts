@@ -34,6 +34,22 @@ describe('policy deltas', () => {
     expect(deltas).toBeGreaterThan(steps.length);
   });
 
+  test('a trust bundle change reaches every node as a delta carrying the trust part; a policy without trust still parses', () => {
+    const c = compiled(baseMesh());
+    const before = c.get('node-a')!;
+    expect(before.policy.trust).toEqual({ trustDomain: 'cluster.local', bundle: [] });
+    c.setTrustBundle(['old root', 'new root']);
+    expect(c.compile().changed.sort()).toEqual(['node-a', 'node-b']);
+    const d = wireDelta(before, c.get('node-a')!);
+    expect(d.trust).toEqual({ trustDomain: 'cluster.local', bundle: ['old root', 'new root'] });
+    expect(d.pods).toBeUndefined();
+    const { trust: _t, ...older } = wireFull(before);
+    expect(NodePolicySchema.parse(older).trust).toBeUndefined();
+    expect(applyDelta(older, d).trust).toEqual(d.trust);
+    c.setTrustBundle(['old root', 'new root']);
+    expect(c.compile().changed).toEqual([]);
+  });
+
   test('a delta carries only what changed: a pod on node-b gives node-a its node-b slice and nothing else', () => {
     const c = compiled(baseMesh());
     const before = c.get('node-a')!;

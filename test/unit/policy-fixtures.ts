@@ -142,7 +142,8 @@ export function baseMesh(): Obj[] {
   ];
 }
 
-export type ChangeStep = [what: string, change: { upsert?: Obj[]; remove?: Obj[] }];
+/** trustBundle: the roots the certificate provider publishes from this step on. */
+export type ChangeStep = [what: string, change: { upsert?: Obj[]; remove?: Obj[]; trustBundle?: string[] }];
 
 /** A run of every kind of change, from baseMesh(): deltas and incremental compiles are checked against it step by step. */
 export const changeSteps: ChangeStep[] = [
@@ -165,6 +166,10 @@ export const changeSteps: ChangeStep[] = [
   ['the route group it matches changed', { upsert: [routeGroup('routes', [{ name: 'api', pathRegex: '/v2/.*', methods: ['GET'] }])] }],
   ['the split with matches removed', { remove: [matchSplit('api-canary', 'api', [], [])] }],
   ['back to permissive', { upsert: [meshConfig({ inbound: 'strict', trafficPolicy: 'permissive' })] }],
+  ['a trust bundle published', { trustBundle: ['root-1 PEM'] }],
+  ['a root rotation publishes old and new roots', { trustBundle: ['root-1 PEM', 'root-2 PEM'] }],
+  ['the old root withdrawn', { trustBundle: ['root-2 PEM'] }],
+  ['the trust domain changed', { upsert: [meshConfig({ inbound: 'strict', trustDomain: 'edge.example.org' })] }],
 ];
 
 /** Feed one step's objects to the compiler (every upsert must be accepted). */
@@ -173,4 +178,5 @@ export function applyStep(c: PolicyCompiler, change: ChangeStep[1]): void {
     if (!c.upsert(o.kind as Kind, o)) throw new Error(`${o.kind} ${String(o.metadata.name)} was rejected: ${JSON.stringify(c.reporter.active())}`);
   }
   for (const o of change.remove ?? []) c.remove({ kind: o.kind as Kind, namespace: String(o.metadata.namespace ?? ''), name: String(o.metadata.name) });
+  if (change.trustBundle) c.setTrustBundle(change.trustBundle);
 }

@@ -5,6 +5,7 @@ import type { FastifyInstance } from 'fastify';
 import { generateTokens, TokenFileAuthenticator, writeTokensFile } from '../../src/controller/auth.js';
 import { generateTls, type TlsMaterial } from '../../src/controller/certs.js';
 import { PolicyHub } from '../../src/controller/hub.js';
+import type { IdentityService } from '../../src/controller/identities.js';
 import { buildPolicyServer } from '../../src/controller/server.js';
 import { PolicyCompiler } from '../../src/policy/compiler.js';
 import type { Kind } from '../../src/policy/objects.js';
@@ -27,14 +28,14 @@ export interface PolicyServerFixture {
   close(): Promise<void>;
 }
 
-export async function policyServerFixture(dirPrefix: string): Promise<PolicyServerFixture> {
+export async function policyServerFixture(dirPrefix: string, o: { identities?: (compiler: PolicyCompiler) => IdentityService } = {}): Promise<PolicyServerFixture> {
   const tls = await generateTls(['localhost', '127.0.0.1']);
   const dir = mkdtempSync(join(tmpdir(), dirPrefix));
   const tokens = generateTokens(['node-a', 'node-b']);
   await writeTokensFile(join(dir, 'tokens.json'), tokens);
   const compiler = new PolicyCompiler();
   const hub = new PolicyHub((n) => compiler.get(n));
-  const server = buildPolicyServer({ hub, auth: new TokenFileAuthenticator(join(dir, 'tokens.json')), tls });
+  const server = buildPolicyServer({ hub, auth: new TokenFileAuthenticator(join(dir, 'tokens.json')), tls, identities: o.identities?.(compiler) });
   return {
     tls,
     dir,

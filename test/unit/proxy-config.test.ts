@@ -2,7 +2,7 @@ import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { NodePolicySchema, type NodePolicy } from '../../src/policy/schema.js';
-import { portProtocol, renderProxyConfig } from '../../src/proxy/config.js';
+import { portProtocol, renderProxyConfig, type ProxyNodeFacts } from '../../src/proxy/config.js';
 import { baseMesh, compiled, matchSplit, meshConfig, pod, routeGroup, service, slice, split, target, tcpRoute, type Obj } from './policy-fixtures.js';
 
 /**
@@ -68,6 +68,81 @@ describe('proxy config rendering (golden)', () => {
 
   test('permissive mesh, node-b: no access rules, every service, egress allowed', () => {
     golden('proxy-config-permissive-node-b.json', `${JSON.stringify(renderProxyConfig(policyOf(baseMesh(), 'node-b'), facts), null, 2)}\n`);
+  });
+
+  test('smi mesh, node-a, mutual TLS tunnels: the trust bundle inline, each local identity by its files', () => {
+    golden('proxy-config-smi-node-a-mtls.json', `${JSON.stringify(renderProxyConfig(policyOf(smiMesh(), 'node-a'), mtlsFacts()), null, 2)}\n`);
+  });
+});
+
+// Two roots (a rotation in progress); the renderer never parses them, the proxy does.
+const ROOT_OLD = '-----BEGIN CERTIFICATE-----\nb2xkIHJvb3Q=\n-----END CERTIFICATE-----\n';
+const ROOT_NEW = '-----BEGIN CERTIFICATE-----\nbmV3IHJvb3Q=\n-----END CERTIFICATE-----';
+
+function mtlsFacts(over: Partial<ProxyNodeFacts> = {}): ProxyNodeFacts {
+  const files = (id: string, state = 'valid') => ({
+    certPath: `/var/lib/fsm-node/identities/${id}/cert.pem`,
+    keyPath: `/var/lib/fsm-node/identities/${id}/key.pem`,
+    notAfter: new Date(Date.UTC(2026, 11, 5, 7, 0, 0)),
+    state,
+  });
+  return { ...facts, trust: { trustDomain: 'cluster.local', bundle: [ROOT_OLD, ROOT_NEW] }, identities: { 'app/web': files('app/web'), 'app/api': files('app/api') }, ...over };
+}
+
+describe('proxy config rendering: mutual TLS tunnels', () => {
+  const p = policyOf(smiMesh(), 'node-a');
+  const localIds = [...new Set(p.pods.map((x) => `${x.namespace}/${x.serviceAccount}`))].sort();
+
+  test('no trust bundle in the facts: plaintext tunnels (tunnelTLS null)', () => {
+    expect(renderProxyConfig(p, facts).tunnelTLS).toBeNull();
+  });
+
+  test('every local identity is listed; one the agent has no certificate for is missing (fails closed in the proxy)', () => {
+    const t = renderProxyConfig(p, mtlsFacts({ identities: { 'app/web': mtlsFacts().identities!['app/web']! } })).tunnelTLS!;
+    expect(Object.keys(t.identities)).toEqual(localIds);
+    expect(t.identities['app/api']).toEqual({ certFile: '', keyFile: '', notAfter: '1970-01-01T00:00:00.000Z', state: 'missing' });
+    expect(t.identities['app/web']).toMatchObject({ state: 'valid', notAfter: '2026-12-05T07:00:00.000Z' });
+  });
+
+  test('an expired identity stays expired, a pending one (no certificate yet) is missing; a valid one is used', () => {
+    const f = mtlsFacts();
+    const web = f.identities!['app/web']!;
+    const t = renderProxyConfig(p, { ...f, identities: { ...f.identities, 'app/web': { ...web, state: 'expired' }, 'app/api': { certPath: web.certPath, keyPath: web.keyPath, state: 'pending' } } }).tunnelTLS!;
+    expect(t.identities['app/web']?.state).toBe('expired');
+    expect(t.identities['app/api']?.state).toBe('missing');
+    expect(renderProxyConfig(p, f).tunnelTLS!.identities['app/api']?.state).toBe('valid');
+  });
+
+  test('the bundle keeps every root, one PEM after the other', () => {
+    const t = renderProxyConfig(p, mtlsFacts()).tunnelTLS!;
+    expect(t.trustBundle.match(/BEGIN CERTIFICATE/g)).toHaveLength(2);
+    expect(t.trustBundle.endsWith('-----END CERTIFICATE-----\n')).toBe(true);
+  });
+
+  test('no private key and no certificate of an identity ever enters the config: files only', () => {
+    const text = JSON.stringify(renderProxyConfig(p, mtlsFacts()));
+    expect(text).not.toMatch(/PRIVATE KEY/);
+    expect(text.match(/BEGIN CERTIFICATE/g)).toHaveLength(2); // the two roots
+  });
+
+  test('a renewal (new notAfter) changes the config, so the agent reloads the proxy', () => {
+    const f = mtlsFacts();
+    const renewed = { ...f, identities: { ...f.identities, 'app/web': { ...f.identities!['app/web']!, notAfter: Date.UTC(2026, 11, 6) } } };
+    expect(JSON.stringify(renderProxyConfig(p, renewed))).not.toBe(JSON.stringify(renderProxyConfig(p, f)));
+  });
+
+  test('a trust bundle without a root fails closed: every tunnel refused, never plaintext (a TLS listener with no trust accepts anyone)', () => {
+    for (const bundle of [[], ['not a certificate']]) {
+      const t = renderProxyConfig(p, mtlsFacts({ trust: { trustDomain: 'cluster.local', bundle } })).tunnelTLS;
+      expect(t).toMatchObject({ trustBundle: '', refuse: 'no-trust-bundle' });
+    }
+    expect(renderProxyConfig(p, mtlsFacts()).tunnelTLS?.refuse).toBeNull();
+  });
+
+  test('a bad notAfter or connection age is refused with the field named', () => {
+    const f = mtlsFacts();
+    expect(() => renderProxyConfig(p, { ...f, identities: { 'app/web': { ...f.identities!['app/web']!, notAfter: 'soon' } } })).toThrow(/identities\[app\/web\]\.notAfter/);
+    expect(() => renderProxyConfig(p, mtlsFacts({ tunnelMaxAgeSeconds: 0 }))).toThrow(/tunnelMaxAgeSeconds/);
   });
 });
 

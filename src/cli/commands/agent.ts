@@ -3,11 +3,12 @@ import { Agent } from '../../agent/agent.js';
 import { loadAgentConfig, type AgentConfig } from '../../agent/config.js';
 import { probe } from '../../agent/probe.js';
 import { createDataplane } from '../../dataplane/index.js';
+import { controllerIssuer, IdentityManager } from '../../identity/agent-certs.js';
 import { PolicyClient } from '../../policy/client.js';
 import { cgroupResolver, desiredState } from '../../policy/desired.js';
 import { renderProxyConfig } from '../../proxy/config.js';
 import { ProxySupervisor } from '../../proxy/supervisor.js';
-import type { NodePolicy } from '../../policy/schema.js';
+import { DEFAULT_TRUST, type NodePolicy } from '../../policy/schema.js';
 import { cgroup2Root } from '../../util/cgroup.js';
 import { logger } from '../../util/log.js';
 import type { Command, ParsedValues } from '../command.js';
@@ -35,10 +36,15 @@ export function buildAgent(config: AgentConfig): Agent {
     nodeAddresses: config.nodeAddresses,
     cgroupPathFor: cgroupResolver(cgroup2Root()),
   };
-  const client = new PolicyClient({ url: config.controller, node: config.node, ca: readFileSync(config.caFile), tokenFile: config.tokenFile, stateDir: config.stateDir });
-  return new Agent(config, {
+  const ca = readFileSync(config.caFile);
+  const client = new PolicyClient({ url: config.controller, node: config.node, ca, tokenFile: config.tokenFile, stateDir: config.stateDir });
+  const issuer = controllerIssuer({ url: config.controller, node: config.node, ca, token: () => readFileSync(config.tokenFile, 'utf8').trim() });
+  // The proxy's config renders from the agent's IdentityManager, made inside the Agent.
+  let identities: IdentityManager | undefined;
+  const agent: Agent = new Agent(config, {
     policy: client,
     reportMode: (status) => client.reportStatus(status),
+    identities: (o) => (identities = new IdentityManager({ stateDir: config.stateDir, issuer, ...o })),
     probe: () => probe(config.netns ? { netns: config.netns } : {}),
     dataplane: (mode) => createDataplane(mode, site),
     render: (policy) => desiredState(policy, facts),
@@ -53,8 +59,20 @@ export function buildAgent(config: AgentConfig): Agent {
       ...(config.proxy === 'pipy' ? { pipy: { threadCap: config.proxyThreadCap, ...(config.proxyInstances !== undefined ? { instances: config.proxyInstances } : {}) } } : {}),
       ...(config.netns ? { netns: config.netns } : {}),
     }),
-    ...(config.proxy === 'pipy' ? { proxyConfig: (policy: NodePolicy) => renderProxyConfig(policy, { outboundPort: config.outboundPort, inboundPort: config.inboundPort }) } : {}),
+    ...(config.proxy === 'pipy'
+      ? {
+          // Tunnels are always mutual TLS (an empty bundle refuses them): trust from the policy, keys by path.
+          proxyConfig: (policy: NodePolicy) =>
+            renderProxyConfig(policy, {
+              outboundPort: config.outboundPort,
+              inboundPort: config.inboundPort,
+              trust: policy.trust ?? DEFAULT_TRUST,
+              identities: Object.fromEntries(identities?.snapshot() ?? []),
+            }),
+        }
+      : {}),
   });
+  return agent;
 }
 
 export const agentCommand: Command = {

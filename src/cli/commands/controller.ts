@@ -18,7 +18,10 @@ long-poll. Each agent can read only its own node's policy: in a cluster its
 ServiceAccount token is checked with TokenReview and bound to the node its pod
 runs on; with --tokens, a file {"<node>": "<token>"} does that (the lab).
 The CA and serving certificate are made on first start and kept (a Secret in a
-cluster, files in --state-dir otherwise). See docs/controller.md.`,
+cluster, files in --state-dir otherwise). See docs/controller.md.
+Workload certificates (mutual TLS between node proxies) come from the built-in
+mesh CA (Secret fsm-node-mesh-ca, or --state-dir/mesh-ca/) or, with
+--ca-signer-name, from an external CA via the CSR API. See docs/security.md.`,
   options: {
     manifests: { type: 'string', valueName: 'DIR', description: 'Directory of Kubernetes YAML manifests to serve (watched; the lab uses this).' },
     kubeconfig: { type: 'string', valueName: 'PATH', description: 'Watch the cluster named by this kubeconfig.' },
@@ -29,6 +32,9 @@ cluster, files in --state-dir otherwise). See docs/controller.md.`,
     namespace: { type: 'string', valueName: 'NS', default: DEFAULT_CONTROLLER_NAMESPACE, description: 'Namespace of the mesh ConfigMap and the certificate Secret.' },
     'agent-service-account': { type: 'string', valueName: 'NS:NAME', default: DEFAULT_AGENT_SERVICE_ACCOUNT, description: "The agents' ServiceAccount (cluster mode)." },
     'cert-san': { type: 'string', multiple: true, valueName: 'NAME', description: 'Extra name or address for the serving certificate (repeatable).' },
+    'certificate-lifetime': { type: 'string', valueName: 'DURATION', description: 'Workload certificate lifetime when the mesh config sets none (default 24h; e.g. 7d for sites offline for days).' },
+    'ca-signer-name': { type: 'string', valueName: 'NAME', description: 'Sign workload certificates through the Kubernetes CSR API with this signerName (cert-manager, Vault) instead of the built-in CA.' },
+    'ca-bundle': { type: 'string', valueName: 'FILE', description: "PEM root(s) of the --ca-signer-name signer (published to every node as the trust bundle)." },
   },
   async run(values) {
     const sources = ['manifests', 'kubeconfig', 'in-cluster'].filter((k) => values[k] !== undefined);
@@ -45,6 +51,9 @@ cluster, files in --state-dir otherwise). See docs/controller.md.`,
       namespace: String(values.namespace),
       agentServiceAccount: String(values['agent-service-account']),
       ...(values['cert-san'] ? { certSans: values['cert-san'] as string[] } : {}),
+      ...(values['certificate-lifetime'] ? { certificateLifetime: String(values['certificate-lifetime']) } : {}),
+      ...(values['ca-signer-name'] ? { caSignerName: String(values['ca-signer-name']) } : {}),
+      ...(values['ca-bundle'] ? { caBundleFile: String(values['ca-bundle']) } : {}),
     });
     log.info({ url: controller.url }, 'controller serving');
     await new Promise<void>((resolve) => {

@@ -12,6 +12,7 @@ interface AgentState {
   applied?: { version: string; pods: number; at: string };
   lastError?: string;
   proxy?: ProxyView;
+  identities?: Array<{ identity: string; state: string; notAfter?: string; lastError?: string; reason?: string }>;
   sync?: { count: number; first?: SyncOutcome; last?: SyncOutcome };
 }
 
@@ -48,6 +49,10 @@ export function renderStatus(s: AgentState): string {
     rows.push(['first sync', `${syncText(f)}${f.changes === 0 && f.proxyConfigChanged !== true ? ' (adopted what was installed)' : ''}`]);
   }
   if (s.proxy) rows.push(...proxyStatusRows(s.proxy));
+  for (const i of s.identities ?? []) {
+    const detail = i.state === 'valid' ? `valid until ${i.notAfter}${i.lastError ? ` (renewal failing: ${i.lastError})` : ''}` : i.state === 'expired' ? `EXPIRED, failing closed: ${i.reason}` : `pending${i.lastError ? `: ${i.lastError}` : ''}`;
+    rows.push([`identity ${i.identity}`, detail]);
+  }
   if (s.lastError) rows.push(['last error', s.lastError]);
   for (const c of s.probe?.checks ?? []) rows.push([`probe ${c.name}`, `${c.ok ? 'ok' : 'FAILED'}: ${c.detail}`]);
   const width = Math.max(...rows.map(([k]) => k.length)) + 2;

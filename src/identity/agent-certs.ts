@@ -1,0 +1,429 @@
+import { createPrivateKey, X509Certificate } from 'node:crypto';
+import { chown, mkdir, readFile, rm, stat } from 'node:fs/promises';
+import { request } from 'node:https';
+import { join } from 'node:path';
+import { Counter, Gauge, type Registry } from 'prom-client';
+import { errorMessage, FsmNodeError } from '../errors.js';
+import { writeFileAtomic } from '../policy/store.js';
+import { DEFAULT_TRUST, type NodePolicy } from '../policy/schema.js';
+import { logger } from '../util/log.js';
+import { identityKey, sameIdentity, type WorkloadIdentity } from './spiffe.js';
+import { createCsr, generateKeyPair, parseCertificate, privateKeyToPem, splitPem, verifyChain } from './x509.js';
+
+const log = logger('identity-agent');
+
+/**
+ * The agent's workload certificates (docs/security.md "On the node"): one per
+ * identity (service account) that has a mesh pod on this node. Fetched when
+ * the first pod of an identity appears, dropped (files removed) when the last
+ * one leaves. The key pair is made here and never sent: the controller gets a
+ * CSR. Key (0600) and chain live in <stateDir>/identities/<ns>/<sa>/, so
+ * they survive an agent restart and a controller outage; they are read back
+ * at start. Renewal at half life (±10 % jitter); failures back off per
+ * identity (0.5 s doubling to 150 s) while the valid certificate stays in
+ * use. A certificate that expires without renewal makes its identity fail
+ * closed: state 'expired' with the reason, a metric and an event, never a
+ * silently expired certificate handed to the proxy.
+ */
+
+export type IdentityCertState = 'pending' | 'valid' | 'expired';
+
+export interface IdentityCert {
+  identity: WorkloadIdentity;
+  state: IdentityCertState;
+  /** Leaf first (empty while pending). */
+  certChainPem: string[];
+  keyPath: string;
+  certPath: string;
+  notAfter?: Date;
+  /** When the next renewal (or retry) is due. */
+  nextAttempt?: Date;
+  /** The last failure to obtain a certificate (cleared on success). */
+  lastError?: string;
+  /** Why the identity is failing closed (state 'expired'). */
+  reason?: string;
+}
+
+/** What the controller answers (POST /v1/nodes/:node/identities). */
+export interface IssuedAnswer {
+  certificateChain: string[];
+  trustBundle: string[];
+  notAfter: string;
+}
+
+export interface IdentityIssuer {
+  issue(identity: WorkloadIdentity, csrPem: string): Promise<IssuedAnswer>;
+}
+
+export class IdentityFetchError extends FsmNodeError {
+  constructor(
+    readonly reason: string,
+    message: string,
+    options?: { cause?: unknown },
+  ) {
+    super('FSMN_ERR_IDENTITY', message, options);
+  }
+}
+
+/** The controller's certificate endpoint over HTTPS, with the agent's node-bound token. */
+export function controllerIssuer(o: { url: string; node: string; ca: string | Buffer; token: () => string; timeoutMs?: number }): IdentityIssuer {
+  return {
+    issue: (identity, csrPem) =>
+      new Promise((resolve, reject) => {
+        const url = new URL(`/v1/nodes/${encodeURIComponent(o.node)}/identities`, o.url);
+        let token: string;
+        try {
+          token = o.token();
+        } catch (err) {
+          return reject(new IdentityFetchError('token', errorMessage(err), { cause: err }));
+        }
+        const req = request(url, { method: 'POST', ca: o.ca, agent: false, headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' } }, (res) => {
+          const chunks: Buffer[] = [];
+          res.on('data', (c: Buffer) => chunks.push(c));
+          res.on('end', () => {
+            const text = Buffer.concat(chunks).toString('utf8');
+            let body: Record<string, unknown> = {};
+            try {
+              body = JSON.parse(text) as Record<string, unknown>;
+            } catch {
+              /* reported below */
+            }
+            if (res.statusCode === 200 && Array.isArray(body.certificateChain)) return resolve(body as unknown as IssuedAnswer);
+            const why = typeof body.message === 'string' ? body.message : text.slice(0, 200);
+            reject(new IdentityFetchError(`http_${res.statusCode}`, `controller answered ${res.statusCode}: ${why}`));
+          });
+        });
+        req.setTimeout(o.timeoutMs ?? 30_000, () => req.destroy(new Error('no answer from the controller')));
+        req.on('error', (err) => reject(new IdentityFetchError('network', errorMessage(err), { cause: err })));
+        req.end(JSON.stringify({ namespace: identity.namespace, serviceAccount: identity.serviceAccount, csr: csrPem }));
+      }),
+  };
+}
+
+export interface IdentityManagerOptions {
+  stateDir: string;
+  issuer: IdentityIssuer;
+  /** Owner of key and certificate files (the proxy's runAs uid/gid), so the proxy can read its keys. */
+  owner?: { uid: number; gid: number };
+  registry?: Registry;
+  /** Backoff between failed attempts of one identity. */
+  backoff?: { initialMs: number; maxMs: number };
+  /** Renew at this fraction of the remaining lifetime (default 0.5), ± jitter (default 0.1). */
+  renewAt?: number;
+  jitter?: number;
+  now?: () => number;
+  random?: () => number;
+  /** A certificate was obtained, renewed, dropped or expired: the proxy's configuration should follow. */
+  onChange?: () => void;
+  /** An identity started or stopped failing closed (expired without renewal). */
+  onExpired?: (identity: WorkloadIdentity, reason: string | undefined) => void;
+}
+
+interface Entry {
+  cert: IdentityCert;
+  /** When the certificate in use was received (renewal is due at a fraction of [receivedAt, notAfter]). */
+  receivedAt?: number;
+  failures: number;
+  timer?: NodeJS.Timeout;
+  expiryTimer?: NodeJS.Timeout;
+  busy?: Promise<void>;
+  gone?: boolean;
+}
+
+export const IDENTITIES_DIR = 'identities';
+
+export class IdentityManager {
+  private readonly entries = new Map<string, Entry>();
+  private trustDomain = DEFAULT_TRUST.trustDomain;
+  private bundle: string[] = [];
+  private readonly now: () => number;
+  private readonly random: () => number;
+  private readonly backoff: { initialMs: number; maxMs: number };
+  private readonly failures: Counter | undefined;
+  private stopped = false;
+
+  constructor(private readonly o: IdentityManagerOptions) {
+    this.now = o.now ?? Date.now;
+    this.random = o.random ?? Math.random;
+    this.backoff = o.backoff ?? { initialMs: 500, maxMs: 150_000 };
+    if (o.registry) {
+      const entries = this.entries;
+      new Gauge({
+        name: 'fsm_node_identity_certificate_expiry_timestamp_seconds',
+        help: 'When the workload certificate of each local identity expires (Unix seconds).',
+        labelNames: ['identity'],
+        registers: [o.registry],
+        collect() {
+          this.reset();
+          for (const [k, e] of entries) if (e.cert.notAfter) this.set({ identity: k }, e.cert.notAfter.getTime() / 1000);
+        },
+      });
+      new Gauge({
+        name: 'fsm_node_identities',
+        help: 'Local identities by certificate state (expired: failing closed).',
+        labelNames: ['state'],
+        registers: [o.registry],
+        collect() {
+          this.reset();
+          for (const s of ['pending', 'valid', 'expired']) this.set({ state: s }, 0);
+          for (const e of entries.values()) this.inc({ state: e.cert.state });
+        },
+      });
+      this.failures = new Counter({
+        name: 'fsm_node_identity_certificate_failures_total',
+        help: 'Failed attempts to obtain a workload certificate, by kind (issue: none held; renew: a valid one held) and reason.',
+        labelNames: ['kind', 'reason'],
+        registers: [o.registry],
+      });
+    }
+  }
+
+  /** The local identities a policy asks for: the service accounts of this node's mesh pods. */
+  static identitiesOf(policy: NodePolicy): WorkloadIdentity[] {
+    const seen = new Map<string, WorkloadIdentity>();
+    for (const p of policy.pods) seen.set(`${p.namespace}/${p.serviceAccount}`, { namespace: p.namespace, serviceAccount: p.serviceAccount });
+    return [...seen.values()];
+  }
+
+  /**
+   * Follow a policy: start obtaining certificates for new identities (from
+   * disk when a usable one is stored, else from the controller), drop those
+   * whose last pod left. A trust domain change renews every identity.
+   */
+  update(policy: NodePolicy): void {
+    if (this.stopped) return;
+    const trust = policy.trust ?? DEFAULT_TRUST;
+    const bundleChanged = trust.bundle.join('') !== this.bundle.join('');
+    this.bundle = trust.bundle;
+    const domainChanged = trust.trustDomain !== this.trustDomain;
+    this.trustDomain = trust.trustDomain;
+    const want = new Map(IdentityManager.identitiesOf(policy).map((id) => [identityKey(id), id]));
+    for (const [k, e] of this.entries) {
+      if (!want.has(k)) this.drop(k, e);
+      else if (domainChanged) this.schedule(e, 0);
+      else if (bundleChanged && e.cert.state === 'valid') {
+        // End of a root rotation: a certificate of a root no longer trusted is renewed now, not at half life.
+        const chain = e.cert.certChainPem;
+        void this.verify(chain, this.bundle).then((why) => {
+          if (why && e.cert.certChainPem === chain) {
+            log.info({ identity: k, why }, 'certificate no longer verifies against the trust bundle; renewing now');
+            this.schedule(e, 0);
+          }
+        });
+      }
+    }
+    for (const [k, id] of want) {
+      if (this.entries.has(k)) continue;
+      const dir = join(this.o.stateDir, IDENTITIES_DIR, id.namespace, id.serviceAccount);
+      const e: Entry = { cert: { identity: id, state: 'pending', certChainPem: [], keyPath: join(dir, 'key.pem'), certPath: join(dir, 'cert.pem') }, failures: 0 };
+      this.entries.set(k, e);
+      e.busy = this.loadStored(e).then((ok) => {
+        e.busy = undefined;
+        if (!ok) this.schedule(e, 0);
+      });
+    }
+  }
+
+  /** Every local identity: its chain, key and certificate paths, expiry and state. */
+  snapshot(): Map<string, IdentityCert> {
+    return new Map([...this.entries].map(([k, e]) => [k, { ...e.cert, identity: { ...e.cert.identity }, certChainPem: [...e.cert.certChainPem] }]));
+  }
+
+  /** For /v1/state and `fsm-node status`. */
+  status(): { identity: string; state: IdentityCertState; notAfter?: string; nextAttempt?: string; lastError?: string; reason?: string }[] {
+    return [...this.entries].map(([k, e]) => ({
+      identity: k,
+      state: e.cert.state,
+      ...(e.cert.notAfter ? { notAfter: e.cert.notAfter.toISOString() } : {}),
+      ...(e.cert.nextAttempt ? { nextAttempt: e.cert.nextAttempt.toISOString() } : {}),
+      ...(e.cert.lastError ? { lastError: e.cert.lastError } : {}),
+      ...(e.cert.reason ? { reason: e.cert.reason } : {}),
+    }));
+  }
+
+  /** Identities failing closed, with the reason (reported to the controller for a Node Event). */
+  expired(): { namespace: string; serviceAccount: string; reason: string }[] {
+    return [...this.entries.values()].filter((e) => e.cert.state === 'expired').map((e) => ({ ...e.cert.identity, reason: e.cert.reason ?? 'expired' }));
+  }
+
+  /** Wait until no fetch is under way (tests, shutdown). */
+  async settled(): Promise<void> {
+    for (;;) {
+      const busy = [...this.entries.values()].map((e) => e.busy).filter(Boolean);
+      if (busy.length === 0) return;
+      await Promise.all(busy);
+    }
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    for (const e of this.entries.values()) this.clearTimers(e);
+    await this.settled();
+  }
+
+  // ---- internals -------------------------------------------------------------
+
+  private schedule(e: Entry, delayMs: number): void {
+    if (this.stopped || e.gone) return;
+    if (e.timer) clearTimeout(e.timer);
+    e.cert.nextAttempt = new Date(this.now() + delayMs);
+    e.timer = setTimeout(() => {
+      e.timer = undefined;
+      if (e.busy) return this.schedule(e, 50);
+      e.busy = this.fetch(e).finally(() => (e.busy = undefined));
+    }, delayMs);
+    e.timer.unref();
+  }
+
+  private async fetch(e: Entry): Promise<void> {
+    const id = e.cert.identity;
+    const k = identityKey(id);
+    const kind = e.cert.state === 'valid' ? 'renew' : 'issue';
+    try {
+      const keys = await generateKeyPair();
+      const csr = await createCsr(keys, this.trustDomain, id);
+      const answer = await this.o.issuer.issue(id, csr);
+      const keyPem = await privateKeyToPem(keys.privateKey);
+      const chain = answer.certificateChain.flatMap((p) => splitPem(p));
+      this.check(chain, keyPem, id);
+      // The controller's answer comes over the same authenticated channel as the policy: its bundle is as good.
+      const why = await verifyChain(chain, answer.trustBundle ?? [], new Date(this.now()));
+      if (why) throw new IdentityFetchError('invalid_answer', `the certificate returned does not verify against the trust bundle: ${why}`);
+      if (e.gone || this.stopped) return;
+      await this.store(e, keyPem, chain);
+      if (e.gone) return void (await this.removeFiles(e));
+      e.failures = 0;
+      this.install(e, chain, this.now());
+      log.info({ identity: k, notAfter: e.cert.notAfter!.toISOString(), kind }, kind === 'renew' ? 'certificate renewed' : 'certificate obtained');
+      this.o.onChange?.();
+    } catch (err) {
+      if (e.gone || this.stopped) return;
+      e.failures++;
+      const reason = err instanceof IdentityFetchError ? err.reason : err instanceof FsmNodeError ? err.code : 'error';
+      this.failures?.inc({ kind, reason });
+      e.cert.lastError = errorMessage(err);
+      const delay = Math.min(this.backoff.maxMs, this.backoff.initialMs * 2 ** Math.min(e.failures - 1, 30));
+      log.warn({ identity: k, kind, failures: e.failures, retryInMs: Math.round(delay), err: e.cert.lastError }, 'could not obtain a certificate; keeping the one held, if valid');
+      this.schedule(e, delay);
+    }
+  }
+
+  /** The chain must be for this identity (in the current trust domain) and this key. */
+  private check(chain: string[], keyPem: string, id: WorkloadIdentity): void {
+    if (chain.length === 0) throw new IdentityFetchError('invalid_answer', 'the controller returned no certificate');
+    const leaf = parseCertificate(chain[0]!, 'certificateChain[0]');
+    if (!leaf.identity || !sameIdentity(leaf.identity, id) || leaf.trustDomain !== this.trustDomain) {
+      throw new IdentityFetchError('invalid_answer', `the controller returned a certificate for ${leaf.uris.join(',') || leaf.subject}, not ${identityKey(id)} in ${this.trustDomain}`);
+    }
+    if (!new X509Certificate(chain[0]!).checkPrivateKey(createPrivateKey(keyPem))) throw new IdentityFetchError('invalid_answer', 'the certificate is not for the key this node generated');
+  }
+
+  private async verify(chain: string[], bundle: string[]): Promise<string | undefined> {
+    return bundle.length ? verifyChain(chain, bundle, new Date(this.now())) : undefined;
+  }
+
+  private install(e: Entry, chain: string[], receivedAt: number): void {
+    const leaf = parseCertificate(chain[0]!);
+    const wasExpired = e.cert.state === 'expired';
+    e.cert = { ...e.cert, state: 'valid', certChainPem: chain, notAfter: leaf.notAfter, lastError: undefined, reason: undefined };
+    e.receivedAt = receivedAt;
+    const lifetime = leaf.notAfter.getTime() - receivedAt;
+    const fraction = (this.o.renewAt ?? 0.5) * (1 + (this.o.jitter ?? 0.1) * (2 * this.random() - 1));
+    this.schedule(e, Math.max(0, lifetime * fraction));
+    if (e.expiryTimer) clearTimeout(e.expiryTimer);
+    // setTimeout holds at most ~24.8 days; a longer certificate re-arms on its renewal anyway.
+    e.expiryTimer = setTimeout(() => this.expire(e), Math.min(Math.max(0, leaf.notAfter.getTime() - this.now()), 2 ** 31 - 1));
+    e.expiryTimer.unref();
+    if (wasExpired) {
+      log.info({ identity: identityKey(e.cert.identity) }, 'identity has a valid certificate again');
+      this.o.onExpired?.(e.cert.identity, undefined);
+    }
+  }
+
+  private expire(e: Entry): void {
+    e.expiryTimer = undefined;
+    if (e.gone || !e.cert.notAfter || e.cert.notAfter.getTime() > this.now()) return;
+    const k = identityKey(e.cert.identity);
+    const reason = `certificate expired at ${e.cert.notAfter.toISOString()} without renewal${e.cert.lastError ? `: ${e.cert.lastError}` : ''}`;
+    e.cert = { ...e.cert, state: 'expired', reason };
+    log.error({ identity: k, reason }, 'identity fails closed: its certificate expired');
+    this.o.onExpired?.(e.cert.identity, reason);
+    this.o.onChange?.();
+  }
+
+  /** A stored key and chain that match, name the identity in the current trust domain and have not expired. */
+  private async loadStored(e: Entry): Promise<boolean> {
+    let keyPem: string;
+    let certText: string;
+    let receivedAt: number;
+    try {
+      [keyPem, certText] = await Promise.all([readFile(e.cert.keyPath, 'utf8'), readFile(e.cert.certPath, 'utf8')]);
+      receivedAt = (await stat(e.cert.certPath)).mtimeMs;
+    } catch {
+      return false;
+    }
+    const k = identityKey(e.cert.identity);
+    try {
+      const chain = splitPem(certText);
+      this.check(chain, keyPem, e.cert.identity);
+      const leaf = parseCertificate(chain[0]!);
+      if (leaf.notAfter.getTime() <= this.now()) {
+        log.info({ identity: k, notAfter: leaf.notAfter.toISOString() }, 'stored certificate has expired; fetching a new one');
+        return false;
+      }
+      const why = await this.verify(chain, this.bundle);
+      if (why) {
+        log.info({ identity: k, why }, 'stored certificate does not verify against the trust bundle; fetching a new one');
+        return false;
+      }
+      if (e.gone || this.stopped) return true;
+      this.install(e, chain, Math.min(receivedAt, this.now()));
+      log.info({ identity: k, notAfter: leaf.notAfter.toISOString() }, 'using the stored certificate');
+      this.o.onChange?.();
+      return true;
+    } catch (err) {
+      log.warn({ identity: k, err: errorMessage(err) }, 'stored certificate unusable; fetching a new one');
+      return false;
+    }
+  }
+
+  private async store(e: Entry, keyPem: string, chain: string[]): Promise<void> {
+    const dir = join(e.cert.keyPath, '..');
+    const base = join(this.o.stateDir, IDENTITIES_DIR);
+    await mkdir(base, { recursive: true, mode: 0o711 });
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    // Key first: a crash between the two leaves a key without its certificate, which loadStored refuses (mismatch).
+    await writeFileAtomic(e.cert.keyPath, keyPem, 0o600);
+    await writeFileAtomic(e.cert.certPath, chain.join(''), 0o644);
+    if (this.o.owner) {
+      const { uid, gid } = this.o.owner;
+      for (const p of [join(dir, '..'), dir, e.cert.keyPath, e.cert.certPath]) await chown(p, uid, gid);
+    }
+  }
+
+  private drop(k: string, e: Entry): void {
+    e.gone = true;
+    this.clearTimers(e);
+    this.entries.delete(k);
+    log.info({ identity: k }, 'last pod of the identity left; certificate dropped');
+    void (async () => {
+      await e.busy;
+      await this.removeFiles(e);
+    })();
+    if (e.cert.state === 'expired') this.o.onExpired?.(e.cert.identity, undefined);
+    this.o.onChange?.();
+  }
+
+  private async removeFiles(e: Entry): Promise<void> {
+    // Only if no newer entry of the same identity took the directory over.
+    const again = this.entries.get(identityKey(e.cert.identity));
+    if (again && again !== e) return;
+    await rm(join(e.cert.keyPath, '..'), { recursive: true, force: true }).catch((err: unknown) => log.warn({ err: errorMessage(err) }, 'could not remove certificate files'));
+  }
+
+  private clearTimers(e: Entry): void {
+    if (e.timer) clearTimeout(e.timer);
+    if (e.expiryTimer) clearTimeout(e.expiryTimer);
+    e.timer = e.expiryTimer = undefined;
+  }
+}

@@ -1,0 +1,185 @@
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Registry } from 'prom-client';
+import { IdentityFetchError, IdentityManager, type IdentityIssuer } from '../../src/identity/agent-certs.js';
+import type { WorkloadIdentity } from '../../src/identity/spiffe.js';
+import { createRoot, loadSigner, parseCertificate, signLeaf, type CaSigner } from '../../src/identity/x509.js';
+import type { NodePolicy } from '../../src/policy/schema.js';
+import { eventually } from '../support/eventually.js';
+
+const TD = 'cluster.local';
+let dir: string;
+let ca: { certPem: string; signer: CaSigner };
+let managers: IdentityManager[] = [];
+
+/** An issuer that signs like the controller would, with a lifetime the test picks, and can be made to fail. */
+function testIssuer(o: { lifetimeMs: number; fail?: () => boolean; identityOverride?: WorkloadIdentity }) {
+  const calls: string[] = [];
+  const issuer: IdentityIssuer = {
+    async issue(identity, csrPem) {
+      calls.push(`${identity.namespace}/${identity.serviceAccount}`);
+      if (o.fail?.()) throw new IdentityFetchError('network', 'controller unreachable (test)');
+      const r = await signLeaf(csrPem, ca.signer, { trustDomain: TD, identity: o.identityOverride ?? identity, lifetimeMs: o.lifetimeMs });
+      return { certificateChain: r.chainPem, trustBundle: [ca.certPem], notAfter: r.notAfter.toISOString() };
+    },
+  };
+  return { issuer, calls };
+}
+
+function policy(pods: { ns: string; sa: string }[]): NodePolicy {
+  return {
+    pods: pods.map((p, i) => ({ uid: `u${i}`, namespace: p.ns, name: `p${i}`, ip: `10.0.0.${i + 1}`, serviceAccount: p.sa, cgroup: { qosClass: null, path: null }, exclusions: { outboundPorts: [], outboundCidrs: [], outboundIncludeCidrs: [], inboundPorts: [] } })),
+    trust: { trustDomain: TD, bundle: [ca.certPem] },
+  } as unknown as NodePolicy;
+}
+
+function manager(o: ConstructorParameters<typeof IdentityManager>[0]) {
+  const m = new IdentityManager(o);
+  managers.push(m);
+  return m;
+}
+
+beforeAll(async () => {
+  const root = await createRoot({ commonName: 'agent test root', lifetimeMs: 24 * 3600_000 });
+  ca = { certPem: root.certPem, signer: await loadSigner(root.certPem, root.keyPem) };
+});
+beforeEach(() => {
+  dir = mkdtempSync(join(tmpdir(), 'fsmt-idagent-'));
+});
+afterEach(async () => {
+  for (const m of managers) await m.stop();
+  managers = [];
+  rmSync(dir, { recursive: true, force: true });
+});
+
+const web = { ns: 'demo', sa: 'web' };
+const db = { ns: 'demo', sa: 'db' };
+
+describe('agent identity certificates', () => {
+  test('a certificate per local identity: fetched when a pod appears, key 0600 on disk, dropped with the last pod', async () => {
+    const { issuer, calls } = testIssuer({ lifetimeMs: 3600_000 });
+    let changes = 0;
+    const m = manager({ stateDir: dir, issuer, onChange: () => changes++ });
+    m.update(policy([web, web, db]));
+    const snap = await eventually(async () => m.snapshot(), (s) => [...s.values()].every((c) => c.state === 'valid'));
+    expect([...snap.keys()].sort()).toEqual(['demo/db', 'demo/web']);
+    expect(calls.sort()).toEqual(['demo/db', 'demo/web']);
+    const w = snap.get('demo/web')!;
+    expect(w.keyPath).toBe(join(dir, 'identities', 'demo', 'web', 'key.pem'));
+    expect(w.certPath).toBe(join(dir, 'identities', 'demo', 'web', 'cert.pem'));
+    expect(statSync(w.keyPath).mode & 0o777).toBe(0o600);
+    expect(parseCertificate(readFileSync(w.certPath, 'utf8')).identity).toEqual({ namespace: 'demo', serviceAccount: 'web' });
+    expect(w.certChainPem[0]).toBe(readFileSync(w.certPath, 'utf8'));
+    expect(changes).toBe(2);
+    // Another pod of web leaves: nothing happens; the last pod of db leaves: db is dropped.
+    m.update(policy([web]));
+    expect([...m.snapshot().keys()]).toEqual(['demo/web']);
+    await eventually(async () => existsSync(join(dir, 'identities', 'demo', 'db')), (v) => !v);
+    expect(existsSync(join(dir, 'identities', 'demo', 'db'))).toBe(false);
+    expect(existsSync(w.keyPath)).toBe(true);
+  });
+
+  test('an agent restart reuses the stored key and certificate without asking the controller', async () => {
+    const first = testIssuer({ lifetimeMs: 3600_000 });
+    const a = manager({ stateDir: dir, issuer: first.issuer });
+    a.update(policy([web]));
+    const before = await eventually(async () => a.snapshot().get('demo/web'), (c) => c?.state === 'valid');
+    await a.stop();
+    const second = testIssuer({ lifetimeMs: 3600_000, fail: () => true }); // and the controller is gone
+    const b = manager({ stateDir: dir, issuer: second.issuer });
+    b.update(policy([web]));
+    const after = await eventually(async () => b.snapshot().get('demo/web'), (c) => c?.state === 'valid');
+    expect(after!.certChainPem).toEqual(before!.certChainPem);
+    expect(second.calls).toEqual([]);
+  });
+
+  test('renewal at half life with jitter: a new key and certificate before expiry', async () => {
+    const { issuer, calls } = testIssuer({ lifetimeMs: 3000 });
+    const m = manager({ stateDir: dir, issuer, random: () => 1 }); // +10 %: at 55 % of the remaining lifetime
+    m.update(policy([web]));
+    const first = await eventually(async () => m.snapshot().get('demo/web'), (c) => c?.state === 'valid');
+    const key1 = readFileSync(first!.keyPath, 'utf8');
+    // notAfter has whole seconds, so the remaining lifetime is 2-3 s.
+    const remaining = first!.notAfter!.getTime() - Date.now();
+    const due = first!.nextAttempt!.getTime() - Date.now();
+    expect(due).toBeGreaterThan(0.5 * remaining);
+    expect(due).toBeLessThan(0.6 * remaining);
+    const second = await eventually(async () => m.snapshot().get('demo/web'), (c) => c!.notAfter!.getTime() > first!.notAfter!.getTime(), 3000);
+    expect(calls).toEqual(['demo/web', 'demo/web']);
+    expect(second!.state).toBe('valid');
+    expect(readFileSync(first!.keyPath, 'utf8')).not.toBe(key1);
+  });
+
+  test('failures back off per identity (doubling) and keep the valid certificate; counted by reason', async () => {
+    let failing = false;
+    const { issuer, calls } = testIssuer({ lifetimeMs: 6000, fail: () => failing });
+    const registry = new Registry();
+    const m = manager({ stateDir: dir, issuer, registry, backoff: { initialMs: 40, maxMs: 1000 }, renewAt: 0.1, jitter: 0 });
+    m.update(policy([web]));
+    const held = await eventually(async () => m.snapshot().get('demo/web'), (c) => c?.state === 'valid');
+    failing = true;
+    const times: number[] = [];
+    const n0 = calls.length;
+    await eventually(async () => {
+      while (times.length < calls.length - n0) times.push(Date.now());
+      return calls.length - n0;
+    }, (n) => n >= 5, 3000);
+    const snap = m.snapshot().get('demo/web')!;
+    expect(snap.state).toBe('valid');
+    expect(snap.certChainPem).toEqual(held!.certChainPem);
+    expect(snap.lastError).toBe('controller unreachable (test)');
+    // Gaps grow: 40, 80, 160, 320 ms (polling adds up to 50 ms of noise).
+    const gaps = times.slice(1).map((t, i) => t - times[i]!);
+    expect(gaps[gaps.length - 1]!).toBeGreaterThan(gaps[0]! + 100);
+    expect(await registry.metrics()).toMatch(/fsm_node_identity_certificate_failures_total\{kind="renew",reason="network"\} [4-9]/);
+  });
+
+  test('a certificate that expires without renewal fails closed with a reason, metric and event; it recovers when the controller is back', async () => {
+    let failing = false;
+    const { issuer } = testIssuer({ lifetimeMs: 1200, fail: () => failing });
+    const registry = new Registry();
+    const events: [string, string | undefined][] = [];
+    const m = manager({ stateDir: dir, issuer, registry, backoff: { initialMs: 100, maxMs: 200 }, onExpired: (id, reason) => events.push([`${id.namespace}/${id.serviceAccount}`, reason]) });
+    m.update(policy([web]));
+    await eventually(async () => m.snapshot().get('demo/web'), (c) => c?.state === 'valid');
+    failing = true;
+    const expired = await eventually(async () => m.snapshot().get('demo/web'), (c) => c?.state === 'expired', 3000);
+    expect(expired!.state).toBe('expired');
+    expect(expired!.reason).toMatch(/^certificate expired at .* without renewal: controller unreachable \(test\)$/);
+    expect(m.expired()).toEqual([{ namespace: 'demo', serviceAccount: 'web', reason: expired!.reason }]);
+    expect(events).toEqual([['demo/web', expired!.reason]]);
+    expect(await registry.metrics()).toMatch(/fsm_node_identities\{state="expired"\} 1/);
+    failing = false;
+    const back = await eventually(async () => m.snapshot().get('demo/web'), (c) => c?.state === 'valid', 3000);
+    expect(back!.state).toBe('valid');
+    expect(events[1]).toEqual(['demo/web', undefined]);
+    expect(await registry.metrics()).toMatch(/fsm_node_identity_certificate_expiry_timestamp_seconds\{identity="demo\/web"\} \d+/);
+  });
+
+  test('an answer for another identity is refused and retried; nothing is stored', async () => {
+    const { issuer, calls } = testIssuer({ lifetimeMs: 3600_000, identityOverride: { namespace: 'demo', serviceAccount: 'admin' } });
+    const m = manager({ stateDir: dir, issuer, backoff: { initialMs: 30, maxMs: 60 } });
+    m.update(policy([web]));
+    const c = await eventually(async () => m.snapshot().get('demo/web'), (x) => (x?.lastError ?? '') !== '' && calls.length >= 2);
+    expect(c!.state).toBe('pending');
+    expect(c!.lastError).toBe('the controller returned a certificate for spiffe://cluster.local/ns/demo/sa/admin, not demo/web in cluster.local');
+    expect(existsSync(c!.keyPath)).toBe(false);
+  });
+
+  test('a stored certificate that does not match its key (a torn write) is replaced', async () => {
+    const { issuer } = testIssuer({ lifetimeMs: 3600_000 });
+    const a = manager({ stateDir: dir, issuer });
+    a.update(policy([web, db]));
+    await eventually(async () => [...a.snapshot().values()].map((c) => c.state), (s) => s.every((x) => x === 'valid'));
+    await a.stop();
+    // Swap web's key for db's: a torn write would look like this.
+    const { copyFileSync } = await import('node:fs');
+    copyFileSync(join(dir, 'identities/demo/db/key.pem'), join(dir, 'identities/demo/web/key.pem'));
+    const again = testIssuer({ lifetimeMs: 3600_000 });
+    const b = manager({ stateDir: dir, issuer: again.issuer });
+    b.update(policy([web, db]));
+    await eventually(async () => [...b.snapshot().values()].map((c) => c.state), (s) => s.length === 2 && s.every((x) => x === 'valid'));
+    expect(again.calls).toEqual(['demo/web']);
+  });
+});

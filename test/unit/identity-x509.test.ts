@@ -1,0 +1,131 @@
+import { X509Certificate, generateKeyPairSync } from 'node:crypto';
+import { InvalidInputError } from '../../src/errors.js';
+import {
+  createCsr,
+  createIntermediate,
+  createRoot,
+  generateKeyPair,
+  loadSigner,
+  namesDisagree,
+  parseCertificate,
+  parseCsr,
+  privateKeyToPem,
+  signLeaf,
+  splitPem,
+  verifyChain,
+} from '../../src/identity/x509.js';
+
+const TD = 'cluster.local';
+const id = { namespace: 'demo', serviceAccount: 'web' };
+const DAY = 24 * 3600_000;
+
+async function rootSigner(name = 'test root') {
+  const root = await createRoot({ commonName: name, lifetimeMs: 365 * DAY });
+  return { root, signer: await loadSigner(root.certPem, root.keyPem) };
+}
+
+describe('workload X.509', () => {
+  test('a CSR carries the identity in CN, DNS SAN and SPIFFE URI SAN, with a P-256 key', async () => {
+    const keys = await generateKeyPair();
+    const csr = await parseCsr(await createCsr(keys, TD, id));
+    expect(csr).toMatchObject({
+      commonNames: ['web.demo.sa.cluster.local'],
+      dnsNames: ['web.demo.sa.cluster.local'],
+      uris: ['spiffe://cluster.local/ns/demo/sa/web'],
+      otherNames: [],
+      keyAlgorithm: 'ECDSA P-256',
+      signatureValid: true,
+    });
+  });
+
+  test('a leaf signed by a root: names, usages, backdated notBefore, chain verifies; node crypto agrees', async () => {
+    const { root, signer } = await rootSigner();
+    const keys = await generateKeyPair();
+    const now = new Date();
+    const leaf = await signLeaf(await createCsr(keys, TD, id), signer, { trustDomain: TD, identity: id, lifetimeMs: DAY, now });
+    expect(leaf.chainPem).toEqual([leaf.certPem]);
+    const info = parseCertificate(leaf.certPem);
+    expect(info.identity).toEqual(id);
+    expect(info.trustDomain).toBe(TD);
+    expect(info.isCa).toBe(false);
+    expect(namesDisagree(info)).toBeUndefined();
+    expect(info.notBefore.getTime()).toBe(Math.floor((now.getTime() - 5 * 60_000) / 1000) * 1000);
+    expect(info.notAfter.getTime()).toBe(Math.floor((now.getTime() + DAY) / 1000) * 1000);
+    expect(await verifyChain(leaf.chainPem, [root.certPem])).toBeUndefined();
+
+    // An independent reader (OpenSSL inside node) sees the same certificate.
+    const n = new X509Certificate(leaf.certPem);
+    expect(n.checkIssued(new X509Certificate(root.certPem))).toBe(true);
+    expect(n.verify(new X509Certificate(root.certPem).publicKey)).toBe(true);
+    expect(n.subjectAltName).toBe('DNS:web.demo.sa.cluster.local, URI:spiffe://cluster.local/ns/demo/sa/web');
+    expect(n.keyUsage).toEqual(expect.arrayContaining(['1.3.6.1.5.5.7.3.1', '1.3.6.1.5.5.7.3.2']));
+    expect(n.subject).toBe('CN=web.demo.sa.cluster.local');
+  });
+
+  test('the private key exported as PKCS#8 matches the issued certificate', async () => {
+    const { signer } = await rootSigner();
+    const keys = await generateKeyPair();
+    const leaf = await signLeaf(await createCsr(keys, TD, id), signer, { trustDomain: TD, identity: id, lifetimeMs: DAY });
+    const { createPrivateKey } = await import('node:crypto');
+    expect(new X509Certificate(leaf.certPem).checkPrivateKey(createPrivateKey(await privateKeyToPem(keys.privateKey)))).toBe(true);
+  });
+
+  test('an intermediate signs; the chain carries it; verification needs only the root', async () => {
+    const { root, signer } = await rootSigner();
+    const inter = await createIntermediate(signer, { commonName: 'test intermediate', lifetimeMs: 30 * DAY });
+    const interSigner = await loadSigner(inter.certPem, inter.keyPem);
+    const keys = await generateKeyPair();
+    const leaf = await signLeaf(await createCsr(keys, TD, id), interSigner, { trustDomain: TD, identity: id, lifetimeMs: DAY });
+    expect(leaf.chainPem).toHaveLength(2);
+    expect(leaf.chainPem[1]).toBe(inter.certPem);
+    expect(await verifyChain(leaf.chainPem, [root.certPem])).toBeUndefined();
+    // Without the intermediate the leaf does not reach the root.
+    expect(await verifyChain([leaf.certPem], [root.certPem])).toMatch(/not signed by any root/);
+    // The intermediate's lifetime caps the leaf's.
+    const long = await signLeaf(await createCsr(keys, TD, id), interSigner, { trustDomain: TD, identity: id, lifetimeMs: 365 * DAY });
+    expect(long.notAfter.getTime()).toBeLessThanOrEqual(parseCertificate(inter.certPem).notAfter.getTime());
+  });
+
+  test('verification refuses a foreign root, an expired leaf, and a non-CA issuer', async () => {
+    const { signer } = await rootSigner('ours');
+    const foreign = await createRoot({ commonName: 'ours', lifetimeMs: 365 * DAY }); // same name, other key
+    const keys = await generateKeyPair();
+    const leaf = await signLeaf(await createCsr(keys, TD, id), signer, { trustDomain: TD, identity: id, lifetimeMs: DAY });
+    expect(await verifyChain(leaf.chainPem, [foreign.certPem])).toMatch(/not signed by any root/);
+    expect(await verifyChain(leaf.chainPem, [foreign.certPem], new Date(Date.now() + 2 * DAY))).toMatch(/is not valid at/);
+    const other = await signLeaf(await createCsr(await generateKeyPair(), TD, id), signer, { trustDomain: TD, identity: id, lifetimeMs: DAY });
+    expect(await verifyChain([leaf.certPem, other.certPem], [signer.certPem])).toMatch(/is not a CA/);
+    expect(await verifyChain([], [signer.certPem])).toBe('empty chain');
+    expect(await verifyChain(leaf.chainPem, [])).toBe('empty trust bundle');
+  });
+
+  test('a CSR whose signature does not verify is refused', async () => {
+    const { signer } = await rootSigner();
+    const a = await createCsr(await generateKeyPair(), TD, id);
+    // Flip one byte inside the signature (the last bytes of the DER).
+    const body = a.replace(/-----[^-]+-----/g, '').replace(/\s+/g, '');
+    const der = Buffer.from(body, 'base64');
+    der[der.length - 3] = der[der.length - 3]! ^ 0xff;
+    const tampered = `-----BEGIN CERTIFICATE REQUEST-----\n${der.toString('base64').replace(/(.{64})/g, '$1\n')}\n-----END CERTIFICATE REQUEST-----\n`;
+    await expect(signLeaf(tampered, signer, { trustDomain: TD, identity: id, lifetimeMs: DAY })).rejects.toThrow(/signature does not verify/);
+    await expect(parseCsr('not a csr')).rejects.toThrow(InvalidInputError);
+  });
+
+  test('user-supplied CA keys: RSA and SEC1 EC PEM are accepted; a mismatched key is refused', async () => {
+    const rsa = generateKeyPairSync('rsa', { modulusLength: 2048 });
+    const ec = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+    const { root } = await rootSigner();
+    await expect(loadSigner(root.certPem, ec.privateKey.export({ type: 'sec1', format: 'pem' }) as string)).rejects.toThrow(/does not belong to certificate/);
+    await expect(loadSigner(root.certPem, rsa.privateKey.export({ type: 'pkcs1', format: 'pem' }) as string)).rejects.toThrow(/does not belong/);
+    const keys = await generateKeyPair();
+    const leaf = await signLeaf(await createCsr(keys, TD, id), await loadSigner(root.certPem, root.keyPem), { trustDomain: TD, identity: id, lifetimeMs: DAY });
+    await expect(loadSigner(leaf.certPem, root.keyPem)).rejects.toThrow(/is not a CA certificate/);
+  });
+
+  test('splitPem keeps order', async () => {
+    const a = await createRoot({ commonName: 'a', lifetimeMs: DAY });
+    const b = await createRoot({ commonName: 'b', lifetimeMs: DAY });
+    expect(splitPem(a.certPem + b.certPem)).toEqual([a.certPem, b.certPem]);
+    expect(splitPem('nothing')).toEqual([]);
+  });
+});

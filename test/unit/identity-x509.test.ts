@@ -129,3 +129,62 @@ describe('workload X.509', () => {
     expect(splitPem('nothing')).toEqual([]);
   });
 });
+
+describe('workload certificates in a real TLS 1.3 handshake (OpenSSL via node:tls)', () => {
+  async function leafFor(signer: Awaited<ReturnType<typeof rootSigner>>['signer'], sa: string) {
+    const keys = await generateKeyPair();
+    const identity = { namespace: 'demo', serviceAccount: sa };
+    const leaf = await signLeaf(await createCsr(keys, TD, identity), signer, { trustDomain: TD, identity, lifetimeMs: DAY });
+    return { cert: leaf.chainPem.join(''), key: await privateKeyToPem(keys.privateKey) };
+  }
+
+  async function handshake(server: { cert: string; key: string; ca: string }, client: { cert: string; key: string; ca: string }): Promise<{ ok: boolean; peerOfServer?: string; peerOfClient?: string; error?: string }> {
+    const tls = await import('node:tls');
+    return new Promise((resolve) => {
+      let peerOfServer: string | undefined;
+      const srv = tls.createServer({ ...server, requestCert: true, rejectUnauthorized: true, minVersion: 'TLSv1.3' }, (s) => {
+        peerOfServer = s.getPeerCertificate().subjectaltname;
+        s.end('hi');
+      });
+      const sockets = new Set<import('node:net').Socket>();
+      srv.on('connection', (s) => sockets.add(s));
+      srv.on('tlsClientError', () => undefined);
+      srv.listen(0, '127.0.0.1', () => {
+        const port = (srv.address() as { port: number }).port;
+        const c = tls.connect({ port, host: '127.0.0.1', ...client, servername: 'web.demo.sa.cluster.local', minVersion: 'TLSv1.3', checkServerIdentity: () => undefined });
+        let settled = false;
+        const done = (r: { ok: boolean; error?: string; peerOfClient?: string }) => {
+          if (settled) return;
+          settled = true;
+          c.destroy();
+          for (const s of sockets) s.destroy();
+          srv.close();
+          resolve({ ...r, peerOfServer });
+        };
+        c.on('data', () => done({ ok: true, peerOfClient: c.getPeerCertificate().subjectaltname }));
+        c.on('error', (err) => done({ ok: false, error: err.message }));
+        // TLS 1.3: the client is done before the server has judged its certificate; the refusal arrives as an alert or a close.
+        c.on('close', () => done({ ok: false, error: 'closed by the server' }));
+      });
+    });
+  }
+
+  test('two identities of one root authenticate each other; the peer identity is in its SANs', async () => {
+    const { root, signer } = await rootSigner();
+    const web = await leafFor(signer, 'web');
+    const db = await leafFor(signer, 'db');
+    const r = await handshake({ ...web, ca: root.certPem }, { ...db, ca: root.certPem });
+    expect(r).toEqual({ ok: true, peerOfServer: 'DNS:db.demo.sa.cluster.local, URI:spiffe://cluster.local/ns/demo/sa/db', peerOfClient: 'DNS:web.demo.sa.cluster.local, URI:spiffe://cluster.local/ns/demo/sa/web' });
+  });
+
+  test('a client certificate from a foreign CA is refused', async () => {
+    const ours = await rootSigner('ours');
+    const foreign = await rootSigner('foreign');
+    const web = await leafFor(ours.signer, 'web');
+    const intruder = await leafFor(foreign.signer, 'db');
+    const r = await handshake({ ...web, ca: ours.root.certPem }, { ...intruder, ca: ours.root.certPem });
+    expect(r.ok).toBe(false);
+    expect(r.error).toMatch(/unknown ca|certificate|closed by the server/i);
+    expect(r.peerOfServer).toBeUndefined();
+  });
+});

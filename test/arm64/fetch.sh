@@ -6,17 +6,9 @@
 source "$(dirname "$0")/lib.sh"
 mkdir -p "$CACHE/detail"
 
-# ---- host packages (amd64): installed like .ci/setup does, only what is missing
-missing=()
-for p in "${HOST_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  [ "$(id -u)" -eq 0 ] || die "host packages missing (${missing[*]}): run as root or install them"
-  say "installing host packages: ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+# ---- host packages (amd64): the cross compiler, both QEMUs, cpio, kmod, file
+# are in the project's one package list; .ci/setup installs what is missing.
+bash "$ROOT/.ci/setup" --packages | sed 's/^setup:/arm64: host packages:/'
 
 # ---- the private arm64 package lists: fetched once, refreshed when a cached
 # list points at a .deb the archive no longer has

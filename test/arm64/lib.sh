@@ -30,9 +30,6 @@ TREE="$CACHE/tree"
 ADDON="$CACHE/addon/build/Release/fsm_bpf.node"
 TRIPLET=aarch64-linux-gnu
 
-# Host (amd64) packages: the cross compiler, both QEMUs, cpio for the initramfs.
-HOST_PACKAGES=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu binutils-aarch64-linux-gnu qemu-user qemu-system-arm cpio kmod)
-
 # arm64 packages unpacked into the sysroot: what the addon links against
 # (static libbpf and zlib, dynamic libelf) and what node needs at run time.
 SYSROOT_PACKAGES=(libbpf-dev libbpf1 libelf-dev libelf1 zlib1g-dev zlib1g libc6 libstdc++6 libgcc-s1)

@@ -11,7 +11,7 @@ import { Topology, type TopoNode, type TopoPod } from '../../src/lab/topology.js
 import type { ConnectionRecord } from '../../src/proxy/passthrough.js';
 import { run } from '../../src/util/exec.js';
 import { bpfObjectDir } from '../../src/util/paths.js';
-import { eventually } from '../support/eventually.js';
+import { bpfObjectAlive, bpfObjectsLeft } from '../support/bpf-objects.js';
 import { uniqueTestPrefix } from '../support/names.js';
 import { echo, startEchoServer, startLoad, waitForOutput } from '../support/traffic.js';
 
@@ -191,15 +191,12 @@ describe('eBPF dataplane', () => {
     legacy.pin(join(node.bpffsDir, 'links', 'legacy_connect4'));
     const legacyId = legacy.info().id;
     legacy.close();
-    const attachedIds = async (): Promise<number[]> => {
-      const r = await run('bpftool', ['-j', 'link', 'show']);
-      return (JSON.parse(r.stdout.trim() || '[]') as Array<{ id: number }>).map((l) => l.id);
-    };
-    expect(await attachedIds()).toContain(legacyId);
+    const legacyLink = { kind: 'link', id: legacyId, name: 'legacy_connect4' } as const;
+    expect(await bpfObjectAlive(legacyLink)).toBe(true);
     const v2 = dataplane({ podMaxDepth: 2 });
     await v2.apply(desired());
     expect(readdirSync(join(node.bpffsDir, 'links')).sort()).toEqual(['connect4', 'connect6', 'getsockopt', 'inbound', 'sockops_pod', 'sockops_proxy']);
-    expect(await eventually(attachedIds, (ids) => !ids.includes(legacyId))).not.toContain(legacyId);
+    expect(await bpfObjectsLeft([legacyLink])).toEqual([]);
     expect(await redirected(a, b)).toBe(true);
     await v2.close();
   });

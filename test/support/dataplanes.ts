@@ -5,6 +5,7 @@ import { IptablesDataplane } from '../../src/dataplane/iptables/index.js';
 import type { Dataplane, InterceptionMode } from '../../src/dataplane/types.js';
 import type { TopoNode } from '../../src/lab/topology.js';
 import { run } from '../../src/util/exec.js';
+import { bpfObjectShow } from './bpf-objects.js';
 
 /**
  * Every dataplane mode the conformance suite (test/kernel/conformance.test.ts)
@@ -88,11 +89,12 @@ async function ebpfFootprint(node: NodeSpec): Promise<string[]> {
       break;
     }
   }
+  // Each id asked for in its own kind, not looked up in a global listing
+  // (see bpf-objects.ts); a bpftool failure throws instead of reading as "none".
   const alive = async (kind: 'map' | 'prog' | 'link'): Promise<void> => {
-    const ids = seen[kind];
-    if (ids.size === 0) return;
-    for (const o of await bpftoolJson<{ id: number; name?: string }>([kind, 'show'])) {
-      if (ids.has(o.id)) lines.push(`${kind} ${o.id} ${o.name ?? ''}`.trim());
+    for (const id of [...seen[kind]].sort((x, y) => x - y)) {
+      const o = await bpfObjectShow({ kind, id });
+      if (o) lines.push(`${kind} ${o.id} ${o.name ?? ''}`.trim());
     }
   };
   await alive('map');

@@ -53,7 +53,7 @@ interface Place {
 }
 
 /** A permissive NodePolicy: `local` pods are served here, other pods reach through `tunnelTo`'s address. */
-function policy(nodeName: string, addresses: string[], local: TopoPod[], remote: Array<{ pod: TopoPod; node: string; address: string }>): NodePolicy {
+export function policy(nodeName: string, addresses: string[], local: TopoPod[], remote: Array<{ pod: TopoPod; node: string; address: string }>): NodePolicy {
   const ep = (p: TopoPod, node: string) => ({ ip: p.ip, ports: { http: PORT }, node, pod: { namespace: NS, name: p.name }, serviceAccount: p.name });
   const body = {
     apiVersion: POLICY_API_VERSION,

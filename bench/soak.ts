@@ -37,13 +37,14 @@ import { intFlag, round } from './util.js';
  * the RSS growth from the end of the first window to the end of the last.
  * Targets: every window within 10 % of the first; RSS growth < 5 MiB.
  *
- * The server is the lab's echo server by default (answers with
- * `connection: close`, as in `lab up`), or --server keep-alive: a Node HTTP
- * server that keeps connections open.
+ * The server keeps idle connections open for ever (--server keep-alive, the
+ * default, as Go services do), or is the lab's echo server (--server echo:
+ * `connection: close` on every answer, a new upstream connection per request).
  *
  *   npm run bench -- soak [--duration 300] [--window 30] [--connections 8]
  *                         [--mode ebpf|iptables] [--kind keep-alive|close]
- *                         [--path same-node|cross-node] [--server echo|keep-alive]
+ *                         [--path same-node|cross-node] [--server keep-alive|echo]
+ *                         [--program DIR]   (another copy of proxy/, e.g. the code before a change)
  */
 
 const PORT = 8080;
@@ -51,16 +52,19 @@ const OUT = 15001;
 const IN = 15003;
 const KINDS = ['keep-alive', 'close'] as const;
 const PATHS = ['same-node', 'cross-node'] as const;
-const SERVERS = ['echo', 'keep-alive'] as const;
+const SERVERS = ['keep-alive', 'echo'] as const;
 type Kind = (typeof KINDS)[number];
 type Path = (typeof PATHS)[number];
 type Server = (typeof SERVERS)[number];
 
-// A keep-alive HTTP/1.1 responder (honours the client's Connection header, as Node does).
+// A keep-alive HTTP/1.1 responder that, like Go's net/http by default, never
+// closes an idle connection itself: how long an idle upstream connection lives
+// is then up to the proxy (Node's own default would close it after 5 s).
 const KEEPALIVE_SERVER = `
 const http = require('node:http');
-http.createServer((req, res) => { res.writeHead(200, { 'content-type': 'text/plain', 'content-length': '2' }); res.end('ok'); })
-  .listen(${PORT}, '0.0.0.0', () => console.log('listening'));
+const server = http.createServer((req, res) => { res.writeHead(200, { 'content-type': 'text/plain', 'content-length': '2' }); res.end('ok'); });
+server.keepAliveTimeout = 0;
+server.listen(${PORT}, '0.0.0.0', () => console.log('listening'));
 `;
 
 function choose<T extends string>(flags: Record<string, string | boolean>, name: string, all: readonly T[]): T[] {
@@ -178,7 +182,7 @@ interface Mesh {
 }
 
 /** The node's proxy as the agent runs it: the supervisor, the program in proxy/, the rendered config. */
-async function startProxy(node: TopoNode, pol: NodePolicy, stateDir: string): Promise<ProxySupervisor> {
+async function startProxy(node: TopoNode, pol: NodePolicy, stateDir: string, programDir: string | undefined): Promise<ProxySupervisor> {
   const sup = new ProxySupervisor({
     kind: 'pipy',
     stateDir,
@@ -188,6 +192,7 @@ async function startProxy(node: TopoNode, pol: NodePolicy, stateDir: string): Pr
     outboundPort: OUT,
     inboundPort: IN,
     drainMs: 1000,
+    ...(programDir === undefined ? {} : { pipy: { programDir } }),
     initialConfig: renderProxyConfig(pol, { outboundPort: OUT, inboundPort: IN }),
   });
   await sup.start();
@@ -203,9 +208,11 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
   const modes = selectModes(flags.mode);
   const kinds = choose<Kind>(flags, 'kind', KINDS);
   const paths = choose<Path>(flags, 'path', PATHS);
-  const [server] = choose<Server>({ server: flags.server ?? 'echo' }, 'server', SERVERS) as [Server];
+  const [server] = choose<Server>({ server: flags.server ?? 'keep-alive' }, 'server', SERVERS) as [Server];
   const windows = Math.floor(opts.duration / opts.window);
-  const base = { bench: 'soak', ...opts, server };
+  // Another copy of the Pipy program (e.g. an older one, for a before/after comparison); default proxy/.
+  const program = typeof flags.program === 'string' ? flags.program : undefined;
+  const base = { bench: 'soak', duration_s: opts.duration, window_s: opts.window, connections: opts.connections, server, ...(program === undefined ? {} : { program }) };
   const pipy = pipyBinary();
   if (pipy === undefined) {
     // Not a pass: a soak without the proxy it soaks measured nothing.
@@ -252,7 +259,7 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
         }
         for (const path of paths) {
           for (const kind of kinds) {
-            yield* soakCase(mesh, { mode, path, kind, windows, ...opts, work, base });
+            yield* soakCase(mesh, { mode, path, kind, windows, ...opts, program, work, base });
           }
         }
       } finally {
@@ -268,13 +275,13 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
 
 async function* soakCase(
   mesh: Mesh,
-  c: { mode: string; path: Path; kind: Kind; windows: number; window: number; connections: number; work: string; base: object },
+  c: { mode: string; path: Path; kind: Kind; windows: number; window: number; connections: number; program: string | undefined; work: string; base: object },
 ): AsyncGenerator<object> {
   const name = `${c.mode}/${c.path}/${c.kind}`;
   const dir = mkdtempSync(join(c.work, `${c.mode}-${c.path}-${c.kind}-`));
   const sups: ProxySupervisor[] = [];
   try {
-    for (const node of [mesh.n1, mesh.n2]) sups.push(await startProxy(node, mesh.policies.get(node)!, join(dir, node.name)));
+    for (const node of [mesh.n1, mesh.n2]) sups.push(await startProxy(node, mesh.policies.get(node)!, join(dir, node.name), c.program));
     const cgroups = [mesh.n1.proxyCgroup, mesh.n2.proxyCgroup];
     const url = `http://${c.path === 'same-node' ? mesh.b.ip : mesh.c.ip}:${PORT}/`;
     const idle = delta(new Map(), snapshot(cgroups));

@@ -17,13 +17,17 @@ import * as metrics from './metrics.js'
 import * as tls from './tls.js'
 
 var SOURCE_HEADER = 'fsmn-source-identity'
-var connections = 0
+
+// How long an idle upstream HTTP connection (or HTTP tunnel to a peer) waits
+// in its pool for the next request. Below the 5 s keep-alive timeout of Node
+// and Apache, so the proxy, not the server, closes an idle connection: no
+// request is sent on a connection the server is closing.
+var UPSTREAM_MAX_IDLE = 4
 
 metrics.configVersion.clear()
 metrics.configVersion.withLabels(config.version).set(1)
 
 // Per connection
-var $conn
 var $srcId
 var $dstIp
 var $dstPort
@@ -84,12 +88,27 @@ var toPeerProxy = $=>$
 
 var closeNow = $=>$.replaceStreamStart(new StreamEnd)
 var connectTarget = $=>$.connect(() => $route.target)
-// Upstream HTTP connections belong to one downstream connection (keyed by
-// its number and the target): requests of one client keep their order and
-// never queue behind another client's.
+// Upstream HTTP connections are pooled per target and shared by all clients:
+// a request takes an idle connection or opens one (maxQueue 1: one request at
+// a time per connection, so no request queues behind another client's), and
+// an idle connection closes after UPSTREAM_MAX_IDLE. The pool is as large as
+// the peak number of concurrent requests, whatever the connection churn of
+// the clients. (Keyed per client connection instead, every client connection
+// left an idle upstream connection for up to 60 s, Pipy's default maxIdle:
+// with connection-per-request clients that is thousands of connections, each
+// holding memory and one of the node's ephemeral ports towards that pod,
+// until connect() scans a full port range: the decay in docs/proxy.md.)
 var muxToTarget = $=>$
-  .muxHTTP(() => $conn + '|' + $route.target).to($=>$
+  .muxHTTP(() => $route.target, { maxIdle: UPSTREAM_MAX_IDLE }).to($=>$
     .connect(() => $route.target)
+  )
+
+// HTTP over a tunnel to the target's node proxy: pooled the same way, but per
+// source identity too, because the tunnel's CONNECT carries the identity the
+// far side authorises every request of that tunnel with.
+var muxToTunnel = $=>$
+  .muxHTTP(() => $srcId + '>' + $route.target, { maxIdle: UPSTREAM_MAX_IDLE }).to($=>$
+    .connectHTTPTunnel(() => tunnelRequest()).to(toPeerProxy)
   )
 
 // ---- outbound, TCP: one decision per connection ------------------------------
@@ -143,10 +162,7 @@ var outboundHTTP = $=>$
       refused: $=>$.replaceMessage(() => deny('refused', 503, 'no endpoint available')),
       unavailable: $=>$.replaceMessage(() => deny('unavailable', 503, 'no endpoint available')),
       unauthenticated: $=>$.replaceMessage(() => deny($route.why, 503, 'no valid identity certificate for this source: ' + $route.why)),
-      tunnel: $=>$
-        .muxHTTP(() => $conn + '|' + $route.target).to($=>$
-          .connectHTTPTunnel(() => tunnelRequest()).to(toPeerProxy)
-        ),
+      tunnel: muxToTunnel,
       local: muxToTarget,
       direct: muxToTarget,
       egress: muxToTarget,
@@ -162,7 +178,6 @@ var outboundHTTP = $=>$
 pipy.listen(config.listen.outbound, { transparent: true }, $=>$
   .onStart(ib => {
     var dst = originalDestination(ib)
-    $conn = ++connections
     $srcId = sourceIdentity(ib.remoteAddress)
     $dstIp = dst ? dst[0] : ''
     $dstPort = dst ? dst[1] : 0
@@ -202,9 +217,8 @@ pipy.listen(config.listen.inbound, tls.serve($=>$
     if (why) return refuse(why, 403, 'tunnel not authenticated: ' + why)
     if (!peer) return refuse('not-a-peer', 403, 'not a node proxy of this mesh')
     if (colon < 0 || !ep || !ep.local) return refuse('no-such-pod', 404, 'no such pod on this node')
-    // One connection from a peer carries many tunnels (HTTP/2 streams): each
-    // tunnel is its own downstream, with its own upstream connections.
-    $conn = ++connections
+    // One connection from a peer carries many tunnels (HTTP/2 streams); the
+    // requests of every tunnel share the per-target upstream pool.
     $route = { mode: 'local', target, identity: ep.identity }
     $grant = grant($srcId, ep.identity, port)
     $dstIp = ip

@@ -1,0 +1,336 @@
+import type { ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { Dataplane } from '../src/dataplane/types.js';
+import { Topology, type TopoNode, type TopoPod } from '../src/lab/topology.js';
+import { cgroupResolver, desiredState } from '../src/policy/desired.js';
+import type { NodePolicy } from '../src/policy/schema.js';
+import { renderProxyConfig } from '../src/proxy/config.js';
+import { pipyBinary } from '../src/proxy/pipy.js';
+import { ProxySupervisor } from '../src/proxy/supervisor.js';
+import { cgroup2Root } from '../src/util/cgroup.js';
+import { parseWrk, type WrkResult } from './datapath.js';
+import { policy } from './mesh.js';
+import { selectModes } from './modes.js';
+import { intFlag, round } from './util.js';
+
+/**
+ * soak: does the shared node proxy hold its rate and memory under sustained
+ * load? The project's Pipy program with the agent's rendered config, started
+ * by the agent's ProxySupervisor (same command line, threads, cgroup, netns),
+ * behind the real dataplane of each mode, two nodes:
+ *
+ *   n1: pod a (client, wrk), pod b (server)     n2: pod c (server)
+ *   same-node   a -> n1 proxy -> b
+ *   cross-node  a -> n1 proxy -> HTTP/2 tunnel -> n2 proxy -> c
+ *
+ * Traffic: keep-alive (wrk's default) and close (one connection per request,
+ * `Connection: close`), --connections wrk connections, back-to-back windows
+ * of --window seconds for --duration seconds per case. Fresh proxies per case.
+ * One JSON line per window: req/s, proxy CPU ms per 1000 requests (utime +
+ * stime of every Pipy process in both nodes' proxy cgroups, split user/sys),
+ * proxy RSS, and Pipy's own pipeline/object counts; then one summary line per
+ * case: the largest deviation of a window's req/s from the first window, and
+ * the RSS growth from the end of the first window to the end of the last.
+ * Targets: every window within 10 % of the first; RSS growth < 5 MiB.
+ *
+ * The server keeps idle connections open for ever (--server keep-alive, the
+ * default, as Go services do), or is the lab's echo server (--server echo:
+ * `connection: close` on every answer, a new upstream connection per request).
+ *
+ *   npm run bench -- soak [--duration 300] [--window 30] [--connections 8]
+ *                         [--mode ebpf|iptables] [--kind keep-alive|close]
+ *                         [--path same-node|cross-node] [--server keep-alive|echo]
+ *                         [--program DIR]   (another copy of proxy/, e.g. the code before a change)
+ */
+
+const PORT = 8080;
+const OUT = 15001;
+const IN = 15003;
+const KINDS = ['keep-alive', 'close'] as const;
+const PATHS = ['same-node', 'cross-node'] as const;
+const SERVERS = ['keep-alive', 'echo'] as const;
+type Kind = (typeof KINDS)[number];
+type Path = (typeof PATHS)[number];
+type Server = (typeof SERVERS)[number];
+
+// A keep-alive HTTP/1.1 responder that, like Go's net/http by default, never
+// closes an idle connection itself: how long an idle upstream connection lives
+// is then up to the proxy (Node's own default would close it after 5 s).
+const KEEPALIVE_SERVER = `
+const http = require('node:http');
+const server = http.createServer((req, res) => { res.writeHead(200, { 'content-type': 'text/plain', 'content-length': '2' }); res.end('ok'); });
+server.keepAliveTimeout = 0;
+server.listen(${PORT}, '0.0.0.0', () => console.log('listening'));
+`;
+
+function choose<T extends string>(flags: Record<string, string | boolean>, name: string, all: readonly T[]): T[] {
+  const v = flags[name];
+  if (v === undefined) return [...all];
+  if (typeof v !== 'string' || !(all as readonly string[]).includes(v)) throw new Error(`--${name} must be one of ${all.join(', ')}, got ${JSON.stringify(v)}`);
+  return [v as T];
+}
+
+/** The Pipy processes in a proxy cgroup (every instance the supervisor runs there). */
+function proxyPids(cgroup: string): number[] {
+  let text = '';
+  try {
+    text = readFileSync(join(cgroup, 'cgroup.procs'), 'utf8');
+  } catch {
+    return [];
+  }
+  return text
+    .split('\n')
+    .filter(Boolean)
+    .map(Number)
+    .filter((pid) => {
+      try {
+        return readFileSync(`/proc/${pid}/comm`, 'utf8').trim() === 'pipy';
+      } catch {
+        return false;
+      }
+    });
+}
+
+interface ProcSample {
+  user: number;
+  sys: number;
+  rssKiB: number;
+}
+
+/** utime, stime (clock ticks, 100/s) and RSS of one process; undefined once it is gone. */
+function sample(pid: number): ProcSample | undefined {
+  try {
+    const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+    const rss = Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? NaN);
+    return { user: Number(f[11]), sys: Number(f[12]), rssKiB: rss };
+  } catch {
+    return undefined;
+  }
+}
+
+type Snapshot = Map<number, ProcSample>;
+
+function snapshot(cgroups: string[]): Snapshot {
+  const m: Snapshot = new Map();
+  for (const cg of cgroups) {
+    for (const pid of proxyPids(cg)) {
+      const s = sample(pid);
+      if (s) m.set(pid, s);
+    }
+  }
+  return m;
+}
+
+/** CPU ms (user, sys) spent between two snapshots by processes present in both; RSS of the later one. */
+function delta(a: Snapshot, b: Snapshot): { userMs: number; sysMs: number; rssMiB: number } {
+  let user = 0;
+  let sys = 0;
+  let rss = 0;
+  for (const [pid, s] of b) {
+    rss += s.rssKiB;
+    const p = a.get(pid);
+    if (!p) continue;
+    user += s.user - p.user;
+    sys += s.sys - p.sys;
+  }
+  return { userMs: user * 10, sysMs: sys * 10, rssMiB: rss / 1024 };
+}
+
+/** Unlabelled totals of Pipy's own gauges (admin /metrics), for leak spotting. */
+function pipyCounts(text: string | undefined): Record<string, number> | undefined {
+  if (text === undefined) return undefined;
+  const out: Record<string, number> = {};
+  for (const name of ['pipy_pipeline_count', 'pipy_object_count', 'pipy_inbound_count', 'pipy_outbound_count', 'pipy_pool_allocated_size']) {
+    const m = new RegExp(`^${name} (\\S+)$`, 'm').exec(text);
+    if (m) out[name.replace(/^pipy_/, '')] = Number(m[1]);
+  }
+  return out;
+}
+
+async function wrk(client: TopoPod, url: string, kind: Kind, connections: number, seconds: number): Promise<WrkResult> {
+  const args = ['-t', '1', '-c', String(connections), '-d', `${seconds}s`, '--latency', ...(kind === 'close' ? ['-H', 'Connection: close'] : []), url];
+  const r = await client.run('wrk', args);
+  if (r.code !== 0) throw new Error(`wrk failed (exit ${r.code}): ${r.stderr.trim()}`);
+  return parseWrk(r.stdout);
+}
+
+async function stopChild(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = once(child, 'exit');
+  child.kill('SIGTERM');
+  await exited;
+}
+
+function startServer(pod: TopoPod, server: Server): ChildProcess {
+  if (server === 'keep-alive') return pod.exec(process.execPath, ['-e', KEEPALIVE_SERVER], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const ext = import.meta.url.endsWith('.ts') ? '.ts' : '.js';
+  const script = fileURLToPath(new URL(`../src/lab/echo-server${ext}`, import.meta.url));
+  return pod.exec(process.execPath, [...process.execArgv, script, 'serve', '--name', pod.name, '--port', String(PORT)], { stdio: ['ignore', 'pipe', 'pipe'] });
+}
+
+interface Mesh {
+  n1: TopoNode;
+  n2: TopoNode;
+  a: TopoPod;
+  b: TopoPod;
+  c: TopoPod;
+  policies: Map<TopoNode, NodePolicy>;
+}
+
+/** The node's proxy as the agent runs it: the supervisor, the program in proxy/, the rendered config. */
+async function startProxy(node: TopoNode, pol: NodePolicy, stateDir: string, programDir: string | undefined): Promise<ProxySupervisor> {
+  const sup = new ProxySupervisor({
+    kind: 'pipy',
+    stateDir,
+    cgroup: node.proxyCgroup,
+    netns: node.netns,
+    address: node.gateway,
+    outboundPort: OUT,
+    inboundPort: IN,
+    drainMs: 1000,
+    ...(programDir === undefined ? {} : { pipy: { programDir } }),
+    initialConfig: renderProxyConfig(pol, { outboundPort: OUT, inboundPort: IN }),
+  });
+  await sup.start();
+  await sup.waitReady(15_000);
+  return sup;
+}
+
+export async function* run(flags: Record<string, string | boolean>): AsyncGenerator<object> {
+  const opts = { duration: intFlag(flags, 'duration', 300), window: intFlag(flags, 'window', 30), connections: intFlag(flags, 'connections', 8) };
+  if (opts.window < 1) throw new Error(`--window must be at least 1 (seconds), got ${opts.window}`);
+  if (opts.duration < opts.window) throw new Error(`--duration (${opts.duration}) must be at least one --window (${opts.window})`);
+  if (opts.connections < 1) throw new Error(`--connections must be at least 1, got ${opts.connections}`);
+  const modes = selectModes(flags.mode);
+  const kinds = choose<Kind>(flags, 'kind', KINDS);
+  const paths = choose<Path>(flags, 'path', PATHS);
+  const [server] = choose<Server>({ server: flags.server ?? 'keep-alive' }, 'server', SERVERS) as [Server];
+  const windows = Math.floor(opts.duration / opts.window);
+  // Another copy of the Pipy program (e.g. an older one, for a before/after comparison); default proxy/.
+  const program = typeof flags.program === 'string' ? flags.program : undefined;
+  const base = { bench: 'soak', duration_s: opts.duration, window_s: opts.window, connections: opts.connections, server, ...(program === undefined ? {} : { program }) };
+  const pipy = pipyBinary();
+  if (pipy === undefined) {
+    // Not a pass: a soak without the proxy it soaks measured nothing.
+    process.exitCode = 2;
+    yield { ...base, skipped: 'no Pipy binary found (set PIPY_BIN or put pipy on PATH): nothing measured' };
+    return;
+  }
+
+  const topo = await Topology.create({ prefix: `fsmbench${process.pid}s`, nodes: 2, podsPerNode: 0 });
+  const work = mkdtempSync(join(tmpdir(), 'fsmbench-soak-'));
+  const servers: ChildProcess[] = [];
+  try {
+    const [n1, n2] = topo.nodes as [TopoNode, TopoNode];
+    const a = await topo.addPod(n1, 'a');
+    const b = await topo.addPod(n1, 'b');
+    const c = await topo.addPod(n2, 'c');
+    for (const p of [b, c]) {
+      const s = startServer(p, server);
+      servers.push(s);
+      await once(s.stdout!, 'data');
+    }
+    const addrs = (n: TopoNode) => [n.underlayIp, n.gateway];
+    const mesh: Mesh = {
+      n1,
+      n2,
+      a,
+      b,
+      c,
+      policies: new Map([
+        [n1, policy(n1.name, addrs(n1), [a, b], [{ pod: c, node: n2.name, address: n2.underlayIp }])],
+        [n2, policy(n2.name, addrs(n2), [c], [{ pod: a, node: n1.name, address: n1.underlayIp }, { pod: b, node: n1.name, address: n1.underlayIp }])],
+      ]),
+    };
+    const cgroupPathFor = cgroupResolver(cgroup2Root());
+
+    for (const [mode, impl] of modes) {
+      const dps = new Map<TopoNode, Dataplane>();
+      try {
+        for (const node of [n1, n2]) {
+          const dp = impl.create(node, {});
+          dps.set(node, dp);
+          const facts = { proxy: { address: node.gateway, outboundPort: OUT, inboundPort: IN, cgroupPath: node.proxyCgroup }, nodeAddresses: [node.gateway, node.underlayIp], cgroupPathFor };
+          await dp.apply(desiredState(mesh.policies.get(node)!, facts));
+        }
+        for (const path of paths) {
+          for (const kind of kinds) {
+            yield* soakCase(mesh, { mode, path, kind, windows, ...opts, program, work, base });
+          }
+        }
+      } finally {
+        for (const dp of dps.values()) await dp.cleanup();
+      }
+    }
+  } finally {
+    for (const s of servers) await stopChild(s).catch(() => undefined);
+    await topo.destroy();
+    rmSync(work, { recursive: true, force: true });
+  }
+}
+
+async function* soakCase(
+  mesh: Mesh,
+  c: { mode: string; path: Path; kind: Kind; windows: number; window: number; connections: number; program: string | undefined; work: string; base: object },
+): AsyncGenerator<object> {
+  const name = `${c.mode}/${c.path}/${c.kind}`;
+  const dir = mkdtempSync(join(c.work, `${c.mode}-${c.path}-${c.kind}-`));
+  const sups: ProxySupervisor[] = [];
+  try {
+    for (const node of [mesh.n1, mesh.n2]) sups.push(await startProxy(node, mesh.policies.get(node)!, join(dir, node.name), c.program));
+    const cgroups = [mesh.n1.proxyCgroup, mesh.n2.proxyCgroup];
+    const url = `http://${c.path === 'same-node' ? mesh.b.ip : mesh.c.ip}:${PORT}/`;
+    const idle = delta(new Map(), snapshot(cgroups));
+    const rows: Array<{ rps: number; rss: number }> = [];
+    const t0 = Date.now();
+    for (let w = 0; w < c.windows; w++) {
+      const before = snapshot(cgroups);
+      const res = await wrk(mesh.a, url, c.kind, c.connections, c.window);
+      const after = snapshot(cgroups);
+      const d = delta(before, after);
+      const counts = await Promise.all(sups.map(async (s) => pipyCounts(await s.metrics().catch(() => undefined))));
+      const perK = (ms: number) => (res.requests > 0 ? round((ms / res.requests) * 1000, 1) : null);
+      rows.push({ rps: res.rps, rss: d.rssMiB });
+      yield {
+        ...c.base,
+        case: name,
+        window: w + 1,
+        t_s: round((Date.now() - t0) / 1000, 0),
+        rps: res.rps,
+        requests: res.requests,
+        errors: res.errors,
+        p50_us: res.p50_us,
+        p99_us: res.p99_us,
+        proxy_cpu_ms_per_1k_req: perK(d.userMs + d.sysMs),
+        proxy_user_ms_per_1k_req: perK(d.userMs),
+        proxy_sys_ms_per_1k_req: perK(d.sysMs),
+        proxy_rss_mib: round(d.rssMiB, 1),
+        pipy: { [mesh.n1.name]: counts[0], [mesh.n2.name]: counts[1] },
+      };
+    }
+    const first = rows[0]!;
+    const maxDev = Math.max(...rows.map((r) => Math.abs(r.rps - first.rps) / first.rps));
+    const growth = rows[rows.length - 1]!.rss - first.rss;
+    yield {
+      ...c.base,
+      case: name,
+      summary: true,
+      windows: rows.length,
+      first_rps: first.rps,
+      min_rps: Math.min(...rows.map((r) => r.rps)),
+      last_rps: rows[rows.length - 1]!.rps,
+      max_window_deviation_pct: round(maxDev * 100, 1),
+      idle_rss_mib: round(idle.rssMiB, 1),
+      rss_first_window_mib: round(first.rss, 1),
+      rss_growth_mib: round(growth, 1),
+      ok_rate: maxDev <= 0.1,
+      ok_rss: growth < 5,
+    };
+  } finally {
+    for (const s of sups) await s.stop(1000).catch(() => undefined);
+  }
+}

@@ -104,8 +104,9 @@ var muxToTarget = $=>$
   )
 
 // HTTP over a tunnel to the target's node proxy: pooled the same way, but per
-// source identity too, because the tunnel's CONNECT carries the identity the
-// far side authorises every request of that tunnel with.
+// source identity too, because the tunnel carries the identity the far side
+// authorises every request of that tunnel with (its CONNECT header, or under
+// mTLS the certificate of the peer connection it rides).
 var muxToTunnel = $=>$
   .muxHTTP(() => $srcId + '>' + $route.target, { maxIdle: UPSTREAM_MAX_IDLE }).to($=>$
     .connectHTTPTunnel(() => tunnelRequest()).to(toPeerProxy)

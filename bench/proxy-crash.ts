@@ -38,6 +38,8 @@ import { intFlag, quantile, round } from './util.js';
  *                           (only the killed instance's own may break);
  *   rps_before_kill, relisten_ms (kill -> that instance listening again),
  *   rss_kb per instance idle and under load.
+ * The supervisor warns about every kill: run with FSMN_LOG_LEVEL=error to keep
+ * its log lines out of the rows (or keep the lines with "bench").
  * --no-migrate leaves net.ipv4.tcp_migrate_req at 0 (what it buys: connections
  * queued on the killed instance's listeners). The load client and the proxies
  * share the machine's 2 cores.

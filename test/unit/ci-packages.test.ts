@@ -31,6 +31,7 @@ export function parsePackages(text: string): PackageLine[] {
 }
 
 const SHELL_BUILTINS = new Set(['echo', 'exit', 'exec', 'shift', 'cd', 'set', 'export', 'test', 'true', 'false', 'read', 'printf', 'command', 'trap', 'wait', 'kill', 'eval', 'local', 'return']);
+const KEYWORDS = new Set(['do', 'then', 'else', 'while', 'until', 'if', '!']);
 // Programs that run the program named after their options.
 const WRAPPERS = new Set(['exec', 'stdbuf', 'nsenter', 'setpriv', 'timeout', 'env']);
 const WORD = /^[a-z][a-z0-9_.+-]*$/;
@@ -42,7 +43,8 @@ export function shellPrograms(script: string): string[] {
     const words = segment.trim().split(/\s+/).filter((w) => !/^\w+=/.test(w));
     for (let i = 0; i < words.length; i++) {
       const w = words[i]!;
-      if (!WORD.test(w)) break;
+      if (KEYWORDS.has(w)) continue; // `do curl ...`, `then x`: the command follows
+      if (!WORD.test(w) || w === 'for' || w === 'done' || w === 'fi') break;
       if (!SHELL_BUILTINS.has(w)) out.push(w);
       if (!WRAPPERS.has(w)) break;
       while (i + 1 < words.length && (words[i + 1]!.startsWith('-') || /^\d/.test(words[i + 1]!))) i++;
@@ -67,7 +69,7 @@ const PATTERNS: RegExp[] = [
   // sh(node, 'iptables-nft-save', [...]), sh(n2, 'iptables-legacy', rule.split(' '))
   new RegExp(`\\bsh\\(\\s*[\\w.!]+\\s*,\\s*${LIT}\\s*,`, 'g'),
   // [command, args] pairs: ['ip', ['-o', 'link', 'show']]
-  new RegExp(`\\[\\s*${LIT}\\s*,\\s*\\[`, 'g'),
+  new RegExp(`\\[\\s*${LIT}\\s*,\\s*\\[\\s*${Q}`, 'g'),
   // argv prefixes of wrappers: ['nsenter', `--net=...`, '--'], ['setpriv', ...]
   new RegExp(`\\[\\s*${Q}(nsenter|setpriv|stdbuf|timeout|env)${Q}\\s*,`, 'g'),
   // a default binary: const bin = o.openssl ?? 'openssl'
@@ -132,11 +134,12 @@ describe('.ci/packages lists every program the project executes', () => {
   });
 
   test('a program missing from the list is reported with where it runs', () => {
-    const src = "await run('frobnicate', ['--all']);\nconst c = spawn('/bin/sh', ['-c', 'exec stdbuf -o0 zapper - 2>&1']);\n";
+    const src = "await run('frobnicate', ['--all']);\nconst c = spawn('/bin/sh', ['-c', 'exec stdbuf -o0 zapper - 2>&1']);\nrun('sh', ['-c', 'for i in 1 2; do quux -s; done']);\n";
     const missing = executedPrograms(src, 'x.ts').filter((u) => !listed(u.program, programs));
     expect(missing).toEqual([
       { program: 'frobnicate', where: 'x.ts:1' },
       { program: 'zapper', where: 'x.ts:2' },
+      { program: 'quux', where: 'x.ts:3' },
     ]);
   });
 

@@ -29,7 +29,14 @@ async function until(what: string, dir: string, fn: (s: SupervisorStatus) => boo
   }
 }
 
-describe('lab supervisor loop', () => {
+// The supervisor starts agents through /bin/sh (join the cgroup, then exec).
+// Under qemu-user (the arm64 proof's unit stage exports QEMU_LD_PREFIX) that
+// host shell cannot exec the arm64 node without a binfmt_misc handler, so the
+// loop is proven by the x86 unit tier and the e2e tier instead.
+const underQemuUser = process.env.QEMU_LD_PREFIX !== undefined;
+if (underQemuUser) console.warn('SKIP lab supervisor loop: under qemu-user the supervisor\'s /bin/sh cannot exec the arm64 node (no binfmt_misc)');
+
+(underQemuUser ? describe.skip : describe)('lab supervisor loop', () => {
   let dir: string;
   const started: number[] = [];
 

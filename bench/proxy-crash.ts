@@ -7,13 +7,12 @@ import { createDataplane } from '../src/dataplane/index.js';
 import { noExclusions, type DesiredState, type InterceptionMode } from '../src/dataplane/types.js';
 import { Topology, type TopoNode, type TopoPod } from '../src/lab/topology.js';
 import { NodePolicySchema, POLICY_API_VERSION, type NodePolicy } from '../src/policy/schema.js';
-import { renderProxyConfig } from '../src/proxy/config.js';
 import { DEFAULT_PIPY_INSTANCES } from '../src/proxy/instances.js';
 import { pipyBinary } from '../src/proxy/pipy.js';
 import { ProxySupervisor } from '../src/proxy/supervisor.js';
 import { packageRoot } from '../src/util/paths.js';
 import type { BenchFlags } from './run.js';
-import { intFlag, quantile, round } from './util.js';
+import { intFlag, nodeProxy, quantile, round } from './util.js';
 
 /**
  * `npm run bench -- proxy-crash [--mode ebpf|iptables] [--path same-node,cross-node] [--kill server|client]
@@ -280,16 +279,8 @@ export class CrashRig {
         const stateDir = join(this.work, node.name, tag);
         // The sysctl outlives a run in the node namespace: state it for each.
         await node.run('/bin/sh', ['-c', `echo ${o.migrate === false ? 0 : o.instances > 1 ? 1 : 0} > /proc/sys/net/ipv4/tcp_migrate_req`]);
-        const sup = new ProxySupervisor({
-          kind: 'pipy',
-          stateDir,
-          cgroup: node.proxyCgroup,
-          netns: node.netns,
-          address: node.gateway,
-          outboundPort: OUT,
-          inboundPort: IN,
+        const sup = nodeProxy(node, this.policy(node), stateDir, { outboundPort: OUT, inboundPort: IN }, {
           pipy: { bin: this.pipyBin, programDir: join(packageRoot(), 'proxy'), instances: o.instances, threads: o.threads ?? 2 },
-          initialConfig: renderProxyConfig(this.policy(node), { outboundPort: OUT, inboundPort: IN }),
           drainMs: 3000,
           migrateRequests: o.migrate !== false,
         });

@@ -8,14 +8,13 @@ import type { Dataplane } from '../src/dataplane/types.js';
 import { Topology, type TopoNode, type TopoPod } from '../src/lab/topology.js';
 import { cgroupResolver, desiredState } from '../src/policy/desired.js';
 import type { NodePolicy } from '../src/policy/schema.js';
-import { renderProxyConfig } from '../src/proxy/config.js';
 import { pipyBinary } from '../src/proxy/pipy.js';
 import { ProxySupervisor } from '../src/proxy/supervisor.js';
 import { cgroup2Root } from '../src/util/cgroup.js';
 import { parseWrk, type WrkResult } from './datapath.js';
 import { policy } from './mesh.js';
 import { selectModes } from './modes.js';
-import { intFlag, round } from './util.js';
+import { intFlag, nodeProxy, round } from './util.js';
 
 /**
  * soak: does the shared node proxy hold its rate and memory under sustained
@@ -207,17 +206,9 @@ interface Mesh {
 
 /** The node's proxy as the agent runs it: the supervisor, the program in proxy/, the rendered config. */
 async function startProxy(node: TopoNode, pol: NodePolicy, stateDir: string, programDir: string | undefined): Promise<ProxySupervisor> {
-  const sup = new ProxySupervisor({
-    kind: 'pipy',
-    stateDir,
-    cgroup: node.proxyCgroup,
-    netns: node.netns,
-    address: node.gateway,
-    outboundPort: OUT,
-    inboundPort: IN,
+  const sup = nodeProxy(node, pol, stateDir, { outboundPort: OUT, inboundPort: IN }, {
     drainMs: 1000,
     ...(programDir === undefined ? {} : { pipy: { programDir } }),
-    initialConfig: renderProxyConfig(pol, { outboundPort: OUT, inboundPort: IN }),
   });
   await sup.start();
   await sup.waitReady(15_000);

@@ -1,6 +1,7 @@
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { errorMessage } from '../src/errors.js';
+import { BPFFS_ROOT, ensureBpffs } from '../src/lab/bpffs.js';
 
 /**
  * `node dist/bench/run.js NAME [--flag value | --flag]...` (npm run bench -- NAME ...):
@@ -40,6 +41,10 @@ async function main(argv: string[]): Promise<void> {
   if (!existsSync(fileURLToPath(url))) throw new Error(`no benchmark ${JSON.stringify(name)} (${fileURLToPath(url)} does not exist)`);
   // stdout carries the result rows: keep info logs of the code under test out of it.
   process.env.FSMN_LOG_LEVEL ??= 'warn';
+  // The kernel benches pin below the bpffs, as the lab and the kernel tests
+  // do: mount it where a minimal machine booted without one (root only; the
+  // benches that need it say so themselves otherwise).
+  if (process.getuid?.() === 0 && (await ensureBpffs())) process.stderr.write(`bench: mounted bpffs at ${BPFFS_ROOT} (it was not mounted)\n`);
   const mod = (await import(url.href)) as { run?: Bench };
   if (typeof mod.run !== 'function') throw new Error(`bench/${name} is not a benchmark: it exports no run(flags)`);
   const results = await mod.run(parseFlags(rest));

@@ -8,9 +8,11 @@ import type { Dataplane } from '../src/dataplane/types.js';
 import { Topology, type TopoNode, type TopoPod } from '../src/lab/topology.js';
 import { cgroupResolver, desiredState } from '../src/policy/desired.js';
 import type { NodePolicy } from '../src/policy/schema.js';
+import type { ProxyIdentityFiles, ProxyNodeFacts } from '../src/proxy/config.js';
 import { pipyBinary } from '../src/proxy/pipy.js';
 import { ProxySupervisor } from '../src/proxy/supervisor.js';
 import { cgroup2Root } from '../src/util/cgroup.js';
+import { benchCa, benchLeaf } from './certs.js';
 import { parseWrk, type WrkResult } from './datapath.js';
 import { policy } from './mesh.js';
 import { selectModes } from './modes.js';
@@ -36,6 +38,10 @@ import { intFlag, nodeProxy, round } from './util.js';
  * the RSS growth from the end of the first window to the end of the last.
  * Targets: every window within 10 % of the first; RSS growth < 5 MiB.
  *
+ * Tunnels are mutual TLS 1.3 as the mesh runs them (--tunnel mtls, the
+ * default: every pod has its certificate and the nodes share a trust bundle),
+ * or the plaintext tunnel of a mesh without a trust bundle (--tunnel plaintext).
+ *
  * The server keeps idle connections open for ever (--server keep-alive, the
  * default, as Go services do), or is the lab's echo server (--server echo:
  * `connection: close` on every answer, a new upstream connection per request).
@@ -43,6 +49,7 @@ import { intFlag, nodeProxy, round } from './util.js';
  *   npm run bench -- soak [--duration 300] [--window 30] [--connections 8]
  *                         [--mode ebpf|iptables] [--kind keep-alive|close]
  *                         [--path same-node|cross-node] [--server keep-alive|echo]
+ *                         [--tunnel mtls|plaintext]
  *                         [--program DIR]   (another copy of proxy/, e.g. the code before a change)
  */
 
@@ -52,9 +59,11 @@ const IN = 15003;
 const KINDS = ['keep-alive', 'close'] as const;
 const PATHS = ['same-node', 'cross-node'] as const;
 const SERVERS = ['keep-alive', 'echo'] as const;
+const TUNNELS = ['mtls', 'plaintext'] as const;
 type Kind = (typeof KINDS)[number];
 type Path = (typeof PATHS)[number];
 type Server = (typeof SERVERS)[number];
+type Tunnel = (typeof TUNNELS)[number];
 
 // A keep-alive HTTP/1.1 responder that, like Go's net/http by default, never
 // closes an idle connection itself: how long an idle upstream connection lives
@@ -174,6 +183,17 @@ function pipyCounts(text: string | undefined): Record<string, number> | undefine
   return out;
 }
 
+/** fsmn_proxy_tunnels_total summed by result and transport ("accepted/mtls": n): proof of what carried the cross-node traffic. */
+function tunnelCounts(text: string | undefined): Record<string, number> {
+  const out: Record<string, number> = {};
+  for (const m of (text ?? '').matchAll(/^fsmn_proxy_tunnels_total\{([^}]*)\} (\S+)$/gm)) {
+    const label = (k: string) => new RegExp(`${k}="([^"]*)"`).exec(m[1]!)?.[1] ?? '';
+    const key = `${label('result')}/${label('transport')}`;
+    out[key] = (out[key] ?? 0) + Number(m[2]);
+  }
+  return out;
+}
+
 async function wrk(client: TopoPod, url: string, kind: Kind, connections: number, seconds: number): Promise<WrkResult> {
   const args = ['-t', '1', '-c', String(connections), '-d', `${seconds}s`, '--latency', ...(kind === 'close' ? ['-H', 'Connection: close'] : []), url];
   const r = await client.run('wrk', args);
@@ -202,11 +222,12 @@ interface Mesh {
   b: TopoPod;
   c: TopoPod;
   policies: Map<TopoNode, NodePolicy>;
+  facts: Map<TopoNode, ProxyNodeFacts>;
 }
 
 /** The node's proxy as the agent runs it: the supervisor, the program in proxy/, the rendered config. */
-async function startProxy(node: TopoNode, pol: NodePolicy, stateDir: string, programDir: string | undefined): Promise<ProxySupervisor> {
-  const sup = nodeProxy(node, pol, stateDir, { outboundPort: OUT, inboundPort: IN }, {
+async function startProxy(node: TopoNode, pol: NodePolicy, facts: ProxyNodeFacts, stateDir: string, programDir: string | undefined): Promise<ProxySupervisor> {
+  const sup = nodeProxy(node, pol, stateDir, facts, {
     drainMs: 1000,
     ...(programDir === undefined ? {} : { pipy: { programDir } }),
   });
@@ -224,10 +245,11 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
   const kinds = choose<Kind>(flags, 'kind', KINDS);
   const paths = choose<Path>(flags, 'path', PATHS);
   const [server] = choose<Server>({ server: flags.server ?? 'keep-alive' }, 'server', SERVERS) as [Server];
+  const [tunnel] = choose<Tunnel>({ tunnel: flags.tunnel ?? 'mtls' }, 'tunnel', TUNNELS) as [Tunnel];
   const windows = Math.floor(opts.duration / opts.window);
   // Another copy of the Pipy program (e.g. an older one, for a before/after comparison); default proxy/.
   const program = typeof flags.program === 'string' ? flags.program : undefined;
-  const base = { bench: 'soak', duration_s: opts.duration, window_s: opts.window, connections: opts.connections, server, ...(program === undefined ? {} : { program }) };
+  const base = { bench: 'soak', duration_s: opts.duration, window_s: opts.window, connections: opts.connections, server, tunnel, ...(program === undefined ? {} : { program }) };
   const pipy = pipyBinary();
   if (pipy === undefined) {
     // Not a pass: a soak without the proxy it soaks measured nothing.
@@ -258,6 +280,13 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
       await once(s.stdout!, 'data');
     }
     const addrs = (n: TopoNode) => [n.underlayIp, n.gateway];
+    const ca = tunnel === 'mtls' ? await benchCa() : undefined;
+    const facts = async (n: TopoNode, pods: TopoPod[]): Promise<ProxyNodeFacts> => {
+      if (ca === undefined) return { outboundPort: OUT, inboundPort: IN };
+      const identities: Record<string, ProxyIdentityFiles> = {};
+      for (const p of pods) identities[`bench/${p.name}`] = await benchLeaf(ca.signer, 'bench', p.name, join(work, 'ids', n.name));
+      return { outboundPort: OUT, inboundPort: IN, trust: ca.trust, identities };
+    };
     const mesh: Mesh = {
       n1,
       n2,
@@ -267,6 +296,10 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
       policies: new Map([
         [n1, policy(n1.name, addrs(n1), [a, b], [{ pod: c, node: n2.name, address: n2.underlayIp }])],
         [n2, policy(n2.name, addrs(n2), [c], [{ pod: a, node: n1.name, address: n1.underlayIp }, { pod: b, node: n1.name, address: n1.underlayIp }])],
+      ]),
+      facts: new Map([
+        [n1, await facts(n1, [a, b])],
+        [n2, await facts(n2, [c])],
       ]),
     };
     const cgroupPathFor = cgroupResolver(cgroup2Root());
@@ -304,7 +337,7 @@ async function* soakCase(
   const dir = mkdtempSync(join(c.work, `${c.mode}-${c.path}-${c.kind}-`));
   const sups: ProxySupervisor[] = [];
   try {
-    for (const node of [mesh.n1, mesh.n2]) sups.push(await startProxy(node, mesh.policies.get(node)!, join(dir, node.name), c.program));
+    for (const node of [mesh.n1, mesh.n2]) sups.push(await startProxy(node, mesh.policies.get(node)!, mesh.facts.get(node)!, join(dir, node.name), c.program));
     const cgroups = [mesh.n1.proxyCgroup, mesh.n2.proxyCgroup];
     const url = `http://${c.path === 'same-node' ? mesh.b.ip : mesh.c.ip}:${PORT}/`;
     const idle = delta(new Map(), snapshot(cgroups));
@@ -336,6 +369,7 @@ async function* soakCase(
         pipy: { [mesh.n1.name]: counts[0], [mesh.n2.name]: counts[1] },
       };
     }
+    const far = await sups[1]!.metrics().catch(() => undefined);
     const first = rows[0]!;
     const maxDev = Math.max(...rows.map((r) => Math.abs(r.rps - first.rps) / first.rps));
     const growth = rows[rows.length - 1]!.rss - first.rss;
@@ -351,6 +385,7 @@ async function* soakCase(
       idle_rss_mib: round(idle.rssMiB, 1),
       rss_first_window_mib: round(first.rss, 1),
       rss_growth_mib: round(growth, 1),
+      far_node_tunnels: tunnelCounts(far),
       ok_rate: maxDev <= 0.1,
       ok_rss: growth < 5,
     };

@@ -2,7 +2,7 @@ import { join } from 'node:path';
 import { noExclusions, type PodIntercept } from '../src/dataplane/types.js';
 import type { TopoNode } from '../src/lab/topology.js';
 import type { NodePolicy } from '../src/policy/schema.js';
-import { renderProxyConfig } from '../src/proxy/config.js';
+import { renderProxyConfig, type ProxyNodeFacts } from '../src/proxy/config.js';
 import { ProxySupervisor, type ProxySupervisorOptions } from '../src/proxy/supervisor.js';
 
 /** Small helpers shared by the benchmarks. */
@@ -43,17 +43,20 @@ export function syntheticPod(podsCgroup: string, i: number, extra: Partial<PodIn
 /**
  * A topology node's proxy as the agent runs it: the supervisor in the node's
  * proxy cgroup and namespace, on the node's gateway address, started from the
- * config rendered for `policy`; `extra` sets what a benchmark varies.
+ * config rendered for `policy` and the node's `facts` (ports; with a trust
+ * bundle and identity files, mutual TLS tunnels); `extra` sets what a
+ * benchmark varies.
  */
-export function nodeProxy(node: TopoNode, policy: NodePolicy, stateDir: string, ports: { outboundPort: number; inboundPort: number }, extra: Partial<ProxySupervisorOptions> = {}): ProxySupervisor {
+export function nodeProxy(node: TopoNode, policy: NodePolicy, stateDir: string, facts: ProxyNodeFacts, extra: Partial<ProxySupervisorOptions> = {}): ProxySupervisor {
   return new ProxySupervisor({
     kind: 'pipy',
     stateDir,
     cgroup: node.proxyCgroup,
     netns: node.netns,
     address: node.gateway,
-    ...ports,
-    initialConfig: renderProxyConfig(policy, ports),
+    outboundPort: facts.outboundPort,
+    inboundPort: facts.inboundPort,
+    initialConfig: renderProxyConfig(policy, facts),
     ...extra,
   });
 }

@@ -12,11 +12,11 @@ import type { ProxyIdentityFiles, ProxyNodeFacts } from '../src/proxy/config.js'
 import { pipyBinary } from '../src/proxy/pipy.js';
 import { ProxySupervisor } from '../src/proxy/supervisor.js';
 import { cgroup2Root } from '../src/util/cgroup.js';
-import { benchCa, benchLeaf } from './certs.js';
+import { benchCa, benchLeaf, type BenchCa } from './certs.js';
 import { parseWrk, type WrkResult } from './datapath.js';
 import { policy } from './mesh.js';
 import { selectModes } from './modes.js';
-import { intFlag, nodeProxy, round } from './util.js';
+import { intFlag, nodeProxy, quantile, round } from './util.js';
 
 /**
  * soak: does the shared node proxy hold its rate and memory under sustained
@@ -38,6 +38,16 @@ import { intFlag, nodeProxy, round } from './util.js';
  * the RSS growth from the end of the first window to the end of the last.
  * Targets: every window within 10 % of the first; RSS growth < 5 MiB.
  *
+ * On a shared machine a window's rate moves with everything else the machine
+ * does (seen: +-13 % between 30 s windows on a 2-core VM with the proxy's CPU
+ * cost per request moving in step, sockets, objects and memory flat). So each
+ * window also ends with two short probes side by side (--reference fresh, the
+ * default): the soaked proxies, and proxies started fresh for the probe on two
+ * more nodes of the same shape. Their ratio says whether the soaked proxy has
+ * fallen behind a new one, whatever the machine did meanwhile (decay target:
+ * at least 0.9 in every window). --reference none gives the whole window to
+ * the load and measures the raw windows only.
+ *
  * Tunnels are mutual TLS 1.3 as the mesh runs them (--tunnel mtls, the
  * default: every pod has its certificate and the nodes share a trust bundle),
  * or the plaintext tunnel of a mesh without a trust bundle (--tunnel plaintext).
@@ -49,7 +59,7 @@ import { intFlag, nodeProxy, round } from './util.js';
  *   npm run bench -- soak [--duration 300] [--window 30] [--connections 8]
  *                         [--mode ebpf|iptables] [--kind keep-alive|close]
  *                         [--path same-node|cross-node] [--server keep-alive|echo]
- *                         [--tunnel mtls|plaintext]
+ *                         [--tunnel mtls|plaintext] [--reference fresh|none] [--probe 5]
  *                         [--program DIR]   (another copy of proxy/, e.g. the code before a change)
  */
 
@@ -60,10 +70,12 @@ const KINDS = ['keep-alive', 'close'] as const;
 const PATHS = ['same-node', 'cross-node'] as const;
 const SERVERS = ['keep-alive', 'echo'] as const;
 const TUNNELS = ['mtls', 'plaintext'] as const;
+const REFERENCES = ['fresh', 'none'] as const;
 type Kind = (typeof KINDS)[number];
 type Path = (typeof PATHS)[number];
 type Server = (typeof SERVERS)[number];
 type Tunnel = (typeof TUNNELS)[number];
+type Reference = (typeof REFERENCES)[number];
 
 // A keep-alive HTTP/1.1 responder that, like Go's net/http by default, never
 // closes an idle connection itself: how long an idle upstream connection lives
@@ -237,7 +249,12 @@ async function startProxy(node: TopoNode, pol: NodePolicy, facts: ProxyNodeFacts
 }
 
 export async function* run(flags: Record<string, string | boolean>): AsyncGenerator<object> {
-  const opts = { duration: intFlag(flags, 'duration', 300), window: intFlag(flags, 'window', 30), connections: intFlag(flags, 'connections', 8) };
+  const opts = {
+    duration: intFlag(flags, 'duration', 300),
+    window: intFlag(flags, 'window', 30),
+    connections: intFlag(flags, 'connections', 8),
+    probe: intFlag(flags, 'probe', 5),
+  };
   if (opts.window < 1) throw new Error(`--window must be at least 1 (seconds), got ${opts.window}`);
   if (opts.duration < opts.window) throw new Error(`--duration (${opts.duration}) must be at least one --window (${opts.window})`);
   if (opts.connections < 1) throw new Error(`--connections must be at least 1, got ${opts.connections}`);
@@ -246,10 +263,24 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
   const paths = choose<Path>(flags, 'path', PATHS);
   const [server] = choose<Server>({ server: flags.server ?? 'keep-alive' }, 'server', SERVERS) as [Server];
   const [tunnel] = choose<Tunnel>({ tunnel: flags.tunnel ?? 'mtls' }, 'tunnel', TUNNELS) as [Tunnel];
+  const [reference] = choose<Reference>({ reference: flags.reference ?? 'fresh' }, 'reference', REFERENCES) as [Reference];
+  if (reference === 'fresh' && (opts.probe < 1 || opts.window < 2 * opts.probe + 1)) {
+    throw new Error(`--window (${opts.window}) must leave at least 1 s of load after two --probe (${opts.probe}) probes: use --probe 1..${Math.floor((opts.window - 1) / 2)} or --reference none`);
+  }
   const windows = Math.floor(opts.duration / opts.window);
   // Another copy of the Pipy program (e.g. an older one, for a before/after comparison); default proxy/.
   const program = typeof flags.program === 'string' ? flags.program : undefined;
-  const base = { bench: 'soak', duration_s: opts.duration, window_s: opts.window, connections: opts.connections, server, tunnel, ...(program === undefined ? {} : { program }) };
+  const base = {
+    bench: 'soak',
+    duration_s: opts.duration,
+    window_s: opts.window,
+    ...(reference === 'fresh' ? { probe_s: opts.probe } : {}),
+    connections: opts.connections,
+    server,
+    tunnel,
+    reference,
+    ...(program === undefined ? {} : { program }),
+  };
   const pipy = pipyBinary();
   if (pipy === undefined) {
     // Not a pass: a soak without the proxy it soaks measured nothing.
@@ -258,68 +289,35 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
     return;
   }
 
-  const topo = await Topology.create({ prefix: `fsmbench${process.pid}s`, nodes: 2, podsPerNode: 0 });
+  const topo = await Topology.create({ prefix: `fsmbench${process.pid}s`, nodes: reference === 'fresh' ? 4 : 2, podsPerNode: 0 });
   const work = mkdtempSync(join(tmpdir(), 'fsmbench-soak-'));
   const servers: ChildProcess[] = [];
   try {
-    const [n1, n2] = topo.nodes as [TopoNode, TopoNode];
-    const a = await topo.addPod(n1, 'a');
-    const b = await topo.addPod(n1, 'b');
-    const c = await topo.addPod(n2, 'c');
-    // wrk closes each `Connection: close` connection itself, so TIME_WAIT piles
-    // up in the client pod: at ~2k req/s its 14k even ephemeral ports run out
-    // in ~20 s and the windows then measure wrk's connect(), not the proxy
-    // (seen: 1.9k, 0.2k, 2.1k req/s in successive windows). Let the client
-    // reuse TIME_WAIT ports (safe with TCP timestamps); the proxy's node keeps
-    // the kernel default, so anything the proxy leaves behind still counts.
-    const reuse = await a.run('sysctl', ['-qw', 'net.ipv4.tcp_tw_reuse=1']);
-    if (reuse.code !== 0) throw new Error(`sysctl net.ipv4.tcp_tw_reuse=1 in the client pod failed: ${reuse.stderr.trim()}`);
-    for (const p of [b, c]) {
-      const s = startServer(p, server);
-      servers.push(s);
-      await once(s.stdout!, 'data');
-    }
-    const addrs = (n: TopoNode) => [n.underlayIp, n.gateway];
     const ca = tunnel === 'mtls' ? await benchCa() : undefined;
-    const facts = async (n: TopoNode, pods: TopoPod[]): Promise<ProxyNodeFacts> => {
-      if (ca === undefined) return { outboundPort: OUT, inboundPort: IN };
-      const identities: Record<string, ProxyIdentityFiles> = {};
-      for (const p of pods) identities[`bench/${p.name}`] = await benchLeaf(ca.signer, 'bench', p.name, join(work, 'ids', n.name));
-      return { outboundPort: OUT, inboundPort: IN, trust: ca.trust, identities };
-    };
-    const mesh: Mesh = {
-      n1,
-      n2,
-      a,
-      b,
-      c,
-      policies: new Map([
-        [n1, policy(n1.name, addrs(n1), [a, b], [{ pod: c, node: n2.name, address: n2.underlayIp }])],
-        [n2, policy(n2.name, addrs(n2), [c], [{ pod: a, node: n1.name, address: n1.underlayIp }, { pod: b, node: n1.name, address: n1.underlayIp }])],
-      ]),
-      facts: new Map([
-        [n1, await facts(n1, [a, b])],
-        [n2, await facts(n2, [c])],
-      ]),
-    };
+    const [n1, n2, n3, n4] = topo.nodes as TopoNode[];
+    const soaked = await buildMesh(topo, n1!, n2!, '', server, ca, work, servers);
+    const fresh = reference === 'fresh' ? await buildMesh(topo, n3!, n4!, 'r', server, ca, work, servers) : undefined;
+    const meshes = fresh === undefined ? [soaked] : [soaked, fresh];
     const cgroupPathFor = cgroupResolver(cgroup2Root());
 
     for (const [mode, impl] of modes) {
-      const dps = new Map<TopoNode, Dataplane>();
+      const dps: Dataplane[] = [];
       try {
-        for (const node of [n1, n2]) {
-          const dp = impl.create(node, {});
-          dps.set(node, dp);
-          const facts = { proxy: { address: node.gateway, outboundPort: OUT, inboundPort: IN, cgroupPath: node.proxyCgroup }, nodeAddresses: [node.gateway, node.underlayIp], cgroupPathFor };
-          await dp.apply(desiredState(mesh.policies.get(node)!, facts));
+        for (const mesh of meshes) {
+          for (const node of [mesh.n1, mesh.n2]) {
+            const dp = impl.create(node, {});
+            dps.push(dp);
+            const facts = { proxy: { address: node.gateway, outboundPort: OUT, inboundPort: IN, cgroupPath: node.proxyCgroup }, nodeAddresses: [node.gateway, node.underlayIp], cgroupPathFor };
+            await dp.apply(desiredState(mesh.policies.get(node)!, facts));
+          }
         }
         for (const path of paths) {
           for (const kind of kinds) {
-            yield* soakCase(mesh, { mode, path, kind, windows, ...opts, program, work, base });
+            yield* soakCase(soaked, fresh, { mode, path, kind, windows, ...opts, program, work, base });
           }
         }
       } finally {
-        for (const dp of dps.values()) await dp.cleanup();
+        for (const dp of dps) await dp.cleanup();
       }
     }
   } finally {
@@ -329,38 +327,135 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
   }
 }
 
+/**
+ * Two nodes of the topology as one small mesh: client pod `<p>a` and server
+ * `<p>b` on n1, server `<p>c` on n2, their policies and (under mTLS) their
+ * certificates. Servers are started and pushed onto `servers`.
+ */
+async function buildMesh(topo: Topology, n1: TopoNode, n2: TopoNode, p: string, server: Server, ca: BenchCa | undefined, work: string, servers: ChildProcess[]): Promise<Mesh> {
+  const a = await topo.addPod(n1, `${p}a`);
+  const b = await topo.addPod(n1, `${p}b`);
+  const c = await topo.addPod(n2, `${p}c`);
+  // wrk closes each `Connection: close` connection itself, so TIME_WAIT piles
+  // up in the client pod: at ~2k req/s its 14k even ephemeral ports run out
+  // in ~20 s and the windows then measure wrk's connect(), not the proxy
+  // (seen: 1.9k, 0.2k, 2.1k req/s in successive windows). Let the client
+  // reuse TIME_WAIT ports (safe with TCP timestamps); the proxy's node keeps
+  // the kernel default, so anything the proxy leaves behind still counts.
+  const reuse = await a.run('sysctl', ['-qw', 'net.ipv4.tcp_tw_reuse=1']);
+  if (reuse.code !== 0) throw new Error(`sysctl net.ipv4.tcp_tw_reuse=1 in the client pod failed: ${reuse.stderr.trim()}`);
+  for (const pod of [b, c]) {
+    const s = startServer(pod, server);
+    servers.push(s);
+    await once(s.stdout!, 'data');
+  }
+  const addrs = (n: TopoNode) => [n.underlayIp, n.gateway];
+  const facts = async (n: TopoNode, pods: TopoPod[]): Promise<ProxyNodeFacts> => {
+    if (ca === undefined) return { outboundPort: OUT, inboundPort: IN };
+    const identities: Record<string, ProxyIdentityFiles> = {};
+    for (const pod of pods) identities[`bench/${pod.name}`] = await benchLeaf(ca.signer, 'bench', pod.name, join(work, 'ids', n.name));
+    return { outboundPort: OUT, inboundPort: IN, trust: ca.trust, identities };
+  };
+  return {
+    n1,
+    n2,
+    a,
+    b,
+    c,
+    policies: new Map([
+      [n1, policy(n1.name, addrs(n1), [a, b], [{ pod: c, node: n2.name, address: n2.underlayIp }])],
+      [n2, policy(n2.name, addrs(n2), [c], [{ pod: a, node: n1.name, address: n1.underlayIp }, { pod: b, node: n1.name, address: n1.underlayIp }])],
+    ]),
+    facts: new Map([
+      [n1, await facts(n1, [a, b])],
+      [n2, await facts(n2, [c])],
+    ]),
+  };
+}
+
+const startMeshProxies = async (mesh: Mesh, dir: string, program: string | undefined): Promise<ProxySupervisor[]> => {
+  const sups: ProxySupervisor[] = [];
+  try {
+    for (const node of [mesh.n1, mesh.n2]) sups.push(await startProxy(node, mesh.policies.get(node)!, mesh.facts.get(node)!, join(dir, node.name), program));
+  } catch (err) {
+    await stopAll(sups);
+    throw err;
+  }
+  return sups;
+};
+
+async function stopAll(sups: ProxySupervisor[]): Promise<void> {
+  for (const s of sups) await s.stop(1000).catch(() => undefined);
+}
+
+const urlOf = (mesh: Mesh, path: Path) => `http://${path === 'same-node' ? mesh.b.ip : mesh.c.ip}:${PORT}/`;
+
+/**
+ * One case. Each window is load on the soaked proxies (window - 2 x probe
+ * seconds), then, with a fresh reference mesh, two probes of `probe` seconds
+ * side by side in alternating order: the soaked proxies, and proxies started
+ * fresh for the probe on the reference nodes (same program, config shape and
+ * machine). A proxy that decays falls behind a fresh one whatever the machine
+ * does meanwhile; a busy machine slows both. The window's `rps` is the load
+ * part's rate (the issue's target: every window within 10 % of the first);
+ * `probe.ratio` is soaked/fresh (decay target: at least 0.9 in every window).
+ */
 async function* soakCase(
   mesh: Mesh,
-  c: { mode: string; path: Path; kind: Kind; windows: number; window: number; connections: number; program: string | undefined; work: string; base: object },
+  fresh: Mesh | undefined,
+  c: { mode: string; path: Path; kind: Kind; windows: number; window: number; probe: number; connections: number; program: string | undefined; work: string; base: object },
 ): AsyncGenerator<object> {
   const name = `${c.mode}/${c.path}/${c.kind}`;
   const dir = mkdtempSync(join(c.work, `${c.mode}-${c.path}-${c.kind}-`));
-  const sups: ProxySupervisor[] = [];
+  const sups = await startMeshProxies(mesh, dir, c.program);
   try {
-    for (const node of [mesh.n1, mesh.n2]) sups.push(await startProxy(node, mesh.policies.get(node)!, mesh.facts.get(node)!, join(dir, node.name), c.program));
     const cgroups = [mesh.n1.proxyCgroup, mesh.n2.proxyCgroup];
-    const url = `http://${c.path === 'same-node' ? mesh.b.ip : mesh.c.ip}:${PORT}/`;
+    const url = urlOf(mesh, c.path);
+    const load = fresh === undefined ? c.window : c.window - 2 * c.probe;
     const idle = delta(new Map(), snapshot(cgroups));
-    const rows: Array<{ rps: number; rss: number }> = [];
+    const rows: Array<{ rps: number; rss: number; ratio: number | undefined }> = [];
     const t0 = Date.now();
     for (let w = 0; w < c.windows; w++) {
       const before = snapshot(cgroups);
-      const res = await wrk(mesh.a, url, c.kind, c.connections, c.window);
+      const res = await wrk(mesh.a, url, c.kind, c.connections, load);
+      let probe: { soaked_rps: number; fresh_rps: number; ratio: number; order: string } | undefined;
+      let requests = res.requests;
+      let errors = res.errors;
+      if (fresh !== undefined) {
+        const soakedProbe = () => wrk(mesh.a, url, c.kind, c.connections, c.probe);
+        const freshProbe = async () => {
+          const ref = await startMeshProxies(fresh, mkdtempSync(join(dir, `fresh-${w + 1}-`)), c.program);
+          try {
+            return await wrk(fresh.a, urlOf(fresh, c.path), c.kind, c.connections, c.probe);
+          } finally {
+            await stopAll(ref);
+          }
+        };
+        // Alternate the order so neither side always runs right after the load.
+        const soakedFirst = w % 2 === 0;
+        const first = await (soakedFirst ? soakedProbe() : freshProbe());
+        const second = await (soakedFirst ? freshProbe() : soakedProbe());
+        const [s, f] = soakedFirst ? [first, second] : [second, first];
+        probe = { soaked_rps: s.rps, fresh_rps: f.rps, ratio: round(s.rps / f.rps, 3), order: soakedFirst ? 'soaked,fresh' : 'fresh,soaked' };
+        requests += s.requests;
+        errors += s.errors + f.errors;
+      }
       const after = snapshot(cgroups);
       const d = delta(before, after);
       const counts = await Promise.all(sups.map(async (s) => pipyCounts(await s.metrics().catch(() => undefined))));
-      const perK = (ms: number) => (res.requests > 0 ? round((ms / res.requests) * 1000, 1) : null);
-      rows.push({ rps: res.rps, rss: d.rssMiB });
+      const perK = (ms: number) => (requests > 0 ? round((ms / requests) * 1000, 1) : null);
+      rows.push({ rps: res.rps, rss: d.rssMiB, ratio: probe?.ratio });
       yield {
         ...c.base,
         case: name,
         window: w + 1,
         t_s: round((Date.now() - t0) / 1000, 0),
         rps: res.rps,
-        requests: res.requests,
-        errors: res.errors,
+        requests,
+        errors,
         p50_us: res.p50_us,
         p99_us: res.p99_us,
+        ...(probe === undefined ? {} : { probe }),
         proxy_cpu_ms_per_1k_req: perK(d.userMs + d.sysMs),
         proxy_user_ms_per_1k_req: perK(d.userMs),
         proxy_sys_ms_per_1k_req: perK(d.sysMs),
@@ -373,6 +468,7 @@ async function* soakCase(
     const first = rows[0]!;
     const maxDev = Math.max(...rows.map((r) => Math.abs(r.rps - first.rps) / first.rps));
     const growth = rows[rows.length - 1]!.rss - first.rss;
+    const ratios = rows.flatMap((r) => (r.ratio === undefined ? [] : [r.ratio]));
     yield {
       ...c.base,
       case: name,
@@ -382,6 +478,7 @@ async function* soakCase(
       min_rps: Math.min(...rows.map((r) => r.rps)),
       last_rps: rows[rows.length - 1]!.rps,
       max_window_deviation_pct: round(maxDev * 100, 1),
+      ...(ratios.length === 0 ? {} : { probe_ratio_min: Math.min(...ratios), probe_ratio_median: round(quantile(ratios, 0.5), 3), ok_vs_fresh: Math.min(...ratios) >= 0.9 }),
       idle_rss_mib: round(idle.rssMiB, 1),
       rss_first_window_mib: round(first.rss, 1),
       rss_growth_mib: round(growth, 1),
@@ -390,6 +487,6 @@ async function* soakCase(
       ok_rss: growth < 5,
     };
   } finally {
-    for (const s of sups) await s.stop(1000).catch(() => undefined);
+    await stopAll(sups);
   }
 }

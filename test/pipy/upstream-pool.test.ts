@@ -2,14 +2,14 @@ import type { ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { noExclusions, type Dataplane } from '../../src/dataplane/types.js';
+import { noExclusions } from '../../src/dataplane/types.js';
 import { Topology, type TopoNode, type TopoPod } from '../../src/lab/topology.js';
 import { NodePolicySchema, POLICY_API_VERSION, type NodePolicy } from '../../src/policy/schema.js';
 import { renderProxyConfig } from '../../src/proxy/config.js';
-import { dataplaneModes, nodeSpec } from '../support/dataplanes.js';
 import { eventually } from '../support/eventually.js';
 import { uniqueTestPrefix } from '../support/names.js';
-import { findPipy, metricValue, pipySkipReason, startNodeProxy, writeCodebase, type NodeProxy } from '../support/pipy.js';
+import { PipyNodes } from '../support/pipy-nodes.js';
+import { findPipy, metricValue, pipySkipReason } from '../support/pipy.js';
 import { waitForOutput } from '../support/traffic.js';
 
 /**
@@ -84,8 +84,8 @@ maybe('Pipy upstream pools under connection churn', () => {
   let n1: TopoNode, n2: TopoNode;
   let A: TopoPod, X: TopoPod, B: TopoPod, C: TopoPod;
   const sa = new Map<TopoPod, string>();
-  const dps: Dataplane[] = [];
-  const proxies = new Map<TopoNode, NodeProxy>();
+  const nodes = new PipyNodes(pipy);
+  const proxies = nodes.proxies;
   const servers: ChildProcess[] = [];
 
   function policyFor(node: TopoNode): NodePolicy {
@@ -134,10 +134,7 @@ maybe('Pipy upstream pools under connection churn', () => {
     }
     for (const node of topo.nodes) {
       const cfg = renderProxyConfig(policyFor(node), { outboundPort: 15001, inboundPort: 15003 });
-      proxies.set(node, await startNodeProxy(node, pipy, writeCodebase(join(work, node.name), cfg), cfg));
-      const dp = dataplaneModes.iptables!.create(nodeSpec(node));
-      dps.push(dp);
-      await dp.apply({
+      await nodes.start(node, join(work, node.name), cfg, 'iptables', {
         proxy: { address: node.gateway, outboundPort: 15001, inboundPort: 15003, cgroupPath: node.proxyCgroup },
         nodeAddresses: [node.gateway, node.underlayIp],
         proxySources: topo.nodes.flatMap((n) => [n.gateway, n.underlayIp]),
@@ -148,8 +145,7 @@ maybe('Pipy upstream pools under connection churn', () => {
   }, 180_000);
 
   afterAll(async () => {
-    for (const dp of dps) await dp.cleanup().catch(() => undefined);
-    for (const p of proxies.values()) await p.stop().catch(() => undefined);
+    await nodes.stop();
     for (const s of servers) s.kill('SIGKILL');
     await topo?.destroy();
     if (work) rmSync(work, { recursive: true, force: true });

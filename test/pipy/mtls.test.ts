@@ -412,7 +412,7 @@ maybe('mutual TLS between node proxies (Pipy, iptables interception)', () => {
   // tunnels pooled per target (the program before proxy/tunnel.js) and with a
   // tunnel per request.
   test('reloads under cross-node load: 40 SIGHUPs, every request answered, none hangs', async () => {
-    const seconds = 30;
+    const seconds = 40; // room for 40 reloads (each waits until it has landed) on a busy machine
     const loads = [
       p3.run(process.execPath, ['-e', HTTP_LOAD, `http://${p1.ip}:${HTTP_PORT}/reload`, String(seconds)]),
       p1.run(process.execPath, ['-e', HTTP_LOAD, `http://${p3.ip}:${HTTP_PORT}/reload`, String(seconds)]),

@@ -72,6 +72,10 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
     const [n1, n2] = topo.nodes as [TopoNode, TopoNode];
     const a = await topo.addPod(n1, 'a');
     const c = await topo.addPod(n2, 'c');
+    // wrk's own TIME_WAIT sockets would exhaust the pod's ports in the connection-per-request runs
+    // (after one 5 s run at a few thousand connections/s every connect() stalls): reuse them, as soak does.
+    const reuse = await a.run('sysctl', ['-qw', 'net.ipv4.tcp_tw_reuse=1']);
+    if (reuse.code !== 0) throw new Error(`sysctl net.ipv4.tcp_tw_reuse=1 in the client pod failed: ${reuse.stderr.trim()}`);
     const server = c.exec(process.execPath, ['-e', HTTP_SERVER], { stdio: ['ignore', 'pipe', 'pipe'] });
     running.push(server);
     await once(server.stdout!, 'data');

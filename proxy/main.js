@@ -15,10 +15,11 @@ import { decide, protocolOf } from './route.js'
 import { grant, requestAllowed } from './access.js'
 import * as metrics from './metrics.js'
 import * as tls from './tls.js'
+import * as tunnel from './tunnel.js'
 
 var SOURCE_HEADER = 'fsmn-source-identity'
 
-// How long an idle upstream HTTP connection (or HTTP tunnel to a peer) waits
+// How long an idle upstream HTTP connection (tunnel.js: an HTTP tunnel to a peer, too) waits
 // in its pool for the next request. Below the 5 s keep-alive timeout of Node
 // and Apache, so the proxy, not the server, closes an idle connection: no
 // request is sent on a connection the server is closing.
@@ -67,24 +68,10 @@ function labelsOf(srcId, route) {
   return [srcId || 'unknown', route.identity || (route.mode === 'egress' ? 'external' : 'unknown')]
 }
 
-function tunnelRequest() {
-  var headers = { host: $route.target }
-  if ($srcId && !tls.enabled) headers[SOURCE_HEADER] = $srcId
-  return new Message({ method: 'CONNECT', path: $route.target, headers })
-}
-
 function deny(reason, status, text) {
   metrics.denied.withLabels($labels[0], $labels[1], reason).increase()
   return new Message({ status, headers: { 'content-type': 'text/plain' } }, text + '\n')
 }
-
-// Tunnels to one peer node proxy are HTTP/2 streams over one shared
-// connection (per source and destination identity under mTLS): a cross-node
-// connection costs no extra TCP or TLS handshake.
-var toPeerProxy = $=>$
-  .muxHTTP(() => tls.poolKey($srcId, $route), { version: 2 }).to(
-    tls.connectPeer(() => $route.tunnel)
-  )
 
 var closeNow = $=>$.replaceStreamStart(new StreamEnd)
 var connectTarget = $=>$.connect(() => $route.target)
@@ -103,14 +90,11 @@ var muxToTarget = $=>$
     .connect(() => $route.target)
   )
 
-// HTTP over a tunnel to the target's node proxy: pooled the same way, but per
-// source identity too, because the tunnel carries the identity the far side
-// authorises every request of that tunnel with (its CONNECT header, or under
-// mTLS the certificate of the peer connection it rides).
-var muxToTunnel = $=>$
-  .muxHTTP(() => $srcId + '>' + $route.target, { maxIdle: UPSTREAM_MAX_IDLE }).to($=>$
-    .connectHTTPTunnel(() => tunnelRequest()).to(toPeerProxy)
-  )
+// HTTP over a tunnel to the target's node proxy: a tunnel per pod connection
+// and target, never shared with another connection (tunnel.js says why), so
+// it carries one source identity, which the far side authorises every request
+// of that tunnel with (its CONNECT header, or under mTLS the certificate of
+// the peer connection it rides).
 
 // ---- outbound, TCP: one decision per connection ------------------------------
 
@@ -127,6 +111,8 @@ var outboundTCP = $=>$
     } else if ($route.mode === 'tunnel' && (why = tls.refusal($srcId, $route))) {
       metrics.denied.withLabels($labels[0], $labels[1], why).increase()
       $route = Object.assign({}, $route, { mode: 'refused' })
+    } else if ($route.mode === 'tunnel') {
+      tunnel.use($srcId, $route, $labels)
     }
   })
   .handleData(d => metrics.bytes.withLabels($labels[0], $labels[1], 'sent').increase(d.size))
@@ -134,7 +120,7 @@ var outboundTCP = $=>$
     denied: closeNow,
     refused: closeNow,
     unavailable: closeNow,
-    tunnel: $=>$.connectHTTPTunnel(() => tunnelRequest()).to(toPeerProxy),
+    tunnel: tunnel.tcp,
     local: connectTarget,
     direct: connectTarget,
     egress: connectTarget,
@@ -155,6 +141,8 @@ var outboundHTTP = $=>$
         if (!requestAllowed($grant, msg.head)) $route = Object.assign({}, $route, { mode: 'denied' })
       } else if ($route.mode === 'tunnel' && (why = tls.refusal($srcId, $route))) {
         $route = Object.assign({}, $route, { mode: 'unauthenticated', why })
+      } else if ($route.mode === 'tunnel') {
+        tunnel.use($srcId, $route, $labels)
       }
     })
     .handleData(d => metrics.bytes.withLabels($labels[0], $labels[1], 'sent').increase(d.size))
@@ -163,7 +151,7 @@ var outboundHTTP = $=>$
       refused: $=>$.replaceMessage(() => deny('refused', 503, 'no endpoint available')),
       unavailable: $=>$.replaceMessage(() => deny('unavailable', 503, 'no endpoint available')),
       unauthenticated: $=>$.replaceMessage(() => deny($route.why, 503, 'no valid identity certificate for this source: ' + $route.why)),
-      tunnel: muxToTunnel,
+      tunnel: tunnel.http,
       local: muxToTarget,
       direct: muxToTarget,
       egress: muxToTarget,

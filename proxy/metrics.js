@@ -28,6 +28,10 @@ export function statusClass(status) {
 // mTLS; transport = mtls | plaintext (a policy without a trust bundle).
 export var tunnels = new stats.Counter('fsmn_proxy_tunnels_total', ['source', 'destination', 'result', 'transport'])
 
+// Requests sent again because their own tunnel failed before the far side
+// answered its CONNECT (a far proxy instance died; proxy/tunnel.js).
+export var tunnelRetries = new stats.Counter('fsmn_proxy_tunnel_retries_total', ['source', 'destination'])
+
 // TLS handshakes of tunnel connections that failed: side = server (:15003) or
 // client (this node's tunnel pools); reason, see proxy/tls.js.
 export var handshakeFailures = new stats.Counter('fsmn_proxy_tls_handshake_failures_total', ['side', 'reason'])

@@ -2,6 +2,7 @@ import { readdirSync, readFileSync } from 'node:fs';
 import { request as httpsRequest } from 'node:https';
 import { join } from 'node:path';
 import { parseAllDocuments } from 'yaml';
+import { READING_TTL_MS } from '../agent/metrics.js';
 import { errorMessage } from '../errors.js';
 import {
   ANNOTATION_OUTBOUND_PORT_EXCLUSION,
@@ -212,16 +213,24 @@ async function request(from: LabPod, url: string): Promise<GetResult> {
 async function tunnelEvidence(toNode: LabNode, from: LabPod, to: LabPod): Promise<{ mtls: boolean; source: string; seen: string }> {
   const source = `${LAB_NAMESPACE}/${from.name}`;
   const destination = `${LAB_NAMESPACE}/${to.name}`;
-  let text = '';
-  try {
-    const res = await fetch(`${toNode.agentUrl}/metrics`, { signal: AbortSignal.timeout(5000) });
-    text = await res.text();
-  } catch (err) {
-    return { mtls: false, source, seen: `metrics of ${toNode.name}: ${errorMessage(err)}` };
+  // The agent serves one reading of Pipy's counters for READING_TTL_MS, and the
+  // cases run side by side: a reading taken just before this case's tunnel does
+  // not show it yet. Read again until it does, for a little longer than that.
+  const deadline = Date.now() + 3 * READING_TTL_MS;
+  for (;;) {
+    let text = '';
+    try {
+      const res = await fetch(`${toNode.agentUrl}/metrics`, { signal: AbortSignal.timeout(5000) });
+      text = await res.text();
+    } catch (err) {
+      return { mtls: false, source, seen: `metrics of ${toNode.name}: ${errorMessage(err)}` };
+    }
+    const lines = text.split('\n').filter((l) => l.startsWith('fsm_node_proxy_tunnels_total{') && l.includes(`source="${source}"`) && l.includes(`destination="${destination}"`) && l.includes('result="accepted"'));
+    const count = (transport: string): number => lines.filter((l) => l.includes(`transport="${transport}"`)).reduce((n, l) => n + Number(l.slice(l.lastIndexOf(' ') + 1)), 0);
+    const mtls = count('mtls') > 0;
+    if (mtls || Date.now() > deadline) return { mtls, source, seen: count('plaintext') > 0 ? `plaintext tunnels from ${source}` : `no tunnel from ${source} counted by ${toNode.name}` };
+    await sleep(250);
   }
-  const lines = text.split('\n').filter((l) => l.startsWith('fsm_node_proxy_tunnels_total{') && l.includes(`source="${source}"`) && l.includes(`destination="${destination}"`) && l.includes('result="accepted"'));
-  const count = (transport: string): number => lines.filter((l) => l.includes(`transport="${transport}"`)).reduce((n, l) => n + Number(l.slice(l.lastIndexOf(' ') + 1)), 0);
-  return { mtls: count('mtls') > 0, source, seen: count('plaintext') > 0 ? `plaintext tunnels from ${source}` : `no tunnel from ${source} counted by ${toNode.name}` };
 }
 
 function parseAnswer(body: string | undefined): EchoAnswer | undefined {

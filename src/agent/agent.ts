@@ -24,6 +24,8 @@ export interface PolicyFeed {
   start(): void;
   stop(): Promise<void>;
   fetchErrors(): number;
+  /** The controller answered again after failures (the controller client). */
+  onReconnect?(fn: () => void): void;
   /** New versions taken in by how they came, and body bytes received (the controller client). */
   stats?(): { updates: { full: number; delta: number }; receivedBytes: number };
 }
@@ -101,6 +103,8 @@ export class Agent {
   /** The previous mode's dataplane after a switch, until its cleanup has succeeded (retried by the next sync). */
   private retiring: Dataplane | undefined;
   private lastModeLog: string | undefined;
+  /** The latest mode decision (reported again with failing identities when the controller comes back). */
+  private lastDecision: ModeDecision | undefined;
   /** The last completed live switch: new mode in force after applyMs, old mode gone after totalMs. */
   private lastSwitch: { from: InterceptionMode; to: InterceptionMode; applyMs: number; totalMs: number; at: string } | undefined;
   private applied: { version: string; pods: number; at: string } | undefined;
@@ -161,6 +165,7 @@ export class Agent {
     });
     await this.deps.proxy.start();
     this.deps.policy.onChange(() => this.runner.request('policy changed'));
+    this.deps.policy.onReconnect?.(() => void this.controllerBack());
     this.deps.policy.start();
     this.runner.start();
     const [host, port] = splitHostPort(this.config.listen);
@@ -343,23 +348,47 @@ export class Agent {
   private logDecision(d: ModeDecision): void {
     const expired = this.identities?.expired() ?? [];
     const key = JSON.stringify([d, expired]);
+    this.lastDecision = d;
     if (key === this.lastModeLog) return;
     const modeChanged = this.lastModeLog === undefined || !this.lastModeLog.startsWith(`[${JSON.stringify(d)},`);
     this.lastModeLog = key;
-    if (this.deps.reportMode) {
-      const status: NodeModeStatus = {
-        ...(d.ready ? { ready: true, desired: d.desired, effective: d.effective, ...(d.fallbackReason ? { fallbackReason: d.fallbackReason } : {}) } : { ready: false, desired: d.desired, reason: d.reason }),
-        ...(expired.length ? { expiredIdentities: expired } : {}),
-      };
-      this.deps.reportMode(status).catch((err: unknown) => {
-        if (this.lastModeLog === key) this.lastModeLog = undefined;
-        log.warn({ err: errorMessage(err) }, 'could not report the interception mode to the controller; retried at the next sync');
-      });
-    }
+    void this.reportStatus(d, expired, key);
     if (!modeChanged) return;
     if (!d.ready) log.error({ desired: d.desired, source: d.desiredSource, reason: d.reason }, 'no interception mode works on this node; not ready');
     else if (d.fallbackReason) log.warn({ desired: d.desired, source: d.desiredSource, effective: d.effective, reason: d.fallbackReason }, 'interception mode fell back');
     else log.info({ desired: d.desired, source: d.desiredSource, effective: d.effective }, 'interception mode chosen');
+  }
+
+  /** Report mode and failing identities to the controller (it posts Node Events); a failure is retried by the next sync. */
+  private async reportStatus(d: ModeDecision, expired: { namespace: string; serviceAccount: string; reason: string }[], key: string): Promise<void> {
+    if (!this.deps.reportMode) return;
+    const status: NodeModeStatus = {
+      ...(d.ready ? { ready: true, desired: d.desired, effective: d.effective, ...(d.fallbackReason ? { fallbackReason: d.fallbackReason } : {}) } : { ready: false, desired: d.desired, reason: d.reason }),
+      ...(expired.length ? { expiredIdentities: expired } : {}),
+    };
+    try {
+      await this.deps.reportMode(status);
+    } catch (err) {
+      if (this.lastModeLog === key) this.lastModeLog = undefined;
+      log.warn({ err: errorMessage(err) }, 'could not report the interception mode to the controller; retried at the next sync');
+    }
+  }
+
+  /**
+   * The controller answers again after an outage. Identities that failed
+   * closed meanwhile are reported first (while they are still expired, so the
+   * controller posts the IdentityExpired Node Event even if renewal is quick),
+   * then every failing identity is renewed at once rather than after its backoff.
+   */
+  private async controllerBack(): Promise<void> {
+    const expired = this.identities?.expired() ?? [];
+    if (this.lastDecision && expired.length) {
+      const key = JSON.stringify([this.lastDecision, expired]);
+      this.lastModeLog = key;
+      await this.reportStatus(this.lastDecision, expired, key);
+    }
+    const n = this.identities?.retryNow('controller reachable again') ?? 0;
+    if (n || expired.length) log.info({ retried: n, expired: expired.length }, 'controller reachable again: reported failing identities and retrying their certificates');
   }
 
   /** On the first sync, leftovers of the other mode (a switch interrupted by a crash) are removed after ours is in force. */

@@ -246,6 +246,23 @@ export class IdentityManager {
     return [...this.entries.values()].filter((e) => e.cert.state === 'expired').map((e) => ({ ...e.cert.identity, reason: e.cert.reason ?? 'expired' }));
   }
 
+  /**
+   * The controller is reachable again (the policy client got through after
+   * failures): every identity that is failing (renewal errors, pending or
+   * expired) tries at once instead of waiting out its backoff, which after a
+   * long outage is up to 150 s. Returns how many were rescheduled.
+   */
+  retryNow(why: string): number {
+    let n = 0;
+    for (const [k, e] of this.entries) {
+      if (e.busy || e.failures === 0) continue;
+      log.info({ identity: k, why, state: e.cert.state }, 'retrying the certificate now');
+      this.schedule(e, 0);
+      n++;
+    }
+    return n;
+  }
+
   /** Wait until no fetch is under way (tests, shutdown). */
   async settled(): Promise<void> {
     for (;;) {

@@ -157,6 +157,23 @@ describe('agent identity certificates', () => {
     expect(await registry.metrics()).toMatch(/fsm_node_identity_certificate_expiry_timestamp_seconds\{identity="demo\/web"\} \d+/);
   });
 
+  test('retryNow: when the controller is back, a failing identity tries at once instead of after its long backoff', async () => {
+    let failing = true;
+    const { issuer, calls } = testIssuer({ lifetimeMs: 3600_000, fail: () => failing });
+    const m = manager({ stateDir: dir, issuer, backoff: { initialMs: 60_000, maxMs: 60_000 } });
+    m.update(policy([web, db]));
+    await eventually(async () => calls.length, (n) => n === 2);
+    await m.settled();
+    expect(m.snapshot().get('demo/web')!.nextAttempt!.getTime()).toBeGreaterThan(Date.now() + 50_000);
+    failing = false;
+    expect(m.retryNow('test')).toBe(2);
+    const states = await eventually(async () => [...m.snapshot().values()].map((c) => c.state), (s) => s.every((x) => x === 'valid'), 3000);
+    expect(states).toEqual(['valid', 'valid']);
+    // Nothing failing: nothing to retry (a valid certificate waits for its renewal point).
+    expect(m.retryNow('test')).toBe(0);
+    expect(calls).toHaveLength(4);
+  });
+
   test('an answer for another identity is refused and retried; nothing is stored', async () => {
     const { issuer, calls } = testIssuer({ lifetimeMs: 3600_000, identityOverride: { namespace: 'demo', serviceAccount: 'admin' } });
     const m = manager({ stateDir: dir, issuer, backoff: { initialMs: 30, maxMs: 60 } });

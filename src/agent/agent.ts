@@ -64,7 +64,7 @@ export interface AgentDeps {
    * Workload certificates for the node's mesh identities (src/identity/agent-certs.ts),
    * made with the agent's metrics registry and its callbacks; absent: none kept.
    */
-  identities?: (o: { registry: Registry; onChange: () => void; onExpired: () => void }) => IdentityManager;
+  identities?: (o: { registry: Registry; onChange: () => void; onExpired: () => void; beforeRecover: () => Promise<void> }) => IdentityManager;
 }
 
 /** One sync as /v1/state reports it (`sync.first`, `sync.last`). */
@@ -105,6 +105,8 @@ export class Agent {
   private lastModeLog: string | undefined;
   /** The latest mode decision (reported again with failing identities when the controller comes back). */
   private lastDecision: ModeDecision | undefined;
+  /** What the controller last acknowledged (mode decision and failing identities, as a key). */
+  private reported: string | undefined;
   /** The last completed live switch: new mode in force after applyMs, old mode gone after totalMs. */
   private lastSwitch: { from: InterceptionMode; to: InterceptionMode; applyMs: number; totalMs: number; at: string } | undefined;
   private applied: { version: string; pods: number; at: string } | undefined;
@@ -139,6 +141,8 @@ export class Agent {
       onChange: () => this.runner.request('identity certificates changed'),
       // Reported with the mode (the controller posts a Node Event).
       onExpired: () => this.runner.request('identity expired or recovered'),
+      // The controller hears of an expiry before the contact that may end it (a renewal) is made.
+      beforeRecover: () => this.reportNow(),
     });
     this.runner = new SyncRunner((ctx) => this.sync(ctx), {
       minIntervalMs: 20,
@@ -165,7 +169,7 @@ export class Agent {
     });
     await this.deps.proxy.start();
     this.deps.policy.onChange(() => this.runner.request('policy changed'));
-    this.deps.policy.onReconnect?.(() => void this.controllerBack());
+    this.deps.policy.onReconnect?.(() => this.controllerBack());
     this.deps.policy.start();
     this.runner.start();
     const [host, port] = splitHostPort(this.config.listen);
@@ -352,7 +356,7 @@ export class Agent {
     if (key === this.lastModeLog) return;
     const modeChanged = this.lastModeLog === undefined || !this.lastModeLog.startsWith(`[${JSON.stringify(d)},`);
     this.lastModeLog = key;
-    void this.reportStatus(d, expired, key);
+    this.reportStatus(d, expired, key).catch(() => undefined); // logged; retried by the next sync
     if (!modeChanged) return;
     if (!d.ready) log.error({ desired: d.desired, source: d.desiredSource, reason: d.reason }, 'no interception mode works on this node; not ready');
     else if (d.fallbackReason) log.warn({ desired: d.desired, source: d.desiredSource, effective: d.effective, reason: d.fallbackReason }, 'interception mode fell back');
@@ -368,27 +372,32 @@ export class Agent {
     };
     try {
       await this.deps.reportMode(status);
+      this.reported = key;
     } catch (err) {
       if (this.lastModeLog === key) this.lastModeLog = undefined;
       log.warn({ err: errorMessage(err) }, 'could not report the interception mode to the controller; retried at the next sync');
+      throw err;
     }
   }
 
-  /**
-   * The controller answers again after an outage. Identities that failed
-   * closed meanwhile are reported first (while they are still expired, so the
-   * controller posts the IdentityExpired Node Event even if renewal is quick),
-   * then every failing identity is renewed at once rather than after its backoff.
-   */
-  private async controllerBack(): Promise<void> {
+  /** Report the current mode and failing identities unless the controller already has exactly this; rejects when it cannot be reached. */
+  private async reportNow(): Promise<void> {
+    if (!this.lastDecision) return;
     const expired = this.identities?.expired() ?? [];
-    if (this.lastDecision && expired.length) {
-      const key = JSON.stringify([this.lastDecision, expired]);
-      this.lastModeLog = key;
-      await this.reportStatus(this.lastDecision, expired, key);
-    }
+    const key = JSON.stringify([this.lastDecision, expired]);
+    if (key === this.reported) return;
+    this.lastModeLog = key;
+    await this.reportStatus(this.lastDecision, expired, key);
+  }
+
+  /**
+   * The controller answers again after an outage: every failing identity is
+   * renewed at once rather than after its backoff (which grows to 150 s); a
+   * renewal of an expired one reports it first (beforeRecover).
+   */
+  private controllerBack(): void {
     const n = this.identities?.retryNow('controller reachable again') ?? 0;
-    if (n || expired.length) log.info({ retried: n, expired: expired.length }, 'controller reachable again: reported failing identities and retrying their certificates');
+    if (n) log.info({ retried: n }, 'controller reachable again: retrying failing certificates now');
   }
 
   /** On the first sync, leftovers of the other mode (a switch interrupted by a crash) are removed after ours is in force. */

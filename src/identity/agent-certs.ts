@@ -117,6 +117,13 @@ export interface IdentityManagerOptions {
   onChange?: () => void;
   /** An identity started or stopped failing closed (expired without renewal). */
   onExpired?: (identity: WorkloadIdentity, reason: string | undefined) => void;
+  /**
+   * Awaited before asking for a certificate for an identity that is failing
+   * closed: the agent reports it to the controller first, so the controller
+   * hears of the expiry (its Node Event) even when the same contact ends it.
+   * Errors are ignored (the request that follows will fail the same way).
+   */
+  beforeRecover?: () => Promise<void>;
 }
 
 interface Entry {
@@ -297,6 +304,7 @@ export class IdentityManager {
     const k = identityKey(id);
     const kind = e.cert.state === 'valid' ? 'renew' : 'issue';
     try {
+      if (e.cert.state === 'expired') await this.o.beforeRecover?.().catch(() => undefined);
       const keys = await generateKeyPair();
       const csr = await createCsr(keys, this.trustDomain, id);
       const answer = await this.o.issuer.issue(id, csr);

@@ -140,7 +140,20 @@ describe('agent identity certificates', () => {
     const { issuer } = testIssuer({ lifetimeMs: 1200, fail: () => failing });
     const registry = new Registry();
     const events: [string, string | undefined][] = [];
-    const m = manager({ stateDir: dir, issuer, registry, backoff: { initialMs: 100, maxMs: 200 }, onExpired: (id, reason) => events.push([`${id.namespace}/${id.serviceAccount}`, reason]) });
+    const order: string[] = [];
+    const traced: IdentityIssuer = { issue: (id, csr) => (order.push(`issue ${m.snapshot().get('demo/web')?.state}`), issuer.issue(id, csr)) };
+    const m = manager({
+      stateDir: dir,
+      issuer: traced,
+      registry,
+      backoff: { initialMs: 100, maxMs: 200 },
+      onExpired: (id, reason) => events.push([`${id.namespace}/${id.serviceAccount}`, reason]),
+      // The agent reports the expiry to the controller here; it may fail (controller down), the request still goes.
+      beforeRecover: async () => {
+        order.push('report');
+        if (failing) throw new Error('controller unreachable (test)');
+      },
+    });
     m.update(policy([web]));
     await eventually(async () => m.snapshot().get('demo/web'), (c) => c?.state === 'valid');
     failing = true;
@@ -154,6 +167,10 @@ describe('agent identity certificates', () => {
     const back = await eventually(async () => m.snapshot().get('demo/web'), (c) => c?.state === 'valid', 3000);
     expect(back!.state).toBe('valid');
     expect(events[1]).toEqual(['demo/web', undefined]);
+    // Every attempt of an expired identity is preceded by a report (so the controller hears of it before it ends).
+    const afterExpiry = order.slice(order.indexOf('issue expired') - 1);
+    expect(afterExpiry[0]).toBe('report');
+    for (let i = 0; i < afterExpiry.length; i += 2) expect(afterExpiry.slice(i, i + 2)).toEqual(['report', 'issue expired']);
     expect(await registry.metrics()).toMatch(/fsm_node_identity_certificate_expiry_timestamp_seconds\{identity="demo\/web"\} \d+/);
   });
 

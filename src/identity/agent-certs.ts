@@ -1,5 +1,5 @@
 import { createPrivateKey, X509Certificate } from 'node:crypto';
-import { chown, mkdir, readFile, rm, stat } from 'node:fs/promises';
+import { mkdir, readFile, rm, stat } from 'node:fs/promises';
 import { request } from 'node:https';
 import { join } from 'node:path';
 import { Counter, Gauge, type Registry } from 'prom-client';
@@ -7,6 +7,7 @@ import { errorMessage, FsmNodeError } from '../errors.js';
 import { writeFileAtomic } from '../policy/store.js';
 import { DEFAULT_TRUST, type NodePolicy } from '../policy/schema.js';
 import { logger } from '../util/log.js';
+import { ownKeyFiles, type FileOwner } from './key-files.js';
 import { identityKey, sameIdentity, type WorkloadIdentity } from './spiffe.js';
 import { createCsr, generateKeyPair, parseCertificate, privateKeyToPem, splitPem, verifyChain } from './x509.js';
 
@@ -104,7 +105,7 @@ export interface IdentityManagerOptions {
   stateDir: string;
   issuer: IdentityIssuer;
   /** Owner of key and certificate files (the proxy's runAs uid/gid), so the proxy can read its keys. */
-  owner?: { uid: number; gid: number };
+  owner?: FileOwner;
   registry?: Registry;
   /** Backoff between failed attempts of one identity. */
   backoff?: { initialMs: number; maxMs: number };
@@ -402,6 +403,8 @@ export class IdentityManager {
         return false;
       }
       if (e.gone || this.stopped) return true;
+      // Stored before the proxy got its own user (or by another one): hand the files over first.
+      if (this.o.owner) await ownKeyFiles(this.keyFiles(e), this.o.owner);
       this.install(e, chain, Math.min(receivedAt, this.now()));
       log.info({ identity: k, notAfter: leaf.notAfter.toISOString() }, 'using the stored certificate');
       this.o.onChange?.();
@@ -420,10 +423,13 @@ export class IdentityManager {
     // Key first: a crash between the two leaves a key without its certificate, which loadStored refuses (mismatch).
     await writeFileAtomic(e.cert.keyPath, keyPem, 0o600);
     await writeFileAtomic(e.cert.certPath, chain.join(''), 0o644);
-    if (this.o.owner) {
-      const { uid, gid } = this.o.owner;
-      for (const p of [join(dir, '..'), dir, e.cert.keyPath, e.cert.certPath]) await chown(p, uid, gid);
-    }
+    if (this.o.owner) await ownKeyFiles(this.keyFiles(e), this.o.owner);
+  }
+
+  /** What the proxy's user must own: the namespace and identity directories, key and certificate. */
+  private keyFiles(e: Entry): string[] {
+    const dir = join(e.cert.keyPath, '..');
+    return [join(dir, '..'), dir, e.cert.keyPath, e.cert.certPath];
   }
 
   private drop(k: string, e: Entry): void {

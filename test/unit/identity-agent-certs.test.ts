@@ -174,6 +174,29 @@ describe('agent identity certificates', () => {
     expect(await registry.metrics()).toMatch(/fsm_node_identity_certificate_expiry_timestamp_seconds\{identity="demo\/web"\} \d+/);
   });
 
+  test('with a proxy user: key 0600 and its directories belong to that uid; stored files of another owner are handed over at start', async () => {
+    const { issuer } = testIssuer({ lifetimeMs: 3600_000 });
+    const plain = manager({ stateDir: dir, issuer });
+    plain.update(policy([web]));
+    const c = (await eventually(async () => plain.snapshot().get('demo/web'), (x) => x?.state === 'valid'))!;
+    expect(statSync(c.keyPath).uid).toBe(process.getuid!());
+    await plain.stop();
+    // The agent restarts with proxyUser set: the stored certificate is kept and re-owned.
+    const again = testIssuer({ lifetimeMs: 3600_000 });
+    const owned = manager({ stateDir: dir, issuer: again.issuer, owner: { uid: 1500, gid: 1500 } });
+    owned.update(policy([web]));
+    await eventually(async () => owned.snapshot().get('demo/web'), (x) => x?.state === 'valid');
+    expect(again.calls).toEqual([]);
+    for (const p of [c.keyPath, c.certPath, join(c.keyPath, '..'), join(c.keyPath, '../..')]) expect(statSync(p)).toMatchObject({ uid: 1500, gid: 1500 });
+    expect(statSync(c.keyPath).mode & 0o777).toBe(0o600);
+    expect(statSync(join(c.keyPath, '..')).mode & 0o777).toBe(0o700);
+    // A new identity is written owned from the start.
+    owned.update(policy([web, db]));
+    const d = (await eventually(async () => owned.snapshot().get('demo/db'), (x) => x?.state === 'valid'))!;
+    expect(statSync(d.keyPath)).toMatchObject({ uid: 1500, gid: 1500 });
+    expect(statSync(d.keyPath).mode & 0o777).toBe(0o600);
+  });
+
   test('retryNow: when the controller is back, a failing identity tries at once instead of after its long backoff', async () => {
     let failing = true;
     const { issuer, calls } = testIssuer({ lifetimeMs: 3600_000, fail: () => failing });

@@ -139,6 +139,13 @@ interface Entry {
 }
 
 export const IDENTITIES_DIR = 'identities';
+/**
+ * Retry ceiling for an identity that is failing closed. A valid certificate
+ * can wait (backoff up to 150 s, as ztunnel); an expired one is an outage of
+ * that identity's cross-node traffic, and one refused HTTPS request every
+ * 10 s is cheap next to it.
+ */
+export const EXPIRED_RETRY_MAX_MS = 10_000;
 
 export class IdentityManager {
   private readonly entries = new Map<string, Entry>();
@@ -328,7 +335,9 @@ export class IdentityManager {
       const reason = err instanceof IdentityFetchError ? err.reason : err instanceof FsmNodeError ? err.code : 'error';
       this.failures?.inc({ kind, reason });
       e.cert.lastError = errorMessage(err);
-      const delay = Math.min(this.backoff.maxMs, this.backoff.initialMs * 2 ** Math.min(e.failures - 1, 30));
+      // Failing closed costs traffic every second: an expired identity retries at least every EXPIRED_RETRY_MAX_MS.
+      const cap = e.cert.state === 'expired' ? Math.min(this.backoff.maxMs, EXPIRED_RETRY_MAX_MS) : this.backoff.maxMs;
+      const delay = Math.min(cap, this.backoff.initialMs * 2 ** Math.min(e.failures - 1, 30));
       log.warn({ identity: k, kind, failures: e.failures, retryInMs: Math.round(delay), err: e.cert.lastError }, 'could not obtain a certificate; keeping the one held, if valid');
       this.schedule(e, delay);
     }
@@ -373,6 +382,8 @@ export class IdentityManager {
     const reason = `certificate expired at ${e.cert.notAfter.toISOString()} without renewal${e.cert.lastError ? `: ${e.cert.lastError}` : ''}`;
     e.cert = { ...e.cert, state: 'expired', reason };
     log.error({ identity: k, reason }, 'identity fails closed: its certificate expired');
+    // Its next attempt may be far off (a long backoff): from now on it retries within EXPIRED_RETRY_MAX_MS.
+    if (!e.busy && (e.cert.nextAttempt?.getTime() ?? 0) > this.now() + EXPIRED_RETRY_MAX_MS) this.schedule(e, 0);
     this.o.onExpired?.(e.cert.identity, reason);
     this.o.onChange?.();
   }

@@ -197,6 +197,27 @@ describe('agent identity certificates', () => {
     expect(statSync(d.keyPath).mode & 0o777).toBe(0o600);
   });
 
+  test('an expired identity retries within 10 s, however long its backoff had grown', async () => {
+    let failing = false;
+    const { issuer, calls } = testIssuer({ lifetimeMs: 1500, fail: () => failing });
+    const m = manager({ stateDir: dir, issuer, backoff: { initialMs: 30_000, maxMs: 150_000 } });
+    m.update(policy([web]));
+    await eventually(async () => m.snapshot().get('demo/web'), (c) => c?.state === 'valid');
+    failing = true;
+    // The renewal at half life fails: the next try is 30 s away, past the expiry.
+    const waiting = await eventually(async () => m.snapshot().get('demo/web'), (c) => (c?.lastError ?? '') !== '', 3000);
+    expect(waiting!.nextAttempt!.getTime() - Date.now()).toBeGreaterThan(25_000);
+    // At expiry it tries at once, then backs off no more than 10 s (30 s and 60 s otherwise).
+    await eventually(async () => calls.length, (n) => n >= 3, 4000);
+    await m.settled();
+    const c = m.snapshot().get('demo/web')!;
+    expect(c.state).toBe('expired');
+    expect(calls).toHaveLength(3);
+    const wait = c.nextAttempt!.getTime() - Date.now();
+    expect(wait).toBeLessThanOrEqual(10_000);
+    expect(wait).toBeGreaterThan(5_000);
+  });
+
   test('retryNow: when the controller is back, a failing identity tries at once instead of after its long backoff', async () => {
     let failing = true;
     const { issuer, calls } = testIssuer({ lifetimeMs: 3600_000, fail: () => failing });

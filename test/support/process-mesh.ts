@@ -121,6 +121,20 @@ export class ProcessMesh {
     return join(this.work, 'nodes', n.name);
   }
 
+  get controllerUrl(): string {
+    return `https://127.0.0.1:${this.controllerPort}`;
+  }
+
+  /** The controller's serving CA (PEM), as the agents pin it. */
+  controllerCa(): string {
+    return readFileSync(join(this.work, 'controller', 'ca.crt'), 'utf8');
+  }
+
+  /** A node's bearer token. */
+  token(n: TopoNode): string {
+    return readFileSync(join(this.work, `token-${n.name}`), 'utf8').trim();
+  }
+
   get controllerLog(): string {
     return join(this.work, 'controller.log');
   }

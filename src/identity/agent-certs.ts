@@ -431,10 +431,12 @@ export class IdentityManager {
     const base = join(this.o.stateDir, IDENTITIES_DIR);
     await mkdir(base, { recursive: true, mode: 0o711 });
     await mkdir(dir, { recursive: true, mode: 0o700 });
+    // Directories first, files owned before they are renamed into place: a proxy with its own uid reloading
+    // meanwhile reads either the old key or the new one, never a file it may not open.
+    if (this.o.owner) await ownKeyFiles(this.keyFiles(e).slice(0, 2), this.o.owner);
     // Key first: a crash between the two leaves a key without its certificate, which loadStored refuses (mismatch).
-    await writeFileAtomic(e.cert.keyPath, keyPem, 0o600);
-    await writeFileAtomic(e.cert.certPath, chain.join(''), 0o644);
-    if (this.o.owner) await ownKeyFiles(this.keyFiles(e), this.o.owner);
+    await writeFileAtomic(e.cert.keyPath, keyPem, 0o600, this.o.owner);
+    await writeFileAtomic(e.cert.certPath, chain.join(''), 0o644, this.o.owner);
   }
 
   /** What the proxy's user must own: the namespace and identity directories, key and certificate. */

@@ -17,6 +17,9 @@ import { SyncRunner, type SyncContext } from './sync-runner.js';
 
 const log = logger('agent');
 
+/** After a failed status report, reportNow() does not try again for this long. */
+const REPORT_RETRY_MS = 2_000;
+
 /** Where the agent's policy comes from: the controller client, or a fixed policy in tests. */
 export interface PolicyFeed {
   current(): { policy: NodePolicy; receivedAt: number } | undefined;
@@ -107,6 +110,8 @@ export class Agent {
   private lastDecision: ModeDecision | undefined;
   /** What the controller last acknowledged (mode decision and failing identities, as a key). */
   private reported: string | undefined;
+  private reporting: Promise<void> | undefined;
+  private reportFailedAt = 0;
   /** The last completed live switch: new mode in force after applyMs, old mode gone after totalMs. */
   private lastSwitch: { from: InterceptionMode; to: InterceptionMode; applyMs: number; totalMs: number; at: string } | undefined;
   private applied: { version: string; pods: number; at: string } | undefined;
@@ -380,14 +385,28 @@ export class Agent {
     }
   }
 
-  /** Report the current mode and failing identities unless the controller already has exactly this; rejects when it cannot be reached. */
-  private async reportNow(): Promise<void> {
-    if (!this.lastDecision) return;
+  /**
+   * Report the current mode and failing identities unless the controller
+   * already has exactly this; rejects when it cannot be reached. Called
+   * before each renewal of an expired identity, so: one report in flight at
+   * a time for all of them, and after a failure none for REPORT_RETRY_MS
+   * (a hundred identities expiring together make one POST, not a hundred).
+   */
+  private reportNow(): Promise<void> {
+    if (!this.lastDecision) return Promise.resolve();
     const expired = this.identities?.expired() ?? [];
     const key = JSON.stringify([this.lastDecision, expired]);
-    if (key === this.reported) return;
+    if (key === this.reported) return Promise.resolve();
+    if (this.reporting) return this.reporting;
+    if (Date.now() - this.reportFailedAt < REPORT_RETRY_MS) return Promise.reject(new Error('the last status report failed moments ago'));
     this.lastModeLog = key;
-    await this.reportStatus(this.lastDecision, expired, key);
+    this.reporting = this.reportStatus(this.lastDecision, expired, key)
+      .catch((err: unknown) => {
+        this.reportFailedAt = Date.now();
+        throw err;
+      })
+      .finally(() => (this.reporting = undefined));
+    return this.reporting;
   }
 
   /**

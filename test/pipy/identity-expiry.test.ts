@@ -46,8 +46,10 @@ maybe('controller outage longer than the renewal point (real controller, agents 
 
     // 2. The controller goes away. The certificates in hand expire at their notAfter.
     await mesh.stopController();
-    const soonest = Math.min(...first.map((i) => Date.parse(i!.notAfter!)));
-    const latest = Math.max(...first.map((i) => Date.parse(i!.notAfter!)));
+    // Read after the stop: a renewal may have happened since step 1 on a slow machine.
+    const held = await Promise.all([mesh.identity(n1, 'demo/p1'), mesh.identity(n2, 'demo/p2')]);
+    const soonest = Math.min(...held.map((i) => Date.parse(i!.notAfter!)));
+    const latest = Math.max(...held.map((i) => Date.parse(i!.notAfter!)));
 
     // 3. Past the renewal point (half life): renewal failed, the certificate is still valid, traffic flows.
     const renewing = await slowly(async () => mesh.identity(n2, 'demo/p2'), (i) => (i?.lastError ?? '') !== '', LIFETIME_S * 1000);

@@ -17,6 +17,9 @@ import { SyncRunner, type SyncContext } from './sync-runner.js';
 
 const log = logger('agent');
 
+/** After a failed status report, reportNow() does not try again for this long. */
+const REPORT_RETRY_MS = 2_000;
+
 /** Where the agent's policy comes from: the controller client, or a fixed policy in tests. */
 export interface PolicyFeed {
   current(): { policy: NodePolicy; receivedAt: number } | undefined;
@@ -24,6 +27,8 @@ export interface PolicyFeed {
   start(): void;
   stop(): Promise<void>;
   fetchErrors(): number;
+  /** The controller answered again after failures (the controller client). */
+  onReconnect?(fn: () => void): void;
   /** New versions taken in by how they came, and body bytes received (the controller client). */
   stats?(): { updates: { full: number; delta: number }; receivedBytes: number };
 }
@@ -62,7 +67,7 @@ export interface AgentDeps {
    * Workload certificates for the node's mesh identities (src/identity/agent-certs.ts),
    * made with the agent's metrics registry and its callbacks; absent: none kept.
    */
-  identities?: (o: { registry: Registry; onChange: () => void; onExpired: () => void }) => IdentityManager;
+  identities?: (o: { registry: Registry; onChange: () => void; onExpired: () => void; beforeRecover: () => Promise<void> }) => IdentityManager;
 }
 
 /** One sync as /v1/state reports it (`sync.first`, `sync.last`). */
@@ -101,6 +106,12 @@ export class Agent {
   /** The previous mode's dataplane after a switch, until its cleanup has succeeded (retried by the next sync). */
   private retiring: Dataplane | undefined;
   private lastModeLog: string | undefined;
+  /** The latest mode decision (reported again with failing identities when the controller comes back). */
+  private lastDecision: ModeDecision | undefined;
+  /** What the controller last acknowledged (mode decision and failing identities, as a key). */
+  private reported: string | undefined;
+  private reporting: Promise<void> | undefined;
+  private reportFailedAt = 0;
   /** The last completed live switch: new mode in force after applyMs, old mode gone after totalMs. */
   private lastSwitch: { from: InterceptionMode; to: InterceptionMode; applyMs: number; totalMs: number; at: string } | undefined;
   private applied: { version: string; pods: number; at: string } | undefined;
@@ -135,6 +146,8 @@ export class Agent {
       onChange: () => this.runner.request('identity certificates changed'),
       // Reported with the mode (the controller posts a Node Event).
       onExpired: () => this.runner.request('identity expired or recovered'),
+      // The controller hears of an expiry before the contact that may end it (a renewal) is made.
+      beforeRecover: () => this.reportNow(),
     });
     this.runner = new SyncRunner((ctx) => this.sync(ctx), {
       minIntervalMs: 20,
@@ -161,6 +174,7 @@ export class Agent {
     });
     await this.deps.proxy.start();
     this.deps.policy.onChange(() => this.runner.request('policy changed'));
+    this.deps.policy.onReconnect?.(() => this.controllerBack());
     this.deps.policy.start();
     this.runner.start();
     const [host, port] = splitHostPort(this.config.listen);
@@ -343,23 +357,66 @@ export class Agent {
   private logDecision(d: ModeDecision): void {
     const expired = this.identities?.expired() ?? [];
     const key = JSON.stringify([d, expired]);
+    this.lastDecision = d;
     if (key === this.lastModeLog) return;
     const modeChanged = this.lastModeLog === undefined || !this.lastModeLog.startsWith(`[${JSON.stringify(d)},`);
     this.lastModeLog = key;
-    if (this.deps.reportMode) {
-      const status: NodeModeStatus = {
-        ...(d.ready ? { ready: true, desired: d.desired, effective: d.effective, ...(d.fallbackReason ? { fallbackReason: d.fallbackReason } : {}) } : { ready: false, desired: d.desired, reason: d.reason }),
-        ...(expired.length ? { expiredIdentities: expired } : {}),
-      };
-      this.deps.reportMode(status).catch((err: unknown) => {
-        if (this.lastModeLog === key) this.lastModeLog = undefined;
-        log.warn({ err: errorMessage(err) }, 'could not report the interception mode to the controller; retried at the next sync');
-      });
-    }
+    this.reportStatus(d, expired, key).catch(() => undefined); // logged; retried by the next sync
     if (!modeChanged) return;
     if (!d.ready) log.error({ desired: d.desired, source: d.desiredSource, reason: d.reason }, 'no interception mode works on this node; not ready');
     else if (d.fallbackReason) log.warn({ desired: d.desired, source: d.desiredSource, effective: d.effective, reason: d.fallbackReason }, 'interception mode fell back');
     else log.info({ desired: d.desired, source: d.desiredSource, effective: d.effective }, 'interception mode chosen');
+  }
+
+  /** Report mode and failing identities to the controller (it posts Node Events); a failure is retried by the next sync. */
+  private async reportStatus(d: ModeDecision, expired: { namespace: string; serviceAccount: string; reason: string }[], key: string): Promise<void> {
+    if (!this.deps.reportMode) return;
+    const status: NodeModeStatus = {
+      ...(d.ready ? { ready: true, desired: d.desired, effective: d.effective, ...(d.fallbackReason ? { fallbackReason: d.fallbackReason } : {}) } : { ready: false, desired: d.desired, reason: d.reason }),
+      ...(expired.length ? { expiredIdentities: expired } : {}),
+    };
+    try {
+      await this.deps.reportMode(status);
+      this.reported = key;
+    } catch (err) {
+      if (this.lastModeLog === key) this.lastModeLog = undefined;
+      log.warn({ err: errorMessage(err) }, 'could not report the interception mode to the controller; retried at the next sync');
+      throw err;
+    }
+  }
+
+  /**
+   * Report the current mode and failing identities unless the controller
+   * already has exactly this; rejects when it cannot be reached. Called
+   * before each renewal of an expired identity, so: one report in flight at
+   * a time for all of them, and after a failure none for REPORT_RETRY_MS
+   * (a hundred identities expiring together make one POST, not a hundred).
+   */
+  private reportNow(): Promise<void> {
+    if (!this.lastDecision) return Promise.resolve();
+    const expired = this.identities?.expired() ?? [];
+    const key = JSON.stringify([this.lastDecision, expired]);
+    if (key === this.reported) return Promise.resolve();
+    if (this.reporting) return this.reporting;
+    if (Date.now() - this.reportFailedAt < REPORT_RETRY_MS) return Promise.reject(new Error('the last status report failed moments ago'));
+    this.lastModeLog = key;
+    this.reporting = this.reportStatus(this.lastDecision, expired, key)
+      .catch((err: unknown) => {
+        this.reportFailedAt = Date.now();
+        throw err;
+      })
+      .finally(() => (this.reporting = undefined));
+    return this.reporting;
+  }
+
+  /**
+   * The controller answers again after an outage: every failing identity is
+   * renewed at once rather than after its backoff (which grows to 150 s); a
+   * renewal of an expired one reports it first (beforeRecover).
+   */
+  private controllerBack(): void {
+    const n = this.identities?.retryNow('controller reachable again') ?? 0;
+    if (n) log.info({ retried: n }, 'controller reachable again: retrying failing certificates now');
   }
 
   /** On the first sync, leftovers of the other mode (a switch interrupted by a crash) are removed after ours is in force. */

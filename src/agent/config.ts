@@ -43,6 +43,17 @@ export const AgentConfigSchema = z
      * them. Optional in the type (in-process agents get the supervisor's default).
      */
     proxyInstances: z.coerce.number().int().min(1).max(16).optional(),
+    /**
+     * Run the proxy as this user ("UID" or "UID:GID", FSM: 1500) with only
+     * CAP_NET_ADMIN; the agent then hands it its key files (owned by that
+     * uid, 0600). Unset: the proxy runs as the agent does (docs/security.md
+     * "Keys on the node" says why that is the default).
+     */
+    proxyUser: z
+      .string()
+      .regex(/^\d{1,10}(:\d{1,10})?$/, 'expected UID or UID:GID, e.g. 1500 or 1500:1500')
+      .refine((v) => v.split(':').every((n) => Number(n) > 0 && Number(n) < 2 ** 32 - 1), 'must not be root (0) or the invalid id 4294967295: leave the setting out to run the proxy as the agent does')
+      .optional(),
     /** Addresses of this node that pods and peers use (its own traffic is never redirected). */
     nodeAddresses: z.array(z.string().ip({ version: 'v4' })),
   })
@@ -98,6 +109,13 @@ export function loadAgentConfig(flags: Record<string, unknown>, env: NodeJS.Proc
     throw new InvalidInputError(`${source}${issue.path.length > 1 ? ` (${formatPath(issue.path)})` : ''}`, value, issue.message);
   }
   return parsed.data;
+}
+
+/** --proxy-user "UID[:GID]" as ids (GID defaults to UID); undefined when unset. */
+export function proxyRunAs(config: Pick<AgentConfig, 'proxyUser'>): { uid: number; gid: number } | undefined {
+  if (config.proxyUser === undefined) return undefined;
+  const [uid, gid = uid] = config.proxyUser.split(':').map(Number) as [number, number?];
+  return { uid, gid };
 }
 
 export { envName, flagName };

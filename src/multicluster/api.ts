@@ -24,8 +24,7 @@ export const MCS_GROUP = 'multicluster.x-k8s.io';
 export const MCS_API_VERSION = `${MCS_GROUP}/v1alpha1`;
 export const FSMN_MC_API_VERSION = 'multicluster.fsm-node.io/v1alpha1';
 
-/** The Kubernetes label of the nodes whose proxies take tunnels from other clusters. */
-export const GATEWAY_LABEL = 'multicluster.fsm-node.io/gateway';
+export { LABEL_MULTICLUSTER_GATEWAY as GATEWAY_LABEL } from '../policy/fsm.js';
 
 /** A cluster id: an RFC 1123 DNS label (KEP-2149 ClusterProperty id.k8s.io is at most 128; MCS status.clusters wants a label). */
 const CLUSTER_ID = /^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$/;

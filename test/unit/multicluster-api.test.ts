@@ -174,3 +174,17 @@ describe('traffic tiers', () => {
     expect(tiersFor(spec, 'c2', ['c1', 'c2', 'c3', 'c4']).map((t) => t[0]!.cluster)).toEqual(['c2', 'c4', 'c1', 'c3']);
   });
 });
+
+describe('exports protocol', () => {
+  test('a delta carries what changed and applies to the whole next document; a drifted base is refused', async () => {
+    const { exportsDocument, exportsDelta, applyExportsDelta } = await import('../../src/multicluster/protocol.js');
+    const a = exportsDocument('c1', [exp('c1', 1), exp('c1', 1, { name: 'api' })]);
+    const b = exportsDocument('c1', [exp('c1', 1, { readyEndpoints: 0, generation: 2 }), exp('c1', 1, { name: 'db' })]);
+    const d = exportsDelta(a, b);
+    expect(d.set.map((e) => e.name)).toEqual(['db', 'web']);
+    expect(d.remove).toEqual(['shop/api']);
+    expect(applyExportsDelta(a, d)).toEqual(b);
+    expect(applyExportsDelta(b, d)).toBeUndefined();
+    expect(applyExportsDelta(a, { ...d, count: 5 })).toBeUndefined();
+  });
+});

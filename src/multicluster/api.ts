@@ -119,8 +119,8 @@ export const ClusterSetSchema = z
         clustersetCidr: z.string().default(DEFAULT_CLUSTERSET_CIDR),
         /** How long a silent peer's imports are kept, e.g. "24h". */
         lease: z.string().default('24h'),
-        /** Port of the gateway proxies' tunnel listener (the mesh's inbound port). */
-        gatewayPort: Port.default(15003),
+        /** Port of the node proxies' listener for tunnels from other clusters (proxy/multicluster.js). */
+        gatewayPort: Port.default(15005),
       })
       .strict(),
   })

@@ -262,7 +262,7 @@ export class MulticlusterController {
         tiers,
       };
     });
-    return { cluster: this.cluster, imports };
+    return { cluster: this.cluster, gatewayPort: this.o.config.gatewayPort, imports };
   }
 
   /** Re-read objectsDir when anything in it changed; true when the objects changed. A bad document keeps the last good set. */

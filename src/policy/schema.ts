@@ -222,7 +222,14 @@ export const PolicyImportSchema = z
   .strict();
 export type PolicyImport = z.infer<typeof PolicyImportSchema>;
 
-export const MulticlusterSchema = z.object({ cluster: Name, imports: z.array(PolicyImportSchema) }).strict();
+export const MulticlusterSchema = z
+  .object({
+    cluster: Name,
+    /** The port every node proxy takes tunnels from other clusters on (only gateway nodes are advertised). */
+    gatewayPort: Port,
+    imports: z.array(PolicyImportSchema),
+  })
+  .strict();
 export type MulticlusterPart = z.infer<typeof MulticlusterSchema>;
 
 export const GlobalPartSchema = z

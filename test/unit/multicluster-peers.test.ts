@@ -104,7 +104,7 @@ describe('multicluster control path (mutual TLS between controllers)', () => {
       clustersetCidr: '241.0.0.0/16',
       lease: o.lease ?? '24h',
       leaseMs: o.lease === '2s' ? 2000 : 24 * 3600_000,
-      gatewayPort: 15003,
+      gatewayPort: 15005,
     };
     c.mc = await MulticlusterController.start(
       { config, compiler, stateDir: join(dir, 'state'), objectsDir: dir, tls: { ca: ca.certPem, cert: ids[id]!.certPem, key: ids[id]!.keyPem }, pollMs: 50, peerWaitMs: 1000, now: o.now },
@@ -132,7 +132,7 @@ describe('multicluster control path (mutual TLS between controllers)', () => {
     // No policy: the MCS default, both clusters in one tier.
     expect(imp.tiers).toEqual([
       [
-        { cluster: 'c1', weight: 1, local: false, gateways: ['192.168.1.1:15003', '192.168.1.2:15003'], readyEndpoints: 2 },
+        { cluster: 'c1', weight: 1, local: false, gateways: ['192.168.1.1:15005', '192.168.1.2:15005'], readyEndpoints: 2 },
         { cluster: 'c2', weight: 1, local: true, gateways: [], readyEndpoints: 1 },
       ],
     ]);

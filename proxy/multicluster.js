@@ -1,0 +1,157 @@
+// Multi-cluster (src/multicluster, docs/multicluster.md): clusterset IPs of
+// imported services, and the gateway side that takes tunnels from other
+// clusters. main.js calls in at three points: deciding the route of a
+// connection or request to a clusterset IP, retrying a failed request on the
+// next tier, and accepting a tunnel from another cluster.
+//
+// Tiers: an import lists tiers in order (GlobalTrafficPolicy); the first
+// with a usable member carries the traffic, members of a tier share it by
+// weight (smooth weighted round robin). Usable: the local member while the
+// local Service has an endpoint; a remote member while it reported ready
+// endpoints and one of its gateways is not marked dead.
+//
+// A gateway is marked dead for DEAD_MS when a tunnel to it fails (connect
+// refused or timed out, the connection read-timed out, or a 5xx that did not
+// come from a gateway): traffic moves to the next tier at once, and after
+// DEAD_MS the gateway is tried again by live traffic (a failure then fails
+// over within the request as well, for safe methods). No probe timers: a
+// reload would leave them running in the old program.
+//
+// The tunnel to another cluster's gateway names the service ("name.ns:port"),
+// never a pod; the gateway picks a ready endpoint of its local Service.
+
+import config from './config.js'
+import { decide } from './route.js'
+
+var MC = config.multicluster || null
+export var enabled = MC !== null
+
+// How long a failed gateway is avoided.
+var DEAD_MS = 5000
+// Safe methods (RFC 9110 9.2.1) are retried on the next tier within the request.
+var SAFE = { GET: true, HEAD: true, OPTIONS: true, TRACE: true }
+// Response header a gateway puts on its own refusals: a 5xx without it came from the transport.
+export var GATEWAY_HEADER = 'fsmn-gateway'
+
+// Per-thread state (a reload starts afresh).
+var deadUntil = {}
+var wrr = {}
+var rr = {}
+
+export function importAt(dstIp, dstPort) {
+  return MC ? MC.imports[dstIp + ':' + dstPort] || null : null
+}
+
+export function protocolOf(dstIp, dstPort) {
+  var imp = importAt(dstIp, dstPort)
+  return imp ? imp.protocol : null
+}
+
+function alive(gw) {
+  var t = deadUntil[gw]
+  return !t || t <= Date.now()
+}
+
+export function markDead(gw) {
+  if (gw) deadUntil[gw] = Date.now() + DEAD_MS
+}
+
+function localUsable(addr) {
+  var svc = config.services[addr]
+  return !!svc && svc.backends.some(b => b.endpoints.length > 0)
+}
+
+function usable(m, tried) {
+  if (tried && tried.indexOf(m.cluster) >= 0) return false
+  if (m.local !== null) return localUsable(m.local)
+  return m.ready > 0 && m.gateways.some(alive)
+}
+
+function pickMember(key, members) {
+  if (members.length === 1) return members[0]
+  var state = wrr[key] || (wrr[key] = {})
+  var total = 0
+  var best = null
+  members.forEach(m => {
+    var cur = (state[m.cluster] || 0) + m.weight
+    state[m.cluster] = cur
+    total += m.weight
+    if (best === null || cur > state[best.cluster]) best = m
+  })
+  state[best.cluster] -= total
+  return best
+}
+
+function pickGateway(key, gateways) {
+  var live = gateways.filter(alive)
+  var i = rr[key] || 0
+  rr[key] = (i + 1) % live.length
+  return live[i % live.length]
+}
+
+// The route to a clusterset IP, or null when the address is not one.
+// `tried`: clusters that failed this request already (retries skip them).
+export function decideImport(dstIp, dstPort, head, tried) {
+  var dst = dstIp + ':' + dstPort
+  var imp = importAt(dstIp, dstPort)
+  if (!imp) return null
+  // The first tier with a usable member (PipyJS has neither `while` nor `continue`).
+  var t = -1
+  var members = null
+  imp.tiers.forEach((tier, i) => {
+    if (members !== null) return
+    var live = tier.filter(m => usable(m, tried))
+    if (live.length > 0) {
+      members = live
+      t = i
+    }
+  })
+  if (members !== null) {
+    var m = pickMember(dst + '#' + t, members)
+    if (m.local !== null) {
+      var colon = m.local.lastIndexOf(':')
+      var r = decide(m.local.substring(0, colon), +m.local.substring(colon + 1), head)
+      return Object.assign({}, r, { service: imp.service, cluster: m.cluster, tier: t })
+    }
+    var gw = pickGateway(dst + '>' + m.cluster, m.gateways)
+    return { mode: 'gateway', target: imp.target, tunnel: gw, identity: null, local: false, service: imp.service, protocol: imp.protocol, cluster: m.cluster, tier: t }
+  }
+  return { mode: 'unavailable', target: dst, tunnel: null, identity: null, local: false, service: imp.service, protocol: imp.protocol, cluster: null, tier: -1 }
+}
+
+// After a response to a request routed by decideImport: should the request
+// go again to the next usable member? Marks a failed gateway dead. A 5xx of
+// the local tier, or of a remote gateway that has no endpoint, counts too
+// (FSM's failover retries on 5xx the same way); only safe methods are retried.
+export function retryAfter(route, method, status, headers) {
+  if (!route || route.tier === undefined || route.cluster === null) return false
+  if (status < 500) return false
+  if (route.mode === 'gateway' && !(headers && headers[GATEWAY_HEADER])) markDead(route.tunnel)
+  return !!SAFE[method]
+}
+
+// A tunnel from another cluster asks for `target` ("name.ns:port"): the
+// route to one of this cluster's endpoints of that service, or a refusal.
+export function acceptFromCluster(target) {
+  var local = MC ? MC.exports[target] : undefined
+  if (!local) return { status: 404, text: 'no such exported service in cluster ' + (MC ? MC.cluster : '(none)') }
+  var colon = local.lastIndexOf(':')
+  var r = decide(local.substring(0, colon), +local.substring(colon + 1))
+  if (r.mode !== 'local' && r.mode !== 'tunnel') return { status: 503, text: 'no ready endpoint in cluster ' + MC.cluster }
+  return { route: r }
+}
+
+export function gatewayPort() {
+  return MC ? MC.gatewayPort : 0
+}
+
+export function clusterName() {
+  return MC ? MC.cluster : ''
+}
+
+// Requests and connections to clusterset IPs by the cluster that took them;
+// failovers (a request retried on the next usable member) by the cluster that failed;
+// tunnels from other clusters this node's gateway listener answered.
+export var routed = new stats.Counter('fsmn_proxy_multicluster_routed_total', ['service', 'cluster'])
+export var failovers = new stats.Counter('fsmn_proxy_multicluster_failovers_total', ['service', 'from'])
+export var gatewayTunnels = new stats.Counter('fsmn_proxy_multicluster_gateway_tunnels_total', ['service', 'result'])

@@ -1,0 +1,94 @@
+import { byPod, summarize, TwoSites } from '../../bench/failover.js';
+import { uniqueTestPrefix } from '../support/names.js';
+import { pipySkipReason } from '../support/pipy.js';
+
+/**
+ * Two clusters for real (bench/failover.ts TwoSites): c2 (node n1: client A,
+ * web pod L) and c1 (gateways g1, g2: web pods R1, R2), each with its own
+ * compiler and clusterset member exchanging exports over mutual TLS, Pipy on
+ * every node, iptables interception. A calls web's clusterset IP.
+ */
+
+const skip = pipySkipReason();
+if (skip) console.log(skip);
+const maybe = skip ? describe.skip : describe;
+
+maybe('multi-cluster data path (two sites, Pipy)', () => {
+  let s: TwoSites;
+
+  beforeAll(async () => {
+    s = await TwoSites.create({ prefix: uniqueTestPrefix() });
+  }, 120_000);
+
+  afterAll(async () => {
+    await s?.destroy();
+  }, 60_000);
+
+  test('no policy (MCS default) and ActiveActive spread over both clusters by weight; Locality stays home', async () => {
+    expect(s.clustersetIp()).toMatch(/^241\.0\./);
+    await s.setPolicy({ mode: 'ActiveActive', weights: { c1: 3, c2: 1 } });
+    const aa = await s.load(100, 4);
+    expect(aa.records.filter((r) => r[2] !== 200)).toEqual([]);
+    const pods = byPod(aa);
+    const remote = (pods[s.R1.name] ?? 0) + (pods[s.R2.name] ?? 0);
+    expect(Math.abs(remote / aa.records.length - 0.75)).toBeLessThanOrEqual(0.05);
+    // Inside c1 the gateway balances over both pods (one per gateway node).
+    expect(pods[s.R1.name]).toBeGreaterThan(0);
+    expect(pods[s.R2.name]).toBeGreaterThan(0);
+
+    await s.setPolicy({ mode: 'Locality' });
+    const loc = await s.load(100, 2);
+    expect(byPod(loc)).toEqual({ [s.L.name]: loc.records.length });
+  }, 120_000);
+
+  test('FailOver: local first; a dead local endpoint fails over within each request (0 failed GETs); removed endpoints too', async () => {
+    await s.setPolicy({ mode: 'FailOver', failOver: ['c1'] });
+    const home = await s.load(100, 2);
+    expect(byPod(home)).toEqual({ [s.L.name]: home.records.length });
+
+    let faultAt = 0;
+    const run = await s.load(100, 6, async (now) => {
+      await new Promise((r) => setTimeout(r, 2000));
+      faultAt = now();
+      await s.killServer(s.L); // still listed in the policy: a fault the data path finds
+      await new Promise((r) => setTimeout(r, 1500));
+      await s.setLocalEndpoints(false); // then the controller removes it
+    });
+    const sum = summarize(run, faultAt);
+    console.log(JSON.stringify({ case: 'local-gone', ...sum }));
+    expect(sum.failed).toBe(0);
+    const after = run.records.filter((r) => r[0] > faultAt + 100);
+    expect(after.every((r) => r[3] === s.R1.name || r[3] === s.R2.name)).toBe(true);
+    await s.startServer(s.L);
+    await s.setLocalEndpoints(true);
+  }, 120_000);
+
+  test('ActiveActive with c1 cut off: every request succeeds again within 3 s; stopping c1 controller changes nothing', async () => {
+    await s.setPolicy({ mode: 'ActiveActive' });
+    let cutAt = 0;
+    const run = await s.load(100, 8, async (now) => {
+      await new Promise((r) => setTimeout(r, 2000));
+      cutAt = now();
+      await s.cutC1(true);
+    });
+    const sum = summarize(run, cutAt);
+    console.log(JSON.stringify({ case: 'link-cut', ...sum }));
+    expect(sum.recoveryMs).toBeLessThanOrEqual(3000);
+    const late = run.records.filter((r) => r[0] > cutAt + 3000);
+    expect(late.length).toBeGreaterThan(100);
+    expect(late.every((r) => r[2] === 200 && r[3] === s.L.name)).toBe(true);
+    await s.cutC1(false);
+
+    // c1's controller dies: c2 keeps c1's exports (lease), the data path does not notice.
+    let stopAt = 0;
+    const ctl = await s.load(100, 4, async (now) => {
+      await new Promise((r) => setTimeout(r, 1000));
+      stopAt = now();
+      await s.stopC1Controller();
+    });
+    const cs = summarize(ctl, stopAt);
+    console.log(JSON.stringify({ case: 'controller', ...cs }));
+    expect(cs.failed).toBe(0);
+    expect(s.importTiers().flat()).toContain('c1');
+  }, 120_000);
+});

@@ -68,10 +68,10 @@ const one = () => {
   const req = http.get(url, { agent, timeout: 8000 }, (res) => {
     let body = '';
     res.setEncoding('utf8').on('data', (d) => (body += d));
-    res.on('end', () => { let pod; try { pod = JSON.parse(body).pod; } catch {} done(res.statusCode, pod); });
+    res.on('end', () => { let pod; try { pod = JSON.parse(body).pod; } catch { pod = body.slice(0, 80); } done(res.statusCode, pod); });
   });
   req.on('timeout', () => req.destroy(new Error('timeout')));
-  req.on('error', () => done(0));
+  req.on('error', (e) => done(0, e.code || e.message));
 };
 const finish = () => { console.log(JSON.stringify({ t0, records: out })); process.exit(0); };
 const tick = setInterval(() => {
@@ -89,14 +89,24 @@ export interface LoadRun {
 }
 
 /** Failures, recovery and p99 around a fault at `faultAt` (ms from t0). */
-export function summarize(run: LoadRun, faultAt: number, ok: (r: LoadRecord) => boolean = (r) => r[2] === 200): { failed: number; recoveryMs: number; p99Ms: number; p50Ms: number; requests: number } {
+export function summarize(
+  run: LoadRun,
+  faultAt: number,
+  ok: (r: LoadRecord) => boolean = (r) => r[2] === 200,
+): { failed: number; recoveryMs: number; p99Ms: number; p50Ms: number; requests: number; failures: Record<string, number> } {
   const rs = [...run.records].sort((a, b) => a[0] - b[0]);
   const failed = rs.filter((r) => !ok(r)).length;
+  // Failed requests by status (0: no answer) and by when they started relative to the fault (500 ms bins).
+  const failures: Record<string, number> = {};
+  for (const r of rs.filter((x) => !ok(x))) {
+    const k = `${r[2]} ${r[3].trim()}@${Math.floor((r[0] - faultAt) / 500) * 500}`;
+    failures[k] = (failures[k] ?? 0) + 1;
+  }
   // Recovery: from the fault to the end of the last request that failed or was slower than 1 s.
   const bad = rs.filter((r) => r[0] + r[1] >= faultAt && (!ok(r) || r[1] > 1000));
   const recoveryMs = bad.length ? Math.max(0, Math.max(...bad.map((r) => r[0] + r[1])) - faultAt) : 0;
   const window = rs.filter((r) => r[0] >= faultAt - 1000 && r[0] < faultAt + 5000).map((r) => r[1]);
-  return { failed, recoveryMs, p99Ms: round(quantile(window, 0.99), 1), p50Ms: round(quantile(window, 0.5), 1), requests: rs.length };
+  return { failed, recoveryMs, p99Ms: round(quantile(window, 0.99), 1), p50Ms: round(quantile(window, 0.5), 1), requests: rs.length, failures };
 }
 
 interface Site {
@@ -256,7 +266,8 @@ export class TwoSites {
       for (const node of site.nodes) {
         const sup = this.proxies.get(node);
         if (!sup) continue;
-        await sup.deliver(renderProxyConfig(this.policyOf(site, node), { outboundPort: OUT, inboundPort: IN }));
+        const r = await sup.deliver(renderProxyConfig(this.policyOf(site, node), { outboundPort: OUT, inboundPort: IN }));
+        if (r.changed && !r.applied) throw new Error(`the proxy of ${node.name} did not take its new config`);
       }
     });
     this.pushing = run.catch(() => undefined);
@@ -343,19 +354,28 @@ export class TwoSites {
     this.cut = cut;
   }
 
+  /** The lines of a node proxy's metrics that mention `grep`. */
+  async proxyMetrics(node: TopoNode, grep: string): Promise<string> {
+    const m = (await this.proxies.get(node)?.metrics()) ?? '';
+    return m.split('\n').filter((l) => l.includes(grep) && !l.startsWith('#')).join('\n');
+  }
+
   async stopC1Controller(): Promise<void> {
     await this.c1.mc?.stop();
     this.c1.mc = undefined;
   }
 
-  /** GETs from A to the clusterset IP at `rate`/s for `seconds`; `during` runs alongside. */
-  async load(rate: number, seconds: number, during?: (t0: () => number) => Promise<void>): Promise<LoadRun> {
+  /**
+   * GETs from A to the clusterset IP at `rate`/s for `seconds`; `during` runs
+   * alongside. Records are in ms from the run's t0 (the load generator's
+   * clock, the same machine's): a fault at Date.now() d is at d - t0.
+   */
+  async load(rate: number, seconds: number, during?: () => Promise<void>): Promise<LoadRun> {
     const child = this.A.exec(process.execPath, ['-e', RATE_LOAD, `http://${this.clustersetIp()}:${PORT}/`, String(rate), String(seconds)], { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     child.stdout?.setEncoding('utf8').on('data', (d: string) => (out += d));
-    const started = Date.now();
     const exited = once(child, 'exit');
-    if (during) await during(() => Date.now() - started);
+    if (during) await during();
     await exited;
     const line = out.trim().split('\n').pop() ?? '';
     try {

@@ -44,6 +44,7 @@ var $tried = null
 var $method
 var $again = false
 var $dropping = false
+var $answered = false
 
 // The original destination. The new-style listener of Pipy 1.5.x sets its
 // options after bind, so the first redirected connection after start can
@@ -169,6 +170,16 @@ var outboundTCP = $=>$
 
 // ---- outbound, HTTP: one decision per request (splits balance requests) ------
 
+// Whether a clusterset IP's attempt that answered `status` goes again (and
+// mark it so for importHTTP's repeat).
+function retryImport(status, headers) {
+  if ($tried === null || $tried.length >= 3 || !mc.retryAfter($route, $method, status, headers)) return false
+  $tried.push($route.cluster)
+  mc.failovers.withLabels($route.service, $route.cluster).increase()
+  $again = true
+  return true
+}
+
 // One HTTP request, decided, sent and counted. `retry` (clusterset IPs only,
 // so plain requests pay nothing for it): a failed attempt ends in a way
 // importHTTP's repeat takes as "go again".
@@ -176,6 +187,7 @@ var requestPipeline = retry => $ => {
   var p = $
     .handleMessageStart(msg => {
       $start = Date.now()
+      $answered = false
       $route = ($tried && mc.decideImport($dstIp, $dstPort, msg.head, $tried)) || decide($dstIp, $dstPort, msg.head)
       $labels = labelsOf($srcId, $route)
       metrics.requests.withLabels($labels[0], $labels[1]).increase()
@@ -203,16 +215,21 @@ var requestPipeline = retry => $ => {
     // A clusterset IP's request that failed goes again, on the next usable
     // member (importHTTP's repeat): its response head becomes the end of the
     // attempt, and what the failed attempt still sends after it is dropped.
-    .handleMessageStart(() => { $dropping = false })
+    .handleMessageStart(() => {
+      $dropping = false
+      $answered = true
+    })
     .replaceData(d => $dropping ? undefined : d)
     .replaceMessageEnd(e => $dropping ? undefined : e)
-    .replaceStreamEnd(e => $dropping ? undefined : e)
+    // Ended without a response head (connection refused, reset, read timeout): a failure too.
+    .replaceStreamEnd(e => {
+      if ($dropping) return undefined
+      if ($answered || !e.error || !retryImport(502, null)) return e
+      return new StreamEnd
+    })
     .replaceMessageStart(msg => {
-      if ($tried === null || $tried.length >= 3 || !mc.retryAfter($route, $method, msg.head.status, msg.head.headers)) return msg
-      $tried.push($route.cluster)
-      mc.failovers.withLabels($route.service, $route.cluster).increase()
+      if (!retryImport(msg.head.status, msg.head.headers)) return msg
       $dropping = true
-      $again = true
       return new StreamEnd
     })
   return p

@@ -26,8 +26,11 @@ import { decide } from './route.js'
 var MC = config.multicluster || null
 export var enabled = MC !== null
 
-// How long a failed gateway is avoided.
+// How long a failed gateway is avoided: 5 s after its first failure, doubled
+// after each failure of the request that tried it again, at most 60 s; an
+// answer from it clears that.
 var DEAD_MS = 5000
+var DEAD_MAX_MS = 60000
 // Safe methods (RFC 9110 9.2.1) are retried on the next tier within the request.
 var SAFE = { GET: true, HEAD: true, OPTIONS: true, TRACE: true }
 // Response header a gateway puts on its own refusals: a 5xx without it came from the transport.
@@ -52,8 +55,20 @@ function alive(gw) {
   return !t || t <= Date.now()
 }
 
+var failures = {}
+
 export function markDead(gw) {
-  if (gw) deadUntil[gw] = Date.now() + DEAD_MS
+  if (!gw) return
+  var n = (failures[gw] || 0) + 1
+  failures[gw] = n
+  deadUntil[gw] = Date.now() + Math.min(DEAD_MS * Math.pow(2, n - 1), DEAD_MAX_MS)
+}
+
+function markAlive(gw) {
+  if (failures[gw]) {
+    delete failures[gw]
+    delete deadUntil[gw]
+  }
 }
 
 function localUsable(addr) {
@@ -125,8 +140,10 @@ export function decideImport(dstIp, dstPort, head, tried) {
 // (FSM's failover retries on 5xx the same way); only safe methods are retried.
 export function retryAfter(route, method, status, headers) {
   if (!route || route.tier === undefined || route.cluster === null) return false
+  var fromGateway = route.mode === 'gateway' && (status < 500 || (headers && headers[GATEWAY_HEADER]))
+  if (fromGateway) markAlive(route.tunnel)
   if (status < 500) return false
-  if (route.mode === 'gateway' && !(headers && headers[GATEWAY_HEADER])) markDead(route.tunnel)
+  if (route.mode === 'gateway' && !fromGateway) markDead(route.tunnel)
   return !!SAFE[method]
 }
 

@@ -402,3 +402,47 @@ export function byPod(run: LoadRun): Record<string, number> {
   for (const r of run.records) if (r[2] === 200) out[r[3]] = (out[r[3]] ?? 0) + 1;
   return out;
 }
+
+/** npm run bench -- failover [--rate 100] [--seconds 10] */
+export async function* run(flags: Record<string, string | boolean>): AsyncIterable<object> {
+  const { intFlag } = await import('./util.js');
+  const { loadavg } = await import('node:os');
+  const rate = intFlag(flags, 'rate', 100);
+  const seconds = intFlag(flags, 'seconds', 10);
+  const s = await TwoSites.create({ prefix: `fsmb${process.pid}` });
+  const row = (kase: string, run: LoadRun, at: number) => ({ bench: 'failover', case: kase, rate, ...summarize(run, at - run.t0), loadavg: loadavg().map((x) => round(x, 2)) });
+  try {
+    // 1. FailOver, c2's local endpoints fail (server killed, still listed), then are removed.
+    await s.setPolicy({ mode: 'FailOver', failOver: ['c1'] });
+    let at = 0;
+    let run = await s.load(rate, seconds, async () => {
+      await new Promise((r) => setTimeout(r, 2000));
+      at = Date.now();
+      await s.killServer(s.L);
+      await new Promise((r) => setTimeout(r, 2000));
+      await s.setLocalEndpoints(false);
+    });
+    yield row('local-gone', run, at);
+    await s.startServer(s.L);
+    await s.setLocalEndpoints(true);
+    // 2. ActiveActive over both; c1's uplink is cut.
+    await s.setPolicy({ mode: 'ActiveActive' });
+    run = await s.load(rate, seconds, async () => {
+      await new Promise((r) => setTimeout(r, 2000));
+      at = Date.now();
+      await s.cutC1(true);
+    });
+    yield row('link-cut', run, at);
+    await s.cutC1(false);
+    await new Promise((r) => setTimeout(r, 6000)); // c1's gateways leave their dead mark
+    // 3. ActiveActive; c1's controller is stopped.
+    run = await s.load(rate, seconds, async () => {
+      await new Promise((r) => setTimeout(r, 2000));
+      at = Date.now();
+      await s.stopC1Controller();
+    });
+    yield row('controller-killed', run, at);
+  } finally {
+    await s.destroy();
+  }
+}

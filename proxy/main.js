@@ -45,6 +45,8 @@ var $method
 var $again = false
 var $dropping = false
 var $answered = false
+// Tunnels from other clusters: the exported service ("name.ns:port") a tunnel names
+var $gwTarget
 
 // The original destination. The new-style listener of Pipy 1.5.x sets its
 // options after bind, so the first redirected connection after start can
@@ -221,10 +223,11 @@ var requestPipeline = retry => $ => {
     })
     .replaceData(d => $dropping ? undefined : d)
     .replaceMessageEnd(e => $dropping ? undefined : e)
-    // Ended without a response head (connection refused, reset, read timeout): a failure too.
+    // Ended without a response head (connection refused, reset, read
+    // timeout; a failed tunnel may end without an error code): a failure too.
     .replaceStreamEnd(e => {
       if ($dropping) return undefined
-      if ($answered || !e.error || !retryImport(502, null)) return e
+      if ($answered || !retryImport(502, null)) return e
       return new StreamEnd
     })
     .replaceMessageStart(msg => {
@@ -356,15 +359,35 @@ if (mc.enabled) pipy.listen(mc.gatewayPort(), $=>$
         var a = mc.acceptFromCluster(target)
         if (!a.route) return refuse(a.status, a.status === 404 ? 'no-such-service' : 'unavailable', a.text)
         $route = a.route
-        if ($route.mode === 'local' && !grant($srcId, $route.identity, portOf($route.target)).tcp) return refuse(403, 'denied', 'access denied by fsm-node')
-        if ($route.mode === 'tunnel' && (why = tls.refusal($srcId, $route))) return refuse(503, why, 'cannot reach the endpoint: ' + why)
+        $gwTarget = target
+        if (mc.exportProtocol(target) === 'tcp') {
+          if ($route.mode === 'local' && !grant($srcId, $route.identity, portOf($route.target)).tcp) return refuse(403, 'denied', 'access denied by fsm-node')
+          if ($route.mode === 'tunnel' && (why = tls.refusal($srcId, $route))) return refuse(503, why, 'cannot reach the endpoint: ' + why)
+        }
         mc.gatewayTunnels.withLabels(target, 'accepted').increase()
         return new Message({ status: 200 })
       }).to($=>$
         .onStart(() => new Data)
-        .pipe(() => $route.mode, {
-          local: connectTarget,
-          tunnel: $=>$.connectHTTPTunnel(() => tunnelRequest()).to(toPeerProxy),
+        .pipe(() => mc.exportProtocol($gwTarget), {
+          // HTTP: every request inside the tunnel picks its endpoint and is judged on its own.
+          http: $=>$.demuxHTTP().to($=>$
+            .handleMessageStart(msg => {
+              var a = mc.acceptFromCluster($gwTarget, msg.head)
+              $route = a.route || { mode: 'unavailable' }
+              if ($route.mode === 'local' && !requestAllowed(grant($srcId, $route.identity, portOf($route.target)), msg.head)) $route = { mode: 'denied' }
+              else if ($route.mode === 'tunnel' && tls.refusal($srcId, $route)) $route = { mode: 'unavailable' }
+            })
+            .pipe(() => $route.mode, {
+              denied: $=>$.replaceMessage(() => new Message({ status: 403, headers: { [mc.GATEWAY_HEADER]: mc.clusterName() } }, 'access denied by fsm-node\n')),
+              unavailable: $=>$.replaceMessage(() => new Message({ status: 503, headers: { [mc.GATEWAY_HEADER]: mc.clusterName() } }, 'no ready endpoint in cluster ' + mc.clusterName() + '\n')),
+              local: muxToTarget,
+              tunnel: muxToTunnel,
+            })
+          ),
+          tcp: $=>$.pipe(() => $route.mode, {
+            local: connectTarget,
+            tunnel: $=>$.connectHTTPTunnel(() => tunnelRequest()).to(toPeerProxy),
+          }),
         })
       ),
     })

@@ -149,13 +149,20 @@ export function retryAfter(route, method, status, headers) {
 
 // A tunnel from another cluster asks for `target` ("name.ns:port"): the
 // route to one of this cluster's endpoints of that service, or a refusal.
-export function acceptFromCluster(target) {
-  var local = MC ? MC.exports[target] : undefined
-  if (!local) return { status: 404, text: 'no such exported service in cluster ' + (MC ? MC.cluster : '(none)') }
-  var colon = local.lastIndexOf(':')
-  var r = decide(local.substring(0, colon), +local.substring(colon + 1))
+// `head`: for HTTP exports, each request inside the tunnel is routed on its
+// own (so one pooled tunnel does not pin every request to one endpoint).
+export function acceptFromCluster(target, head) {
+  var exp = MC ? MC.exports[target] : undefined
+  if (!exp) return { status: 404, text: 'no such exported service in cluster ' + (MC ? MC.cluster : '(none)') }
+  var colon = exp.local.lastIndexOf(':')
+  var r = decide(exp.local.substring(0, colon), +exp.local.substring(colon + 1), head)
   if (r.mode !== 'local' && r.mode !== 'tunnel') return { status: 503, text: 'no ready endpoint in cluster ' + MC.cluster }
   return { route: r }
+}
+
+export function exportProtocol(target) {
+  var exp = MC ? MC.exports[target] : undefined
+  return exp ? exp.protocol : 'tcp'
 }
 
 export function gatewayPort() {

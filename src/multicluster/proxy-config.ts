@@ -35,7 +35,8 @@ export interface ProxyMulticluster {
   cluster: string;
   gatewayPort: number;
   imports: Record<string, ProxyImport>;
-  exports: Record<string, string>;
+  /** "name.ns:port" -> the local Service's "clusterIP:port" and its protocol (HTTP is balanced per request at the gateway). */
+  exports: Record<string, { local: string; protocol: PortProtocol }>;
 }
 
 const key = (ns: string, name: string) => `${ns}/${name}`;
@@ -43,7 +44,7 @@ const key = (ns: string, name: string) => `${ns}/${name}`;
 export function renderMulticluster(part: MulticlusterPart, services: readonly PolicyService[]): ProxyMulticluster {
   const local = new Map(services.map((s) => [key(s.namespace, s.name), s]));
   const imports: Record<string, ProxyImport> = {};
-  const exports: Record<string, string> = {};
+  const exports: ProxyMulticluster['exports'] = {};
   for (const imp of part.imports) {
     const svc = local.get(key(imp.namespace, imp.name));
     const localIp = svc?.clusterIPs.find((ip) => ip.includes('.'));
@@ -52,7 +53,7 @@ export function renderMulticluster(part: MulticlusterPart, services: readonly Po
       const target = `${imp.name}.${imp.namespace}:${p.port}`;
       // The local Service must serve the same port number for the local tier (KEP: ports merge by name and number).
       const localAddr = localIp && svc!.ports.some((sp) => sp.port === p.port) ? `${localIp}:${p.port}` : null;
-      if (localAddr && imp.tiers.some((t) => t.some((m) => m.local))) exports[target] = localAddr;
+      if (localAddr && imp.tiers.some((t) => t.some((m) => m.local))) exports[target] = { local: localAddr, protocol: portProtocol(p) };
       const tiers = imp.tiers
         .map((t) =>
           t

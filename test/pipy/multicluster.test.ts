@@ -58,12 +58,9 @@ maybe('multi-cluster data path (two sites, Pipy)', () => {
       const faultAt = fault - run.t0;
       const sum = summarize(run, faultAt);
       console.log(JSON.stringify({ case: 'local-gone', ...sum }));
-      // Target 0. Known gap (docs/multicluster.md): a request whose response was
-      // already under way when the server died cannot be retried; in the suite
-      // that is 0-2 requests of 600.
-      expect(sum.failed).toBeLessThanOrEqual(3);
+      expect(sum.failed).toBe(0);
       const after = run.records.filter((r) => r[0] > faultAt + 100 && r[2] === 200);
-      expect(after.length).toBeGreaterThan(300);
+      expect(after.length).toBeGreaterThan(200);
       expect(after.every((r) => r[3] === s.R1.name || r[3] === s.R2.name)).toBe(true);
     } finally {
       await s.startServer(s.L);
@@ -83,8 +80,8 @@ maybe('multi-cluster data path (two sites, Pipy)', () => {
       const cutAt = cut - run.t0;
       const sum = summarize(run, cutAt);
       console.log(JSON.stringify({ case: 'link-cut', ...sum }));
-      // The target is recovery within 3 s; requests on the dead tunnel in that
-      // window are reset today (docs/multicluster.md), so failures are reported, not asserted.
+      // GETs in flight on the dead tunnel fail over after its 2 s read timeout: slow, not failed.
+      expect(sum.failed).toBe(0);
       expect(sum.recoveryMs).toBeLessThanOrEqual(3000);
       const late = run.records.filter((r) => r[0] > cutAt + 3000);
       expect(late.length).toBeGreaterThan(100);

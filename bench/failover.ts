@@ -410,7 +410,7 @@ export async function* run(flags: Record<string, string | boolean>): AsyncIterab
   const rate = intFlag(flags, 'rate', 100);
   const seconds = intFlag(flags, 'seconds', 10);
   const s = await TwoSites.create({ prefix: `fsmb${process.pid}` });
-  const row = (kase: string, run: LoadRun, at: number) => ({ bench: 'failover', case: kase, rate, ...summarize(run, at - run.t0), loadavg: loadavg().map((x) => round(x, 2)) });
+  const row = (kase: string, run: LoadRun, at: number) => ({ bench: 'failover', case: kase, rate, ...summarize(run, at - run.t0), pods: byPod(run), loadavg: loadavg().map((x) => round(x, 2)) });
   try {
     // 1. FailOver, c2's local endpoints fail (server killed, still listed), then are removed.
     await s.setPolicy({ mode: 'FailOver', failOver: ['c1'] });

@@ -10,11 +10,10 @@
 // local Service has an endpoint; a remote member while it reported ready
 // endpoints and one of its gateways is not marked dead.
 //
-// A gateway is marked dead for DEAD_MS when a tunnel to it fails (connect
-// refused or timed out, the connection read-timed out, or a 5xx that did not
-// come from a gateway): traffic moves to the next tier at once, and after
-// DEAD_MS the gateway is tried again by live traffic (a failure then fails
-// over within the request as well, for safe methods). No probe timers: a
+// A gateway is marked dead when a tunnel to it fails (connect refused or
+// timed out, the connection read-timed out, or a 5xx that did not come from
+// a gateway): traffic moves to the next tier at once. When the mark expires
+// a side probe decides whether it comes back (see alive()). No timers: a
 // reload would leave them running in the old program.
 //
 // The tunnel to another cluster's gateway names the service ("name.ns:port"),
@@ -50,9 +49,41 @@ export function protocolOf(dstIp, dstPort) {
   return imp ? imp.protocol : null
 }
 
+// A gateway marked dead stays out of traffic until a side probe (GET
+// /healthz on its gateway port, started by the first request that finds the
+// mark expired) gets an answer: no client request waits on a dead gateway
+// to learn that it is still dead.
+var probing = {}
+var probeQueue = []
+var $probeGw
+var $probeOk
+var probe = pipeline($=>$
+  .onStart(() => {
+    $probeGw = probeQueue.shift()
+    $probeOk = false
+    return [new Message({ method: 'GET', path: '/healthz', headers: { host: $probeGw } }), new StreamEnd]
+  })
+  .muxHTTP(() => 'probe>' + $probeGw).to($=>$
+    .connect(() => $probeGw, { connectTimeout: 1, readTimeout: 2 })
+  )
+  .handleMessageStart(msg => { $probeOk = msg.head.status === 200 })
+  .handleStreamEnd(() => {
+    var gw = $probeGw
+    delete probing[gw]
+    if ($probeOk) markAlive(gw)
+    else markDead(gw)
+  })
+)
+
 function alive(gw) {
   var t = deadUntil[gw]
-  return !t || t <= Date.now()
+  if (!t) return true
+  if (t <= Date.now() && !probing[gw]) {
+    probing[gw] = true
+    probeQueue.push(gw)
+    probe.spawn()
+  }
+  return false
 }
 
 var failures = {}
@@ -65,7 +96,7 @@ export function markDead(gw) {
 }
 
 function markAlive(gw) {
-  if (failures[gw]) {
+  if (failures[gw] || deadUntil[gw]) {
     delete failures[gw]
     delete deadUntil[gw]
   }

@@ -441,7 +441,7 @@ export async function* run(flags: Record<string, string | boolean>): AsyncIterab
       await s.cutC1(true);
     });
     yield row('link-cut', run, at);
-    // 4. The link comes back: how long until c1 serves again (its gateways are probed back, backing off up to 60 s).
+    // 4. The link comes back: how long until c1 serves again (its gateways are probed every 3 s while marked dead).
     const back = Date.now();
     await s.cutC1(false);
     let backMs = -1;

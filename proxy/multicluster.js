@@ -93,6 +93,69 @@ function markAlive(gw) {
   if (deadUntil[gw]) delete deadUntil[gw]
 }
 
+function localUsable(addr) {
+  var svc = config.services[addr]
+  return !!svc && svc.backends.some(b => b.endpoints.length > 0)
+}
+
+function usable(m, tried) {
+  if (tried && tried.indexOf(m.cluster) >= 0) return false
+  if (m.local !== null) return localUsable(m.local)
+  return m.ready > 0 && m.gateways.some(alive)
+}
+
+function pickMember(key, members) {
+  if (members.length === 1) return members[0]
+  var state = wrr[key] || (wrr[key] = {})
+  var total = 0
+  var best = null
+  members.forEach(m => {
+    var cur = (state[m.cluster] || 0) + m.weight
+    state[m.cluster] = cur
+    total += m.weight
+    if (best === null || cur > state[best.cluster]) best = m
+  })
+  state[best.cluster] -= total
+  return best
+}
+
+function pickGateway(key, gateways) {
+  var live = gateways.filter(alive)
+  var i = rr[key] || 0
+  rr[key] = (i + 1) % live.length
+  return live[i % live.length]
+}
+
+// The route to a clusterset IP, or null when the address is not one.
+// `tried`: clusters that failed this request already (retries skip them).
+export function decideImport(dstIp, dstPort, head, tried) {
+  var dst = dstIp + ':' + dstPort
+  var imp = importAt(dstIp, dstPort)
+  if (!imp) return null
+  // The first tier with a usable member (PipyJS has neither `while` nor `continue`).
+  var t = -1
+  var members = null
+  imp.tiers.forEach((tier, i) => {
+    if (members !== null) return
+    var live = tier.filter(m => usable(m, tried))
+    if (live.length > 0) {
+      members = live
+      t = i
+    }
+  })
+  if (members !== null) {
+    var m = pickMember(dst + '#' + t, members)
+    if (m.local !== null) {
+      var colon = m.local.lastIndexOf(':')
+      var r = decide(m.local.substring(0, colon), +m.local.substring(colon + 1), head)
+      return Object.assign({}, r, { service: imp.service, cluster: m.cluster, tier: t })
+    }
+    var gw = pickGateway(dst + '>' + m.cluster, m.gateways)
+    return { mode: 'gateway', target: imp.target, tunnel: gw, identity: null, local: false, service: imp.service, protocol: imp.protocol, cluster: m.cluster, tier: t }
+  }
+  return { mode: 'unavailable', target: dst, tunnel: null, identity: null, local: false, service: imp.service, protocol: imp.protocol, cluster: null, tier: -1 }
+}
+
 // After a response to a request routed by decideImport: should the request
 // go again to the next usable member? Marks a failed gateway dead. A 5xx of
 // the local tier, or of a remote gateway that has no endpoint, counts too

@@ -84,3 +84,30 @@ describe('fsm-node clusterset', () => {
     }
   });
 });
+
+describe('policy deltas carry the multicluster part with the global part', () => {
+  test('set, changed and removed between versions', async () => {
+    const { applyDelta, deltaPieces } = await import('../../src/policy/delta.js');
+    const { NodePolicyDeltaSchema } = await import('../../src/policy/schema.js');
+    const { compiled, baseMesh } = await import('./policy-fixtures.js');
+    const c = compiled(baseMesh());
+    const v0 = c.get('node-a')!;
+    const mc = part([[{ cluster: 'c2', weight: 1, local: true, gateways: [], readyEndpoints: 1 }]]);
+    const step = (from: typeof v0) => {
+      c.compile();
+      const to = c.get('node-a')!;
+      const [shared, tail] = deltaPieces({ version: from.version, parts: from.parts }, to);
+      const delta = NodePolicyDeltaSchema.parse(JSON.parse(`{${shared.text()}${tail}`));
+      expect(applyDelta(from.policy, delta)).toEqual(to.policy);
+      return to;
+    };
+    c.setMulticluster(mc);
+    const v1 = step(v0);
+    expect(v1.policy.multicluster).toEqual(mc);
+    c.setMulticluster({ ...mc, gatewayPort: 15006 });
+    const v2 = step(v1);
+    c.setMulticluster(undefined);
+    const v3 = step(v2);
+    expect(v3.policy.multicluster).toBeUndefined();
+  });
+});

@@ -16,6 +16,7 @@ import { grant, requestAllowed } from './access.js'
 import * as metrics from './metrics.js'
 import * as tls from './tls.js'
 import * as tunnel from './tunnel.js'
+import * as mc from './multicluster.js'
 
 var SOURCE_HEADER = 'fsmn-source-identity'
 
@@ -39,6 +40,14 @@ var why
 // Per HTTP request
 var $start
 var $head
+// Clusterset IPs (multicluster.js): clusters a request failed on (null: not an import), its method
+var $tried = null
+var $method
+var $again = false
+var $dropping = false
+var $answered = false
+// Tunnels from other clusters: the exported service ("name.ns:port") a tunnel names
+var $gwTarget
 
 // The original destination. The new-style listener of Pipy 1.5.x sets its
 // options after bind, so the first redirected connection after start can
@@ -96,13 +105,32 @@ var muxToTarget = $=>$
 // of that tunnel with (its CONNECT header, or under mTLS the certificate of
 // the peer connection it rides).
 
+// To another cluster's gateway (multicluster.js): HTTP CONNECT naming the
+// service, as HTTP/2 streams over one connection per gateway. HTTP requests
+// ride connections that time out after 2 s without a byte (a cut uplink is
+// noticed within that, and the requests in flight fail over); long-lived TCP
+// tunnels get their own connections without that timeout.
+var gatewayRequest = () => new Message({ method: 'CONNECT', path: $route.target, headers: { host: $route.target } })
+var toGateway = (kind, options) => $=>$
+  .muxHTTP(() => kind + '>' + $route.tunnel, { version: 2 }).to($=>$
+    .connect(() => $route.tunnel, options)
+  )
+var toGatewayTCP = $=>$
+  .connectHTTPTunnel(gatewayRequest).to(toGateway('tcp', { connectTimeout: 1 }))
+  .handleStreamEnd(eos => { if (eos.error) mc.markDead($route.tunnel) })
+var muxToGateway = $=>$
+  .muxHTTP(() => 'gw>' + $route.tunnel + '>' + $route.target, { maxIdle: UPSTREAM_MAX_IDLE }).to($=>$
+    .connectHTTPTunnel(gatewayRequest).to(toGateway('http', { connectTimeout: 1, readTimeout: 2 }))
+  )
+
 // ---- outbound, TCP: one decision per connection ------------------------------
 
 var outboundTCP = $=>$
   .onStart(() => {
-    $route = decide($dstIp, $dstPort)
+    $route = mc.decideImport($dstIp, $dstPort) || decide($dstIp, $dstPort)
     $labels = labelsOf($srcId, $route)
     metrics.connections.withLabels($labels[0], $labels[1]).increase()
+    if ($route.tier !== undefined) mc.routed.withLabels($route.service, $route.cluster || 'none').increase()
     if ($route.mode === 'local' && !grant($srcId, $route.identity, portOf($route.target)).tcp) {
       metrics.denied.withLabels($labels[0], $labels[1], 'access').increase()
       $route = Object.assign({}, $route, { mode: 'denied' })
@@ -121,6 +149,7 @@ var outboundTCP = $=>$
     refused: closeNow,
     unavailable: closeNow,
     tunnel: tunnel.tcp,
+    gateway: toGatewayTCP,
     local: connectTarget,
     direct: connectTarget,
     egress: connectTarget,
@@ -129,13 +158,28 @@ var outboundTCP = $=>$
 
 // ---- outbound, HTTP: one decision per request (splits balance requests) ------
 
-var outboundHTTP = $=>$
-  .demuxHTTP().to($=>$
+// Whether a clusterset IP's attempt that answered `status` goes again (and
+// mark it so for importHTTP's repeat).
+function retryImport(status, headers) {
+  if ($tried === null || $tried.length >= 3 || !mc.retryAfter($route, $method, status, headers)) return false
+  $tried.push($route.cluster)
+  mc.failovers.withLabels($route.service, $route.cluster).increase()
+  $again = true
+  return true
+}
+
+// One HTTP request, decided, sent and counted. `retry` (clusterset IPs only,
+// so plain requests pay nothing for it): a failed attempt ends in a way
+// importHTTP's repeat takes as "go again".
+var requestPipeline = retry => $ => {
+  var p = $
     .handleMessageStart(msg => {
       $start = Date.now()
-      $route = decide($dstIp, $dstPort, msg.head)
+      $answered = false
+      $route = ($tried && mc.decideImport($dstIp, $dstPort, msg.head, $tried)) || decide($dstIp, $dstPort, msg.head)
       $labels = labelsOf($srcId, $route)
       metrics.requests.withLabels($labels[0], $labels[1]).increase()
+      if ($route.tier !== undefined) mc.routed.withLabels($route.service, $route.cluster || 'none').increase()
       if ($route.mode === 'local') {
         $grant = grant($srcId, $route.identity, portOf($route.target))
         if (!requestAllowed($grant, msg.head)) $route = Object.assign({}, $route, { mode: 'denied' })
@@ -152,16 +196,57 @@ var outboundHTTP = $=>$
       unavailable: $=>$.replaceMessage(() => deny('unavailable', 503, 'no endpoint available')),
       unauthenticated: $=>$.replaceMessage(() => deny($route.why, 503, 'no valid identity certificate for this source: ' + $route.why)),
       tunnel: tunnel.http,
+      gateway: muxToGateway,
       local: muxToTarget,
       direct: muxToTarget,
       egress: muxToTarget,
     })
+  if (retry) p = p
+    // A clusterset IP's request that failed goes again, on the next usable
+    // member (importHTTP's repeat): its response head becomes the end of the
+    // attempt, and what the failed attempt still sends after it is dropped.
+    .handleMessageStart(() => {
+      $dropping = false
+      $answered = true
+    })
+    .replaceData(d => $dropping ? undefined : d)
+    .replaceMessageEnd(e => $dropping ? undefined : e)
+    // Ended without a response head (connection refused, reset, read
+    // timeout; a failed tunnel may end without an error code): a failure too.
+    .replaceStreamEnd(e => {
+      if ($dropping) return undefined
+      if ($answered || !retryImport(502, null)) return e
+      return new StreamEnd
+    })
+    .replaceMessageStart(msg => {
+      if (!retryImport(msg.head.status, msg.head.headers)) return msg
+      $dropping = true
+      return new StreamEnd
+    })
+  return p
     .handleMessageStart(msg => {
       var status = msg.head.status
       metrics.responses.withLabels($labels[0], $labels[1], metrics.statusClass(status)).increase()
       metrics.latency.withLabels($labels[0], $labels[1]).observe(Date.now() - $start)
     })
     .handleData(d => metrics.bytes.withLabels($labels[0], $labels[1], 'received').increase(d.size))
+}
+
+var outboundHTTP = $=>$.demuxHTTP().to(requestPipeline(false))
+
+// Requests to a clusterset IP are kept (repeat) until answered, so a failed
+// one can go again to the next tier within the same request.
+var importHTTP = $=>$
+  .demuxHTTP().to($=>$
+    .handleMessageStart(msg => {
+      $tried = []
+      $method = msg.head.method
+    })
+    .repeat(() => {
+      var again = $again
+      $again = false
+      return again
+    }).to(requestPipeline(true))
   )
 
 pipy.listen(config.listen.outbound, { transparent: true }, $=>$
@@ -173,7 +258,12 @@ pipy.listen(config.listen.outbound, { transparent: true }, $=>$
     // An empty chunk starts the pipeline now, so a server-first protocol gets its connection.
     return new Data
   })
-  .pipe(() => $dstIp !== '' && protocolOf($dstIp, $dstPort) === 'http' ? 'http' : 'tcp', { http: outboundHTTP, tcp: outboundTCP })
+  .pipe(() => {
+    if ($dstIp === '') return 'tcp'
+    var imported = mc.protocolOf($dstIp, $dstPort)
+    if (imported) return imported === 'http' ? 'clusterset' : 'tcp'
+    return protocolOf($dstIp, $dstPort) === 'http' ? 'http' : 'tcp'
+  }, { http: outboundHTTP, clusterset: importHTTP, tcp: outboundTCP })
 )
 
 // ---- inbound: tunnels from the other node proxies ----------------------------
@@ -231,3 +321,66 @@ pipy.listen(config.listen.inbound, tls.serve($=>$
     })
   ))
 ))
+
+// ---- from other clusters: the gateway listener (multicluster.js) -------------
+//
+// Every node proxy of a cluster in a clusterset listens; other clusters send
+// only to the nodes labelled as gateways. A tunnel names an exported service
+// ("name.ns:port"), never a pod; the endpoint is picked here, and reached
+// like any local destination (on this node, or through its node's proxy).
+// GET /healthz answers 200 (a probe of the gateway itself).
+// The source's identity does not cross clusters yet: under smi, access is
+// judged for an unknown source and so denied (fail closed).
+
+if (mc.enabled) pipy.listen(mc.gatewayPort(), $=>$
+  .onStart(() => { $srcId = '' })
+  .demuxHTTP().to($=>$
+    .handleMessageStart(msg => { $head = msg.head })
+    .pipe(() => $head.method === 'CONNECT' ? 'tunnel' : 'health', {
+      health: $=>$.replaceMessage(() => new Message({ status: $head.path === '/healthz' ? 200 : 404 }, 'cluster ' + mc.clusterName() + '\n')),
+      tunnel: $=>$.acceptHTTPTunnel(req => {
+        var target = req.head.path || ''
+        var refuse = (status, result, text) => {
+          mc.gatewayTunnels.withLabels(target, result).increase()
+          return new Message({ status, headers: { [mc.GATEWAY_HEADER]: mc.clusterName() } }, text + '\n')
+        }
+        var a = mc.acceptFromCluster(target)
+        if (!a.route) return refuse(a.status, a.status === 404 ? 'no-such-service' : 'unavailable', a.text)
+        $route = a.route
+        $gwTarget = target
+        if (mc.exportProtocol(target) === 'tcp') {
+          if ($route.mode === 'local' && !grant($srcId, $route.identity, portOf($route.target)).tcp) return refuse(403, 'denied', 'access denied by fsm-node')
+          if ($route.mode === 'tunnel' && (why = tls.refusal($srcId, $route))) return refuse(503, why, 'cannot reach the endpoint: ' + why)
+        }
+        mc.gatewayTunnels.withLabels(target, 'accepted').increase()
+        return new Message({ status: 200 })
+      }).to($=>$
+        .onStart(() => new Data)
+        .pipe(() => mc.exportProtocol($gwTarget), {
+          // HTTP: every request inside the tunnel picks its endpoint and is judged on its own.
+          http: $=>$.demuxHTTP().to($=>$
+            .handleMessageStart(msg => {
+              var a = mc.acceptFromCluster($gwTarget, msg.head)
+              $route = a.route || { mode: 'unavailable' }
+              if ($route.mode === 'local' && !requestAllowed(grant($srcId, $route.identity, portOf($route.target)), msg.head)) $route = { mode: 'denied' }
+              else if ($route.mode === 'tunnel' && tls.refusal($srcId, $route)) $route = { mode: 'unavailable' }
+              else if ($route.mode === 'tunnel') tunnel.use($srcId, $route, labelsOf($srcId, $route))
+            })
+            .pipe(() => $route.mode, {
+              denied: $=>$.replaceMessage(() => new Message({ status: 403, headers: { [mc.GATEWAY_HEADER]: mc.clusterName() } }, 'access denied by fsm-node\n')),
+              unavailable: $=>$.replaceMessage(() => new Message({ status: 503, headers: { [mc.GATEWAY_HEADER]: mc.clusterName() } }, 'no ready endpoint in cluster ' + mc.clusterName() + '\n')),
+              local: muxToTarget,
+              tunnel: tunnel.http,
+            })
+          ),
+          tcp: $=>$
+            .onStart(() => { if ($route.mode === 'tunnel') tunnel.use($srcId, $route, labelsOf($srcId, $route)) })
+            .pipe(() => $route.mode, {
+              local: connectTarget,
+              tunnel: tunnel.tcp,
+            }),
+        })
+      ),
+    })
+  )
+)

@@ -31,6 +31,7 @@ import {
   type GlobalPart,
   type MeshPod,
   type MeshSettings,
+  type MulticlusterPart,
   type NodePart,
   type NodePolicy,
   type PolicyPod,
@@ -239,6 +240,7 @@ export class PolicyCompiler {
   private fullDirty = true;
   private globalDirty = false;
   private trustBundle: string[] = [];
+  private multicluster: MulticlusterPart | undefined;
   private splitsDirty = false;
   private accessDirty = false;
   private readonly dirtyServices = new Set<string>();
@@ -310,6 +312,41 @@ export class PolicyCompiler {
    * root rotation). Goes into every node's policy; the next compile carries
    * it. True when it differs from the bundle held.
    */
+  /**
+   * The clusterset's imports (src/multicluster/controller.ts), in every
+   * node's policy; undefined without a clusterset. True when it changed (then
+   * compile and publish).
+   */
+  setMulticluster(part: MulticlusterPart | undefined): boolean {
+    if (JSON.stringify(part) === JSON.stringify(this.multicluster)) return false;
+    this.multicluster = part;
+    this.globalDirty = true;
+    return true;
+  }
+
+  /** A monitored service as compiled (ports, cluster IPs, ready endpoints): what the multicluster exports read. */
+  compiledService(namespace: string, name: string): PolicyService | undefined {
+    return this.serviceEntries.get(`${namespace}/${name}`)?.service;
+  }
+
+  /** Whether a Service object exists (monitored or not) and its cluster IPs: an export of a missing Service is not Valid. */
+  serviceRecord(namespace: string, name: string): { clusterIPs: string[] } | undefined {
+    const r = this.store.Service.get(`${namespace}/${name}`);
+    return r && { clusterIPs: r.clusterIPs };
+  }
+
+  /** Whether the namespace exists and is in the mesh (a ServiceImport appears only where its namespace does). */
+  namespaceInMesh(namespace: string): boolean {
+    return this.monitored(namespace, this.mesh());
+  }
+
+  /** Nodes labelled as multicluster gateways, by name, with their addresses. */
+  gatewayNodes(): { node: string; addresses: string[] }[] {
+    return byKey(this.store.Node.entries())
+      .filter((n) => n.gateway && n.addresses.length > 0)
+      .map((n) => ({ node: n.name, addresses: n.addresses }));
+  }
+
   setTrustBundle(bundle: readonly string[]): boolean {
     if (bundle.join('\n') === this.trustBundle.join('\n')) return false;
     this.trustBundle = [...bundle];
@@ -542,7 +579,8 @@ export class PolicyCompiler {
       .filter((n) => n.addresses.length > 0)
       .map((n) => ({ node: n.name, addresses: n.addresses }));
     const trust = { trustDomain: this.identitySettings().trustDomain, bundle: this.trustBundle };
-    const value = this.checked(GlobalPartSchema, { mesh, proxies, trust }, { kind: 'ConfigMap', namespace: this.controllerNamespace, name: MESH_CONFIG_NAME });
+    const multicluster = this.multicluster ? { multicluster: this.multicluster } : {};
+    const value = this.checked(GlobalPartSchema, { mesh, proxies, trust, ...multicluster }, { kind: 'ConfigMap', namespace: this.controllerNamespace, name: MESH_CONFIG_NAME });
     return value && part(value);
   }
 

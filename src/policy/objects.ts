@@ -12,6 +12,7 @@ import {
   ANNOTATION_SIDECAR_INJECTION,
   LABEL_INTERCEPTION_MODE,
   LABEL_MONITORED_BY,
+  LABEL_MULTICLUSTER_GATEWAY,
   ListParseError,
   parseCidrList,
   parsePortList,
@@ -67,6 +68,8 @@ export interface NodeRec {
   name: string;
   addresses: string[];
   modeLabel: DesiredInterceptionMode | null;
+  /** Label multicluster.fsm-node.io/gateway=true: its proxy takes tunnels from other clusters (src/multicluster). */
+  gateway: boolean;
 }
 export interface PodRec {
   uid: string;
@@ -308,7 +311,7 @@ const toNode = (o: unknown): NodeRec => {
     if (!r.success) throw new FieldError(`metadata.labels["${LABEL_INTERCEPTION_MODE}"]`, `${JSON.stringify(label)} is not one of ebpf, iptables, auto`);
     modeLabel = r.data;
   }
-  return { name: m.name, addresses, modeLabel };
+  return { name: m.name, addresses, modeLabel, gateway: m.labels[LABEL_MULTICLUSTER_GATEWAY] === 'true' };
 };
 
 const toPod = (o: unknown): PodRec => {

@@ -187,7 +187,54 @@ export const TrustSchema = z
 export type Trust = z.infer<typeof TrustSchema>;
 export const DEFAULT_TRUST: Trust = { trustDomain: 'cluster.local', bundle: [] };
 
-export const GlobalPartSchema = z.object({ mesh: MeshSchema, proxies: z.array(ProxyPeerSchema), trust: TrustSchema.optional() }).strict();
+/**
+ * Multi-cluster imports (src/multicluster, docs/multicluster.md): the
+ * services of the clusterset this cluster imports, with their clusterset IPs
+ * and the tiers the proxy tries in order. A member of a tier is this cluster
+ * (`local`: the local Service of the same namespace and name, its ready
+ * endpoints) or another cluster, reached through its gateway node proxies.
+ * No pod address of another cluster appears here. Absent when the controller
+ * runs without a clusterset, and in documents of older controllers.
+ */
+export const ImportTierMemberSchema = z
+  .object({
+    cluster: Name,
+    weight: z.number().int().min(0),
+    local: z.boolean(),
+    /** "address:port" of the cluster's gateway node proxies (empty for local). */
+    gateways: z.array(z.string().min(1)),
+    /** Ready endpoints the cluster last reported (for local: the controller's own count). */
+    readyEndpoints: z.number().int().min(0),
+  })
+  .strict();
+export type ImportTierMember = z.infer<typeof ImportTierMemberSchema>;
+
+export const PolicyImportSchema = z
+  .object({
+    namespace: Name,
+    name: Name,
+    type: z.enum(['ClusterSetIP', 'Headless']),
+    /** The clusterset IP (none for Headless, or when the CIDR is full). */
+    ips: z.array(Ip),
+    ports: PolicyServiceSchema.shape.ports,
+    tiers: z.array(z.array(ImportTierMemberSchema)),
+  })
+  .strict();
+export type PolicyImport = z.infer<typeof PolicyImportSchema>;
+
+export const MulticlusterSchema = z
+  .object({
+    cluster: Name,
+    /** The port every node proxy takes tunnels from other clusters on (only gateway nodes are advertised). */
+    gatewayPort: Port,
+    imports: z.array(PolicyImportSchema),
+  })
+  .strict();
+export type MulticlusterPart = z.infer<typeof MulticlusterSchema>;
+
+export const GlobalPartSchema = z
+  .object({ mesh: MeshSchema, proxies: z.array(ProxyPeerSchema), trust: TrustSchema.optional(), multicluster: MulticlusterSchema.optional() })
+  .strict();
 export type GlobalPart = z.infer<typeof GlobalPartSchema>;
 
 export const NodePartSchema = z
@@ -244,6 +291,7 @@ export const NodePolicyDeltaSchema = z
     mesh: MeshSchema.optional(),
     proxies: GlobalPartSchema.shape.proxies.optional(),
     trust: TrustSchema.optional(),
+    multicluster: MulticlusterSchema.optional(),
     node: NodePartSchema.shape.node.optional(),
     pods: NodePartSchema.shape.pods.optional(),
     access: NodePartSchema.shape.access.optional(),

@@ -1,4 +1,5 @@
 import { InvalidInputError } from '../errors.js';
+import { renderMulticluster, type ProxyMulticluster } from '../multicluster/proxy-config.js';
 import type { Access, HttpMatch, NodePolicy, PolicyService, Split } from '../policy/schema.js';
 
 /**
@@ -183,6 +184,8 @@ export interface ProxyConfig {
   meshPods: Record<string, ProxyMeshPod>;
   /** Destination identity (ns/serviceAccount of a pod on this node) -> its TrafficTargets. */
   access: Record<string, ProxyAccessRule[]>;
+  /** Clusterset imports and exports (src/multicluster/proxy-config.ts); absent without a clusterset. */
+  multicluster?: ProxyMulticluster;
 }
 
 const id = (namespace: string, name: string): string => `${namespace}/${name}`;
@@ -353,5 +356,6 @@ export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): Pr
     endpoints,
     meshPods,
     access,
+    ...(policy.multicluster ? { multicluster: renderMulticluster(policy.multicluster, policy.services) } : {}),
   };
 }

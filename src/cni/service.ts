@@ -113,7 +113,8 @@ export class CniService {
       if (await socketAnswers(path)) throw new FsmNodeError('FSMN_ERR_LISTEN', `CNI socket ${path} is in use by another process (another agent on this node?)`);
       rmSync(path, { force: true }); // left by an agent that died
     }
-    const server = createServer((conn) => {
+    // Half-open: the plugin shuts down its sending side to mark the end of the request, then reads the answer.
+    const server = createServer({ allowHalfOpen: true }, (conn) => {
       const chunks: Buffer[] = [];
       let size = 0;
       conn.on('data', (d: Buffer) => {

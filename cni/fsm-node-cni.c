@@ -36,7 +36,7 @@
 #include <unistd.h>
 
 #define MAX_STDIN (4 << 20)
-#define DEFAULT_SOCKET "/var/run/fsm-node/cni.sock"
+#define DEFAULT_SOCKET "/run/fsm-node-cni/cni.sock"
 #define DEFAULT_TIMEOUT_MS 30000
 
 static const char *cni_vars[] = {"CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH", NULL};

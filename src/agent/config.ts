@@ -72,7 +72,7 @@ export const agentDefaults: Partial<AgentConfig> = {
   proxyThreadCap: 4,
   proxyInstances: 2,
   nodeAddresses: [],
-  cniSpool: '/var/run/fsm-node/cni-spool',
+  cniSpool: '/run/fsm-node-cni/spool',
   cniFailurePolicy: 'auto',
   cniConfDirs: [],
   cniBinDir: '/opt/cni/bin',

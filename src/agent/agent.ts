@@ -5,6 +5,7 @@ import type { FastifyInstance } from 'fastify';
 import type { ApplyResult, Dataplane, DesiredState, InterceptionMode } from '../dataplane/types.js';
 import { FsmNodeError, errorMessage } from '../errors.js';
 import { buildApi } from '../http/server.js';
+import { CniService } from '../cni/service.js';
 import type { NodeModeStatus, NodePolicy } from '../policy/schema.js';
 import type { Registry } from 'prom-client';
 import type { IdentityManager } from '../identity/agent-certs.js';
@@ -123,6 +124,10 @@ export class Agent {
   private readonly modeFile: string;
   /** Certificates of the local identities; the proxy configuration renders from its snapshot(). */
   readonly identities: IdentityManager | undefined;
+  /** Enrolment at pod creation through the CNI plugin (src/cni/), when --cni-socket is set. */
+  readonly cni: CniService | undefined;
+  /** Addresses of the pods in the last applied desired state: what a CNI ADD waits to see. */
+  private appliedIps = new Set<string>();
 
   constructor(
     readonly config: AgentConfig,
@@ -161,6 +166,23 @@ export class Agent {
         } else this.lastError = undefined;
       },
     });
+    this.cni = config.cniSocket
+      ? new CniService(
+          {
+            socket: config.cniSocket,
+            spool: config.cniSpool,
+            stateDir: config.stateDir,
+            failurePolicy: config.cniFailurePolicy,
+            ...(config.cniConfDirs.length ? { install: { confDirs: config.cniConfDirs, binDir: config.cniBinDir } } : {}),
+          },
+          {
+            policy: () => this.deps.policy.current()?.policy,
+            syncNow: (reason) => this.runner.requestAndWait(reason),
+            enrolled: (ip) => this.appliedIps.has(ip),
+            notEnrolling: () => (this.suspended ? `suspended: ${this.suspended}` : this.decision && !this.decision.ready ? this.decision.reason : undefined),
+          },
+        )
+      : undefined;
   }
 
   async start(): Promise<void> {
@@ -177,6 +199,7 @@ export class Agent {
     this.deps.policy.onReconnect?.(() => this.controllerBack());
     this.deps.policy.start();
     this.runner.start();
+    await this.cni?.start();
     const [host, port] = splitHostPort(this.config.listen);
     this.api = buildApi({ notReadyReason: () => this.notReadyReason(), state: () => this.state(), registry: this.metrics.registry, exposition: () => this.metrics.exposition() });
     try {
@@ -190,6 +213,7 @@ export class Agent {
 
   /** SIGTERM: stop taking work; dataplane and proxy stay in place so traffic keeps flowing. */
   async stop(): Promise<void> {
+    await this.cni?.stop();
     await this.runner.stop();
     await this.identities?.stop();
     await this.deps.policy.stop();
@@ -236,6 +260,7 @@ export class Agent {
       lastError: this.lastError,
       proxy: this.deps.proxy.status(),
       ...(this.identities ? { identities: this.identities.status() } : {}),
+      ...(this.cni ? { cni: this.cni.status() } : {}),
     };
   }
 
@@ -258,7 +283,8 @@ export class Agent {
     this.metrics.mode.set({ desired: decision.desired, effective: decision.effective, fallback_reason: decision.fallbackReason ?? '' }, 1);
 
     const proxyConfigChanged = await this.deliverProxyConfig(policy);
-    const rendered = this.deps.render(policy);
+    // Pods the CNI plugin enrolled at creation stay in until the policy names them (src/cni/enrolled.ts).
+    const rendered = this.cni ? this.cni.merge(this.deps.render(policy), policy) : this.deps.render(policy);
     // Fail-open: while the proxy crash-loops no pod is redirected, so pods talk directly instead of failing.
     const desired = this.suspended ? { ...rendered, pods: [] } : rendered;
     const previous = this.active;
@@ -276,6 +302,7 @@ export class Agent {
     this.active = next;
     this.persistMode({ desired: decision.desired, effective: decision.effective });
     this.applied = { version: policy.version, pods: desired.pods.length, at: new Date().toISOString() };
+    this.appliedIps = new Set(desired.pods.map((p) => p.ip));
     this.metrics.enrolledPods.set(desired.pods.length);
     this.recordSync({ mode: next.mode, full: result.full, changes: result.changes, ...(proxyConfigChanged === undefined ? {} : { proxyConfigChanged }), at: this.applied.at });
     if (this.retiring?.mode === next.mode) {

@@ -290,7 +290,9 @@ async function pool<T>(items: T[], limit: number, fn: (t: T) => Promise<void>): 
   }));
 }
 
-export async function labCheck(state: LabState): Promise<CheckReport> {
+export async function labCheck(all: LabState): Promise<CheckReport> {
+  // Pods added live (`lab pod add`) run the user's command, not the echo server: not part of the check.
+  const state = { ...all, pods: all.pods.filter((p) => p.containerId === undefined) };
   const notes = await waitConverged(state);
   notes.push(...restartNotes(await gatherLabStatus(state)));
   const view = meshView(labFiles(state.dir).manifests);

@@ -15,6 +15,7 @@ import { packageRoot } from '../util/paths.js';
 import { BPFFS_ROOT, ensureBpffs } from './bpffs.js';
 import { ECHO_PORT, podVersion, renderManifests } from './manifests.js';
 import { hostNetworkSnapshot } from './net-probe.js';
+import { labCniDirs, writePrimaryConflist } from './pods.js';
 import { isOurs, pidAlive, sleep, spawnInside, startDetached, stopProcess, tail } from './processes.js';
 import { agentCgroup, agentProcess, labCli, readSupervisorStatus, supervisorArgv, type SupervisorStatus } from './supervisor.js';
 import {
@@ -284,6 +285,10 @@ export async function labUp(opts: UpOptions, say: Say): Promise<LabState> {
   for (const n of state.nodes) {
     await createCgroup(agentCgroup(state, n));
     mkdirSync(n.stateDir, { recursive: true });
+    // The node's primary CNI conflist, for the agent to chain fsm-node-cni into (lab pod add).
+    const cni = labCniDirs(state, n.name);
+    writePrimaryConflist(cni.confDir);
+    mkdirSync(cni.binDir, { recursive: true });
   }
   const supCgroup = join(ctlRoot, 'supervisor');
   await createCgroup(supCgroup);

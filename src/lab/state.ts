@@ -43,6 +43,9 @@ const PodSchema = z
     cgroupPath: z.string(),
     version: z.enum(['v1', 'v2']),
     server: ProcessSchema.optional(),
+    /** Pods added by `lab pod add` (src/lab/pods.ts): their namespace and sandbox id (the CNI container id). */
+    namespace: z.string().optional(),
+    containerId: z.string().optional(),
   })
   .strict();
 

@@ -238,6 +238,8 @@ export class PolicyCompiler {
 
   // What the next compile must redo.
   private fullDirty = true;
+  /** Sorted monitored namespace names; dropped on every full recompile (a Namespace or the mesh changed). */
+  private monitoredCache: string[] | undefined;
   private globalDirty = false;
   private trustBundle: string[] = [];
   private multicluster: MulticlusterPart | undefined;
@@ -439,6 +441,7 @@ export class PolicyCompiler {
     const mesh = this.mesh();
     let allNodes = false;
     if (this.fullDirty) {
+      this.monitoredCache = undefined;
       for (const k of new Set([...this.store.Service.keys(), ...this.serviceEntries.keys()])) this.dirtyServices.add(k);
       for (const n of this.nodeNames()) this.dirtyNodes.add(n);
       for (const n of this.nodeEntries.keys()) this.dirtyNodes.add(n);
@@ -556,6 +559,12 @@ export class PolicyCompiler {
     const names = new Set([...this.store.Node.keys()].map((k) => k.slice(1)));
     for (const [node, pods] of this.podsByNode) if (pods.size > 0) names.add(node);
     return names;
+  }
+
+  /** Sorted names of the namespaces the mesh monitors (every node's part carries them, for the CNI plugin). */
+  private monitoredNamespaces(mesh: MeshSettings): string[] {
+    this.monitoredCache ??= [...this.store.Namespace.values()].filter((n) => n.monitoredBy === mesh.name).map((n) => n.name).sort();
+    return this.monitoredCache;
   }
 
   private monitored(namespace: string, mesh: MeshSettings): boolean {
@@ -758,9 +767,12 @@ export class PolicyCompiler {
   private buildNode(node: string, mesh: MeshSettings): NodeEntry | undefined {
     const rec = this.store.Node.get(`/${node}`);
     const pods: PolicyPod[] = [];
+    const optedOut: string[] = [];
     const identities = new Set<string>();
     for (const key of this.podsByNode.get(node) ?? []) {
       const p = this.store.Pod.get(key)!;
+      // Known before the pod has an address: the CNI plugin must not enrol it at creation.
+      if (p.optOut && p.active && !p.hostNetwork && this.monitored(p.namespace, mesh)) optedOut.push(`${p.namespace}/${p.name}`);
       if (!this.enrolled(p, mesh)) continue;
       identities.add(idKey(p.namespace, p.serviceAccount));
       pods.push({
@@ -788,7 +800,13 @@ export class PolicyCompiler {
       for (const dst of this.destinationsBySource.get(id) ?? []) reachable.add(dst);
     }
     const value: NodePart = {
-      node: { name: node, addresses: rec?.addresses ?? [], interceptionMode: rec?.modeLabel ?? null },
+      node: {
+        name: node,
+        addresses: rec?.addresses ?? [],
+        interceptionMode: rec?.modeLabel ?? null,
+        monitoredNamespaces: this.monitoredNamespaces(mesh),
+        optedOutPods: optedOut.sort(),
+      },
       pods,
       access,
     };

@@ -245,6 +245,14 @@ export const NodePartSchema = z
         addresses: z.array(Ip),
         /** Value of the Node label flomesh.io/interception-mode; null when unset. */
         interceptionMode: InterceptionModeSchema.nullable(),
+        /**
+         * Namespaces the mesh monitors: the CNI plugin enrols a new pod of these at
+         * creation, before the policy names it (src/cni/). Absent from older
+         * controllers: the agent then goes by the namespaces of the pods it knows.
+         */
+        monitoredNamespaces: z.array(Name).optional(),
+        /** "namespace/name" of this node's pods in monitored namespaces that opted out (never enrolled at creation). */
+        optedOutPods: z.array(z.string().min(3)).optional(),
       })
       .strict(),
     pods: z.array(PolicyPodSchema),

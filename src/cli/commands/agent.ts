@@ -1,6 +1,6 @@
 import { readFileSync } from 'node:fs';
 import { Agent } from '../../agent/agent.js';
-import { loadAgentConfig, proxyRunAs, type AgentConfig } from '../../agent/config.js';
+import { listFields, loadAgentConfig, proxyRunAs, type AgentConfig } from '../../agent/config.js';
 import { probe } from '../../agent/probe.js';
 import { createDataplane } from '../../dataplane/index.js';
 import { controllerIssuer, IdentityManager } from '../../identity/agent-certs.js';
@@ -25,7 +25,7 @@ function flagsToConfig(values: ParsedValues): Record<string, unknown> {
   for (const [k, v] of Object.entries(values)) {
     if (v === undefined || notConfig.has(k)) continue;
     const field = k.replace(/-([a-z])/g, (_m, c: string) => c.toUpperCase());
-    out[field] = field === 'nodeAddresses' && typeof v === 'string' ? v.split(',').filter(Boolean) : v;
+    out[field] = listFields.has(field) && typeof v === 'string' ? v.split(',').filter(Boolean) : v;
   }
   if (values['no-fast-path']) out.fastPath = false;
   return out;
@@ -122,6 +122,11 @@ traffic keeps flowing; \`fsm-node cleanup\` removes everything.`,
     'proxy-thread-cap': { type: 'string', valueName: 'N', description: 'At most N Pipy worker threads in all (default 4; one per CPU below that), split among the proxy instances.' },
     'proxy-instances': { type: 'string', valueName: 'N', description: 'Pipy processes sharing the proxy ports with SO_REUSEPORT (default 2): a crash of one fails no new connection while it is restarted; 1 saves one Pipy (about 14 MB).' },
     'proxy-user': { type: 'string', valueName: 'UID[:GID]', description: 'Run the proxy as this user with only CAP_NET_ADMIN (FSM uses 1500); key files become that uid\'s, mode 0600. Default: as the agent runs.' },
+    'cni-socket': { type: 'string', valueName: 'PATH', description: 'Enrol pods at creation: unix socket the fsm-node-cni plugin relays CNI requests to (the DaemonSet: /run/fsm-node-cni/cni.sock; docs/deploy.md).' },
+    'cni-spool': { type: 'string', valueName: 'DIR', description: 'Where the plugin leaves requests while the agent is away; replayed when it is back (default /run/fsm-node-cni/spool).' },
+    'cni-failure-policy': { type: 'string', valueName: 'POLICY', description: 'The plugin when the agent is unreachable: fail-closed (pod creation fails, kubelet retries), fail-open (the pod starts, enrolled later) or auto (default: fail-closed in strict meshes).' },
+    'cni-conf-dirs': { type: 'string', valueName: 'DIR,DIR', description: 'CNI conf directories to chain the plugin into and keep it there, e.g. /etc/cni/net.d,/var/lib/rancher/k3s/agent/etc/cni/net.d (default: none).' },
+    'cni-bin-dir': { type: 'string', valueName: 'DIR', description: 'Where the plugin binary is installed (default /opt/cni/bin).' },
     netns: { type: 'string', valueName: 'NAME', description: 'Lab only: network namespace that plays the node.' },
     listen: { type: 'string', valueName: 'HOST:PORT', description: 'Agent HTTP API (default 0.0.0.0:15900).' },
     'print-config': { type: 'boolean', description: 'Print the effective configuration and exit.' },

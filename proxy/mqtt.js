@@ -374,26 +374,21 @@ function onBrokerPacket(first, body) {
 
 // ---- framing ---------------------------------------------------------------
 
-// deframe states for one direction: fixed header byte, remaining length
-// (at most 4 bytes, at most maxPacketBytes), then the body, which
-// onPacket(first byte, body) turns into the events to send on.
-function framer(side, onPacket) {
+// deframe states for one direction: fixed header byte, remaining length (at
+// most 4 bytes, at most maxPacketBytes), then the body, passed on inside a
+// MessageStart/MessageEnd pair that packetsOf() turns back into a packet.
+// (Pass, not read into a buffer: Pipy 1.5.18's deframe keeps a read buffer
+// across a pipeline's reuse, and the next connection's first byte would be
+// lost.)
+function framer(side) {
   var fail = reason => {
     count('mqttClosed', [reason])
+    $closed = true
     return [new StreamEnd, 'closed']
-  }
-  var run = (first, body) => {
-    var out
-    try {
-      out = onPacket(first, body)
-    } catch (e) {
-      return fail('malformed')
-    }
-    out.push($closed ? 'closed' : 'header')
-    return out
   }
   return {
     header: b => {
+      if ($closed) return 'closed'
       var f = $fr[side]
       f.first = b
       f.len = 0
@@ -408,17 +403,33 @@ function framer(side, onPacket) {
       f.n++
       if (b & 128) return f.n >= 4 ? fail('malformed') : 'length'
       if (f.len > settings.maxPacketBytes) return fail('oversized')
-      if (f.len === 0) return run(f.first, new Data)
-      return ['body', f.len, new Data]
+      if (f.len === 0) return [new MessageStart({ first: f.first }), new MessageEnd, 'header']
+      return [new MessageStart({ first: f.first }), 'body', f.len]
     },
-    body: data => run($fr[side].first, data),
+    body: () => [new MessageEnd, 'header'],
     // After a close: whatever still arrives is dropped.
     closed: () => 'closed',
   }
 }
 
-var fromClient = framer('client', onClientPacket)
-var fromBroker = framer('broker', onBrokerPacket)
+// One framed packet -> the events onPacket(first byte, body) sends on.
+function packetsOf(onPacket) {
+  return msg => {
+    if ($closed) return []
+    try {
+      return onPacket(msg.head.first, msg.body || new Data)
+    } catch (e) {
+      count('mqttClosed', ['malformed'])
+      $closed = true
+      return [new StreamEnd]
+    }
+  }
+}
+
+var fromClient = framer('client')
+var fromBroker = framer('broker')
+var clientPacket = packetsOf(onClientPacket)
+var brokerPacket = packetsOf(onBrokerPacket)
 
 // The pipeline of one MQTT connection to a broker pod of this node.
 // info(): { source, broker (identities, 'unknown' when not known), grant
@@ -443,11 +454,13 @@ export function guard(info, toBroker) {
       $closed = false
     })
     .deframe(fromClient)
+    .replaceMessage(clientPacket)
     .pipe(() => ($refused ? 'refused' : 'broker'), {
       // The CONNACK and the end are already in the stream: the client gets them, the broker never hears of it.
       refused: $=>$.handleStreamEnd(() => {}),
       broker: $=>$
         .pipe(() => 'connect', { connect: toBroker })
-        .deframe(fromBroker),
+        .deframe(fromBroker)
+        .replaceMessage(brokerPacket),
     })
 }

@@ -87,7 +87,7 @@ export function encodeSubscribe(version: MqttVersion, pid: number, filters: { fi
 
 /** Splits a byte stream into packets (no limit: the client trusts its broker). */
 export class Framer {
-  private buf = Buffer.alloc(0);
+  private buf: Buffer = Buffer.alloc(0);
   push(chunk: Buffer): Packet[] {
     this.buf = this.buf.length ? Buffer.concat([this.buf, chunk]) : chunk;
     const out: Packet[] = [];

@@ -1,6 +1,6 @@
 import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import Ajv from 'ajv';
+import { Ajv } from 'ajv';
 import yaml from 'yaml';
 import { MQTT_ROUTE_GROUP_API_VERSION, parseMqttRouteGroup, topicFilterProblem } from '../../src/policy/mqtt.js';
 import { toRecord } from '../../src/policy/objects.js';

@@ -15,6 +15,7 @@ import { packageRoot } from '../util/paths.js';
 import { agentState } from './lab.js';
 import { CANARY, deniedPair, ECHO_PORT, LAB_NAMESPACE, LAB_SERVICES, SPLIT_WEIGHTS } from './manifests.js';
 import type { EchoAnswer, GetResult } from './echo-server.js';
+import { mqttCases } from './mqtt-lab.js';
 import { runInside, sleep } from './processes.js';
 import { gatherLabStatus, restartNotes } from './status.js';
 import { labFiles, type LabNode, type LabPod, type LabState } from './state.js';
@@ -31,7 +32,7 @@ export type CaseResult = 'pass' | 'fail' | 'skip';
 
 export interface CheckCase {
   name: string;
-  kind: 'pod-to-pod' | 'service' | 'split' | 'access';
+  kind: 'pod-to-pod' | 'service' | 'split' | 'access' | 'mqtt';
   from: string;
   to: string;
   result: CaseResult;
@@ -339,6 +340,7 @@ export async function labCheck(state: LabState): Promise<CheckReport> {
   } else {
     cases.push(...(await serviceCases(state, view, denied?.from)));
   }
+  cases.push(...(await mqttCases(state)));
   const count = (r: CaseResult): number => cases.filter((c) => c.result === r).length;
   const failed = count('fail');
   return { ok: failed === 0 && cases.length > 0, proxy: state.proxy, passed: count('pass'), failed, skipped: count('skip'), notes, cases };

@@ -43,6 +43,8 @@ const PodSchema = z
     cgroupPath: z.string(),
     version: z.enum(['v1', 'v2']),
     server: ProcessSchema.optional(),
+    /** The MQTT broker (mosquitto) of the broker pod (src/lab/mqtt-lab.ts). */
+    broker: ProcessSchema.optional(),
   })
   .strict();
 

@@ -5,6 +5,7 @@ import yaml from 'yaml';
 import { MQTT_ROUTE_GROUP_API_VERSION, parseMqttRouteGroup, topicFilterProblem } from '../../src/policy/mqtt.js';
 import { toRecord } from '../../src/policy/objects.js';
 import { portProtocol, renderProxyConfig } from '../../src/proxy/config.js';
+import { COVER_CASES, MATCH_CASES } from '../support/mqtt-topic-cases.js';
 import { baseMesh, compiled, meshConfig, service, slice, target, type Obj } from './policy-fixtures.js';
 
 /**
@@ -28,63 +29,13 @@ const matches = (filter: string, topic: string) => topics.topicMatches(topics.le
 const covers = (allowed: string, sub: string) => topics.filterCovers(topics.levels(allowed), topics.levels(sub));
 
 describe('topic filters match topic names as MQTT 3.1.1/5 section 4.7 says', () => {
-  test.each([
-    // '#': the parent level and everything below
-    ['sport/tennis/player1/#', 'sport/tennis/player1', true],
-    ['sport/tennis/player1/#', 'sport/tennis/player1/ranking', true],
-    ['sport/tennis/player1/#', 'sport/tennis/player1/score/wimbledon', true],
-    ['sport/#', 'sport', true],
-    ['sport/#', 'sports', false],
-    ['#', 'anything/at/all', true],
-    // '+': exactly one level, an empty level included
-    ['sport/tennis/+', 'sport/tennis/player1', true],
-    ['sport/tennis/+', 'sport/tennis/player1/ranking', false],
-    ['sport/+', 'sport', false],
-    ['sport/+', 'sport/', true],
-    ['+/+', '/finance', true],
-    ['/+', '/finance', true],
-    ['+', '/finance', false],
-    ['+/tennis/#', 'sport/tennis/x', true],
-    // literal levels are case sensitive and exact
-    ['devices/d1/temp', 'devices/d1/temp', true],
-    ['devices/d1/temp', 'Devices/d1/temp', false],
-    ['devices/d1', 'devices/d1/temp', false],
-    // '$' topics are not matched by a leading wildcard, only by filters naming them
-    ['#', '$SYS/broker/uptime', false],
-    ['+/monitor/Clients', '$SYS/monitor/Clients', false],
-    ['$SYS/#', '$SYS/broker/uptime', true],
-    ['$SYS/monitor/+', '$SYS/monitor/Clients', true],
-    ['devices/#', 'devices/$x', true],
-  ])('%s ~ %s: %s', (filter, topic, expected) => {
+  test.each(MATCH_CASES)('%s ~ %s: %s', (filter, topic, expected) => {
     expect(matches(filter, topic)).toBe(expected);
   });
 });
 
 describe('a SUBSCRIBE filter is allowed only when an allowed filter covers every topic it can match', () => {
-  test.each([
-    ['public/#', 'public/a', true],
-    ['public/#', 'public/#', true],
-    ['public/#', 'public', true],
-    ['public/#', 'public/+/x', true],
-    ['public/#', '#', false],
-    ['public/#', '+/a', false],
-    ['public/+', 'public/a', true],
-    ['public/+', 'public/+', true],
-    ['public/+', 'public/#', false],
-    ['public/+', 'public/a/b', false],
-    ['public/+', 'public', false],
-    ['public/a', 'public/+', false],
-    ['+/status', 'dev1/status', true],
-    ['+/status', '+/status', true],
-    ['#', '#', true],
-    ['#', 'a/b/c', true],
-    // '$' topics: an allowed leading wildcard does not reach them, so it does not cover a filter naming them
-    ['#', '$SYS/#', false],
-    ['+/x', '$SYS/x', false],
-    ['$SYS/#', '$SYS/broker/+', true],
-    // a leading wildcard in the subscription reaches no '$' topic, so '#' is covered by '#' only
-    ['$SYS/#', '#', false],
-  ])('allowed %s covers %s: %s', (allowed, sub, expected) => {
+  test.each(COVER_CASES)('allowed %s covers %s: %s', (allowed, sub, expected) => {
     expect(covers(allowed, sub)).toBe(expected);
   });
 

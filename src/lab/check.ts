@@ -2,6 +2,7 @@ import { readdirSync, readFileSync } from 'node:fs';
 import { request as httpsRequest } from 'node:https';
 import { join } from 'node:path';
 import { parseAllDocuments } from 'yaml';
+import { READING_TTL_MS } from '../agent/metrics.js';
 import { errorMessage } from '../errors.js';
 import {
   ANNOTATION_OUTBOUND_PORT_EXCLUSION,
@@ -211,6 +212,15 @@ async function request(from: LabPod, url: string): Promise<GetResult> {
  * its agent's /metrics (fsm_node_proxy_tunnels_total, proxy/README.md).
  */
 async function tunnelEvidence(toNode: LabNode, from: LabPod, to: LabPod): Promise<{ mtls: boolean; source: string; seen: string }> {
+  // The agent serves the proxy's metrics from a reading up to READING_TTL_MS old (src/agent/metrics.ts):
+  // a tunnel opened just now may not be in it yet, so look again past that age before calling it missing.
+  const first = await tunnelEvidenceOnce(toNode, from, to);
+  if (first.mtls) return first;
+  await sleep(READING_TTL_MS + 200);
+  return tunnelEvidenceOnce(toNode, from, to);
+}
+
+async function tunnelEvidenceOnce(toNode: LabNode, from: LabPod, to: LabPod): Promise<{ mtls: boolean; source: string; seen: string }> {
   const source = `${LAB_NAMESPACE}/${from.name}`;
   const destination = `${LAB_NAMESPACE}/${to.name}`;
   let text = '';

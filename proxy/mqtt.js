@@ -182,7 +182,7 @@ function canSubscribe(filter) {
 }
 
 // The CONNECT: which matches of the grant apply (client id pattern), with
-// their filters filled in for this client. Null: refused.
+// their filters filled in for this client. False: refused (no match applies).
 function admit(clientId) {
   var g = $info.grant
   if (g.tcp) { $all = true; return true }

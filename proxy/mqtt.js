@@ -63,6 +63,7 @@ var $q2 // packet ids of denied QoS 2 PUBLISHes: their PUBREL is answered by us
 var $aliasIn // MQTT 5 topic aliases client -> broker: alias -> topic
 var $aliasOut // broker -> client
 var $closed // the connection is being closed: nothing more is read
+var $topics // per direction: topic -> { allowed, label, counters by QoS } (devices repeat their topics)
 
 // ---- metrics ---------------------------------------------------------------
 
@@ -78,6 +79,34 @@ function topicLabel(topic) {
   topicLabels[t] = true
   topicCount++
   return t
+}
+
+// What this connection knows about a topic, worked out once: whether it may
+// publish it, its metric label and its message and byte counters per QoS.
+// At most settings.maxTopics entries per connection, then no more caching.
+function topicInfo(side, topic) {
+  var t = $topics[side]
+  var info = t.map[topic]
+  if (info) return info
+  info = { allowed: side === 'publish' ? canPublish(topic) : true, label: topicLabel(topic), counters: [] }
+  if (t.size < settings.maxTopics) {
+    t.map[topic] = info
+    t.size++
+  }
+  return info
+}
+
+function countMessage(side, info, qos, bytes) {
+  var c = info.counters[qos]
+  if (!c) {
+    var q = String(qos)
+    c = info.counters[qos] = [
+      metrics.mqttMessages.withLabels($info.source, $info.broker, side, q, info.label),
+      metrics.mqttBytes.withLabels($info.source, $info.broker, side, q, info.label),
+    ]
+  }
+  c[0].increase()
+  c[1].increase(bytes)
 }
 
 function count(kind, extra, n) {
@@ -252,9 +281,9 @@ function onPublish(first, body) {
   if ($level >= 5) alias = topicAliasIn(take(r, readVarint(r)))
   if (topic === '' && alias > 0) topic = $aliasIn[alias] || ''
   if (!topics.validTopicName(topic)) return close('malformed')
-  var label = topicLabel(topic)
-  if (!canPublish(topic)) {
-    count('mqttDenied', ['publish', label])
+  var info = topicInfo('publish', topic)
+  if (!info.allowed) {
+    count('mqttDenied', ['publish', info.label])
     // 3.1.1 has no negative PUBACK: a broker closes the connection, and so do we.
     if ($level < 5) return close('publish-denied')
     if (qos === 0) return []
@@ -262,8 +291,7 @@ function onPublish(first, body) {
     return answerLater(packet(qos === 1 ? 0x40 : 0x50, new Data(u16(pid).concat([V5_NOT_AUTHORIZED]))))
   }
   if (alias > 0) $aliasIn[alias] = topic
-  count('mqttMessages', ['publish', String(qos), label])
-  count('mqttBytes', ['publish', String(qos), label], body.size)
+  countMessage('publish', info, qos, body.size)
   return [packet(first, body)]
 }
 
@@ -358,9 +386,7 @@ function onBrokerPacket(first, body) {
         var alias = topicAliasIn(take(r, readVarint(r)))
         if (alias > 0) { if (topic === '') topic = $aliasOut[alias] || '(alias)'; else $aliasOut[alias] = topic }
       }
-      var label = topicLabel(topic)
-      count('mqttMessages', ['deliver', String(qos), label])
-      count('mqttBytes', ['deliver', String(qos), label], body.size)
+      countMessage('deliver', topicInfo('deliver', topic), qos, body.size)
       return [packet(first, body)]
     }
     case SUBACK: return onSuback(first, body)
@@ -380,7 +406,16 @@ function onBrokerPacket(first, body) {
 // (Pass, not read into a buffer: Pipy 1.5.18's deframe keeps a read buffer
 // across a pipeline's reuse, and the next connection's first byte would be
 // lost.)
+// Packet types whose body the proxy reads, per direction; every other packet
+// (PUBACK, PUBREC, PUBCOMP, UNSUBSCRIBE, UNSUBACK, DISCONNECT, AUTH, ...) is
+// passed through as it streams in, without a JavaScript call for its body.
+var READS = {
+  client: [false, true, false, true, false, false, true, false, true, false, false, false, true, false, false, false],
+  broker: [false, false, true, true, false, false, false, false, false, true, false, false, false, true, false, false],
+}
+
 function framer(side) {
+  var reads = READS[side]
   var fail = reason => {
     count('mqttClosed', [reason])
     $closed = true
@@ -403,10 +438,16 @@ function framer(side) {
       f.n++
       if (b & 128) return f.n >= 4 ? fail('malformed') : 'length'
       if (f.len > settings.maxPacketBytes) return fail('oversized')
+      if (side === 'client' && !$connected && (f.first >> 4) !== CONNECT) return fail('protocol-error')
+      if (!reads[f.first >> 4]) {
+        var head = new Data([f.first].concat(varint(f.len)))
+        return f.len === 0 ? [head, 'header'] : [head, 'pass', f.len]
+      }
       if (f.len === 0) return [new MessageStart({ first: f.first }), new MessageEnd, 'header']
       return [new MessageStart({ first: f.first }), 'body', f.len]
     },
     body: () => [new MessageEnd, 'header'],
+    pass: () => 'header',
     // After a close: whatever still arrives is dropped.
     closed: () => 'closed',
   }
@@ -452,6 +493,7 @@ export function guard(info, toBroker) {
       $aliasIn = {}
       $aliasOut = {}
       $closed = false
+      $topics = { publish: { map: {}, size: 0 }, deliver: { map: {}, size: 0 } }
     })
     .deframe(fromClient)
     .replaceMessage(clientPacket)

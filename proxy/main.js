@@ -12,11 +12,12 @@
 
 import config from './config.js'
 import { decide, protocolOf } from './route.js'
-import { grant, requestAllowed } from './access.js'
+import { connectionAllowed, grant, requestAllowed } from './access.js'
 import * as metrics from './metrics.js'
 import * as tls from './tls.js'
 import * as tunnel from './tunnel.js'
 import * as mc from './multicluster.js'
+import * as mqtt from './mqtt.js'
 
 var SOURCE_HEADER = 'fsmn-source-identity'
 
@@ -68,6 +69,12 @@ function portOf(target) {
   return +target.substring(target.lastIndexOf(':') + 1)
 }
 
+// The protocol of a pod port, as the services selecting the pod describe it.
+function protocolAt(target) {
+  var ep = config.endpoints[target.substring(0, target.lastIndexOf(':'))]
+  return (ep && ep.ports[portOf(target)]) || 'tcp'
+}
+
 function sourceIdentity(ip) {
   var pod = config.pods[ip]
   return pod ? pod.identity : ''
@@ -84,6 +91,14 @@ function deny(reason, status, text) {
 
 var closeNow = $=>$.replaceStreamStart(new StreamEnd)
 var connectTarget = $=>$.connect(() => $route.target)
+// The last hop to a pod of this node: MQTT ports go through proxy/mqtt.js
+// (topic access control and metrics) on the identity this hop proved.
+var mqttInfo = () => ({ source: $srcId || 'unknown', broker: $route.identity || 'unknown', grant: $grant })
+var toLocalPod = $=>$
+  .pipe(() => (protocolAt($route.target) === 'mqtt' ? 'mqtt' : 'tcp'), {
+    mqtt: mqtt.guard(mqttInfo, connectTarget),
+    tcp: connectTarget,
+  })
 // Upstream HTTP connections are pooled per target and shared by all clients:
 // a request takes an idle connection or opens one (maxQueue 1: one request at
 // a time per connection, so no request queues behind another client's), and
@@ -131,7 +146,7 @@ var outboundTCP = $=>$
     $labels = labelsOf($srcId, $route)
     metrics.connections.withLabels($labels[0], $labels[1]).increase()
     if ($route.tier !== undefined) mc.routed.withLabels($route.service, $route.cluster || 'none').increase()
-    if ($route.mode === 'local' && !grant($srcId, $route.identity, portOf($route.target)).tcp) {
+    if ($route.mode === 'local' && !connectionAllowed($grant = grant($srcId, $route.identity, portOf($route.target)), protocolAt($route.target))) {
       metrics.denied.withLabels($labels[0], $labels[1], 'access').increase()
       $route = Object.assign({}, $route, { mode: 'denied' })
     } else if ($route.mode === 'refused' || $route.mode === 'unavailable') {
@@ -150,7 +165,7 @@ var outboundTCP = $=>$
     unavailable: closeNow,
     tunnel: tunnel.tcp,
     gateway: toGatewayTCP,
-    local: connectTarget,
+    local: toLocalPod,
     direct: connectTarget,
     egress: connectTarget,
   })
@@ -302,7 +317,8 @@ pipy.listen(config.listen.inbound, tls.serve($=>$
     $grant = grant($srcId, ep.identity, port)
     $dstIp = ip
     $dstPort = port
-    if ((ep.ports[port] || 'tcp') === 'tcp' && !$grant.tcp) return refuse('denied', 403, 'access denied by fsm-node')
+    var protocol = ep.ports[port] || 'tcp'
+    if (protocol !== 'http' && !connectionAllowed($grant, protocol)) return refuse('denied', 403, 'access denied by fsm-node')
     metrics.tunnels.withLabels(labels[0], labels[1], 'accepted', tls.transport).increase()
     return new Message({ status: 200 })
   }).to($=>$
@@ -317,6 +333,7 @@ pipy.listen(config.listen.inbound, tls.serve($=>$
             denied: $=>$.replaceMessage(new Message({ status: 403, headers: { 'content-type': 'text/plain' } }, 'access denied by fsm-node\n')),
           })
         ),
+      mqtt: mqtt.guard(mqttInfo, connectTarget),
       tcp: connectTarget,
     })
   ))

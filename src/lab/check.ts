@@ -16,6 +16,7 @@ import { packageRoot } from '../util/paths.js';
 import { agentState } from './lab.js';
 import { CANARY, deniedPair, ECHO_PORT, LAB_NAMESPACE, LAB_SERVICES, SPLIT_WEIGHTS } from './manifests.js';
 import type { EchoAnswer, GetResult } from './echo-server.js';
+import { mqttCases } from './mqtt-lab.js';
 import { runInside, sleep } from './processes.js';
 import { gatherLabStatus, restartNotes } from './status.js';
 import { labFiles, type LabNode, type LabPod, type LabState } from './state.js';
@@ -32,7 +33,7 @@ export type CaseResult = 'pass' | 'fail' | 'skip';
 
 export interface CheckCase {
   name: string;
-  kind: 'pod-to-pod' | 'service' | 'split' | 'access';
+  kind: 'pod-to-pod' | 'service' | 'split' | 'access' | 'mqtt';
   from: string;
   to: string;
   result: CaseResult;
@@ -211,6 +212,15 @@ async function request(from: LabPod, url: string): Promise<GetResult> {
  * its agent's /metrics (fsm_node_proxy_tunnels_total, proxy/README.md).
  */
 async function tunnelEvidence(toNode: LabNode, from: LabPod, to: LabPod): Promise<{ mtls: boolean; source: string; seen: string }> {
+  // The agent serves the proxy's metrics from a reading up to READING_TTL_MS old (src/agent/metrics.ts):
+  // a tunnel opened just now may not be in it yet, so look again past that age before calling it missing.
+  const first = await tunnelEvidenceOnce(toNode, from, to);
+  if (first.mtls) return first;
+  await sleep(READING_TTL_MS + 200);
+  return tunnelEvidenceOnce(toNode, from, to);
+}
+
+async function tunnelEvidenceOnce(toNode: LabNode, from: LabPod, to: LabPod): Promise<{ mtls: boolean; source: string; seen: string }> {
   const source = `${LAB_NAMESPACE}/${from.name}`;
   const destination = `${LAB_NAMESPACE}/${to.name}`;
   // The agent serves one reading of Pipy's counters for READING_TTL_MS, and the
@@ -350,6 +360,7 @@ export async function labCheck(all: LabState): Promise<CheckReport> {
   } else {
     cases.push(...(await serviceCases(state, view, denied?.from)));
   }
+  cases.push(...(await mqttCases(state)));
   const count = (r: CaseResult): number => cases.filter((c) => c.result === r).length;
   const failed = count('fail');
   return { ok: failed === 0 && cases.length > 0, proxy: state.proxy, passed: count('pass'), failed, skipped: count('skip'), notes, cases };

@@ -35,6 +35,7 @@ import {
   type LabState,
 } from './state.js';
 import { matchesSweepPrefix, sweep, Topology } from './topology.js';
+import { BROKER_SERVICE, MQTT_PORT, startLabBroker } from './mqtt-lab.js';
 
 /**
  * The lab: a real multi-node mesh on one machine (issue 10). `lab up` builds
@@ -271,6 +272,12 @@ export async function labUp(opts: UpOptions, say: Say): Promise<LabState> {
     state.pods.map((pod) => waitFor(`echo server in pod ${pod.name}`, 10_000, processDied(pod.server), async () => (readFileSync(pod.server!.log, 'utf8').includes('"listening"') ? true : undefined))),
   );
   say(`workloads: ${state.pods.length} echo servers on :${ECHO_PORT} (${state.pods.map((p) => `${p.name}@${p.node}=${p.ip}`).join(' ')})`);
+  const brokerPod = state.pods[0];
+  if (brokerPod && state.pods.length > 1) {
+    brokerPod.broker = await startLabBroker(state);
+    writeLabState(state);
+    say(`mqtt: mosquitto in pod ${brokerPod.name}, service ${BROKER_SERVICE.name} ${BROKER_SERVICE.clusterIP}:${MQTT_PORT} (docs/mqtt.md)`);
+  }
 
   // Control plane: the controller, then one agent per node, each in its own lab cgroup.
   await createCgroup(ctlRoot);
@@ -504,7 +511,7 @@ export async function labDown(dirFlag: string | undefined, say: Say): Promise<Do
       say('controller: stopped');
     }
   }
-  const pidsToCheck = state ? [state.controller.process, state.supervisor, ...agentProcs, ...state.pods.map((p) => p.server)].filter((p): p is LabProcess => p !== undefined) : [];
+  const pidsToCheck = state ? [state.controller.process, state.supervisor, ...agentProcs, ...state.pods.flatMap((p) => [p.server, p.broker])].filter((p): p is LabProcess => p !== undefined) : [];
   const swept = await sweep(LAB_PREFIX);
   report.removed.push(...swept);
   const count = (kind: string): number => swept.filter((x) => x.startsWith(`${kind} `)).length;

@@ -46,6 +46,8 @@ const PodSchema = z
     /** Pods added by `lab pod add` (src/lab/pods.ts): their namespace and sandbox id (the CNI container id). */
     namespace: z.string().optional(),
     containerId: z.string().optional(),
+    /** The MQTT broker (mosquitto) of the broker pod (src/lab/mqtt-lab.ts). */
+    broker: ProcessSchema.optional(),
   })
   .strict();
 

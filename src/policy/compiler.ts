@@ -207,6 +207,7 @@ export class PolicyCompiler {
     TrafficTarget: new Map(),
     HTTPRouteGroup: new Map(),
     TCPRoute: new Map(),
+    MQTTRouteGroup: new Map(),
   };
 
   // Indexes kept in step with the store.
@@ -411,6 +412,7 @@ export class PolicyCompiler {
         break;
       case 'TrafficTarget':
       case 'TCPRoute':
+      case 'MQTTRouteGroup':
         this.accessDirty = true;
         break;
     }
@@ -723,6 +725,16 @@ export class PolicyCompiler {
         const route = this.store.TCPRoute.get(`${rec.namespace}/${r.name}`);
         if (!route) throw new FieldError(`spec.rules[${i}].name`, `TCPRoute ${rec.namespace}/${r.name} not found`);
         return { kind: 'TCPRoute', name: r.name, ports: route.ports };
+      }
+      if (r.kind === 'MQTTRouteGroup') {
+        const group = this.store.MQTTRouteGroup.get(`${rec.namespace}/${r.name}`);
+        if (!group) throw new FieldError(`spec.rules[${i}].name`, `MQTTRouteGroup ${rec.namespace}/${r.name} not found`);
+        const matches = r.matches === null ? group.matches : r.matches.map((m, j) => {
+          const found = group.matches.find((g) => g.name === m);
+          if (!found) throw new FieldError(`spec.rules[${i}].matches[${j}]`, `match ${JSON.stringify(m)} not in MQTTRouteGroup ${rec.namespace}/${r.name}`);
+          return found;
+        });
+        return { kind: 'MQTTRouteGroup', name: r.name, matches };
       }
       const group = this.store.HTTPRouteGroup.get(`${rec.namespace}/${r.name}`);
       if (!group) throw new FieldError(`spec.rules[${i}].name`, `HTTPRouteGroup ${rec.namespace}/${r.name} not found`);

@@ -18,6 +18,7 @@ import {
   parsePortList,
 } from './fsm.js';
 import { FieldError } from './fields.js';
+import { MQTT_ROUTE_GROUP_API_VERSION, parseMqttRouteGroup, type MqttRouteGroupRec } from './mqtt.js';
 import { parseSplitSpec, SPLIT_API_VERSIONS } from './smi-split.js';
 import { formatPath, InterceptionModeSchema, type DesiredInterceptionMode, type Exclusions, type HttpMatch, type Identity, type MeshSettings } from './schema.js';
 
@@ -40,6 +41,8 @@ export const KINDS = {
   TrafficTarget: ['access.smi-spec.io/v1alpha3'],
   HTTPRouteGroup: ['specs.smi-spec.io/v1alpha4'],
   TCPRoute: ['specs.smi-spec.io/v1alpha4'],
+  /** This project's own route group for MQTT (src/policy/mqtt.ts). */
+  MQTTRouteGroup: [MQTT_ROUTE_GROUP_API_VERSION],
 } as const;
 export type Kind = keyof typeof KINDS;
 export const CLUSTER_SCOPED: ReadonlySet<Kind> = new Set<Kind>(['Namespace', 'Node']);
@@ -122,7 +125,7 @@ export interface TargetRec {
   name: string;
   destination: Identity & { port: number | null };
   sources: Identity[];
-  rules: { kind: 'HTTPRouteGroup' | 'TCPRoute'; name: string; matches: string[] | null }[];
+  rules: { kind: 'HTTPRouteGroup' | 'TCPRoute' | 'MQTTRouteGroup'; name: string; matches: string[] | null }[];
 }
 export interface RouteGroupRec {
   namespace: string;
@@ -146,6 +149,7 @@ export interface RecordOf {
   TrafficTarget: TargetRec;
   HTTPRouteGroup: RouteGroupRec;
   TCPRoute: TcpRouteRec;
+  MQTTRouteGroup: MqttRouteGroupRec;
 }
 
 // ---- input schemas (only the fields we read) --------------------------------
@@ -239,7 +243,7 @@ const TargetIn = z.object({
     destination: SaRef.extend({ port: port.nullish() }),
     sources: z.array(SaRef).min(1),
     rules: z
-      .array(z.object({ kind: z.enum(['HTTPRouteGroup', 'TCPRoute']), name: dns, matches: z.array(z.string()).nullish() }))
+      .array(z.object({ kind: z.enum(['HTTPRouteGroup', 'TCPRoute', 'MQTTRouteGroup']), name: dns, matches: z.array(z.string()).nullish() }))
       .nullish(),
   }),
 });
@@ -396,6 +400,15 @@ const toSlice = (o: unknown): SliceRec => {
 };
 
 /** Keys of the mesh ConfigMap (docs/controller.md). Unknown keys are errors: a typo must not pass silently. */
+/** MQTT defaults of the proxy (proxy/config.js holds the same numbers for a proxy started without a policy). */
+export const MQTT_DEFAULTS = { topicLevels: 2, maxPacketBytes: 1048576 } as const;
+
+function wholeNumber(field: string, value: string, min: number, max: number): number {
+  const n = /^[0-9]+$/.test(value.trim()) ? Number(value.trim()) : NaN;
+  if (!Number.isSafeInteger(n) || n < min || n > max) throw new FieldError(field, `${JSON.stringify(value)} is not a whole number from ${min} to ${max}`);
+  return n;
+}
+
 export const MESH_DEFAULTS: MeshSettings = {
   name: 'fsm',
   inbound: 'permissive',
@@ -436,6 +449,8 @@ const MeshData = z
     outboundPortExclusionList: z.string().optional(),
     outboundIPRangeExclusionList: z.string().optional(),
     outboundIPRangeInclusionList: z.string().optional(),
+    mqttTopicLevels: z.string().optional(),
+    mqttMaxPacketBytes: z.string().optional(),
   })
   .strict();
 
@@ -483,6 +498,13 @@ const toMeshConfig = (o: unknown): MeshConfigRec => {
       inboundPorts: list('inboundPortExclusionList', parsePortList),
     },
   };
+  // Only when set: a mesh that never mentions MQTT keeps the policy (and its version) it had.
+  if (d.mqttTopicLevels !== undefined || d.mqttMaxPacketBytes !== undefined) {
+    settings.mqtt = {
+      topicLevels: d.mqttTopicLevels === undefined ? MQTT_DEFAULTS.topicLevels : wholeNumber('data.mqttTopicLevels', d.mqttTopicLevels, 0, 16),
+      maxPacketBytes: d.mqttMaxPacketBytes === undefined ? MQTT_DEFAULTS.maxPacketBytes : wholeNumber('data.mqttMaxPacketBytes', d.mqttMaxPacketBytes, 16, 268435455),
+    };
+  }
   return { settings, identity };
 };
 
@@ -539,6 +561,7 @@ const converters: { [K in Kind]: (o: unknown) => RecordOf[K] } = {
   TrafficTarget: toTarget,
   HTTPRouteGroup: toRouteGroup,
   TCPRoute: toTcpRoute,
+  MQTTRouteGroup: parseMqttRouteGroup,
 };
 
 /** Check one object of `kind` and reduce it to its record; throws FieldError naming the field. */

@@ -54,6 +54,18 @@ export const MeshSchema = z
     /** permissive: any mesh pod may reach any mesh service; smi: only what TrafficTargets allow. */
     trafficPolicy: z.enum(['permissive', 'smi']),
     exclusions: ExclusionsSchema,
+    /**
+     * MQTT ports (docs/mqtt.md): topic levels kept in metric labels, largest
+     * packet the proxy reads. Absent: the proxy's defaults (so policies of
+     * controllers older than the field stay valid).
+     */
+    mqtt: z
+      .object({
+        topicLevels: z.number().int().min(0).max(16),
+        maxPacketBytes: z.number().int().min(16).max(268435455),
+      })
+      .strict()
+      .optional(),
   })
   .strict();
 export type MeshSettings = z.infer<typeof MeshSchema>;
@@ -93,8 +105,20 @@ export const HttpMatchSchema = z
   .strict();
 export type HttpMatch = z.infer<typeof HttpMatchSchema>;
 
+/** A match of an MQTTRouteGroup (src/policy/mqtt.ts): filters are checked there, the proxy enforces them. */
+export const MqttMatchSchema = z
+  .object({
+    name: z.string(),
+    clientId: z.string().nullable(),
+    publish: z.array(z.string().min(1)),
+    subscribe: z.array(z.string().min(1)),
+  })
+  .strict();
+export type MqttMatch = z.infer<typeof MqttMatchSchema>;
+
 export const AccessRuleSchema = z.discriminatedUnion('kind', [
   z.object({ kind: z.literal('HTTPRouteGroup'), name: Name, matches: z.array(HttpMatchSchema) }).strict(),
+  z.object({ kind: z.literal('MQTTRouteGroup'), name: Name, matches: z.array(MqttMatchSchema) }).strict(),
   z.object({ kind: z.literal('TCPRoute'), name: Name, ports: z.array(Port) }).strict(),
 ]);
 

@@ -1,6 +1,7 @@
 import { InvalidInputError } from '../errors.js';
 import { renderMulticluster, type ProxyMulticluster } from '../multicluster/proxy-config.js';
-import type { Access, HttpMatch, NodePolicy, PolicyService, Split } from '../policy/schema.js';
+import { MQTT_DEFAULTS } from '../policy/objects.js';
+import type { Access, HttpMatch, MqttMatch, NodePolicy, PolicyService, Split } from '../policy/schema.js';
 
 /**
  * NodePolicy -> the configuration of the shared Pipy proxy (proxy/config.json,
@@ -16,7 +17,7 @@ export const PROXY_CONFIG_FORMAT = 1;
 export const DEFAULT_OUTBOUND_PORT = 15001;
 export const DEFAULT_INBOUND_PORT = 15003;
 
-export type PortProtocol = 'http' | 'tcp';
+export type PortProtocol = 'http' | 'tcp' | 'mqtt';
 
 /** How long a tunnel connection takes new tunnels (proxy/tls.js): reloads reach every pool within it. */
 export const DEFAULT_TUNNEL_MAX_AGE_SECONDS = 60;
@@ -139,6 +140,24 @@ export interface ProxyHttpMatch {
   headers: Record<string, string>;
 }
 
+/** An MQTTRouteGroup match as the proxy enforces it (proxy/mqtt.js). */
+export interface ProxyMqttMatch {
+  /** Anchored in the proxy; null = any client id. */
+  clientId: string | null;
+  publish: string[];
+  subscribe: string[];
+}
+
+/** MQTT ports: metric label folding and the largest packet read (proxy/mqtt.js). */
+export interface ProxyMqttSettings {
+  topicLevels: number;
+  /** Distinct topic label values per worker; the rest count as '(other)'. */
+  maxTopics: number;
+  maxPacketBytes: number;
+}
+
+export const DEFAULT_MQTT_MAX_TOPICS = 500;
+
 export interface ProxyAccessRule {
   /** ns/name of the TrafficTarget, for logs and metrics. */
   target: string;
@@ -151,6 +170,8 @@ export interface ProxyAccessRule {
   tcpPorts: number[];
   /** HTTPRouteGroup matches: on an HTTP port a request matching any of them is allowed. */
   http: ProxyHttpMatch[];
+  /** MQTTRouteGroup matches: on an MQTT port, what each client may connect, publish and subscribe. */
+  mqtt: ProxyMqttMatch[];
 }
 
 export interface ProxyConfig {
@@ -186,6 +207,7 @@ export interface ProxyConfig {
   access: Record<string, ProxyAccessRule[]>;
   /** Clusterset imports and exports (src/multicluster/proxy-config.ts); absent without a clusterset. */
   multicluster?: ProxyMulticluster;
+  mqtt: ProxyMqttSettings;
 }
 
 const id = (namespace: string, name: string): string => `${namespace}/${name}`;
@@ -199,6 +221,8 @@ const id = (namespace: string, name: string): string => `${namespace}/${name}`;
 export function portProtocol(port: { name: string; appProtocol: string | null }): PortProtocol {
   const hint = (port.appProtocol ?? port.name.split('-')[0] ?? '').toLowerCase();
   if (hint === '' || hint === 'http') return 'http';
+  // MQTT in the clear (`mqtt`, `mqtt-broker`); `mqtts` is TLS the proxy cannot read: TCP.
+  if (hint === 'mqtt') return 'mqtt';
   return 'tcp';
 }
 
@@ -210,9 +234,14 @@ function renderMatch(m: HttpMatch): ProxyHttpMatch {
   };
 }
 
+function renderMqttMatch(m: MqttMatch): ProxyMqttMatch {
+  return { clientId: m.clientId, publish: m.publish, subscribe: m.subscribe };
+}
+
 function renderAccess(a: Access): ProxyAccessRule {
   const tcp = a.rules.filter((r) => r.kind === 'TCPRoute');
   const http = a.rules.flatMap((r) => (r.kind === 'HTTPRouteGroup' ? r.matches.map(renderMatch) : []));
+  const mqtt = a.rules.flatMap((r) => (r.kind === 'MQTTRouteGroup' ? r.matches.map(renderMqttMatch) : []));
   return {
     target: id(a.namespace, a.name),
     sources: a.sources.map((s) => id(s.namespace, s.serviceAccount)).sort(),
@@ -220,6 +249,7 @@ function renderAccess(a: Access): ProxyAccessRule {
     tcpAllPorts: tcp.some((r) => r.ports.length === 0),
     tcpPorts: [...new Set(tcp.flatMap((r) => r.ports))].sort((x, y) => x - y),
     http,
+    mqtt,
   };
 }
 
@@ -357,5 +387,6 @@ export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): Pr
     meshPods,
     access,
     ...(policy.multicluster ? { multicluster: renderMulticluster(policy.multicluster, policy.services) } : {}),
+    mqtt: { ...MQTT_DEFAULTS, maxTopics: DEFAULT_MQTT_MAX_TOPICS, ...policy.mesh.mqtt },
   };
 }

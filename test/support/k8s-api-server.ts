@@ -47,6 +47,7 @@ export const RESOURCES: ApiResource[] = [
   { group: 'access.smi-spec.io', version: 'v1alpha3', plural: 'traffictargets', kind: 'TrafficTarget', namespaced: true },
   { group: 'specs.smi-spec.io', version: 'v1alpha4', plural: 'httproutegroups', kind: 'HTTPRouteGroup', namespaced: true },
   { group: 'specs.smi-spec.io', version: 'v1alpha4', plural: 'tcproutes', kind: 'TCPRoute', namespaced: true },
+  { group: 'specs.fsm-node.io', version: 'v1alpha1', plural: 'mqttroutegroups', kind: 'MQTTRouteGroup', namespaced: true },
 ];
 
 export type Obj = {

@@ -160,8 +160,10 @@ describe('manifests', () => {
 
   test('the CRDs are structural and serve the group, version, kind and plural the controller watches', () => {
     const defs = crds();
-    const smiKinds = (Object.keys(KINDS) as Kind[]).filter((k) => KINDS[k][0].includes('smi-spec.io'));
-    expect(defs.map((c) => c.spec.names.kind).sort()).toEqual([...smiKinds].sort());
+    const customKinds = (Object.keys(KINDS) as Kind[]).filter((k) => KINDS[k][0].includes('smi-spec.io') || KINDS[k][0].includes('fsm-node.io'));
+    expect(defs.map((c) => c.spec.names.kind).sort()).toEqual([...customKinds].sort());
+    // Only the SMI CRDs carry the label the existing-smi-crds overlay removes by.
+    for (const c of defs) expect({ kind: c.spec.names.kind, smi: c.metadata.labels?.['fsm-node.io/api'] === 'smi' }).toEqual({ kind: c.spec.names.kind, smi: c.spec.group.endsWith('smi-spec.io') });
     for (const c of defs) {
       const kind = c.spec.names.kind as Kind;
       const [group] = KINDS[kind][0].split('/');
@@ -294,12 +296,13 @@ describe('kustomize', () => {
     }
 
     const noCrds = render('overlays/existing-smi-crds');
-    expect(kinds(noCrds)).toEqual(kinds(baseObjs).filter((k) => !k.startsWith('CustomResourceDefinition/')));
+    expect(kinds(noCrds)).toEqual(kinds(baseObjs).filter((k) => !(k.startsWith('CustomResourceDefinition/') && k.endsWith('smi-spec.io'))));
+    expect(kinds(noCrds)).toContain('CustomResourceDefinition/mqttroutegroups.specs.fsm-node.io');
 
     const demo = render('overlays/example-app');
     expect(demo.every((o) => o.kind === 'Namespace' || o.metadata.namespace === 'fsm-demo')).toBe(true);
     expect(kinds(render('overlays/uninstall'))).toEqual(['DaemonSet/fsm-node-cleanup', 'Namespace/fsm-system']);
-    expect(kinds(render('crds'))).toHaveLength(4);
+    expect(kinds(render('crds'))).toHaveLength(5);
   });
 });
 

@@ -3,6 +3,8 @@ import type { ZodTypeAny } from 'zod';
 import { logger } from '../util/log.js';
 import { DEFAULT_CONTROLLER_NAMESPACE, MESH_CONFIG_NAME } from './fsm.js';
 import { IssueReporter } from './issues.js';
+import { resolveGateways, type GatewayResolution } from '../gateway/resolve.js';
+import { EMPTY_INGRESS, type Ingress } from '../gateway/schema.js';
 import {
   FieldError,
   IDENTITY_DEFAULTS,
@@ -206,6 +208,11 @@ export class PolicyCompiler {
     TrafficTarget: new Map(),
     HTTPRouteGroup: new Map(),
     TCPRoute: new Map(),
+    GatewayClass: new Map(),
+    Gateway: new Map(),
+    HTTPRoute: new Map(),
+    ReferenceGrant: new Map(),
+    Secret: new Map(),
   };
 
   // Indexes kept in step with the store.
@@ -217,6 +224,10 @@ export class PolicyCompiler {
 
   // Compiled parts.
   private global: Part<GlobalPart> | undefined;
+  /** The mesh's Gateways (part of the global part) and the status they resolved to. */
+  private ingress: Ingress = EMPTY_INGRESS;
+  private gatewayResolution: GatewayResolution | undefined;
+  private ingressDirty = false;
   private readonly serviceEntries = new Map<string, ServiceEntry>();
   private sortedServiceKeys: string[] | undefined;
   /** Identity -> keys of the services with an endpoint of it; built with sortedServiceKeys, dropped with it. */
@@ -374,7 +385,16 @@ export class PolicyCompiler {
       case 'TCPRoute':
         this.accessDirty = true;
         break;
+      case 'GatewayClass':
+      case 'Gateway':
+      case 'HTTPRoute':
+      case 'ReferenceGrant':
+      case 'Secret':
+        this.ingressDirty = true;
+        break;
     }
+    // Gateways read nodes (selectors), namespaces (allowedRoutes) and services (backends) too.
+    if ((kind === 'Node' || kind === 'Namespace') && this.store.Gateway.size > 0) this.ingressDirty = true;
   }
 
   private touchPod(key: string, old: PodRec | undefined, rec: PodRec | undefined): void {
@@ -427,6 +447,18 @@ export class PolicyCompiler {
         this.sortedServiceKeys = undefined;
         this.servicesByIdentity = undefined;
         this.splitsDirty = true;
+      }
+    }
+    if (this.store.Gateway.size > 0 && this.dirtyServices.size > 0) this.ingressDirty = true;
+    if (this.ingressDirty || this.gatewayResolution === undefined) {
+      this.ingressDirty = false;
+      const before = JSON.stringify(this.ingress);
+      this.gatewayResolution = this.resolveIngress();
+      this.ingress = this.gatewayResolution.ingress;
+      if (JSON.stringify(this.ingress) !== before) {
+        const prev = this.global?.hash;
+        this.global = this.buildGlobal(mesh) ?? this.global;
+        if (this.global?.hash !== prev) allNodes = true;
       }
     }
     if (this.accessDirty) {
@@ -542,8 +574,28 @@ export class PolicyCompiler {
       .filter((n) => n.addresses.length > 0)
       .map((n) => ({ node: n.name, addresses: n.addresses }));
     const trust = { trustDomain: this.identitySettings().trustDomain, bundle: this.trustBundle };
-    const value = this.checked(GlobalPartSchema, { mesh, proxies, trust }, { kind: 'ConfigMap', namespace: this.controllerNamespace, name: MESH_CONFIG_NAME });
+    const value = this.checked(GlobalPartSchema, { mesh, proxies, trust, ...(this.ingress.gateways.length > 0 ? { ingress: this.ingress } : {}) }, { kind: 'ConfigMap', namespace: this.controllerNamespace, name: MESH_CONFIG_NAME });
     return value && part(value);
+  }
+
+  /** Gateway API objects -> the Ingress part and their status (src/gateway/resolve.ts). */
+  private resolveIngress(): GatewayResolution {
+    const s = this.store;
+    return resolveGateways({
+      classes: [...s.GatewayClass.values()],
+      gateways: [...s.Gateway.values()],
+      routes: [...s.HTTPRoute.values()],
+      grants: [...s.ReferenceGrant.values()],
+      secret: (ns, name) => s.Secret.get(`${ns}/${name}`),
+      service: (ns, name) => this.serviceEntries.get(`${ns}/${name}`)?.service,
+      namespaceLabels: (ns) => s.Namespace.get(`/${ns}`)?.labels,
+      nodes: [...s.Node.values()].map((n) => ({ name: n.name, labels: n.labels })),
+    });
+  }
+
+  /** What the Gateway API objects resolved to at the last compile (status for the cluster source and `fsm-node status`). */
+  gatewayStatus(): GatewayResolution | undefined {
+    return this.gatewayResolution;
   }
 
   /** 'same' | 'changed' | 'membership' (the service entered or left the mesh). */

@@ -17,6 +17,20 @@ import {
   parsePortList,
 } from './fsm.js';
 import { FieldError } from './fields.js';
+import {
+  GATEWAY_API_VERSION,
+  REFERENCE_GRANT_API_VERSION,
+  toGateway,
+  toGatewayClass,
+  toHTTPRoute,
+  toReferenceGrant,
+  toTlsSecret,
+  type GatewayClassRec,
+  type GatewayRec,
+  type HTTPRouteRec,
+  type ReferenceGrantRec,
+  type TlsSecretRec,
+} from '../gateway/objects.js';
 import { parseSplitSpec, SPLIT_API_VERSIONS } from './smi-split.js';
 import { formatPath, InterceptionModeSchema, type DesiredInterceptionMode, type Exclusions, type HttpMatch, type Identity, type MeshSettings } from './schema.js';
 
@@ -39,9 +53,16 @@ export const KINDS = {
   TrafficTarget: ['access.smi-spec.io/v1alpha3'],
   HTTPRouteGroup: ['specs.smi-spec.io/v1alpha4'],
   TCPRoute: ['specs.smi-spec.io/v1alpha4'],
+  /** Gateway API (src/gateway/): ingress on the node proxies. */
+  GatewayClass: [GATEWAY_API_VERSION],
+  Gateway: [GATEWAY_API_VERSION],
+  HTTPRoute: [GATEWAY_API_VERSION],
+  ReferenceGrant: [REFERENCE_GRANT_API_VERSION],
+  /** Only kubernetes.io/tls Secrets, for Gateway listener certificates. */
+  Secret: ['v1'],
 } as const;
 export type Kind = keyof typeof KINDS;
-export const CLUSTER_SCOPED: ReadonlySet<Kind> = new Set<Kind>(['Namespace', 'Node']);
+export const CLUSTER_SCOPED: ReadonlySet<Kind> = new Set<Kind>(['Namespace', 'Node', 'GatewayClass']);
 
 export function isKind(kind: unknown): kind is Kind {
   return typeof kind === 'string' && Object.hasOwn(KINDS, kind);
@@ -62,11 +83,15 @@ export { FieldError };
 export interface NamespaceRec {
   name: string;
   monitoredBy: string | null;
+  /** For Gateway listeners' allowedRoutes namespace selectors. */
+  labels: Record<string, string>;
 }
 export interface NodeRec {
   name: string;
   addresses: string[];
   modeLabel: DesiredInterceptionMode | null;
+  /** For Gateways' node selectors (src/gateway/objects.ts ANNOTATION_NODE_SELECTOR). */
+  labels: Record<string, string>;
 }
 export interface PodRec {
   uid: string;
@@ -143,6 +168,11 @@ export interface RecordOf {
   TrafficTarget: TargetRec;
   HTTPRouteGroup: RouteGroupRec;
   TCPRoute: TcpRouteRec;
+  GatewayClass: GatewayClassRec;
+  Gateway: GatewayRec;
+  HTTPRoute: HTTPRouteRec;
+  ReferenceGrant: ReferenceGrantRec;
+  Secret: TlsSecretRec;
 }
 
 // ---- input schemas (only the fields we read) --------------------------------
@@ -292,7 +322,7 @@ export function manifestUid(namespace: string, name: string): string {
 
 const toNamespace = (o: unknown): NamespaceRec => {
   const { metadata: m } = parse(NamespaceIn, o);
-  return { name: m.name, monitoredBy: m.labels[LABEL_MONITORED_BY] ?? null };
+  return { name: m.name, monitoredBy: m.labels[LABEL_MONITORED_BY] ?? null, labels: m.labels };
 };
 
 const toNode = (o: unknown): NodeRec => {
@@ -308,7 +338,7 @@ const toNode = (o: unknown): NodeRec => {
     if (!r.success) throw new FieldError(`metadata.labels["${LABEL_INTERCEPTION_MODE}"]`, `${JSON.stringify(label)} is not one of ebpf, iptables, auto`);
     modeLabel = r.data;
   }
-  return { name: m.name, addresses, modeLabel };
+  return { name: m.name, addresses, modeLabel, labels: m.labels };
 };
 
 const toPod = (o: unknown): PodRec => {
@@ -536,6 +566,11 @@ const converters: { [K in Kind]: (o: unknown) => RecordOf[K] } = {
   TrafficTarget: toTarget,
   HTTPRouteGroup: toRouteGroup,
   TCPRoute: toTcpRoute,
+  GatewayClass: toGatewayClass,
+  Gateway: toGateway,
+  HTTPRoute: toHTTPRoute,
+  ReferenceGrant: toReferenceGrant,
+  Secret: toTlsSecret,
 };
 
 /** Check one object of `kind` and reduce it to its record; throws FieldError naming the field. */

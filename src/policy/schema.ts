@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { IngressSchema } from '../gateway/schema.js';
 
 /**
  * NodePolicy: everything one node needs from the controller, and nothing about
@@ -187,7 +188,12 @@ export const TrustSchema = z
 export type Trust = z.infer<typeof TrustSchema>;
 export const DEFAULT_TRUST: Trust = { trustDomain: 'cluster.local', bundle: [] };
 
-export const GlobalPartSchema = z.object({ mesh: MeshSchema, proxies: z.array(ProxyPeerSchema), trust: TrustSchema.optional() }).strict();
+/**
+ * `ingress`: the mesh's Gateways (src/gateway/schema.ts), the same for every
+ * node (each serves those whose `nodes` names it or is null). Optional like
+ * `trust`: absent in documents of older controllers, read as no Gateways.
+ */
+export const GlobalPartSchema = z.object({ mesh: MeshSchema, proxies: z.array(ProxyPeerSchema), trust: TrustSchema.optional(), ingress: IngressSchema.optional() }).strict();
 export type GlobalPart = z.infer<typeof GlobalPartSchema>;
 
 export const NodePartSchema = z
@@ -244,6 +250,7 @@ export const NodePolicyDeltaSchema = z
     mesh: MeshSchema.optional(),
     proxies: GlobalPartSchema.shape.proxies.optional(),
     trust: TrustSchema.optional(),
+    ingress: IngressSchema.optional(),
     node: NodePartSchema.shape.node.optional(),
     pods: NodePartSchema.shape.pods.optional(),
     access: NodePartSchema.shape.access.optional(),

@@ -15,6 +15,7 @@ import { decide, protocolOf } from './route.js'
 import { grant, requestAllowed } from './access.js'
 import * as metrics from './metrics.js'
 import * as tls from './tls.js'
+import * as gateway from './gateway.js'
 
 var SOURCE_HEADER = 'fsmn-source-identity'
 
@@ -243,3 +244,7 @@ pipy.listen(config.listen.inbound, tls.serve($=>$
     })
   ))
 ))
+
+// ---- ingress: the Gateway API listeners of this node (gateway.js) ----------------
+
+gateway.listen()

@@ -1,4 +1,5 @@
 import { InvalidInputError } from '../errors.js';
+import { gatewayIdentities, renderGateways, type GatewayCertificateFiles, type ProxyGateway } from '../gateway/render.js';
 import type { Access, HttpMatch, NodePolicy, PolicyService, Split } from '../policy/schema.js';
 
 /**
@@ -47,6 +48,8 @@ export interface ProxyNodeFacts {
   identities?: Record<string, ProxyIdentityFiles>;
   /** Default DEFAULT_TUNNEL_MAX_AGE_SECONDS. */
   tunnelMaxAgeSeconds?: number;
+  /** Certificate Secret ("ns/name") of a Gateway listener -> the PEM files the agent wrote (src/gateway/certificates.ts). */
+  gatewayCertificates?: Record<string, GatewayCertificateFiles>;
 }
 
 /** A local identity in the proxy's config: files, not key material (the proxy reads them at load). */
@@ -183,6 +186,8 @@ export interface ProxyConfig {
   meshPods: Record<string, ProxyMeshPod>;
   /** Destination identity (ns/serviceAccount of a pod on this node) -> its TrafficTargets. */
   access: Record<string, ProxyAccessRule[]>;
+  /** The Gateways this node serves (proxy/gateway.js); absent when none. */
+  gateways?: ProxyGateway[];
 }
 
 const id = (namespace: string, name: string): string => `${namespace}/${name}`;
@@ -292,7 +297,13 @@ export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): Pr
   for (const a of policy.node.addresses) tunnelPeers.add(a);
 
   const tunnelTLS = facts.trust
-    ? renderTunnelTLS(facts.trust, policy.pods.map((p) => id(p.namespace, p.serviceAccount)), facts.identities ?? {}, facts.tunnelMaxAgeSeconds)
+    ? renderTunnelTLS(
+        facts.trust,
+        // A Gateway served here is a local identity too: its tunnels into the mesh present its own certificate.
+        [...policy.pods.map((p) => id(p.namespace, p.serviceAccount)), ...gatewayIdentities(policy).map((g) => id(g.namespace, g.serviceAccount))],
+        facts.identities ?? {},
+        facts.tunnelMaxAgeSeconds,
+      )
     : null;
 
   const pods: ProxyConfig['pods'] = {};
@@ -339,6 +350,7 @@ export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): Pr
   const access: Record<string, ProxyAccessRule[]> = {};
   for (const a of policy.access) (access[id(a.destination.namespace, a.destination.serviceAccount)] ??= []).push(renderAccess(a));
 
+  const gateways = renderGateways(policy, facts.inboundPort, facts.gatewayCertificates ?? {});
   return {
     format: PROXY_CONFIG_FORMAT,
     version: policy.version,
@@ -353,5 +365,6 @@ export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): Pr
     endpoints,
     meshPods,
     access,
+    ...(gateways.length > 0 ? { gateways } : {}),
   };
 }

@@ -21,6 +21,7 @@ import { BuiltinProvider, MESH_CA_DIR, meshCaFileStore } from '../identity/provi
 import { splitPem } from '../identity/x509.js';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { gatewayIdentities } from '../gateway/render.js';
 
 const log = logger('controller');
 
@@ -148,7 +149,11 @@ export async function runController(opts: ControllerOptions): Promise<RunningCon
   compiler.setTrustBundle(provider.trustBundle());
   const identities = new IdentityService({
     provider,
-    podsOf: (node) => compiler.get(node)?.policy.pods,
+    // The identities a node may hold: its pods' and those of the Gateways it serves.
+    podsOf: (node) => {
+      const policy = compiler.get(node)?.policy;
+      return policy ? [...policy.pods, ...gatewayIdentities(policy)] : undefined;
+    },
     settings: () => compiler.identitySettings(),
     defaultLifetimeMs: opts.certificateLifetime === undefined ? undefined : parseLifetime(opts.certificateLifetime, '--certificate-lifetime'),
     rate: opts.identityRate,

@@ -62,6 +62,7 @@ export function gatewaysOnNode(ingress: Ingress | undefined, node: string): Ingr
 /** The identities of the Gateways served on the policy's node: the agent holds their certificates as it does its pods'. */
 export function gatewayIdentities(policy: Pick<NodePolicy, 'node'> & { ingress?: Ingress | undefined }): Identity[] {
   const seen = new Map<string, Identity>();
+  if (!policy.ingress) return [];
   for (const g of gatewaysOnNode(policy.ingress, policy.node.name)) seen.set(`${g.identity.namespace}/${g.identity.serviceAccount}`, g.identity);
   return [...seen.values()];
 }

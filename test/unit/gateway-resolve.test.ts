@@ -53,7 +53,7 @@ const conds = (list: Condition[]) => Object.fromEntries(list.map((x) => [x.type,
 const routeParents = (c: PolicyCompiler, name: string) => status(c).routes.find((r) => r.name === name)?.parents.map((p) => conds(p.conditions));
 const listener = (c: PolicyCompiler, gw: string, name: string) => {
   const l = status(c).gateways.find((g) => g.name === gw)!.listeners.find((x) => x.name === name)!;
-  return { attached: l.attachedRoutes, ...conds(l.conditions) };
+  return { attached: l.attachedRoutes, ...conds(l.conditions) } as Record<string, string | number>;
 };
 
 describe('Gateway API resolution', () => {

@@ -108,3 +108,18 @@ export function gatewayCertificates(policy: Pick<NodePolicy, 'node'> & { ingress
   for (const g of gatewaysOnNode(policy.ingress, policy.node.name)) for (const p of g.ports) for (const c of p.certificates) out.set(c.secret, { certPem: c.certPem, keyPem: c.keyPem });
   return out;
 }
+
+/** What `fsm-node status` shows of the Gateways this node serves: listeners and how much routing each carries. */
+export interface GatewaySummary {
+  gateway: string;
+  identity: string;
+  ports: { port: number; protocol: string; listeners: string[]; hostnames: string[]; rules: number; certificates: number }[];
+}
+
+export function gatewaySummary(policy: Pick<NodePolicy, 'node'> & { ingress?: Ingress | undefined }): GatewaySummary[] {
+  return gatewaysOnNode(policy.ingress, policy.node.name).map((g) => ({
+    gateway: `${g.namespace}/${g.name}`,
+    identity: `${g.identity.namespace}/${g.identity.serviceAccount}`,
+    ports: g.ports.map((p) => ({ port: p.port, protocol: p.protocol, listeners: p.listeners, hostnames: p.hosts.map((h) => h.hostname), rules: p.rules.length, certificates: p.certificates.length })),
+  }));
+}

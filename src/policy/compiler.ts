@@ -455,6 +455,7 @@ export class PolicyCompiler {
       const before = JSON.stringify(this.ingress);
       this.gatewayResolution = this.resolveIngress();
       this.ingress = this.gatewayResolution.ingress;
+      this.reportGatewayRefusals(this.gatewayResolution);
       if (JSON.stringify(this.ingress) !== before) {
         const prev = this.global?.hash;
         this.global = this.buildGlobal(mesh) ?? this.global;
@@ -591,6 +592,30 @@ export class PolicyCompiler {
       namespaceLabels: (ns) => s.Namespace.get(`/${ns}`)?.labels,
       nodes: [...s.Node.values()].map((n) => ({ name: n.name, labels: n.labels })),
     });
+  }
+
+  private gatewayIssueRefs: ObjectRef[] = [];
+
+  /**
+   * Listeners and route parents that do not serve, as issues (a log line; an
+   * Event in cluster mode), so manifest mode shows them too. Cleared when fixed.
+   */
+  private reportGatewayRefusals(r: GatewayResolution): void {
+    for (const ref of this.gatewayIssueRefs) this.reporter.clear(ref, 'reference');
+    this.gatewayIssueRefs = [];
+    const report = (ref: ObjectRef, field: string, message: string) => {
+      this.gatewayIssueRefs.push(ref);
+      this.reporter.report({ ref, stage: 'reference', field, message, keptLastGood: false });
+    };
+    for (const g of r.gateways) {
+      const ref: ObjectRef = { kind: 'Gateway', namespace: g.namespace, name: g.name };
+      const bad = g.listeners.flatMap((l) => l.conditions.filter((c) => c.type === 'Programmed' && c.status === 'False').map((c) => `listener ${l.name}: ${c.reason}: ${c.message}`));
+      if (bad.length > 0) report(ref, 'spec.listeners', bad.join('; '));
+    }
+    for (const route of r.routes) {
+      const bad = route.parents.flatMap((p) => p.conditions.filter((c) => c.type === 'Accepted' && c.status === 'False').map((c) => `parent ${p.parentRef.namespace}/${p.parentRef.name}${p.parentRef.sectionName ? `/${p.parentRef.sectionName}` : ''}: ${c.reason}: ${c.message}`));
+      if (bad.length > 0) report({ kind: 'HTTPRoute', namespace: route.namespace, name: route.name }, 'spec.parentRefs', bad.join('; '));
+    }
   }
 
   /** What the Gateway API objects resolved to at the last compile (status for the cluster source and `fsm-node status`). */

@@ -450,6 +450,8 @@ const FIELDS: Record<string, (o: Obj) => unknown> = {
   'metadata.name': (o) => o.metadata.name,
   'metadata.namespace': (o) => o.metadata.namespace,
   'spec.nodeName': (o) => (o.spec as { nodeName?: string } | undefined)?.nodeName ?? '',
+  // Secrets only, as the real server: the controller lists kubernetes.io/tls Secrets.
+  type: (o) => (o as { type?: string }).type ?? 'Opaque',
 };
 
 export function parseFieldSelector(sel: string): (o: Obj) => boolean {

@@ -1,5 +1,6 @@
 import { CONTROLLER_NAME } from '../../src/gateway/objects.js';
-import { gatewayIdentities, renderGateways } from '../../src/gateway/render.js';
+import { gatewayIdentities, gatewaySummary, renderGateways } from '../../src/gateway/render.js';
+import { renderStatus } from '../../src/cli/commands/status.js';
 import type { Condition } from '../../src/gateway/resolve.js';
 import { PolicyCompiler } from '../../src/policy/compiler.js';
 import type { Kind } from '../../src/policy/objects.js';
@@ -89,6 +90,11 @@ describe('Gateway API resolution', () => {
     expect(routeParents(c, 'r')).toEqual([{ Accepted: 'False/NotAllowedByListeners', ResolvedRefs: 'True/ResolvedRefs' }]);
     expect(routeParents(c, 's')![0]!.Accepted).toBe('False/NoMatchingParent');
     expect(listener(c, 'gw', 'same').attached).toBe(0);
+    // Manifest mode has no status subresource: the refusals are issues (a log line, an Event in a cluster).
+    expect(c.reporter.active().map((i) => `${i.ref.kind} ${i.ref.name} ${i.field}`).sort()).toEqual(['HTTPRoute r spec.parentRefs', 'HTTPRoute s spec.parentRefs']);
+    c.remove({ kind: 'HTTPRoute', namespace: 'app', name: 'r' });
+    c.compile();
+    expect(c.reporter.active().map((i) => i.ref.name)).toEqual(['s']);
   });
 
   test('namespace selectors read the namespace labels', () => {
@@ -180,6 +186,8 @@ describe('Gateway API resolution', () => {
     expect(gatewayIdentities(c.get('node-b')!.policy)).toEqual([]);
     expect(renderGateways(c.get('node-b')!.policy, 15003, {})).toEqual([]);
     expect(renderGateways(c.get('node-a')!.policy, 15003, {}).map((g) => [g.gateway, g.identity])).toEqual([['edge/gw', 'edge/ingress']]);
+    // fsm-node status on node-a names the Gateway, its ports and identity.
+    expect(renderStatus({ node: 'node-a', ready: true, gateways: gatewaySummary(c.get('node-a')!.policy) })).toMatch(/gateway edge\/gw +:80 HTTP \(0 rules; hosts none\) as edge\/ingress/);
   });
 
   test('a route moved to another backend changes the policy of every node; the rest of the mesh is untouched', () => {

@@ -16,6 +16,7 @@ import { grant, requestAllowed } from './access.js'
 import * as metrics from './metrics.js'
 import * as tls from './tls.js'
 import * as gateway from './gateway.js'
+import * as egress from './egress.js'
 
 var SOURCE_HEADER = 'fsmn-source-identity'
 
@@ -186,7 +187,11 @@ pipy.listen(config.listen.outbound, { transparent: true }, $=>$
     // An empty chunk starts the pipeline now, so a server-first protocol gets its connection.
     return new Data
   })
-  .pipe(() => $dstIp !== '' && protocolOf($dstIp, $dstPort) === 'http' ? 'http' : 'tcp', { http: outboundHTTP, tcp: outboundTCP })
+  // Under egress deny, a destination outside the mesh is egress.js's to judge (its branches are 'egress:*').
+  .pipe(
+    () => egress.handles($srcId, $dstIp, $dstPort) ? 'egress:' + egress.outbound($srcId, $dstIp, $dstPort) : ($dstIp !== '' && protocolOf($dstIp, $dstPort) === 'http' ? 'http' : 'tcp'),
+    Object.assign({ http: outboundHTTP, tcp: outboundTCP }, egress.branches)
+  )
 )
 
 // ---- inbound: tunnels from the other node proxies ----------------------------

@@ -1,6 +1,6 @@
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { createCgroup } from '../util/cgroup.js';
+import { createCgroup, killCgroupTree, removeCgroupTree } from '../util/cgroup.js';
 import { run } from '../util/exec.js';
 import { packageRoot } from '../util/paths.js';
 import { startDetached } from './processes.js';
@@ -69,18 +69,32 @@ async function serverCertificate(dir: string, ip: string): Promise<{ caFile: str
  * Build the outside client and server on an existing topology's underlay and
  * start the server (HTTP and TLS). `dir` holds its certificate and log.
  */
-export async function createOutside(o: { prefix: string; subnetBase: number; cgroupRoot: string; dir: string }): Promise<LabOutside> {
+export async function createOutside(o: {
+  prefix: string;
+  subnetBase: number;
+  cgroupRoot: string;
+  dir: string;
+  /** How to run outside-server (default the built dist/src/lab/outside-server.js; tests run the TypeScript). */
+  serverCommand?: string[];
+}): Promise<LabOutside> {
   const client = await addHost(o.prefix, o.subnetBase, 'oc', OUTSIDE_CLIENT_HOST);
   const server = await addHost(o.prefix, o.subnetBase, 'os', OUTSIDE_SERVER_HOST);
   const cgroup = join(o.cgroupRoot, `${o.prefix}-outside`);
   await createCgroup(cgroup);
   const tls = await serverCertificate(join(o.dir, 'outside'), server.ip);
-  const script = join(packageRoot(), 'dist', 'src', 'lab', 'outside-server.js');
+  const command = o.serverCommand ?? [globalThis.process.execPath, join(packageRoot(), 'dist', 'src', 'lab', 'outside-server.js')];
   const process = startDetached(
     cgroup,
     server.netns,
-    [globalThis.process.execPath, script, '--name', OUTSIDE_SERVER_NAME, '--http', String(OUTSIDE_HTTP_PORT), '--https', String(OUTSIDE_HTTPS_PORT), '--cert', tls.certFile, '--key', tls.keyFile],
+    [...command, '--name', OUTSIDE_SERVER_NAME, '--http', String(OUTSIDE_HTTP_PORT), '--https', String(OUTSIDE_HTTPS_PORT), '--cert', tls.certFile, '--key', tls.keyFile],
     join(o.dir, 'outside-server.log'),
   );
   return { client, server: { ...server, httpPort: OUTSIDE_HTTP_PORT, httpsPort: OUTSIDE_HTTPS_PORT, serverName: OUTSIDE_SERVER_NAME, caFile: tls.caFile, process }, cgroup };
+}
+
+/** Stop the outside server and remove both namespaces and the cgroup (tests; `lab down` sweeps them by prefix). */
+export async function destroyOutside(o: LabOutside): Promise<void> {
+  await killCgroupTree(o.cgroup).catch(() => undefined);
+  await removeCgroupTree(o.cgroup).catch(() => undefined);
+  for (const ns of [o.client.netns, o.server.netns]) await run('ip', ['netns', 'del', ns], { allowFail: true });
 }

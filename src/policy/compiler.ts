@@ -5,6 +5,7 @@ import { DEFAULT_CONTROLLER_NAMESPACE, MESH_CONFIG_NAME } from './fsm.js';
 import { IssueReporter } from './issues.js';
 import { resolveGateways, type GatewayResolution } from '../gateway/resolve.js';
 import { EMPTY_INGRESS, type Ingress } from '../gateway/schema.js';
+import type { EgressPolicy } from '../egress/schema.js';
 import {
   FieldError,
   IDENTITY_DEFAULTS,
@@ -213,6 +214,7 @@ export class PolicyCompiler {
     HTTPRoute: new Map(),
     ReferenceGrant: new Map(),
     Secret: new Map(),
+    Egress: new Map(),
   };
 
   // Indexes kept in step with the store.
@@ -391,6 +393,9 @@ export class PolicyCompiler {
       case 'ReferenceGrant':
       case 'Secret':
         this.ingressDirty = true;
+        break;
+      case 'Egress':
+        this.globalDirty = true;
         break;
     }
     // Gateways read nodes (selectors), namespaces (allowedRoutes) and services (backends) too.
@@ -575,8 +580,14 @@ export class PolicyCompiler {
       .filter((n) => n.addresses.length > 0)
       .map((n) => ({ node: n.name, addresses: n.addresses }));
     const trust = { trustDomain: this.identitySettings().trustDomain, bundle: this.trustBundle };
-    const value = this.checked(GlobalPartSchema, { mesh, proxies, trust, ...(this.ingress.gateways.length > 0 ? { ingress: this.ingress } : {}) }, { kind: 'ConfigMap', namespace: this.controllerNamespace, name: MESH_CONFIG_NAME });
+    const value = this.checked(GlobalPartSchema, { mesh, proxies, trust, ...(this.ingress.gateways.length > 0 ? { ingress: this.ingress } : {}), ...this.egressPart() }, { kind: 'ConfigMap', namespace: this.controllerNamespace, name: MESH_CONFIG_NAME });
     return value && part(value);
+  }
+
+  /** The Egress objects, sorted, as the global part carries them (nothing when there are none: versions of meshes without any stay the same). */
+  private egressPart(): { egressPolicies?: EgressPolicy[] } {
+    const list = byKey(this.store.Egress.entries());
+    return list.length > 0 ? { egressPolicies: list } : {};
   }
 
   /** Gateway API objects -> the Ingress part and their status (src/gateway/resolve.ts). */

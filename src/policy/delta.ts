@@ -126,6 +126,7 @@ export function applyDelta(held: NodePolicy, delta: NodePolicyDelta): NodePolicy
     proxies: delta.proxies ?? held.proxies,
     trust: delta.trust ?? held.trust,
     ingress: delta.ingress ?? held.ingress,
+    egressPolicies: delta.egressPolicies ?? held.egressPolicies,
     node: delta.node ?? held.node,
     pods: delta.pods ?? held.pods,
     access: delta.access ?? held.access,

@@ -17,6 +17,7 @@ import {
   parsePortList,
 } from './fsm.js';
 import { FieldError } from './fields.js';
+import { EGRESS_API_VERSION, toEgress, type EgressRec } from '../egress/objects.js';
 import {
   GATEWAY_API_VERSION,
   REFERENCE_GRANT_API_VERSION,
@@ -60,6 +61,8 @@ export const KINDS = {
   ReferenceGrant: [REFERENCE_GRANT_API_VERSION],
   /** Only kubernetes.io/tls Secrets, for Gateway listener certificates. */
   Secret: ['v1'],
+  /** FSM's egress policy (src/egress/). */
+  Egress: [EGRESS_API_VERSION],
 } as const;
 export type Kind = keyof typeof KINDS;
 export const CLUSTER_SCOPED: ReadonlySet<Kind> = new Set<Kind>(['Namespace', 'Node', 'GatewayClass']);
@@ -173,6 +176,7 @@ export interface RecordOf {
   HTTPRoute: HTTPRouteRec;
   ReferenceGrant: ReferenceGrantRec;
   Secret: TlsSecretRec;
+  Egress: EgressRec;
 }
 
 // ---- input schemas (only the fields we read) --------------------------------
@@ -571,6 +575,7 @@ const converters: { [K in Kind]: (o: unknown) => RecordOf[K] } = {
   HTTPRoute: toHTTPRoute,
   ReferenceGrant: toReferenceGrant,
   Secret: toTlsSecret,
+  Egress: toEgress,
 };
 
 /** Check one object of `kind` and reduce it to its record; throws FieldError naming the field. */

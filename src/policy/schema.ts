@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { EgressPolicySchema } from '../egress/schema.js';
 import { IngressSchema } from '../gateway/schema.js';
 
 /**
@@ -192,8 +193,9 @@ export const DEFAULT_TRUST: Trust = { trustDomain: 'cluster.local', bundle: [] }
  * `ingress`: the mesh's Gateways (src/gateway/schema.ts), the same for every
  * node (each serves those whose `nodes` names it or is null). Optional like
  * `trust`: absent in documents of older controllers, read as no Gateways.
+ * `egressPolicies`: the mesh's Egress objects (src/egress/), absent when none.
  */
-export const GlobalPartSchema = z.object({ mesh: MeshSchema, proxies: z.array(ProxyPeerSchema), trust: TrustSchema.optional(), ingress: IngressSchema.optional() }).strict();
+export const GlobalPartSchema = z.object({ mesh: MeshSchema, proxies: z.array(ProxyPeerSchema), trust: TrustSchema.optional(), ingress: IngressSchema.optional(), egressPolicies: z.array(EgressPolicySchema).optional() }).strict();
 export type GlobalPart = z.infer<typeof GlobalPartSchema>;
 
 export const NodePartSchema = z
@@ -251,6 +253,7 @@ export const NodePolicyDeltaSchema = z
     proxies: GlobalPartSchema.shape.proxies.optional(),
     trust: TrustSchema.optional(),
     ingress: IngressSchema.optional(),
+    egressPolicies: z.array(EgressPolicySchema).optional(),
     node: NodePartSchema.shape.node.optional(),
     pods: NodePartSchema.shape.pods.optional(),
     access: NodePartSchema.shape.access.optional(),

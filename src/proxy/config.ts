@@ -1,4 +1,5 @@
 import { InvalidInputError } from '../errors.js';
+import { renderEgressRules, type ProxyEgressRules } from '../egress/render.js';
 import { gatewayIdentities, renderGateways, type GatewayCertificateFiles, type ProxyGateway } from '../gateway/render.js';
 import type { Access, HttpMatch, NodePolicy, PolicyService, Split } from '../policy/schema.js';
 
@@ -188,6 +189,8 @@ export interface ProxyConfig {
   access: Record<string, ProxyAccessRule[]>;
   /** The Gateways this node serves (proxy/gateway.js); absent when none. */
   gateways?: ProxyGateway[];
+  /** Egress policies of this node's identities (proxy/egress.js); absent when the mesh has none. */
+  egressRules?: ProxyEgressRules;
 }
 
 const id = (namespace: string, name: string): string => `${namespace}/${name}`;
@@ -351,6 +354,7 @@ export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): Pr
   for (const a of policy.access) (access[id(a.destination.namespace, a.destination.serviceAccount)] ??= []).push(renderAccess(a));
 
   const gateways = renderGateways(policy, facts.inboundPort, facts.gatewayCertificates ?? {});
+  const egressRules = policy.egressPolicies ? renderEgressRules(policy.egressPolicies, Object.values(pods).map((p) => p.identity)) : undefined;
   return {
     format: PROXY_CONFIG_FORMAT,
     version: policy.version,
@@ -366,5 +370,6 @@ export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): Pr
     meshPods,
     access,
     ...(gateways.length > 0 ? { gateways } : {}),
+    ...(egressRules ? { egressRules } : {}),
   };
 }

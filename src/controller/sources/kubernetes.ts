@@ -112,7 +112,8 @@ export class KubernetesSource {
     ];
     const resources = [...core.map((r) => [r]), crd('TrafficSplit', 'trafficsplits'), crd('TrafficTarget', 'traffictargets'), crd('HTTPRouteGroup', 'httproutegroups'), crd('TCPRoute', 'tcproutes'),
       // Gateway API (src/gateway/): optional like the SMI kinds, a cluster without their CRDs has no Gateways.
-      crd('GatewayClass', 'gatewayclasses'), crd('Gateway', 'gateways'), crd('HTTPRoute', 'httproutes'), crd('ReferenceGrant', 'referencegrants')];
+      crd('GatewayClass', 'gatewayclasses'), crd('Gateway', 'gateways'), crd('HTTPRoute', 'httproutes'), crd('ReferenceGrant', 'referencegrants'),
+      crd('Egress', 'egresses')];
     for (const versions of resources) this.informers.push(this.makeInformer(versions));
     if (o.events !== false) o.compiler.reporter.onIssue((issue) => void this.postEvent(issue));
   }

@@ -333,7 +333,9 @@ function serve(p) {
   return $=>$
     .onStart(ib => { $port = p; $client = ib.remoteAddress })
     .acceptTLS({
-      certificate: sni => (sni === undefined ? null : certificateFor(p, sni)),
+      // Also called before the ClientHello is read and for clients without SNI:
+      // then the certificate of a listener without hostname, if there is one.
+      certificate: sni => certificateFor(p, sni),
     }).to(serveHTTP)
 }
 

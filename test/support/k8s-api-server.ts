@@ -47,6 +47,11 @@ export const RESOURCES: ApiResource[] = [
   { group: 'access.smi-spec.io', version: 'v1alpha3', plural: 'traffictargets', kind: 'TrafficTarget', namespaced: true },
   { group: 'specs.smi-spec.io', version: 'v1alpha4', plural: 'httproutegroups', kind: 'HTTPRouteGroup', namespaced: true },
   { group: 'specs.smi-spec.io', version: 'v1alpha4', plural: 'tcproutes', kind: 'TCPRoute', namespaced: true },
+  { group: 'gateway.networking.k8s.io', version: 'v1', plural: 'gatewayclasses', kind: 'GatewayClass', namespaced: false },
+  { group: 'gateway.networking.k8s.io', version: 'v1', plural: 'gateways', kind: 'Gateway', namespaced: true },
+  { group: 'gateway.networking.k8s.io', version: 'v1', plural: 'httproutes', kind: 'HTTPRoute', namespaced: true },
+  { group: 'gateway.networking.k8s.io', version: 'v1beta1', plural: 'referencegrants', kind: 'ReferenceGrant', namespaced: true },
+  { group: 'policy.flomesh.io', version: 'v1alpha1', plural: 'egresses', kind: 'Egress', namespaced: true },
 ];
 
 export type Obj = {

@@ -15,7 +15,7 @@ import config from './config.js'
 var rules = config.egressRules || null
 var enabled = config.egress === 'deny' && rules !== null
 
-var decisions = new stats.Counter('fsmn_egress_total', ['source', 'destination', 'protocol', 'result'])
+var decisions = new stats.Counter('fsmn_proxy_egress_total', ['source', 'destination', 'protocol', 'result'])
 
 // CIDRs compiled once per load.
 var masks = {}

@@ -19,10 +19,10 @@ import * as tls from './tls.js'
 
 var UPSTREAM_MAX_IDLE = 4
 
-var requests = new stats.Counter('fsmn_gateway_requests_total', ['gateway', 'port', 'route', 'class'])
-var denials = new stats.Counter('fsmn_gateway_denied_total', ['gateway', 'port', 'reason'])
+var requests = new stats.Counter('fsmn_proxy_gateway_requests_total', ['gateway', 'port', 'route', 'class'])
+var denials = new stats.Counter('fsmn_proxy_gateway_denied_total', ['gateway', 'port', 'reason'])
 var duration = new stats.Histogram(
-  'fsmn_gateway_request_duration_ms',
+  'fsmn_proxy_gateway_request_duration_ms',
   [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, Number.POSITIVE_INFINITY],
   ['gateway', 'port']
 )

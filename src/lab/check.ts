@@ -210,6 +210,17 @@ async function request(from: LabPod, url: string): Promise<GetResult> {
  * its agent's /metrics (fsm_node_proxy_tunnels_total, proxy/README.md).
  */
 async function tunnelEvidence(toNode: LabNode, from: LabPod, to: LabPod): Promise<{ mtls: boolean; source: string; seen: string }> {
+  // The agent caches the proxy's metrics for 1 s (src/agent/metrics.ts READING_TTL_MS) and four pods
+  // check at once: a read right after another pair's may predate this tunnel. Look again past the cache.
+  let last = await tunnelEvidenceOnce(toNode, from, to);
+  for (let i = 0; i < 3 && !last.mtls && !last.seen.startsWith('metrics of'); i++) {
+    await new Promise((r) => setTimeout(r, 600));
+    last = await tunnelEvidenceOnce(toNode, from, to);
+  }
+  return last;
+}
+
+async function tunnelEvidenceOnce(toNode: LabNode, from: LabPod, to: LabPod): Promise<{ mtls: boolean; source: string; seen: string }> {
   const source = `${LAB_NAMESPACE}/${from.name}`;
   const destination = `${LAB_NAMESPACE}/${to.name}`;
   let text = '';

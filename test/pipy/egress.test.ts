@@ -147,11 +147,11 @@ maybe('Egress policy in the Pipy node proxy (mesh egress deny)', () => {
 
   test('metrics per source identity and destination, allowed and denied', async () => {
     const m = await proxy.metrics();
-    expect(metricValue(m, 'fsmn_egress_total', { source: `${NS}/a`, destination: 'outside.lab', protocol: 'http', result: 'allowed' })).toBeGreaterThanOrEqual(1);
-    expect(metricValue(m, 'fsmn_egress_total', { source: `${NS}/a`, destination: 'evil.example', protocol: 'http', result: 'denied' })).toBeGreaterThanOrEqual(1);
-    expect(metricValue(m, 'fsmn_egress_total', { source: `${NS}/a`, destination: 'wrong.example', protocol: 'https', result: 'denied' })).toBeGreaterThanOrEqual(1);
-    expect(metricValue(m, 'fsmn_egress_total', { source: `${NS}/b`, destination: `${outside.server.ip}:80`, protocol: 'tcp', result: 'allowed' })).toBeGreaterThanOrEqual(1);
-    expect(metricValue(m, 'fsmn_egress_total', { source: `${NS}/c`, result: 'denied' })).toBeGreaterThanOrEqual(2);
+    expect(metricValue(m, 'fsmn_proxy_egress_total', { source: `${NS}/a`, destination: 'outside.lab', protocol: 'http', result: 'allowed' })).toBeGreaterThanOrEqual(1);
+    expect(metricValue(m, 'fsmn_proxy_egress_total', { source: `${NS}/a`, destination: 'evil.example', protocol: 'http', result: 'denied' })).toBeGreaterThanOrEqual(1);
+    expect(metricValue(m, 'fsmn_proxy_egress_total', { source: `${NS}/a`, destination: 'wrong.example', protocol: 'https', result: 'denied' })).toBeGreaterThanOrEqual(1);
+    expect(metricValue(m, 'fsmn_proxy_egress_total', { source: `${NS}/b`, destination: `${outside.server.ip}:80`, protocol: 'tcp', result: 'allowed' })).toBeGreaterThanOrEqual(1);
+    expect(metricValue(m, 'fsmn_proxy_egress_total', { source: `${NS}/c`, result: 'denied' })).toBeGreaterThanOrEqual(2);
   }, 30_000);
 
   test('an Egress removed live: the host that was allowed is refused after the reload', async () => {

@@ -31,7 +31,8 @@ test('the docs example Gateway, HTTPRoute, access rules and Egresses compile aga
   c.compile();
   expect(c.reporter.active()).toEqual([]);
   const s = c.gatewayStatus()!;
-  expect(s.gateways.map((g) => [g.name, g.listeners.map((l) => `${l.name}:${l.attachedRoutes}:${l.conditions.find((x) => x.type === 'Programmed')!.status}`)])).toEqual([['edge-gw', ['http:1', 'shop:1'].map((x) => `${x}:True`)]]);
+  const listeners = Object.fromEntries(s.gateways.flatMap((g) => g.listeners.map((l) => [`${g.name}/${l.name}`, `${l.attachedRoutes} routes, Programmed=${l.conditions.find((x) => x.type === 'Programmed')!.status}`])));
+  expect(listeners).toEqual({ 'edge-gw/http': '1 routes, Programmed=True', 'edge-gw/shop': '1 routes, Programmed=True' });
   expect(s.routes.map((r) => r.parents.map((p) => p.conditions.map((x) => `${x.type}=${x.status}`).join(',')))).toEqual([['Accepted=True,ResolvedRefs=True']]);
   const policy = c.get('n1')!.policy;
   expect(policy.egressPolicies!.map((e) => e.name)).toEqual(['p1-to-outside', 'p2-to-outside-tcp']);

@@ -96,7 +96,7 @@ export const labCommand: Command = {
     'up [--nodes N] [--pods-per-node M] [--mode auto|ebpf|iptables] [--proxy auto|pipy|passthrough] [--dir DIR]',
     'status [--json]',
     'check [--json]',
-    'exec POD -- CMD...',
+    'exec POD|outside -- CMD...',
     'down',
     'selfcheck',
   ],
@@ -118,7 +118,9 @@ bpffs directories); one lab per machine.
              through its node's proxy (same-node hops stay on the node). Cases
              that need Pipy (services, split, allow/deny) are skipped with the
              passthrough proxy. Exit 0 only when every other case passes.
-  exec       runs a command inside a pod (its network namespace and cgroup).
+  exec       runs a command inside a pod (its network namespace and cgroup), or
+             as the outside client (10.78.0.200, off the mesh) with POD "outside";
+             the outside server is 10.78.0.201 (HTTP :80, TLS :443 as outside.lab).
   down       stops everything, runs every node's cleanup, removes the topology and
              verifies nothing is left; also after a crash.
   selfcheck  builds 2 nodes x 2 pods, checks TCP between every pair (same node

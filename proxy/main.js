@@ -18,6 +18,8 @@ import * as tls from './tls.js'
 import * as tunnel from './tunnel.js'
 import * as mc from './multicluster.js'
 import * as mqtt from './mqtt.js'
+import * as gateway from './gateway.js'
+import * as egress from './egress.js'
 
 var SOURCE_HEADER = 'fsmn-source-identity'
 
@@ -273,12 +275,15 @@ pipy.listen(config.listen.outbound, { transparent: true }, $=>$
     // An empty chunk starts the pipeline now, so a server-first protocol gets its connection.
     return new Data
   })
+  // Clusterset IPs first (mesh destinations in another cluster); then, under
+  // egress deny, a destination outside the mesh is egress.js's to judge (its branches are 'egress:*').
   .pipe(() => {
     if ($dstIp === '') return 'tcp'
     var imported = mc.protocolOf($dstIp, $dstPort)
     if (imported) return imported === 'http' ? 'clusterset' : 'tcp'
+    if (egress.handles($srcId, $dstIp, $dstPort)) return 'egress:' + egress.outbound($srcId, $dstIp, $dstPort)
     return protocolOf($dstIp, $dstPort) === 'http' ? 'http' : 'tcp'
-  }, { http: outboundHTTP, clusterset: importHTTP, tcp: outboundTCP })
+  }, Object.assign({ http: outboundHTTP, clusterset: importHTTP, tcp: outboundTCP }, egress.branches))
 )
 
 // ---- inbound: tunnels from the other node proxies ----------------------------
@@ -401,3 +406,7 @@ if (mc.enabled) pipy.listen(mc.gatewayPort(), $=>$
     })
   )
 )
+
+// ---- ingress: the Gateway API listeners of this node (gateway.js) ----------------
+
+gateway.listen()

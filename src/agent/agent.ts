@@ -1,6 +1,7 @@
 import { mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
+import { gatewaySummary } from '../gateway/render.js';
 import type { FastifyInstance } from 'fastify';
 import type { ApplyResult, Dataplane, DesiredState, InterceptionMode } from '../dataplane/types.js';
 import { FsmNodeError, errorMessage } from '../errors.js';
@@ -261,6 +262,7 @@ export class Agent {
       proxy: this.deps.proxy.status(),
       ...(this.identities ? { identities: this.identities.status() } : {}),
       ...(this.cni ? { cni: this.cni.status() } : {}),
+      ...(cur?.policy.ingress ? { gateways: gatewaySummary(cur.policy) } : {}),
     };
   }
 

@@ -23,6 +23,7 @@ import { readFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import type { Registry } from 'prom-client';
 import { parse as parseYaml } from 'yaml';
+import { gatewayIdentities } from '../gateway/render.js';
 import { parseClusterSet } from '../multicluster/api.js';
 import { MulticlusterController } from '../multicluster/controller.js';
 
@@ -190,7 +191,11 @@ export async function runController(opts: ControllerOptions): Promise<RunningCon
   compiler.setTrustBundle(provider.trustBundle());
   const identities = new IdentityService({
     provider,
-    podsOf: (node) => compiler.get(node)?.policy.pods,
+    // The identities a node may hold: its pods' and those of the Gateways it serves.
+    podsOf: (node) => {
+      const policy = compiler.get(node)?.policy;
+      return policy ? [...policy.pods, ...gatewayIdentities(policy)] : undefined;
+    },
     settings: () => compiler.identitySettings(),
     defaultLifetimeMs: opts.certificateLifetime === undefined ? undefined : parseLifetime(opts.certificateLifetime, '--certificate-lifetime'),
     rate: opts.identityRate,

@@ -2,6 +2,7 @@ import { createPrivateKey, X509Certificate } from 'node:crypto';
 import { mkdir, readFile, rm, stat } from 'node:fs/promises';
 import { request } from 'node:https';
 import { join } from 'node:path';
+import { gatewayIdentities } from '../gateway/render.js';
 import { Counter, Gauge, type Registry } from 'prom-client';
 import { errorMessage, FsmNodeError } from '../errors.js';
 import { writeFileAtomic } from '../policy/store.js';
@@ -197,6 +198,8 @@ export class IdentityManager {
   static identitiesOf(policy: NodePolicy): WorkloadIdentity[] {
     const seen = new Map<string, WorkloadIdentity>();
     for (const p of policy.pods) seen.set(`${p.namespace}/${p.serviceAccount}`, { namespace: p.namespace, serviceAccount: p.serviceAccount });
+    // A Gateway served on this node speaks into the mesh with its own identity (src/gateway/render.ts).
+    for (const g of gatewayIdentities(policy)) seen.set(`${g.namespace}/${g.serviceAccount}`, g);
     return [...seen.values()];
   }
 

@@ -3,6 +3,9 @@ import type { ZodTypeAny } from 'zod';
 import { logger } from '../util/log.js';
 import { DEFAULT_CONTROLLER_NAMESPACE, MESH_CONFIG_NAME } from './fsm.js';
 import { IssueReporter } from './issues.js';
+import { resolveGateways, type GatewayResolution } from '../gateway/resolve.js';
+import { EMPTY_INGRESS, type Ingress } from '../gateway/schema.js';
+import type { EgressPolicy } from '../egress/schema.js';
 import {
   FieldError,
   IDENTITY_DEFAULTS,
@@ -208,6 +211,12 @@ export class PolicyCompiler {
     HTTPRouteGroup: new Map(),
     TCPRoute: new Map(),
     MQTTRouteGroup: new Map(),
+    GatewayClass: new Map(),
+    Gateway: new Map(),
+    HTTPRoute: new Map(),
+    ReferenceGrant: new Map(),
+    Secret: new Map(),
+    Egress: new Map(),
   };
 
   // Indexes kept in step with the store.
@@ -219,6 +228,10 @@ export class PolicyCompiler {
 
   // Compiled parts.
   private global: Part<GlobalPart> | undefined;
+  /** The mesh's Gateways (part of the global part) and the status they resolved to. */
+  private ingress: Ingress = EMPTY_INGRESS;
+  private gatewayResolution: GatewayResolution | undefined;
+  private ingressDirty = false;
   private readonly serviceEntries = new Map<string, ServiceEntry>();
   private sortedServiceKeys: string[] | undefined;
   /** Identity -> keys of the services with an endpoint of it; built with sortedServiceKeys, dropped with it. */
@@ -415,7 +428,19 @@ export class PolicyCompiler {
       case 'MQTTRouteGroup':
         this.accessDirty = true;
         break;
+      case 'GatewayClass':
+      case 'Gateway':
+      case 'HTTPRoute':
+      case 'ReferenceGrant':
+      case 'Secret':
+        this.ingressDirty = true;
+        break;
+      case 'Egress':
+        this.globalDirty = true;
+        break;
     }
+    // Gateways read nodes (selectors), namespaces (allowedRoutes) and services (backends) too.
+    if ((kind === 'Node' || kind === 'Namespace') && this.store.Gateway.size > 0) this.ingressDirty = true;
   }
 
   private touchPod(key: string, old: PodRec | undefined, rec: PodRec | undefined): void {
@@ -469,6 +494,19 @@ export class PolicyCompiler {
         this.sortedServiceKeys = undefined;
         this.servicesByIdentity = undefined;
         this.splitsDirty = true;
+      }
+    }
+    if (this.store.Gateway.size > 0 && this.dirtyServices.size > 0) this.ingressDirty = true;
+    if (this.ingressDirty || this.gatewayResolution === undefined) {
+      this.ingressDirty = false;
+      const before = JSON.stringify(this.ingress);
+      this.gatewayResolution = this.resolveIngress();
+      this.ingress = this.gatewayResolution.ingress;
+      this.reportGatewayRefusals(this.gatewayResolution);
+      if (JSON.stringify(this.ingress) !== before) {
+        const prev = this.global?.hash;
+        this.global = this.buildGlobal(mesh) ?? this.global;
+        if (this.global?.hash !== prev) allNodes = true;
       }
     }
     if (this.accessDirty) {
@@ -591,8 +629,58 @@ export class PolicyCompiler {
       .map((n) => ({ node: n.name, addresses: n.addresses }));
     const trust = { trustDomain: this.identitySettings().trustDomain, bundle: this.trustBundle };
     const multicluster = this.multicluster ? { multicluster: this.multicluster } : {};
-    const value = this.checked(GlobalPartSchema, { mesh, proxies, trust, ...multicluster }, { kind: 'ConfigMap', namespace: this.controllerNamespace, name: MESH_CONFIG_NAME });
+    const value = this.checked(GlobalPartSchema, { mesh, proxies, trust, ...multicluster, ...(this.ingress.gateways.length > 0 ? { ingress: this.ingress } : {}), ...this.egressPart() }, { kind: 'ConfigMap', namespace: this.controllerNamespace, name: MESH_CONFIG_NAME });
     return value && part(value);
+  }
+
+  /** The Egress objects, sorted, as the global part carries them (nothing when there are none: versions of meshes without any stay the same). */
+  private egressPart(): { egressPolicies?: EgressPolicy[] } {
+    const list = byKey(this.store.Egress.entries());
+    return list.length > 0 ? { egressPolicies: list } : {};
+  }
+
+  /** Gateway API objects -> the Ingress part and their status (src/gateway/resolve.ts). */
+  private resolveIngress(): GatewayResolution {
+    const s = this.store;
+    return resolveGateways({
+      classes: [...s.GatewayClass.values()],
+      gateways: [...s.Gateway.values()],
+      routes: [...s.HTTPRoute.values()],
+      grants: [...s.ReferenceGrant.values()],
+      secret: (ns, name) => s.Secret.get(`${ns}/${name}`),
+      service: (ns, name) => this.serviceEntries.get(`${ns}/${name}`)?.service,
+      namespaceLabels: (ns) => s.Namespace.get(`/${ns}`)?.labels,
+      nodes: [...s.Node.values()].map((n) => ({ name: n.name, labels: n.labels })),
+    });
+  }
+
+  private gatewayIssueRefs: ObjectRef[] = [];
+
+  /**
+   * Listeners and route parents that do not serve, as issues (a log line; an
+   * Event in cluster mode), so manifest mode shows them too. Cleared when fixed.
+   */
+  private reportGatewayRefusals(r: GatewayResolution): void {
+    for (const ref of this.gatewayIssueRefs) this.reporter.clear(ref, 'reference');
+    this.gatewayIssueRefs = [];
+    const report = (ref: ObjectRef, field: string, message: string) => {
+      this.gatewayIssueRefs.push(ref);
+      this.reporter.report({ ref, stage: 'reference', field, message, keptLastGood: false });
+    };
+    for (const g of r.gateways) {
+      const ref: ObjectRef = { kind: 'Gateway', namespace: g.namespace, name: g.name };
+      const bad = g.listeners.flatMap((l) => l.conditions.filter((c) => c.type === 'Programmed' && c.status === 'False').map((c) => `listener ${l.name}: ${c.reason}: ${c.message}`));
+      if (bad.length > 0) report(ref, 'spec.listeners', bad.join('; '));
+    }
+    for (const route of r.routes) {
+      const bad = route.parents.flatMap((p) => p.conditions.filter((c) => c.type === 'Accepted' && c.status === 'False').map((c) => `parent ${p.parentRef.namespace}/${p.parentRef.name}${p.parentRef.sectionName ? `/${p.parentRef.sectionName}` : ''}: ${c.reason}: ${c.message}`));
+      if (bad.length > 0) report({ kind: 'HTTPRoute', namespace: route.namespace, name: route.name }, 'spec.parentRefs', bad.join('; '));
+    }
+  }
+
+  /** What the Gateway API objects resolved to at the last compile (status for the cluster source and `fsm-node status`). */
+  gatewayStatus(): GatewayResolution | undefined {
+    return this.gatewayResolution;
   }
 
   /** 'same' | 'changed' | 'membership' (the service entered or left the mesh). */

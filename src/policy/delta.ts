@@ -128,6 +128,8 @@ export function applyDelta(held: NodePolicy, delta: NodePolicyDelta): NodePolicy
     trust: delta.trust ?? held.trust,
     // The global part travels whole (mesh, proxies, trust, multicluster): with it, an absent multicluster means gone.
     ...((delta.mesh ? delta.multicluster : held.multicluster) ? { multicluster: delta.mesh ? delta.multicluster : held.multicluster } : {}),
+    ingress: delta.ingress ?? held.ingress,
+    egressPolicies: delta.egressPolicies ?? held.egressPolicies,
     node: delta.node ?? held.node,
     pods: delta.pods ?? held.pods,
     access: delta.access ?? held.access,

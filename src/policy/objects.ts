@@ -19,6 +19,21 @@ import {
 } from './fsm.js';
 import { FieldError } from './fields.js';
 import { MQTT_ROUTE_GROUP_API_VERSION, parseMqttRouteGroup, type MqttRouteGroupRec } from './mqtt.js';
+import { EGRESS_API_VERSION, toEgress, type EgressRec } from '../egress/objects.js';
+import {
+  GATEWAY_API_VERSION,
+  REFERENCE_GRANT_API_VERSION,
+  toGateway,
+  toGatewayClass,
+  toHTTPRoute,
+  toReferenceGrant,
+  toTlsSecret,
+  type GatewayClassRec,
+  type GatewayRec,
+  type HTTPRouteRec,
+  type ReferenceGrantRec,
+  type TlsSecretRec,
+} from '../gateway/objects.js';
 import { parseSplitSpec, SPLIT_API_VERSIONS } from './smi-split.js';
 import { formatPath, InterceptionModeSchema, type DesiredInterceptionMode, type Exclusions, type HttpMatch, type Identity, type MeshSettings } from './schema.js';
 
@@ -43,9 +58,18 @@ export const KINDS = {
   TCPRoute: ['specs.smi-spec.io/v1alpha4'],
   /** This project's own route group for MQTT (src/policy/mqtt.ts). */
   MQTTRouteGroup: [MQTT_ROUTE_GROUP_API_VERSION],
+  /** Gateway API (src/gateway/): ingress on the node proxies. */
+  GatewayClass: [GATEWAY_API_VERSION],
+  Gateway: [GATEWAY_API_VERSION],
+  HTTPRoute: [GATEWAY_API_VERSION],
+  ReferenceGrant: [REFERENCE_GRANT_API_VERSION],
+  /** Only kubernetes.io/tls Secrets, for Gateway listener certificates. */
+  Secret: ['v1'],
+  /** FSM's egress policy (src/egress/). */
+  Egress: [EGRESS_API_VERSION],
 } as const;
 export type Kind = keyof typeof KINDS;
-export const CLUSTER_SCOPED: ReadonlySet<Kind> = new Set<Kind>(['Namespace', 'Node']);
+export const CLUSTER_SCOPED: ReadonlySet<Kind> = new Set<Kind>(['Namespace', 'Node', 'GatewayClass']);
 
 export function isKind(kind: unknown): kind is Kind {
   return typeof kind === 'string' && Object.hasOwn(KINDS, kind);
@@ -66,6 +90,8 @@ export { FieldError };
 export interface NamespaceRec {
   name: string;
   monitoredBy: string | null;
+  /** For Gateway listeners' allowedRoutes namespace selectors. */
+  labels: Record<string, string>;
 }
 export interface NodeRec {
   name: string;
@@ -73,6 +99,8 @@ export interface NodeRec {
   modeLabel: DesiredInterceptionMode | null;
   /** Label multicluster.fsm-node.io/gateway=true: its proxy takes tunnels from other clusters (src/multicluster). */
   gateway: boolean;
+  /** For Gateways' node selectors (src/gateway/objects.ts ANNOTATION_NODE_SELECTOR). */
+  labels: Record<string, string>;
 }
 export interface PodRec {
   uid: string;
@@ -150,6 +178,12 @@ export interface RecordOf {
   HTTPRouteGroup: RouteGroupRec;
   TCPRoute: TcpRouteRec;
   MQTTRouteGroup: MqttRouteGroupRec;
+  GatewayClass: GatewayClassRec;
+  Gateway: GatewayRec;
+  HTTPRoute: HTTPRouteRec;
+  ReferenceGrant: ReferenceGrantRec;
+  Secret: TlsSecretRec;
+  Egress: EgressRec;
 }
 
 // ---- input schemas (only the fields we read) --------------------------------
@@ -299,7 +333,7 @@ export function manifestUid(namespace: string, name: string): string {
 
 const toNamespace = (o: unknown): NamespaceRec => {
   const { metadata: m } = parse(NamespaceIn, o);
-  return { name: m.name, monitoredBy: m.labels[LABEL_MONITORED_BY] ?? null };
+  return { name: m.name, monitoredBy: m.labels[LABEL_MONITORED_BY] ?? null, labels: m.labels };
 };
 
 const toNode = (o: unknown): NodeRec => {
@@ -315,7 +349,7 @@ const toNode = (o: unknown): NodeRec => {
     if (!r.success) throw new FieldError(`metadata.labels["${LABEL_INTERCEPTION_MODE}"]`, `${JSON.stringify(label)} is not one of ebpf, iptables, auto`);
     modeLabel = r.data;
   }
-  return { name: m.name, addresses, modeLabel, gateway: m.labels[LABEL_MULTICLUSTER_GATEWAY] === 'true' };
+  return { name: m.name, addresses, modeLabel, gateway: m.labels[LABEL_MULTICLUSTER_GATEWAY] === 'true', labels: m.labels };
 };
 
 const toPod = (o: unknown): PodRec => {
@@ -562,6 +596,12 @@ const converters: { [K in Kind]: (o: unknown) => RecordOf[K] } = {
   HTTPRouteGroup: toRouteGroup,
   TCPRoute: toTcpRoute,
   MQTTRouteGroup: parseMqttRouteGroup,
+  GatewayClass: toGatewayClass,
+  Gateway: toGateway,
+  HTTPRoute: toHTTPRoute,
+  ReferenceGrant: toReferenceGrant,
+  Secret: toTlsSecret,
+  Egress: toEgress,
 };
 
 /** Check one object of `kind` and reduce it to its record; throws FieldError naming the field. */

@@ -1,4 +1,6 @@
 import { z } from 'zod';
+import { EgressPolicySchema } from '../egress/schema.js';
+import { IngressSchema } from '../gateway/schema.js';
 
 /**
  * NodePolicy: everything one node needs from the controller, and nothing about
@@ -256,9 +258,13 @@ export const MulticlusterSchema = z
   .strict();
 export type MulticlusterPart = z.infer<typeof MulticlusterSchema>;
 
-export const GlobalPartSchema = z
-  .object({ mesh: MeshSchema, proxies: z.array(ProxyPeerSchema), trust: TrustSchema.optional(), multicluster: MulticlusterSchema.optional() })
-  .strict();
+/**
+ * `ingress`: the mesh's Gateways (src/gateway/schema.ts), the same for every
+ * node (each serves those whose `nodes` names it or is null). Optional like
+ * `trust`: absent in documents of older controllers, read as no Gateways.
+ * `egressPolicies`: the mesh's Egress objects (src/egress/), absent when none.
+ */
+export const GlobalPartSchema = z.object({ mesh: MeshSchema, proxies: z.array(ProxyPeerSchema), trust: TrustSchema.optional(), ingress: IngressSchema.optional(), egressPolicies: z.array(EgressPolicySchema).optional(), multicluster: MulticlusterSchema.optional() }).strict();
 export type GlobalPart = z.infer<typeof GlobalPartSchema>;
 
 export const NodePartSchema = z
@@ -324,6 +330,8 @@ export const NodePolicyDeltaSchema = z
     proxies: GlobalPartSchema.shape.proxies.optional(),
     trust: TrustSchema.optional(),
     multicluster: MulticlusterSchema.optional(),
+    ingress: IngressSchema.optional(),
+    egressPolicies: z.array(EgressPolicySchema).optional(),
     node: NodePartSchema.shape.node.optional(),
     pods: NodePartSchema.shape.pods.optional(),
     access: NodePartSchema.shape.access.optional(),

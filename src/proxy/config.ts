@@ -1,4 +1,6 @@
 import { InvalidInputError } from '../errors.js';
+import { renderEgressRules, type ProxyEgressRules } from '../egress/render.js';
+import { gatewayIdentities, renderGateways, type GatewayCertificateFiles, type ProxyGateway } from '../gateway/render.js';
 import { renderMulticluster, type ProxyMulticluster } from '../multicluster/proxy-config.js';
 import { MQTT_DEFAULTS } from '../policy/objects.js';
 import type { Access, HttpMatch, MqttMatch, NodePolicy, PolicyService, Split } from '../policy/schema.js';
@@ -49,6 +51,8 @@ export interface ProxyNodeFacts {
   identities?: Record<string, ProxyIdentityFiles>;
   /** Default DEFAULT_TUNNEL_MAX_AGE_SECONDS. */
   tunnelMaxAgeSeconds?: number;
+  /** Certificate Secret ("ns/name") of a Gateway listener -> the PEM files the agent wrote (src/gateway/certificates.ts). */
+  gatewayCertificates?: Record<string, GatewayCertificateFiles>;
 }
 
 /** A local identity in the proxy's config: files, not key material (the proxy reads them at load). */
@@ -208,6 +212,10 @@ export interface ProxyConfig {
   /** Clusterset imports and exports (src/multicluster/proxy-config.ts); absent without a clusterset. */
   multicluster?: ProxyMulticluster;
   mqtt: ProxyMqttSettings;
+  /** The Gateways this node serves (proxy/gateway.js); absent when none. */
+  gateways?: ProxyGateway[];
+  /** Egress policies of this node's identities (proxy/egress.js); absent when the mesh has none. */
+  egressRules?: ProxyEgressRules;
 }
 
 const id = (namespace: string, name: string): string => `${namespace}/${name}`;
@@ -325,7 +333,13 @@ export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): Pr
   for (const a of policy.node.addresses) tunnelPeers.add(a);
 
   const tunnelTLS = facts.trust
-    ? renderTunnelTLS(facts.trust, policy.pods.map((p) => id(p.namespace, p.serviceAccount)), facts.identities ?? {}, facts.tunnelMaxAgeSeconds)
+    ? renderTunnelTLS(
+        facts.trust,
+        // A Gateway served here is a local identity too: its tunnels into the mesh present its own certificate.
+        [...policy.pods.map((p) => id(p.namespace, p.serviceAccount)), ...gatewayIdentities(policy).map((g) => id(g.namespace, g.serviceAccount))],
+        facts.identities ?? {},
+        facts.tunnelMaxAgeSeconds,
+      )
     : null;
 
   const pods: ProxyConfig['pods'] = {};
@@ -372,6 +386,8 @@ export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): Pr
   const access: Record<string, ProxyAccessRule[]> = {};
   for (const a of policy.access) (access[id(a.destination.namespace, a.destination.serviceAccount)] ??= []).push(renderAccess(a));
 
+  const gateways = renderGateways(policy, facts.inboundPort, facts.gatewayCertificates ?? {});
+  const egressRules = policy.egressPolicies ? renderEgressRules(policy.egressPolicies, Object.values(pods).map((p) => p.identity)) : undefined;
   return {
     format: PROXY_CONFIG_FORMAT,
     version: policy.version,
@@ -388,5 +404,7 @@ export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): Pr
     access,
     ...(policy.multicluster ? { multicluster: renderMulticluster(policy.multicluster, policy.services) } : {}),
     mqtt: { ...MQTT_DEFAULTS, maxTopics: DEFAULT_MQTT_MAX_TOPICS, ...policy.mesh.mqtt },
+    ...(gateways.length > 0 ? { gateways } : {}),
+    ...(egressRules ? { egressRules } : {}),
   };
 }

@@ -1,3 +1,4 @@
+import { join } from 'node:path';
 import { readFileSync } from 'node:fs';
 import { Agent } from '../../agent/agent.js';
 import { listFields, loadAgentConfig, proxyRunAs, type AgentConfig } from '../../agent/config.js';
@@ -9,6 +10,7 @@ import { InvalidInputError } from '../../errors.js';
 import { PolicyClient } from '../../policy/client.js';
 import { cgroupResolver, desiredState } from '../../policy/desired.js';
 import { renderProxyConfig } from '../../proxy/config.js';
+import { writeGatewayCertificates } from '../../gateway/certificates.js';
 import { ProxySupervisor } from '../../proxy/supervisor.js';
 import { DEFAULT_TRUST, type NodePolicy } from '../../policy/schema.js';
 import { cgroup2Root } from '../../util/cgroup.js';
@@ -77,6 +79,7 @@ export function buildAgent(config: AgentConfig): Agent {
               inboundPort: config.inboundPort,
               trust: policy.trust ?? DEFAULT_TRUST,
               identities: Object.fromEntries(identities?.snapshot() ?? []),
+              gatewayCertificates: writeGatewayCertificates(join(config.stateDir, 'gateway-certs'), policy),
             }),
         }
       : {}),

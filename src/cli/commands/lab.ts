@@ -116,7 +116,7 @@ export const labCommand: Command = {
     'up [--nodes N] [--pods-per-node M] [--mode auto|ebpf|iptables] [--proxy auto|pipy|passthrough] [--dir DIR]',
     'status [--json]',
     'check [--json]',
-    'exec POD -- CMD...',
+    'exec POD|outside -- CMD...',
     'pod add NAME --node NODE [--namespace NS] [--no-mesh] [-- CMD...]',
     'pod rm NAME',
     'down',
@@ -140,7 +140,9 @@ bpffs directories); one lab per machine.
              through its node's proxy (same-node hops stay on the node). Cases
              that need Pipy (services, split, allow/deny) are skipped with the
              passthrough proxy. Exit 0 only when every other case passes.
-  exec       runs a command inside a pod (its network namespace and cgroup).
+  exec       runs a command inside a pod (its network namespace and cgroup), or
+             as the outside client (10.78.0.200, off the mesh) with POD "outside";
+             the outside server is 10.78.0.201 (HTTP :80, TLS :443 as outside.lab).
   pod add    creates a pod live the way a node does: the lab plays the runtime and the
              primary CNI (netns, address, sandbox process), then runs the node's CNI
              chain, where the agent installed fsm-node-cni, with the environment and

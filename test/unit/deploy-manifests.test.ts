@@ -303,7 +303,8 @@ describe('kustomize', () => {
     const demo = render('overlays/example-app');
     expect(demo.every((o) => o.kind === 'Namespace' || o.metadata.namespace === 'fsm-demo')).toBe(true);
     expect(kinds(render('overlays/uninstall'))).toEqual(['DaemonSet/fsm-node-cleanup', 'Namespace/fsm-system']);
-    expect(kinds(render('crds'))).toHaveLength(5);
+    // 4 SMI kinds, our MQTTRouteGroup, FSM's Egress.
+    expect(kinds(render('crds'))).toHaveLength(6);
   });
 });
 

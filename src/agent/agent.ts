@@ -271,8 +271,10 @@ export class Agent {
     this.refreshGauges(cur);
     if (!cur) return;
     const { policy } = cur;
-    // Before the proxy configuration: new identities start fetching, gone ones are dropped.
-    this.identities?.update(policy);
+    // Before the proxy configuration: gone identities are dropped, new ones
+    // are read from the state directory (an adopting agent renders what the
+    // running proxy uses) and start fetching when none is stored.
+    await this.identities?.update(policy);
     const decision = chooseMode(
       { nodeLabel: policy.node.interceptionMode ?? undefined, meshDefault: policy.mesh.interceptionMode, flag: this.config.mode },
       this.report!.support,

@@ -208,8 +208,15 @@ export class IdentityManager {
    * disk when a usable one is stored, else from the controller), drop those
    * whose last pod left. A trust domain change renews every identity.
    */
-  update(policy: NodePolicy): void {
-    if (this.stopped) return;
+  /**
+   * Follow the policy's local identities. Resolves once every new identity's
+   * stored certificate is read (not fetched): a restarted agent then renders
+   * the proxy configuration it adopts with the certificates the running proxy
+   * already uses, not as pending (which made the adopted proxy refuse tunnels
+   * with identity-unavailable until the read finished).
+   */
+  update(policy: NodePolicy): Promise<void> {
+    if (this.stopped) return Promise.resolve();
     const trust = policy.trust ?? DEFAULT_TRUST;
     const bundleChanged = trust.bundle.join('') !== this.bundle.join('');
     this.bundle = trust.bundle;
@@ -230,6 +237,7 @@ export class IdentityManager {
         });
       }
     }
+    const loads: Promise<void>[] = [];
     for (const [k, id] of want) {
       if (this.entries.has(k)) continue;
       const dir = join(this.o.stateDir, IDENTITIES_DIR, id.namespace, id.serviceAccount);
@@ -239,7 +247,9 @@ export class IdentityManager {
         e.busy = undefined;
         if (!ok) this.schedule(e, 0);
       });
+      loads.push(e.busy);
     }
+    return Promise.all(loads).then(() => undefined);
   }
 
   /** Every local identity: its chain, key and certificate paths, expiry and state. */

@@ -12,7 +12,7 @@ import { eventually } from '../support/eventually.js';
 import { uniqueTestPrefix } from '../support/names.js';
 import { PipyNodes } from '../support/pipy-nodes.js';
 import { findPipy, metricValue, pipySkipReason, writeConfig } from '../support/pipy.js';
-import { echo, startEchoServer, startLoad, waitForOutput } from '../support/traffic.js';
+import { echo, startEchoServer, startLabEchoServer, startLoad } from '../support/traffic.js';
 
 /**
  * The Pipy program on a real 2-node topology, the pods intercepted by each
@@ -262,9 +262,7 @@ maybe.each(modes)('Pipy node proxy on the topology (%s interception)', (mode) =>
     F = await topo.addPod(n1, 'f');
     for (const [p, id] of [[A, 'client'], [B, 'server-v1'], [X, 'intruder'], [C, 'server-v1'], [D, 'server-v2'], [E, 'vault'], [F, 'safe']] as const) sa.set(p, id);
     for (const p of [B, C, D, E, F]) {
-      const s = p.exec(process.execPath, ['--import', tsRegister, echoServer, 'serve', '--name', p.name, '--port', String(HTTP_PORT)], { stdio: ['ignore', 'pipe', 'pipe'] });
-      servers.push(s);
-      await waitForOutput(s, 'listening');
+      servers.push(await startLabEchoServer(p, p.name, HTTP_PORT));
       await startEchoServer(p, `${p.name}-tcp`, TCP_PORT);
     }
     for (const node of topo.nodes) {

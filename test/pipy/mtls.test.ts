@@ -13,7 +13,7 @@ import { issue, testCa, TRUST_DOMAIN, tunnelServerName, writeIdentity, type Test
 import { uniqueTestPrefix } from '../support/names.js';
 import { PipyNodes } from '../support/pipy-nodes.js';
 import { findPipy, metricValue, pipySkipReason, writeCodebase, writeConfig } from '../support/pipy.js';
-import { echo, startEchoServer, waitForOutput } from '../support/traffic.js';
+import { echo, startEchoServer, startLabEchoServer, waitForOutput } from '../support/traffic.js';
 
 /**
  * Mutual TLS between the node proxies (proxy/tls.js), the real Pipy program
@@ -206,9 +206,7 @@ maybe('mutual TLS between node proxies (Pipy, iptables interception)', () => {
     p3 = await topo.addPod(n2, 'p3');
     p4 = await topo.addPod(n2, 'p4');
     for (const p of [p1, p2, p3, p4]) {
-      const s = p.exec(process.execPath, ['--import', tsRegister, echoServer, 'serve', '--name', p.name, '--port', String(HTTP_PORT)], { stdio: ['ignore', 'pipe', 'pipe'] });
-      servers.push(s);
-      await waitForOutput(s, 'listening');
+      servers.push(await startLabEchoServer(p, p.name, HTTP_PORT));
       await startEchoServer(p, `${p.name}-tcp`, TCP_PORT);
     }
     root = await testCa('fsmt-root-1');

@@ -39,8 +39,9 @@ async function main(argv: string[]): Promise<void> {
   const ext = import.meta.url.endsWith('.ts') ? '.ts' : '.js';
   const url = new URL(`./${name}${ext}`, import.meta.url);
   if (!existsSync(fileURLToPath(url))) throw new Error(`no benchmark ${JSON.stringify(name)} (${fileURLToPath(url)} does not exist)`);
-  // stdout carries the result rows: keep info logs of the code under test out of it.
+  // stdout carries the result rows: logs of the code under test go to stderr, info and below not at all.
   process.env.FSMN_LOG_LEVEL ??= 'warn';
+  process.env.FSMN_LOG_DEST ??= 'stderr';
   // The kernel benches pin below the bpffs, as the lab and the kernel tests
   // do: mount it where a minimal machine booted without one (root only; the
   // benches that need it say so themselves otherwise).

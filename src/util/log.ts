@@ -1,4 +1,4 @@
-import { pino, type Logger } from 'pino';
+import { destination, pino, type Logger } from 'pino';
 
 /**
  * The root logger. JSON lines by default (what a DaemonSet log collector
@@ -6,9 +6,12 @@ import { pino, type Logger } from 'pino';
  * FSMN_LOG_FORMAT=pretty; FSMN_LOG_FORMAT=json forces JSON). Each module takes
  * its own child with `logger('name')` so every line says where it came from.
  * FSMN_LOG_LEVEL sets the level (default info; tests default to silent).
+ * FSMN_LOG_DEST=stderr sends the records to stderr, for programs whose stdout
+ * is data (the benchmarks print result rows there).
  */
 const level = process.env.FSMN_LOG_LEVEL ?? (process.env.JEST_WORKER_ID ? 'silent' : 'info');
-const format = process.env.FSMN_LOG_FORMAT ?? (process.stdout.isTTY ? 'pretty' : 'json');
+const out = process.env.FSMN_LOG_DEST === 'stderr' ? process.stderr : process.stdout;
+const format = process.env.FSMN_LOG_FORMAT ?? (out.isTTY ? 'pretty' : 'json');
 
 const levelNames: Record<number, string> = { 10: 'TRACE', 20: 'DEBUG', 30: 'INFO ', 40: 'WARN ', 50: 'ERROR', 60: 'FATAL' };
 
@@ -32,7 +35,8 @@ const options = {
   redact: { paths: ['token', '*.token', 'authorization', '*.authorization'], censor: '[redacted]' },
 };
 
-export const rootLogger: Logger = format === 'pretty' ? pino(options, { write: (line: string) => process.stdout.write(prettyLine(line)) }) : pino(options);
+export const rootLogger: Logger =
+  format === 'pretty' ? pino(options, { write: (line: string) => out.write(prettyLine(line)) }) : pino(options, destination(out === process.stderr ? 2 : 1));
 
 export function logger(module: string): Logger {
   return rootLogger.child({ module });

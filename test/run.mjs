@@ -2,6 +2,8 @@
 // Runs the test tiers in order (unit, kernel, pipy, e2e, or those named on the
 // command line), each as its own jest run, and ends with one plain summary line
 // "tests: N passed, N failed, N skipped" that CI reads. Exit 1 if any failed.
+// FSM_LAB_LOCK=FILE runs the e2e tier under `flock FILE`: it brings up the lab,
+// whose names are fixed, so two runs on one kernel must take turns.
 import { spawnSync } from 'node:child_process';
 import { mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
@@ -18,7 +20,11 @@ for (const tier of tiers) {
   const args = ['--experimental-vm-modules', 'node_modules/jest/bin/jest.js', '--selectProjects', tier, '--passWithNoTests', '--json', `--outputFile=${out}`];
   if (tier !== 'unit') args.push('--runInBand');
   console.log(`\n== ${tier} tier ==`);
-  const r = spawnSync(process.execPath, args, { cwd: root, stdio: 'inherit' });
+  const lock = tier === 'e2e' ? process.env.FSM_LAB_LOCK : undefined;
+  if (lock) console.log(`(e2e waits for ${lock})`);
+  const r = lock
+    ? spawnSync('flock', [lock, process.execPath, ...args], { cwd: root, stdio: 'inherit' })
+    : spawnSync(process.execPath, args, { cwd: root, stdio: 'inherit' });
   let report;
   try {
     report = JSON.parse(readFileSync(out, 'utf8'));

@@ -325,9 +325,11 @@ export class IdentityManager {
     const k = identityKey(id);
     const kind = e.cert.state === 'valid' ? 'renew' : 'issue';
     try {
-      if (e.cert.state === 'expired') await this.o.beforeRecover?.().catch(() => undefined);
       const keys = await generateKeyPair();
       const csr = await createCsr(keys, this.trustDomain, id);
+      // Decided only now, with nothing awaited between it and the request: the
+      // certificate can expire while the key and CSR are made (seen under qemu).
+      if (e.cert.state === 'expired') await this.o.beforeRecover?.().catch(() => undefined);
       const answer = await this.o.issuer.issue(id, csr);
       const keyPem = await privateKeyToPem(keys.privateKey);
       const chain = answer.certificateChain.flatMap((p) => splitPem(p));

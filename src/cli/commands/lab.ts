@@ -3,7 +3,7 @@ import { InvalidInputError } from '../../errors.js';
 import { rootLogger } from '../../util/log.js';
 import { intFlag, oneOf, type Command, type ParsedValues } from '../command.js';
 
-const verbs = ['up', 'status', 'check', 'exec', 'down', 'selfcheck', 'supervise'] as const;
+const verbs = ['up', 'status', 'check', 'exec', 'fault', 'link', 'down', 'selfcheck', 'supervise'] as const;
 const say = (line: string): void => void process.stdout.write(`${line}\n`);
 
 async function up(values: ParsedValues): Promise<number> {
@@ -65,6 +65,26 @@ async function exec(values: ParsedValues, positionals: string[]): Promise<number
   return labExec(await runningLab(values), pod, cmd);
 }
 
+async function fault(values: ParsedValues, positionals: string[]): Promise<number> {
+  const { podFaultFromFlags, faultFile, writePodFault, describePodFault } = await import('../../lab/faults.js');
+  const { findPod } = await import('../../lab/lab.js');
+  if (positionals.length !== 1) throw new InvalidInputError('lab fault POD', positionals.join(' ') || '(none)', 'name exactly one pod (see fsm-node lab status)');
+  const f = podFaultFromFlags({ status: values.status as string | undefined, hang: values.hang as boolean | undefined, close: values.close as boolean | undefined, clear: values.clear as boolean | undefined });
+  const state = await runningLab(values);
+  const pod = findPod(state, positionals[0]);
+  writePodFault(faultFile(state.dir, pod.name), f);
+  say(`${pod.name}: ${describePodFault(f)}`);
+  return 0;
+}
+
+async function link(values: ParsedValues, positionals: string[]): Promise<number> {
+  const { linkActionFromFlags, applyLinkAction } = await import('../../lab/faults.js');
+  if (positionals.length !== 1) throw new InvalidInputError('lab link NODE', positionals.join(' ') || '(none)', 'name exactly one node (see fsm-node lab status)');
+  const action = linkActionFromFlags({ delay: values.delay as string | undefined, loss: values.loss as string | undefined, down: values.down as boolean | undefined, up: values.up as boolean | undefined, clear: values.clear as boolean | undefined });
+  say(await applyLinkAction(await runningLab(values), positionals[0], action));
+  return 0;
+}
+
 async function down(values: ParsedValues): Promise<number> {
   const { labDown } = await import('../../lab/lab.js');
   const report = await labDown(values.dir as string | undefined, say);
@@ -97,6 +117,8 @@ export const labCommand: Command = {
     'status [--json]',
     'check [--json]',
     'exec POD -- CMD...',
+    'fault POD (--status CODE | --hang | --close | --clear)',
+    'link NODE [--delay MS] [--loss PCT] | --down | --up | --clear',
     'down',
     'selfcheck',
   ],
@@ -119,6 +141,16 @@ bpffs directories); one lab per machine.
              that need Pipy (services, split, allow/deny) are skipped with the
              passthrough proxy. Exit 0 only when every other case passes.
   exec       runs a command inside a pod (its network namespace and cgroup).
+  fault      makes a pod's echo server misbehave until --clear: answer every
+             request with --status CODE (e.g. 503), --hang (accept, never
+             answer) or --close (close the connection unanswered). Takes effect
+             at the next request; the test bed for timeouts, retries and
+             outlier detection.
+  link       shapes or cuts a node's underlay link (tc netem on both ends, so
+             --delay 50 is 50 ms each way; --loss 5 drops 5 % each way);
+             --down cuts the cable (the node keeps its addresses and routes),
+             --up restores it, --clear removes shaping and sets it up. Only the
+             lab's namespaces are touched.
   down       stops everything, runs every node's cleanup, removes the topology and
              verifies nothing is left; also after a crash.
   selfcheck  builds 2 nodes x 2 pods, checks TCP between every pair (same node
@@ -134,6 +166,14 @@ Editing DIR/manifests changes the mesh live: the controller watches it.
     proxy: { type: 'string', valueName: 'PROXY', description: 'auto (Pipy when found), pipy, or passthrough (L4 test proxy, no policy) (default auto).' },
     dir: { type: 'string', valueName: 'DIR', description: 'Lab directory: manifests, state, logs (default /var/tmp/fsm-node-lab).' },
     json: { type: 'boolean', description: 'Machine-readable output (lab status, lab check).' },
+    status: { type: 'string', valueName: 'CODE', description: 'lab fault: answer every request with this HTTP status.' },
+    hang: { type: 'boolean', description: 'lab fault: accept requests and never answer.' },
+    close: { type: 'boolean', description: 'lab fault: close connections without an answer.' },
+    clear: { type: 'boolean', description: 'lab fault / lab link: remove the fault.' },
+    delay: { type: 'string', valueName: 'MS', description: 'lab link: added delay each way, in milliseconds.' },
+    loss: { type: 'string', valueName: 'PCT', description: 'lab link: packet loss each way, in percent.' },
+    down: { type: 'boolean', description: 'lab link: cut the node\'s underlay link.' },
+    up: { type: 'boolean', description: 'lab link: restore a cut link.' },
   },
   positionals: true,
   async run(values, positionals) {
@@ -142,7 +182,7 @@ Editing DIR/manifests changes the mesh live: the controller watches it.
     // Set before the lab modules are imported: their child loggers take the level at creation.
     if (process.env.FSMN_LOG_LEVEL === undefined) rootLogger.level = 'warn';
     const rest = positionals.slice(1);
-    if (verb !== 'exec' && rest.length > 0) throw new InvalidInputError(`lab ${verb}`, rest.join(' '), 'takes no arguments');
+    if (!['exec', 'fault', 'link'].includes(verb) && rest.length > 0) throw new InvalidInputError(`lab ${verb}`, rest.join(' '), 'takes no arguments');
     switch (verb) {
       case 'selfcheck': {
         const { topologySelfCheck } = await import('../../lab/selfcheck.js');
@@ -160,6 +200,10 @@ Editing DIR/manifests changes the mesh live: the controller watches it.
         return supervise(values);
       case 'exec':
         return exec(values, rest);
+      case 'fault':
+        return fault(values, rest);
+      case 'link':
+        return link(values, rest);
       case 'down':
         return down(values);
     }

@@ -3,6 +3,7 @@ import type { ZodTypeAny } from 'zod';
 import { logger } from '../util/log.js';
 import { DEFAULT_CONTROLLER_NAMESPACE, MESH_CONFIG_NAME } from './fsm.js';
 import { IssueReporter } from './issues.js';
+import { compileResilience, RESILIENCE_DEFAULTS } from './resilience.js';
 import {
   FieldError,
   IDENTITY_DEFAULTS,
@@ -206,6 +207,8 @@ export class PolicyCompiler {
     TrafficTarget: new Map(),
     HTTPRouteGroup: new Map(),
     TCPRoute: new Map(),
+    Retry: new Map(),
+    UpstreamTrafficSetting: new Map(),
   };
 
   // Indexes kept in step with the store.
@@ -373,6 +376,11 @@ export class PolicyCompiler {
       case 'TrafficTarget':
       case 'TCPRoute':
         this.accessDirty = true;
+        break;
+      case 'Retry':
+      case 'UpstreamTrafficSetting':
+        // Mesh-wide, like the trust: every node gets them (the proxy of the source's node applies them).
+        this.globalDirty = true;
         break;
     }
   }
@@ -542,7 +550,8 @@ export class PolicyCompiler {
       .filter((n) => n.addresses.length > 0)
       .map((n) => ({ node: n.name, addresses: n.addresses }));
     const trust = { trustDomain: this.identitySettings().trustDomain, bundle: this.trustBundle };
-    const value = this.checked(GlobalPartSchema, { mesh, proxies, trust }, { kind: 'ConfigMap', namespace: this.controllerNamespace, name: MESH_CONFIG_NAME });
+    const resilience = compileResilience(this.store.ConfigMap.get(`${this.controllerNamespace}/${MESH_CONFIG_NAME}`)?.resilience ?? RESILIENCE_DEFAULTS, byKey(this.store.Retry.entries()), byKey(this.store.UpstreamTrafficSetting.entries()));
+    const value = this.checked(GlobalPartSchema, { mesh, proxies, trust, resilience }, { kind: 'ConfigMap', namespace: this.controllerNamespace, name: MESH_CONFIG_NAME });
     return value && part(value);
   }
 

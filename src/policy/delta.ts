@@ -125,6 +125,7 @@ export function applyDelta(held: NodePolicy, delta: NodePolicyDelta): NodePolicy
     mesh: delta.mesh ?? held.mesh,
     proxies: delta.proxies ?? held.proxies,
     trust: delta.trust ?? held.trust,
+    resilience: delta.resilience ?? held.resilience,
     node: delta.node ?? held.node,
     pods: delta.pods ?? held.pods,
     access: delta.access ?? held.access,

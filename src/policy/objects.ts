@@ -17,6 +17,7 @@ import {
   parsePortList,
 } from './fsm.js';
 import { FieldError } from './fields.js';
+import { parseResilienceDefaults, parseRetrySpec, parseUpstreamSpec, RESILIENCE_API_VERSION, type ResilienceDefaults, type RetrySpec, type UpstreamSpec } from './resilience.js';
 import { parseSplitSpec, SPLIT_API_VERSIONS } from './smi-split.js';
 import { formatPath, InterceptionModeSchema, type DesiredInterceptionMode, type Exclusions, type HttpMatch, type Identity, type MeshSettings } from './schema.js';
 
@@ -39,6 +40,9 @@ export const KINDS = {
   TrafficTarget: ['access.smi-spec.io/v1alpha3'],
   HTTPRouteGroup: ['specs.smi-spec.io/v1alpha4'],
   TCPRoute: ['specs.smi-spec.io/v1alpha4'],
+  /** FSM's resilience policies (src/policy/resilience.ts). */
+  Retry: [RESILIENCE_API_VERSION],
+  UpstreamTrafficSetting: [RESILIENCE_API_VERSION],
 } as const;
 export type Kind = keyof typeof KINDS;
 export const CLUSTER_SCOPED: ReadonlySet<Kind> = new Set<Kind>(['Namespace', 'Node']);
@@ -143,7 +147,11 @@ export interface RecordOf {
   TrafficTarget: TargetRec;
   HTTPRouteGroup: RouteGroupRec;
   TCPRoute: TcpRouteRec;
+  Retry: RetryRec;
+  UpstreamTrafficSetting: UpstreamRec;
 }
+export type RetryRec = { namespace: string; name: string } & RetrySpec;
+export type UpstreamRec = { namespace: string; name: string } & UpstreamSpec;
 
 // ---- input schemas (only the fields we read) --------------------------------
 
@@ -410,6 +418,8 @@ export const MESH_DEFAULTS: MeshSettings = {
 export interface MeshConfigRec {
   settings: MeshSettings;
   identity: MeshIdentitySettings;
+  /** Mesh-wide request timeout and outlier detection defaults (src/policy/resilience.ts). */
+  resilience: ResilienceDefaults;
 }
 
 export interface MeshIdentitySettings {
@@ -425,6 +435,11 @@ const MeshData = z
     meshName: dns.optional(),
     trustDomain: z.string().optional(),
     certificateLifetime: z.string().optional(),
+    requestTimeout: z.string().optional(),
+    outlierDetection: z.string().optional(),
+    outlierConsecutiveFailures: z.string().optional(),
+    outlierBaseEjectionTime: z.string().optional(),
+    outlierMaxEjectionPercent: z.string().optional(),
     inbound: z.enum(['strict', 'permissive']).optional(),
     interceptionMode: InterceptionModeSchema.optional(),
     egress: z.enum(['allow', 'deny']).optional(),
@@ -480,7 +495,21 @@ const toMeshConfig = (o: unknown): MeshConfigRec => {
       inboundPorts: list('inboundPortExclusionList', parsePortList),
     },
   };
-  return { settings, identity };
+  return { settings, identity, resilience: parseResilienceDefaults(d) };
+};
+
+const PolicyIn = z.object({ metadata: Metadata, spec: z.unknown() });
+
+const toRetry = (o: unknown): RetryRec => {
+  const { metadata: m, spec } = parse(PolicyIn, o);
+  const namespace = m.namespace ?? 'default';
+  return { namespace, name: m.name, ...parseRetrySpec(spec, namespace) };
+};
+
+const toUpstream = (o: unknown): UpstreamRec => {
+  const { metadata: m, spec } = parse(PolicyIn, o);
+  const namespace = m.namespace ?? 'default';
+  return { namespace, name: m.name, ...parseUpstreamSpec(spec, namespace) };
 };
 
 const toSplit = (o: unknown): SplitRec => {
@@ -536,6 +565,8 @@ const converters: { [K in Kind]: (o: unknown) => RecordOf[K] } = {
   TrafficTarget: toTarget,
   HTTPRouteGroup: toRouteGroup,
   TCPRoute: toTcpRoute,
+  Retry: toRetry,
+  UpstreamTrafficSetting: toUpstream,
 };
 
 /** Check one object of `kind` and reduce it to its record; throws FieldError naming the field. */

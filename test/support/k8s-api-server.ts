@@ -47,6 +47,8 @@ export const RESOURCES: ApiResource[] = [
   { group: 'access.smi-spec.io', version: 'v1alpha3', plural: 'traffictargets', kind: 'TrafficTarget', namespaced: true },
   { group: 'specs.smi-spec.io', version: 'v1alpha4', plural: 'httproutegroups', kind: 'HTTPRouteGroup', namespaced: true },
   { group: 'specs.smi-spec.io', version: 'v1alpha4', plural: 'tcproutes', kind: 'TCPRoute', namespaced: true },
+  { group: 'policy.flomesh.io', version: 'v1alpha1', plural: 'retries', kind: 'Retry', namespaced: true },
+  { group: 'policy.flomesh.io', version: 'v1alpha1', plural: 'upstreamtrafficsettings', kind: 'UpstreamTrafficSetting', namespaced: true },
 ];
 
 export type Obj = {

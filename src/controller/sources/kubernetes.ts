@@ -108,7 +108,7 @@ export class KubernetesSource {
         list: () => this.core.listNamespacedConfigMap({ namespace: o.namespace, fieldSelector: `metadata.name=${MESH_CONFIG_NAME}` }),
       },
     ];
-    const resources = [...core.map((r) => [r]), crd('TrafficSplit', 'trafficsplits'), crd('TrafficTarget', 'traffictargets'), crd('HTTPRouteGroup', 'httproutegroups'), crd('TCPRoute', 'tcproutes')];
+    const resources = [...core.map((r) => [r]), crd('TrafficSplit', 'trafficsplits'), crd('TrafficTarget', 'traffictargets'), crd('HTTPRouteGroup', 'httproutegroups'), crd('TCPRoute', 'tcproutes'), crd('Retry', 'retries'), crd('UpstreamTrafficSetting', 'upstreamtrafficsettings')];
     for (const versions of resources) this.informers.push(this.makeInformer(versions));
     if (o.events !== false) o.compiler.reporter.onIssue((issue) => void this.postEvent(issue));
   }

@@ -15,6 +15,7 @@ import { decide, protocolOf } from './route.js'
 import { grant, requestAllowed } from './access.js'
 import * as metrics from './metrics.js'
 import * as tls from './tls.js'
+import * as resilience from './resilience.js'
 
 var SOURCE_HEADER = 'fsmn-source-identity'
 
@@ -38,6 +39,7 @@ var why
 // Per HTTP request
 var $start
 var $head
+var $attempt
 
 // The original destination. The new-style listener of Pipy 1.5.x sets its
 // options after bind, so the first redirected connection after start can
@@ -87,6 +89,7 @@ var toPeerProxy = $=>$
   )
 
 var closeNow = $=>$.replaceStreamStart(new StreamEnd)
+var connectUpstream = $=>$.connect(() => $route.target, () => resilience.connectOptions($attempt && $attempt.service, $attempt && $attempt.timeoutMs))
 var connectTarget = $=>$.connect(() => $route.target)
 // Upstream HTTP connections are pooled per target and shared by all clients:
 // a request takes an idle connection or opens one (maxQueue 1: one request at
@@ -98,10 +101,16 @@ var connectTarget = $=>$.connect(() => $route.target)
 // with connection-per-request clients that is thousands of connections, each
 // holding memory and one of the node's ephemeral ports towards that pod,
 // until connect() scans a full port range: the decay in docs/proxy.md.)
+// A request timeout is the upstream connection's read timeout (Pipy has no
+// per-request one), so pools are keyed by it. Pipy's read clock counts idle
+// time too: a timeout below SHORT_TIMEOUT_MS gets a connection of its own
+// (maxMessages 1), a longer one rides the pool and may fire up to
+// UPSTREAM_MAX_IDLE early (docs/resilience.md).
 var muxToTarget = $=>$
-  .muxHTTP(() => $route.target, { maxIdle: UPSTREAM_MAX_IDLE }).to($=>$
-    .connect(() => $route.target)
-  )
+  .pipe(() => resilience.ownConnection($attempt) ? 'own' : 'pooled', {
+    pooled: $=>$.muxHTTP(() => $route.target + '|' + ($attempt ? $attempt.timeoutMs : ''), { maxIdle: UPSTREAM_MAX_IDLE }).to(connectUpstream),
+    own: $=>$.muxHTTP(() => $route.target + '|' + $attempt.timeoutMs, { maxIdle: UPSTREAM_MAX_IDLE, maxMessages: 1 }).to(connectUpstream),
+  })
 
 // HTTP over a tunnel to the target's node proxy: pooled the same way, but per
 // source identity too, because the tunnel carries the identity the far side
@@ -127,8 +136,14 @@ var outboundTCP = $=>$
     } else if ($route.mode === 'tunnel' && (why = tls.refusal($srcId, $route))) {
       metrics.denied.withLabels($labels[0], $labels[1], why).increase()
       $route = Object.assign({}, $route, { mode: 'refused' })
+    } else if ((why = resilience.admitConnection($srcId, $route.service))) {
+      metrics.denied.withLabels($labels[0], $labels[1], why).increase()
+      $route = Object.assign({}, $route, { mode: 'refused', admitted: false })
+    } else {
+      $route.admitted = true
     }
   })
+  .handleStreamEnd(() => { if ($route.admitted) resilience.endConnection($route.service) })
   .handleData(d => metrics.bytes.withLabels($labels[0], $labels[1], 'sent').increase(d.size))
   .pipe(() => $route.mode, {
     denied: closeNow,
@@ -143,31 +158,62 @@ var outboundTCP = $=>$
 
 // ---- outbound, HTTP: one decision per request (splits balance requests) ------
 
+// One try of a request: decide (avoiding endpoints already tried), check
+// access and admission (resilience.js), forward.
+function decideRequest(msg) {
+  $route = decide($dstIp, $dstPort, msg.head, $attempt.tried)
+  $labels = labelsOf($srcId, $route)
+  if ($attempt.n === 0) metrics.requests.withLabels($labels[0], $labels[1]).increase()
+  if ($route.mode === 'local') {
+    $grant = grant($srcId, $route.identity, portOf($route.target))
+    if (!requestAllowed($grant, msg.head)) $route = Object.assign({}, $route, { mode: 'denied' })
+  } else if ($route.mode === 'tunnel' && (why = tls.refusal($srcId, $route))) {
+    $route = Object.assign({}, $route, { mode: 'unauthenticated', why })
+  }
+  if ($route.service && $route.pool && resilience.admit($attempt, $route.service)) $route = Object.assign({}, $route, { mode: 'limited', pool: null })
+  // The far node proxy applies the timeout to its hop to the pod; only it may be told.
+  delete msg.head.headers[resilience.TIMEOUT_HEADER]
+  if ($route.mode === 'tunnel' && $attempt.timeoutMs) msg.head.headers[resilience.TIMEOUT_HEADER] = String($attempt.timeoutMs)
+}
+
+// Appends the filters of one try to `$` (used in both paths below).
+var forwardRequest = $=>$
+  .handleMessageStart(decideRequest)
+  .handleData(d => { if ($attempt.n === 0) metrics.bytes.withLabels($labels[0], $labels[1], 'sent').increase(d.size) })
+  .pipe(() => $route.mode, {
+    denied: $=>$.replaceMessage(() => deny('access', 403, 'access denied by fsm-node')),
+    refused: $=>$.replaceMessage(() => deny('refused', 503, 'no endpoint available')),
+    unavailable: $=>$.replaceMessage(() => deny('unavailable', 503, 'no endpoint available')),
+    unauthenticated: $=>$.replaceMessage(() => deny($route.why, 503, 'no valid identity certificate for this source: ' + $route.why)),
+    limited: $=>$.replaceMessage(() => resilience.refusal($attempt)),
+    tunnel: muxToTunnel,
+    local: muxToTarget,
+    direct: muxToTarget,
+    egress: muxToTarget,
+  })
+
+// Requests a Retry covers: each try runs in repeat(); an answer to retry
+// (judged on the whole message, so nothing of it reaches the client) ends
+// the try with StreamEnd('Replay') and the request is played again after a
+// backoff. Other requests stream through once; their answers only feed
+// outlier detection and circuit breaking.
 var outboundHTTP = $=>$
   .demuxHTTP().to($=>$
     .handleMessageStart(msg => {
       $start = Date.now()
-      $route = decide($dstIp, $dstPort, msg.head)
-      $labels = labelsOf($srcId, $route)
-      metrics.requests.withLabels($labels[0], $labels[1]).increase()
-      if ($route.mode === 'local') {
-        $grant = grant($srcId, $route.identity, portOf($route.target))
-        if (!requestAllowed($grant, msg.head)) $route = Object.assign({}, $route, { mode: 'denied' })
-      } else if ($route.mode === 'tunnel' && (why = tls.refusal($srcId, $route))) {
-        $route = Object.assign({}, $route, { mode: 'unauthenticated', why })
-      }
+      $attempt = resilience.begin($srcId, msg.head, $dstIp + ':' + $dstPort)
     })
-    .handleData(d => metrics.bytes.withLabels($labels[0], $labels[1], 'sent').increase(d.size))
-    .pipe(() => $route.mode, {
-      denied: $=>$.replaceMessage(() => deny('access', 403, 'access denied by fsm-node')),
-      refused: $=>$.replaceMessage(() => deny('refused', 503, 'no endpoint available')),
-      unavailable: $=>$.replaceMessage(() => deny('unavailable', 503, 'no endpoint available')),
-      unauthenticated: $=>$.replaceMessage(() => deny($route.why, 503, 'no valid identity certificate for this source: ' + $route.why)),
-      tunnel: muxToTunnel,
-      local: muxToTarget,
-      direct: muxToTarget,
-      egress: muxToTarget,
+    .pipe(() => $attempt.mayRetry ? 'retry' : 'once', {
+      retry: $=>$.repeat(evt => resilience.again($attempt, evt)).to($=>forwardRequest($)
+        .replaceMessage(msg => resilience.judgeAnswer($attempt, $route, msg))
+        .replaceStreamEnd(evt => evt.error ? resilience.judgeEnd($attempt, $route, evt) : evt)
+      ),
+      once: $=>forwardRequest($)
+        .replaceMessageStart(msg => resilience.judgeAnswer($attempt, $route, msg))
+        .replaceStreamEnd(evt => evt.error ? resilience.judgeEnd($attempt, $route, evt) : evt),
     })
+    .handleMessageEnd(() => resilience.end($attempt))
+    .handleStreamEnd(() => resilience.end($attempt))
     .handleMessageStart(msg => {
       var status = msg.head.status
       metrics.responses.withLabels($labels[0], $labels[1], metrics.statusClass(status)).increase()
@@ -233,11 +279,12 @@ pipy.listen(config.listen.inbound, tls.serve($=>$
     .pipe(() => config.endpoints[$dstIp].ports[$dstPort] || 'tcp', {
       http: $=>$
         .demuxHTTP().to($=>$
-          .handleMessageStart(msg => { $head = msg.head })
+          .handleMessageStart(msg => { $head = msg.head; $attempt = resilience.fromPeer(msg.head) })
           .pipe(() => requestAllowed($grant, $head) ? 'allowed' : 'denied', {
             allowed: muxToTarget,
             denied: $=>$.replaceMessage(new Message({ status: 403, headers: { 'content-type': 'text/plain' } }, 'access denied by fsm-node\n')),
           })
+          .replaceStreamEnd(evt => resilience.peerHopEnd(evt))
         ),
       tcp: connectTarget,
     })

@@ -1,5 +1,6 @@
 import { InvalidInputError } from '../errors.js';
 import type { Access, HttpMatch, NodePolicy, PolicyService, Split } from '../policy/schema.js';
+import { renderResilience, type ProxyResilience } from './resilience-config.js';
 
 /**
  * NodePolicy -> the configuration of the shared Pipy proxy (proxy/config.json,
@@ -183,6 +184,8 @@ export interface ProxyConfig {
   meshPods: Record<string, ProxyMeshPod>;
   /** Destination identity (ns/serviceAccount of a pod on this node) -> its TrafficTargets. */
   access: Record<string, ProxyAccessRule[]>;
+  /** Timeouts, retries, limits and outlier detection (src/proxy/resilience-config.ts, proxy/resilience.js). */
+  resilience: ProxyResilience;
 }
 
 const id = (namespace: string, name: string): string => `${namespace}/${name}`;
@@ -353,5 +356,6 @@ export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): Pr
     endpoints,
     meshPods,
     access,
+    resilience: renderResilience(policy.resilience, policy.services),
   };
 }

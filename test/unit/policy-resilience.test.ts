@@ -111,3 +111,26 @@ describe('compiled into every NodePolicy and rendered for the proxy', () => {
     expect(renderResilience(p.resilience, p.services).services).toEqual({});
   });
 });
+
+describe('fsm-node status: ejected endpoints and open circuits from the agent metrics', () => {
+  test('reads the re-exported proxy gauges (only those at 1)', async () => {
+    const { resilienceView, resilienceStatusRows } = await import('../../src/proxy/resilience-status.js');
+    const text = [
+      '# TYPE fsm_node_proxy_ejected_endpoints gauge',
+      'fsm_node_proxy_ejected_endpoints{service="app/api",endpoint="10.0.1.1:8080",node="n1"} 1',
+      'fsm_node_proxy_ejected_endpoints{service="app/api",endpoint="10.0.1.2:8080",node="n1"} 0',
+      '# TYPE fsm_node_proxy_circuit_open gauge',
+      'fsm_node_proxy_circuit_open{service="app/db",node="n1"} 1',
+      '# TYPE fsm_node_proxy_peer_down gauge',
+      'fsm_node_proxy_peer_down{peer="10.78.0.2:15003",node="n1"} 1',
+    ].join('\n');
+    const v = resilienceView(text);
+    expect(v).toEqual({ ejected: [{ service: 'app/api', endpoint: '10.0.1.1:8080' }], peersDown: ['10.78.0.2:15003'], openCircuits: ['app/db'] });
+    expect(resilienceStatusRows(v)).toEqual([
+      ['ejected', 'app/api: 10.0.1.1:8080'],
+      ['peers down', '10.78.0.2:15003'],
+      ['open circuits', 'app/db'],
+    ]);
+    expect(resilienceStatusRows(resilienceView(''))).toEqual([['ejected', 'none'], ['open circuits', 'none']]);
+  });
+});

@@ -101,16 +101,12 @@ var connectTarget = $=>$.connect(() => $route.target)
 // with connection-per-request clients that is thousands of connections, each
 // holding memory and one of the node's ephemeral ports towards that pod,
 // until connect() scans a full port range: the decay in docs/proxy.md.)
-// A request timeout is the upstream connection's read timeout (Pipy has no
-// per-request one), so pools are keyed by it. Pipy's read clock counts idle
-// time too: a timeout below SHORT_TIMEOUT_MS gets a connection of its own
-// (maxMessages 1), a longer one rides the pool and may fire up to
-// UPSTREAM_MAX_IDLE early (docs/resilience.md).
+// Upstream HTTP connections carry a read timeout a little longer than the
+// request timeout (resilience.connectOptions): the request itself is bounded
+// by resilience.withTimeout; this closes a connection left hung behind it.
+// Pools are keyed by it, since a connection has one read timeout.
 var muxToTarget = $=>$
-  .pipe(() => resilience.ownConnection($attempt) ? 'own' : 'pooled', {
-    pooled: $=>$.muxHTTP(() => $route.target + '|' + ($attempt ? $attempt.timeoutMs : ''), { maxIdle: UPSTREAM_MAX_IDLE }).to(connectUpstream),
-    own: $=>$.muxHTTP(() => $route.target + '|' + $attempt.timeoutMs, { maxIdle: UPSTREAM_MAX_IDLE, maxMessages: 1 }).to(connectUpstream),
-  })
+  .muxHTTP(() => $route.target + '|' + ($attempt ? $attempt.timeoutMs : ''), { maxIdle: UPSTREAM_MAX_IDLE }).to(connectUpstream)
 
 // HTTP over a tunnel to the target's node proxy: pooled the same way, but per
 // source identity too, because the tunnel carries the identity the far side
@@ -176,6 +172,8 @@ function decideRequest(msg) {
   if ($route.mode === 'tunnel' && $attempt.timeoutMs) msg.head.headers[resilience.TIMEOUT_HEADER] = String($attempt.timeoutMs)
 }
 
+var currentAttempt = () => $attempt
+
 // Appends the filters of one try to `$` (used in both paths below).
 var forwardRequest = $=>$
   .handleMessageStart(decideRequest)
@@ -186,10 +184,10 @@ var forwardRequest = $=>$
     unavailable: $=>$.replaceMessage(() => deny('unavailable', 503, 'no endpoint available')),
     unauthenticated: $=>$.replaceMessage(() => deny($route.why, 503, 'no valid identity certificate for this source: ' + $route.why)),
     limited: $=>$.replaceMessage(() => resilience.refusal($attempt)),
-    tunnel: muxToTunnel,
-    local: muxToTarget,
-    direct: muxToTarget,
-    egress: muxToTarget,
+    tunnel: resilience.withTimeout(muxToTunnel, currentAttempt),
+    local: resilience.withTimeout(muxToTarget, currentAttempt),
+    direct: resilience.withTimeout(muxToTarget, currentAttempt),
+    egress: resilience.withTimeout(muxToTarget, currentAttempt),
   })
 
 // Requests a Retry covers: each try runs in repeat(); an answer to retry

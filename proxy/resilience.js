@@ -383,20 +383,40 @@ export function endConnection(service) {
   if (service) inflight[service + '#tcp'] = Math.max(0, (inflight[service + '#tcp'] || 1) - 1)
 }
 
-var SHORT_TIMEOUT_MS = 5000
-
-// Whether a try needs an upstream connection of its own: its timeout is short
-// against the pool's idle time (see muxToTarget in main.js).
-export function ownConnection(a) {
-  return Boolean(a && a.timeoutMs && a.timeoutMs < SHORT_TIMEOUT_MS)
+// The request timeout on this side, whatever the upstream does (a hung pod, a
+// cut link under a live tunnel connection): the try races a timer branch
+// (forkRace: the first branch to output wins, the other's output is dropped).
+// The timer branch's starting event, after the timeout, is a 504 without
+// headers (judged as a timeout); it drops the request it is also fed.
+var $branch = 0
+export function withTimeout(forward, current) {
+  return $=>$.pipe(() => current() && current().timeoutMs ? 'race' : 'plain', {
+    plain: forward,
+    race: $=>$.forkRace([0, 1]).to($=>$
+      .onStart((_, i) => {
+        $branch = i
+        if (i !== 1) return undefined
+        var ms = current().timeoutMs
+        return new Timeout(ms / 1000).wait().then(() => new Message({ status: 504, statusText: 'Gateway Timeout', headers: {} }, 'upstream request timeout (fsm-node)\n'))
+      })
+      .pipe(() => $branch === 1 ? 'timer' : 'forward', {
+        forward,
+        timer: $=>$.replaceMessage(msg => msg.head.status ? msg : []).replaceStreamEnd(() => []),
+      })
+    ),
+  })
 }
 
-// The upstream connect options of an attempt: connect timeout of the
-// service, read timeout = the attempt's timeout (the pool is keyed by it).
+// The upstream connect options of a try: the service's connect timeout, and
+// a read timeout POOL_SLACK_MS past the request timeout. Pipy's read clock
+// counts idle time and ticks once a second, so it cannot be the request
+// timeout itself (withTimeout is); past the pool's 4 s idle time it only
+// closes connections a hung request left behind.
+var POOL_SLACK_MS = 5000
 export function connectOptions(service, timeoutMs) {
   var s = settingsOf(service)
   var o = {}
   if (s.connectTimeoutMs) o.connectTimeout = s.connectTimeoutMs / 1000
-  if (timeoutMs) o.readTimeout = timeoutMs / 1000
+  if (timeoutMs) o.readTimeout = (timeoutMs + POOL_SLACK_MS) / 1000
   return o
 }

@@ -219,6 +219,35 @@ maybe('Pipy node proxy resilience under injected faults', () => {
     expect(back.pods.b2 ?? 0).toBeGreaterThan(0);
   }, 120_000);
 
+  test('a node whose link is cut: its endpoint costs a handful of timeouts, a Retry hides them, it is ejected, and back after the link heals', async () => {
+    await configure({ retries: [RETRY_5XX], upstreams: [{ connectionSettings: { http: { requestTimeout: '500ms' } }, outlierDetection: { consecutiveFailures: 2, baseEjectionTime: '3s' } }] });
+    // Warm the tunnel to n2 first: the cut then hits a live tunnel connection, the hard case.
+    expect((await load(A, 6)).statuses).toEqual({ '200': 6 });
+    const ul = topo.underlay.netns;
+    const timeouts = async () => metricValue(await proxies.get(n1)!.metrics(), 'fsmn_proxy_timeouts_total', { source: `${NS}/client`, service: `${NS}/echo` });
+    const timedOutBefore = await timeouts();
+    await topo.underlay.run('ip', ['link', 'set', 'u2', 'down']);
+    try {
+      const m = await load(A, 60);
+      expect(m.statuses).toEqual({ '200': 60 });
+      expect(m.pods.c ?? 0).toBe(0);
+      const metrics = await proxies.get(n1)!.metrics();
+      expect(metricValue(metrics, 'fsmn_proxy_ejected_endpoints', { endpoint: `${C.ip}:${PORT}` })).toBe(1);
+      // A handful: the consecutive failures that eject it (timeouts, or a reset of the
+      // tunnel stream), each hidden by a retry.
+      const timedOut = (await timeouts()) - timedOutBefore;
+      expect(timedOut).toBeGreaterThanOrEqual(1);
+      expect(timedOut).toBeLessThanOrEqual(3);
+      expect(ul).toMatch(/-ul$/);
+    } finally {
+      await topo.underlay.run('ip', ['link', 'set', 'u2', 'up']);
+    }
+    await new Promise((r) => setTimeout(r, 3500));
+    const back = await load(A, 30);
+    expect(back.statuses).toEqual({ '200': 30 });
+    expect(back.pods.c ?? 0).toBeGreaterThan(0);
+  }, 120_000);
+
   test('outlier detection never ejects more than the maximum share: with every endpoint failing, requests still try', async () => {
     await configure({ defaults: { outlierConsecutiveFailures: '1', outlierMaxEjectionPercent: '50' } });
     for (const p of [B1, B2, C]) fault(p, { kind: 'status', status: 500 });

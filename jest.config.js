@@ -4,6 +4,8 @@ const common = {
   preset: 'ts-jest/presets/default-esm',
   testEnvironment: 'node',
   moduleNameMapper: { '^(\\.{1,2}/.*)\\.js$': '$1' },
+  // .cache holds build trees (the arm64 proof copies the project there): not modules of ours.
+  modulePathIgnorePatterns: ['<rootDir>/.cache/'],
   transform: {
     '^.+\\.ts$': ['ts-jest', { useESM: true, diagnostics: false }],
   },

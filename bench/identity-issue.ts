@@ -21,7 +21,10 @@ import { intFlag, quantile, round } from './util.js';
  * --concurrency at a time, and times each answer. Afterwards it reads the
  * controller's RSS (/proc) and heap (its /metrics).
  *
- *   npm run bench -- identity-issue [--identities 1000] [--nodes 50] [--concurrency 32]
+ *   npm run bench -- identity-issue [--identities 1000] [--nodes 50] [--concurrency 32] [--cpu-prof DIR]
+ *
+ * --cpu-prof writes the controller's V8 CPU profile into DIR (open it in
+ * Chrome DevTools) to see where issuing spends its time.
  */
 
 const PORT_BASE = 15_800;
@@ -64,7 +67,8 @@ export async function run(flags: Record<string, string | boolean>): Promise<obje
 
     const port = PORT_BASE + (process.pid % 100);
     const state = join(dir, 'state');
-    ctrl = spawn(process.execPath, [cli, 'controller', '--manifests', manifests, '--tokens', join(dir, 'tokens.json'), '--listen', `127.0.0.1:${port}`, '--state-dir', state], {
+    const prof = typeof flags['cpu-prof'] === 'string' ? ['--cpu-prof', '--cpu-prof-dir', flags['cpu-prof']] : [];
+    ctrl = spawn(process.execPath, [...prof, cli, 'controller', '--manifests', manifests, '--tokens', join(dir, 'tokens.json'), '--listen', `127.0.0.1:${port}`, '--state-dir', state], {
       stdio: ['ignore', 'ignore', 'inherit'],
       env: { ...process.env, FSMN_LOG_LEVEL: 'warn', FSMN_LOG_FORMAT: 'json' },
     });

@@ -1,14 +1,14 @@
 import type { ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { chmodSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { noExclusions } from '../src/dataplane/types.js';
 import { IptablesDataplane } from '../src/dataplane/iptables/index.js';
-import { createCsr, createRoot, generateKeyPair, loadSigner, privateKeyToPem, signLeaf, type CaSigner } from '../src/identity/x509.js';
 import { Topology, type TopoNode, type TopoPod } from '../src/lab/topology.js';
 import { pipyBinary } from '../src/proxy/pipy.js';
 import { renderProxyConfig, type ProxyConfig, type ProxyIdentityFiles, type ProxyNodeFacts } from '../src/proxy/config.js';
+import { benchCa, benchLeaf } from './certs.js';
 import { parseWrk, type WrkResult } from './datapath.js';
 import { cpuTicks, policy, startProxy, stop, type RunningProxy } from './mesh.js';
 import { intFlag, round } from './util.js';
@@ -28,25 +28,12 @@ import { intFlag, round } from './util.js';
 const PORT = 8080;
 const OUT = 15001;
 const IN = 15003;
-const TRUST_DOMAIN = 'cluster.local';
 
 const HTTP_SERVER = `
 const http = require('node:http');
 http.createServer((req, res) => { res.writeHead(200, { 'content-type': 'text/plain', 'content-length': '2' }); res.end('ok'); })
   .listen(${PORT}, '0.0.0.0', () => console.log('listening'));
 `;
-
-async function leaf(ca: CaSigner, namespace: string, serviceAccount: string, dir: string): Promise<ProxyIdentityFiles> {
-  const keys = await generateKeyPair();
-  const identity = { namespace, serviceAccount };
-  const signed = await signLeaf(await createCsr(keys, TRUST_DOMAIN, identity), ca, { trustDomain: TRUST_DOMAIN, identity, lifetimeMs: 3_600_000 });
-  const d = join(dir, namespace, serviceAccount);
-  mkdirSync(d, { recursive: true, mode: 0o700 });
-  writeFileSync(join(d, 'key.pem'), await privateKeyToPem(keys.privateKey), { mode: 0o600 });
-  chmodSync(join(d, 'key.pem'), 0o600);
-  writeFileSync(join(d, 'cert.pem'), signed.chainPem.join(''));
-  return { certPath: join(d, 'cert.pem'), keyPath: join(d, 'key.pem'), notAfter: signed.notAfter, state: 'valid' };
-}
 
 const median = (xs: number[]): number => {
   const s = [...xs].sort((a, b) => a - b);
@@ -72,22 +59,25 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
     const [n1, n2] = topo.nodes as [TopoNode, TopoNode];
     const a = await topo.addPod(n1, 'a');
     const c = await topo.addPod(n2, 'c');
+    // wrk's own TIME_WAIT sockets would exhaust the pod's ports in the connection-per-request runs
+    // (after one 5 s run at a few thousand connections/s every connect() stalls): reuse them, as soak does.
+    const reuse = await a.run('sysctl', ['-qw', 'net.ipv4.tcp_tw_reuse=1']);
+    if (reuse.code !== 0) throw new Error(`sysctl net.ipv4.tcp_tw_reuse=1 in the client pod failed: ${reuse.stderr.trim()}`);
     const server = c.exec(process.execPath, ['-e', HTTP_SERVER], { stdio: ['ignore', 'pipe', 'pipe'] });
     running.push(server);
     await once(server.stdout!, 'data');
 
-    const root = await createRoot({ commonName: 'fsmbench-root', lifetimeMs: 86_400_000 });
-    const ca = await loadSigner(root.certPem, root.keyPem);
+    const ca = await benchCa();
     const files: Record<string, Record<string, ProxyIdentityFiles>> = {
-      [n1.name]: { 'bench/a': await leaf(ca, 'bench', 'a', join(work, 'ids', n1.name)) },
-      [n2.name]: { 'bench/c': await leaf(ca, 'bench', 'c', join(work, 'ids', n2.name)) },
+      [n1.name]: { 'bench/a': await benchLeaf(ca.signer, 'bench', 'a', join(work, 'ids', n1.name)) },
+      [n2.name]: { 'bench/c': await benchLeaf(ca.signer, 'bench', 'c', join(work, 'ids', n2.name)) },
     };
     const nodeAddrs = (n: TopoNode) => [n.underlayIp, n.gateway];
     const configs = (mode: Mode): [ProxyConfig, ProxyConfig] => {
       const facts = (n: TopoNode): ProxyNodeFacts => ({
         outboundPort: OUT,
         inboundPort: IN,
-        ...(mode === 'mtls' ? { trust: { trustDomain: TRUST_DOMAIN, bundle: [root.certPem] }, identities: files[n.name] } : {}),
+        ...(mode === 'mtls' ? { trust: ca.trust, identities: files[n.name] } : {}),
       });
       return [
         renderProxyConfig(policy(n1.name, nodeAddrs(n1), [a], [{ pod: c, node: n2.name, address: n2.underlayIp }]), facts(n1)),

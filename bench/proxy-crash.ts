@@ -35,6 +35,11 @@ import { intFlag, nodeProxy, quantile, round } from './util.js';
  *                           kill) that failed: the target is 0 with 2 instances;
  *   broken_in_flight        connections open at the moment of a kill that failed
  *                           (only the killed instance's own may break);
+ *   failed_new_after_kill_ms  each failed new connection's start and end after
+ *                           the kill before it (a race with the kill, or later);
+ *   tunnel_retries          cross-node: requests the client's node proxy sent
+ *                           again because their tunnel failed before the far
+ *                           side answered it (proxy/tunnel.js);
  *   rps_before_kill, relisten_ms (kill -> that instance listening again),
  *   rss_kb per instance idle and under load.
  * The supervisor warns about every kill: run with FSMN_LOG_LEVEL=error to keep
@@ -136,6 +141,10 @@ export interface CrashResult {
   broken_in_flight: number;
   /** A few failure codes with their phase, to tell what broke. */
   failure_kinds: Record<string, number>;
+  /** Each failed new connection's start and end, ms after the kill before it. */
+  failed_new_after_kill_ms: Array<[number, number]>;
+  /** Cross-node: requests the client's node proxy sent again because their tunnel failed before the far side answered (proxy/tunnel.js). */
+  tunnel_retries: number;
   rps_before_kill: number;
   relisten_ms: number[];
   rss_kb_idle: number[];
@@ -163,18 +172,24 @@ function rssKb(pid: number): number {
 }
 
 /** Failures split by whether the connection was open at a kill (in flight) or started after one (new). */
-export function classifyFailures(failures: ReadonlyArray<readonly [number, number, string, string]>, kills: readonly number[]): { failedNew: number; brokenInFlight: number; kinds: Record<string, number> } {
+export function classifyFailures(failures: ReadonlyArray<readonly [number, number, string, string]>, kills: readonly number[]): { failedNew: number; brokenInFlight: number; kinds: Record<string, number>; newAfterKillMs: Array<[number, number]> } {
   let failedNew = 0;
   let brokenInFlight = 0;
   const kinds: Record<string, number> = {};
+  const newAfterKillMs: Array<[number, number]> = [];
   for (const [start, end, phase, code] of failures) {
     const inFlight = kills.some((k) => start <= k && k <= end);
     if (inFlight) brokenInFlight += 1;
-    else failedNew += 1;
+    else {
+      failedNew += 1;
+      // When it started and ended after the last kill before it: tells a race with the kill from a later fault.
+      const k = Math.max(...kills.filter((t) => t <= start));
+      if (Number.isFinite(k)) newAfterKillMs.push([round((start - k) / 1000, 1), round((end - k) / 1000, 1)]);
+    }
     const kind = `${inFlight ? 'in-flight' : 'new'} ${phase} ${code}`;
     kinds[kind] = (kinds[kind] ?? 0) + 1;
   }
-  return { failedNew, brokenInFlight, kinds };
+  return { failedNew, brokenInFlight, kinds, newAfterKillMs };
 }
 
 /**
@@ -327,9 +342,12 @@ export class CrashRig {
       }
       client.stdin!.end();
       await exited;
+      // The client's node proxy was not killed (--kill server) or its counters are summed across restarts.
+      const clientMetrics = (await sups.get(this.topo.nodes[0]!)!.metrics()) ?? '';
+      const retries = [...clientMetrics.matchAll(/^fsmn_proxy_tunnel_retries_total\{[^}]*\} (\S+)$/gm)].reduce((a, m) => a + Number(m[1]), 0);
       const load = JSON.parse(text.split('\n').find((l) => l.startsWith('{')) ?? 'null') as LoadOutput | null;
       if (!load) throw new Error(`load client printed no result: ${text.slice(-300)}`);
-      const { failedNew, brokenInFlight, kinds } = classifyFailures(load.failures, killAt);
+      const { failedNew, brokenInFlight, kinds, newAfterKillMs } = classifyFailures(load.failures, killAt);
       const firstKillBucket = Math.floor((killAt[0]! - load.t0) / 100_000);
       const before = load.okPer100ms.slice(2, Math.max(3, firstKillBucket));
       return {
@@ -344,6 +362,8 @@ export class CrashRig {
         failed_new_connections: failedNew,
         broken_in_flight: brokenInFlight,
         failure_kinds: kinds,
+        failed_new_after_kill_ms: newAfterKillMs,
+        tunnel_retries: retries,
         rps_before_kill: round((before.reduce((a, b) => a + b, 0) / Math.max(1, before.length)) * 10, 0),
         relisten_ms: relisten,
         rss_kb_idle: rssIdle,

@@ -4,13 +4,13 @@
 
 import config from './config.js'
 
-var ALLOW_ALL = { tcp: true, http: [] }
-var DENY = { tcp: false, http: [] }
+var ALLOW_ALL = { tcp: true, http: [], mqtt: [] }
+var DENY = { tcp: false, http: [], mqtt: [] }
 var cache = new algo.Cache({ size: 10000 })
 
 // What (source identity, destination identity, port) is allowed:
 // { tcp: true } every byte; { tcp: false, http: [...] } only matching requests;
-// { tcp: false, http: [] } nothing.
+// { tcp: false, http: [] } nothing. mqtt: the MQTTRouteGroup matches (proxy/mqtt.js).
 export function grant(srcId, dstId, port) {
   if (config.trafficPolicy !== 'smi') return ALLOW_ALL
   if (!srcId || !dstId) return DENY
@@ -19,15 +19,24 @@ export function grant(srcId, dstId, port) {
   if (g) return g
   var tcp = false
   var http = []
+  var mqtt = []
   ;(config.access[dstId] || []).forEach(rule => {
     if (rule.port !== null && rule.port !== port) return
     if (rule.sources.indexOf(srcId) < 0) return
     if (rule.tcpAllPorts || rule.tcpPorts.indexOf(port) >= 0) tcp = true
     http = http.concat(rule.http)
+    mqtt = mqtt.concat(rule.mqtt || [])
   })
-  g = { tcp, http }
+  g = { tcp, http, mqtt }
   cache.set(key, g)
   return g
+}
+
+// May a connection on a port of this protocol start under this grant? TCP:
+// only with a TCPRoute; MQTT: also with MQTTRouteGroup matches, which
+// proxy/mqtt.js then enforces packet by packet.
+export function connectionAllowed(g, protocol) {
+  return g.tcp || (protocol === 'mqtt' && g.mqtt.length > 0)
 }
 
 // One HTTP request under a grant.

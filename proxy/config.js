@@ -17,10 +17,12 @@ var EMPTY = {
   endpoints: {},
   meshPods: {},
   access: {},
+  mqtt: { topicLevels: 2, maxTopics: 500, maxPacketBytes: 1048576 },
 }
 
 var config = Object.assign({}, EMPTY, JSON.decode(pipy.load('config.json')) || {})
 config.version = String(config.version)
+config.mqtt = Object.assign({}, EMPTY.mqtt, config.mqtt || {})
 
 function anchored(re) {
   return new RegExp('^(?:' + re + ')$')
@@ -33,10 +35,18 @@ function compileMatch(m) {
   m.headerList = Object.entries(m.headers).map(([k, v]) => [k, anchored(v)])
 }
 
+// An MQTTRouteGroup match (proxy/mqtt.js): client id regex anchored, filters split into levels once.
+function compileMqttMatch(m) {
+  m.clientIdRe = m.clientId === null ? null : anchored(m.clientId)
+  m.publishLevels = m.publish.map(f => f.split('/'))
+  m.subscribeLevels = m.subscribe.map(f => f.split('/'))
+}
+
 Object.values(config.access).forEach(
-  rules => rules.forEach(
-    rule => rule.http.forEach(compileMatch)
-  )
+  rules => rules.forEach(rule => {
+    rule.http.forEach(compileMatch)
+    ;(rule.mqtt || []).forEach(compileMqttMatch)
+  })
 )
 
 // Several cluster IPs of a service share one entry: compile each match once.

@@ -12,18 +12,26 @@
 
 import config from './config.js'
 import { decide, protocolOf } from './route.js'
-import { grant, requestAllowed } from './access.js'
+import { connectionAllowed, grant, requestAllowed } from './access.js'
 import * as metrics from './metrics.js'
 import * as tls from './tls.js'
+import * as tunnel from './tunnel.js'
+import * as mc from './multicluster.js'
+import * as mqtt from './mqtt.js'
+import * as gateway from './gateway.js'
+import * as egress from './egress.js'
 import * as resilience from './resilience.js'
 
 var SOURCE_HEADER = 'fsmn-source-identity'
 
-// How long an idle upstream HTTP connection (or HTTP tunnel to a peer) waits
+// How long an idle upstream HTTP connection (tunnel.js: an HTTP tunnel to a peer, too) waits
 // in its pool for the next request. Below the 5 s keep-alive timeout of Node
 // and Apache, so the proxy, not the server, closes an idle connection: no
 // request is sent on a connection the server is closing.
 var UPSTREAM_MAX_IDLE = 4
+
+// Attempts to a clusterset IP tell multicluster.js which gateways answer (and count failovers).
+resilience.observeAttempts(mc.attemptOutcome)
 
 metrics.configVersion.clear()
 metrics.configVersion.withLabels(config.version).set(1)
@@ -39,7 +47,10 @@ var why
 // Per HTTP request
 var $start
 var $head
+// The request's attempts (resilience.js): its retry policy, tries so far, endpoints and clusters tried
 var $attempt
+// Tunnels from other clusters: the exported service ("name.ns:port") a tunnel names
+var $gwTarget
 
 // The original destination. The new-style listener of Pipy 1.5.x sets its
 // options after bind, so the first redirected connection after start can
@@ -60,6 +71,12 @@ function portOf(target) {
   return +target.substring(target.lastIndexOf(':') + 1)
 }
 
+// The protocol of a pod port, as the services selecting the pod describe it.
+function protocolAt(target) {
+  var ep = config.endpoints[target.substring(0, target.lastIndexOf(':'))]
+  return (ep && ep.ports[portOf(target)]) || 'tcp'
+}
+
 function sourceIdentity(ip) {
   var pod = config.pods[ip]
   return pod ? pod.identity : ''
@@ -69,28 +86,22 @@ function labelsOf(srcId, route) {
   return [srcId || 'unknown', route.identity || (route.mode === 'egress' ? 'external' : 'unknown')]
 }
 
-function tunnelRequest() {
-  var headers = { host: $route.target }
-  if ($srcId && !tls.enabled) headers[SOURCE_HEADER] = $srcId
-  return new Message({ method: 'CONNECT', path: $route.target, headers })
-}
-
 function deny(reason, status, text) {
   metrics.denied.withLabels($labels[0], $labels[1], reason).increase()
   return new Message({ status, headers: { 'content-type': 'text/plain' } }, text + '\n')
 }
 
-// Tunnels to one peer node proxy are HTTP/2 streams over one shared
-// connection (per source and destination identity under mTLS): a cross-node
-// connection costs no extra TCP or TLS handshake.
-var toPeerProxy = $=>$
-  .muxHTTP(() => tls.poolKey($srcId, $route), { version: 2 }).to(
-    tls.connectPeer(() => $route.tunnel)
-  )
-
 var closeNow = $=>$.replaceStreamStart(new StreamEnd)
-var connectUpstream = $=>$.connect(() => $route.target, () => resilience.connectOptions($attempt && $attempt.service, $attempt && $attempt.timeoutMs))
 var connectTarget = $=>$.connect(() => $route.target)
+var connectUpstream = $=>$.connect(() => $route.target, () => resilience.connectOptions($attempt && $attempt.service, $attempt && $attempt.timeoutMs))
+// The last hop to a pod of this node: MQTT ports go through proxy/mqtt.js
+// (topic access control and metrics) on the identity this hop proved.
+var mqttInfo = () => ({ source: $srcId || 'unknown', broker: $route.identity || 'unknown', grant: $grant })
+var toLocalPod = $=>$
+  .pipe(() => (protocolAt($route.target) === 'mqtt' ? 'mqtt' : 'tcp'), {
+    mqtt: mqtt.guard(mqttInfo, connectTarget),
+    tcp: connectTarget,
+  })
 // Upstream HTTP connections are pooled per target and shared by all clients:
 // a request takes an idle connection or opens one (maxQueue 1: one request at
 // a time per connection, so no request queues behind another client's), and
@@ -108,23 +119,39 @@ var connectTarget = $=>$.connect(() => $route.target)
 var muxToTarget = $=>$
   .muxHTTP(() => $route.target + '|' + ($attempt ? $attempt.timeoutMs : ''), { maxIdle: UPSTREAM_MAX_IDLE }).to(connectUpstream)
 
-// HTTP over a tunnel to the target's node proxy: pooled the same way, but per
-// source identity too, because the tunnel carries the identity the far side
-// authorises every request of that tunnel with (its CONNECT header, or under
-// mTLS the certificate of the peer connection it rides).
-var muxToTunnel = $=>$
-  .muxHTTP(() => $srcId + '>' + $route.target, { maxIdle: UPSTREAM_MAX_IDLE }).to($=>$
-    .connectHTTPTunnel(() => tunnelRequest()).to(toPeerProxy)
+// HTTP over a tunnel to the target's node proxy: a tunnel per pod connection
+// and target, never shared with another connection (tunnel.js says why), so
+// it carries one source identity, which the far side authorises every request
+// of that tunnel with (its CONNECT header, or under mTLS the certificate of
+// the peer connection it rides).
+
+// To another cluster's gateway (multicluster.js): HTTP CONNECT naming the
+// service, as HTTP/2 streams over one connection per gateway. HTTP requests
+// ride connections that time out after 2 s without a byte (a cut uplink is
+// noticed within that, and the requests in flight fail over); long-lived TCP
+// tunnels get their own connections without that timeout.
+var gatewayRequest = () => new Message({ method: 'CONNECT', path: $route.target, headers: { host: $route.target } })
+var toGateway = (kind, options) => $=>$
+  .muxHTTP(() => kind + '>' + $route.tunnel, { version: 2 }).to($=>$
+    .connect(() => $route.tunnel, options)
+  )
+var toGatewayTCP = $=>$
+  .connectHTTPTunnel(gatewayRequest).to(toGateway('tcp', { connectTimeout: 1 }))
+  .handleStreamEnd(eos => { if (eos.error) mc.markDead($route.tunnel) })
+var muxToGateway = $=>$
+  .muxHTTP(() => 'gw>' + $route.tunnel + '>' + $route.target, { maxIdle: UPSTREAM_MAX_IDLE }).to($=>$
+    .connectHTTPTunnel(gatewayRequest).to(toGateway('http', { connectTimeout: 1, readTimeout: 2 }))
   )
 
 // ---- outbound, TCP: one decision per connection ------------------------------
 
 var outboundTCP = $=>$
   .onStart(() => {
-    $route = decide($dstIp, $dstPort)
+    $route = mc.decideImport($dstIp, $dstPort) || decide($dstIp, $dstPort)
     $labels = labelsOf($srcId, $route)
     metrics.connections.withLabels($labels[0], $labels[1]).increase()
-    if ($route.mode === 'local' && !grant($srcId, $route.identity, portOf($route.target)).tcp) {
+    if ($route.tier !== undefined) mc.routed.withLabels($route.service, $route.cluster || 'none').increase()
+    if ($route.mode === 'local' && !connectionAllowed($grant = grant($srcId, $route.identity, portOf($route.target)), protocolAt($route.target))) {
       metrics.denied.withLabels($labels[0], $labels[1], 'access').increase()
       $route = Object.assign({}, $route, { mode: 'denied' })
     } else if ($route.mode === 'refused' || $route.mode === 'unavailable') {
@@ -134,9 +161,10 @@ var outboundTCP = $=>$
       $route = Object.assign({}, $route, { mode: 'refused' })
     } else if ((why = resilience.admitConnection($srcId, $route.service))) {
       metrics.denied.withLabels($labels[0], $labels[1], why).increase()
-      $route = Object.assign({}, $route, { mode: 'refused', admitted: false })
+      $route = Object.assign({}, $route, { mode: 'refused' })
     } else {
-      $route.admitted = true
+      $route = Object.assign({}, $route, { admitted: true })
+      if ($route.mode === 'tunnel') tunnel.use($srcId, $route, $labels)
     }
   })
   .handleStreamEnd(() => { if ($route.admitted) resilience.endConnection($route.service) })
@@ -145,8 +173,9 @@ var outboundTCP = $=>$
     denied: closeNow,
     refused: closeNow,
     unavailable: closeNow,
-    tunnel: $=>$.connectHTTPTunnel(() => tunnelRequest()).to(toPeerProxy),
-    local: connectTarget,
+    tunnel: tunnel.tcp,
+    gateway: toGatewayTCP,
+    local: toLocalPod,
     direct: connectTarget,
     egress: connectTarget,
   })
@@ -154,61 +183,78 @@ var outboundTCP = $=>$
 
 // ---- outbound, HTTP: one decision per request (splits balance requests) ------
 
-// One try of a request: decide (avoiding endpoints already tried), check
-// access and admission (resilience.js), forward.
+// One HTTP request is one attempt loop of resilience.js. Each attempt asks
+// for its next target (nextRoute), is judged by access control and admitted
+// (circuit, limits, rate limits), forwarded under its timeout, and its answer
+// or failure is judged: it feeds outlier detection, circuit breaking and the
+// clusterset's gateway marks, and may end the attempt to try again elsewhere.
+// A request a retry policy covers (a Retry object, or the failover of a
+// clusterset IP) runs its attempts in repeat(); other requests go once and
+// pay nothing for it.
+
+// The next target: for a clusterset IP the first usable tier's member, the
+// clusters already tried skipped (multicluster.js); else an endpoint of the
+// service, outlier-aware, avoiding the endpoints already tried (route.js).
+function nextRoute(head) {
+  var a = $attempt
+  return mc.decideImport($dstIp, $dstPort, head, a.clusters, a.tried) || decide($dstIp, $dstPort, head, a.tried)
+}
+
 function decideRequest(msg) {
-  $route = decide($dstIp, $dstPort, msg.head, $attempt.tried)
+  var a = $attempt
+  resilience.attemptStarts(a)
+  $route = nextRoute(msg.head)
   $labels = labelsOf($srcId, $route)
-  if ($attempt.n === 0) metrics.requests.withLabels($labels[0], $labels[1]).increase()
+  if (a.n === 0) metrics.requests.withLabels($labels[0], $labels[1]).increase()
+  if ($route.tier !== undefined) mc.routed.withLabels($route.service, $route.cluster || 'none').increase()
   if ($route.mode === 'local') {
     $grant = grant($srcId, $route.identity, portOf($route.target))
     if (!requestAllowed($grant, msg.head)) $route = Object.assign({}, $route, { mode: 'denied' })
   } else if ($route.mode === 'tunnel' && (why = tls.refusal($srcId, $route))) {
     $route = Object.assign({}, $route, { mode: 'unauthenticated', why })
   }
-  if ($route.service && $route.pool && resilience.admit($attempt, $route.service)) $route = Object.assign({}, $route, { mode: 'limited', pool: null })
-  // The far node proxy applies the timeout to its hop to the pod; only it may be told.
-  delete msg.head.headers[resilience.TIMEOUT_HEADER]
-  if ($route.mode === 'tunnel' && $attempt.timeoutMs) msg.head.headers[resilience.TIMEOUT_HEADER] = String($attempt.timeoutMs)
+  if (resilience.toEndpoint($route) && resilience.admit(a, $route.service)) $route = Object.assign({}, $route, { mode: 'limited', pool: null })
+  if ($route.mode === 'tunnel') tunnel.use($srcId, $route, $labels)
+  resilience.dispatch(a, $route, msg.head)
 }
 
 var currentAttempt = () => $attempt
 
-// Appends the filters of one try to `$` (used in both paths below).
-var forwardRequest = $=>$
+var forwardByMode = {
+  denied: $=>$.replaceMessage(() => deny('access', 403, 'access denied by fsm-node')),
+  refused: $=>$.replaceMessage(() => deny('refused', 503, 'no endpoint available')),
+  unavailable: $=>$.replaceMessage(() => deny('unavailable', 503, 'no endpoint available')),
+  unauthenticated: $=>$.replaceMessage(() => deny($route.why, 503, 'no valid identity certificate for this source: ' + $route.why)),
+  limited: $=>$.replaceMessage(() => resilience.refusal($attempt)),
+  tunnel: resilience.withTimeout(tunnel.http, currentAttempt),
+  gateway: resilience.withTimeout(muxToGateway, currentAttempt),
+  local: resilience.withTimeout(muxToTarget, currentAttempt),
+  direct: resilience.withTimeout(muxToTarget, currentAttempt),
+  egress: resilience.withTimeout(muxToTarget, currentAttempt),
+}
+
+// One attempt: decided, sent, judged. An answer to try again is dropped as
+// it arrives and ends the attempt (StreamEnd 'Replay') at its end.
+var attemptRequest = $=>$
   .handleMessageStart(decideRequest)
   .handleData(d => { if ($attempt.n === 0) metrics.bytes.withLabels($labels[0], $labels[1], 'sent').increase(d.size) })
-  .pipe(() => $route.mode, {
-    denied: $=>$.replaceMessage(() => deny('access', 403, 'access denied by fsm-node')),
-    refused: $=>$.replaceMessage(() => deny('refused', 503, 'no endpoint available')),
-    unavailable: $=>$.replaceMessage(() => deny('unavailable', 503, 'no endpoint available')),
-    unauthenticated: $=>$.replaceMessage(() => deny($route.why, 503, 'no valid identity certificate for this source: ' + $route.why)),
-    limited: $=>$.replaceMessage(() => resilience.refusal($attempt)),
-    tunnel: resilience.withTimeout(muxToTunnel, currentAttempt),
-    local: resilience.withTimeout(muxToTarget, currentAttempt),
-    direct: resilience.withTimeout(muxToTarget, currentAttempt),
-    egress: resilience.withTimeout(muxToTarget, currentAttempt),
-  })
+  .pipe(() => $route.mode, forwardByMode)
+  .replaceMessageStart(msg => resilience.judgeAnswer($attempt, $route, msg))
+  .replaceData(d => resilience.passData($attempt, d))
+  .replaceMessageEnd(e => resilience.judgeMessageEnd($attempt, e))
+  .replaceStreamEnd(e => resilience.judgeEnd($attempt, $route, e))
 
-// Requests a Retry covers: each try runs in repeat(); an answer to retry
-// (judged on the whole message, so nothing of it reaches the client) ends
-// the try with StreamEnd('Replay') and the request is played again after a
-// backoff. Other requests stream through once; their answers only feed
-// outlier detection and circuit breaking.
 var outboundHTTP = $=>$
   .demuxHTTP().to($=>$
     .handleMessageStart(msg => {
       $start = Date.now()
-      $attempt = resilience.begin($srcId, msg.head, $dstIp + ':' + $dstPort)
+      var imp = mc.importAt($dstIp, $dstPort)
+      var svc = imp ? null : config.services[$dstIp + ':' + $dstPort]
+      $attempt = resilience.begin($srcId, msg.head, imp ? imp.service : (svc ? svc.service : null), imp !== null)
     })
     .pipe(() => $attempt.mayRetry ? 'retry' : 'once', {
-      retry: $=>$.repeat(evt => resilience.again($attempt, evt)).to($=>forwardRequest($)
-        .replaceMessage(msg => resilience.judgeAnswer($attempt, $route, msg))
-        .replaceStreamEnd(evt => evt.error ? resilience.judgeEnd($attempt, $route, evt) : evt)
-      ),
-      once: $=>forwardRequest($)
-        .replaceMessageStart(msg => resilience.judgeAnswer($attempt, $route, msg))
-        .replaceStreamEnd(evt => evt.error ? resilience.judgeEnd($attempt, $route, evt) : evt),
+      retry: $=>$.repeat(evt => resilience.again($attempt, evt)).to(attemptRequest),
+      once: attemptRequest,
     })
     .handleMessageEnd(() => resilience.end($attempt))
     .handleStreamEnd(() => resilience.end($attempt))
@@ -229,7 +275,15 @@ pipy.listen(config.listen.outbound, { transparent: true }, $=>$
     // An empty chunk starts the pipeline now, so a server-first protocol gets its connection.
     return new Data
   })
-  .pipe(() => $dstIp !== '' && protocolOf($dstIp, $dstPort) === 'http' ? 'http' : 'tcp', { http: outboundHTTP, tcp: outboundTCP })
+  // Clusterset IPs first (mesh destinations in another cluster); then, under
+  // egress deny, a destination outside the mesh is egress.js's to judge (its branches are 'egress:*').
+  .pipe(() => {
+    if ($dstIp === '') return 'tcp'
+    var imported = mc.protocolOf($dstIp, $dstPort)
+    if (imported) return imported === 'http' ? 'http' : 'tcp'
+    if (egress.handles($srcId, $dstIp, $dstPort)) return 'egress:' + egress.outbound($srcId, $dstIp, $dstPort)
+    return protocolOf($dstIp, $dstPort) === 'http' ? 'http' : 'tcp'
+  }, Object.assign({ http: outboundHTTP, tcp: outboundTCP }, egress.branches))
 )
 
 // ---- inbound: tunnels from the other node proxies ----------------------------
@@ -268,7 +322,8 @@ pipy.listen(config.listen.inbound, tls.serve($=>$
     $grant = grant($srcId, ep.identity, port)
     $dstIp = ip
     $dstPort = port
-    if ((ep.ports[port] || 'tcp') === 'tcp' && !$grant.tcp) return refuse('denied', 403, 'access denied by fsm-node')
+    var protocol = ep.ports[port] || 'tcp'
+    if (protocol !== 'http' && !connectionAllowed($grant, protocol)) return refuse('denied', 403, 'access denied by fsm-node')
     metrics.tunnels.withLabels(labels[0], labels[1], 'accepted', tls.transport).increase()
     return new Message({ status: 200 })
   }).to($=>$
@@ -284,7 +339,75 @@ pipy.listen(config.listen.inbound, tls.serve($=>$
           })
           .replaceStreamEnd(evt => resilience.peerHopEnd(evt))
         ),
+      mqtt: mqtt.guard(mqttInfo, connectTarget),
       tcp: connectTarget,
     })
   ))
 ))
+
+// ---- from other clusters: the gateway listener (multicluster.js) -------------
+//
+// Every node proxy of a cluster in a clusterset listens; other clusters send
+// only to the nodes labelled as gateways. A tunnel names an exported service
+// ("name.ns:port"), never a pod; the endpoint is picked here, and reached
+// like any local destination (on this node, or through its node's proxy).
+// GET /healthz answers 200 (a probe of the gateway itself).
+// The source's identity does not cross clusters yet: under smi, access is
+// judged for an unknown source and so denied (fail closed).
+
+if (mc.enabled) pipy.listen(mc.gatewayPort(), $=>$
+  .onStart(() => { $srcId = '' })
+  .demuxHTTP().to($=>$
+    .handleMessageStart(msg => { $head = msg.head })
+    .pipe(() => $head.method === 'CONNECT' ? 'tunnel' : 'health', {
+      health: $=>$.replaceMessage(() => new Message({ status: $head.path === '/healthz' ? 200 : 404 }, 'cluster ' + mc.clusterName() + '\n')),
+      tunnel: $=>$.acceptHTTPTunnel(req => {
+        var target = req.head.path || ''
+        var refuse = (status, result, text) => {
+          mc.gatewayTunnels.withLabels(target, result).increase()
+          return new Message({ status, headers: { [mc.GATEWAY_HEADER]: mc.clusterName() } }, text + '\n')
+        }
+        var a = mc.acceptFromCluster(target)
+        if (!a.route) return refuse(a.status, a.status === 404 ? 'no-such-service' : 'unavailable', a.text)
+        $route = a.route
+        $gwTarget = target
+        if (mc.exportProtocol(target) === 'tcp') {
+          if ($route.mode === 'local' && !grant($srcId, $route.identity, portOf($route.target)).tcp) return refuse(403, 'denied', 'access denied by fsm-node')
+          if ($route.mode === 'tunnel' && (why = tls.refusal($srcId, $route))) return refuse(503, why, 'cannot reach the endpoint: ' + why)
+        }
+        mc.gatewayTunnels.withLabels(target, 'accepted').increase()
+        return new Message({ status: 200 })
+      }).to($=>$
+        .onStart(() => new Data)
+        .pipe(() => mc.exportProtocol($gwTarget), {
+          // HTTP: every request inside the tunnel picks its endpoint and is judged on its own.
+          http: $=>$.demuxHTTP().to($=>$
+            .handleMessageStart(msg => {
+              var a = mc.acceptFromCluster($gwTarget, msg.head)
+              $route = a.route || { mode: 'unavailable' }
+              if ($route.mode === 'local' && !requestAllowed(grant($srcId, $route.identity, portOf($route.target)), msg.head)) $route = { mode: 'denied' }
+              else if ($route.mode === 'tunnel' && tls.refusal($srcId, $route)) $route = { mode: 'unavailable' }
+              else if ($route.mode === 'tunnel') tunnel.use($srcId, $route, labelsOf($srcId, $route))
+            })
+            .pipe(() => $route.mode, {
+              denied: $=>$.replaceMessage(() => new Message({ status: 403, headers: { [mc.GATEWAY_HEADER]: mc.clusterName() } }, 'access denied by fsm-node\n')),
+              unavailable: $=>$.replaceMessage(() => new Message({ status: 503, headers: { [mc.GATEWAY_HEADER]: mc.clusterName() } }, 'no ready endpoint in cluster ' + mc.clusterName() + '\n')),
+              local: muxToTarget,
+              tunnel: tunnel.http,
+            })
+          ),
+          tcp: $=>$
+            .onStart(() => { if ($route.mode === 'tunnel') tunnel.use($srcId, $route, labelsOf($srcId, $route)) })
+            .pipe(() => $route.mode, {
+              local: connectTarget,
+              tunnel: tunnel.tcp,
+            }),
+        })
+      ),
+    })
+  )
+)
+
+// ---- ingress: the Gateway API listeners of this node (gateway.js) ----------------
+
+gateway.listen()

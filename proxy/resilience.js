@@ -6,8 +6,9 @@
 // learned about an endpoint; with --threads=N each thread learns on its own
 // (limits then hold per thread: docs/resilience.md says so).
 //
-// The outlier API is usable on its own (issue 19 builds failover on it):
+// The outlier API (route.js picks by it, multicluster.js judges the local tier by it):
 //   usable(target)        false while the endpoint "ip:port" is ejected or its node's tunnel is down
+//   healthy(target)       usable, and not failing right now (see there)
 //   peerUsable(tunnel)    false while the tunnel to that node proxy is considered down
 
 import config from './config.js'
@@ -52,7 +53,7 @@ function tunnelOf(target) {
 
 // ---- outlier detection -------------------------------------------------------
 
-var endpoints = {} // "ip:port" -> { fails, ejections, until, service }
+var endpoints = {} // "ip:port" -> { fails, ejections, until, service, lastFail }
 var peers = {}     // tunnel "ip:port" -> { fails, ejections, until }
 
 function ejectionMs(o, n) {
@@ -61,13 +62,39 @@ function ejectionMs(o, n) {
 
 export function peerUsable(tunnel) {
   var p = tunnel && peers[tunnel]
-  return !p || p.until <= Date.now()
+  if (!p || p.until === 0) return true
+  if (p.until > Date.now()) return false
+  p.until = 0
+  peersDown.withLabels(tunnel).set(0)
+  return true
 }
+
+function peerDown(p, t, o, service) {
+  p.ejections++
+  p.fails = 0
+  p.until = Date.now() + ejectionMs(o, p.ejections)
+  peersDown.withLabels(t).set(1)
+  ejections.withLabels(service, 'peer:' + t).increase()
+}
+
 
 export function usable(target) {
   var e = endpoints[target]
   if (e && e.until > Date.now()) return false
   return peerUsable(tunnelOf(target))
+}
+
+// For a caller that has somewhere else to go (a clusterset IP's next tier):
+// usable, and not at its consecutive-failure threshold within the last base
+// ejection time, even where maxEjectionPercent kept it in its pool (the only
+// endpoint of a service is never ejected). After that time real traffic
+// probes it again; one success clears it.
+export function healthy(target) {
+  if (!usable(target)) return false
+  var e = endpoints[target]
+  if (!e || e.fails === 0) return true
+  var o = settingsOf(e.service).outlier
+  return !o.enabled || e.fails < o.consecutiveFailures || Date.now() - e.lastFail >= o.baseEjectionMs
 }
 
 // The endpoints a request may go to: the usable ones not tried yet; when
@@ -93,7 +120,7 @@ function expire(e, key, service) {
 // endpoints at once.
 export function record(service, pool, target, ok, peerFailure) {
   var o = settingsOf(service).outlier
-  var e = endpoints[target] || (endpoints[target] = { fails: 0, ejections: 0, until: 0 })
+  var e = endpoints[target] || (endpoints[target] = { fails: 0, ejections: 0, until: 0, service, lastFail: 0 })
   expire(e, target, service)
   if (ok) {
     e.fails = 0
@@ -103,16 +130,11 @@ export function record(service, pool, target, ok, peerFailure) {
     return
   }
   if (!o.enabled) return
+  e.lastFail = Date.now()
   if (peerFailure) {
     var t = tunnelOf(target)
     var p = t && (peers[t] || (peers[t] = { fails: 0, ejections: 0, until: 0 }))
-    if (p && ++p.fails >= o.consecutiveFailures && p.until <= Date.now()) {
-      p.ejections++
-      p.fails = 0
-      p.until = Date.now() + ejectionMs(o, p.ejections)
-      peersDown.withLabels(t).set(1)
-      ejections.withLabels(service, 'peer:' + t).increase()
-    }
+    if (p && ++p.fails >= o.consecutiveFailures && p.until <= Date.now()) peerDown(p, t, o, service)
   }
   if (++e.fails < o.consecutiveFailures || e.until > 0) return
   // Never more than the maximum share of the pool ejected at once.
@@ -190,26 +212,45 @@ function routeOf(settings, path) {
   return null
 }
 
-// A new request from `srcId` to the original destination `dst`: its state,
-// carried across tries. mayRetry: a Retry covers this source and service and
-// the method is safe to repeat (only then is the answer buffered to judge it).
-export function begin(srcId, head, dst) {
-  var svc = config.services[dst]
+// The failover of a clusterset IP (multicluster.js tiers) when no Retry
+// covers it: safe methods (RFC 9110 9.2.1), on a 5xx or no answer, at once to
+// the next usable tier, at most 3 tries.
+var FAILOVER = { policy: 'failover', statuses: [], classes: ['5xx'], reset: true, connectFailure: true, numRetries: 2, perTryTimeoutMs: null, backoffBaseMs: 0 }
+var SAFE_METHODS = { GET: true, HEAD: true, OPTIONS: true, TRACE: true }
+
+// A new request from `srcId` to the destination `service` (ns/name; null: no
+// service), `imported`: to a clusterset IP. Its state, carried across
+// attempts. mayRetry: a retry policy covers it and its method is safe to
+// repeat (only then does it run in repeat(), which holds the request).
+export function begin(srcId, head, service, imported) {
   var byService = srcId && RETRIES[srcId]
-  var mayRetry = Boolean(svc && byService && byService[svc.service] && RETRY_METHODS[head.method])
-  return { srcId: srcId || 'unknown', head, mayRetry, n: 0, tried: [], service: null, retry: null, route: null, admitted: false, done: false, retryHeld: false, start: Date.now(), timeoutMs: null, rejected: '' }
+  var retry = (service && byService && byService[service]) || null
+  var methods = RETRY_METHODS
+  if (!retry && imported) {
+    retry = FAILOVER
+    methods = SAFE_METHODS
+  }
+  return {
+    srcId: srcId || 'unknown', head, name: service || 'none', imported, retry, mayRetry: Boolean(retry && methods[head.method]),
+    n: 0, tried: [], clusters: [], phase: 'wait', service: null, route: null, admitted: false, done: false, retryHeld: false,
+    start: Date.now(), timeoutMs: null, rejected: '',
+  }
 }
 
-// The first attempt has picked its service: admit the request (circuit,
-// concurrency limits, rate limit) and fix its timeout and retry policy.
-// Returns '' or the reason to refuse it.
+// Whether a route reaches an endpoint of a service (what admission and outlier detection are about).
+export function toEndpoint(route) {
+  return Boolean(route.pool) && (route.mode === 'local' || route.mode === 'direct' || route.mode === 'tunnel')
+}
+
+// The first attempt that reaches an endpoint admits the request (circuit,
+// concurrency limits, rate limit) and fixes its timeout. Returns '' or the
+// reason to refuse it.
 export function admit(a, service) {
   if (a.admitted || a.rejected) return a.rejected
   a.service = service
   var s = settingsOf(service)
   var path = (a.head.path || '/').split('?')[0]
   var route = routeOf(s, path)
-  a.retry = (RETRIES[a.srcId] && RETRIES[a.srcId][service]) || null
   a.timeoutMs = a.retry && a.retry.perTryTimeoutMs ? a.retry.perTryTimeoutMs : (route && route.timeoutMs !== null ? route.timeoutMs : s.timeoutMs)
   var why = ''
   if (s.circuitBreaking && isOpen(service, s.circuitBreaking)) why = 'circuit-open'
@@ -254,7 +295,7 @@ export function end(a) {
 
 function mayRetry(a, kind, status) {
   var r = a.retry
-  if (!a.mayRetry || !r || a.n >= r.numRetries || !RETRY_METHODS[a.head.method]) return false
+  if (!a.mayRetry || !r || a.n >= r.numRetries) return false
   var wanted =
     kind === 'reset' ? (r.reset || r.classes.indexOf('5xx') >= 0) :
     kind === 'connect' ? (r.connectFailure || r.classes.indexOf('5xx') >= 0) :
@@ -264,43 +305,100 @@ function mayRetry(a, kind, status) {
       (status >= 502 && status <= 504 && r.classes.indexOf('gateway-error') >= 0) ||
       (status === 409 && r.classes.indexOf('retriable-4xx') >= 0))
   if (!wanted) return false
+  // A clusterset IP's retry goes to another cluster (the failed one is
+  // skipped, a failed gateway marked dead for every later request): bounded by
+  // the tiers, not by the budget of one service's endpoints.
+  if (a.imported) return true
   var s = settingsOf(a.service)
   var others = (retrying[a.service] || 0) - (a.retryHeld ? 1 : 0)
   if (s.maxRetries !== null && others >= s.maxRetries) {
-    retries.withLabels(a.srcId, a.service, 'overflow').increase()
+    retries.withLabels(a.srcId, a.name, 'overflow').increase()
     return false
   }
   // The budget (as Envoy's): retries in flight stay a fraction of the requests
   // in flight, with a floor, so an outage under load is not multiplied.
   if (others >= Math.max(BUDGET.minRetryConcurrency, (inflight[a.service] || 0) * BUDGET.percent / 100)) {
-    retries.withLabels(a.srcId, a.service, 'budget-exhausted').increase()
+    retries.withLabels(a.srcId, a.name, 'budget-exhausted').increase()
     return false
   }
   return true
 }
 
-// After an attempt against `route` (the decided endpoint): judge an answer.
-// Returns the message to pass on, or a StreamEnd('Replay') to try again.
-// Pipy's HTTP decoder turns an upstream that failed before answering into
-// a 502/504 without headers (statusText names the cause): those are ours to
-// classify as timeout, connect failure or reset.
-export function judgeAnswer(a, route, msg) {
-  var status = msg.head.status
-  var synthesized = status >= 500 && Object.keys(msg.head.headers || {}).length === 0
-  if (!synthesized) return settle(a, route, status < 500, 'status', status) || msg
-  var text = String(msg.head.statusText || '')
-  var kind = status === 504 ? 'timeout' : (new RegExp('refused|resolve', 'i')).test(text) ? 'connect' : 'reset'
-  if (kind === 'timeout') timeouts.withLabels(a.srcId, a.service || 'none').increase()
-  return settle(a, route, false, kind, status) || msg
+// ---- judging an attempt ------------------------------------------------------
+//
+// An attempt's phase: 'wait' (no answer yet), 'pass' (its answer goes to the
+// client), 'skip' (its answer is a failure to try again: dropped as it
+// arrives), 'done' (ended with StreamEnd('Replay'): what it still sends is
+// dropped until the next attempt starts). The Replay is sent at the end of
+// the failed answer, never in the middle of it, and repeat() starts the next
+// attempt only from a timer (again()), so no event of an old attempt can reach
+// the client or be taken for the end of the new one.
+
+export function attemptStarts(a) {
+  a.phase = 'wait'
 }
 
-// An attempt that ended without an answer: timeout, reset, refused.
+var observer = null
+// `fn(route, status, headers, retrying)` hears every attempt that reached an
+// upstream or a gateway (multicluster.js marks gateways dead or alive by it).
+export function observeAttempts(fn) {
+  observer = fn
+}
+
+// An answer of an attempt against `route`. Pipy's HTTP decoder turns an
+// upstream that failed before answering into a 502/504 without headers
+// (statusText names the cause): those are ours to classify as timeout,
+// connect failure or reset.
+export function judgeAnswer(a, route, msg) {
+  if (a.phase !== 'wait') return a.phase === 'pass' ? msg : []
+  var status = msg.head.status
+  var headers = msg.head.headers || {}
+  var synthesized = status >= 500 && Object.keys(headers).length === 0
+  var kind = 'status'
+  if (synthesized) {
+    var text = String(msg.head.statusText || '')
+    kind = status === 504 ? 'timeout' : (new RegExp('refused|resolve', 'i')).test(text) ? 'connect' : 'reset'
+    if (kind === 'timeout') timeouts.withLabels(a.srcId, a.name).increase()
+  }
+  if (settle(a, route, !synthesized && status < 500, kind, status, headers)) {
+    a.phase = 'skip'
+    return []
+  }
+  a.phase = 'pass'
+  return msg
+}
+
+export function passData(a, d) {
+  return a.phase === 'skip' || a.phase === 'done' ? [] : d
+}
+
+export function judgeMessageEnd(a, e) {
+  if (a.phase === 'skip') {
+    a.phase = 'done'
+    return new StreamEnd('Replay')
+  }
+  return a.phase === 'done' ? [] : e
+}
+
+// The attempt's stream ended: after its answer, passed on; without one
+// (timeout, reset, refused), judged: tried again, or answered 502/503/504.
 export function judgeEnd(a, route, evt) {
+  // Our own Replay (judgeMessageEnd) on its way to repeat().
+  if (evt.error === 'Replay') return evt
+  if (a.phase === 'done') return []
+  if (a.phase === 'skip') {
+    a.phase = 'done'
+    return new StreamEnd('Replay')
+  }
+  if (a.phase === 'pass') return evt
   var err = evt.error || ''
   var kind = err === 'ReadTimeout' ? 'timeout' : (err === 'ConnectionRefused' || err === 'ConnectionTimeout' || err === 'CannotResolve' || err === 'Unauthorized') ? 'connect' : 'reset'
-  if (kind === 'timeout') timeouts.withLabels(a.srcId, a.service || 'none').increase()
-  var replay = settle(a, route, false, kind, 0)
-  if (replay) return replay
+  if (kind === 'timeout') timeouts.withLabels(a.srcId, a.name).increase()
+  if (settle(a, route, false, kind, 0, null)) {
+    a.phase = 'done'
+    return new StreamEnd('Replay')
+  }
+  a.phase = 'pass'
   var status = kind === 'timeout' ? 504 : kind === 'connect' ? 503 : 502
   var text = kind === 'timeout' ? 'upstream request timeout (fsm-node)' : 'upstream ' + (err || 'connection closed') + ' (fsm-node)'
   return [new Message({ status, headers: { 'content-type': 'text/plain' } }, text + '\n'), new StreamEnd]
@@ -312,40 +410,57 @@ function releaseRetry(a) {
   retrying[a.service] = Math.max(0, (retrying[a.service] || 1) - 1)
 }
 
-function settle(a, route, ok, kind, status) {
-  // Only answers of an endpoint say something about it (not a refusal of ours).
-  if (!route || !route.pool || (route.mode !== 'local' && route.mode !== 'direct' && route.mode !== 'tunnel')) return null
-  record(route.backend, route.pool, route.target, ok, !ok && kind === 'connect' && route.mode === 'tunnel')
-  var s = settingsOf(a.service)
-  if (s.circuitBreaking) observe(a.service, s.circuitBreaking, !ok, Date.now() - a.start)
-  if (ok || !mayRetry(a, kind, status)) {
-    if (a.n > 0) retries.withLabels(a.srcId, a.service, ok ? 'recovered' : 'exhausted').increase()
-    releaseRetry(a)
-    return null
+// Records an attempt's outcome; true when the request goes again (the next
+// attempt avoids the endpoint, or for a clusterset IP the cluster, it took).
+function settle(a, route, ok, kind, status, headers) {
+  // Only answers of an endpoint or a gateway say something (not a refusal of ours).
+  var endpoint = route && toEndpoint(route)
+  if (!endpoint && !(route && route.mode === 'gateway')) return false
+  if (endpoint) {
+    record(route.backend, route.pool, route.target, ok, !ok && kind === 'connect' && route.mode === 'tunnel')
+    var s = settingsOf(a.service)
+    if (s.circuitBreaking) observe(a.service, s.circuitBreaking, !ok, Date.now() - a.start)
   }
-  if (!a.retryHeld) {
+  var retry = !ok && mayRetry(a, kind, status)
+  if (observer) observer(route, status, headers, retry)
+  if (!retry) {
+    if (a.n > 0) retries.withLabels(a.srcId, a.name, ok ? 'recovered' : 'exhausted').increase()
+    releaseRetry(a)
+    return false
+  }
+  if (!a.retryHeld && !a.imported) {
     a.retryHeld = true
     retrying[a.service] = (retrying[a.service] || 0) + 1
   }
   a.n++
-  a.tried.push(route.target)
-  retries.withLabels(a.srcId, a.service, 'attempted').increase()
-  return new StreamEnd('Replay')
+  if (route.tier !== undefined && route.cluster) a.clusters.push(route.cluster)
+  else a.tried.push(route.target)
+  retries.withLabels(a.srcId, a.name, 'attempted').increase()
+  return true
 }
 
-// repeat()'s condition at the end of a try: play the request again (after an
-// exponential backoff) when the try ended with StreamEnd('Replay').
+// repeat()'s condition at the end of an attempt: play the request again
+// (after an exponential backoff) when it ended with StreamEnd('Replay').
+// Always from a timer, even without backoff (see "judging an attempt").
 export function again(a, evt) {
   if (evt.error !== 'Replay' || a.done) return false
   var base = a.retry ? a.retry.backoffBaseMs : 25
-  var ms = Math.min(base * Math.pow(2, Math.max(0, a.n - 1)), 10 * base)
-  return ms > 0 ? new Timeout(ms / 1000).wait().then(() => true) : true
+  var ms = base > 0 ? Math.min(base * Math.pow(2, Math.max(0, a.n - 1)), 10 * base) : 0
+  return new Timeout(ms / 1000).wait().then(() => true)
+}
+
+// The attempt goes to `route`. The near node proxy tells the far one the
+// attempt's timeout (only tunnels from node proxies reach the inbound
+// listener); the pod never sees the header, and a pod's own is dropped.
+export function dispatch(a, route, head) {
+  a.via = route
+  delete head.headers[TIMEOUT_HEADER]
+  if (route.mode === 'tunnel' && a.timeoutMs) head.headers[TIMEOUT_HEADER] = String(a.timeoutMs)
 }
 
 // ---- the far side of a tunnel -------------------------------------------------
 
-// The near node proxy tells the far one the attempt's timeout (only tunnels
-// from node proxies reach the inbound listener); the pod never sees the header.
+// The near node proxy tells the far one the attempt's timeout (tellPeer).
 export var TIMEOUT_HEADER = 'fsmn-timeout-ms'
 
 export function fromPeer(head) {

@@ -1,10 +1,12 @@
 import { mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
+import { gatewaySummary } from '../gateway/render.js';
 import type { FastifyInstance } from 'fastify';
 import type { ApplyResult, Dataplane, DesiredState, InterceptionMode } from '../dataplane/types.js';
 import { FsmNodeError, errorMessage } from '../errors.js';
 import { buildApi } from '../http/server.js';
+import { CniService } from '../cni/service.js';
 import type { NodeModeStatus, NodePolicy } from '../policy/schema.js';
 import type { Registry } from 'prom-client';
 import type { IdentityManager } from '../identity/agent-certs.js';
@@ -17,6 +19,9 @@ import { SyncRunner, type SyncContext } from './sync-runner.js';
 
 const log = logger('agent');
 
+/** After a failed status report, reportNow() does not try again for this long. */
+const REPORT_RETRY_MS = 2_000;
+
 /** Where the agent's policy comes from: the controller client, or a fixed policy in tests. */
 export interface PolicyFeed {
   current(): { policy: NodePolicy; receivedAt: number } | undefined;
@@ -24,6 +29,8 @@ export interface PolicyFeed {
   start(): void;
   stop(): Promise<void>;
   fetchErrors(): number;
+  /** The controller answered again after failures (the controller client). */
+  onReconnect?(fn: () => void): void;
   /** New versions taken in by how they came, and body bytes received (the controller client). */
   stats?(): { updates: { full: number; delta: number }; receivedBytes: number };
 }
@@ -62,7 +69,7 @@ export interface AgentDeps {
    * Workload certificates for the node's mesh identities (src/identity/agent-certs.ts),
    * made with the agent's metrics registry and its callbacks; absent: none kept.
    */
-  identities?: (o: { registry: Registry; onChange: () => void; onExpired: () => void }) => IdentityManager;
+  identities?: (o: { registry: Registry; onChange: () => void; onExpired: () => void; beforeRecover: () => Promise<void> }) => IdentityManager;
 }
 
 /** One sync as /v1/state reports it (`sync.first`, `sync.last`). */
@@ -101,6 +108,12 @@ export class Agent {
   /** The previous mode's dataplane after a switch, until its cleanup has succeeded (retried by the next sync). */
   private retiring: Dataplane | undefined;
   private lastModeLog: string | undefined;
+  /** The latest mode decision (reported again with failing identities when the controller comes back). */
+  private lastDecision: ModeDecision | undefined;
+  /** What the controller last acknowledged (mode decision and failing identities, as a key). */
+  private reported: string | undefined;
+  private reporting: Promise<void> | undefined;
+  private reportFailedAt = 0;
   /** The last completed live switch: new mode in force after applyMs, old mode gone after totalMs. */
   private lastSwitch: { from: InterceptionMode; to: InterceptionMode; applyMs: number; totalMs: number; at: string } | undefined;
   private applied: { version: string; pods: number; at: string } | undefined;
@@ -112,6 +125,10 @@ export class Agent {
   private readonly modeFile: string;
   /** Certificates of the local identities; the proxy configuration renders from its snapshot(). */
   readonly identities: IdentityManager | undefined;
+  /** Enrolment at pod creation through the CNI plugin (src/cni/), when --cni-socket is set. */
+  readonly cni: CniService | undefined;
+  /** Addresses of the pods in the last applied desired state: what a CNI ADD waits to see. */
+  private appliedIps = new Set<string>();
 
   constructor(
     readonly config: AgentConfig,
@@ -135,6 +152,8 @@ export class Agent {
       onChange: () => this.runner.request('identity certificates changed'),
       // Reported with the mode (the controller posts a Node Event).
       onExpired: () => this.runner.request('identity expired or recovered'),
+      // The controller hears of an expiry before the contact that may end it (a renewal) is made.
+      beforeRecover: () => this.reportNow(),
     });
     this.runner = new SyncRunner((ctx) => this.sync(ctx), {
       minIntervalMs: 20,
@@ -148,6 +167,23 @@ export class Agent {
         } else this.lastError = undefined;
       },
     });
+    this.cni = config.cniSocket
+      ? new CniService(
+          {
+            socket: config.cniSocket,
+            spool: config.cniSpool,
+            stateDir: config.stateDir,
+            failurePolicy: config.cniFailurePolicy,
+            ...(config.cniConfDirs.length ? { install: { confDirs: config.cniConfDirs, binDir: config.cniBinDir } } : {}),
+          },
+          {
+            policy: () => this.deps.policy.current()?.policy,
+            syncNow: (reason) => this.runner.requestAndWait(reason),
+            enrolled: (ip) => this.appliedIps.has(ip),
+            notEnrolling: () => (this.suspended ? `suspended: ${this.suspended}` : this.decision && !this.decision.ready ? this.decision.reason : undefined),
+          },
+        )
+      : undefined;
   }
 
   async start(): Promise<void> {
@@ -161,8 +197,10 @@ export class Agent {
     });
     await this.deps.proxy.start();
     this.deps.policy.onChange(() => this.runner.request('policy changed'));
+    this.deps.policy.onReconnect?.(() => this.controllerBack());
     this.deps.policy.start();
     this.runner.start();
+    await this.cni?.start();
     const [host, port] = splitHostPort(this.config.listen);
     this.api = buildApi({ notReadyReason: () => this.notReadyReason(), state: () => this.state(), registry: this.metrics.registry, exposition: () => this.metrics.exposition() });
     try {
@@ -176,6 +214,7 @@ export class Agent {
 
   /** SIGTERM: stop taking work; dataplane and proxy stay in place so traffic keeps flowing. */
   async stop(): Promise<void> {
+    await this.cni?.stop();
     await this.runner.stop();
     await this.identities?.stop();
     await this.deps.policy.stop();
@@ -222,6 +261,8 @@ export class Agent {
       lastError: this.lastError,
       proxy: this.deps.proxy.status(),
       ...(this.identities ? { identities: this.identities.status() } : {}),
+      ...(this.cni ? { cni: this.cni.status() } : {}),
+      ...(cur?.policy.ingress ? { gateways: gatewaySummary(cur.policy) } : {}),
     };
   }
 
@@ -230,8 +271,10 @@ export class Agent {
     this.refreshGauges(cur);
     if (!cur) return;
     const { policy } = cur;
-    // Before the proxy configuration: new identities start fetching, gone ones are dropped.
-    this.identities?.update(policy);
+    // Before the proxy configuration: gone identities are dropped, new ones
+    // are read from the state directory (an adopting agent renders what the
+    // running proxy uses) and start fetching when none is stored.
+    await this.identities?.update(policy);
     const decision = chooseMode(
       { nodeLabel: policy.node.interceptionMode ?? undefined, meshDefault: policy.mesh.interceptionMode, flag: this.config.mode },
       this.report!.support,
@@ -244,7 +287,8 @@ export class Agent {
     this.metrics.mode.set({ desired: decision.desired, effective: decision.effective, fallback_reason: decision.fallbackReason ?? '' }, 1);
 
     const proxyConfigChanged = await this.deliverProxyConfig(policy);
-    const rendered = this.deps.render(policy);
+    // Pods the CNI plugin enrolled at creation stay in until the policy names them (src/cni/enrolled.ts).
+    const rendered = this.cni ? this.cni.merge(this.deps.render(policy), policy) : this.deps.render(policy);
     // Fail-open: while the proxy crash-loops no pod is redirected, so pods talk directly instead of failing.
     const desired = this.suspended ? { ...rendered, pods: [] } : rendered;
     const previous = this.active;
@@ -262,6 +306,7 @@ export class Agent {
     this.active = next;
     this.persistMode({ desired: decision.desired, effective: decision.effective });
     this.applied = { version: policy.version, pods: desired.pods.length, at: new Date().toISOString() };
+    this.appliedIps = new Set(desired.pods.map((p) => p.ip));
     this.metrics.enrolledPods.set(desired.pods.length);
     this.recordSync({ mode: next.mode, full: result.full, changes: result.changes, ...(proxyConfigChanged === undefined ? {} : { proxyConfigChanged }), at: this.applied.at });
     if (this.retiring?.mode === next.mode) {
@@ -343,23 +388,66 @@ export class Agent {
   private logDecision(d: ModeDecision): void {
     const expired = this.identities?.expired() ?? [];
     const key = JSON.stringify([d, expired]);
+    this.lastDecision = d;
     if (key === this.lastModeLog) return;
     const modeChanged = this.lastModeLog === undefined || !this.lastModeLog.startsWith(`[${JSON.stringify(d)},`);
     this.lastModeLog = key;
-    if (this.deps.reportMode) {
-      const status: NodeModeStatus = {
-        ...(d.ready ? { ready: true, desired: d.desired, effective: d.effective, ...(d.fallbackReason ? { fallbackReason: d.fallbackReason } : {}) } : { ready: false, desired: d.desired, reason: d.reason }),
-        ...(expired.length ? { expiredIdentities: expired } : {}),
-      };
-      this.deps.reportMode(status).catch((err: unknown) => {
-        if (this.lastModeLog === key) this.lastModeLog = undefined;
-        log.warn({ err: errorMessage(err) }, 'could not report the interception mode to the controller; retried at the next sync');
-      });
-    }
+    this.reportStatus(d, expired, key).catch(() => undefined); // logged; retried by the next sync
     if (!modeChanged) return;
     if (!d.ready) log.error({ desired: d.desired, source: d.desiredSource, reason: d.reason }, 'no interception mode works on this node; not ready');
     else if (d.fallbackReason) log.warn({ desired: d.desired, source: d.desiredSource, effective: d.effective, reason: d.fallbackReason }, 'interception mode fell back');
     else log.info({ desired: d.desired, source: d.desiredSource, effective: d.effective }, 'interception mode chosen');
+  }
+
+  /** Report mode and failing identities to the controller (it posts Node Events); a failure is retried by the next sync. */
+  private async reportStatus(d: ModeDecision, expired: { namespace: string; serviceAccount: string; reason: string }[], key: string): Promise<void> {
+    if (!this.deps.reportMode) return;
+    const status: NodeModeStatus = {
+      ...(d.ready ? { ready: true, desired: d.desired, effective: d.effective, ...(d.fallbackReason ? { fallbackReason: d.fallbackReason } : {}) } : { ready: false, desired: d.desired, reason: d.reason }),
+      ...(expired.length ? { expiredIdentities: expired } : {}),
+    };
+    try {
+      await this.deps.reportMode(status);
+      this.reported = key;
+    } catch (err) {
+      if (this.lastModeLog === key) this.lastModeLog = undefined;
+      log.warn({ err: errorMessage(err) }, 'could not report the interception mode to the controller; retried at the next sync');
+      throw err;
+    }
+  }
+
+  /**
+   * Report the current mode and failing identities unless the controller
+   * already has exactly this; rejects when it cannot be reached. Called
+   * before each renewal of an expired identity, so: one report in flight at
+   * a time for all of them, and after a failure none for REPORT_RETRY_MS
+   * (a hundred identities expiring together make one POST, not a hundred).
+   */
+  private reportNow(): Promise<void> {
+    if (!this.lastDecision) return Promise.resolve();
+    const expired = this.identities?.expired() ?? [];
+    const key = JSON.stringify([this.lastDecision, expired]);
+    if (key === this.reported) return Promise.resolve();
+    if (this.reporting) return this.reporting;
+    if (Date.now() - this.reportFailedAt < REPORT_RETRY_MS) return Promise.reject(new Error('the last status report failed moments ago'));
+    this.lastModeLog = key;
+    this.reporting = this.reportStatus(this.lastDecision, expired, key)
+      .catch((err: unknown) => {
+        this.reportFailedAt = Date.now();
+        throw err;
+      })
+      .finally(() => (this.reporting = undefined));
+    return this.reporting;
+  }
+
+  /**
+   * The controller answers again after an outage: every failing identity is
+   * renewed at once rather than after its backoff (which grows to 150 s); a
+   * renewal of an expired one reports it first (beforeRecover).
+   */
+  private controllerBack(): void {
+    const n = this.identities?.retryNow('controller reachable again') ?? 0;
+    if (n) log.info({ retried: n }, 'controller reachable again: retrying failing certificates now');
   }
 
   /** On the first sync, leftovers of the other mode (a switch interrupted by a crash) are removed after ours is in force. */

@@ -43,8 +43,29 @@ export const AgentConfigSchema = z
      * them. Optional in the type (in-process agents get the supervisor's default).
      */
     proxyInstances: z.coerce.number().int().min(1).max(16).optional(),
+    /**
+     * Run the proxy as this user ("UID" or "UID:GID", FSM: 1500) with only
+     * CAP_NET_ADMIN; the agent then hands it its key files (owned by that
+     * uid, 0600). Unset: the proxy runs as the agent does (docs/security.md
+     * "Keys on the node" says why that is the default).
+     */
+    proxyUser: z
+      .string()
+      .regex(/^\d{1,10}(:\d{1,10})?$/, 'expected UID or UID:GID, e.g. 1500 or 1500:1500')
+      .refine((v) => v.split(':').every((n) => Number(n) > 0 && Number(n) < 2 ** 32 - 1), 'must not be root (0) or the invalid id 4294967295: leave the setting out to run the proxy as the agent does')
+      .optional(),
     /** Addresses of this node that pods and peers use (its own traffic is never redirected). */
     nodeAddresses: z.array(z.string().ip({ version: 'v4' })),
+    /** Unix socket the CNI plugin relays pod creation to (src/cni/); unset: no enrolment at creation. */
+    cniSocket: z.string().min(1).max(107, 'a unix socket path has at most 107 bytes').optional(),
+    /** Where the plugin leaves requests while the agent is away. */
+    cniSpool: z.string().min(1),
+    /** What the plugin does when the agent is unreachable; auto: fail-closed in strict meshes, fail-open in permissive ones. */
+    cniFailurePolicy: z.enum(['auto', 'fail-closed', 'fail-open']),
+    /** CNI conf directories to chain the plugin into (and keep it there); empty: the agent installs nothing. */
+    cniConfDirs: z.array(z.string().min(1)),
+    /** Where the plugin binary goes. */
+    cniBinDir: z.string().min(1),
   })
   .strict();
 export type AgentConfig = z.infer<typeof AgentConfigSchema>;
@@ -62,8 +83,14 @@ export const agentDefaults: Partial<AgentConfig> = {
   proxyThreadCap: 4,
   proxyInstances: 2,
   nodeAddresses: [],
+  cniSpool: '/run/fsm-node-cni/spool',
+  cniFailurePolicy: 'auto',
+  cniConfDirs: [],
+  cniBinDir: '/opt/cni/bin',
 };
 
+/** Fields given as comma-separated lists in flags and the environment. */
+export const listFields = new Set<string>(['nodeAddresses', 'cniConfDirs']);
 const fields = Object.keys(AgentConfigSchema.shape) as Array<keyof AgentConfig>;
 const envName = (f: string) => 'FSMN_' + f.replace(/[A-Z]/g, (c) => `_${c}`).toUpperCase();
 const flagName = (f: string) => f.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
@@ -86,7 +113,7 @@ export function loadAgentConfig(flags: Record<string, unknown>, env: NodeJS.Proc
   if (env.NODE_NAME && merged.node === undefined) merged.node = env.NODE_NAME;
   for (const f of fields) {
     const v = env[envName(f)];
-    if (v !== undefined) merged[f] = f === 'nodeAddresses' ? v.split(',').filter(Boolean) : v;
+    if (v !== undefined) merged[f] = listFields.has(f) ? v.split(',').filter(Boolean) : v;
   }
   for (const [k, v] of Object.entries(flags)) if (v !== undefined) merged[k] = v;
   const parsed = AgentConfigSchema.safeParse(merged);
@@ -98,6 +125,13 @@ export function loadAgentConfig(flags: Record<string, unknown>, env: NodeJS.Proc
     throw new InvalidInputError(`${source}${issue.path.length > 1 ? ` (${formatPath(issue.path)})` : ''}`, value, issue.message);
   }
   return parsed.data;
+}
+
+/** --proxy-user "UID[:GID]" as ids (GID defaults to UID); undefined when unset. */
+export function proxyRunAs(config: Pick<AgentConfig, 'proxyUser'>): { uid: number; gid: number } | undefined {
+  if (config.proxyUser === undefined) return undefined;
+  const [uid, gid = uid] = config.proxyUser.split(':').map(Number) as [number, number?];
+  return { uid, gid };
 }
 
 export { envName, flagName };

@@ -47,6 +47,8 @@ export class SyncRunner {
   private lastStart = -Infinity;
   private failures = 0;
   private stopped = false;
+  /** Callers of requestAndWait whose run has not started yet. */
+  private waiters: Array<{ resolve: () => void; reject: (err: unknown) => void }> = [];
 
   constructor(
     private readonly fn: (ctx: SyncContext) => Promise<void>,
@@ -63,6 +65,20 @@ export class SyncRunner {
     this.schedule(this.lastStart + this.opts.minIntervalMs);
   }
 
+  /**
+   * Ask for a sync and wait for a run that starts after this request (CNI ADD
+   * waits so the pod is enrolled before its containers start). Skips the
+   * minimum interval: the caller is blocked on it. Rejects when that run failed.
+   */
+  requestAndWait(reason: string): Promise<void> {
+    if (this.stopped) return Promise.reject(new Error('the agent is stopping'));
+    return new Promise<void>((resolve, reject) => {
+      this.waiters.push({ resolve, reject });
+      this.pending.push(reason);
+      this.schedule(this.clock.now());
+    });
+  }
+
   /** Start the periodic loop with an initial full sync. */
   start(): void {
     this.request('start', { full: true });
@@ -73,6 +89,7 @@ export class SyncRunner {
     this.stopped = true;
     this.clearTimer();
     await this.running;
+    for (const w of this.waiters.splice(0)) w.reject(new Error('the agent is stopping'));
   }
 
   /** Consecutive failed runs (0 when the last run succeeded). */
@@ -104,19 +121,22 @@ export class SyncRunner {
     this.pending = [];
     this.pendingFull = false;
     this.lastStart = this.clock.now();
-    this.running = this.runOnce({ full, reasons }).finally(() => {
+    const waiters = this.waiters.splice(0);
+    this.running = this.runOnce({ full, reasons }, waiters).finally(() => {
       this.running = undefined;
       this.afterRun();
     });
   }
 
-  private async runOnce(ctx: SyncContext): Promise<void> {
+  private async runOnce(ctx: SyncContext, waiters: SyncRunner['waiters']): Promise<void> {
     const started = this.clock.now();
     try {
       await this.fn(ctx);
       this.failures = 0;
       this.opts.onResult?.({ ok: true, full: ctx.full, durationMs: this.clock.now() - started });
+      for (const w of waiters) w.resolve();
     } catch (error) {
+      for (const w of waiters) w.reject(error);
       this.failures += 1;
       this.pendingFull = true;
       this.pending.push(...ctx.reasons.map((r) => `retry: ${r}`));
@@ -129,6 +149,8 @@ export class SyncRunner {
     if (this.failures > 0) {
       const backoff = Math.min(this.opts.retryBaseMs * 2 ** (this.failures - 1), this.opts.maxIntervalMs);
       this.schedule(this.clock.now() + backoff);
+    } else if (this.waiters.length > 0) {
+      this.schedule(this.clock.now());
     } else if (this.pending.length > 0) {
       this.schedule(this.lastStart + this.opts.minIntervalMs);
     } else {

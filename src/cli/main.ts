@@ -2,12 +2,13 @@ import { FsmNodeError, InvalidInputError, errorMessage } from '../errors.js';
 import { parseCommandArgs, renderHelp, type Command } from './command.js';
 import { agentCommand } from './commands/agent.js';
 import { cleanupCommand } from './commands/cleanup.js';
+import { clustersetCommand } from './commands/clusterset.js';
 import { controllerCommand } from './commands/controller.js';
 import { labCommand } from './commands/lab.js';
 import { modeCommand } from './commands/mode.js';
 import { statusCommand } from './commands/status.js';
 
-export const commands: Command[] = [agentCommand, controllerCommand, labCommand, statusCommand, modeCommand, cleanupCommand];
+export const commands: Command[] = [agentCommand, controllerCommand, labCommand, statusCommand, modeCommand, cleanupCommand, clustersetCommand];
 
 export function topHelp(): string {
   const width = Math.max(...commands.map((c) => c.name.length)) + 2;

@@ -1,4 +1,5 @@
-import { AuthenticationV1Api, CertificatesV1Api, CoreV1Api, KubeConfig, type CoreV1Event } from '@kubernetes/client-node';
+import { AuthenticationV1Api, CertificatesV1Api, CoreV1Api, CustomObjectsApi, KubeConfig, PatchStrategy, setHeaderOptions, type CoreV1Event } from '@kubernetes/client-node';
+import { GatewayStatusWriter } from '../gateway/status-writer.js';
 import type { CertificateProvider } from '../identity/provider.js';
 import { meshCaSecretStore, type MeshCaMaterial } from '../identity/providers/builtin.js';
 import { KubernetesCsrProvider, type CsrApi } from '../identity/providers/kubernetes-csr.js';
@@ -56,7 +57,18 @@ export function clusterAccess(o: { kubeconfig?: string; inCluster?: boolean; nam
     },
     postNodeEvent: async (body) => void (await core.createNamespacedEvent({ namespace: NODE_EVENT_NAMESPACE, body })),
     async startSource(compiler, onChange) {
-      source = new KubernetesSource({ kubeConfig: kc, compiler, namespace: o.namespace, onChange });
+      // After each compile the Gateway API status goes back to the cluster (src/gateway/status-writer.ts).
+      const status = new GatewayStatusWriter(kc.makeApiClient(CustomObjectsApi), setHeaderOptions('Content-Type', PatchStrategy.MergePatch));
+      source = new KubernetesSource({
+        kubeConfig: kc,
+        compiler,
+        namespace: o.namespace,
+        onChange: () => {
+          onChange();
+          const r = compiler.gatewayStatus();
+          if (r && source) status.update(r, (kind, ns, name) => source?.object(kind, ns, name) as { status?: Record<string, unknown> } | undefined);
+        },
+      });
       await source.start();
       return source;
     },

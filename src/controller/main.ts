@@ -20,7 +20,12 @@ import type { CertificateProvider } from '../identity/provider.js';
 import { BuiltinProvider, MESH_CA_DIR, meshCaFileStore } from '../identity/providers/builtin.js';
 import { splitPem } from '../identity/x509.js';
 import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
+import type { Registry } from 'prom-client';
+import { parse as parseYaml } from 'yaml';
+import { gatewayIdentities } from '../gateway/render.js';
+import { parseClusterSet } from '../multicluster/api.js';
+import { MulticlusterController } from '../multicluster/controller.js';
 
 const log = logger('controller');
 
@@ -57,6 +62,14 @@ export interface ControllerOptions {
   /** Per-node certificate requests per second and burst; distinct identities a node may hold. */
   identityRate?: { perSecond: number; burst: number };
   maxIdentitiesPerNode?: number;
+  /**
+   * A ClusterSet file (docs/multicluster.md): makes this controller a member
+   * of a clusterset: it serves its exports to the peers named there and
+   * imports theirs.
+   */
+  clusterset?: string;
+  /** ServiceExport and GlobalTrafficPolicy manifests (manifest mode); default <manifests>/../multicluster when manifests is given. */
+  multiclusterDir?: string;
 }
 
 export interface RunningController {
@@ -69,6 +82,8 @@ export interface RunningController {
   compiler: PolicyCompiler;
   hub: PolicyHub;
   server: FastifyInstance;
+  /** The clusterset member, when started with a ClusterSet. */
+  multicluster: MulticlusterController | undefined;
   /** Compiles run so far (a benchmark or test waits on this to know a change was taken in). */
   compiles(): number;
   close(): Promise<void>;
@@ -101,6 +116,28 @@ async function certificateProvider(opts: ControllerOptions, cluster: ClusterAcce
   return BuiltinProvider.start({ store: cluster?.meshCaStore ?? meshCaFileStore(join(opts.stateDir ?? DEFAULT_STATE_DIR, MESH_CA_DIR)) });
 }
 
+/** The clusterset member of this controller, from the ClusterSet file and the PEM files it names. */
+async function startMulticluster(opts: ControllerOptions, compiler: PolicyCompiler, registry: Registry, onChange: () => void): Promise<MulticlusterController> {
+  const file = opts.clusterset!;
+  let config;
+  try {
+    config = parseClusterSet(parseYaml(readFileSync(file, 'utf8')));
+  } catch (err) {
+    if (err instanceof InvalidInputError) throw new InvalidInputError(`--clusterset ${file}: ${err.field}`, err.value, err.message.replace(/^invalid .*?: /, ''));
+    throw new InvalidInputError('--clusterset', file, `cannot be read: ${(err as Error).message}`);
+  }
+  const pem = (f: string, field: string) => {
+    try {
+      return readFileSync(resolve(dirname(file), f), 'utf8');
+    } catch (err) {
+      throw new InvalidInputError(`ClusterSet.spec.${field}`, f, `cannot be read: ${(err as Error).message}`);
+    }
+  };
+  const tls = { ca: pem(config.caFile, 'caFile'), cert: pem(config.certFile, 'certFile'), key: pem(config.keyFile, 'keyFile') };
+  const objectsDir = opts.multiclusterDir ?? (opts.manifests !== undefined ? join(dirname(resolve(opts.manifests)), 'multicluster') : undefined);
+  return MulticlusterController.start({ config, compiler, tls, objectsDir, registry, stateDir: join(opts.stateDir ?? DEFAULT_STATE_DIR, 'multicluster') }, onChange);
+}
+
 export function parseListen(listen: string): { host: string; port: number } {
   const m = /^(?:\[([^\]]+)\]|([^:]+)):(\d{1,5})$/.exec(listen);
   const port = Number(m?.[3]);
@@ -125,7 +162,13 @@ export async function runController(opts: ControllerOptions): Promise<RunningCon
   const hub = new PolicyHub((node) => compiler.get(node));
   const metrics = controllerMetrics(compiler, hub);
   let compiles = 0;
+  let multicluster: MulticlusterController | undefined;
   const compileAndPublish = () => {
+    compileOnce();
+    // The exports follow the Services just compiled; imports that changed go out in one more compile.
+    if (multicluster?.refresh()) compileOnce();
+  };
+  const compileOnce = () => {
     const r = compiler.compile();
     compiles++;
     metrics.compileSeconds.observe(r.durationMs / 1000);
@@ -148,7 +191,11 @@ export async function runController(opts: ControllerOptions): Promise<RunningCon
   compiler.setTrustBundle(provider.trustBundle());
   const identities = new IdentityService({
     provider,
-    podsOf: (node) => compiler.get(node)?.policy.pods,
+    // The identities a node may hold: its pods' and those of the Gateways it serves.
+    podsOf: (node) => {
+      const policy = compiler.get(node)?.policy;
+      return policy ? [...policy.pods, ...gatewayIdentities(policy)] : undefined;
+    },
     settings: () => compiler.identitySettings(),
     defaultLifetimeMs: opts.certificateLifetime === undefined ? undefined : parseLifetime(opts.certificateLifetime, '--certificate-lifetime'),
     rate: opts.identityRate,
@@ -185,6 +232,15 @@ export async function runController(opts: ControllerOptions): Promise<RunningCon
     await server.close();
     throw err;
   }
+  if (opts.clusterset !== undefined) {
+    try {
+      multicluster = await startMulticluster(opts, compiler, metrics.registry, compileAndPublish);
+    } catch (err) {
+      await source.stop();
+      await server.close();
+      throw err;
+    }
+  }
   compileAndPublish();
   hub.setReady();
   // A CA or trust list edited in its store (root rotation) reaches the policies without a restart.
@@ -205,10 +261,12 @@ export async function runController(opts: ControllerOptions): Promise<RunningCon
     compiler,
     hub,
     server,
+    multicluster,
     compiles: () => compiles,
     close: () =>
       (closed ??= (async () => {
         clearInterval(caWatch);
+        await multicluster?.stop();
         await source.stop();
         await server.close();
       })()),

@@ -1,12 +1,14 @@
 import { createPrivateKey, X509Certificate } from 'node:crypto';
-import { chown, mkdir, readFile, rm, stat } from 'node:fs/promises';
+import { mkdir, readFile, rm, stat } from 'node:fs/promises';
 import { request } from 'node:https';
 import { join } from 'node:path';
+import { gatewayIdentities } from '../gateway/render.js';
 import { Counter, Gauge, type Registry } from 'prom-client';
 import { errorMessage, FsmNodeError } from '../errors.js';
 import { writeFileAtomic } from '../policy/store.js';
 import { DEFAULT_TRUST, type NodePolicy } from '../policy/schema.js';
 import { logger } from '../util/log.js';
+import { ownKeyFiles, type FileOwner } from './key-files.js';
 import { identityKey, sameIdentity, type WorkloadIdentity } from './spiffe.js';
 import { createCsr, generateKeyPair, parseCertificate, privateKeyToPem, splitPem, verifyChain } from './x509.js';
 
@@ -104,7 +106,7 @@ export interface IdentityManagerOptions {
   stateDir: string;
   issuer: IdentityIssuer;
   /** Owner of key and certificate files (the proxy's runAs uid/gid), so the proxy can read its keys. */
-  owner?: { uid: number; gid: number };
+  owner?: FileOwner;
   registry?: Registry;
   /** Backoff between failed attempts of one identity. */
   backoff?: { initialMs: number; maxMs: number };
@@ -117,6 +119,13 @@ export interface IdentityManagerOptions {
   onChange?: () => void;
   /** An identity started or stopped failing closed (expired without renewal). */
   onExpired?: (identity: WorkloadIdentity, reason: string | undefined) => void;
+  /**
+   * Awaited before asking for a certificate for an identity that is failing
+   * closed: the agent reports it to the controller first, so the controller
+   * hears of the expiry (its Node Event) even when the same contact ends it.
+   * Errors are ignored (the request that follows will fail the same way).
+   */
+  beforeRecover?: () => Promise<void>;
 }
 
 interface Entry {
@@ -131,6 +140,13 @@ interface Entry {
 }
 
 export const IDENTITIES_DIR = 'identities';
+/**
+ * Retry ceiling for an identity that is failing closed. A valid certificate
+ * can wait (backoff up to 150 s, as ztunnel); an expired one is an outage of
+ * that identity's cross-node traffic, and one refused HTTPS request every
+ * 10 s is cheap next to it.
+ */
+export const EXPIRED_RETRY_MAX_MS = 10_000;
 
 export class IdentityManager {
   private readonly entries = new Map<string, Entry>();
@@ -182,6 +198,8 @@ export class IdentityManager {
   static identitiesOf(policy: NodePolicy): WorkloadIdentity[] {
     const seen = new Map<string, WorkloadIdentity>();
     for (const p of policy.pods) seen.set(`${p.namespace}/${p.serviceAccount}`, { namespace: p.namespace, serviceAccount: p.serviceAccount });
+    // A Gateway served on this node speaks into the mesh with its own identity (src/gateway/render.ts).
+    for (const g of gatewayIdentities(policy)) seen.set(`${g.namespace}/${g.serviceAccount}`, g);
     return [...seen.values()];
   }
 
@@ -190,8 +208,15 @@ export class IdentityManager {
    * disk when a usable one is stored, else from the controller), drop those
    * whose last pod left. A trust domain change renews every identity.
    */
-  update(policy: NodePolicy): void {
-    if (this.stopped) return;
+  /**
+   * Follow the policy's local identities. Resolves once every new identity's
+   * stored certificate is read (not fetched): a restarted agent then renders
+   * the proxy configuration it adopts with the certificates the running proxy
+   * already uses, not as pending (which made the adopted proxy refuse tunnels
+   * with identity-unavailable until the read finished).
+   */
+  update(policy: NodePolicy): Promise<void> {
+    if (this.stopped) return Promise.resolve();
     const trust = policy.trust ?? DEFAULT_TRUST;
     const bundleChanged = trust.bundle.join('') !== this.bundle.join('');
     this.bundle = trust.bundle;
@@ -212,6 +237,7 @@ export class IdentityManager {
         });
       }
     }
+    const loads: Promise<void>[] = [];
     for (const [k, id] of want) {
       if (this.entries.has(k)) continue;
       const dir = join(this.o.stateDir, IDENTITIES_DIR, id.namespace, id.serviceAccount);
@@ -221,7 +247,9 @@ export class IdentityManager {
         e.busy = undefined;
         if (!ok) this.schedule(e, 0);
       });
+      loads.push(e.busy);
     }
+    return Promise.all(loads).then(() => undefined);
   }
 
   /** Every local identity: its chain, key and certificate paths, expiry and state. */
@@ -244,6 +272,23 @@ export class IdentityManager {
   /** Identities failing closed, with the reason (reported to the controller for a Node Event). */
   expired(): { namespace: string; serviceAccount: string; reason: string }[] {
     return [...this.entries.values()].filter((e) => e.cert.state === 'expired').map((e) => ({ ...e.cert.identity, reason: e.cert.reason ?? 'expired' }));
+  }
+
+  /**
+   * The controller is reachable again (the policy client got through after
+   * failures): every identity that is failing (renewal errors, pending or
+   * expired) tries at once instead of waiting out its backoff, which after a
+   * long outage is up to 150 s. Returns how many were rescheduled.
+   */
+  retryNow(why: string): number {
+    let n = 0;
+    for (const [k, e] of this.entries) {
+      if (e.busy || e.failures === 0) continue;
+      log.info({ identity: k, why, state: e.cert.state }, 'retrying the certificate now');
+      this.schedule(e, 0);
+      n++;
+    }
+    return n;
   }
 
   /** Wait until no fetch is under way (tests, shutdown). */
@@ -280,6 +325,7 @@ export class IdentityManager {
     const k = identityKey(id);
     const kind = e.cert.state === 'valid' ? 'renew' : 'issue';
     try {
+      if (e.cert.state === 'expired') await this.o.beforeRecover?.().catch(() => undefined);
       const keys = await generateKeyPair();
       const csr = await createCsr(keys, this.trustDomain, id);
       const answer = await this.o.issuer.issue(id, csr);
@@ -302,7 +348,9 @@ export class IdentityManager {
       const reason = err instanceof IdentityFetchError ? err.reason : err instanceof FsmNodeError ? err.code : 'error';
       this.failures?.inc({ kind, reason });
       e.cert.lastError = errorMessage(err);
-      const delay = Math.min(this.backoff.maxMs, this.backoff.initialMs * 2 ** Math.min(e.failures - 1, 30));
+      // Failing closed costs traffic every second: an expired identity retries at least every EXPIRED_RETRY_MAX_MS.
+      const cap = e.cert.state === 'expired' ? Math.min(this.backoff.maxMs, EXPIRED_RETRY_MAX_MS) : this.backoff.maxMs;
+      const delay = Math.min(cap, this.backoff.initialMs * 2 ** Math.min(e.failures - 1, 30));
       log.warn({ identity: k, kind, failures: e.failures, retryInMs: Math.round(delay), err: e.cert.lastError }, 'could not obtain a certificate; keeping the one held, if valid');
       this.schedule(e, delay);
     }
@@ -347,6 +395,8 @@ export class IdentityManager {
     const reason = `certificate expired at ${e.cert.notAfter.toISOString()} without renewal${e.cert.lastError ? `: ${e.cert.lastError}` : ''}`;
     e.cert = { ...e.cert, state: 'expired', reason };
     log.error({ identity: k, reason }, 'identity fails closed: its certificate expired');
+    // Its next attempt may be far off (a long backoff): from now on it retries within EXPIRED_RETRY_MAX_MS.
+    if (!e.busy && (e.cert.nextAttempt?.getTime() ?? 0) > this.now() + EXPIRED_RETRY_MAX_MS) this.schedule(e, 0);
     this.o.onExpired?.(e.cert.identity, reason);
     this.o.onChange?.();
   }
@@ -377,6 +427,8 @@ export class IdentityManager {
         return false;
       }
       if (e.gone || this.stopped) return true;
+      // Stored before the proxy got its own user (or by another one): hand the files over first.
+      if (this.o.owner) await ownKeyFiles(this.keyFiles(e), this.o.owner);
       this.install(e, chain, Math.min(receivedAt, this.now()));
       log.info({ identity: k, notAfter: leaf.notAfter.toISOString() }, 'using the stored certificate');
       this.o.onChange?.();
@@ -392,13 +444,18 @@ export class IdentityManager {
     const base = join(this.o.stateDir, IDENTITIES_DIR);
     await mkdir(base, { recursive: true, mode: 0o711 });
     await mkdir(dir, { recursive: true, mode: 0o700 });
+    // Directories first, files owned before they are renamed into place: a proxy with its own uid reloading
+    // meanwhile reads either the old key or the new one, never a file it may not open.
+    if (this.o.owner) await ownKeyFiles(this.keyFiles(e).slice(0, 2), this.o.owner);
     // Key first: a crash between the two leaves a key without its certificate, which loadStored refuses (mismatch).
-    await writeFileAtomic(e.cert.keyPath, keyPem, 0o600);
-    await writeFileAtomic(e.cert.certPath, chain.join(''), 0o644);
-    if (this.o.owner) {
-      const { uid, gid } = this.o.owner;
-      for (const p of [join(dir, '..'), dir, e.cert.keyPath, e.cert.certPath]) await chown(p, uid, gid);
-    }
+    await writeFileAtomic(e.cert.keyPath, keyPem, 0o600, this.o.owner);
+    await writeFileAtomic(e.cert.certPath, chain.join(''), 0o644, this.o.owner);
+  }
+
+  /** What the proxy's user must own: the namespace and identity directories, key and certificate. */
+  private keyFiles(e: Entry): string[] {
+    const dir = join(e.cert.keyPath, '..');
+    return [join(dir, '..'), dir, e.cert.keyPath, e.cert.certPath];
   }
 
   private drop(k: string, e: Entry): void {

@@ -2,9 +2,14 @@
 // import must be evaluated before the library's, hence first.
 import 'reflect-metadata';
 import * as x509 from '@peculiar/x509';
-import { createHash, createPrivateKey, randomBytes, webcrypto } from 'node:crypto';
+import { createPrivateKey, KeyObject, randomBytes, webcrypto } from 'node:crypto';
 import { FsmNodeError, InvalidInputError } from '../errors.js';
+import { parseCsr, type ParsedCsr } from './csr.js';
+import { leafIssuer, signLeafCertificate, type LeafIssuer } from './leaf.js';
 import { identityDnsName, parseIdentityDnsName, parseSpiffeId, spiffeId, type WorkloadIdentity } from './spiffe.js';
+
+// The controller's hot path lives in csr.ts (reading requests) and leaf.ts (signing leaves); re-exported for callers of this module.
+export { parseCsr, type ParsedCsr };
 
 /**
  * X.509 for workload identities, over @peculiar/x509 (a maintained library on
@@ -121,39 +126,6 @@ export async function createCsr(keys: KeyPair, trustDomain: string, identity: Wo
   return csr.toString('pem') + '\n';
 }
 
-export interface ParsedCsr {
-  commonNames: string[];
-  dnsNames: string[];
-  uris: string[];
-  /** Other SAN kinds present (ip, email, ...): a workload CSR must have none. */
-  otherNames: string[];
-  /** e.g. "ECDSA P-256", "RSA 2048". */
-  keyAlgorithm: string;
-  signatureValid: boolean;
-  /** SubjectPublicKeyInfo DER, to put into the certificate. */
-  publicKey: x509.PublicKey;
-}
-
-export async function parseCsr(pem: string, field = 'csr'): Promise<ParsedCsr> {
-  let csr: x509.Pkcs10CertificateRequest;
-  try {
-    csr = new x509.Pkcs10CertificateRequest(pem);
-  } catch (err) {
-    throw new InvalidInputError(field, typeof pem === 'string' ? `${pem.slice(0, 40)}...` : pem, `is not a PEM certificate request: ${(err as Error).message}`);
-  }
-  const san = csr.getExtension(OID_SAN) as x509.SubjectAlternativeNameExtension | null;
-  const names = san?.names.items ?? [];
-  return {
-    commonNames: csr.subjectName.getField('CN'),
-    dnsNames: names.filter((n) => n.type === 'dns').map((n) => n.value),
-    uris: names.filter((n) => n.type === 'url').map((n) => n.value),
-    otherNames: names.filter((n) => n.type !== 'dns' && n.type !== 'url').map((n) => `${n.type}:${n.value}`),
-    keyAlgorithm: describeKey(csr.publicKey.algorithm),
-    signatureValid: await csr.verify().catch(() => false),
-    publicKey: csr.publicKey,
-  };
-}
-
 function describeKey(alg: Algorithm): string {
   const a = alg as Algorithm & { namedCurve?: string; modulusLength?: number };
   if (a.name === 'ECDSA' || a.name === 'ECDH') return `ECDSA ${a.namedCurve ?? '?'}`;
@@ -171,13 +143,27 @@ export interface CaSigner {
   /** Intermediates above `certPem`, nearest first (empty for a root). */
   parentsPem: string[];
   /** Parsed once, not per certificate signed. */
-  readonly prepared?: { cert: x509.X509Certificate; issuerName: string; aki: x509.Extension; selfSigned: boolean };
+  readonly prepared?: PreparedCa;
 }
 
-async function prepare(ca: CaSigner): Promise<NonNullable<CaSigner['prepared']>> {
+interface PreparedCa {
+  subject: string;
+  notBefore: Date;
+  notAfter: Date;
+  selfSigned: boolean;
+  leaf: LeafIssuer;
+}
+
+function prepare(ca: CaSigner, keyObject?: KeyObject): PreparedCa {
   if (ca.prepared) return ca.prepared;
   const cert = certFromPem(ca.certPem, 'ca.crt');
-  return { cert, issuerName: cert.subjectName.toString(), aki: await x509.AuthorityKeyIdentifierExtension.create(cert.publicKey), selfSigned: cert.subject === cert.issuer };
+  return {
+    subject: cert.subject,
+    notBefore: cert.notBefore,
+    notAfter: cert.notAfter,
+    selfSigned: cert.subject === cert.issuer,
+    leaf: leafIssuer(new Uint8Array(cert.rawData), keyObject ?? KeyObject.from(ca.key)),
+  };
 }
 
 /** A signer from PEM certificate + key (+ the certificates above it). Checks that the key matches and the cert is a CA. */
@@ -196,7 +182,8 @@ export async function loadSigner(certPem: string, keyPem: string, parentsPem: st
     .catch(() => false); // a key of another kind than the certificate's
   if (!matches) throw new InvalidInputError('ca.key', '(PEM text)', `does not belong to certificate ${cert.subject}`);
   const signer: CaSigner = { certPem: cert.toString('pem') + '\n', key, signingAlgorithm, parentsPem };
-  return { ...signer, prepared: await prepare(signer) };
+  // node's KeyObject for signing leaves: made once here, not per certificate.
+  return { ...signer, prepared: prepare(signer, createPrivateKey(keyPem)) };
 }
 
 export interface LeafOptions {
@@ -216,45 +203,14 @@ export interface LeafOptions {
 export async function signLeaf(csrIn: string | ParsedCsr, ca: CaSigner, o: LeafOptions): Promise<{ certPem: string; chainPem: string[]; notAfter: Date }> {
   const csr = typeof csrIn === 'string' ? await parseCsr(csrIn) : csrIn;
   if (!csr.signatureValid) throw new InvalidInputError('csr', '(PEM text)', 'its signature does not verify (not signed by the key it carries)');
-  const { cert: caCert, issuerName, aki, selfSigned } = await prepare(ca);
+  const p = prepare(ca);
   const now = o.now ?? new Date();
-  const notBefore = new Date(Math.max(now.getTime() - (o.skewMs ?? DEFAULT_SKEW_MS), caCert.notBefore.getTime()));
-  const notAfter = new Date(Math.min(now.getTime() + o.lifetimeMs, caCert.notAfter.getTime()));
-  if (notAfter.getTime() <= now.getTime()) throw new X509Error(`the signing CA ${caCert.subject} has expired (${caCert.notAfter.toISOString()})`);
-  const dns = identityDnsName(o.trustDomain, o.identity);
-  const cert = await x509.X509CertificateGenerator.create({
-    serialNumber: serial(),
-    subject: [{ CN: [dns] }],
-    issuer: issuerName,
-    notBefore,
-    notAfter,
-    publicKey: csr.publicKey,
-    signingKey: ca.key,
-    signingAlgorithm: ca.signingAlgorithm,
-    extensions: [
-      ...leafConstants(),
-      new x509.SubjectAlternativeNameExtension([
-        { type: 'dns', value: dns },
-        { type: 'url', value: spiffeId(o.trustDomain, o.identity) },
-      ]),
-      // SHA-1 of the whole SubjectPublicKeyInfo (RFC 7093 allows any stable method), hashed here in one call
-      // rather than through a WebCrypto job per certificate.
-      new x509.SubjectKeyIdentifierExtension(createHash('sha1').update(Buffer.from(csr.publicKey.rawData)).digest('hex')),
-      aki,
-    ],
-  });
-  const certPem = cert.toString('pem') + '\n';
-  return { certPem, chainPem: [certPem, ...(selfSigned ? [] : [ca.certPem]), ...ca.parentsPem], notAfter };
-}
-
-let constants: x509.Extension[] | undefined;
-/** The extensions every workload leaf has, built once (the library encodes and re-parses each one it makes). */
-function leafConstants(): x509.Extension[] {
-  return (constants ??= [
-    new x509.BasicConstraintsExtension(false, undefined, true),
-    new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true),
-    new x509.ExtendedKeyUsageExtension([x509.ExtendedKeyUsage.serverAuth, x509.ExtendedKeyUsage.clientAuth]),
-  ]);
+  const notBefore = new Date(Math.max(now.getTime() - (o.skewMs ?? DEFAULT_SKEW_MS), p.notBefore.getTime()));
+  const notAfter = new Date(Math.min(now.getTime() + o.lifetimeMs, p.notAfter.getTime()));
+  if (notAfter.getTime() <= now.getTime()) throw new X509Error(`the signing CA ${p.subject} has expired (${p.notAfter.toISOString()})`);
+  const certPem = signLeafCertificate(p.leaf, csr, { dnsName: identityDnsName(o.trustDomain, o.identity), uri: spiffeId(o.trustDomain, o.identity), notBefore, notAfter });
+  // X.509 times have whole seconds: report the notAfter the certificate carries.
+  return { certPem, chainPem: [certPem, ...(p.selfSigned ? [] : [ca.certPem]), ...ca.parentsPem], notAfter: new Date(Math.floor(notAfter.getTime() / 1000) * 1000) };
 }
 
 export interface CaOptions {

@@ -2,6 +2,7 @@ import { readdirSync, readFileSync } from 'node:fs';
 import { request as httpsRequest } from 'node:https';
 import { join } from 'node:path';
 import { parseAllDocuments } from 'yaml';
+import { READING_TTL_MS } from '../agent/metrics.js';
 import { errorMessage } from '../errors.js';
 import {
   ANNOTATION_OUTBOUND_PORT_EXCLUSION,
@@ -15,6 +16,7 @@ import { packageRoot } from '../util/paths.js';
 import { agentState } from './lab.js';
 import { CANARY, deniedPair, ECHO_PORT, LAB_NAMESPACE, LAB_SERVICES, SPLIT_WEIGHTS } from './manifests.js';
 import type { EchoAnswer, GetResult } from './echo-server.js';
+import { mqttCases } from './mqtt-lab.js';
 import { runInside, sleep } from './processes.js';
 import { gatherLabStatus, restartNotes } from './status.js';
 import { labFiles, type LabNode, type LabPod, type LabState } from './state.js';
@@ -31,7 +33,7 @@ export type CaseResult = 'pass' | 'fail' | 'skip';
 
 export interface CheckCase {
   name: string;
-  kind: 'pod-to-pod' | 'service' | 'split' | 'access';
+  kind: 'pod-to-pod' | 'service' | 'split' | 'access' | 'mqtt';
   from: string;
   to: string;
   result: CaseResult;
@@ -210,18 +212,35 @@ async function request(from: LabPod, url: string): Promise<GetResult> {
  * its agent's /metrics (fsm_node_proxy_tunnels_total, proxy/README.md).
  */
 async function tunnelEvidence(toNode: LabNode, from: LabPod, to: LabPod): Promise<{ mtls: boolean; source: string; seen: string }> {
+  // The agent serves the proxy's metrics from a reading up to READING_TTL_MS old (src/agent/metrics.ts):
+  // a tunnel opened just now may not be in it yet, so look again past that age before calling it missing.
+  const first = await tunnelEvidenceOnce(toNode, from, to);
+  if (first.mtls) return first;
+  await sleep(READING_TTL_MS + 200);
+  return tunnelEvidenceOnce(toNode, from, to);
+}
+
+async function tunnelEvidenceOnce(toNode: LabNode, from: LabPod, to: LabPod): Promise<{ mtls: boolean; source: string; seen: string }> {
   const source = `${LAB_NAMESPACE}/${from.name}`;
   const destination = `${LAB_NAMESPACE}/${to.name}`;
-  let text = '';
-  try {
-    const res = await fetch(`${toNode.agentUrl}/metrics`, { signal: AbortSignal.timeout(5000) });
-    text = await res.text();
-  } catch (err) {
-    return { mtls: false, source, seen: `metrics of ${toNode.name}: ${errorMessage(err)}` };
+  // The agent serves one reading of Pipy's counters for READING_TTL_MS, and the
+  // cases run side by side: a reading taken just before this case's tunnel does
+  // not show it yet. Read again until it does, for a little longer than that.
+  const deadline = Date.now() + 3 * READING_TTL_MS;
+  for (;;) {
+    let text = '';
+    try {
+      const res = await fetch(`${toNode.agentUrl}/metrics`, { signal: AbortSignal.timeout(5000) });
+      text = await res.text();
+    } catch (err) {
+      return { mtls: false, source, seen: `metrics of ${toNode.name}: ${errorMessage(err)}` };
+    }
+    const lines = text.split('\n').filter((l) => l.startsWith('fsm_node_proxy_tunnels_total{') && l.includes(`source="${source}"`) && l.includes(`destination="${destination}"`) && l.includes('result="accepted"'));
+    const count = (transport: string): number => lines.filter((l) => l.includes(`transport="${transport}"`)).reduce((n, l) => n + Number(l.slice(l.lastIndexOf(' ') + 1)), 0);
+    const mtls = count('mtls') > 0;
+    if (mtls || Date.now() > deadline) return { mtls, source, seen: count('plaintext') > 0 ? `plaintext tunnels from ${source}` : `no tunnel from ${source} counted by ${toNode.name}` };
+    await sleep(250);
   }
-  const lines = text.split('\n').filter((l) => l.startsWith('fsm_node_proxy_tunnels_total{') && l.includes(`source="${source}"`) && l.includes(`destination="${destination}"`) && l.includes('result="accepted"'));
-  const count = (transport: string): number => lines.filter((l) => l.includes(`transport="${transport}"`)).reduce((n, l) => n + Number(l.slice(l.lastIndexOf(' ') + 1)), 0);
-  return { mtls: count('mtls') > 0, source, seen: count('plaintext') > 0 ? `plaintext tunnels from ${source}` : `no tunnel from ${source} counted by ${toNode.name}` };
 }
 
 function parseAnswer(body: string | undefined): EchoAnswer | undefined {
@@ -281,7 +300,9 @@ async function pool<T>(items: T[], limit: number, fn: (t: T) => Promise<void>): 
   }));
 }
 
-export async function labCheck(state: LabState): Promise<CheckReport> {
+export async function labCheck(all: LabState): Promise<CheckReport> {
+  // Pods added live (`lab pod add`) run the user's command, not the echo server: not part of the check.
+  const state = { ...all, pods: all.pods.filter((p) => p.containerId === undefined) };
   const notes = await waitConverged(state);
   notes.push(...restartNotes(await gatherLabStatus(state)));
   const view = meshView(labFiles(state.dir).manifests);
@@ -339,6 +360,7 @@ export async function labCheck(state: LabState): Promise<CheckReport> {
   } else {
     cases.push(...(await serviceCases(state, view, denied?.from)));
   }
+  cases.push(...(await mqttCases(state)));
   const count = (r: CaseResult): number => cases.filter((c) => c.result === r).length;
   const failed = count('fail');
   return { ok: failed === 0 && cases.length > 0, proxy: state.proxy, passed: count('pass'), failed, skipped: count('skip'), notes, cases };

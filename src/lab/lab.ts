@@ -16,6 +16,8 @@ import { BPFFS_ROOT, ensureBpffs } from './bpffs.js';
 import { faultFile } from './faults.js';
 import { ECHO_PORT, podVersion, renderManifests } from './manifests.js';
 import { hostNetworkSnapshot } from './net-probe.js';
+import { labCniDirs, writePrimaryConflist } from './pods.js';
+import { createOutside } from './outside.js';
 import { isOurs, pidAlive, sleep, spawnInside, startDetached, stopProcess, tail } from './processes.js';
 import { agentCgroup, agentProcess, labCli, readSupervisorStatus, supervisorArgv, type SupervisorStatus } from './supervisor.js';
 import {
@@ -35,6 +37,7 @@ import {
   type LabState,
 } from './state.js';
 import { matchesSweepPrefix, sweep, Topology } from './topology.js';
+import { BROKER_SERVICE, MQTT_PORT, startLabBroker } from './mqtt-lab.js';
 
 /**
  * The lab: a real multi-node mesh on one machine (issue 10). `lab up` builds
@@ -271,6 +274,19 @@ export async function labUp(opts: UpOptions, say: Say): Promise<LabState> {
     state.pods.map((pod) => waitFor(`echo server in pod ${pod.name}`, 10_000, processDied(pod.server), async () => (readFileSync(pod.server!.log, 'utf8').includes('"listening"') ? true : undefined))),
   );
   say(`workloads: ${state.pods.length} echo servers on :${ECHO_PORT} (${state.pods.map((p) => `${p.name}@${p.node}=${p.ip}`).join(' ')})`);
+  const brokerPod = state.pods[0];
+  if (brokerPod && state.pods.length > 1) {
+    brokerPod.broker = await startLabBroker(state);
+    writeLabState(state);
+    say(`mqtt: mosquitto in pod ${brokerPod.name}, service ${BROKER_SERVICE.name} ${BROKER_SERVICE.clusterIP}:${MQTT_PORT} (docs/mqtt.md)`);
+  }
+
+  // The outside world: a client and a server on the site network, off the mesh (ingress and egress).
+  state.outside = await createOutside({ prefix: LAB_PREFIX, subnetBase: topo.subnetBase, cgroupRoot: cgRoot, dir: f.logs });
+  writeLabState(state);
+  const outsideServer = state.outside.server;
+  await waitFor('outside server', 10_000, processDied(outsideServer.process), async () => (readFileSync(outsideServer.process!.log, 'utf8').includes('"ready"') ? true : undefined));
+  say(`outside: client ${state.outside.client.ip} (lab exec outside -- ...), server ${outsideServer.ip} http :${outsideServer.httpPort} https :${outsideServer.httpsPort} (${outsideServer.serverName}, CA ${outsideServer.caFile})`);
 
   // Control plane: the controller, then one agent per node, each in its own lab cgroup.
   await createCgroup(ctlRoot);
@@ -285,6 +301,10 @@ export async function labUp(opts: UpOptions, say: Say): Promise<LabState> {
   for (const n of state.nodes) {
     await createCgroup(agentCgroup(state, n));
     mkdirSync(n.stateDir, { recursive: true });
+    // The node's primary CNI conflist, for the agent to chain fsm-node-cni into (lab pod add).
+    const cni = labCniDirs(state, n.name);
+    writePrimaryConflist(cni.confDir);
+    mkdirSync(cni.binDir, { recursive: true });
   }
   const supCgroup = join(ctlRoot, 'supervisor');
   await createCgroup(supCgroup);
@@ -341,6 +361,8 @@ export async function agentModes(state: LabState): Promise<Record<string, string
 // ---- lab exec ----------------------------------------------------------------
 
 export function findPod(state: LabState, name: string | undefined): LabPod {
+  // "outside" is the outside client: a place to run commands, like a pod (no cgroup of a pod, the outside one).
+  if (name === 'outside' && state.outside) return { name, node: '-', ip: state.outside.client.ip, netns: state.outside.client.netns, cgroupPath: state.outside.cgroup, version: 'v1' };
   const pod = state.pods.find((p) => p.name === name);
   if (!pod) throw new InvalidInputError('POD', name, `no such lab pod (pods: ${state.pods.map((p) => p.name).join(', ')})`);
   return pod;
@@ -500,7 +522,7 @@ export async function labDown(dirFlag: string | undefined, say: Say): Promise<Do
       say('controller: stopped');
     }
   }
-  const pidsToCheck = state ? [state.controller.process, state.supervisor, ...agentProcs, ...state.pods.map((p) => p.server)].filter((p): p is LabProcess => p !== undefined) : [];
+  const pidsToCheck = state ? [state.controller.process, state.supervisor, ...agentProcs, ...state.pods.flatMap((p) => [p.server, p.broker]), state.outside?.server.process].filter((p): p is LabProcess => p !== undefined) : [];
   const swept = await sweep(LAB_PREFIX);
   report.removed.push(...swept);
   const count = (kind: string): number => swept.filter((x) => x.startsWith(`${kind} `)).length;

@@ -6,6 +6,7 @@ import {
   LABEL_MONITORED_BY,
   MESH_CONFIG_NAME,
 } from '../policy/fsm.js';
+import { mqttLabObjects } from './mqtt-lab.js';
 
 /**
  * The lab's example mesh as Kubernetes manifests, one file per concern (and
@@ -24,7 +25,9 @@ import {
  * - a canary: requests for /canary and below go to echo-v2 only (a v1alpha4
  *   TrafficSplit with HTTPRouteGroup matches; every other request keeps the 80/20);
  * - one TrafficTarget per pod allowing every other pod except one denied pair
- *   (the last pod may not call the first).
+ *   (the last pod may not call the first);
+ * - MQTT (src/lab/mqtt-lab.ts): the first pod runs a broker; the others may
+ *   publish under devices/<their service account>/ and subscribe to devices/#.
  */
 
 export const LAB_NAMESPACE = 'demo';
@@ -185,5 +188,7 @@ export function renderManifests(input: ManifestInput): Map<string, string> {
   files.set('50-split.yaml', docs([splitObject()]));
   files.set('55-canary.yaml', docs(canaryObjects()));
   files.set('60-access.yaml', docs(accessObjects(input.pods)));
+  const mqtt = mqttLabObjects(input.pods);
+  if (mqtt.length > 0) files.set('70-mqtt.yaml', docs(mqtt));
   return files;
 }

@@ -28,6 +28,10 @@ export function nodeAgentConfig(node: TopoNode, stateDir: string, overrides: Par
     failurePolicy: 'fail-closed',
     proxyThreadCap: 4,
     nodeAddresses: [node.gateway, node.underlayIp],
+    cniSpool: `${stateDir}/cni-spool`,
+    cniFailurePolicy: 'auto',
+    cniConfDirs: [],
+    cniBinDir: '/nonexistent/cni/bin',
     ...overrides,
   };
 }

@@ -43,6 +43,11 @@ const PodSchema = z
     cgroupPath: z.string(),
     version: z.enum(['v1', 'v2']),
     server: ProcessSchema.optional(),
+    /** Pods added by `lab pod add` (src/lab/pods.ts): their namespace and sandbox id (the CNI container id). */
+    namespace: z.string().optional(),
+    containerId: z.string().optional(),
+    /** The MQTT broker (mosquitto) of the broker pod (src/lab/mqtt-lab.ts). */
+    broker: ProcessSchema.optional(),
   })
   .strict();
 
@@ -62,6 +67,17 @@ export const LabStateSchema = z
     supervisor: ProcessSchema.optional(),
     nodes: z.array(NodeSchema),
     pods: z.array(PodSchema),
+    /** The outside client and server (src/lab/outside.ts); absent in labs made before them. */
+    outside: z
+      .object({
+        client: z.object({ netns: z.string(), ip: z.string() }).strict(),
+        server: z
+          .object({ netns: z.string(), ip: z.string(), httpPort: z.number().int(), httpsPort: z.number().int(), serverName: z.string(), caFile: z.string(), process: ProcessSchema.optional() })
+          .strict(),
+        cgroup: z.string(),
+      })
+      .strict()
+      .optional(),
   })
   .strict();
 export type LabState = z.infer<typeof LabStateSchema>;

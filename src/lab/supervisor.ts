@@ -5,6 +5,7 @@ import { errorMessage } from '../errors.js';
 import { writeFileAtomic } from '../policy/store.js';
 import { logger } from '../util/log.js';
 import { packageRoot } from '../util/paths.js';
+import { labCniDirs } from './pods.js';
 import { spawnDetached } from './processes.js';
 import { LabError, labFiles, readLabState, type LabNode, type LabProcess, type LabState } from './state.js';
 
@@ -118,6 +119,11 @@ export function agentArgv(state: LabState, n: LabNode): string[] {
     '--proxy', state.proxy,
     '--proxy-address', n.gateway,
     '--node-addresses', `${n.gateway},${n.underlayIp}`,
+    // Enrolment at pod creation: the agent chains fsm-node-cni into the node's lab CNI directory (lab pod add).
+    '--cni-socket', join(n.stateDir, 'cni.sock'),
+    '--cni-spool', join(n.stateDir, 'cni-spool'),
+    '--cni-conf-dirs', labCniDirs(state, n.name).confDir,
+    '--cni-bin-dir', labCniDirs(state, n.name).binDir,
   ];
 }
 

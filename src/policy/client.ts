@@ -146,6 +146,11 @@ export class PolicyClient extends EventEmitter {
     this.on('policy', fn);
   }
 
+  /** The controller answered again after `failures` failed fetches in a row. */
+  onReconnect(fn: (failures: number) => void): void {
+    this.on('reconnected', fn);
+  }
+
   fetchErrors(): number {
     return Object.values(this.counters.errors).reduce((a, b) => a + b, 0);
   }
@@ -166,6 +171,8 @@ export class PolicyClient extends EventEmitter {
     while (!signal.aborted) {
       try {
         await this.fetchOnce(signal);
+        // Back in touch after failures: whoever waits on the controller (certificate renewals) can retry now.
+        if (failures > 0) this.emit('reconnected', failures);
         failures = 0;
       } catch (err) {
         if (signal.aborted) break;

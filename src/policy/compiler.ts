@@ -4,6 +4,9 @@ import { logger } from '../util/log.js';
 import { DEFAULT_CONTROLLER_NAMESPACE, MESH_CONFIG_NAME } from './fsm.js';
 import { IssueReporter } from './issues.js';
 import { compileResilience, RESILIENCE_DEFAULTS } from './resilience.js';
+import { resolveGateways, type GatewayResolution } from '../gateway/resolve.js';
+import { EMPTY_INGRESS, type Ingress } from '../gateway/schema.js';
+import type { EgressPolicy } from '../egress/schema.js';
 import {
   FieldError,
   IDENTITY_DEFAULTS,
@@ -32,6 +35,7 @@ import {
   type GlobalPart,
   type MeshPod,
   type MeshSettings,
+  type MulticlusterPart,
   type NodePart,
   type NodePolicy,
   type PolicyPod,
@@ -207,6 +211,13 @@ export class PolicyCompiler {
     TrafficTarget: new Map(),
     HTTPRouteGroup: new Map(),
     TCPRoute: new Map(),
+    MQTTRouteGroup: new Map(),
+    GatewayClass: new Map(),
+    Gateway: new Map(),
+    HTTPRoute: new Map(),
+    ReferenceGrant: new Map(),
+    Secret: new Map(),
+    Egress: new Map(),
     Retry: new Map(),
     UpstreamTrafficSetting: new Map(),
   };
@@ -220,6 +231,10 @@ export class PolicyCompiler {
 
   // Compiled parts.
   private global: Part<GlobalPart> | undefined;
+  /** The mesh's Gateways (part of the global part) and the status they resolved to. */
+  private ingress: Ingress = EMPTY_INGRESS;
+  private gatewayResolution: GatewayResolution | undefined;
+  private ingressDirty = false;
   private readonly serviceEntries = new Map<string, ServiceEntry>();
   private sortedServiceKeys: string[] | undefined;
   /** Identity -> keys of the services with an endpoint of it; built with sortedServiceKeys, dropped with it. */
@@ -240,8 +255,11 @@ export class PolicyCompiler {
 
   // What the next compile must redo.
   private fullDirty = true;
+  /** Sorted monitored namespace names; dropped on every full recompile (a Namespace or the mesh changed). */
+  private monitoredCache: string[] | undefined;
   private globalDirty = false;
   private trustBundle: string[] = [];
+  private multicluster: MulticlusterPart | undefined;
   private splitsDirty = false;
   private accessDirty = false;
   private readonly dirtyServices = new Set<string>();
@@ -313,6 +331,41 @@ export class PolicyCompiler {
    * root rotation). Goes into every node's policy; the next compile carries
    * it. True when it differs from the bundle held.
    */
+  /**
+   * The clusterset's imports (src/multicluster/controller.ts), in every
+   * node's policy; undefined without a clusterset. True when it changed (then
+   * compile and publish).
+   */
+  setMulticluster(part: MulticlusterPart | undefined): boolean {
+    if (JSON.stringify(part) === JSON.stringify(this.multicluster)) return false;
+    this.multicluster = part;
+    this.globalDirty = true;
+    return true;
+  }
+
+  /** A monitored service as compiled (ports, cluster IPs, ready endpoints): what the multicluster exports read. */
+  compiledService(namespace: string, name: string): PolicyService | undefined {
+    return this.serviceEntries.get(`${namespace}/${name}`)?.service;
+  }
+
+  /** Whether a Service object exists (monitored or not) and its cluster IPs: an export of a missing Service is not Valid. */
+  serviceRecord(namespace: string, name: string): { clusterIPs: string[] } | undefined {
+    const r = this.store.Service.get(`${namespace}/${name}`);
+    return r && { clusterIPs: r.clusterIPs };
+  }
+
+  /** Whether the namespace exists and is in the mesh (a ServiceImport appears only where its namespace does). */
+  namespaceInMesh(namespace: string): boolean {
+    return this.monitored(namespace, this.mesh());
+  }
+
+  /** Nodes labelled as multicluster gateways, by name, with their addresses. */
+  gatewayNodes(): { node: string; addresses: string[] }[] {
+    return byKey(this.store.Node.entries())
+      .filter((n) => n.gateway && n.addresses.length > 0)
+      .map((n) => ({ node: n.name, addresses: n.addresses }));
+  }
+
   setTrustBundle(bundle: readonly string[]): boolean {
     if (bundle.join('\n') === this.trustBundle.join('\n')) return false;
     this.trustBundle = [...bundle];
@@ -375,14 +428,25 @@ export class PolicyCompiler {
         break;
       case 'TrafficTarget':
       case 'TCPRoute':
+      case 'MQTTRouteGroup':
         this.accessDirty = true;
         break;
+      case 'GatewayClass':
+      case 'Gateway':
+      case 'HTTPRoute':
+      case 'ReferenceGrant':
+      case 'Secret':
+        this.ingressDirty = true;
+        break;
+      case 'Egress':
       case 'Retry':
       case 'UpstreamTrafficSetting':
-        // Mesh-wide, like the trust: every node gets them (the proxy of the source's node applies them).
+        // Mesh-wide, like the trust: every node gets them (the proxy of the source's node applies Retry).
         this.globalDirty = true;
         break;
     }
+    // Gateways read nodes (selectors), namespaces (allowedRoutes) and services (backends) too.
+    if ((kind === 'Node' || kind === 'Namespace') && this.store.Gateway.size > 0) this.ingressDirty = true;
   }
 
   private touchPod(key: string, old: PodRec | undefined, rec: PodRec | undefined): void {
@@ -410,6 +474,7 @@ export class PolicyCompiler {
     const mesh = this.mesh();
     let allNodes = false;
     if (this.fullDirty) {
+      this.monitoredCache = undefined;
       for (const k of new Set([...this.store.Service.keys(), ...this.serviceEntries.keys()])) this.dirtyServices.add(k);
       for (const n of this.nodeNames()) this.dirtyNodes.add(n);
       for (const n of this.nodeEntries.keys()) this.dirtyNodes.add(n);
@@ -435,6 +500,19 @@ export class PolicyCompiler {
         this.sortedServiceKeys = undefined;
         this.servicesByIdentity = undefined;
         this.splitsDirty = true;
+      }
+    }
+    if (this.store.Gateway.size > 0 && this.dirtyServices.size > 0) this.ingressDirty = true;
+    if (this.ingressDirty || this.gatewayResolution === undefined) {
+      this.ingressDirty = false;
+      const before = JSON.stringify(this.ingress);
+      this.gatewayResolution = this.resolveIngress();
+      this.ingress = this.gatewayResolution.ingress;
+      this.reportGatewayRefusals(this.gatewayResolution);
+      if (JSON.stringify(this.ingress) !== before) {
+        const prev = this.global?.hash;
+        this.global = this.buildGlobal(mesh) ?? this.global;
+        if (this.global?.hash !== prev) allNodes = true;
       }
     }
     if (this.accessDirty) {
@@ -529,6 +607,12 @@ export class PolicyCompiler {
     return names;
   }
 
+  /** Sorted names of the namespaces the mesh monitors (every node's part carries them, for the CNI plugin). */
+  private monitoredNamespaces(mesh: MeshSettings): string[] {
+    this.monitoredCache ??= [...this.store.Namespace.values()].filter((n) => n.monitoredBy === mesh.name).map((n) => n.name).sort();
+    return this.monitoredCache;
+  }
+
   private monitored(namespace: string, mesh: MeshSettings): boolean {
     return this.store.Namespace.get(`/${namespace}`)?.monitoredBy === mesh.name;
   }
@@ -551,8 +635,59 @@ export class PolicyCompiler {
       .map((n) => ({ node: n.name, addresses: n.addresses }));
     const trust = { trustDomain: this.identitySettings().trustDomain, bundle: this.trustBundle };
     const resilience = compileResilience(this.store.ConfigMap.get(`${this.controllerNamespace}/${MESH_CONFIG_NAME}`)?.resilience ?? RESILIENCE_DEFAULTS, byKey(this.store.Retry.entries()), byKey(this.store.UpstreamTrafficSetting.entries()));
-    const value = this.checked(GlobalPartSchema, { mesh, proxies, trust, resilience }, { kind: 'ConfigMap', namespace: this.controllerNamespace, name: MESH_CONFIG_NAME });
+    const multicluster = this.multicluster ? { multicluster: this.multicluster } : {};
+    const value = this.checked(GlobalPartSchema, { mesh, proxies, trust, ...(resilience ? { resilience } : {}), ...multicluster, ...(this.ingress.gateways.length > 0 ? { ingress: this.ingress } : {}), ...this.egressPart() }, { kind: 'ConfigMap', namespace: this.controllerNamespace, name: MESH_CONFIG_NAME });
     return value && part(value);
+  }
+
+  /** The Egress objects, sorted, as the global part carries them (nothing when there are none: versions of meshes without any stay the same). */
+  private egressPart(): { egressPolicies?: EgressPolicy[] } {
+    const list = byKey(this.store.Egress.entries());
+    return list.length > 0 ? { egressPolicies: list } : {};
+  }
+
+  /** Gateway API objects -> the Ingress part and their status (src/gateway/resolve.ts). */
+  private resolveIngress(): GatewayResolution {
+    const s = this.store;
+    return resolveGateways({
+      classes: [...s.GatewayClass.values()],
+      gateways: [...s.Gateway.values()],
+      routes: [...s.HTTPRoute.values()],
+      grants: [...s.ReferenceGrant.values()],
+      secret: (ns, name) => s.Secret.get(`${ns}/${name}`),
+      service: (ns, name) => this.serviceEntries.get(`${ns}/${name}`)?.service,
+      namespaceLabels: (ns) => s.Namespace.get(`/${ns}`)?.labels,
+      nodes: [...s.Node.values()].map((n) => ({ name: n.name, labels: n.labels })),
+    });
+  }
+
+  private gatewayIssueRefs: ObjectRef[] = [];
+
+  /**
+   * Listeners and route parents that do not serve, as issues (a log line; an
+   * Event in cluster mode), so manifest mode shows them too. Cleared when fixed.
+   */
+  private reportGatewayRefusals(r: GatewayResolution): void {
+    for (const ref of this.gatewayIssueRefs) this.reporter.clear(ref, 'reference');
+    this.gatewayIssueRefs = [];
+    const report = (ref: ObjectRef, field: string, message: string) => {
+      this.gatewayIssueRefs.push(ref);
+      this.reporter.report({ ref, stage: 'reference', field, message, keptLastGood: false });
+    };
+    for (const g of r.gateways) {
+      const ref: ObjectRef = { kind: 'Gateway', namespace: g.namespace, name: g.name };
+      const bad = g.listeners.flatMap((l) => l.conditions.filter((c) => c.type === 'Programmed' && c.status === 'False').map((c) => `listener ${l.name}: ${c.reason}: ${c.message}`));
+      if (bad.length > 0) report(ref, 'spec.listeners', bad.join('; '));
+    }
+    for (const route of r.routes) {
+      const bad = route.parents.flatMap((p) => p.conditions.filter((c) => c.type === 'Accepted' && c.status === 'False').map((c) => `parent ${p.parentRef.namespace}/${p.parentRef.name}${p.parentRef.sectionName ? `/${p.parentRef.sectionName}` : ''}: ${c.reason}: ${c.message}`));
+      if (bad.length > 0) report({ kind: 'HTTPRoute', namespace: route.namespace, name: route.name }, 'spec.parentRefs', bad.join('; '));
+    }
+  }
+
+  /** What the Gateway API objects resolved to at the last compile (status for the cluster source and `fsm-node status`). */
+  gatewayStatus(): GatewayResolution | undefined {
+    return this.gatewayResolution;
   }
 
   /** 'same' | 'changed' | 'membership' (the service entered or left the mesh). */
@@ -686,6 +821,16 @@ export class PolicyCompiler {
         if (!route) throw new FieldError(`spec.rules[${i}].name`, `TCPRoute ${rec.namespace}/${r.name} not found`);
         return { kind: 'TCPRoute', name: r.name, ports: route.ports };
       }
+      if (r.kind === 'MQTTRouteGroup') {
+        const group = this.store.MQTTRouteGroup.get(`${rec.namespace}/${r.name}`);
+        if (!group) throw new FieldError(`spec.rules[${i}].name`, `MQTTRouteGroup ${rec.namespace}/${r.name} not found`);
+        const matches = r.matches === null ? group.matches : r.matches.map((m, j) => {
+          const found = group.matches.find((g) => g.name === m);
+          if (!found) throw new FieldError(`spec.rules[${i}].matches[${j}]`, `match ${JSON.stringify(m)} not in MQTTRouteGroup ${rec.namespace}/${r.name}`);
+          return found;
+        });
+        return { kind: 'MQTTRouteGroup', name: r.name, matches };
+      }
       const group = this.store.HTTPRouteGroup.get(`${rec.namespace}/${r.name}`);
       if (!group) throw new FieldError(`spec.rules[${i}].name`, `HTTPRouteGroup ${rec.namespace}/${r.name} not found`);
       const matches = r.matches === null ? group.matches : r.matches.map((m, j) => {
@@ -729,9 +874,12 @@ export class PolicyCompiler {
   private buildNode(node: string, mesh: MeshSettings): NodeEntry | undefined {
     const rec = this.store.Node.get(`/${node}`);
     const pods: PolicyPod[] = [];
+    const optedOut: string[] = [];
     const identities = new Set<string>();
     for (const key of this.podsByNode.get(node) ?? []) {
       const p = this.store.Pod.get(key)!;
+      // Known before the pod has an address: the CNI plugin must not enrol it at creation.
+      if (p.optOut && p.active && !p.hostNetwork && this.monitored(p.namespace, mesh)) optedOut.push(`${p.namespace}/${p.name}`);
       if (!this.enrolled(p, mesh)) continue;
       identities.add(idKey(p.namespace, p.serviceAccount));
       pods.push({
@@ -759,7 +907,13 @@ export class PolicyCompiler {
       for (const dst of this.destinationsBySource.get(id) ?? []) reachable.add(dst);
     }
     const value: NodePart = {
-      node: { name: node, addresses: rec?.addresses ?? [], interceptionMode: rec?.modeLabel ?? null },
+      node: {
+        name: node,
+        addresses: rec?.addresses ?? [],
+        interceptionMode: rec?.modeLabel ?? null,
+        monitoredNamespaces: this.monitoredNamespaces(mesh),
+        optedOutPods: optedOut.sort(),
+      },
       pods,
       access,
     };

@@ -8,6 +8,8 @@ export const ANNOTATION_OUTBOUND_PORT_EXCLUSION = 'flomesh.io/outbound-port-excl
 export const ANNOTATION_OUTBOUND_IP_EXCLUSION = 'flomesh.io/outbound-ip-range-exclusion-list';
 export const ANNOTATION_OUTBOUND_IP_INCLUSION = 'flomesh.io/outbound-ip-range-inclusion-list';
 export const LABEL_INTERCEPTION_MODE = 'flomesh.io/interception-mode';
+/** Nodes whose proxies take tunnels from other clusters of the clusterset (src/multicluster). */
+export const LABEL_MULTICLUSTER_GATEWAY = 'multicluster.fsm-node.io/gateway';
 /** Lab only: the pod's cgroup v2 path, given directly because lab pods are not kubelet's. */
 export const ANNOTATION_LAB_CGROUP = 'lab.fsm-node.io/cgroup';
 

@@ -12,12 +12,29 @@ import {
   ANNOTATION_SIDECAR_INJECTION,
   LABEL_INTERCEPTION_MODE,
   LABEL_MONITORED_BY,
+  LABEL_MULTICLUSTER_GATEWAY,
   ListParseError,
   parseCidrList,
   parsePortList,
 } from './fsm.js';
 import { FieldError } from './fields.js';
 import { parseResilienceDefaults, parseRetrySpec, parseUpstreamSpec, RESILIENCE_API_VERSION, type ResilienceDefaults, type RetrySpec, type UpstreamSpec } from './resilience.js';
+import { MQTT_ROUTE_GROUP_API_VERSION, parseMqttRouteGroup, type MqttRouteGroupRec } from './mqtt.js';
+import { EGRESS_API_VERSION, toEgress, type EgressRec } from '../egress/objects.js';
+import {
+  GATEWAY_API_VERSION,
+  REFERENCE_GRANT_API_VERSION,
+  toGateway,
+  toGatewayClass,
+  toHTTPRoute,
+  toReferenceGrant,
+  toTlsSecret,
+  type GatewayClassRec,
+  type GatewayRec,
+  type HTTPRouteRec,
+  type ReferenceGrantRec,
+  type TlsSecretRec,
+} from '../gateway/objects.js';
 import { parseSplitSpec, SPLIT_API_VERSIONS } from './smi-split.js';
 import { formatPath, InterceptionModeSchema, type DesiredInterceptionMode, type Exclusions, type HttpMatch, type Identity, type MeshSettings } from './schema.js';
 
@@ -40,12 +57,23 @@ export const KINDS = {
   TrafficTarget: ['access.smi-spec.io/v1alpha3'],
   HTTPRouteGroup: ['specs.smi-spec.io/v1alpha4'],
   TCPRoute: ['specs.smi-spec.io/v1alpha4'],
+  /** This project's own route group for MQTT (src/policy/mqtt.ts). */
+  MQTTRouteGroup: [MQTT_ROUTE_GROUP_API_VERSION],
+  /** Gateway API (src/gateway/): ingress on the node proxies. */
+  GatewayClass: [GATEWAY_API_VERSION],
+  Gateway: [GATEWAY_API_VERSION],
+  HTTPRoute: [GATEWAY_API_VERSION],
+  ReferenceGrant: [REFERENCE_GRANT_API_VERSION],
+  /** Only kubernetes.io/tls Secrets, for Gateway listener certificates. */
+  Secret: ['v1'],
+  /** FSM's egress policy (src/egress/). */
+  Egress: [EGRESS_API_VERSION],
   /** FSM's resilience policies (src/policy/resilience.ts). */
   Retry: [RESILIENCE_API_VERSION],
   UpstreamTrafficSetting: [RESILIENCE_API_VERSION],
 } as const;
 export type Kind = keyof typeof KINDS;
-export const CLUSTER_SCOPED: ReadonlySet<Kind> = new Set<Kind>(['Namespace', 'Node']);
+export const CLUSTER_SCOPED: ReadonlySet<Kind> = new Set<Kind>(['Namespace', 'Node', 'GatewayClass']);
 
 export function isKind(kind: unknown): kind is Kind {
   return typeof kind === 'string' && Object.hasOwn(KINDS, kind);
@@ -66,11 +94,17 @@ export { FieldError };
 export interface NamespaceRec {
   name: string;
   monitoredBy: string | null;
+  /** For Gateway listeners' allowedRoutes namespace selectors. */
+  labels: Record<string, string>;
 }
 export interface NodeRec {
   name: string;
   addresses: string[];
   modeLabel: DesiredInterceptionMode | null;
+  /** Label multicluster.fsm-node.io/gateway=true: its proxy takes tunnels from other clusters (src/multicluster). */
+  gateway: boolean;
+  /** For Gateways' node selectors (src/gateway/objects.ts ANNOTATION_NODE_SELECTOR). */
+  labels: Record<string, string>;
 }
 export interface PodRec {
   uid: string;
@@ -123,7 +157,7 @@ export interface TargetRec {
   name: string;
   destination: Identity & { port: number | null };
   sources: Identity[];
-  rules: { kind: 'HTTPRouteGroup' | 'TCPRoute'; name: string; matches: string[] | null }[];
+  rules: { kind: 'HTTPRouteGroup' | 'TCPRoute' | 'MQTTRouteGroup'; name: string; matches: string[] | null }[];
 }
 export interface RouteGroupRec {
   namespace: string;
@@ -147,6 +181,13 @@ export interface RecordOf {
   TrafficTarget: TargetRec;
   HTTPRouteGroup: RouteGroupRec;
   TCPRoute: TcpRouteRec;
+  MQTTRouteGroup: MqttRouteGroupRec;
+  GatewayClass: GatewayClassRec;
+  Gateway: GatewayRec;
+  HTTPRoute: HTTPRouteRec;
+  ReferenceGrant: ReferenceGrantRec;
+  Secret: TlsSecretRec;
+  Egress: EgressRec;
   Retry: RetryRec;
   UpstreamTrafficSetting: UpstreamRec;
 }
@@ -244,7 +285,7 @@ const TargetIn = z.object({
     destination: SaRef.extend({ port: port.nullish() }),
     sources: z.array(SaRef).min(1),
     rules: z
-      .array(z.object({ kind: z.enum(['HTTPRouteGroup', 'TCPRoute']), name: dns, matches: z.array(z.string()).nullish() }))
+      .array(z.object({ kind: z.enum(['HTTPRouteGroup', 'TCPRoute', 'MQTTRouteGroup']), name: dns, matches: z.array(z.string()).nullish() }))
       .nullish(),
   }),
 });
@@ -300,7 +341,7 @@ export function manifestUid(namespace: string, name: string): string {
 
 const toNamespace = (o: unknown): NamespaceRec => {
   const { metadata: m } = parse(NamespaceIn, o);
-  return { name: m.name, monitoredBy: m.labels[LABEL_MONITORED_BY] ?? null };
+  return { name: m.name, monitoredBy: m.labels[LABEL_MONITORED_BY] ?? null, labels: m.labels };
 };
 
 const toNode = (o: unknown): NodeRec => {
@@ -316,7 +357,7 @@ const toNode = (o: unknown): NodeRec => {
     if (!r.success) throw new FieldError(`metadata.labels["${LABEL_INTERCEPTION_MODE}"]`, `${JSON.stringify(label)} is not one of ebpf, iptables, auto`);
     modeLabel = r.data;
   }
-  return { name: m.name, addresses, modeLabel };
+  return { name: m.name, addresses, modeLabel, gateway: m.labels[LABEL_MULTICLUSTER_GATEWAY] === 'true', labels: m.labels };
 };
 
 const toPod = (o: unknown): PodRec => {
@@ -401,6 +442,15 @@ const toSlice = (o: unknown): SliceRec => {
 };
 
 /** Keys of the mesh ConfigMap (docs/controller.md). Unknown keys are errors: a typo must not pass silently. */
+/** MQTT defaults of the proxy (proxy/config.js holds the same numbers for a proxy started without a policy). */
+export const MQTT_DEFAULTS = { topicLevels: 2, maxPacketBytes: 1048576 } as const;
+
+function wholeNumber(field: string, value: string, min: number, max: number): number {
+  const n = /^[0-9]+$/.test(value.trim()) ? Number(value.trim()) : NaN;
+  if (!Number.isSafeInteger(n) || n < min || n > max) throw new FieldError(field, `${JSON.stringify(value)} is not a whole number from ${min} to ${max}`);
+  return n;
+}
+
 export const MESH_DEFAULTS: MeshSettings = {
   name: 'fsm',
   inbound: 'permissive',
@@ -448,6 +498,8 @@ const MeshData = z
     outboundPortExclusionList: z.string().optional(),
     outboundIPRangeExclusionList: z.string().optional(),
     outboundIPRangeInclusionList: z.string().optional(),
+    mqttTopicLevels: z.string().optional(),
+    mqttMaxPacketBytes: z.string().optional(),
   })
   .strict();
 
@@ -495,6 +547,13 @@ const toMeshConfig = (o: unknown): MeshConfigRec => {
       inboundPorts: list('inboundPortExclusionList', parsePortList),
     },
   };
+  // Only when set: a mesh that never mentions MQTT keeps the policy (and its version) it had.
+  if (d.mqttTopicLevels !== undefined || d.mqttMaxPacketBytes !== undefined) {
+    settings.mqtt = {
+      topicLevels: d.mqttTopicLevels === undefined ? MQTT_DEFAULTS.topicLevels : wholeNumber('data.mqttTopicLevels', d.mqttTopicLevels, 0, 16),
+      maxPacketBytes: d.mqttMaxPacketBytes === undefined ? MQTT_DEFAULTS.maxPacketBytes : wholeNumber('data.mqttMaxPacketBytes', d.mqttMaxPacketBytes, 16, 268435455),
+    };
+  }
   return { settings, identity, resilience: parseResilienceDefaults(d) };
 };
 
@@ -565,6 +624,13 @@ const converters: { [K in Kind]: (o: unknown) => RecordOf[K] } = {
   TrafficTarget: toTarget,
   HTTPRouteGroup: toRouteGroup,
   TCPRoute: toTcpRoute,
+  MQTTRouteGroup: parseMqttRouteGroup,
+  GatewayClass: toGatewayClass,
+  Gateway: toGateway,
+  HTTPRoute: toHTTPRoute,
+  ReferenceGrant: toReferenceGrant,
+  Secret: toTlsSecret,
+  Egress: toEgress,
   Retry: toRetry,
   UpstreamTrafficSetting: toUpstream,
 };

@@ -345,10 +345,17 @@ export function parseResilienceDefaults(data: { requestTimeout?: string | undefi
  * one service: the first by ns/name applies (the lab and docs say so), the
  * other is still listed so status can show it.
  */
+/**
+ * The `resilience` part of the global policy, or undefined when it says
+ * nothing beyond the defaults (no Retry, no UpstreamTrafficSetting, default
+ * mesh settings): every node's policy then stays as small as before, and an
+ * absent part is read as the defaults (src/proxy/resilience-config.ts).
+ */
 export function compileResilience(
   defaults: ResilienceDefaults,
   retries: readonly ({ namespace: string; name: string } & RetrySpec)[],
   upstreams: readonly ({ namespace: string; name: string } & UpstreamSpec)[],
-): { defaults: ResilienceDefaults; retries: ({ namespace: string; name: string } & RetrySpec)[]; upstreams: ({ namespace: string; name: string } & UpstreamSpec)[] } {
+): { defaults: ResilienceDefaults; retries: ({ namespace: string; name: string } & RetrySpec)[]; upstreams: ({ namespace: string; name: string } & UpstreamSpec)[] } | undefined {
+  if (retries.length === 0 && upstreams.length === 0 && JSON.stringify(defaults) === JSON.stringify(RESILIENCE_DEFAULTS)) return undefined;
   return { defaults, retries: [...retries], upstreams: [...upstreams] };
 }

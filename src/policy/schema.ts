@@ -1,4 +1,6 @@
 import { z } from 'zod';
+import { EgressPolicySchema } from '../egress/schema.js';
+import { IngressSchema } from '../gateway/schema.js';
 
 /**
  * NodePolicy: everything one node needs from the controller, and nothing about
@@ -54,6 +56,18 @@ export const MeshSchema = z
     /** permissive: any mesh pod may reach any mesh service; smi: only what TrafficTargets allow. */
     trafficPolicy: z.enum(['permissive', 'smi']),
     exclusions: ExclusionsSchema,
+    /**
+     * MQTT ports (docs/mqtt.md): topic levels kept in metric labels, largest
+     * packet the proxy reads. Absent: the proxy's defaults (so policies of
+     * controllers older than the field stay valid).
+     */
+    mqtt: z
+      .object({
+        topicLevels: z.number().int().min(0).max(16),
+        maxPacketBytes: z.number().int().min(16).max(268435455),
+      })
+      .strict()
+      .optional(),
   })
   .strict();
 export type MeshSettings = z.infer<typeof MeshSchema>;
@@ -93,8 +107,20 @@ export const HttpMatchSchema = z
   .strict();
 export type HttpMatch = z.infer<typeof HttpMatchSchema>;
 
+/** A match of an MQTTRouteGroup (src/policy/mqtt.ts): filters are checked there, the proxy enforces them. */
+export const MqttMatchSchema = z
+  .object({
+    name: z.string(),
+    clientId: z.string().nullable(),
+    publish: z.array(z.string().min(1)),
+    subscribe: z.array(z.string().min(1)),
+  })
+  .strict();
+export type MqttMatch = z.infer<typeof MqttMatchSchema>;
+
 export const AccessRuleSchema = z.discriminatedUnion('kind', [
   z.object({ kind: z.literal('HTTPRouteGroup'), name: Name, matches: z.array(HttpMatchSchema) }).strict(),
+  z.object({ kind: z.literal('MQTTRouteGroup'), name: Name, matches: z.array(MqttMatchSchema) }).strict(),
   z.object({ kind: z.literal('TCPRoute'), name: Name, ports: z.array(Port) }).strict(),
 ]);
 
@@ -251,7 +277,59 @@ export const ResilienceSchema = z
   .strict();
 export type Resilience = z.infer<typeof ResilienceSchema>;
 
-export const GlobalPartSchema = z.object({ mesh: MeshSchema, proxies: z.array(ProxyPeerSchema), trust: TrustSchema.optional(), resilience: ResilienceSchema.optional() }).strict();
+
+/**
+ * Multi-cluster imports (src/multicluster, docs/multicluster.md): the
+ * services of the clusterset this cluster imports, with their clusterset IPs
+ * and the tiers the proxy tries in order. A member of a tier is this cluster
+ * (`local`: the local Service of the same namespace and name, its ready
+ * endpoints) or another cluster, reached through its gateway node proxies.
+ * No pod address of another cluster appears here. Absent when the controller
+ * runs without a clusterset, and in documents of older controllers.
+ */
+export const ImportTierMemberSchema = z
+  .object({
+    cluster: Name,
+    weight: z.number().int().min(0),
+    local: z.boolean(),
+    /** "address:port" of the cluster's gateway node proxies (empty for local). */
+    gateways: z.array(z.string().min(1)),
+    /** Ready endpoints the cluster last reported (for local: the controller's own count). */
+    readyEndpoints: z.number().int().min(0),
+  })
+  .strict();
+export type ImportTierMember = z.infer<typeof ImportTierMemberSchema>;
+
+export const PolicyImportSchema = z
+  .object({
+    namespace: Name,
+    name: Name,
+    type: z.enum(['ClusterSetIP', 'Headless']),
+    /** The clusterset IP (none for Headless, or when the CIDR is full). */
+    ips: z.array(Ip),
+    ports: PolicyServiceSchema.shape.ports,
+    tiers: z.array(z.array(ImportTierMemberSchema)),
+  })
+  .strict();
+export type PolicyImport = z.infer<typeof PolicyImportSchema>;
+
+export const MulticlusterSchema = z
+  .object({
+    cluster: Name,
+    /** The port every node proxy takes tunnels from other clusters on (only gateway nodes are advertised). */
+    gatewayPort: Port,
+    imports: z.array(PolicyImportSchema),
+  })
+  .strict();
+export type MulticlusterPart = z.infer<typeof MulticlusterSchema>;
+
+/**
+ * `ingress`: the mesh's Gateways (src/gateway/schema.ts), the same for every
+ * node (each serves those whose `nodes` names it or is null). Optional like
+ * `trust`: absent in documents of older controllers, read as no Gateways.
+ * `egressPolicies`: the mesh's Egress objects (src/egress/), absent when none.
+ */
+export const GlobalPartSchema = z.object({ mesh: MeshSchema, proxies: z.array(ProxyPeerSchema), trust: TrustSchema.optional(), ingress: IngressSchema.optional(), egressPolicies: z.array(EgressPolicySchema).optional(), multicluster: MulticlusterSchema.optional(), resilience: ResilienceSchema.optional() }).strict();
 export type GlobalPart = z.infer<typeof GlobalPartSchema>;
 
 export const NodePartSchema = z
@@ -262,6 +340,14 @@ export const NodePartSchema = z
         addresses: z.array(Ip),
         /** Value of the Node label flomesh.io/interception-mode; null when unset. */
         interceptionMode: InterceptionModeSchema.nullable(),
+        /**
+         * Namespaces the mesh monitors: the CNI plugin enrols a new pod of these at
+         * creation, before the policy names it (src/cni/). Absent from older
+         * controllers: the agent then goes by the namespaces of the pods it knows.
+         */
+        monitoredNamespaces: z.array(Name).optional(),
+        /** "namespace/name" of this node's pods in monitored namespaces that opted out (never enrolled at creation). */
+        optedOutPods: z.array(z.string().min(3)).optional(),
       })
       .strict(),
     pods: z.array(PolicyPodSchema),
@@ -309,6 +395,9 @@ export const NodePolicyDeltaSchema = z
     proxies: GlobalPartSchema.shape.proxies.optional(),
     trust: TrustSchema.optional(),
     resilience: ResilienceSchema.optional(),
+    multicluster: MulticlusterSchema.optional(),
+    ingress: IngressSchema.optional(),
+    egressPolicies: z.array(EgressPolicySchema).optional(),
     node: NodePartSchema.shape.node.optional(),
     pods: NodePartSchema.shape.pods.optional(),
     access: NodePartSchema.shape.access.optional(),

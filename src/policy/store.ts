@@ -49,10 +49,12 @@ export function readLastGood(stateDir: string): { ok: true; value: LastGood } | 
   return r.success ? { ok: true, value: r.data } : { ok: false, why: `${path} fails the NodePolicy schema: ${formatIssues(r.error)}` };
 }
 
-export async function writeFileAtomic(path: string, data: string, mode = 0o600): Promise<void> {
+export async function writeFileAtomic(path: string, data: string, mode = 0o600, owner?: { uid: number; gid: number }): Promise<void> {
   const tmp = `${path}.${process.pid}.tmp`;
   const file = await open(tmp, 'w', mode);
   try {
+    // Owned before it is renamed into place: a reader running as `owner` never meets the file in between.
+    if (owner) await file.chown(owner.uid, owner.gid);
     await file.writeFile(data);
     await file.sync();
   } finally {

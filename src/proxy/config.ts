@@ -1,5 +1,9 @@
 import { InvalidInputError } from '../errors.js';
-import type { Access, HttpMatch, NodePolicy, PolicyService, Split } from '../policy/schema.js';
+import { renderEgressRules, type ProxyEgressRules } from '../egress/render.js';
+import { gatewayIdentities, renderGateways, type GatewayCertificateFiles, type ProxyGateway } from '../gateway/render.js';
+import { renderMulticluster, type ProxyMulticluster } from '../multicluster/proxy-config.js';
+import { MQTT_DEFAULTS } from '../policy/objects.js';
+import type { Access, HttpMatch, MqttMatch, NodePolicy, PolicyService, Split } from '../policy/schema.js';
 import { renderResilience, type ProxyResilience } from './resilience-config.js';
 
 /**
@@ -16,7 +20,7 @@ export const PROXY_CONFIG_FORMAT = 1;
 export const DEFAULT_OUTBOUND_PORT = 15001;
 export const DEFAULT_INBOUND_PORT = 15003;
 
-export type PortProtocol = 'http' | 'tcp';
+export type PortProtocol = 'http' | 'tcp' | 'mqtt';
 
 /** How long a tunnel connection takes new tunnels (proxy/tls.js): reloads reach every pool within it. */
 export const DEFAULT_TUNNEL_MAX_AGE_SECONDS = 60;
@@ -48,6 +52,8 @@ export interface ProxyNodeFacts {
   identities?: Record<string, ProxyIdentityFiles>;
   /** Default DEFAULT_TUNNEL_MAX_AGE_SECONDS. */
   tunnelMaxAgeSeconds?: number;
+  /** Certificate Secret ("ns/name") of a Gateway listener -> the PEM files the agent wrote (src/gateway/certificates.ts). */
+  gatewayCertificates?: Record<string, GatewayCertificateFiles>;
 }
 
 /** A local identity in the proxy's config: files, not key material (the proxy reads them at load). */
@@ -139,6 +145,24 @@ export interface ProxyHttpMatch {
   headers: Record<string, string>;
 }
 
+/** An MQTTRouteGroup match as the proxy enforces it (proxy/mqtt.js). */
+export interface ProxyMqttMatch {
+  /** Anchored in the proxy; null = any client id. */
+  clientId: string | null;
+  publish: string[];
+  subscribe: string[];
+}
+
+/** MQTT ports: metric label folding and the largest packet read (proxy/mqtt.js). */
+export interface ProxyMqttSettings {
+  topicLevels: number;
+  /** Distinct topic label values per worker; the rest count as '(other)'. */
+  maxTopics: number;
+  maxPacketBytes: number;
+}
+
+export const DEFAULT_MQTT_MAX_TOPICS = 500;
+
 export interface ProxyAccessRule {
   /** ns/name of the TrafficTarget, for logs and metrics. */
   target: string;
@@ -151,6 +175,8 @@ export interface ProxyAccessRule {
   tcpPorts: number[];
   /** HTTPRouteGroup matches: on an HTTP port a request matching any of them is allowed. */
   http: ProxyHttpMatch[];
+  /** MQTTRouteGroup matches: on an MQTT port, what each client may connect, publish and subscribe. */
+  mqtt: ProxyMqttMatch[];
 }
 
 export interface ProxyConfig {
@@ -186,6 +212,13 @@ export interface ProxyConfig {
   access: Record<string, ProxyAccessRule[]>;
   /** Timeouts, retries, limits and outlier detection (src/proxy/resilience-config.ts, proxy/resilience.js). */
   resilience: ProxyResilience;
+  /** Clusterset imports and exports (src/multicluster/proxy-config.ts); absent without a clusterset. */
+  multicluster?: ProxyMulticluster;
+  mqtt: ProxyMqttSettings;
+  /** The Gateways this node serves (proxy/gateway.js); absent when none. */
+  gateways?: ProxyGateway[];
+  /** Egress policies of this node's identities (proxy/egress.js); absent when the mesh has none. */
+  egressRules?: ProxyEgressRules;
 }
 
 const id = (namespace: string, name: string): string => `${namespace}/${name}`;
@@ -199,6 +232,8 @@ const id = (namespace: string, name: string): string => `${namespace}/${name}`;
 export function portProtocol(port: { name: string; appProtocol: string | null }): PortProtocol {
   const hint = (port.appProtocol ?? port.name.split('-')[0] ?? '').toLowerCase();
   if (hint === '' || hint === 'http') return 'http';
+  // MQTT in the clear (`mqtt`, `mqtt-broker`); `mqtts` is TLS the proxy cannot read: TCP.
+  if (hint === 'mqtt') return 'mqtt';
   return 'tcp';
 }
 
@@ -210,9 +245,14 @@ function renderMatch(m: HttpMatch): ProxyHttpMatch {
   };
 }
 
+function renderMqttMatch(m: MqttMatch): ProxyMqttMatch {
+  return { clientId: m.clientId, publish: m.publish, subscribe: m.subscribe };
+}
+
 function renderAccess(a: Access): ProxyAccessRule {
   const tcp = a.rules.filter((r) => r.kind === 'TCPRoute');
   const http = a.rules.flatMap((r) => (r.kind === 'HTTPRouteGroup' ? r.matches.map(renderMatch) : []));
+  const mqtt = a.rules.flatMap((r) => (r.kind === 'MQTTRouteGroup' ? r.matches.map(renderMqttMatch) : []));
   return {
     target: id(a.namespace, a.name),
     sources: a.sources.map((s) => id(s.namespace, s.serviceAccount)).sort(),
@@ -220,6 +260,7 @@ function renderAccess(a: Access): ProxyAccessRule {
     tcpAllPorts: tcp.some((r) => r.ports.length === 0),
     tcpPorts: [...new Set(tcp.flatMap((r) => r.ports))].sort((x, y) => x - y),
     http,
+    mqtt,
   };
 }
 
@@ -295,7 +336,13 @@ export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): Pr
   for (const a of policy.node.addresses) tunnelPeers.add(a);
 
   const tunnelTLS = facts.trust
-    ? renderTunnelTLS(facts.trust, policy.pods.map((p) => id(p.namespace, p.serviceAccount)), facts.identities ?? {}, facts.tunnelMaxAgeSeconds)
+    ? renderTunnelTLS(
+        facts.trust,
+        // A Gateway served here is a local identity too: its tunnels into the mesh present its own certificate.
+        [...policy.pods.map((p) => id(p.namespace, p.serviceAccount)), ...gatewayIdentities(policy).map((g) => id(g.namespace, g.serviceAccount))],
+        facts.identities ?? {},
+        facts.tunnelMaxAgeSeconds,
+      )
     : null;
 
   const pods: ProxyConfig['pods'] = {};
@@ -342,6 +389,8 @@ export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): Pr
   const access: Record<string, ProxyAccessRule[]> = {};
   for (const a of policy.access) (access[id(a.destination.namespace, a.destination.serviceAccount)] ??= []).push(renderAccess(a));
 
+  const gateways = renderGateways(policy, facts.inboundPort, facts.gatewayCertificates ?? {});
+  const egressRules = policy.egressPolicies ? renderEgressRules(policy.egressPolicies, Object.values(pods).map((p) => p.identity)) : undefined;
   return {
     format: PROXY_CONFIG_FORMAT,
     version: policy.version,
@@ -356,6 +405,10 @@ export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): Pr
     endpoints,
     meshPods,
     access,
-    resilience: renderResilience(policy.resilience, policy.services),
+    resilience: renderResilience(policy.resilience, policy.services, policy.multicluster?.imports),
+    ...(policy.multicluster ? { multicluster: renderMulticluster(policy.multicluster, policy.services) } : {}),
+    mqtt: { ...MQTT_DEFAULTS, maxTopics: DEFAULT_MQTT_MAX_TOPICS, ...policy.mesh.mqtt },
+    ...(gateways.length > 0 ? { gateways } : {}),
+    ...(egressRules ? { egressRules } : {}),
   };
 }

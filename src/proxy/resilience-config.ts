@@ -65,7 +65,8 @@ function httpRate(r: { amount: number; unitSeconds: number; burst: number; statu
   return r ? { ...rate(r)!, status: r.status, headers: r.headers } : null;
 }
 
-export function renderResilience(resilience: Resilience | undefined, services: NodePolicy['services']): ProxyResilience {
+/** `imports`: clusterset services (a Retry may name one that has no local Service: it then covers the failover's attempts). */
+export function renderResilience(resilience: Resilience | undefined, services: NodePolicy['services'], imports: readonly { namespace: string; name: string }[] = []): ProxyResilience {
   const r = resilience ?? { defaults: RESILIENCE_DEFAULTS, retries: [], upstreams: [] };
   const base: ProxyServiceResilience = {
     timeoutMs: r.defaults.requestTimeoutMs,
@@ -80,7 +81,7 @@ export function renderResilience(resilience: Resilience | undefined, services: N
     circuitBreaking: null,
     outlier: r.defaults.outlier,
   };
-  const known = new Set(services.map((s) => `${s.namespace}/${s.name}`));
+  const known = new Set([...services, ...imports].map((s) => `${s.namespace}/${s.name}`));
   const out: Record<string, ProxyServiceResilience> = {};
   for (const u of r.upstreams) {
     const key = `${u.service.namespace}/${u.service.name}`;

@@ -40,5 +40,16 @@ bash "$ROOT/bpf/build.sh" >/dev/null
 rm -rf "$TREE.tmp"; mkdir -p "$TREE.tmp/build/Release"
 tar -C "$ROOT" --exclude=./node_modules --exclude=./build --exclude=./.cache --exclude=./.git -cf - . | tar -C "$TREE.tmp" -xf -
 cp "$ADDON" "$TREE.tmp/build/Release/fsm_bpf.node"
+# The CNI plugin, cross-built (static) in place of the host's, and run under
+# qemu-aarch64: VERSION, and ADD with the agent unreachable in a fail-open
+# conf, which must pass prevResult through unchanged.
+plugin="$TREE.tmp/cni/build/fsm-node-cni"
+CC="$TRIPLET-gcc" OUT="$plugin" bash "$ROOT/cni/build.sh" >/dev/null
+file -b "$plugin" | grep -q 'ARM aarch64' || die "the CNI plugin is not an aarch64 binary: $(file -b "$plugin")"
+CNI_COMMAND=VERSION qemu-aarch64 "$plugin" </dev/null | grep -q '"supportedVersions"' || die "the arm64 CNI plugin does not answer VERSION"
+prev='{"cniVersion":"1.0.0","ips":[{"address":"10.9.0.2/32"}]}'
+got=$(echo "{\"cniVersion\":\"1.0.0\",\"socket\":\"/nonexistent/cni.sock\",\"failurePolicy\":\"fail-open\",\"prevResult\":$prev}" | CNI_COMMAND=ADD CNI_CONTAINERID=arm64 CNI_NETNS=/x qemu-aarch64 "$plugin")
+[ "$got" = "$prev" ] || die "the arm64 CNI plugin, agent unreachable and fail-open, printed $got instead of prevResult"
+sed -i '$ s/$/; CNI plugin aarch64 static, VERSION and fail-open ADD ok under qemu-aarch64/' "$CACHE/detail/addon"
 ln -s "$ROOT/node_modules" "$TREE.tmp/node_modules"
 rm -rf "$TREE"; mv "$TREE.tmp" "$TREE"

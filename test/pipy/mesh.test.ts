@@ -4,15 +4,15 @@ import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { noExclusions, type Dataplane, type DesiredState } from '../../src/dataplane/types.js';
+import { noExclusions, type DesiredState } from '../../src/dataplane/types.js';
 import { Topology, type TopoNode, type TopoPod } from '../../src/lab/topology.js';
 import { NodePolicySchema, POLICY_API_VERSION, type NodePolicy } from '../../src/policy/schema.js';
 import { renderProxyConfig, type ProxyConfig } from '../../src/proxy/config.js';
-import { dataplaneModes, nodeSpec } from '../support/dataplanes.js';
 import { eventually } from '../support/eventually.js';
 import { uniqueTestPrefix } from '../support/names.js';
-import { findPipy, metricValue, pipySkipReason, startNodeProxy, writeCodebase, writeConfig, type NodeProxy } from '../support/pipy.js';
-import { echo, startEchoServer, startLoad, waitForOutput } from '../support/traffic.js';
+import { PipyNodes } from '../support/pipy-nodes.js';
+import { findPipy, metricValue, pipySkipReason, writeConfig } from '../support/pipy.js';
+import { echo, startEchoServer, startLabEchoServer, startLoad } from '../support/traffic.js';
 
 /**
  * The Pipy program on a real 2-node topology, the pods intercepted by each
@@ -128,8 +128,8 @@ maybe.each(modes)('Pipy node proxy on the topology (%s interception)', (mode) =>
   let n1: TopoNode, n2: TopoNode;
   let A: TopoPod, B: TopoPod, X: TopoPod, C: TopoPod, D: TopoPod, E: TopoPod, F: TopoPod;
   const sa = new Map<TopoPod, string>();
-  const dps: Dataplane[] = [];
-  const proxies = new Map<TopoNode, NodeProxy>();
+  const nodes = new PipyNodes(pipy);
+  const proxies = nodes.proxies;
   const servers: ChildProcess[] = [];
 
   const podOf = (p: TopoPod) => ({
@@ -262,23 +262,17 @@ maybe.each(modes)('Pipy node proxy on the topology (%s interception)', (mode) =>
     F = await topo.addPod(n1, 'f');
     for (const [p, id] of [[A, 'client'], [B, 'server-v1'], [X, 'intruder'], [C, 'server-v1'], [D, 'server-v2'], [E, 'vault'], [F, 'safe']] as const) sa.set(p, id);
     for (const p of [B, C, D, E, F]) {
-      const s = p.exec(process.execPath, ['--import', tsRegister, echoServer, 'serve', '--name', p.name, '--port', String(HTTP_PORT)], { stdio: ['ignore', 'pipe', 'pipe'] });
-      servers.push(s);
-      await waitForOutput(s, 'listening');
+      servers.push(await startLabEchoServer(p, p.name, HTTP_PORT));
       await startEchoServer(p, `${p.name}-tcp`, TCP_PORT);
     }
     for (const node of topo.nodes) {
       const cfg = configFor(node, { v1: 80, v2: 20 });
-      proxies.set(node, await startNodeProxy(node, pipy, writeCodebase(join(work, node.name), cfg), cfg));
-      const dp = dataplaneModes[mode]!.create(nodeSpec(node));
-      dps.push(dp);
-      await dp.apply(desired(node));
+      await nodes.start(node, join(work, node.name), cfg, mode, desired(node));
     }
   }, 180_000);
 
   afterAll(async () => {
-    for (const dp of dps) await dp.cleanup().catch(() => undefined);
-    for (const p of proxies.values()) await p.stop().catch(() => undefined);
+    await nodes.stop();
     await topo?.destroy();
     if (work) rmSync(work, { recursive: true, force: true });
   }, 60_000);

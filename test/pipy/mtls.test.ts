@@ -4,16 +4,16 @@ import { mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { noExclusions, type Dataplane, type DesiredState } from '../../src/dataplane/types.js';
+import { noExclusions, type DesiredState } from '../../src/dataplane/types.js';
 import { Topology, type TopoNode, type TopoPod } from '../../src/lab/topology.js';
 import { NodePolicySchema, POLICY_API_VERSION, type NodePolicy } from '../../src/policy/schema.js';
 import { renderProxyConfig, type ProxyConfig, type ProxyIdentityFiles } from '../../src/proxy/config.js';
-import { dataplaneModes, nodeSpec } from '../support/dataplanes.js';
 import { eventually } from '../support/eventually.js';
 import { issue, testCa, TRUST_DOMAIN, tunnelServerName, writeIdentity, type TestCa } from '../support/identity-certs.js';
 import { uniqueTestPrefix } from '../support/names.js';
-import { findPipy, metricValue, pipySkipReason, startNodeProxy, writeCodebase, writeConfig, type NodeProxy } from '../support/pipy.js';
-import { echo, startEchoServer, waitForOutput } from '../support/traffic.js';
+import { PipyNodes } from '../support/pipy-nodes.js';
+import { findPipy, metricValue, pipySkipReason, writeCodebase, writeConfig } from '../support/pipy.js';
+import { echo, startEchoServer, startLabEchoServer, waitForOutput } from '../support/traffic.js';
 
 /**
  * Mutual TLS between the node proxies (proxy/tls.js), the real Pipy program
@@ -86,8 +86,8 @@ maybe('mutual TLS between node proxies (Pipy, iptables interception)', () => {
   let n1: TopoNode, n2: TopoNode;
   let p1: TopoPod, p2: TopoPod, p3: TopoPod, p4: TopoPod;
   let root: TestCa;
-  const dps: Dataplane[] = [];
-  const proxies = new Map<TopoNode, NodeProxy>();
+  const nodes = new PipyNodes(pipy);
+  const proxies = nodes.proxies;
   const servers: ChildProcess[] = [];
   /** Per node: identity -> its files, as the agent's IdentityManager keeps them. */
   const ids = new Map<TopoNode, Record<string, ProxyIdentityFiles>>();
@@ -145,7 +145,7 @@ maybe('mutual TLS between node proxies (Pipy, iptables interception)', () => {
     return { ...cfg, version: createHash('sha256').update(JSON.stringify(cfg)).digest('hex').slice(0, 16) };
   };
 
-  /** When each SIGHUP was sent (the rotation test matches request failures to them). */
+  /** When each SIGHUP was sent. */
   const reloads: number[] = [];
 
   /** Render, write and reload `node`'s proxy (what the agent's deliver() does); wait until it runs the new config. */
@@ -206,9 +206,7 @@ maybe('mutual TLS between node proxies (Pipy, iptables interception)', () => {
     p3 = await topo.addPod(n2, 'p3');
     p4 = await topo.addPod(n2, 'p4');
     for (const p of [p1, p2, p3, p4]) {
-      const s = p.exec(process.execPath, ['--import', tsRegister, echoServer, 'serve', '--name', p.name, '--port', String(HTTP_PORT)], { stdio: ['ignore', 'pipe', 'pipe'] });
-      servers.push(s);
-      await waitForOutput(s, 'listening');
+      servers.push(await startLabEchoServer(p, p.name, HTTP_PORT));
       await startEchoServer(p, `${p.name}-tcp`, TCP_PORT);
     }
     root = await testCa('fsmt-root-1');
@@ -216,16 +214,12 @@ maybe('mutual TLS between node proxies (Pipy, iptables interception)', () => {
     for (const node of topo.nodes) {
       await issueAll(node, root, 24 * HOUR);
       const cfg = configFor(node);
-      proxies.set(node, await startNodeProxy(node, pipy, writeCodebase(join(work, node.name), cfg), cfg));
-      const dp = dataplaneModes.iptables!.create(nodeSpec(node));
-      dps.push(dp);
-      await dp.apply(desired(node));
+      await nodes.start(node, join(work, node.name), cfg, 'iptables', desired(node));
     }
   }, 180_000);
 
   afterAll(async () => {
-    for (const dp of dps) await dp.cleanup().catch(() => undefined);
-    for (const p of proxies.values()) await p.stop().catch(() => undefined);
+    await nodes.stop();
     await topo?.destroy();
     if (work) rmSync(work, { recursive: true, force: true });
   }, 60_000);
@@ -333,8 +327,9 @@ maybe('mutual TLS between node proxies (Pipy, iptables interception)', () => {
       expect(await echo(p3, p1.ip, TCP_PORT, 100_000)).toMatchObject({ outcome: 'ok', intact: true });
       await new Promise((r) => setTimeout(r, 500));
     } finally {
+      const exited = dump.exitCode !== null || dump.signalCode !== null;
       dump.kill('SIGINT');
-      await new Promise((r) => dump.once('exit', r));
+      if (!exited) await new Promise((r) => dump.once('exit', r)); // a tcpdump that already died would never emit it again
     }
     const bytes = readFileSync(pcap);
     expect(statSync(pcap).size).toBeGreaterThan(20_000); // the capture did see the traffic
@@ -406,16 +401,41 @@ maybe('mutual TLS between node proxies (Pipy, iptables interception)', () => {
     expect(await get(p3, `http://${p1.ip}:${HTTP_PORT}/`)).toMatchObject({ status: 200, pod: 'p1' });
   }, 60_000);
 
+  // The reload hang (docs/security.md): a request whose tunnel was being set up
+  // while a SIGHUP swapped programs on the client's node hung until its client
+  // gave up. Not seen since upstream pools stopped being per client connection;
+  // this is the proof: both nodes go through 40 reloads (each the client's node
+  // of one load direction, alternately) under keep-alive and
+  // new-connection-per-request load in both directions, over mutual TLS, and
+  // no request may fail or take 5 s (the load's timeout). It passes with the
+  // tunnels pooled per target (the program before proxy/tunnel.js) and with a
+  // tunnel per request.
+  test('reloads under cross-node load: 40 SIGHUPs, every request answered, none hangs', async () => {
+    const seconds = 40; // room for 40 reloads (each waits until it has landed) on a busy machine
+    const loads = [
+      p3.run(process.execPath, ['-e', HTTP_LOAD, `http://${p1.ip}:${HTTP_PORT}/reload`, String(seconds)]),
+      p1.run(process.execPath, ['-e', HTTP_LOAD, `http://${p3.ip}:${HTTP_PORT}/reload`, String(seconds)]),
+    ];
+    const t0 = Date.now();
+    let n = 0;
+    // Every 0.6 s, alternating nodes: each reload carries a new config version, so its landing is seen.
+    while (Date.now() - t0 < (seconds - 4) * 1000 && n < 40) {
+      const node = n % 2 ? n2 : n1;
+      n += 1;
+      await deliver(node, (c) => ({ ...c, version: `${c.version}-reload${n}` }));
+      await new Promise((r) => setTimeout(r, 600));
+    }
+    const results = (await Promise.all(loads)).map((r) => JSON.parse(r.stdout.trim().split('\n').pop() ?? '{}') as LoadResult);
+    console.log(`reloads under load: ${n} reloads, ok ${results.map((r) => r.ok).join('+')}, failed ${JSON.stringify(results.flatMap((r) => r.failed))}`);
+    expect(n).toBeGreaterThanOrEqual(30);
+    expect(results.flatMap((r) => r.failed)).toEqual([]);
+    for (const r of results) expect(r.ok).toBeGreaterThan(200);
+  }, 120_000);
+
   // Last: it leaves the nodes on other roots and short certificates.
-  //
-  // Pipy 1.5.x itself loses a request whose tunnel (connectHTTPTunnel) is being
-  // set up in the instant a SIGHUP reload swaps programs: it hangs until the
-  // client times out. Reproduced without TLS and without this project's
-  // program (a 15-line client/server pair, see docs/security.md), so the
-  // test tells those apart: every other failure fails the test (an HTTP error,
-  // a reset, a TLS handshake failure), and so does a timeout of a request that
-  // did not start within 1 s before to 2 s after a SIGHUP.
-  test('rotation under load: 2-minute certificates renewed at half life and one root rotation, no failed request but the Pipy reload hang', async () => {
+  // Every failure fails it, a timeout near a reload too (the reload hang of
+  // Pipy 1.5 with pooled tunnels is not seen any more: see the test above).
+  test('rotation under load: 2-minute certificates renewed at half life and one root rotation, no failed request', async () => {
     maxAge = 20; // pools also move to new connections on their own, under the load
     const root2 = await testCa('fsmt-root-2');
     const t0 = Date.now();
@@ -463,12 +483,10 @@ maybe('mutual TLS between node proxies (Pipy, iptables interception)', () => {
 
     const results = (await Promise.all(loads)).map((r) => JSON.parse(r.stdout.trim().split('\n').pop() ?? '{}') as LoadResult);
     await countFailures();
-    const reloadHang = (f: { started: number; error: string }) => f.error === 'timeout' && reloads.some((r) => f.started >= r - 1000 && f.started <= r + 2000);
-    const other = results.flatMap((r) => r.failed.filter((f) => !reloadHang(f)).map((f) => `${f.error} (${f.keepAlive ? 'keep-alive' : 'new connection'}) started ${new Date(f.started).toISOString()}`));
-    const hangs = results.reduce((n, r) => n + r.failed.filter(reloadHang).length, 0);
-    mark(`ok ${results.map((r) => r.ok).join('+')}, reload hangs ${hangs} over ${reloads.length} reloads: ${JSON.stringify(results.flatMap((r) => r.failed))}`);
+    const failed = results.flatMap((r) => r.failed.map((f) => `${f.error} (${f.keepAlive ? 'keep-alive' : 'new connection'}) started ${new Date(f.started).toISOString()}`));
+    mark(`ok ${results.map((r) => r.ok).join('+')} over ${reloads.length} reloads in all, failed: ${JSON.stringify(failed)}`);
     console.log(`rotation under load: ${log.join('; ')}`);
-    expect({ other, handshakeFailures, log }).toEqual({ other: [], handshakeFailures: 0, log });
+    expect({ failed, handshakeFailures, log }).toEqual({ failed: [], handshakeFailures: 0, log });
     for (const r of results) expect(r.ok).toBeGreaterThan(1000);
   }, 240_000);
 });

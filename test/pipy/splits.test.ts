@@ -2,7 +2,6 @@ import type { ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { noExclusions, type Dataplane, type DesiredState } from '../../src/dataplane/types.js';
 import { Topology, type TopoNode, type TopoPod } from '../../src/lab/topology.js';
 import { PolicyCompiler } from '../../src/policy/compiler.js';
@@ -13,7 +12,7 @@ import { dataplaneModes, nodeSpec } from '../support/dataplanes.js';
 import { eventually } from '../support/eventually.js';
 import { uniqueTestPrefix } from '../support/names.js';
 import { findPipy, metricValue, pipySkipReason, startNodeProxy, writeCodebase, writeConfig, type NodeProxy } from '../support/pipy.js';
-import { echo, startEchoServer, waitForOutput } from '../support/traffic.js';
+import { echo, startEchoServer, startLabEchoServer } from '../support/traffic.js';
 
 /**
  * SMI TrafficSplits of every version, from Kubernetes objects through the
@@ -37,9 +36,6 @@ const NS = 'mesh';
 const HTTP_PORT = 8080;
 const TCP_PORT = 9000;
 const ROOT_IP = '10.96.0.10';
-const support = fileURLToPath(new URL('../support/', import.meta.url));
-const tsRegister = join(support, 'ts-register.mjs');
-const echoServer = fileURLToPath(new URL('../../src/lab/echo-server.ts', import.meta.url));
 
 // N GETs with the given headers, 4 at a time, each on a new connection; prints
 // one JSON line: answers per pod, statuses, failures.
@@ -189,9 +185,7 @@ maybe('TrafficSplit versions in the Pipy node proxy (iptables interception)', ()
     V1 = await topo.addPod(node, 'v1');
     V2 = await topo.addPod(node, 'v2');
     for (const p of [R, V1, V2]) {
-      const s = p.exec(process.execPath, ['--import', tsRegister, echoServer, 'serve', '--name', p.name, '--port', String(HTTP_PORT)], { stdio: ['ignore', 'pipe', 'pipe'] });
-      servers.push(s);
-      await waitForOutput(s, 'listening');
+      servers.push(await startLabEchoServer(p, p.name, HTTP_PORT));
       servers.push((await startEchoServer(p, `${p.name}-tcp`, TCP_PORT)).child);
     }
     const cfg = configWith([]);

@@ -110,6 +110,10 @@ export interface PolicyOptions {
   /** node.interceptionMode: the Node label; null when unset. */
   label?: DesiredInterceptionMode | null;
   meshDefault?: DesiredInterceptionMode;
+  /** mesh.inbound (default permissive). */
+  inbound?: 'strict' | 'permissive';
+  /** node.monitoredNamespaces (absent unless given, as from an older controller). */
+  monitoredNamespaces?: string[];
 }
 
 /** The node's NodePolicy: its pods enrolled (cgroup given as a path, like the lab annotation), every node a proxy peer. */
@@ -119,14 +123,14 @@ export function nodePolicy(topo: Topology, node: TopoNode, pods: TopoPod[], o: P
     kind: 'NodePolicy',
     mesh: {
       name: 'fsmt',
-      inbound: 'permissive',
+      inbound: o.inbound ?? 'permissive',
       interceptionMode: o.meshDefault ?? 'auto',
       egress: 'allow',
       trafficPolicy: 'permissive',
       exclusions: { outboundPorts: [], outboundCidrs: [], outboundIncludeCidrs: [], inboundPorts: [] },
     },
     proxies: topo.nodes.map((n) => ({ node: n.name, addresses: [n.gateway, n.underlayIp] })),
-    node: { name: node.name, addresses: [node.underlayIp], interceptionMode: o.label ?? null },
+    node: { name: node.name, addresses: [node.underlayIp], interceptionMode: o.label ?? null, ...(o.monitoredNamespaces ? { monitoredNamespaces: o.monitoredNamespaces } : {}) },
     meshPods: pods.map((p) => ({ ip: p.ip, namespace: 'fsmt', serviceAccount: 'default', node: node.name })),
     pods: pods.map((p) => ({
       uid: `uid-${p.name}`,

@@ -47,6 +47,12 @@ export const RESOURCES: ApiResource[] = [
   { group: 'access.smi-spec.io', version: 'v1alpha3', plural: 'traffictargets', kind: 'TrafficTarget', namespaced: true },
   { group: 'specs.smi-spec.io', version: 'v1alpha4', plural: 'httproutegroups', kind: 'HTTPRouteGroup', namespaced: true },
   { group: 'specs.smi-spec.io', version: 'v1alpha4', plural: 'tcproutes', kind: 'TCPRoute', namespaced: true },
+  { group: 'specs.fsm-node.io', version: 'v1alpha1', plural: 'mqttroutegroups', kind: 'MQTTRouteGroup', namespaced: true },
+  { group: 'gateway.networking.k8s.io', version: 'v1', plural: 'gatewayclasses', kind: 'GatewayClass', namespaced: false },
+  { group: 'gateway.networking.k8s.io', version: 'v1', plural: 'gateways', kind: 'Gateway', namespaced: true },
+  { group: 'gateway.networking.k8s.io', version: 'v1', plural: 'httproutes', kind: 'HTTPRoute', namespaced: true },
+  { group: 'gateway.networking.k8s.io', version: 'v1beta1', plural: 'referencegrants', kind: 'ReferenceGrant', namespaced: true },
+  { group: 'policy.flomesh.io', version: 'v1alpha1', plural: 'egresses', kind: 'Egress', namespaced: true },
   { group: 'policy.flomesh.io', version: 'v1alpha1', plural: 'retries', kind: 'Retry', namespaced: true },
   { group: 'policy.flomesh.io', version: 'v1alpha1', plural: 'upstreamtrafficsettings', kind: 'UpstreamTrafficSetting', namespaced: true },
 ];
@@ -452,6 +458,8 @@ const FIELDS: Record<string, (o: Obj) => unknown> = {
   'metadata.name': (o) => o.metadata.name,
   'metadata.namespace': (o) => o.metadata.namespace,
   'spec.nodeName': (o) => (o.spec as { nodeName?: string } | undefined)?.nodeName ?? '',
+  // Secrets only, as the real server: the controller lists kubernetes.io/tls Secrets.
+  type: (o) => (o as { type?: string }).type ?? 'Opaque',
 };
 
 export function parseFieldSelector(sel: string): (o: Obj) => boolean {

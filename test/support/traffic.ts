@@ -1,4 +1,5 @@
 import type { ChildProcess } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import { once } from 'node:events';
 import type { ExecTarget } from '../../src/lab/net-probe.js';
 
@@ -181,4 +182,14 @@ export async function startLoad(target: ExecTarget, host: string, port: number):
       return JSON.parse(out.trim().split('\n').pop() ?? '{}') as LoadSummary;
     },
   };
+}
+
+const tsRegister = fileURLToPath(new URL('./ts-register.mjs', import.meta.url));
+const labEchoServer = fileURLToPath(new URL('../../src/lab/echo-server.ts', import.meta.url));
+
+/** The lab's HTTP echo server (src/lab/echo-server.ts) in a pod, answering as `name`; resolves once it listens. */
+export async function startLabEchoServer(target: ExecTarget, name: string, port: number): Promise<ChildProcess> {
+  const child = target.exec(process.execPath, ['--import', tsRegister, labEchoServer, 'serve', '--name', name, '--port', String(port)], { stdio: ['ignore', 'pipe', 'pipe'] });
+  await waitForOutput(child, 'listening');
+  return child;
 }

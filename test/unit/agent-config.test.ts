@@ -1,7 +1,7 @@
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { loadAgentConfig } from '../../src/agent/config.js';
+import { loadAgentConfig, proxyRunAs } from '../../src/agent/config.js';
 
 const required = {
   node: 'edge-1',
@@ -51,6 +51,11 @@ describe('agent configuration', () => {
   });
 
   test('proxy instances: 2 by default, FSMN_PROXY_INSTANCES or --proxy-instances, 1..16', () => {
+    expect(loadAgentConfig(required, {}).proxyUser).toBeUndefined();
+    expect(proxyRunAs(loadAgentConfig(required, { FSMN_PROXY_USER: '1500' }))).toEqual({ uid: 1500, gid: 1500 });
+    expect(proxyRunAs(loadAgentConfig({ ...required, proxyUser: '1500:1600' }, {}))).toEqual({ uid: 1500, gid: 1600 });
+    expect(() => loadAgentConfig({ ...required, proxyUser: 'pipy' }, {})).toThrow(/--proxy-user \/ FSMN_PROXY_USER "pipy": expected UID or UID:GID/);
+    expect(() => loadAgentConfig({ ...required, proxyUser: '0' }, {})).toThrow(/must not be root \(0\)/);
     expect(loadAgentConfig(required, {}).proxyInstances).toBe(2);
     expect(loadAgentConfig(required, { FSMN_PROXY_INSTANCES: '1' }).proxyInstances).toBe(1);
     expect(loadAgentConfig({ ...required, proxyInstances: '3' }, { FSMN_PROXY_INSTANCES: '1' }).proxyInstances).toBe(3);

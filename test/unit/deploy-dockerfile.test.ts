@@ -73,7 +73,8 @@ describe('Dockerfile.multiarch', () => {
     const fromStage = (s: string) => byKeyword(runtime, 'COPY').filter((c) => copyFrom(c) === s).map((c) => argsOf(c)[0]);
     expect(fromStage('bpf')).toEqual(['/src/bpf/build/*.o']);
     expect(fromStage('ts')).toEqual(['/src/dist/src/']);
-    expect(fromStage('native')).toEqual(['/src/node_modules/', '/src/build/Release/fsm_bpf.node']);
+    // The CNI plugin is native code too: built per target beside the addon.
+    expect(fromStage('native')).toEqual(['/src/node_modules/', '/src/build/Release/fsm_bpf.node', '/src/cni/build/fsm-node-cni']);
     // BUILDPLATFORM appears nowhere else; TARGETARCH only where native code is built.
     expect(all.filter((s) => s.platform?.includes('BUILDPLATFORM')).map((s) => s.name)).toEqual(['bpf', 'ts']);
   });

@@ -160,8 +160,11 @@ describe('manifests', () => {
 
   test('the CRDs are structural and serve the group, version, kind and plural the controller watches', () => {
     const defs = crds();
-    const crdKinds = (Object.keys(KINDS) as Kind[]).filter((k) => /smi-spec\.io|policy\.flomesh\.io/.test(KINDS[k][0]));
-    expect(defs.map((c) => c.spec.names.kind).sort()).toEqual([...crdKinds].sort());
+    const customKinds = (Object.keys(KINDS) as Kind[]).filter((k) => KINDS[k][0].includes('smi-spec.io') || KINDS[k][0].includes('fsm-node.io') || KINDS[k][0].startsWith('policy.flomesh.io/'));
+    // The Gateway API's CRDs are upstream's (docs/ingress-egress.md).
+    expect(defs.map((c) => c.spec.names.kind).sort()).toEqual([...customKinds].sort());
+    // Only the SMI CRDs carry the label the existing-smi-crds overlay removes by.
+    for (const c of defs) expect({ kind: c.spec.names.kind, smi: c.metadata.labels?.['fsm-node.io/api'] === 'smi' }).toEqual({ kind: c.spec.names.kind, smi: c.spec.group.endsWith('smi-spec.io') });
     for (const c of defs) {
       const kind = c.spec.names.kind as Kind;
       const [group] = KINDS[kind][0].split('/');
@@ -170,7 +173,7 @@ describe('manifests', () => {
       expect({ kind, group: c.spec.group, versions: c.spec.versions.map((v) => [v.name, v.served, v.storage]), scope: c.spec.scope }).toEqual({ kind, group, versions, scope: 'Namespaced' });
       expect(c.metadata.name).toBe(`${c.spec.names.plural}.${c.spec.group}`);
       // The plural is what the informer's path uses (src/controller/sources/kubernetes.ts).
-      expect(c.spec.names.plural).toBe(kind === 'Retry' ? 'retries' : `${kind.toLowerCase()}s`);
+      expect(c.spec.names.plural).toBe(kind === 'Egress' ? 'egresses' : kind === 'Retry' ? 'retries' : `${kind.toLowerCase()}s`);
       for (const v of c.spec.versions) expect({ kind, version: v.name, problems: nonStructural(v.schema.openAPIV3Schema) }).toEqual({ kind, version: v.name, problems: [] });
       // Several versions without conversion: the API server only rewrites apiVersion (what src/policy/smi-split.ts expects).
       if (c.spec.versions.length > 1) expect((c.spec as { conversion?: unknown }).conversion).toEqual({ strategy: 'None' });
@@ -302,12 +305,14 @@ describe('kustomize', () => {
     }
 
     const noCrds = render('overlays/existing-smi-crds');
-    expect(kinds(noCrds)).toEqual(kinds(baseObjs).filter((k) => !k.startsWith('CustomResourceDefinition/')));
+    expect(kinds(noCrds)).toEqual(kinds(baseObjs).filter((k) => !(k.startsWith('CustomResourceDefinition/') && k.endsWith('smi-spec.io'))));
+    expect(kinds(noCrds)).toContain('CustomResourceDefinition/mqttroutegroups.specs.fsm-node.io');
 
     const demo = render('overlays/example-app');
     expect(demo.every((o) => o.kind === 'Namespace' || o.metadata.namespace === 'fsm-demo')).toBe(true);
     expect(kinds(render('overlays/uninstall'))).toEqual(['DaemonSet/fsm-node-cleanup', 'Namespace/fsm-system']);
-    expect(kinds(render('crds'))).toHaveLength(6);
+    // 4 SMI kinds, our MQTTRouteGroup, FSM's Egress, Retry and UpstreamTrafficSetting.
+    expect(kinds(render('crds'))).toHaveLength(8);
   });
 });
 
@@ -657,6 +662,10 @@ describe('RBAC', () => {
       'certificates.k8s.io/certificatesigningrequests:create',
       'certificates.k8s.io/certificatesigningrequests:get',
       'certificates.k8s.io/certificatesigningrequests:delete',
+      // Gateway API status: only when Gateways of our class exist (test/unit/gateway-status.test.ts).
+      'gateway.networking.k8s.io/gatewayclasses/status:patch',
+      'gateway.networking.k8s.io/gateways/status:patch',
+      'gateway.networking.k8s.io/httproutes/status:patch',
     ]);
     const granted = rules.flatMap(({ rule }) => (rule.apiGroups ?? []).flatMap((g) => (rule.resources ?? []).flatMap((res) => rule.verbs.map((v) => `${g}/${res}:${v}`))));
     expect([...new Set(granted)].filter((g) => !used.has(g) && !rare.has(g)).sort()).toEqual([]);

@@ -150,12 +150,18 @@ suite('ebpf object model (real kernel)', () => {
     test('the addon closes what a worker thread left open when the worker exits', async () => {
       const before = bpfFds();
       const worker = new Worker(join(root, 'test/fixtures/bpf/leak-worker.mjs'), { workerData: { addon: addonPath, object: fixture('maps') } });
-      const msg = await new Promise<{ fds: number }>((res, rej) => {
+      // Listen for everything before awaiting anything: when the main thread is
+      // busy, Node drains the worker's last message inside its exit handler and
+      // emits 'exit' in the same callback, before an await could attach a listener.
+      const exited = new Promise<number>((res) => worker.once('exit', res));
+      const message = new Promise<{ fds: number }>((res, rej) => {
         worker.once('message', res);
         worker.once('error', rej);
+        void exited.then((code) => rej(new Error(`worker exited (code ${code}) before reporting`)));
       });
+      const msg = await message;
       expect(msg.fds).toBeGreaterThan(0);
-      await new Promise((res) => worker.once('exit', res));
+      expect(await exited).toBe(0);
       expect(bpfFds()).toBe(before);
     });
   });

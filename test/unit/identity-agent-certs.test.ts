@@ -140,7 +140,20 @@ describe('agent identity certificates', () => {
     const { issuer } = testIssuer({ lifetimeMs: 1200, fail: () => failing });
     const registry = new Registry();
     const events: [string, string | undefined][] = [];
-    const m = manager({ stateDir: dir, issuer, registry, backoff: { initialMs: 100, maxMs: 200 }, onExpired: (id, reason) => events.push([`${id.namespace}/${id.serviceAccount}`, reason]) });
+    const order: string[] = [];
+    const traced: IdentityIssuer = { issue: (id, csr) => (order.push(`issue ${m.snapshot().get('demo/web')?.state}`), issuer.issue(id, csr)) };
+    const m = manager({
+      stateDir: dir,
+      issuer: traced,
+      registry,
+      backoff: { initialMs: 100, maxMs: 200 },
+      onExpired: (id, reason) => events.push([`${id.namespace}/${id.serviceAccount}`, reason]),
+      // The agent reports the expiry to the controller here; it may fail (controller down), the request still goes.
+      beforeRecover: async () => {
+        order.push('report');
+        if (failing) throw new Error('controller unreachable (test)');
+      },
+    });
     m.update(policy([web]));
     await eventually(async () => m.snapshot().get('demo/web'), (c) => c?.state === 'valid');
     failing = true;
@@ -154,7 +167,72 @@ describe('agent identity certificates', () => {
     const back = await eventually(async () => m.snapshot().get('demo/web'), (c) => c?.state === 'valid', 3000);
     expect(back!.state).toBe('valid');
     expect(events[1]).toEqual(['demo/web', undefined]);
+    // Every attempt of an expired identity is preceded by a report (so the controller hears of it before it ends).
+    const afterExpiry = order.slice(order.indexOf('issue expired') - 1);
+    expect(afterExpiry[0]).toBe('report');
+    for (let i = 0; i < afterExpiry.length; i += 2) expect(afterExpiry.slice(i, i + 2)).toEqual(['report', 'issue expired']);
     expect(await registry.metrics()).toMatch(/fsm_node_identity_certificate_expiry_timestamp_seconds\{identity="demo\/web"\} \d+/);
+  });
+
+  test('with a proxy user: key 0600 and its directories belong to that uid; stored files of another owner are handed over at start', async () => {
+    const { issuer } = testIssuer({ lifetimeMs: 3600_000 });
+    const plain = manager({ stateDir: dir, issuer });
+    plain.update(policy([web]));
+    const c = (await eventually(async () => plain.snapshot().get('demo/web'), (x) => x?.state === 'valid'))!;
+    expect(statSync(c.keyPath).uid).toBe(process.getuid!());
+    await plain.stop();
+    // The agent restarts with proxyUser set: the stored certificate is kept and re-owned.
+    const again = testIssuer({ lifetimeMs: 3600_000 });
+    const owned = manager({ stateDir: dir, issuer: again.issuer, owner: { uid: 1500, gid: 1500 } });
+    owned.update(policy([web]));
+    await eventually(async () => owned.snapshot().get('demo/web'), (x) => x?.state === 'valid');
+    expect(again.calls).toEqual([]);
+    for (const p of [c.keyPath, c.certPath, join(c.keyPath, '..'), join(c.keyPath, '../..')]) expect(statSync(p)).toMatchObject({ uid: 1500, gid: 1500 });
+    expect(statSync(c.keyPath).mode & 0o777).toBe(0o600);
+    expect(statSync(join(c.keyPath, '..')).mode & 0o777).toBe(0o700);
+    // A new identity is written owned from the start.
+    owned.update(policy([web, db]));
+    const d = (await eventually(async () => owned.snapshot().get('demo/db'), (x) => x?.state === 'valid'))!;
+    expect(statSync(d.keyPath)).toMatchObject({ uid: 1500, gid: 1500 });
+    expect(statSync(d.keyPath).mode & 0o777).toBe(0o600);
+  });
+
+  test('an expired identity retries within 10 s, however long its backoff had grown', async () => {
+    let failing = false;
+    const { issuer, calls } = testIssuer({ lifetimeMs: 1500, fail: () => failing });
+    const m = manager({ stateDir: dir, issuer, backoff: { initialMs: 30_000, maxMs: 150_000 } });
+    m.update(policy([web]));
+    await eventually(async () => m.snapshot().get('demo/web'), (c) => c?.state === 'valid');
+    failing = true;
+    // The renewal at half life fails: the next try is 30 s away, past the expiry.
+    const waiting = await eventually(async () => m.snapshot().get('demo/web'), (c) => (c?.lastError ?? '') !== '', 3000);
+    expect(waiting!.nextAttempt!.getTime() - Date.now()).toBeGreaterThan(25_000);
+    // At expiry it tries at once, then backs off no more than 10 s (30 s and 60 s otherwise).
+    await eventually(async () => calls.length, (n) => n >= 3, 4000);
+    await m.settled();
+    const c = m.snapshot().get('demo/web')!;
+    expect(c.state).toBe('expired');
+    expect(calls).toHaveLength(3);
+    const wait = c.nextAttempt!.getTime() - Date.now();
+    expect(wait).toBeLessThanOrEqual(10_000);
+    expect(wait).toBeGreaterThan(5_000);
+  });
+
+  test('retryNow: when the controller is back, a failing identity tries at once instead of after its long backoff', async () => {
+    let failing = true;
+    const { issuer, calls } = testIssuer({ lifetimeMs: 3600_000, fail: () => failing });
+    const m = manager({ stateDir: dir, issuer, backoff: { initialMs: 60_000, maxMs: 60_000 } });
+    m.update(policy([web, db]));
+    await eventually(async () => calls.length, (n) => n === 2);
+    await m.settled();
+    expect(m.snapshot().get('demo/web')!.nextAttempt!.getTime()).toBeGreaterThan(Date.now() + 50_000);
+    failing = false;
+    expect(m.retryNow('test')).toBe(2);
+    const states = await eventually(async () => [...m.snapshot().values()].map((c) => c.state), (s) => s.every((x) => x === 'valid'), 3000);
+    expect(states).toEqual(['valid', 'valid']);
+    // Nothing failing: nothing to retry (a valid certificate waits for its renewal point).
+    expect(m.retryNow('test')).toBe(0);
+    expect(calls).toHaveLength(4);
   });
 
   test('an answer for another identity is refused and retried; nothing is stored', async () => {

@@ -1,4 +1,8 @@
+import { execFileSync } from 'node:child_process';
 import { X509Certificate, generateKeyPairSync } from 'node:crypto';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { InvalidInputError } from '../../src/errors.js';
 import {
   createCsr,
@@ -127,6 +131,54 @@ describe('workload X.509', () => {
     const b = await createRoot({ commonName: 'b', lifetimeMs: DAY });
     expect(splitPem(a.certPem + b.certPem)).toEqual([a.certPem, b.certPem]);
     expect(splitPem('nothing')).toEqual([]);
+  });
+});
+
+describe('issuing on node crypto: other CA key kinds and requests from another encoder (OpenSSL)', () => {
+  let dir = '';
+  beforeAll(() => (dir = mkdtempSync(join(tmpdir(), 'fsmt-x509-'))));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  const openssl = (args: string[]) => execFileSync('openssl', args, { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
+
+  test.each([
+    ['RSA 2048', ['-newkey', 'rsa:2048'], 'sha256WithRSAEncryption'],
+    ['EC P-384', ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-384'], 'ecdsa-with-SHA384'],
+  ])('a %s root made by openssl signs leaves that OpenSSL verifies, the AKI naming the root SKI', async (_kind, keyArgs, sigAlg) => {
+    openssl(['req', '-x509', ...keyArgs, '-nodes', '-keyout', 'ca.key', '-out', 'ca.crt', '-days', '2', '-subj', '/CN=openssl root', '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign']);
+    const caPem = readFileSync(join(dir, 'ca.crt'), 'utf8');
+    const signer = await loadSigner(caPem, readFileSync(join(dir, 'ca.key'), 'utf8'));
+    const leaf = await signLeaf(await createCsr(await generateKeyPair(), TD, id), signer, { trustDomain: TD, identity: id, lifetimeMs: DAY });
+    const n = new X509Certificate(leaf.certPem);
+    const ca = new X509Certificate(caPem);
+    expect(n.checkIssued(ca)).toBe(true);
+    expect(n.verify(ca.publicKey)).toBe(true);
+    expect(await verifyChain(leaf.chainPem, [caPem])).toBeUndefined();
+    const text = execFileSync('openssl', ['x509', '-noout', '-text'], { input: leaf.certPem }).toString();
+    expect(text).toContain(`Signature Algorithm: ${sigAlg}`);
+    const ski = /Subject Key Identifier:\s+([0-9A-F:]+)/.exec(execFileSync('openssl', ['x509', '-noout', '-text'], { input: caPem }).toString())?.[1];
+    expect(ski).toBeDefined();
+    expect(text).toMatch(new RegExp(`Authority Key Identifier:\\s+(keyid:)?${ski}`));
+    // The verify an operator would run.
+    expect(execFileSync('openssl', ['verify', '-CAfile', join(dir, 'ca.crt')], { input: leaf.certPem }).toString()).toMatch(/OK/);
+  });
+
+  test('a request made by openssl req reads the same as ours; a flipped bit in its body fails the signature', async () => {
+    openssl(['req', '-new', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', 'w.key', '-out', 'w.csr', '-subj', '/CN=web.demo.sa.cluster.local', '-addext', 'subjectAltName=DNS:web.demo.sa.cluster.local,URI:spiffe://cluster.local/ns/demo/sa/web,IP:10.0.0.1']);
+    const pem = readFileSync(join(dir, 'w.csr'), 'utf8');
+    expect(await parseCsr(pem)).toMatchObject({
+      commonNames: ['web.demo.sa.cluster.local'],
+      dnsNames: ['web.demo.sa.cluster.local'],
+      uris: ['spiffe://cluster.local/ns/demo/sa/web'],
+      otherNames: [expect.stringMatching(/^ip:/)],
+      keyAlgorithm: 'ECDSA P-256',
+      signatureValid: true,
+    });
+    // Change one letter of the CN inside the signed part: still a well-formed request, no longer the one signed.
+    const der = Buffer.from(pem.replace(/-----[^-]+-----/g, '').replace(/\s+/g, ''), 'base64');
+    const at = der.indexOf(Buffer.from('web.demo'));
+    der[at] = 'x'.charCodeAt(0);
+    const forged = `-----BEGIN CERTIFICATE REQUEST-----\n${der.toString('base64')}\n-----END CERTIFICATE REQUEST-----\n`;
+    expect(await parseCsr(forged)).toMatchObject({ commonNames: ['xeb.demo.sa.cluster.local'], signatureValid: false });
   });
 });
 

@@ -118,6 +118,30 @@ describe('PolicyClient against the real server', () => {
     expect(c.current()!.policy).toEqual(good);
   });
 
+  test('onReconnect fires when the controller answers again after failures, not on a first success', async () => {
+    const tokenFile = join(dir, `token-${Date.now()}`);
+    writeFileSync(tokenFile, tokens['node-b']!); // refused (403) until the right token is in place
+    const c = new PolicyClient({ url, node: 'node-a', ca: tls.caCert, tokenFile, stateDir: stateDir(), waitSeconds: 30, backoff: { initialMs: 20, maxMs: 100 } });
+    clients.push(c);
+    const reconnects: number[] = [];
+    c.onReconnect((n) => reconnects.push(n));
+    const failed = next(c, 'fetchError');
+    c.start();
+    await failed;
+    expect(reconnects).toEqual([]);
+    writeFileSync(tokenFile, tokens['node-a']!);
+    await until(() => reconnects.length === 1);
+    expect(reconnects[0]).toBeGreaterThanOrEqual(1);
+    expect(c.current()?.policy.node.name).toBe('node-a');
+
+    const fine = client({ stateDir: stateDir() });
+    let fired = false;
+    fine.onReconnect(() => (fired = true));
+    fine.start();
+    await until(() => fine.current() !== undefined);
+    expect(fired).toBe(false);
+  });
+
   test('a controller whose certificate is not signed by the trusted CA is refused', async () => {
     const other = await generateTls(['localhost']);
     const c = client({ stateDir: stateDir(), ca: other.caCert });

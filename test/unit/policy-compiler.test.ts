@@ -38,13 +38,17 @@ describe('enrolment and placement', () => {
     expect(podNames(c, 'node-a').sort()).toEqual(['db-1', 'web-1']);
     expect(podNames(c, 'node-b')).toEqual(['api-1']);
     expect(c.reporter.active()).toEqual([]);
+    // What the CNI plugin decides by at pod creation, before the pod has an address.
+    expect(c.get('node-a')!.policy.node.monitoredNamespaces).toEqual(['app']);
+    expect(c.get('node-a')!.policy.node.optedOutPods).toEqual(['app/optout']);
+    expect(c.get('node-b')!.policy.node.optedOutPods).toEqual([]);
   });
 
   test('node facts: addresses, the mode label, the mesh default and every proxy', () => {
     const c = compiled([...baseMesh(), meshConfig({ interceptionMode: 'ebpf', inbound: 'strict' })]);
     const a = c.get('node-a')!.policy;
     const b = c.get('node-b')!.policy;
-    expect(a.node).toEqual({ name: 'node-a', addresses: ['192.168.1.10'], interceptionMode: null });
+    expect(a.node).toEqual({ name: 'node-a', addresses: ['192.168.1.10'], interceptionMode: null, monitoredNamespaces: ['app'], optedOutPods: [] });
     expect(b.node.interceptionMode).toBe('iptables');
     expect(a.mesh).toMatchObject({ interceptionMode: 'ebpf', inbound: 'strict', name: 'fsm' });
     expect(a.proxies).toEqual([

@@ -105,6 +105,24 @@ describe('compiled into every NodePolicy and rendered for the proxy', () => {
     expect(proxy.defaults.outlier).toEqual({ enabled: true, consecutiveFailures: 5, baseEjectionMs: 30_000, maxEjectionMs: 300_000, maxEjectionPercent: 50 });
     expect(proxy.retryMethods).not.toContain('POST');
   });
+  test('a mesh with no Retry, no setting and default mesh settings carries no resilience part (read as the defaults); removing the last object removes it through a delta too', async () => {
+    const { applyDelta, deltaPieces } = await import('../../src/policy/delta.js');
+    const { NodePolicyDeltaSchema } = await import('../../src/policy/schema.js');
+    const plain = compiled(baseMesh()).get('node-a')!.policy;
+    expect(plain.resilience).toBeUndefined();
+    expect(renderResilience(plain.resilience, plain.services).defaults.timeoutMs).toBe(15_000);
+    const c = compiled([...baseMesh(), retry('web-to-api', retrySpec)]);
+    const held = c.get('node-a')!;
+    expect(held.policy.resilience!.retries).toHaveLength(1);
+    c.remove({ kind: 'Retry' as Kind, namespace: 'app', name: 'web-to-api' });
+    c.compile();
+    const now = c.get('node-a')!;
+    expect(now.policy.resilience).toBeUndefined();
+    const [shared, tail] = deltaPieces({ version: held.version, parts: held.parts }, now);
+    const applied = applyDelta(held.policy, NodePolicyDeltaSchema.parse(JSON.parse(`{${shared.text()}${tail}`)));
+    expect(applied.resilience).toBeUndefined();
+    expect(applied).toEqual(now.policy);
+  });
   test('a setting for a service the node does not know is left out of its proxy config', () => {
     const c = compiled([...baseMesh(), uts('ghost', { host: 'ghost' })]);
     const p = c.get('node-a')!.policy;

@@ -167,7 +167,7 @@ describe('proxy config rendering (rules)', () => {
 
   test('access: TCPRoute ports and HTTPRouteGroup matches per TrafficTarget, keyed by destination identity', () => {
     expect(cfg.access['app/api']).toEqual([
-      { target: 'app/web-to-api', sources: ['app/web'], port: null, tcpAllPorts: false, tcpPorts: [], http: [{ pathRegex: '/api/.*', methods: ['GET'], headers: {} }] },
+      { target: 'app/web-to-api', sources: ['app/web'], port: null, tcpAllPorts: false, tcpPorts: [], http: [{ pathRegex: '/api/.*', methods: ['GET'], headers: {} }], mqtt: [] },
     ]);
     expect(cfg.access['app/db']?.[0]).toMatchObject({ tcpPorts: [5432], http: [] });
     expect(cfg.access['app/web']?.[0]?.http[1]).toEqual({ pathRegex: '/admin', methods: ['*'], headers: { 'x-admin': 'yes|true' } });

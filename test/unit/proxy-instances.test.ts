@@ -209,6 +209,8 @@ describe('proxy-crash bench: failures classified against the kills', () => {
       failedNew: 2,
       brokenInFlight: 2,
       kinds: { 'in-flight response ECONNRESET': 1, 'new connect ECONNREFUSED': 1, 'in-flight response closed early': 1, 'new response timeout': 1 },
+      // Microseconds in, milliseconds out: 1 us and 2 us after kill 1, 1 ms after kill 2.
+      newAfterKillMs: [[0, 0], [1, 1]],
     });
   });
 });

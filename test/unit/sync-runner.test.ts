@@ -28,6 +28,22 @@ describe('SyncRunner', () => {
     expect(runs[1]).toEqual({ full: false, reasons: ['pod added', 'pod removed'], at: 100 });
   });
 
+  test('requestAndWait (CNI ADD) skips the minimum interval and resolves after a run that started after it; a failed run rejects it', async () => {
+    const { clock, runs, runner } = setup((n) => n === 3);
+    runner.start();
+    await clock.advance(0);
+    let done = false;
+    const waited = runner.requestAndWait('cni add a').then(() => (done = true));
+    await clock.advance(0);
+    expect(runs[1]).toEqual({ full: false, reasons: ['cni add a'], at: 0 });
+    await waited;
+    expect(done).toBe(true);
+    const failed = runner.requestAndWait('cni add b');
+    const outcome = failed.then(() => 'resolved', (e: Error) => e.message);
+    await clock.advance(0);
+    expect(await outcome).toBe('run 3 failed');
+  });
+
   test('with no requests a full periodic sync runs every maxInterval', async () => {
     const { clock, runs, runner } = setup();
     runner.start();

@@ -1,12 +1,16 @@
+import { join } from 'node:path';
 import { readFileSync } from 'node:fs';
 import { Agent } from '../../agent/agent.js';
-import { loadAgentConfig, type AgentConfig } from '../../agent/config.js';
+import { listFields, loadAgentConfig, proxyRunAs, type AgentConfig } from '../../agent/config.js';
 import { probe } from '../../agent/probe.js';
 import { createDataplane } from '../../dataplane/index.js';
 import { controllerIssuer, IdentityManager } from '../../identity/agent-certs.js';
+import { unreachableFor } from '../../identity/key-files.js';
+import { InvalidInputError } from '../../errors.js';
 import { PolicyClient } from '../../policy/client.js';
 import { cgroupResolver, desiredState } from '../../policy/desired.js';
 import { renderProxyConfig } from '../../proxy/config.js';
+import { writeGatewayCertificates } from '../../gateway/certificates.js';
 import { ProxySupervisor } from '../../proxy/supervisor.js';
 import { DEFAULT_TRUST, type NodePolicy } from '../../policy/schema.js';
 import { cgroup2Root } from '../../util/cgroup.js';
@@ -23,7 +27,7 @@ function flagsToConfig(values: ParsedValues): Record<string, unknown> {
   for (const [k, v] of Object.entries(values)) {
     if (v === undefined || notConfig.has(k)) continue;
     const field = k.replace(/-([a-z])/g, (_m, c: string) => c.toUpperCase());
-    out[field] = field === 'nodeAddresses' && typeof v === 'string' ? v.split(',').filter(Boolean) : v;
+    out[field] = listFields.has(field) && typeof v === 'string' ? v.split(',').filter(Boolean) : v;
   }
   if (values['no-fast-path']) out.fastPath = false;
   return out;
@@ -41,10 +45,16 @@ export function buildAgent(config: AgentConfig): Agent {
   const issuer = controllerIssuer({ url: config.controller, node: config.node, ca, token: () => readFileSync(config.tokenFile, 'utf8').trim() });
   // The proxy's config renders from the agent's IdentityManager, made inside the Agent.
   let identities: IdentityManager | undefined;
+  // A proxy with its own uid reads its keys as their owner (0600), nobody else can.
+  const runAs = proxyRunAs(config);
+  const blocked = runAs && unreachableFor(config.stateDir, runAs);
+  if (blocked) {
+    throw new InvalidInputError('--proxy-user / FSMN_PROXY_USER', config.proxyUser, `the proxy's user cannot reach --state-dir ${config.stateDir}: ${blocked.dir} is mode ${blocked.mode} (it needs to traverse it to read its configuration and keys; chmod o+x ${blocked.dir}, or leave the setting out)`);
+  }
   const agent: Agent = new Agent(config, {
     policy: client,
     reportMode: (status) => client.reportStatus(status),
-    identities: (o) => (identities = new IdentityManager({ stateDir: config.stateDir, issuer, ...o })),
+    identities: (o) => (identities = new IdentityManager({ stateDir: config.stateDir, issuer, ...(runAs ? { owner: runAs } : {}), ...o })),
     probe: () => probe(config.netns ? { netns: config.netns } : {}),
     dataplane: (mode) => createDataplane(mode, site),
     render: (policy) => desiredState(policy, facts),
@@ -56,6 +66,7 @@ export function buildAgent(config: AgentConfig): Agent {
       outboundPort: config.outboundPort,
       inboundPort: config.inboundPort,
       failurePolicy: config.failurePolicy,
+      ...(runAs ? { runAs } : {}),
       ...(config.proxy === 'pipy' ? { pipy: { threadCap: config.proxyThreadCap, ...(config.proxyInstances !== undefined ? { instances: config.proxyInstances } : {}) } } : {}),
       ...(config.netns ? { netns: config.netns } : {}),
     }),
@@ -68,6 +79,7 @@ export function buildAgent(config: AgentConfig): Agent {
               inboundPort: config.inboundPort,
               trust: policy.trust ?? DEFAULT_TRUST,
               identities: Object.fromEntries(identities?.snapshot() ?? []),
+              gatewayCertificates: writeGatewayCertificates(join(config.stateDir, 'gateway-certs'), policy),
             }),
         }
       : {}),
@@ -112,6 +124,12 @@ traffic keeps flowing; \`fsm-node cleanup\` removes everything.`,
     'failure-policy': { type: 'string', valueName: 'POLICY', description: 'While the proxy crash-loops: fail-closed (default; keep redirecting, connections fail — right for strict meshes) or fail-open (stop redirecting until it is back — permissive meshes).' },
     'proxy-thread-cap': { type: 'string', valueName: 'N', description: 'At most N Pipy worker threads in all (default 4; one per CPU below that), split among the proxy instances.' },
     'proxy-instances': { type: 'string', valueName: 'N', description: 'Pipy processes sharing the proxy ports with SO_REUSEPORT (default 2): a crash of one fails no new connection while it is restarted; 1 saves one Pipy (about 14 MB).' },
+    'proxy-user': { type: 'string', valueName: 'UID[:GID]', description: 'Run the proxy as this user with only CAP_NET_ADMIN (FSM uses 1500); key files become that uid\'s, mode 0600. Default: as the agent runs.' },
+    'cni-socket': { type: 'string', valueName: 'PATH', description: 'Enrol pods at creation: unix socket the fsm-node-cni plugin relays CNI requests to (the DaemonSet: /run/fsm-node-cni/cni.sock; docs/deploy.md).' },
+    'cni-spool': { type: 'string', valueName: 'DIR', description: 'Where the plugin leaves requests while the agent is away; replayed when it is back (default /run/fsm-node-cni/spool).' },
+    'cni-failure-policy': { type: 'string', valueName: 'POLICY', description: 'The plugin when the agent is unreachable: fail-closed (pod creation fails, kubelet retries), fail-open (the pod starts, enrolled later) or auto (default: fail-closed in strict meshes).' },
+    'cni-conf-dirs': { type: 'string', valueName: 'DIR,DIR', description: 'CNI conf directories to chain the plugin into and keep it there, e.g. /etc/cni/net.d,/var/lib/rancher/k3s/agent/etc/cni/net.d (default: none).' },
+    'cni-bin-dir': { type: 'string', valueName: 'DIR', description: 'Where the plugin binary is installed (default /opt/cni/bin).' },
     netns: { type: 'string', valueName: 'NAME', description: 'Lab only: network namespace that plays the node.' },
     listen: { type: 'string', valueName: 'HOST:PORT', description: 'Agent HTTP API (default 0.0.0.0:15900).' },
     'print-config': { type: 'boolean', description: 'Print the effective configuration and exit.' },

@@ -35,6 +35,8 @@ mesh CA (Secret fsm-node-mesh-ca, or --state-dir/mesh-ca/) or, with
     'certificate-lifetime': { type: 'string', valueName: 'DURATION', description: 'Workload certificate lifetime when the mesh config sets none (default 24h; e.g. 7d for sites offline for days).' },
     'ca-signer-name': { type: 'string', valueName: 'NAME', description: 'Sign workload certificates through the Kubernetes CSR API with this signerName (cert-manager, Vault) instead of the built-in CA.' },
     'ca-bundle': { type: 'string', valueName: 'FILE', description: "PEM root(s) of the --ca-signer-name signer (published to every node as the trust bundle)." },
+    clusterset: { type: 'string', valueName: 'FILE', description: 'ClusterSet file: join a clusterset (serve exports to its peers, import theirs). See docs/multicluster.md.' },
+    'multicluster-dir': { type: 'string', valueName: 'DIR', description: 'ServiceExport and GlobalTrafficPolicy manifests (default with --manifests: DIR/../multicluster).' },
   },
   async run(values) {
     const sources = ['manifests', 'kubeconfig', 'in-cluster'].filter((k) => values[k] !== undefined);
@@ -54,6 +56,8 @@ mesh CA (Secret fsm-node-mesh-ca, or --state-dir/mesh-ca/) or, with
       ...(values['certificate-lifetime'] ? { certificateLifetime: String(values['certificate-lifetime']) } : {}),
       ...(values['ca-signer-name'] ? { caSignerName: String(values['ca-signer-name']) } : {}),
       ...(values['ca-bundle'] ? { caBundleFile: String(values['ca-bundle']) } : {}),
+      ...(values.clusterset ? { clusterset: String(values.clusterset) } : {}),
+      ...(values['multicluster-dir'] ? { multiclusterDir: String(values['multicluster-dir']) } : {}),
     });
     log.info({ url: controller.url }, 'controller serving');
     await new Promise<void>((resolve) => {

@@ -3,7 +3,7 @@ import { InvalidInputError } from '../../errors.js';
 import { rootLogger } from '../../util/log.js';
 import { intFlag, oneOf, type Command, type ParsedValues } from '../command.js';
 
-const verbs = ['up', 'status', 'check', 'exec', 'fault', 'link', 'down', 'selfcheck', 'supervise'] as const;
+const verbs = ['up', 'status', 'check', 'exec', 'pod', 'fault', 'link', 'down', 'selfcheck', 'supervise'] as const;
 const say = (line: string): void => void process.stdout.write(`${line}\n`);
 
 async function up(values: ParsedValues): Promise<number> {
@@ -85,6 +85,26 @@ async function link(values: ParsedValues, positionals: string[]): Promise<number
   return 0;
 }
 
+/** lab pod add NAME --node N [--namespace NS] [--no-mesh] [-- CMD...] | lab pod rm NAME (src/lab/pods.ts). */
+async function pod(values: ParsedValues, rest: string[]): Promise<number> {
+  const { podAdd, podRm } = await import('../../lab/pods.js');
+  const { LAB_NAMESPACE } = await import('../../lab/manifests.js');
+  const [action, name, ...cmd] = rest;
+  const state = await runningLab(values);
+  if (action === 'add') {
+    if (!name) throw new InvalidInputError('lab pod add', '', 'usage: fsm-node lab pod add NAME --node NODE [--namespace NS] [--no-mesh] [-- CMD...]');
+    if (typeof values.node !== 'string') throw new InvalidInputError('--node', values.node, 'required: the lab node the pod runs on (e.g. n1)');
+    await podAdd(state, { name, node: values.node, namespace: typeof values.namespace === 'string' ? values.namespace : LAB_NAMESPACE, mesh: !values['no-mesh'], cmd }, say);
+    return 0;
+  }
+  if (action === 'rm') {
+    if (!name || cmd.length) throw new InvalidInputError('lab pod rm', rest.slice(1).join(' '), 'usage: fsm-node lab pod rm NAME');
+    await podRm(state, name, say);
+    return 0;
+  }
+  throw new InvalidInputError('lab pod', action, 'expected add or rm');
+}
+
 async function down(values: ParsedValues): Promise<number> {
   const { labDown } = await import('../../lab/lab.js');
   const report = await labDown(values.dir as string | undefined, say);
@@ -116,7 +136,9 @@ export const labCommand: Command = {
     'up [--nodes N] [--pods-per-node M] [--mode auto|ebpf|iptables] [--proxy auto|pipy|passthrough] [--dir DIR]',
     'status [--json]',
     'check [--json]',
-    'exec POD -- CMD...',
+    'exec POD|outside -- CMD...',
+    'pod add NAME --node NODE [--namespace NS] [--no-mesh] [-- CMD...]',
+    'pod rm NAME',
     'fault POD (--status CODE | --hang | --close | --clear)',
     'link NODE [--delay MS] [--loss PCT] | --down | --up | --clear',
     'down',
@@ -140,7 +162,17 @@ bpffs directories); one lab per machine.
              through its node's proxy (same-node hops stay on the node). Cases
              that need Pipy (services, split, allow/deny) are skipped with the
              passthrough proxy. Exit 0 only when every other case passes.
-  exec       runs a command inside a pod (its network namespace and cgroup).
+  exec       runs a command inside a pod (its network namespace and cgroup), or
+             as the outside client (10.78.0.200, off the mesh) with POD "outside";
+             the outside server is 10.78.0.201 (HTTP :80, TLS :443 as outside.lab).
+  pod add    creates a pod live the way a node does: the lab plays the runtime and the
+             primary CNI (netns, address, sandbox process), then runs the node's CNI
+             chain, where the agent installed fsm-node-cni, with the environment and
+             stdin a runtime gives it; CMD runs as the pod's first process, already
+             intercepted when the pod's namespace is monitored (default namespace demo;
+             --no-mesh opts the pod out). Exit 1 with the plugin's CNI error when ADD
+             fails (nothing is left half-made).
+  pod rm     runs CNI DEL for the pod and removes it.
   fault      makes a pod's echo server misbehave until --clear: answer every
              request with --status CODE (e.g. 503), --hang (accept, never
              answer) or --close (close the connection unanswered). Takes effect
@@ -166,6 +198,9 @@ Editing DIR/manifests changes the mesh live: the controller watches it.
     proxy: { type: 'string', valueName: 'PROXY', description: 'auto (Pipy when found), pipy, or passthrough (L4 test proxy, no policy) (default auto).' },
     dir: { type: 'string', valueName: 'DIR', description: 'Lab directory: manifests, state, logs (default /var/tmp/fsm-node-lab).' },
     json: { type: 'boolean', description: 'Machine-readable output (lab status, lab check).' },
+    node: { type: 'string', valueName: 'NODE', description: 'lab pod add: the node the pod runs on.' },
+    namespace: { type: 'string', valueName: 'NS', description: 'lab pod add: the pod\'s namespace (default demo, monitored by the mesh).' },
+    'no-mesh': { type: 'boolean', description: 'lab pod add: the pod opts out of the mesh (flomesh.io/sidecar-injection: disabled).' },
     status: { type: 'string', valueName: 'CODE', description: 'lab fault: answer every request with this HTTP status.' },
     hang: { type: 'boolean', description: 'lab fault: accept requests and never answer.' },
     close: { type: 'boolean', description: 'lab fault: close connections without an answer.' },
@@ -182,7 +217,7 @@ Editing DIR/manifests changes the mesh live: the controller watches it.
     // Set before the lab modules are imported: their child loggers take the level at creation.
     if (process.env.FSMN_LOG_LEVEL === undefined) rootLogger.level = 'warn';
     const rest = positionals.slice(1);
-    if (!['exec', 'fault', 'link'].includes(verb) && rest.length > 0) throw new InvalidInputError(`lab ${verb}`, rest.join(' '), 'takes no arguments');
+    if (!['exec', 'pod', 'fault', 'link'].includes(verb) && rest.length > 0) throw new InvalidInputError(`lab ${verb}`, rest.join(' '), 'takes no arguments');
     switch (verb) {
       case 'selfcheck': {
         const { topologySelfCheck } = await import('../../lab/selfcheck.js');
@@ -200,6 +235,8 @@ Editing DIR/manifests changes the mesh live: the controller watches it.
         return supervise(values);
       case 'exec':
         return exec(values, rest);
+      case 'pod':
+        return pod(values, rest);
       case 'fault':
         return fault(values, rest);
       case 'link':

@@ -2,6 +2,7 @@ import { FsmNodeError, errorMessage } from '../../errors.js';
 import { resilienceStatusRows, resilienceView, type ResilienceView } from '../../proxy/resilience-status.js';
 import { proxyStatusRows, type ProxyView } from '../../proxy/status-rows.js';
 import type { Command } from '../command.js';
+import type { GatewaySummary } from '../../gateway/render.js';
 
 interface AgentState {
   node?: string;
@@ -15,6 +16,7 @@ interface AgentState {
   proxy?: ProxyView;
   identities?: Array<{ identity: string; state: string; notAfter?: string; lastError?: string; reason?: string }>;
   sync?: { count: number; first?: SyncOutcome; last?: SyncOutcome };
+  gateways?: GatewaySummary[];
   /** Not from /v1/state: read from the agent's /metrics by this command (ejected endpoints, open circuits). */
   resilience?: ResilienceView;
 }
@@ -56,6 +58,10 @@ export function renderStatus(s: AgentState): string {
   for (const i of s.identities ?? []) {
     const detail = i.state === 'valid' ? `valid until ${i.notAfter}${i.lastError ? ` (renewal failing: ${i.lastError})` : ''}` : i.state === 'expired' ? `EXPIRED, failing closed: ${i.reason}` : `pending${i.lastError ? `: ${i.lastError}` : ''}`;
     rows.push([`identity ${i.identity}`, detail]);
+  }
+  for (const g of s.gateways ?? []) {
+    const ports = g.ports.map((p) => `:${p.port} ${p.protocol} (${p.rules} rules; hosts ${p.hostnames.join(' ') || 'none'}${p.protocol === 'HTTPS' ? `; ${p.certificates} certificates` : ''})`);
+    rows.push([`gateway ${g.gateway}`, `${ports.join(', ')} as ${g.identity}`]);
   }
   if (s.lastError) rows.push(['last error', s.lastError]);
   for (const c of s.probe?.checks ?? []) rows.push([`probe ${c.name}`, `${c.ok ? 'ok' : 'FAILED'}: ${c.detail}`]);

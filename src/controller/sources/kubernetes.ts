@@ -101,6 +101,8 @@ export class KubernetesSource {
       { kind: 'Pod', path: '/api/v1/pods', list: () => this.core.listPodForAllNamespaces() },
       { kind: 'Service', path: '/api/v1/services', list: () => this.core.listServiceForAllNamespaces() },
       { kind: 'EndpointSlice', path: '/apis/discovery.k8s.io/v1/endpointslices', list: () => discovery.listEndpointSliceForAllNamespaces() },
+      // Listener certificates: only TLS Secrets, and only their records (PEM) reach the compiler.
+      { kind: 'Secret', path: '/api/v1/secrets', fieldSelector: 'type=kubernetes.io/tls', list: () => this.core.listSecretForAllNamespaces({ fieldSelector: 'type=kubernetes.io/tls' }) },
       {
         kind: 'ConfigMap',
         path: `/api/v1/namespaces/${o.namespace}/configmaps`,
@@ -108,7 +110,10 @@ export class KubernetesSource {
         list: () => this.core.listNamespacedConfigMap({ namespace: o.namespace, fieldSelector: `metadata.name=${MESH_CONFIG_NAME}` }),
       },
     ];
-    const resources = [...core.map((r) => [r]), crd('TrafficSplit', 'trafficsplits'), crd('TrafficTarget', 'traffictargets'), crd('HTTPRouteGroup', 'httproutegroups'), crd('TCPRoute', 'tcproutes'), crd('Retry', 'retries'), crd('UpstreamTrafficSetting', 'upstreamtrafficsettings')];
+    const resources = [...core.map((r) => [r]), crd('TrafficSplit', 'trafficsplits'), crd('TrafficTarget', 'traffictargets'), crd('HTTPRouteGroup', 'httproutegroups'), crd('TCPRoute', 'tcproutes'), crd('MQTTRouteGroup', 'mqttroutegroups'),
+      // Gateway API (src/gateway/): optional like the SMI kinds, a cluster without their CRDs has no Gateways.
+      crd('GatewayClass', 'gatewayclasses'), crd('Gateway', 'gateways'), crd('HTTPRoute', 'httproutes'), crd('ReferenceGrant', 'referencegrants'),
+      crd('Egress', 'egresses'), crd('Retry', 'retries'), crd('UpstreamTrafficSetting', 'upstreamtrafficsettings')];
     for (const versions of resources) this.informers.push(this.makeInformer(versions));
     if (o.events !== false) o.compiler.reporter.onIssue((issue) => void this.postEvent(issue));
   }
@@ -132,6 +137,11 @@ export class KubernetesSource {
 
   get synced(): boolean {
     return this.informers.every((i) => i.synced);
+  }
+
+  /** An object from the informer cache, as the cluster holds it (status writers compare with it). */
+  object(kind: Kind, namespace: string, name: string): KubernetesObject | undefined {
+    return this.informers.find((i) => i.res.kind === kind)?.lw.get(name, namespace || undefined);
   }
 
   /** A pod from the informer cache (TokenReview binding). */

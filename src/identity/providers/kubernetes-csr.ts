@@ -129,7 +129,7 @@ export class KubernetesCsrProvider implements CertificateProvider {
     }
     const csr = await parseCsr(req.csrPem);
     const leafKey = new X509Certificate(chain[0]!).publicKey.export({ type: 'spki', format: 'der' });
-    if (!Buffer.from(csr.publicKey.rawData).equals(leafKey)) throw new ProviderError('failed', `signer ${this.o.signerName} returned a certificate for ${want} with another public key than the request's`);
+    if (!csr.spki.equals(leafKey)) throw new ProviderError('failed', `signer ${this.o.signerName} returned a certificate for ${want} with another public key than the request's`);
     const why = await verifyChain(chain, this.trustBundle());
     if (why) throw new ProviderError('failed', `the certificate signer ${this.o.signerName} returned for ${want} does not verify against the configured trust bundle: ${why}`);
     return { certChainPem: chain, notAfter: leaf.notAfter };

@@ -1,0 +1,123 @@
+import * as asn from '@peculiar/asn1-schema';
+import * as asnCsr from '@peculiar/asn1-csr';
+import * as asnX509 from '@peculiar/asn1-x509';
+import { createPublicKey, verify, type KeyObject } from 'node:crypto';
+import { InvalidInputError } from '../errors.js';
+
+/**
+ * Reading a node's PKCS#10 request on the controller's hot path (one request
+ * per identity and renewal). The request is decoded once into the ASN.1
+ * structures of @peculiar/asn1-csr (no hand-written ASN.1) and its signature
+ * checked by node's crypto, synchronously, on the original bytes of
+ * certificationRequestInfo. The higher-level @peculiar/x509 request class
+ * decodes the same bytes several times over (extensions, public key, the
+ * re-encoded TBS for its WebCrypto verify), which made up most of the
+ * controller's cost per certificate (bench/identity-issue.ts).
+ */
+
+export interface ParsedCsr {
+  commonNames: string[];
+  dnsNames: string[];
+  uris: string[];
+  /** Other SAN kinds present (ip, email, ...): a workload CSR must have none. */
+  otherNames: string[];
+  /** e.g. "ECDSA P-256", "RSA 2048". */
+  keyAlgorithm: string;
+  signatureValid: boolean;
+  /** SubjectPublicKeyInfo, DER: what the certificate certifies. */
+  spki: Buffer;
+  /** The same, decoded, for the certificate's structure (saves decoding it again). */
+  subjectPublicKeyInfo: asnX509.SubjectPublicKeyInfo;
+}
+
+const OID_CN = '2.5.4.3';
+const OID_EXTENSION_REQUEST = '1.2.840.113549.1.9.14';
+const OID_SAN = '2.5.29.17';
+
+/** Signature algorithms a request may be signed with -> node's digest name (null: the key's own, Ed25519). */
+const SIGNATURE_HASH: Record<string, string | null> = {
+  '1.2.840.10045.4.3.2': 'sha256', // ecdsa-with-SHA256
+  '1.2.840.10045.4.3.3': 'sha384',
+  '1.2.840.10045.4.3.4': 'sha512',
+  '1.2.840.113549.1.1.11': 'sha256', // sha256WithRSAEncryption
+  '1.2.840.113549.1.1.12': 'sha384',
+  '1.2.840.113549.1.1.13': 'sha512',
+  '1.3.101.112': null, // Ed25519
+};
+
+const CURVE_NAME: Record<string, string> = { prime256v1: 'P-256', secp384r1: 'P-384', secp521r1: 'P-521' };
+
+/** "ECDSA P-256", "RSA 2048", "Ed25519", ... of a node KeyObject. */
+export function describeKeyObject(k: KeyObject): string {
+  const d = k.asymmetricKeyDetails ?? {};
+  if (k.asymmetricKeyType === 'ec') return `ECDSA ${CURVE_NAME[d.namedCurve ?? ''] ?? d.namedCurve ?? '?'}`;
+  if (k.asymmetricKeyType === 'rsa' || k.asymmetricKeyType === 'rsa-pss') return `RSA ${d.modulusLength ?? '?'}`;
+  if (k.asymmetricKeyType === 'ed25519') return 'Ed25519';
+  return k.asymmetricKeyType ?? '?';
+}
+
+/** The DER inside a PEM block with one of `labels`; undefined when there is none. */
+export function pemBody(pem: string, labels: string[]): Buffer | undefined {
+  for (const label of labels) {
+    const m = new RegExp(`-----BEGIN ${label}-----([A-Za-z0-9+/=\\s]+)-----END ${label}-----`).exec(pem);
+    if (m) return Buffer.from(m[1]!.replace(/\s+/g, ''), 'base64');
+  }
+  return undefined;
+}
+
+function generalNames(names: asnX509.GeneralName[], out: Pick<ParsedCsr, 'dnsNames' | 'uris' | 'otherNames'>): void {
+  for (const n of names) {
+    if (n.dNSName !== undefined) out.dnsNames.push(n.dNSName);
+    else if (n.uniformResourceIdentifier !== undefined) out.uris.push(n.uniformResourceIdentifier);
+    else if (n.iPAddress !== undefined) out.otherNames.push(`ip:${n.iPAddress}`);
+    else if (n.rfc822Name !== undefined) out.otherNames.push(`email:${n.rfc822Name}`);
+    else if (n.registeredID !== undefined) out.otherNames.push(`id:${n.registeredID}`);
+    else out.otherNames.push(n.directoryName ? 'dn' : n.otherName ? `other:${n.otherName.typeId}` : 'other');
+  }
+}
+
+/**
+ * A PEM PKCS#10 request: its names, key algorithm, and whether it is signed
+ * by the key it carries. Throws InvalidInputError naming `field` when the
+ * text is not a certificate request at all.
+ */
+export async function parseCsr(pem: string, field = 'csr'): Promise<ParsedCsr> {
+  const shown = typeof pem === 'string' ? `${pem.slice(0, 40)}...` : pem;
+  let req: asnCsr.CertificationRequest;
+  let spki: Buffer;
+  let key: KeyObject;
+  try {
+    const der = typeof pem === 'string' ? pemBody(pem, ['CERTIFICATE REQUEST', 'NEW CERTIFICATE REQUEST']) : undefined;
+    if (!der) throw new Error('no -----BEGIN CERTIFICATE REQUEST----- block');
+    req = asn.AsnConvert.parse(der, asnCsr.CertificationRequest);
+    spki = Buffer.from(asn.AsnConvert.serialize(req.certificationRequestInfo.subjectPKInfo));
+    key = createPublicKey({ key: spki, format: 'der', type: 'spki' });
+  } catch (err) {
+    throw new InvalidInputError(field, shown, `is not a PEM certificate request: ${(err as Error).message}`);
+  }
+  const info = req.certificationRequestInfo;
+  const out: ParsedCsr = { commonNames: [], dnsNames: [], uris: [], otherNames: [], keyAlgorithm: describeKeyObject(key), signatureValid: false, spki, subjectPublicKeyInfo: info.subjectPKInfo };
+  for (const rdn of info.subject) for (const atv of rdn) if (atv.type === OID_CN) out.commonNames.push(atv.value.toString());
+  try {
+    for (const attr of info.attributes) {
+      if (attr.type !== OID_EXTENSION_REQUEST) continue;
+      for (const v of attr.values) {
+        for (const ext of asn.AsnConvert.parse(v, asnX509.Extensions)) {
+          if (ext.extnID === OID_SAN) generalNames(asn.AsnConvert.parse(ext.extnValue.buffer, asnX509.SubjectAlternativeName), out);
+        }
+      }
+    }
+  } catch (err) {
+    throw new InvalidInputError(`${field} extensions`, shown, `cannot be read: ${(err as Error).message}`);
+  }
+  const hash = SIGNATURE_HASH[req.signatureAlgorithm.algorithm];
+  if (hash !== undefined && req.certificationRequestInfoRaw) {
+    try {
+      // The signed bytes as sent, not a re-encoding: DER from another encoder need not round-trip.
+      out.signatureValid = verify(hash, Buffer.from(req.certificationRequestInfoRaw), { key, dsaEncoding: 'der' }, Buffer.from(req.signature));
+    } catch {
+      out.signatureValid = false; // a signature algorithm that does not fit the key
+    }
+  }
+  return out;
+}

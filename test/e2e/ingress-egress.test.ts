@@ -1,0 +1,121 @@
+import { execFile } from 'node:child_process';
+import { copyFileSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+import { LAB_POINTER } from '../../src/lab/state.js';
+import { cgroup2Root } from '../../src/util/cgroup.js';
+import { eventually } from '../support/eventually.js';
+import { pipySkipReason } from '../support/pipy.js';
+
+/**
+ * docs/ingress-egress.md end to end in the lab, through the real CLI
+ * (`node dist/src/cli/bin.js`, so `npm run build:ts` must have run): the
+ * example Gateway, HTTPRoute and access rules, then the Egresses under mesh
+ * egress deny, exercised from the lab's outside client and its pods, with
+ * `lab check` still passing and `lab down` leaving nothing.
+ */
+
+const root = fileURLToPath(new URL('../../', import.meta.url));
+const bin = join(root, 'dist', 'src', 'cli', 'bin.js');
+const examples = join(root, 'docs', 'examples', 'ingress-egress');
+const pexec = promisify(execFile);
+
+async function cli(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  try {
+    const { stdout, stderr } = await pexec(process.execPath, [bin, ...args], { cwd: root, env: { ...process.env, FSMN_LOG_LEVEL: 'warn' }, maxBuffer: 16 << 20 });
+    return { code: 0, stdout, stderr };
+  } catch (err) {
+    const e = err as { code?: number; stdout?: string; stderr?: string };
+    return { code: typeof e.code === 'number' ? e.code : -1, stdout: e.stdout ?? '', stderr: e.stderr ?? '' };
+  }
+}
+
+const labNames = (path: string): string[] => {
+  try {
+    return readdirSync(path).filter((n) => /^fsmlab(-|$)/.test(n) && !n.startsWith('fsmlab-selfcheck'));
+  } catch {
+    return [];
+  }
+};
+
+function skipReason(): string | undefined {
+  if (process.getuid?.() !== 0) return 'needs root';
+  const pipy = pipySkipReason();
+  if (pipy) return pipy;
+  if (existsSync(LAB_POINTER)) return `a lab is running (${LAB_POINTER})`;
+  const objs = [...labNames('/run/netns'), ...labNames(cgroup2Root())];
+  if (objs.length > 0) return `fsmlab objects exist (${objs.join(', ')})`;
+  return undefined;
+}
+
+const skip = skipReason();
+if (skip) console.warn(`e2e ingress/egress tests skipped: ${skip}`);
+const maybe = skip ? describe.skip : describe;
+
+maybe('ingress and egress in the lab (docs/ingress-egress.md)', () => {
+  let dir = '';
+  let manifests = '';
+  const curl = async (place: string, args: string[]) => {
+    const r = await cli('lab', 'exec', place, '--', 'curl', '-sS', '-m', '5', '-o', '-', '-w', '\n%{http_code}', ...args);
+    const lines = r.stdout.trimEnd().split('\n');
+    return { status: lines.pop() ?? '', body: lines.join('\n'), headers: r.stdout };
+  };
+
+  beforeAll(async () => {
+    dir = mkdtempSync(join(tmpdir(), 'fsmt-e2e-ingress-'));
+    const up = await cli('lab', 'up', '--dir', join(dir, 'lab'), '--proxy', 'pipy');
+    if (up.code !== 0) throw new Error(`lab up failed (${up.code}): ${up.stderr}${up.stdout}`);
+    manifests = join(dir, 'lab', 'manifests');
+    for (const f of ['gateway.yaml', 'access.yaml']) copyFileSync(join(examples, f), join(manifests, f));
+    const key = join(dir, 'shop.key');
+    const crt = join(dir, 'shop.crt');
+    await pexec('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', key, '-out', crt, '-subj', '/CN=shop.lab', '-addext', 'subjectAltName=DNS:shop.lab', '-days', '2']);
+    const b64 = (f: string) => readFileSync(f).toString('base64');
+    writeFileSync(join(manifests, 'shop-cert.yaml'), `apiVersion: v1\nkind: Secret\nmetadata:\n  name: shop-cert\n  namespace: edge\ntype: kubernetes.io/tls\ndata:\n  tls.crt: ${b64(crt)}\n  tls.key: ${b64(key)}\n`);
+  }, 180_000);
+
+  afterAll(async () => {
+    const down = await cli('lab', 'down');
+    if (dir) rmSync(dir, { recursive: true, force: true });
+    expect(down.stdout).toMatch(/verified none left/);
+  }, 120_000);
+
+  test('from the outside client: routes, rewrite, redirect, HTTPS by SNI, on both nodes', async () => {
+    // The Gateway reaches the proxies with the next policy: wait for it.
+    expect(await eventually(async () => (await curl('outside', ['http://10.78.0.1:8000/hello'])).status, (s) => s === '200', 30_000)).toBe('200');
+    const n2 = await curl('outside', ['http://10.78.0.2:8000/v2/items']);
+    expect(n2.status).toBe('200');
+    expect(JSON.parse(n2.body)).toMatchObject({ path: '/items' });
+    expect(['p2', 'p4']).toContain((JSON.parse(n2.body) as { pod: string }).pod);
+    const redirect = await curl('outside', ['-i', 'http://10.78.0.1:8000/old/page']);
+    expect(redirect.status).toBe('301');
+    expect(redirect.headers).toMatch(/location: http:\/\/10\.78\.0\.1:8000\/new\/page/i);
+    const tls = await curl('outside', ['--cacert', join(dir, 'shop.crt'), '--resolve', 'shop.lab:8443:10.78.0.1', 'https://shop.lab:8443/']);
+    expect(tls.status).toBe('200');
+    const status = await cli('status');
+    expect(status.stdout).toMatch(/gateway edge\/edge-gw +:8000 HTTP .*:8443 HTTPS .* as edge\/edge-gw/);
+  }, 90_000);
+
+  test('without the access rules the gateway identity is refused (403)', async () => {
+    rmSync(join(manifests, 'access.yaml'));
+    expect(await eventually(async () => (await curl('outside', ['http://10.78.0.1:8000/hello'])).status, (s) => s === '403', 30_000)).toBe('403');
+    copyFileSync(join(examples, 'access.yaml'), join(manifests, 'access.yaml'));
+    expect(await eventually(async () => (await curl('outside', ['http://10.78.0.1:8000/hello'])).status, (s) => s === '200', 30_000)).toBe('200');
+  }, 90_000);
+
+  test('egress deny: Host, SNI and CIDR allowed as the Egresses say, everything else refused; lab check still passes', async () => {
+    const cfg = join(manifests, '00-mesh-config.yaml');
+    writeFileSync(cfg, readFileSync(cfg, 'utf8').replace('egress: allow', 'egress: deny'));
+    copyFileSync(join(examples, 'egress.yaml'), join(manifests, 'egress.yaml'));
+    const ca = join(dir, 'lab', 'logs', 'outside', 'ca.crt');
+    expect(await eventually(async () => (await curl('p1', ['-H', 'Host: other.example', 'http://10.78.0.201/'])).status, (s) => s === '403', 30_000)).toBe('403');
+    expect((await curl('p1', ['--resolve', 'outside.lab:80:10.78.0.201', 'http://outside.lab/'])).status).toBe('200');
+    expect((await curl('p1', ['--cacert', ca, '--resolve', 'outside.lab:443:10.78.0.201', 'https://outside.lab/'])).status).toBe('200');
+    expect((await curl('p2', ['http://10.78.0.201/'])).status).toBe('200');
+    expect((await curl('p3', ['http://10.78.0.201/'])).status).toBe('000');
+    const check = await cli('lab', 'check');
+    expect({ code: check.code, tail: check.stdout.trim().split('\n').pop() }).toEqual({ code: 0, tail: expect.stringMatching(/check passed/) });
+  }, 180_000);
+});

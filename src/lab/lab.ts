@@ -13,6 +13,7 @@ import { cgroup2Root, createCgroup } from '../util/cgroup.js';
 import { run } from '../util/exec.js';
 import { packageRoot } from '../util/paths.js';
 import { BPFFS_ROOT, ensureBpffs } from './bpffs.js';
+import { faultFile } from './faults.js';
 import { ECHO_PORT, podVersion, renderManifests } from './manifests.js';
 import { hostNetworkSnapshot } from './net-probe.js';
 import { labCniDirs, writePrimaryConflist } from './pods.js';
@@ -207,7 +208,7 @@ export async function labUp(opts: UpOptions, say: Say): Promise<LabState> {
   await assertPortsFree([CONTROLLER_PORT, ...Array.from({ length: opts.nodes }, (_v, i) => AGENT_PORT_BASE + 1 + i)]);
   if (!claimLabPointer(opts.dir)) throw new LabExistsError('another `lab up` claimed the lab at the same moment: run `fsm-node lab down` first');
   const f = labFiles(opts.dir);
-  for (const d of [f.manifests, f.logs, f.controller, f.nodes]) rmSync(d, { recursive: true, force: true });
+  for (const d of [f.manifests, f.logs, f.controller, f.nodes, f.faults]) rmSync(d, { recursive: true, force: true });
   for (const d of [f.manifests, f.logs, f.nodes]) mkdirSync(d, { recursive: true });
   if (proxy.kind === 'passthrough' && opts.proxy === 'auto') say(`!! ${proxy.note}`);
   else say(`proxy: ${proxy.note}`);
@@ -266,7 +267,7 @@ export async function labUp(opts: UpOptions, say: Say): Promise<LabState> {
 
   // Workloads: one echo server per pod, inside the pod.
   for (const pod of state.pods) {
-    pod.server = startDetached(pod.cgroupPath, pod.netns, [process.execPath, echoScript(), 'serve', '--name', pod.name, '--port', String(ECHO_PORT)], join(f.logs, `pod-${pod.name}.log`));
+    pod.server = startDetached(pod.cgroupPath, pod.netns, [process.execPath, echoScript(), 'serve', '--name', pod.name, '--port', String(ECHO_PORT), '--fault-file', faultFile(state.dir, pod.name)], join(f.logs, `pod-${pod.name}.log`));
   }
   writeLabState(state);
   await Promise.all(
@@ -542,7 +543,7 @@ export async function labDown(dirFlag: string | undefined, say: Say): Promise<Do
   }
   if (report.leftovers.length === 0) {
     const f = labFiles(dir);
-    for (const p of [f.state, f.supervisor, f.manifests, f.controller, f.tokens, f.nodes, hostFile]) rmSync(p, { recursive: true, force: true });
+    for (const p of [f.state, f.supervisor, f.manifests, f.controller, f.tokens, f.nodes, f.faults, hostFile]) rmSync(p, { recursive: true, force: true });
     removeLabPointer();
   }
   return report;

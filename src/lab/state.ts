@@ -102,6 +102,8 @@ export const labFiles = (dir: string) => ({
   tokens: join(dir, 'tokens.json'),
   nodes: join(dir, 'nodes'),
   supervisor: join(dir, 'supervisor.json'),
+  /** One file per faulty pod, written by `lab fault` and read by its echo server (src/lab/faults.ts). */
+  faults: join(dir, 'faults'),
 });
 
 /** --dir when given, else the directory of the lab that runs, else the default. */

@@ -4,6 +4,7 @@ import { gatewayIdentities, renderGateways, type GatewayCertificateFiles, type P
 import { renderMulticluster, type ProxyMulticluster } from '../multicluster/proxy-config.js';
 import { MQTT_DEFAULTS } from '../policy/objects.js';
 import type { Access, HttpMatch, MqttMatch, NodePolicy, PolicyService, Split } from '../policy/schema.js';
+import { renderResilience, type ProxyResilience } from './resilience-config.js';
 
 /**
  * NodePolicy -> the configuration of the shared Pipy proxy (proxy/config.json,
@@ -209,6 +210,8 @@ export interface ProxyConfig {
   meshPods: Record<string, ProxyMeshPod>;
   /** Destination identity (ns/serviceAccount of a pod on this node) -> its TrafficTargets. */
   access: Record<string, ProxyAccessRule[]>;
+  /** Timeouts, retries, limits and outlier detection (src/proxy/resilience-config.ts, proxy/resilience.js). */
+  resilience: ProxyResilience;
   /** Clusterset imports and exports (src/multicluster/proxy-config.ts); absent without a clusterset. */
   multicluster?: ProxyMulticluster;
   mqtt: ProxyMqttSettings;
@@ -402,6 +405,7 @@ export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): Pr
     endpoints,
     meshPods,
     access,
+    resilience: renderResilience(policy.resilience, policy.services, policy.multicluster?.imports),
     ...(policy.multicluster ? { multicluster: renderMulticluster(policy.multicluster, policy.services) } : {}),
     mqtt: { ...MQTT_DEFAULTS, maxTopics: DEFAULT_MQTT_MAX_TOPICS, ...policy.mesh.mqtt },
     ...(gateways.length > 0 ? { gateways } : {}),

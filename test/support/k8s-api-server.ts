@@ -53,6 +53,8 @@ export const RESOURCES: ApiResource[] = [
   { group: 'gateway.networking.k8s.io', version: 'v1', plural: 'httproutes', kind: 'HTTPRoute', namespaced: true },
   { group: 'gateway.networking.k8s.io', version: 'v1beta1', plural: 'referencegrants', kind: 'ReferenceGrant', namespaced: true },
   { group: 'policy.flomesh.io', version: 'v1alpha1', plural: 'egresses', kind: 'Egress', namespaced: true },
+  { group: 'policy.flomesh.io', version: 'v1alpha1', plural: 'retries', kind: 'Retry', namespaced: true },
+  { group: 'policy.flomesh.io', version: 'v1alpha1', plural: 'upstreamtrafficsettings', kind: 'UpstreamTrafficSetting', namespaced: true },
 ];
 
 export type Obj = {

@@ -3,7 +3,7 @@ import { InvalidInputError } from '../../errors.js';
 import { rootLogger } from '../../util/log.js';
 import { intFlag, oneOf, type Command, type ParsedValues } from '../command.js';
 
-const verbs = ['up', 'status', 'check', 'exec', 'pod', 'down', 'selfcheck', 'supervise'] as const;
+const verbs = ['up', 'status', 'check', 'exec', 'pod', 'fault', 'link', 'down', 'selfcheck', 'supervise'] as const;
 const say = (line: string): void => void process.stdout.write(`${line}\n`);
 
 async function up(values: ParsedValues): Promise<number> {
@@ -65,6 +65,26 @@ async function exec(values: ParsedValues, positionals: string[]): Promise<number
   return labExec(await runningLab(values), pod, cmd);
 }
 
+async function fault(values: ParsedValues, positionals: string[]): Promise<number> {
+  const { podFaultFromFlags, faultFile, writePodFault, describePodFault } = await import('../../lab/faults.js');
+  const { findPod } = await import('../../lab/lab.js');
+  if (positionals.length !== 1) throw new InvalidInputError('lab fault POD', positionals.join(' ') || '(none)', 'name exactly one pod (see fsm-node lab status)');
+  const f = podFaultFromFlags({ status: values.status as string | undefined, hang: values.hang as boolean | undefined, close: values.close as boolean | undefined, clear: values.clear as boolean | undefined });
+  const state = await runningLab(values);
+  const pod = findPod(state, positionals[0]);
+  writePodFault(faultFile(state.dir, pod.name), f);
+  say(`${pod.name}: ${describePodFault(f)}`);
+  return 0;
+}
+
+async function link(values: ParsedValues, positionals: string[]): Promise<number> {
+  const { linkActionFromFlags, applyLinkAction } = await import('../../lab/faults.js');
+  if (positionals.length !== 1) throw new InvalidInputError('lab link NODE', positionals.join(' ') || '(none)', 'name exactly one node (see fsm-node lab status)');
+  const action = linkActionFromFlags({ delay: values.delay as string | undefined, loss: values.loss as string | undefined, down: values.down as boolean | undefined, up: values.up as boolean | undefined, clear: values.clear as boolean | undefined });
+  say(await applyLinkAction(await runningLab(values), positionals[0], action));
+  return 0;
+}
+
 /** lab pod add NAME --node N [--namespace NS] [--no-mesh] [-- CMD...] | lab pod rm NAME (src/lab/pods.ts). */
 async function pod(values: ParsedValues, rest: string[]): Promise<number> {
   const { podAdd, podRm } = await import('../../lab/pods.js');
@@ -119,6 +139,8 @@ export const labCommand: Command = {
     'exec POD|outside -- CMD...',
     'pod add NAME --node NODE [--namespace NS] [--no-mesh] [-- CMD...]',
     'pod rm NAME',
+    'fault POD (--status CODE | --hang | --close | --clear)',
+    'link NODE [--delay MS] [--loss PCT] | --down | --up | --clear',
     'down',
     'selfcheck',
   ],
@@ -151,6 +173,16 @@ bpffs directories); one lab per machine.
              --no-mesh opts the pod out). Exit 1 with the plugin's CNI error when ADD
              fails (nothing is left half-made).
   pod rm     runs CNI DEL for the pod and removes it.
+  fault      makes a pod's echo server misbehave until --clear: answer every
+             request with --status CODE (e.g. 503), --hang (accept, never
+             answer) or --close (close the connection unanswered). Takes effect
+             at the next request; the test bed for timeouts, retries and
+             outlier detection.
+  link       shapes or cuts a node's underlay link (tc netem on both ends, so
+             --delay 50 is 50 ms each way; --loss 5 drops 5 % each way);
+             --down cuts the cable (the node keeps its addresses and routes),
+             --up restores it, --clear removes shaping and sets it up. Only the
+             lab's namespaces are touched.
   down       stops everything, runs every node's cleanup, removes the topology and
              verifies nothing is left; also after a crash.
   selfcheck  builds 2 nodes x 2 pods, checks TCP between every pair (same node
@@ -169,6 +201,14 @@ Editing DIR/manifests changes the mesh live: the controller watches it.
     node: { type: 'string', valueName: 'NODE', description: 'lab pod add: the node the pod runs on.' },
     namespace: { type: 'string', valueName: 'NS', description: 'lab pod add: the pod\'s namespace (default demo, monitored by the mesh).' },
     'no-mesh': { type: 'boolean', description: 'lab pod add: the pod opts out of the mesh (flomesh.io/sidecar-injection: disabled).' },
+    status: { type: 'string', valueName: 'CODE', description: 'lab fault: answer every request with this HTTP status.' },
+    hang: { type: 'boolean', description: 'lab fault: accept requests and never answer.' },
+    close: { type: 'boolean', description: 'lab fault: close connections without an answer.' },
+    clear: { type: 'boolean', description: 'lab fault / lab link: remove the fault.' },
+    delay: { type: 'string', valueName: 'MS', description: 'lab link: added delay each way, in milliseconds.' },
+    loss: { type: 'string', valueName: 'PCT', description: 'lab link: packet loss each way, in percent.' },
+    down: { type: 'boolean', description: 'lab link: cut the node\'s underlay link.' },
+    up: { type: 'boolean', description: 'lab link: restore a cut link.' },
   },
   positionals: true,
   async run(values, positionals) {
@@ -177,7 +217,7 @@ Editing DIR/manifests changes the mesh live: the controller watches it.
     // Set before the lab modules are imported: their child loggers take the level at creation.
     if (process.env.FSMN_LOG_LEVEL === undefined) rootLogger.level = 'warn';
     const rest = positionals.slice(1);
-    if (verb !== 'exec' && verb !== 'pod' && rest.length > 0) throw new InvalidInputError(`lab ${verb}`, rest.join(' '), 'takes no arguments');
+    if (!['exec', 'pod', 'fault', 'link'].includes(verb) && rest.length > 0) throw new InvalidInputError(`lab ${verb}`, rest.join(' '), 'takes no arguments');
     switch (verb) {
       case 'selfcheck': {
         const { topologySelfCheck } = await import('../../lab/selfcheck.js');
@@ -197,6 +237,10 @@ Editing DIR/manifests changes the mesh live: the controller watches it.
         return exec(values, rest);
       case 'pod':
         return pod(values, rest);
+      case 'fault':
+        return fault(values, rest);
+      case 'link':
+        return link(values, rest);
       case 'down':
         return down(values);
     }

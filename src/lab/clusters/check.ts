@@ -349,11 +349,19 @@ async function crossClusterCases(ctx: Ctx): Promise<CheckCase[]> {
       // After that the dead site is avoided: no request is even routed to it (its gateways are marked dead
       // and probed on the side), which the client node's proxy counts; every GET is answered by the client's cluster.
       const clientNode = state.nodes.find((n) => n.name === clientPod.node)!;
+      const applied = async (): Promise<string | undefined> => ((await agentState(clientNode.agentUrl).catch(() => undefined))?.applied as { version?: string } | undefined)?.version;
+      const versionBefore = await applied();
       const routedBefore = await routedTo(clientNode, remote.name);
       const after = await podBatch(clientPod, url, 20, { concurrency: 2, timeoutMs: 10_000 });
       const routedAfter = await routedTo(clientNode, remote.name);
+      const versionAfter = await applied();
       const byA = byCluster(state, after);
-      const ok = first.failed === 0 && after.failed === 0 && (byA[client.name] ?? 0) === 20 && routedBefore !== undefined && routedAfter === routedBefore;
+      const routed = routedBefore === undefined || routedAfter === undefined ? undefined : routedAfter - routedBefore;
+      // A proxy forgets its dead gateways when its config is reloaded (docs/multicluster.md, "Not done yet"):
+      // a reload in this window (a peer's exports changed) excuses requests that tried the cut site again.
+      const reloaded = versionBefore !== versionAfter;
+      const avoided = routed === 0 || (routed !== undefined && reloaded);
+      const ok = first.failed === 0 && after.failed === 0 && (byA[client.name] ?? 0) === 20 && avoided;
       // The control path crosses the uplinks too (relay.ts): the peer goes silent, its exports stay for the lease.
       const peer = readClusterStatus(client)?.peers.find((p) => p.cluster === remote.name);
       const kept = tiersNow(client)?.flat().includes(remote.name);
@@ -362,7 +370,7 @@ async function crossClusterCases(ctx: Ctx): Promise<CheckCase[]> {
         `${client.name} -> clusterset IP, ActiveActive, ${remote.name}'s uplink cut: failed over`,
         from,
         ok,
-        `first 10 GETs after the cut: ${show(byCluster(state, first))}, ${first.failed} failed, slowest ${first.maxMs} ms; next 20: ${show(byA)}, ${after.failed} failed, slowest ${after.maxMs} ms, routed to ${remote.name} meanwhile: ${routedBefore === undefined || routedAfter === undefined ? 'unknown (no metrics)' : routedAfter - routedBefore}; ${((Date.now() - t0) / 1000).toFixed(1)} s in all; ${control}`,
+        `first 10 GETs after the cut: ${show(byCluster(state, first))}, ${first.failed} failed, slowest ${first.maxMs} ms; next 20: ${show(byA)}, ${after.failed} failed, slowest ${after.maxMs} ms, routed to ${remote.name} meanwhile: ${routed ?? 'unknown (no metrics)'}${reloaded ? ` (the proxy's config was reloaded meanwhile, ${versionBefore} -> ${versionAfter}: it forgot the dead gateways)` : ''}; ${((Date.now() - t0) / 1000).toFixed(1)} s in all; ${control}`,
       );
     });
     if (linkCut) {

@@ -175,12 +175,12 @@ export function refuseExisting(dir: string): void {
 }
 
 /** The controller and agent ports must be free before anything starts: a busy port is a clear error, not a 30 s wait. */
-export async function assertPortsFree(ports: number[]): Promise<void> {
+export async function assertPortsFree(ports: number[], needs = `${ports[0]} for the controller and ${ports[1]}-${ports[ports.length - 1]} for the agents`): Promise<void> {
   for (const port of ports) {
     await new Promise<void>((resolve, reject) => {
       const srv = createServer();
       srv.once('error', (err: NodeJS.ErrnoException) =>
-        reject(new LabError(`port 127.0.0.1:${port} is in use (${err.code}): the lab needs ${ports[0]} for the controller and ${ports[1]}-${ports[ports.length - 1]} for the agents; stop what listens there (ss -ltnp 'sport = :${port}')`)),
+        reject(new LabError(`port 127.0.0.1:${port} is in use (${err.code}): the lab needs ${needs}; stop what listens there (ss -ltnp 'sport = :${port}')`)),
       );
       srv.listen(port, '127.0.0.1', () => srv.close(() => resolve()));
     });

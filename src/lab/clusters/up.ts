@@ -100,7 +100,9 @@ export async function labUpClusters(opts: ClusterUpOptions, say: Say): Promise<L
   const proxy = chooseProxy(opts.proxy);
   refuseExisting(opts.dir);
   const ks = Array.from({ length: count }, (_v, i) => i + 1);
-  await assertPortsFree([...ks.flatMap((k) => [clusterControllerPort(k), clustersetPort(k), ...ks.filter((j) => j !== k).map((j) => peerEgressPort(k, j))]), ...Array.from({ length: count * opts.nodes }, (_v, i) => AGENT_PORT_BASE + 1 + i)]);
+  const controlPorts = ks.flatMap((k) => [clusterControllerPort(k), clustersetPort(k), ...ks.filter((j) => j !== k).map((j) => peerEgressPort(k, j))]);
+  const agentPorts = Array.from({ length: count * opts.nodes }, (_v, i) => AGENT_PORT_BASE + 1 + i);
+  await assertPortsFree([...controlPorts, ...agentPorts], `${controlPorts.join(', ')} for the controllers and their clusterset relays and ${agentPorts[0]}-${agentPorts[agentPorts.length - 1]} for the agents`);
   if (!claimLabPointer(opts.dir)) throw new LabExistsError('another `lab up` claimed the lab at the same moment: run `fsm-node lab down` first');
   const f = labFiles(opts.dir);
   for (const d of [f.manifests, f.logs, f.controller, f.nodes, f.clusters]) rmSync(d, { recursive: true, force: true });

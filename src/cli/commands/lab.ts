@@ -17,6 +17,15 @@ async function up(values: ParsedValues): Promise<number> {
     proxy: oneOf('proxy', values.proxy ?? 'auto', ['auto', 'pipy', 'passthrough'] as const),
   };
   try {
+    if (values.clusters !== undefined) {
+      // Clusters joined into a clusterset (src/lab/clusters/).
+      const { labUpClusters, renderClusterSummary } = await import('../../lab/clusters/up.js');
+      const { MAX_CLUSTERS } = await import('../../lab/clusters/net.js');
+      const state = await labUpClusters({ ...opts, clusters: intFlag('clusters', values.clusters, 2, MAX_CLUSTERS) }, say);
+      say('');
+      for (const line of renderClusterSummary(state, await agentModes(state))) say(line);
+      return 0;
+    }
     const state = await labUp(opts, say);
     say('');
     for (const line of renderSummary(state, await agentModes(state))) say(line);
@@ -33,7 +42,7 @@ async function up(values: ParsedValues): Promise<number> {
 async function check(values: ParsedValues): Promise<number> {
   const { labCheck, renderCheck } = await import('../../lab/check.js');
   const state = await runningLab(values);
-  const report = await labCheck(state);
+  const report = state.clusters ? await (await import('../../lab/clusters/check.js')).clusterCheck(state) : await labCheck(state);
   if (values.json) say(JSON.stringify(report, null, 2));
   else for (const line of renderCheck(report)) say(line);
   return report.ok ? 0 : 1;
@@ -77,11 +86,18 @@ async function fault(values: ParsedValues, positionals: string[]): Promise<numbe
   return 0;
 }
 
+/** lab link NODE|CLUSTER ...: a node's underlay link (src/lab/faults.ts) or, in a cluster lab, a cluster's uplink (src/lab/clusters/link.ts). */
 async function link(values: ParsedValues, positionals: string[]): Promise<number> {
   const { linkActionFromFlags, applyLinkAction } = await import('../../lab/faults.js');
-  if (positionals.length !== 1) throw new InvalidInputError('lab link NODE', positionals.join(' ') || '(none)', 'name exactly one node (see fsm-node lab status)');
+  if (positionals.length !== 1) throw new InvalidInputError('lab link NODE|CLUSTER', positionals.join(' ') || '(none)', 'name exactly one node or cluster (see fsm-node lab status)');
   const action = linkActionFromFlags({ delay: values.delay as string | undefined, loss: values.loss as string | undefined, down: values.down as boolean | undefined, up: values.up as boolean | undefined, clear: values.clear as boolean | undefined });
-  say(await applyLinkAction(await runningLab(values), positionals[0], action));
+  const state = await runningLab(values);
+  if (state.clusters?.some((c) => c.name === positionals[0])) {
+    const { applyClusterLink } = await import('../../lab/clusters/link.js');
+    say(await applyClusterLink(state, positionals[0], action));
+  } else {
+    say(await applyLinkAction(state, positionals[0], action));
+  }
   return 0;
 }
 
@@ -91,6 +107,7 @@ async function pod(values: ParsedValues, rest: string[]): Promise<number> {
   const { LAB_NAMESPACE } = await import('../../lab/manifests.js');
   const [action, name, ...cmd] = rest;
   const state = await runningLab(values);
+  if (state.clusters) throw new InvalidInputError('lab pod', action, 'is not available in a cluster lab (lab up --clusters) yet: its pods are made by lab up');
   if (action === 'add') {
     if (!name) throw new InvalidInputError('lab pod add', '', 'usage: fsm-node lab pod add NAME --node NODE [--namespace NS] [--no-mesh] [-- CMD...]');
     if (typeof values.node !== 'string') throw new InvalidInputError('--node', values.node, 'required: the lab node the pod runs on (e.g. n1)');
@@ -133,14 +150,14 @@ export const labCommand: Command = {
   name: 'lab',
   summary: 'a real multi-node mesh in a box: network namespaces as nodes and pods, real agents and proxies',
   usage: [
-    'up [--nodes N] [--pods-per-node M] [--mode auto|ebpf|iptables] [--proxy auto|pipy|passthrough] [--dir DIR]',
+    'up [--clusters N] [--nodes N] [--pods-per-node M] [--mode auto|ebpf|iptables] [--proxy auto|pipy|passthrough] [--dir DIR]',
     'status [--json]',
     'check [--json]',
     'exec POD|outside -- CMD...',
     'pod add NAME --node NODE [--namespace NS] [--no-mesh] [-- CMD...]',
     'pod rm NAME',
     'fault POD (--status CODE | --hang | --close | --clear)',
-    'link NODE [--delay MS] [--loss PCT] | --down | --up | --clear',
+    'link NODE|CLUSTER [--delay MS] [--loss PCT] | --down | --up | --clear',
     'down',
     'selfcheck',
   ],
@@ -183,16 +200,28 @@ bpffs directories); one lab per machine.
              --down cuts the cable (the node keeps its addresses and routes),
              --up restores it, --clear removes shaping and sets it up. Only the
              lab's namespaces are touched.
+             In a cluster lab (lab up --clusters N), link CLUSTER does the same to
+             that cluster's uplink, the cable between its underlay and the
+             router (the cluster's nodes still reach each other).
   down       stops everything, runs every node's cleanup, removes the topology and
              verifies nothing is left; also after a crash.
   selfcheck  builds 2 nodes x 2 pods, checks TCP between every pair (same node
              and across nodes), tears it down and verifies nothing is left.
   supervise  the lab supervisor itself (lab up starts it with --dir; not for use by hand).
 
+With --clusters N (2-4), up builds clusters c1..cN instead: each with its own
+nodes (c1-n1 ...), pods (c1-p1 ...), controller, manifests and multicluster
+directories (DIR/clusters/<cluster>/), joined into a clusterset (a lab-made
+clusterset CA, mutual TLS between the controllers) and by a router namespace
+between their underlays. echo.demo is exported from every cluster with a
+FailOver GlobalTrafficPolicy; check adds cross-cluster and failover cases
+(docs/lab.md, docs/multicluster.md).
+
 Editing DIR/manifests changes the mesh live: the controller watches it.
 --dir is only needed for \`up\`; the other verbs find the running lab.`,
   options: {
-    nodes: { type: 'string', valueName: 'N', description: 'Number of nodes (lab up; default 2).' },
+    clusters: { type: 'string', valueName: 'N', description: 'lab up: build N clusters (2-4) joined into a clusterset, each with --nodes nodes.' },
+    nodes: { type: 'string', valueName: 'N', description: 'Number of nodes (lab up; default 2; per cluster with --clusters).' },
     'pods-per-node': { type: 'string', valueName: 'M', description: 'Pods per node (lab up; default 2).' },
     mode: { type: 'string', valueName: 'MODE', description: 'Interception mode of every node: auto, ebpf or iptables (default auto).' },
     proxy: { type: 'string', valueName: 'PROXY', description: 'auto (Pipy when found), pipy, or passthrough (L4 test proxy, no policy) (default auto).' },
@@ -207,7 +236,7 @@ Editing DIR/manifests changes the mesh live: the controller watches it.
     clear: { type: 'boolean', description: 'lab fault / lab link: remove the fault.' },
     delay: { type: 'string', valueName: 'MS', description: 'lab link: added delay each way, in milliseconds.' },
     loss: { type: 'string', valueName: 'PCT', description: 'lab link: packet loss each way, in percent.' },
-    down: { type: 'boolean', description: 'lab link: cut the node\'s underlay link.' },
+    down: { type: 'boolean', description: 'lab link: cut the node\'s underlay link (or a cluster\'s uplink).' },
     up: { type: 'boolean', description: 'lab link: restore a cut link.' },
   },
   positionals: true,

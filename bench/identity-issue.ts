@@ -28,13 +28,17 @@ import { intFlag, quantile, round } from './util.js';
  * signing, IdentityService.issue) in this process without HTTP or TLS.
  *
  *   npm run bench -- identity-issue [--identities 1000] [--nodes 50] [--concurrency 32]
- *        [--baseline DIST] [--rounds N] [--cpu-prof DIR]
+ *        [--baseline DIST] [--rounds N] [--connection-per-request] [--cpu-prof DIR]
  *
  * --baseline DIST: another build's dist directory (e.g. main's, copied with
  * its package.json next to a node_modules): both builds issue the same CSRs
  * in alternating order, --rounds times each (default 3 with a baseline, else
  * 1), and a last `summary` row gives the medians side by side and their
- * ratios. --cpu-prof writes each controller's V8 CPU profile into DIR.
+ * ratios. --connection-per-request opens a new TLS connection for every
+ * certificate, as agents did before they kept their connection to the
+ * controller alive. --cpu-prof writes each controller's V8 CPU profile into
+ * DIR (under contention a profile counts time waiting for the CPU, e.g. in
+ * writev, as the function's own: read CPU time, not profiles, on a busy machine).
  */
 
 const PORT_BASE = 15_800;
@@ -93,7 +97,7 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
       // Alternate the order so neither build always runs first (warm caches, a neighbour's burst).
       const order = r % 2 === 0 ? programs : [...programs].reverse();
       for (const p of order) {
-        const row = { program: p.name, round: r + 1, ...(await overHttps(p, { dir: join(dir, `${p.name}-${r}`), manifests, tokens, csrs, nodes, concurrency, cpuProf: flags['cpu-prof'] })), node_csr_make_ms_each: round(csrMakeMs / n, 2) };
+        const row = { program: p.name, round: r + 1, ...(await overHttps(p, { dir: join(dir, `${p.name}-${r}`), manifests, tokens, csrs, nodes, concurrency, cpuProf: flags['cpu-prof'], perRequest: flags['connection-per-request'] === true })), node_csr_make_ms_each: round(csrMakeMs / n, 2) };
         rows.push({ program: p.name, kind: 'https', row });
         yield row;
       }
@@ -141,6 +145,8 @@ interface HttpsRun {
   nodes: number;
   concurrency: number;
   cpuProf: string | boolean | undefined;
+  /** A new TLS connection per certificate (no keep-alive). */
+  perRequest: boolean;
 }
 
 /** One controller process of build `p`, issuing every CSR once over HTTPS. */
@@ -162,7 +168,7 @@ async function overHttps(p: Program, o: HttpsRun): Promise<Record<string, unknow
     await until(async () => ((await call(url, ca, 'GET', '/readyz').catch(() => undefined))?.status === 200 ? true : undefined), 20_000);
     const before = await controllerMemory(ctrl.pid!, url, ca);
 
-    const agent = new Agent({ keepAlive: true, maxSockets: o.concurrency, ca });
+    const agent = new Agent({ keepAlive: !o.perRequest, maxSockets: o.concurrency, ca });
     const latencies: number[] = [];
     const failures = new Map<number, number>();
     let next = 0;
@@ -191,6 +197,7 @@ async function overHttps(p: Program, o: HttpsRun): Promise<Record<string, unknow
       identities: n,
       nodes: o.nodes,
       concurrency: o.concurrency,
+      connections: o.perRequest ? 'per-request' : 'keep-alive',
       total_ms: round(totalMs, 1),
       target_total_ms: 2000,
       per_s: round((n / totalMs) * 1000, 1),

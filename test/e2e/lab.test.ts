@@ -347,6 +347,10 @@ if (!skipReason && pipySkip) console.log(pipySkip.replace('SKIP pipy tier', 'SKI
     expect(report.cases.filter((c) => c.kind === 'service')).toHaveLength(3);
     expect(report.cases.find((c) => c.kind === 'split')?.reason).toMatch(/echo-v1 \d+% \(want 80/);
     expect(report.cases.find((c) => c.from === 'p4' && c.to === 'p1')?.reason).toMatch(/^denied: HTTP 403/);
+    // Issue 17: every cross-node pair that answers went over mutual TLS, and the far node verified the client pod's identity.
+    const crossNode = report.cases.filter((c) => c.kind === 'pod-to-pod' && !c.name.includes('same node') && c.reason.startsWith('allowed'));
+    expect(crossNode.length).toBeGreaterThan(0);
+    for (const c of crossNode) expect(c.reason).toMatch(new RegExp(`; mTLS, n\\d verified [a-z0-9-]+/${c.from}$`));
   }, 180_000);
 
   test('kill -9 of an agent: the new one adopts the running Pipy and its configuration unchanged; every case still passes', async () => {

@@ -111,7 +111,7 @@ function generalNames(names: asnX509.GeneralName[], out: Pick<ParsedCsr, 'dnsNam
 
 const OID_EC_PUBLIC_KEY = '1.2.840.10045.2.1';
 /** The namedCurve parameter of a P-256 key, as the library encodes it. */
-const P256_PARAMETERS = Buffer.from(asn.AsnConvert.serialize(new asn1js.ObjectIdentifier({ value: '1.2.840.10045.3.1.7' })));
+const P256_PARAMETERS = Buffer.from(new asn1js.ObjectIdentifier({ value: '1.2.840.10045.3.1.7' }).toBER(false));
 
 /** node's KeyObject for a request's key, and its description ("ECDSA P-256", "RSA 2048", ...). */
 function importPublicKey(spki: Buffer, info: asnX509.SubjectPublicKeyInfo): { key: KeyObject; keyAlgorithm: string } {

@@ -22,6 +22,9 @@ import { findPipy, pipySkipReason } from '../support/pipy.js';
  *   counted under (other), whatever topics clients use.
  * - Packets cut at any byte, and topics named like the methods of a plain
  *   object ('constructor': PipyJS objects answer it).
+ * - The proxy's own answers to denied PUBLISHes (MQTT 5), byte for byte,
+ *   including the PUBCOMP for a denied QoS 2 flow's PUBREL, which a
+ *   well-behaved client never sends after a failed PUBREC.
  */
 
 const skip = pipySkipReason();
@@ -50,7 +53,10 @@ var broker = $=>$
   .handleData(d => { $atBroker.push(d) })
   .replaceData(d => {
     var b = d.toArray()
-    return b.length > 0 && b[0] === 0x10 ? pkt(0x20, new Data([0, 0, 0])) : new Data
+    // CONNACK for a CONNECT, PINGRESP for a PINGREQ (the proxy sends one per answer of its own).
+    if (b.length > 0 && b[0] === 0x10) return pkt(0x20, new Data([0, 0, 0]))
+    if (b.length === 2 && b[0] === 0xc0) return new Data([0xd0, 0])
+    return new Data
   })
 var layout = pipeline($=>$
   .onStart(() => { $atBroker = new Data; $toClient = new Data })
@@ -85,6 +91,14 @@ session([many], null)
 // Topics named like the methods of a plain object are topics like any other.
 var odd = connect.toArray().concat(publish('constructor', 3, 'x').toArray()).concat(publish('valueOf', 4, 'y').toArray())
 session([new Data(odd)], { broker: odd.join(','), client: one.client })
+// Denied ('#' does not reach $-topics), MQTT 5: QoS 0 dropped; QoS 1 and 2 answered 0x87 by the proxy, and the
+// PUBREL of the QoS 2 one with PUBCOMP; the broker sees a PINGREQ in place of each answered packet, nothing else.
+function q(first, topic, pid) { return pkt(first, str(topic).push(new Data(pid ? [pid >> 8, pid & 255, 0] : [0])).push(new Data('x'))) }
+var denied = new Data(connect).push(q(0x30, '$SYS/a', 0)).push(q(0x32, '$SYS/b', 5)).push(q(0x34, '$SYS/c', 7)).push(new Data([0x62, 2, 0, 7]))
+session([denied], {
+  broker: connect.toArray().concat([0xc0, 0, 0xc0, 0, 0xc0, 0]).join(','),
+  client: [32, 3, 0, 0, 0, 0x40, 3, 0, 5, 0x87, 0x50, 3, 0, 7, 0x87, 0x70, 2, 0, 7].join(','),
+})
 function run(i) {
   if (i === steps.length) return finish()
   steps[i]().then(() => run(i + 1))
@@ -125,9 +139,9 @@ maybe('MQTT guard() in Pipy, connections fed from memory', () => {
     }
   });
 
-  test('every connection a pipeline serves reads its own first byte, after one that ended between packets or inside a PUBLISH; odd topic names pass', () => {
+  test('every connection a pipeline serves reads its own first byte, after one that ended between packets or inside a PUBLISH; odd topic names pass; denied PUBLISHes are answered per QoS', () => {
     const judged = out.expected.flatMap((want, i) => (want ? [i] : []));
-    expect(judged.length).toBe(6);
+    expect(judged.length).toBe(7);
     expect(judged.map((i) => out.results[i])).toEqual(judged.map((i) => out.expected[i]));
   });
 

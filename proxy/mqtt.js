@@ -217,11 +217,12 @@ function publishHead(d, qos) {
   var fixed = 2 + tl + (qos > 0 ? 2 : 0)
   if (d.size < fixed + ($level >= 5 ? 1 : 0)) return fixed + ($level >= 5 ? 4 : 0)
   var topic = tl === 0 ? '' : c.shift(tl).toString()
+  // 3.1.1: nothing else to read (a denied PUBLISH closes the connection; no packet id needed).
+  if ($level < 5) return { topic, pid: 0, alias: 0 }
   // Packet id and up to 4 bytes of property length.
-  var want = (qos > 0 ? 2 : 0) + ($level >= 5 ? 4 : 0)
+  var want = (qos > 0 ? 2 : 0) + 4
   var b = c.shift(c.size < want ? c.size : want).toArray()
   var pid = qos > 0 ? b[0] * 256 + b[1] : 0
-  if ($level < 5) return { topic, pid, alias: 0 }
   var p = qos > 0 ? 2 : 0
   var n = 0
   var mul = 1
@@ -333,7 +334,8 @@ function onPublish(f, h, d) {
   var qos = (f.first >> 1) & 3
   var topic = h.topic
   if (topic === '' && h.alias > 0) topic = $aliasIn[h.alias] || ''
-  var info = topicInfo('publish', topic)
+  var info = $topics.publish.map[topic]
+  if (typeof info !== 'object') info = topicInfo('publish', topic)
   if (!info.valid) return closeWith([], 'malformed')
   if (!info.allowed) return denyPublish(f, h, d, qos, info)
   if (h.alias > 0) $aliasIn[h.alias] = topic
@@ -361,7 +363,8 @@ function onDeliver(f, h, d) {
     if (topic === '') topic = $aliasOut[h.alias] || '(alias)'
     else $aliasOut[h.alias] = topic
   }
-  var info = topicInfo('deliver', topic)
+  var info = $topics.deliver.map[topic]
+  if (typeof info !== 'object') info = topicInfo('deliver', topic)
   var c = info.counters[qos] || counters('deliver', info, qos)
   c[0].increase()
   c[1].increase(f.len)

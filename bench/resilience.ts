@@ -42,7 +42,7 @@ import { intFlag, nodeProxy, quantile, round } from './util.js';
  * and p99 of all requests (failures counted at the time they took), and the
  * load average (the machine is shared).
  *
- *   npm run bench -- resilience [--requests 2000] [--concurrency 32] [--client-timeout 3000]
+ *   npm run bench -- resilience [--requests 2000] [--concurrency 32] [--client-timeout 3000] [--fault NAME]
  * Needs root and Pipy (PIPY_BIN or pipy on PATH).
  */
 
@@ -235,14 +235,16 @@ const FAULTS: Fault[] = [
   { name: 'link-down', on: async (m) => (await m.linkDown(true), "n2's underlay link down (c unreachable)"), off: (m) => m.linkDown(false) },
 ];
 
-/** npm run bench -- resilience [--requests 2000] [--concurrency 32] [--client-timeout 3000] */
+/** npm run bench -- resilience [--requests 2000] [--concurrency 32] [--client-timeout 3000] [--fault 503-endpoint|hung-endpoint|lossy-link|link-down] */
 export async function* run(flags: Record<string, string | boolean>): AsyncIterable<object> {
   const requests = intFlag(flags, 'requests', 2000);
   const concurrency = intFlag(flags, 'concurrency', 32);
   const clientTimeoutMs = intFlag(flags, 'client-timeout', 3000);
+  const only = flags.fault;
+  if (only !== undefined && !FAULTS.some((f) => f.name === only)) throw new Error(`--fault must be one of ${FAULTS.map((f) => f.name).join(', ')}, got ${JSON.stringify(only)}`);
   const m = await Mesh.create(`fsmr${process.pid}`);
   try {
-    for (const f of FAULTS) {
+    for (const f of FAULTS.filter((x) => only === undefined || x.name === only)) {
       for (const withPolicies of [false, true]) {
         await m.configure(withPolicies);
         const how = await f.on(m);

@@ -115,9 +115,10 @@ var toLocalPod = $=>$
 // Upstream HTTP connections carry a read timeout a little longer than the
 // request timeout (resilience.connectOptions): the request itself is bounded
 // by resilience.withTimeout; this closes a connection left hung behind it.
-// Pools are keyed by it, since a connection has one read timeout.
+// Pools are keyed by it, since a connection has one read timeout, and by the
+// service's maxRequestsPerConnection (resilience.poolOptions).
 var muxToTarget = $=>$
-  .muxHTTP(() => $route.target + '|' + ($attempt ? $attempt.timeoutMs : ''), { maxIdle: UPSTREAM_MAX_IDLE }).to(connectUpstream)
+  .muxHTTP(() => resilience.poolKey($attempt, $route.target), () => resilience.poolOptions($attempt, UPSTREAM_MAX_IDLE)).to(connectUpstream)
 
 // HTTP over a tunnel to the target's node proxy: a tunnel per pod connection
 // and target, never shared with another connection (tunnel.js says why), so

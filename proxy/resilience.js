@@ -450,23 +450,31 @@ export function again(a, evt) {
 }
 
 // The attempt goes to `route`. The near node proxy tells the far one the
-// attempt's timeout (only tunnels from node proxies reach the inbound
-// listener); the pod never sees the header, and a pod's own is dropped.
+// attempt's timeout and the service's maxRequestsPerConnection (only tunnels
+// from node proxies reach the inbound listener); the pod never sees these
+// headers, and a pod's own are dropped.
 export function dispatch(a, route, head) {
   a.via = route
   delete head.headers[TIMEOUT_HEADER]
-  if (route.mode === 'tunnel' && a.timeoutMs) head.headers[TIMEOUT_HEADER] = String(a.timeoutMs)
+  delete head.headers[MAX_REQUESTS_HEADER]
+  if (route.mode !== 'tunnel') return
+  if (a.timeoutMs) head.headers[TIMEOUT_HEADER] = String(a.timeoutMs)
+  var n = settingsOf(a.service).maxRequestsPerConnection
+  if (n) head.headers[MAX_REQUESTS_HEADER] = String(n)
 }
 
 // ---- the far side of a tunnel -------------------------------------------------
 
 // The near node proxy tells the far one the attempt's timeout (tellPeer).
 export var TIMEOUT_HEADER = 'fsmn-timeout-ms'
+export var MAX_REQUESTS_HEADER = 'fsmn-max-requests-per-connection'
 
 export function fromPeer(head) {
   var t = +(head.headers[TIMEOUT_HEADER] || 0)
+  var n = +(head.headers[MAX_REQUESTS_HEADER] || 0)
   delete head.headers[TIMEOUT_HEADER]
-  return { service: null, timeoutMs: t > 0 && t <= 3600000 ? Math.floor(t) : null }
+  delete head.headers[MAX_REQUESTS_HEADER]
+  return { service: null, timeoutMs: t > 0 && t <= 3600000 ? Math.floor(t) : null, maxRequestsPerConnection: n >= 1 && n <= 1000000 ? Math.floor(n) : null }
 }
 
 // A hop to a local pod for a peer that ended without an answer: an answer
@@ -520,6 +528,33 @@ export function withTimeout(forward, current) {
       })
     ),
   })
+}
+
+// The options of an upstream HTTP pool (muxHTTP): connections idle for
+// maxIdle seconds close; a service's maxRequestsPerConnection closes a
+// connection after that many requests. On the far side of a tunnel the near
+// proxy's header says it (fromPeer). Pools are keyed by it (poolKey), as by
+// the read timeout. Pipy 1.5's maxMessages lets a new connection carry one
+// more message than it says (MuxSessionPool::alloc counts from the second
+// request on), and 0 means no limit: N becomes maxMessages N - 1, and 1
+// becomes a pool of its own per request (poolKey) whose connection closes
+// when idle, within about a second (Pipy recycles pools once a second).
+var perRequest = 0
+
+function maxRequestsOf(a) {
+  return a ? (a.service ? settingsOf(a.service).maxRequestsPerConnection : a.maxRequestsPerConnection) : null
+}
+
+export function poolOptions(a, maxIdle) {
+  var n = maxRequestsOf(a)
+  if (n === 1) return { maxIdle: 0.01 }
+  return n ? { maxIdle, maxMessages: n - 1 } : { maxIdle }
+}
+
+export function poolKey(a, target) {
+  if (!a) return target
+  var n = maxRequestsOf(a)
+  return target + '|' + (a.timeoutMs || '') + '|' + (n === 1 ? '1#' + (perRequest++) : (n || ''))
 }
 
 // The upstream connect options of a try: the service's connect timeout, and

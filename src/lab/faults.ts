@@ -15,7 +15,10 @@ import { underlayNetnsName } from './topology.js';
  *   without a control port that traffic could reach.
  * - Link faults: tc netem on both ends of a node's underlay veth (ul0 in the
  *   node, u<i> on the underlay bridge) so delay and loss hit both directions;
- *   `--down` sets the bridge end down: the node keeps its addresses and
+ *   on a kernel without netem, loss alone is made by iptables in the node's
+ *   namespace (the statistic match drops that share of packets each way,
+ *   real drops the TCP stack must recover from) and delay is refused with the
+ *   reason; `--down` sets the bridge end down: the node keeps its addresses and
  *   routes (a cut cable, not a deconfigured node) and loses carrier.
  * Everything stays inside the lab's network namespaces.
  */
@@ -161,6 +164,7 @@ export function renderLinkCommands(prefix: string, node: Pick<LabNode, 'netns' |
     case 'clear':
       return [
         ...ends.map((e) => ({ cmd: 'tc', args: ['-n', e.netns, 'qdisc', 'del', 'dev', e.dev, 'root'], allowFail: true })),
+        ...renderLossCommands(node, 0),
         { cmd: 'ip', args: ['-n', bridgeEnd.netns, 'link', 'set', bridgeEnd.dev, 'up'] },
       ];
     case 'shape': {
@@ -172,6 +176,31 @@ export function renderLinkCommands(prefix: string, node: Pick<LabNode, 'netns' |
   }
 }
 
+/** The chain `renderLossCommands` owns in the mangle table of a lab node's namespace. */
+export const LOSS_CHAIN = 'FSMN-LAB-LOSS';
+
+/**
+ * Packet loss without netem: in the node's namespace, packets in on and out
+ * of its underlay link (ul0) jump to our own chain, which drops `pct` % of
+ * them at random (iptables' statistic match), so each direction loses that
+ * share, as netem on both ends would. 0 removes it all (allowFail: it may not
+ * be there). Pure.
+ */
+export function renderLossCommands(node: Pick<LabNode, 'netns'>, pct: number): { cmd: string; args: string[]; allowFail?: boolean }[] {
+  const ipt = (...args: string[]): string[] => ['netns', 'exec', node.netns, 'iptables', '-w', '-t', 'mangle', ...args];
+  const jumps: [string, string][] = [['PREROUTING', '-i'], ['POSTROUTING', '-o']];
+  const unhook = jumps.map(([chain, dir]) => ({ cmd: 'ip', args: ipt('-D', chain, dir, 'ul0', '-j', LOSS_CHAIN), allowFail: true }));
+  if (pct <= 0) return [...unhook, { cmd: 'ip', args: ipt('-F', LOSS_CHAIN), allowFail: true }, { cmd: 'ip', args: ipt('-X', LOSS_CHAIN), allowFail: true }];
+  const probability = (pct / 100).toFixed(4);
+  return [
+    { cmd: 'ip', args: ipt('-N', LOSS_CHAIN), allowFail: true },
+    { cmd: 'ip', args: ipt('-F', LOSS_CHAIN) },
+    { cmd: 'ip', args: ipt('-A', LOSS_CHAIN, '-m', 'statistic', '--mode', 'random', '--probability', probability, '-j', 'DROP') },
+    ...unhook,
+    ...jumps.map(([chain, dir]) => ({ cmd: 'ip', args: ipt('-I', chain, dir, 'ul0', '-j', LOSS_CHAIN) })),
+  ];
+}
+
 export function describeLinkAction(node: string, a: LinkAction): string {
   switch (a.kind) {
     case 'down':
@@ -181,7 +210,7 @@ export function describeLinkAction(node: string, a: LinkAction): string {
     case 'clear':
       return `${node}: underlay link up, no delay or loss`;
     case 'shape':
-      return `${node}: underlay link ${[a.shape.delayMs !== undefined && `delay ${a.shape.delayMs} ms`, a.shape.lossPct !== undefined && `loss ${a.shape.lossPct} %`].filter(Boolean).join(', ')} each way`;
+      return `${node}: underlay link ${[a.shape.delayMs !== undefined && `delay ${a.shape.delayMs} ms`, a.shape.lossPct !== undefined && `loss ${a.shape.lossPct} %`].filter(Boolean).join(', ')} each way (tc netem)`;
   }
 }
 
@@ -194,17 +223,31 @@ export function findNode(state: LabState, name: string | undefined): LabNode {
 /** tc's answer when the kernel has no such qdisc (here: CONFIG_NET_SCH_NETEM off, no module). */
 export const NO_NETEM = /Specified qdisc kind is unknown/;
 
+async function runAll(cmds: { cmd: string; args: string[]; allowFail?: boolean }[]): Promise<{ cmd: string; args: string[]; code: number | null; stderr: string } | null> {
+  for (const c of cmds) {
+    const r = await run(c.cmd, c.args, { allowFail: true });
+    if (r.code !== 0 && !c.allowFail) return { cmd: c.cmd, args: c.args, code: r.code, stderr: r.stderr };
+  }
+  return null;
+}
+
 export async function applyLinkAction(state: LabState, nodeName: string | undefined, action: LinkAction): Promise<string> {
   const node = findNode(state, nodeName);
-  for (const c of renderLinkCommands(state.prefix, node, action)) {
-    const r = await run(c.cmd, c.args, { allowFail: true });
-    if (r.code === 0 || c.allowFail) continue;
-    if (c.cmd === 'tc' && NO_NETEM.test(r.stderr)) {
-      // Nothing half-applied: undo a first end that took the qdisc (none can, without netem, but be sure).
-      for (const e of linkEnds(state.prefix, node)) await run('tc', ['-n', e.netns, 'qdisc', 'del', 'dev', e.dev, 'root'], { allowFail: true });
-      throw new LabError('lab link --delay/--loss needs the kernel\'s netem qdisc (CONFIG_NET_SCH_NETEM, module sch_netem), which this kernel does not have; --down, --up and --clear work without it');
-    }
-    throw new CommandError(c.cmd, c.args, r.code, r.stderr);
+  const failed = await runAll(renderLinkCommands(state.prefix, node, action));
+  if (!failed) return describeLinkAction(node.name, action);
+  if (failed.cmd !== 'tc' || !NO_NETEM.test(failed.stderr) || action.kind !== 'shape') throw new CommandError(failed.cmd, failed.args, failed.code, failed.stderr);
+  // Nothing half-applied: undo a first end that took the qdisc (none can, without netem, but be sure).
+  for (const e of linkEnds(state.prefix, node)) await run('tc', ['-n', e.netns, 'qdisc', 'del', 'dev', e.dev, 'root'], { allowFail: true });
+  if (action.shape.delayMs !== undefined && action.shape.delayMs > 0) {
+    throw new LabError(
+      'lab link --delay needs the kernel\'s netem qdisc (CONFIG_NET_SCH_NETEM, module sch_netem), which this kernel does not have (no other qdisc here can hold packets back); --loss alone works without it (iptables statistic match), as do --down, --up and --clear',
+    );
   }
-  return describeLinkAction(node.name, action);
+  const pct = action.shape.lossPct ?? 0;
+  const lossFailed = await runAll(renderLossCommands(node, pct));
+  if (lossFailed) {
+    await runAll(renderLossCommands(node, 0));
+    throw new CommandError(lossFailed.cmd, lossFailed.args, lossFailed.code, lossFailed.stderr);
+  }
+  return `${node.name}: underlay link loss ${pct} % each way (iptables statistic match in the node's namespace: this kernel has no netem)`;
 }

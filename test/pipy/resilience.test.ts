@@ -31,13 +31,21 @@ const maybe = skip ? describe.skip : describe;
 const NS = 'res';
 const PORT = 8080;
 const VIP = '10.96.8.8';
+// A keep-alive server (the echo server closes every connection) for maxRequestsPerConnection: service ka.
+const KA_PORT = 8081;
+const KA_VIP = '10.96.8.9';
+const KA_SERVER = `
+require('node:http').createServer((req, res) => res.end(JSON.stringify({ port: req.socket.remotePort }))).listen(${KA_PORT}, () => console.log('listening'));
+`;
 const echoScript = fileURLToPath(new URL('../../dist/src/lab/echo-server.js', import.meta.url));
 
-// N GETs (or `method`), `concurrency` at a time, each on its own connection: statuses, answering pods, durations.
+// N GETs (or `method`), `concurrency` at a time, each on its own connection: statuses, answering pods,
+// durations, and the distinct upstream source ports the keep-alive server saw.
 const LOAD = `
 const http = require('node:http');
 const [url, n, concurrency, method, timeout] = process.argv.slice(1);
-const out = { statuses: {}, pods: {}, maxMs: 0, minFailMs: 1e9, elapsedMs: 0, headers: {} };
+const out = { statuses: {}, pods: {}, maxMs: 0, minFailMs: 1e9, elapsedMs: 0, headers: {}, upstreamPorts: 0 };
+const ports = new Set();
 let left = Number(n);
 const t0 = Date.now();
 const one = () => new Promise((resolve) => {
@@ -49,7 +57,7 @@ const one = () => new Promise((resolve) => {
       const ms = Date.now() - start;
       out.statuses[res.statusCode] = (out.statuses[res.statusCode] || 0) + 1;
       if (res.headers['x-fsmn-circuit']) out.headers.circuit = (out.headers.circuit || 0) + 1;
-      try { const p = JSON.parse(body).pod; if (p) out.pods[p] = (out.pods[p] || 0) + 1; } catch {}
+      try { const j = JSON.parse(body); if (j.pod) out.pods[j.pod] = (out.pods[j.pod] || 0) + 1; if (j.port) ports.add(j.port); } catch {}
       out.maxMs = Math.max(out.maxMs, ms);
       if (res.statusCode >= 500) out.minFailMs = Math.min(out.minFailMs, ms);
       resolve();
@@ -60,7 +68,7 @@ const one = () => new Promise((resolve) => {
   req.end();
 });
 const worker = async () => { while (left-- > 0) await one(); };
-Promise.all(Array.from({ length: Number(concurrency) }, worker)).then(() => { out.elapsedMs = Date.now() - t0; console.log(JSON.stringify(out)); });
+Promise.all(Array.from({ length: Number(concurrency) }, worker)).then(() => { out.elapsedMs = Date.now() - t0; out.upstreamPorts = ports.size; console.log(JSON.stringify(out)); });
 `;
 
 interface LoadResult {
@@ -70,15 +78,17 @@ interface LoadResult {
   minFailMs: number;
   elapsedMs: number;
   headers: { circuit?: number };
+  upstreamPorts: number;
 }
 
-async function load(from: TopoPod, n: number, o: { concurrency?: number; method?: string; timeoutMs?: number } = {}): Promise<LoadResult> {
-  const r = await from.run(process.execPath, ['-e', LOAD, `http://${VIP}:${PORT}/`, String(n), String(o.concurrency ?? 1), o.method ?? 'GET', String(o.timeoutMs ?? 10_000)]);
+async function load(from: TopoPod, n: number, o: { concurrency?: number; method?: string; timeoutMs?: number; url?: string } = {}): Promise<LoadResult> {
+  const r = await from.run(process.execPath, ['-e', LOAD, o.url ?? `http://${VIP}:${PORT}/`, String(n), String(o.concurrency ?? 1), o.method ?? 'GET', String(o.timeoutMs ?? 10_000)]);
   return JSON.parse(r.stdout.trim().split('\n').pop() ?? '{}') as LoadResult;
 }
 
 const retry = (spec: object) => ({ namespace: NS, name: 'client-to-echo', ...parseRetrySpec(spec, NS) });
 const upstream = (spec: object) => ({ namespace: NS, name: 'echo', ...parseUpstreamSpec({ host: 'echo', ...spec }, NS) });
+const KA_URL = `http://${KA_VIP}:${KA_PORT}/`;
 const RETRY_5XX = { source: { kind: 'ServiceAccount', name: 'client' }, destinations: [{ kind: 'Service', name: 'echo' }], retryPolicy: { retryOn: '5xx,reset,connect-failure', numRetries: 2, retryBackoffBaseInterval: '5ms' } };
 
 maybe('Pipy node proxy resilience under injected faults', () => {
@@ -109,7 +119,16 @@ maybe('Pipy node proxy resilience under injected faults', () => {
         .filter((p) => p.node === node)
         .map((p) => ({ uid: `uid-${p.name}`, namespace: NS, name: p.name, ip: p.ip, serviceAccount: sa.get(p)!, cgroup: { qosClass: null, path: p.cgroupPath }, exclusions: noExclusions() })),
       access: [],
-      services: [{ namespace: NS, name: 'echo', clusterIPs: [VIP], ports: [{ name: 'http', port: PORT, protocol: 'TCP' as const, appProtocol: 'http' }], endpoints: [B1, B2, C].map(endpoint) }],
+      services: [
+        { namespace: NS, name: 'echo', clusterIPs: [VIP], ports: [{ name: 'http', port: PORT, protocol: 'TCP' as const, appProtocol: 'http' }], endpoints: [B1, B2, C].map(endpoint) },
+        {
+          namespace: NS,
+          name: 'ka',
+          clusterIPs: [KA_VIP],
+          ports: [{ name: 'http', port: KA_PORT, protocol: 'TCP' as const, appProtocol: 'http' }],
+          endpoints: [B1, C].map((p) => ({ ...endpoint(p), ports: { http: KA_PORT } })),
+        },
+      ],
       splits: [],
       version: (0xa000 + generation * 2 + (node === n1 ? 0 : 1)).toString(16).padStart(16, '0'),
     });
@@ -118,7 +137,11 @@ maybe('Pipy node proxy resilience under injected faults', () => {
   /** Render and load a resilience setup on both nodes; wait until both proxies run it. */
   async function configure(r: { defaults?: Record<string, string>; retries?: object[]; upstreams?: object[] }): Promise<void> {
     generation++;
-    const resilience: Resilience = { defaults: parseResilienceDefaults(r.defaults ?? {}), retries: (r.retries ?? []).map(retry), upstreams: (r.upstreams ?? []).map(upstream) };
+    const resilience: Resilience = {
+      defaults: parseResilienceDefaults(r.defaults ?? {}),
+      retries: (r.retries ?? []).map(retry),
+      upstreams: (r.upstreams ?? []).map((u) => ('host' in u && u.host === 'ka' ? { namespace: NS, name: 'ka', ...parseUpstreamSpec(u, NS) } : upstream(u))),
+    };
     for (const node of topo.nodes) {
       const policy = policyFor(node, resilience);
       const cfg = renderProxyConfig(policy, { outboundPort: 15001, inboundPort: 15003 });
@@ -151,6 +174,11 @@ maybe('Pipy node proxy resilience under injected faults', () => {
     for (const [p, id] of [[A, 'client'], [B1, 'echo'], [B2, 'echo'], [C, 'echo']] as const) sa.set(p, id);
     for (const p of [B1, B2, C]) {
       const s = p.exec(process.execPath, [echoScript, 'serve', '--name', p.name, '--port', String(PORT), '--fault-file', join(work, 'faults', `${p.name}.json`)], { stdio: ['ignore', 'pipe', 'pipe'] });
+      servers.push(s);
+      await waitForOutput(s, 'listening');
+    }
+    for (const p of [B1, C]) {
+      const s = p.exec(process.execPath, ['-e', KA_SERVER], { stdio: ['ignore', 'pipe', 'pipe'] });
       servers.push(s);
       await waitForOutput(s, 'listening');
     }
@@ -274,5 +302,23 @@ maybe('Pipy node proxy resilience under injected faults', () => {
     const expected = 30 + (m.elapsedMs / 1000) * 0.5;
     expect(Math.abs(ok - expected)).toBeLessThanOrEqual(Math.ceil(expected * 0.1));
     expect((m.statuses['429'] ?? 0) + ok).toBe(60);
+  }, 120_000);
+
+  test('maxRequestsPerConnection: 1 gives every request its own upstream connection, 3 three requests per connection (pooled otherwise), on this node and behind a tunnel', async () => {
+    await configure({});
+    const pooled = await load(A, 40, { url: KA_URL });
+    expect(pooled.statuses).toEqual({ '200': 40 });
+    // Pooled: a few connections per endpoint carry the 40 requests.
+    expect(pooled.upstreamPorts).toBeLessThan(10);
+    await configure({ upstreams: [{ host: 'ka', connectionSettings: { http: { maxRequestsPerConnection: 1 } } }] });
+    const one = await load(A, 40, { url: KA_URL });
+    expect(one.statuses).toEqual({ '200': 40 });
+    expect(one.upstreamPorts).toBe(40);
+    // 3: 20 sequential requests per endpoint (round robin over b1 and c) on ceil(20 / 3) = 7 connections each.
+    await configure({ upstreams: [{ host: 'ka', connectionSettings: { http: { maxRequestsPerConnection: 3 } } }] });
+    const three = await load(A, 40, { url: KA_URL });
+    expect(three.statuses).toEqual({ '200': 40 });
+    expect(three.upstreamPorts).toBeGreaterThanOrEqual(14);
+    expect(three.upstreamPorts).toBeLessThanOrEqual(16);
   }, 120_000);
 });

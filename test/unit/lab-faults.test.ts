@@ -4,7 +4,7 @@ import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { get, serve } from '../../src/lab/echo-server.js';
-import { FaultWatch, linkActionFromFlags, parsePodFault, podFaultFromFlags, renderLinkCommands, writePodFault } from '../../src/lab/faults.js';
+import { FaultWatch, linkActionFromFlags, parsePodFault, podFaultFromFlags, renderLinkCommands, renderLossCommands, writePodFault } from '../../src/lab/faults.js';
 
 describe('lab fault flags', () => {
   it('takes exactly one fault', () => {
@@ -37,7 +37,26 @@ describe('lab link', () => {
   it('cuts and restores at the bridge end; clear removes netem too', () => {
     expect(renderLinkCommands('fsmlab', node, linkActionFromFlags({ down: true }))).toEqual([{ cmd: 'ip', args: ['-n', 'fsmlab-ul', 'link', 'set', 'u2', 'down'] }]);
     const clear = renderLinkCommands('fsmlab', node, linkActionFromFlags({ clear: true }));
-    expect(clear.map((c) => c.args.join(' '))).toEqual(['-n fsmlab-n2 qdisc del dev ul0 root', '-n fsmlab-ul qdisc del dev u2 root', '-n fsmlab-ul link set u2 up']);
+    expect(clear.map((c) => c.args.join(' '))).toEqual([
+      '-n fsmlab-n2 qdisc del dev ul0 root',
+      '-n fsmlab-ul qdisc del dev u2 root',
+      'netns exec fsmlab-n2 iptables -w -t mangle -D PREROUTING -i ul0 -j FSMN-LAB-LOSS',
+      'netns exec fsmlab-n2 iptables -w -t mangle -D POSTROUTING -o ul0 -j FSMN-LAB-LOSS',
+      'netns exec fsmlab-n2 iptables -w -t mangle -F FSMN-LAB-LOSS',
+      'netns exec fsmlab-n2 iptables -w -t mangle -X FSMN-LAB-LOSS',
+      '-n fsmlab-ul link set u2 up',
+    ]);
+  });
+  it('without netem, loss is an iptables statistic drop both ways in the node namespace', () => {
+    const cmds = renderLossCommands(node, 5);
+    expect(cmds.filter((c) => !c.allowFail).map((c) => c.args.slice(3).join(' '))).toEqual([
+      'iptables -w -t mangle -F FSMN-LAB-LOSS',
+      'iptables -w -t mangle -A FSMN-LAB-LOSS -m statistic --mode random --probability 0.0500 -j DROP',
+      'iptables -w -t mangle -I PREROUTING -i ul0 -j FSMN-LAB-LOSS',
+      'iptables -w -t mangle -I POSTROUTING -o ul0 -j FSMN-LAB-LOSS',
+    ]);
+    // Only inside the lab node's namespace.
+    expect(cmds.every((c) => c.cmd === 'ip' && c.args[0] === 'netns' && c.args[1] === 'exec' && c.args[2] === 'fsmlab-n2')).toBe(true);
   });
   it('names bad flags', () => {
     expect(() => linkActionFromFlags({ delay: '-3' })).toThrow(/invalid --delay "-3"/);

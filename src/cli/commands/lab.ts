@@ -196,13 +196,15 @@ bpffs directories); one lab per machine.
              at the next request; the test bed for timeouts, retries and
              outlier detection.
   link       shapes or cuts a node's underlay link (tc netem on both ends, so
-             --delay 50 is 50 ms each way; --loss 5 drops 5 % each way);
-             --down cuts the cable (the node keeps its addresses and routes),
-             --up restores it, --clear removes shaping and sets it up. Only the
-             lab's namespaces are touched.
+             --delay 50 is 50 ms each way; --loss 5 drops 5 % each way). On a
+             kernel without netem, --loss alone is made with iptables' statistic
+             match in the node's namespace (the output says which method) and
+             --delay is refused; --down cuts the cable (the node keeps its
+             addresses and routes), --up restores it, --clear removes shaping
+             and sets it up. Only the lab's namespaces are touched.
              In a cluster lab (lab up --clusters N), link CLUSTER does the same to
              that cluster's uplink, the cable between its underlay and the
-             router (the cluster's nodes still reach each other).
+             router (the cluster's nodes still reach each other; netem only).
   down       stops everything, runs every node's cleanup, removes the topology and
              verifies nothing is left; also after a crash.
   selfcheck  builds 2 nodes x 2 pods, checks TCP between every pair (same node

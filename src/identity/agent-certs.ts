@@ -393,19 +393,26 @@ export class IdentityManager {
     const lifetime = leaf.notAfter.getTime() - receivedAt;
     const fraction = (this.o.renewAt ?? 0.5) * (1 + (this.o.jitter ?? 0.1) * (2 * this.random() - 1));
     this.schedule(e, Math.max(0, lifetime * fraction));
-    if (e.expiryTimer) clearTimeout(e.expiryTimer);
-    // setTimeout holds at most ~24.8 days; a longer certificate re-arms on its renewal anyway.
-    e.expiryTimer = setTimeout(() => this.expire(e), Math.min(Math.max(0, leaf.notAfter.getTime() - this.now()), 2 ** 31 - 1));
-    e.expiryTimer.unref();
+    this.armExpiry(e, leaf.notAfter);
     if (wasExpired) {
       log.info({ identity: identityKey(e.cert.identity) }, 'identity has a valid certificate again');
       this.o.onExpired?.(e.cert.identity, undefined);
     }
   }
 
+  private armExpiry(e: Entry, notAfter: Date): void {
+    if (e.expiryTimer) clearTimeout(e.expiryTimer);
+    // setTimeout holds at most ~24.8 days; a longer certificate re-arms on its renewal anyway.
+    e.expiryTimer = setTimeout(() => this.expire(e), Math.min(Math.max(0, notAfter.getTime() - this.now()), 2 ** 31 - 1));
+    e.expiryTimer.unref();
+  }
+
   private expire(e: Entry): void {
     e.expiryTimer = undefined;
-    if (e.gone || !e.cert.notAfter || e.cert.notAfter.getTime() > this.now()) return;
+    if (e.gone || !e.cert.notAfter) return;
+    // A timer may fire a millisecond before the wall clock reaches notAfter (or
+    // the clock was set back): wait again rather than never failing closed.
+    if (e.cert.notAfter.getTime() > this.now()) return this.armExpiry(e, e.cert.notAfter);
     const k = identityKey(e.cert.identity);
     const reason = `certificate expired at ${e.cert.notAfter.toISOString()} without renewal${e.cert.lastError ? `: ${e.cert.lastError}` : ''}`;
     e.cert = { ...e.cert, state: 'expired', reason };

@@ -197,6 +197,19 @@ describe('agent identity certificates', () => {
     expect(statSync(d.keyPath).mode & 0o777).toBe(0o600);
   });
 
+  test('an expiry timer that fires before the clock reaches notAfter waits again instead of never failing closed', async () => {
+    let failing = false;
+    let skewMs = 0; // the wall clock the manager reads, against the timers
+    const { issuer } = testIssuer({ lifetimeMs: 1200, fail: () => failing });
+    const m = manager({ stateDir: dir, issuer, now: () => Date.now() - skewMs, backoff: { initialMs: 60_000, maxMs: 60_000 } });
+    m.update(policy([web]));
+    await eventually(async () => m.snapshot().get('demo/web'), (c) => c?.state === 'valid');
+    failing = true;
+    skewMs = 300; // the clock went back after the timer was armed: the timer fires 300 ms "early"
+    const expired = await eventually(async () => m.snapshot().get('demo/web'), (c) => c?.state === 'expired', 4000);
+    expect(expired!.state).toBe('expired');
+  });
+
   test('an expired identity retries within 10 s, however long its backoff had grown', async () => {
     let failing = false;
     const { issuer, calls } = testIssuer({ lifetimeMs: 1500, fail: () => failing });

@@ -24,6 +24,7 @@ import { dirname, join, resolve } from 'node:path';
 import type { Registry } from 'prom-client';
 import { parse as parseYaml } from 'yaml';
 import { gatewayIdentities } from '../gateway/render.js';
+import { multiclusterIdentities } from '../multicluster/identity.js';
 import { parseClusterSet } from '../multicluster/api.js';
 import { MulticlusterController } from '../multicluster/controller.js';
 
@@ -191,10 +192,10 @@ export async function runController(opts: ControllerOptions): Promise<RunningCon
   compiler.setTrustBundle(provider.trustBundle());
   const identities = new IdentityService({
     provider,
-    // The identities a node may hold: its pods' and those of the Gateways it serves.
+    // The identities a node may hold: its pods', those of the Gateways it serves, and the clusterset gateway's.
     podsOf: (node) => {
       const policy = compiler.get(node)?.policy;
-      return policy ? [...policy.pods, ...gatewayIdentities(policy)] : undefined;
+      return policy ? [...policy.pods, ...gatewayIdentities(policy), ...multiclusterIdentities(policy)] : undefined;
     },
     settings: () => compiler.identitySettings(),
     defaultLifetimeMs: opts.certificateLifetime === undefined ? undefined : parseLifetime(opts.certificateLifetime, '--certificate-lifetime'),

@@ -9,6 +9,7 @@ import { parseListen } from '../controller/main.js';
 import type { PolicyCompiler } from '../policy/compiler.js';
 import type { ImportTierMember, MulticlusterPart, PolicyImport } from '../policy/schema.js';
 import { writeFileAtomic } from '../policy/store.js';
+import { splitPem } from '../identity/x509.js';
 import { logger } from '../util/log.js';
 import { parseGlobalTrafficPolicy, parseServiceExport, type ClusterSetConfig, type GlobalTrafficPolicySpec, type ServiceExportRec } from './api.js';
 import { allocate, loadAllocations, parseCidr4, saveAllocations, type Cidr4 } from './ipam.js';
@@ -262,7 +263,7 @@ export class MulticlusterController {
         tiers,
       };
     });
-    return { cluster: this.cluster, gatewayPort: this.o.config.gatewayPort, imports };
+    return { cluster: this.cluster, gatewayPort: this.o.config.gatewayPort, imports, clustersetBundle: splitPem(this.o.tls.ca), peers: this.o.config.peers.map((p) => p.clusterId).sort() };
   }
 
   /** Re-read objectsDir when anything in it changed; true when the objects changed. A bad document keeps the last good set. */

@@ -70,7 +70,7 @@ export function renderClustersetTLS(part: MulticlusterPart, meshTrustDomain: str
   const trustDomains: Record<string, string> = { [part.cluster]: trustDomain };
   for (const p of part.peers ?? []) trustDomains[p] = clusterTrustDomain(p);
   const bundle = (part.clustersetBundle ?? []).map((p) => p.trim()).filter((p) => p.includes('-----BEGIN CERTIFICATE-----'));
-  const refuse = bundle.length === 0 ? 'no-clusterset-trust' : meshTrustDomain !== trustDomain ? 'trust-domain-mismatch' : null;
+  const refuse = bundle.length === 0 ? 'no-clusterset-trust' : meshTrustDomain === null ? 'no-mesh-tls' : meshTrustDomain !== trustDomain ? 'trust-domain-mismatch' : null;
   return { bundle: bundle.length > 0 ? `${bundle.join('\n')}\n` : '', trustDomain, trustDomains, gatewayIdentity: identityKey(GATEWAY_IDENTITY), refuse };
 }
 

@@ -133,6 +133,12 @@ export interface TwoSitesOptions {
   prefix: string;
   /** Lease of the clusterset members (default 24h). */
   leaseMs?: number;
+  /**
+   * How long a tunnel connection takes new tunnels (default 60 s): a policy
+   * change reaches requests on an existing connection to a gateway only after
+   * it (docs/security.md, policy staleness on long connections).
+   */
+  tunnelMaxAgeSeconds?: number;
 }
 
 export class TwoSites {
@@ -151,6 +157,7 @@ export class TwoSites {
   private readonly proxies = new Map<TopoNode, ProxySupervisor>();
   private readonly dps: IptablesDataplane[] = [];
   private cut = false;
+  private tunnelMaxAgeSeconds: number | undefined;
   clustersetCa: { certPem: string; keyPem: string } | undefined;
 
   private constructor(topo: Topology, pods: TopoPod[], private readonly work: string) {
@@ -171,6 +178,7 @@ export class TwoSites {
       const [n1, g1, g2] = topo.nodes as [TopoNode, TopoNode, TopoNode];
       const pods = [await topo.addPod(n1, 'a'), await topo.addPod(n1, 'l'), await topo.addPod(g1, 'r1'), await topo.addPod(g2, 'r2')];
       sites = new TwoSites(topo, pods, work);
+      sites.tunnelMaxAgeSeconds = o.tunnelMaxAgeSeconds;
       await sites.setup(o);
       return sites;
     } catch (err) {
@@ -298,7 +306,7 @@ export class TwoSites {
 
   /** What an agent of `site` renders its proxy's config with: mutual TLS under the clusterset CA. */
   facts(site: Site): ProxyNodeFacts {
-    return { outboundPort: OUT, inboundPort: IN, trust: { trustDomain: clusterTrustDomain(site.id), bundle: [this.clustersetCa!.certPem] }, identities: site.identities };
+    return { outboundPort: OUT, inboundPort: IN, trust: { trustDomain: clusterTrustDomain(site.id), bundle: [this.clustersetCa!.certPem] }, identities: site.identities, tunnelMaxAgeSeconds: this.tunnelMaxAgeSeconds };
   }
 
   /** The site's mesh config: its own trust domain ("<id>.cluster.local"), and the traffic policy. */

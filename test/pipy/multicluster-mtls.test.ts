@@ -44,12 +44,40 @@ else {
 }
 `;
 
+// A tunnel by hand: TLS to a node proxy's :15003, CONNECT with a source header, then one GET inside.
+// Prints {"connect":N,"get":N} (get absent when the CONNECT was refused), or {"error":"..."}.
+const TUNNEL = `
+const tls = require('node:tls'); const fs = require('node:fs');
+const [host, port, sni, ca, cert, key, target, source] = process.argv.slice(1);
+const done = (o) => { console.log(JSON.stringify(o)); process.exit(0); };
+setTimeout(() => done({ error: 'timeout' }), 5000);
+const s = tls.connect({ host, port: +port, servername: sni, ca: fs.readFileSync(ca), cert: fs.readFileSync(cert), key: fs.readFileSync(key), minVersion: 'TLSv1.3', rejectUnauthorized: false }, () => {
+  s.write('CONNECT ' + target + ' HTTP/1.1\\r\\nhost: ' + target + '\\r\\nfsmn-source-identity: ' + source + '\\r\\n\\r\\n');
+});
+let b = ''; let connect = 0;
+s.on('data', (d) => {
+  b += d;
+  if (!connect) {
+    const m = /^HTTP\\/1\\.1 (\\d+)[^]*?\\r\\n\\r\\n/.exec(b);
+    if (!m) return;
+    connect = +m[1]; b = '';
+    if (connect !== 200) return done({ connect });
+    s.write('GET / HTTP/1.1\\r\\nhost: x\\r\\n\\r\\n');
+    return;
+  }
+  const g = /^HTTP\\/1\\.1 (\\d+)/.exec(b);
+  if (g) done({ connect, get: +g[1] });
+});
+s.on('error', (e) => done({ error: e.code || e.message })); s.on('close', () => done({ error: 'closed', connect }));
+`;
+
 maybe('mutual TLS between clusters (two sites, Pipy)', () => {
   let s: TwoSites;
   let dir: string;
 
   beforeAll(async () => {
-    s = await TwoSites.create({ prefix: uniqueTestPrefix() });
+    // Connections to a gateway take new requests for 2 s: a TrafficTarget change reaches them within that.
+    s = await TwoSites.create({ prefix: uniqueTestPrefix(), tunnelMaxAgeSeconds: 2 });
     dir = mkdtempSync(join(tmpdir(), 'fsmn-mc-mtls-'));
     writeFileSync(join(dir, 'ca.pem'), s.clustersetCa!.certPem);
   }, 120_000);
@@ -79,6 +107,16 @@ maybe('mutual TLS between clusters (two sites, Pipy)', () => {
     const p = pod === 'A' ? s.A : s.L;
     const r = await p.run(process.execPath, ['-e', `fetch(process.argv[1]).then((r) => console.log(r.status), (e) => console.log('error ' + e.message))`, `http://${s.clustersetIp()}:${PORT}/`]);
     return Number(r.stdout.trim());
+  }
+
+  /** After a policy change: GETs until `want` (at most 10 s: connections to a gateway renew every 2 s); the last status. */
+  async function settlesTo(pod: 'A' | 'L', want: number): Promise<number> {
+    const end = Date.now() + 10_000;
+    for (;;) {
+      const got = await getFrom(pod);
+      if (got === want || Date.now() > end) return got;
+      await new Promise((r) => setTimeout(r, 200));
+    }
   }
 
   const g1Gateway = () => `${s.g1.underlayIp}`;
@@ -144,9 +182,26 @@ maybe('mutual TLS between clusters (two sites, Pipy)', () => {
 
     // Named the other way (ServiceAccount with its trustDomain), the same answer; a c1-local name admits nobody from c2.
     await s.applyObjects(s.c1, [target([{ kind: 'ServiceAccount', name: 'web', namespace: NS, trustDomain: 'c2.cluster.local' }])]);
-    expect(await getFrom('L')).toBe(200);
-    expect(await getFrom('A')).toBe(403);
+    expect(await settlesTo('L', 200)).toBe(200);
+    expect(await settlesTo('A', 403)).toBe(403);
     await s.applyObjects(s.c1, [target([{ kind: 'ServiceAccount', name: 'client', namespace: NS }])]);
-    expect(await getFrom('A')).toBe(403);
+    expect(await settlesTo('L', 403)).toBe(403);
+    expect(await settlesTo('A', 403)).toBe(403);
+
+    // Inside c1 only the gateway identity may name a source, and only one of another cluster.
+    await s.applyObjects(s.c1, [target([{ kind: 'SpiffeID', name: `spiffe://c2.cluster.local/ns/${NS}/sa/client` }])]);
+    const name = identityDnsName('c1.cluster.local', { namespace: NS, serviceAccount: 'web' });
+    const sni = `id-${createHash('sha256').update(name).digest('hex').slice(0, 32)}.c1.cluster.local`;
+    const tunnel = async (files: { certPath: string; keyPath: string }, source: string) => {
+      const r = await s.g1.run(process.execPath, ['-e', TUNNEL, s.g2.underlayIp, String(IN), sni, join(dir, 'ca.pem'), files.certPath, files.keyPath, `${s.R2.ip}:${PORT}`, source]);
+      return JSON.parse(r.stdout.trim().split('\n').pop() ?? '{}') as { connect?: number; get?: number; error?: string };
+    };
+    const c2Client = `spiffe://c2.cluster.local/ns/${NS}/sa/client`;
+    // Positive control: the gateway identity vouching for the named c2 source.
+    expect(await tunnel(s.c1.identities['fsm-system/fsm-node-gateway']!, c2Client)).toEqual({ connect: 200, get: 200 });
+    // A c1 workload's certificate claiming to speak for the c2 source: the header is ignored.
+    expect(await tunnel(s.c1.identities[`${NS}/web`]!, c2Client)).toEqual({ connect: 200, get: 403 });
+    // The gateway identity naming a source of its own trust domain: ignored too.
+    expect(await tunnel(s.c1.identities['fsm-system/fsm-node-gateway']!, `spiffe://c1.cluster.local/ns/${NS}/sa/client`)).toEqual({ connect: 200, get: 403 });
   }, 120_000);
 });

@@ -417,7 +417,7 @@ describe('access (smi traffic policy)', () => {
 
   test('sources of other clusters: by SPIFFE ID or ServiceAccount with trustDomain; the own trust domain is local; rendered for the proxy', async () => {
     const { renderProxyConfig } = await import('../../src/proxy/config.js');
-    const t = target('from-c2', 'web', ['db'], [{ kind: 'HTTPRouteGroup', name: 'routes' }]) as { spec: { sources: unknown[] } };
+    const t = target('from-c2', 'web', ['db'], [{ kind: 'HTTPRouteGroup', name: 'routes' }]) as unknown as { spec: { sources: unknown[] } };
     t.spec.sources = [
       { kind: 'SpiffeID', name: 'spiffe://c2.cluster.local/ns/shop/sa/client' },
       { kind: 'ServiceAccount', name: 'web', namespace: 'shop', trustDomain: 'c2.cluster.local' },
@@ -441,7 +441,7 @@ describe('access (smi traffic policy)', () => {
     [{ kind: 'ServiceAccount', name: 'web', trustDomain: 'C2_cluster' }, 'spec.sources[0].trustDomain'],
     [{ kind: 'ServiceAccount', name: 'Web!' }, 'spec.sources[0].name'],
   ])('a bad source %j is reported with its field %s and the target left out', (source, field) => {
-    const t = target('bad-src', 'web', ['db'], [{ kind: 'HTTPRouteGroup', name: 'routes' }]) as { spec: { sources: unknown[] } };
+    const t = target('bad-src', 'web', ['db'], [{ kind: 'HTTPRouteGroup', name: 'routes' }]) as unknown as { spec: { sources: unknown[] } };
     t.spec.sources = [source];
     const c = compiled([...smiMesh(), t as never]);
     expect(c.get('node-a')!.policy.access.map((x) => x.name)).not.toContain('bad-src');

@@ -2,8 +2,8 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { Agent, request } from 'node:https';
 import { loadavg, tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { isAbsolute, join, resolve } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { stringify } from 'yaml';
 import { generateTokens, writeTokensFile } from '../src/controller/auth.js';
 import { createCsr, generateKeyPair } from '../src/identity/x509.js';
@@ -18,25 +18,52 @@ import { intFlag, quantile, round } from './util.js';
  * each, spread over --nodes nodes; this process plays the nodes: it makes
  * one key pair and CSR per identity beforehand (node-side work, timed
  * separately), then sends every CSR over HTTPS with that node's token,
- * --concurrency at a time, and times each answer. Afterwards it reads the
- * controller's RSS (/proc) and heap (its /metrics).
+ * --concurrency at a time, and times each answer. Around the burst it reads
+ * the controller's CPU time and heap (its /metrics) and RSS (/proc).
  *
- *   npm run bench -- identity-issue [--identities 1000] [--nodes 50] [--concurrency 32] [--cpu-prof DIR]
+ * On a shared machine the wall time says more about the neighbours than
+ * about the controller: controller_cpu_ms_per_issue is the steadier figure
+ * (1000 certificates in 2 s needs under 2 ms each on one core). A second
+ * row kind, `sign-path`, runs the controller's issuing code (checks and
+ * signing, IdentityService.issue) in this process without HTTP or TLS.
  *
- * --cpu-prof writes the controller's V8 CPU profile into DIR (open it in
- * Chrome DevTools) to see where issuing spends its time.
+ *   npm run bench -- identity-issue [--identities 1000] [--nodes 50] [--concurrency 32]
+ *        [--baseline DIST] [--rounds N] [--connection-per-request] [--cpu-prof DIR]
+ *
+ * --baseline DIST: another build's dist directory (e.g. main's, copied with
+ * its package.json next to a node_modules): both builds issue the same CSRs
+ * in alternating order, --rounds times each (default 3 with a baseline, else
+ * 1), and a last `summary` row gives the medians side by side and their
+ * ratios. --connection-per-request opens a new TLS connection for every
+ * certificate, as agents did before they kept their connection to the
+ * controller alive. --cpu-prof writes each controller's V8 CPU profile into
+ * DIR (under contention a profile counts time waiting for the CPU, e.g. in
+ * writev, as the function's own: read CPU time, not profiles, on a busy machine).
  */
 
 const PORT_BASE = 15_800;
+const here = fileURLToPath(new URL('..', import.meta.url)); // this build's dist/
 
-export async function run(flags: Record<string, string | boolean>): Promise<object[]> {
+interface Csr {
+  node: string;
+  sa: string;
+  csr: string;
+}
+
+interface Program {
+  name: 'this' | 'baseline';
+  dist: string;
+}
+
+export async function* run(flags: Record<string, string | boolean>): AsyncGenerator<object> {
   const n = intFlag(flags, 'identities', 1000);
   const nodes = intFlag(flags, 'nodes', 50);
   const concurrency = Math.max(1, intFlag(flags, 'concurrency', 32));
-  const cli = fileURLToPath(new URL('../src/cli/bin.js', import.meta.url));
-  if (!existsSync(cli)) throw new Error(`${cli} is missing: run npm run build:ts`);
+  const programs: Program[] = [{ name: 'this', dist: here }];
+  if (typeof flags.baseline === 'string') programs.push({ name: 'baseline', dist: isAbsolute(flags.baseline) ? flags.baseline : resolve(flags.baseline) });
+  const rounds = Math.max(1, intFlag(flags, 'rounds', programs.length > 1 ? 3 : 1));
+  for (const p of programs) if (!existsSync(join(p.dist, 'src/cli/bin.js'))) throw new Error(`${join(p.dist, 'src/cli/bin.js')} is missing: run npm run build:ts${p.name === 'baseline' ? ' in the baseline tree' : ''}`);
   const dir = mkdtempSync(join(tmpdir(), 'fsm-bench-identity-'));
-  let ctrl: ChildProcess | undefined;
   try {
     // The mesh: one namespace, n service accounts with one pod each, round robin over the nodes.
     const objs: object[] = [{ apiVersion: 'v1', kind: 'Namespace', metadata: { name: 'bench', labels: { [LABEL_MONITORED_BY]: 'fsm' } } }];
@@ -57,78 +84,193 @@ export async function run(flags: Record<string, string | boolean>): Promise<obje
     await writeTokensFile(join(dir, 'tokens.json'), tokens);
 
     // Node side, beforehand: keys and CSRs are made on the nodes, not by the controller.
-    let t = performance.now();
-    const csrs: { node: string; sa: string; csr: string }[] = [];
+    const t = performance.now();
+    const csrs: Csr[] = [];
     for (let i = 0; i < n; i++) {
       const sa = `sa-${i}`;
       csrs.push({ node: nodeName(i % nodes), sa, csr: await createCsr(await generateKeyPair(), 'cluster.local', { namespace: 'bench', serviceAccount: sa }) });
     }
     const csrMakeMs = performance.now() - t;
 
-    const port = PORT_BASE + (process.pid % 100);
-    const state = join(dir, 'state');
-    const prof = typeof flags['cpu-prof'] === 'string' ? ['--cpu-prof', '--cpu-prof-dir', flags['cpu-prof']] : [];
-    ctrl = spawn(process.execPath, [...prof, cli, 'controller', '--manifests', manifests, '--tokens', join(dir, 'tokens.json'), '--listen', `127.0.0.1:${port}`, '--state-dir', state], {
-      stdio: ['ignore', 'ignore', 'inherit'],
-      env: { ...process.env, FSMN_LOG_LEVEL: 'warn', FSMN_LOG_FORMAT: 'json' },
-    });
+    const rows: { program: string; kind: string; row: Record<string, unknown> }[] = [];
+    for (let r = 0; r < rounds; r++) {
+      // Alternate the order so neither build always runs first (warm caches, a neighbour's burst).
+      const order = r % 2 === 0 ? programs : [...programs].reverse();
+      for (const p of order) {
+        const row = { program: p.name, round: r + 1, ...(await overHttps(p, { dir: join(dir, `${p.name}-${r}`), manifests, tokens, csrs, nodes, concurrency, cpuProf: flags['cpu-prof'], perRequest: flags['connection-per-request'] === true })), node_csr_make_ms_each: round(csrMakeMs / n, 2) };
+        rows.push({ program: p.name, kind: 'https', row });
+        yield row;
+      }
+      for (const p of order) {
+        const row = { program: p.name, round: r + 1, ...(await signPath(p, csrs)) };
+        rows.push({ program: p.name, kind: 'sign-path', row });
+        yield row;
+      }
+    }
+    if (programs.length > 1 || rounds > 1) yield summary(rows, programs);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/** Medians per build of the figures that matter, and this build's over the baseline's. */
+function summary(rows: { program: string; kind: string; row: Record<string, unknown> }[], programs: Program[]): object {
+  const med = (program: string, kind: string, field: string): number => {
+    const xs = rows.filter((r) => r.program === program && r.kind === kind).map((r) => Number(r.row[field]));
+    return round(quantile(xs, 0.5), 2);
+  };
+  const fields: [string, string][] = [
+    ['https', 'total_ms'],
+    ['https', 'controller_cpu_ms_per_issue'],
+    ['https', 'p99_ms'],
+    ['https', 'controller_rss_mib_after'],
+    ['https', 'controller_rss_growth_mib'],
+    ['sign-path', 'cpu_ms_per_issue'],
+  ];
+  const out: Record<string, unknown> = { bench: 'identity-issue', kind: 'summary', rounds: rows.filter((r) => r.program === 'this' && r.kind === 'https').length };
+  for (const [kind, field] of fields) {
+    const key = kind === 'https' ? field : `sign_path_${field}`;
+    for (const p of programs) out[`${key}_${p.name}`] = med(p.name, kind, field);
+    if (programs.length > 1) out[`${key}_ratio`] = round((out[`${key}_this`] as number) / (out[`${key}_baseline`] as number), 3);
+  }
+  out.load_avg_1m = round(loadavg()[0]!, 1);
+  return out;
+}
+
+interface HttpsRun {
+  dir: string;
+  manifests: string;
+  tokens: Record<string, string>;
+  csrs: Csr[];
+  nodes: number;
+  concurrency: number;
+  cpuProf: string | boolean | undefined;
+  /** A new TLS connection per certificate (no keep-alive). */
+  perRequest: boolean;
+}
+
+/** One controller process of build `p`, issuing every CSR once over HTTPS. */
+async function overHttps(p: Program, o: HttpsRun): Promise<Record<string, unknown>> {
+  const n = o.csrs.length;
+  mkdirSync(o.dir);
+  const tokensFile = join(o.dir, 'tokens.json');
+  await writeTokensFile(tokensFile, o.tokens);
+  const port = PORT_BASE + (process.pid % 100);
+  const state = join(o.dir, 'state');
+  const prof = typeof o.cpuProf === 'string' ? ['--cpu-prof', '--cpu-prof-dir', o.cpuProf, '--cpu-prof-name', `identity-issue-${p.name}-${Date.now()}.cpuprofile`] : [];
+  const ctrl: ChildProcess = spawn(process.execPath, [...prof, join(p.dist, 'src/cli/bin.js'), 'controller', '--manifests', o.manifests, '--tokens', tokensFile, '--listen', `127.0.0.1:${port}`, '--state-dir', state], {
+    stdio: ['ignore', 'ignore', 'inherit'],
+    env: { ...process.env, FSMN_LOG_LEVEL: 'warn', FSMN_LOG_FORMAT: 'json' },
+  });
+  try {
     const url = `https://127.0.0.1:${port}`;
     const ca = await until(async () => (existsSync(join(state, 'ca.crt')) ? readFileSync(join(state, 'ca.crt'), 'utf8') : undefined), 20_000);
     await until(async () => ((await call(url, ca, 'GET', '/readyz').catch(() => undefined))?.status === 200 ? true : undefined), 20_000);
     const before = await controllerMemory(ctrl.pid!, url, ca);
 
-    const agent = new Agent({ keepAlive: true, maxSockets: concurrency, ca });
+    const agent = new Agent({ keepAlive: !o.perRequest, maxSockets: o.concurrency, ca });
     const latencies: number[] = [];
     const failures = new Map<number, number>();
     let next = 0;
-    t = performance.now();
+    const cpu0 = process.cpuUsage();
+    const t = performance.now();
     await Promise.all(
-      Array.from({ length: concurrency }, async () => {
+      Array.from({ length: o.concurrency }, async () => {
         for (;;) {
           const i = next++;
-          if (i >= csrs.length) return;
-          const c = csrs[i]!;
+          if (i >= n) return;
+          const c = o.csrs[i]!;
           const s = performance.now();
-          const r = await call(url, ca, 'POST', `/v1/nodes/${c.node}/identities`, { namespace: 'bench', serviceAccount: c.sa, csr: c.csr }, tokens[c.node], agent);
+          const r = await call(url, ca, 'POST', `/v1/nodes/${c.node}/identities`, { namespace: 'bench', serviceAccount: c.sa, csr: c.csr }, o.tokens[c.node], agent);
           latencies.push(performance.now() - s);
           if (r.status !== 200) failures.set(r.status, (failures.get(r.status) ?? 0) + 1);
         }
       }),
     );
     const totalMs = performance.now() - t;
+    const clientCpu = process.cpuUsage(cpu0);
     agent.destroy();
     const after = await controllerMemory(ctrl.pid!, url, ca);
-    return [
-      {
-        bench: 'identity-issue',
-        identities: n,
-        nodes,
-        concurrency,
-        total_ms: round(totalMs, 1),
-        target_total_ms: 2000,
-        per_s: round((n / totalMs) * 1000, 1),
-        p50_ms: round(quantile(latencies, 0.5), 2),
-        p99_ms: round(quantile(latencies, 0.99), 2),
-        max_ms: round(Math.max(...latencies), 2),
-        failed: Object.fromEntries(failures),
-        issued_counter: after.issued,
-        // CPU the controller spent per certificate: on a shared or loaded machine the wall time says less than this.
-        controller_cpu_ms_per_issue: round((after.cpuMs - before.cpuMs) / n, 2),
-        load_avg_1m: round(loadavg()[0]!, 1),
-        node_csr_make_ms_each: round(csrMakeMs / n, 2),
-        controller_rss_mib_before: before.rssMiB,
-        controller_rss_mib_after: after.rssMiB,
-        controller_heap_used_mib_before: before.heapMiB,
-        controller_heap_used_mib_after: after.heapMiB,
-      },
-    ];
+    return {
+      bench: 'identity-issue',
+      kind: 'https',
+      identities: n,
+      nodes: o.nodes,
+      concurrency: o.concurrency,
+      connections: o.perRequest ? 'per-request' : 'keep-alive',
+      total_ms: round(totalMs, 1),
+      target_total_ms: 2000,
+      per_s: round((n / totalMs) * 1000, 1),
+      p50_ms: round(quantile(latencies, 0.5), 2),
+      p99_ms: round(quantile(latencies, 0.99), 2),
+      max_ms: round(Math.max(...latencies), 2),
+      failed: Object.fromEntries(failures),
+      issued_counter: after.issued,
+      // CPU the controller spent per certificate: on a shared or loaded machine the wall time says less than this.
+      controller_cpu_ms_per_issue: round((after.cpuMs - before.cpuMs) / n, 3),
+      // The nodes' side (HTTPS client, this process): shares the machine with the controller here.
+      client_cpu_ms_per_issue: round((clientCpu.user + clientCpu.system) / 1000 / n, 3),
+      load_avg_1m: round(loadavg()[0]!, 1),
+      controller_rss_mib_before: before.rssMiB,
+      controller_rss_mib_after: after.rssMiB,
+      controller_rss_growth_mib: round(after.rssMiB - before.rssMiB, 1),
+      controller_heap_used_mib_before: before.heapMiB,
+      controller_heap_used_mib_after: after.heapMiB,
+    };
   } finally {
-    if (ctrl && ctrl.exitCode === null) {
-      const exited = new Promise((r) => ctrl!.once('exit', r));
+    if (ctrl.exitCode === null) {
+      const exited = new Promise((r) => ctrl.once('exit', r));
       ctrl.kill('SIGTERM');
       await Promise.race([exited, new Promise((r) => setTimeout(r, 5000))]);
     }
-    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+interface IssueService {
+  issue(node: string, body: unknown): Promise<{ status: number; body: unknown }>;
+}
+
+/**
+ * Build `p`'s issuing code in this process: IdentityService.issue (request
+ * checks, CSR verification, signing by the built-in CA) for every CSR, no
+ * HTTP, no TLS. CPU per certificate from process.cpuUsage.
+ */
+async function signPath(p: Program, csrs: Csr[]): Promise<Record<string, unknown>> {
+  const load = (rel: string) => import(pathToFileURL(join(p.dist, rel)).href) as Promise<Record<string, unknown>>;
+  const { IdentityService } = (await load('src/controller/identities.js')) as { IdentityService: new (o: unknown) => IssueService };
+  const { BuiltinProvider, meshCaFileStore } = (await load('src/identity/providers/builtin.js')) as { BuiltinProvider: { start(o: unknown): Promise<unknown> }; meshCaFileStore(dir: string): unknown };
+  const caDir = mkdtempSync(join(tmpdir(), 'fsm-bench-identity-ca-'));
+  try {
+    const provider = await BuiltinProvider.start({ store: meshCaFileStore(caDir) });
+    const pods = new Map<string, { namespace: string; serviceAccount: string }[]>();
+    for (const c of csrs) pods.set(c.node, [...(pods.get(c.node) ?? []), { namespace: 'bench', serviceAccount: c.sa }]);
+    const service = new IdentityService({
+      provider,
+      podsOf: (node: string) => pods.get(node),
+      settings: () => ({ trustDomain: 'cluster.local', certificateLifetimeMs: null }),
+      rate: { perSecond: 1e9, burst: 1e9 },
+      maxIdentitiesPerNode: 1e9,
+    });
+    const once = async (c: Csr) => {
+      const a = await service.issue(c.node, { namespace: 'bench', serviceAccount: c.sa, csr: c.csr });
+      if (a.status !== 200) throw new Error(`${p.name}: ${c.node} ${c.sa}: ${JSON.stringify(a.body)}`);
+    };
+    for (const c of csrs.slice(0, 50)) await once(c); // warm up the JIT
+    const cpu0 = process.cpuUsage();
+    const t = performance.now();
+    for (const c of csrs) await once(c);
+    const cpu = process.cpuUsage(cpu0);
+    const ms = performance.now() - t;
+    return {
+      bench: 'identity-issue',
+      kind: 'sign-path',
+      identities: csrs.length,
+      cpu_ms_per_issue: round((cpu.user + cpu.system) / 1000 / csrs.length, 3),
+      wall_ms_per_issue: round(ms / csrs.length, 3),
+      load_avg_1m: round(loadavg()[0]!, 1),
+    };
+  } finally {
+    rmSync(caDir, { recursive: true, force: true });
   }
 }
 
@@ -156,12 +298,10 @@ function call(url: string, ca: string, method: string, path: string, body?: unkn
 
 async function controllerMemory(pid: number, url: string, ca: string): Promise<{ rssMiB: number; heapMiB: number; issued: number; cpuMs: number }> {
   const status = readFileSync(`/proc/${pid}/status`, 'utf8');
-  // utime + stime (fields 14, 15 of /proc/pid/stat, after the command name), in clock ticks of 10 ms.
-  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
-  const cpuMs = (Number(stat[11]) + Number(stat[12])) * 10;
   const rssKb = Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? NaN);
   const metrics = (await call(url, ca, 'GET', '/metrics')).text;
-  const heap = Number(/^fsm_node_controller_nodejs_heap_size_used_bytes (\S+)/m.exec(metrics)?.[1] ?? NaN);
-  const issued = Number(/^fsm_node_controller_certificates_issued_total (\S+)/m.exec(metrics)?.[1] ?? NaN);
-  return { rssMiB: round(rssKb / 1024, 1), heapMiB: round(heap / 2 ** 20, 1), issued, cpuMs };
+  const metric = (name: string) => Number(new RegExp(`^fsm_node_controller_${name} (\\S+)`, 'm').exec(metrics)?.[1] ?? NaN);
+  // process.cpuUsage() of the controller (user + system, microsecond resolution), as prom-client reports it.
+  const cpuMs = metric('process_cpu_seconds_total') * 1000;
+  return { rssMiB: round(rssKb / 1024, 1), heapMiB: round(metric('nodejs_heap_size_used_bytes') / 2 ** 20, 1), issued: metric('certificates_issued_total'), cpuMs };
 }

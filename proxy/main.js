@@ -21,6 +21,7 @@ import * as cs from './clusterset.js'
 import * as mqtt from './mqtt.js'
 import * as gateway from './gateway.js'
 import * as egress from './egress.js'
+import * as resilience from './resilience.js'
 
 var SOURCE_HEADER = 'fsmn-source-identity'
 
@@ -29,6 +30,9 @@ var SOURCE_HEADER = 'fsmn-source-identity'
 // and Apache, so the proxy, not the server, closes an idle connection: no
 // request is sent on a connection the server is closing.
 var UPSTREAM_MAX_IDLE = 4
+
+// Attempts to a clusterset IP tell multicluster.js which gateways answer (and count failovers).
+resilience.observeAttempts(mc.attemptOutcome)
 
 metrics.configVersion.clear()
 metrics.configVersion.withLabels(config.version).set(1)
@@ -44,12 +48,8 @@ var why
 // Per HTTP request
 var $start
 var $head
-// Clusterset IPs (multicluster.js): clusters a request failed on (null: not an import), its method
-var $tried = null
-var $method
-var $again = false
-var $dropping = false
-var $answered = false
+// The request's attempts (resilience.js): its retry policy, tries so far, endpoints and clusters tried
+var $attempt
 // Tunnels from other clusters: the exported service ("name.ns:port") a tunnel names
 var $gwTarget
 
@@ -94,6 +94,7 @@ function deny(reason, status, text) {
 
 var closeNow = $=>$.replaceStreamStart(new StreamEnd)
 var connectTarget = $=>$.connect(() => $route.target)
+var connectUpstream = $=>$.connect(() => $route.target, () => resilience.connectOptions($attempt && $attempt.service, $attempt && $attempt.timeoutMs))
 // The last hop to a pod of this node: MQTT ports go through proxy/mqtt.js
 // (topic access control and metrics) on the identity this hop proved.
 var mqttInfo = () => ({ source: $srcId || 'unknown', broker: $route.identity || 'unknown', grant: $grant })
@@ -112,10 +113,12 @@ var toLocalPod = $=>$
 // with connection-per-request clients that is thousands of connections, each
 // holding memory and one of the node's ephemeral ports towards that pod,
 // until connect() scans a full port range: the decay in docs/proxy.md.)
+// Upstream HTTP connections carry a read timeout a little longer than the
+// request timeout (resilience.connectOptions): the request itself is bounded
+// by resilience.withTimeout; this closes a connection left hung behind it.
+// Pools are keyed by it, since a connection has one read timeout.
 var muxToTarget = $=>$
-  .muxHTTP(() => $route.target, { maxIdle: UPSTREAM_MAX_IDLE }).to($=>$
-    .connect(() => $route.target)
-  )
+  .muxHTTP(() => $route.target + '|' + ($attempt ? $attempt.timeoutMs : ''), { maxIdle: UPSTREAM_MAX_IDLE }).to(connectUpstream)
 
 // HTTP over a tunnel to the target's node proxy: a tunnel per pod connection
 // and target, never shared with another connection (tunnel.js says why), so
@@ -158,10 +161,15 @@ var outboundTCP = $=>$
     } else if (($route.mode === 'tunnel' && (why = tls.refusal($srcId, $route))) || ($route.mode === 'gateway' && (why = cs.refusal($srcId, $route.cluster)))) {
       metrics.denied.withLabels($labels[0], $labels[1], why).increase()
       $route = Object.assign({}, $route, { mode: 'refused' })
-    } else if ($route.mode === 'tunnel') {
-      tunnel.use($srcId, $route, $labels)
+    } else if ((why = resilience.admitConnection($srcId, $route.service))) {
+      metrics.denied.withLabels($labels[0], $labels[1], why).increase()
+      $route = Object.assign({}, $route, { mode: 'refused' })
+    } else {
+      $route = Object.assign({}, $route, { admitted: true })
+      if ($route.mode === 'tunnel') tunnel.use($srcId, $route, $labels)
     }
   })
+  .handleStreamEnd(() => { if ($route.admitted) resilience.endConnection($route.service) })
   .handleData(d => metrics.bytes.withLabels($labels[0], $labels[1], 'sent').increase(d.size))
   .pipe(() => $route.mode, {
     denied: closeNow,
@@ -177,95 +185,87 @@ var outboundTCP = $=>$
 
 // ---- outbound, HTTP: one decision per request (splits balance requests) ------
 
-// Whether a clusterset IP's attempt that answered `status` goes again (and
-// mark it so for importHTTP's repeat).
-function retryImport(status, headers) {
-  if ($tried === null || $tried.length >= 3 || !mc.retryAfter($route, $method, status, headers)) return false
-  $tried.push($route.cluster)
-  mc.failovers.withLabels($route.service, $route.cluster).increase()
-  $again = true
-  return true
+// One HTTP request is one attempt loop of resilience.js. Each attempt asks
+// for its next target (nextRoute), is judged by access control and admitted
+// (circuit, limits, rate limits), forwarded under its timeout, and its answer
+// or failure is judged: it feeds outlier detection, circuit breaking and the
+// clusterset's gateway marks, and may end the attempt to try again elsewhere.
+// A request a retry policy covers (a Retry object, or the failover of a
+// clusterset IP) runs its attempts in repeat(); other requests go once and
+// pay nothing for it.
+
+// The next target: for a clusterset IP the first usable tier's member, the
+// clusters already tried skipped (multicluster.js); else an endpoint of the
+// service, outlier-aware, avoiding the endpoints already tried (route.js).
+function nextRoute(head) {
+  var a = $attempt
+  return mc.decideImport($dstIp, $dstPort, head, a.clusters, a.tried) || decide($dstIp, $dstPort, head, a.tried)
 }
 
-// One HTTP request, decided, sent and counted. `retry` (clusterset IPs only,
-// so plain requests pay nothing for it): a failed attempt ends in a way
-// importHTTP's repeat takes as "go again".
-var requestPipeline = retry => $ => {
-  var p = $
+function decideRequest(msg) {
+  var a = $attempt
+  resilience.attemptStarts(a)
+  $route = nextRoute(msg.head)
+  $labels = labelsOf($srcId, $route)
+  if (a.n === 0) metrics.requests.withLabels($labels[0], $labels[1]).increase()
+  if ($route.tier !== undefined) mc.routed.withLabels($route.service, $route.cluster || 'none').increase()
+  if ($route.mode === 'local') {
+    $grant = grant($srcId, $route.identity, portOf($route.target))
+    if (!requestAllowed($grant, msg.head)) $route = Object.assign({}, $route, { mode: 'denied' })
+  } else if (($route.mode === 'tunnel' && (why = tls.refusal($srcId, $route))) || ($route.mode === 'gateway' && (why = cs.refusal($srcId, $route.cluster)))) {
+    $route = Object.assign({}, $route, { mode: 'unauthenticated', why })
+  }
+  if (resilience.toEndpoint($route) && resilience.admit(a, $route.service)) $route = Object.assign({}, $route, { mode: 'limited', pool: null })
+  if ($route.mode === 'tunnel') tunnel.use($srcId, $route, $labels)
+  resilience.dispatch(a, $route, msg.head)
+}
+
+var currentAttempt = () => $attempt
+
+var forwardByMode = {
+  denied: $=>$.replaceMessage(() => deny('access', 403, 'access denied by fsm-node')),
+  refused: $=>$.replaceMessage(() => deny('refused', 503, 'no endpoint available')),
+  unavailable: $=>$.replaceMessage(() => deny('unavailable', 503, 'no endpoint available')),
+  unauthenticated: $=>$.replaceMessage(() => deny($route.why, 503, 'no valid identity certificate for this source: ' + $route.why)),
+  limited: $=>$.replaceMessage(() => resilience.refusal($attempt)),
+  tunnel: resilience.withTimeout(tunnel.http, currentAttempt),
+  gateway: resilience.withTimeout(muxToGateway, currentAttempt),
+  local: resilience.withTimeout(muxToTarget, currentAttempt),
+  direct: resilience.withTimeout(muxToTarget, currentAttempt),
+  egress: resilience.withTimeout(muxToTarget, currentAttempt),
+}
+
+// One attempt: decided, sent, judged. An answer to try again is dropped as
+// it arrives and ends the attempt (StreamEnd 'Replay') at its end.
+var attemptRequest = $=>$
+  .handleMessageStart(decideRequest)
+  .handleData(d => { if ($attempt.n === 0) metrics.bytes.withLabels($labels[0], $labels[1], 'sent').increase(d.size) })
+  .pipe(() => $route.mode, forwardByMode)
+  .replaceMessageStart(msg => resilience.judgeAnswer($attempt, $route, msg))
+  .replaceData(d => resilience.passData($attempt, d))
+  .replaceMessageEnd(e => resilience.judgeMessageEnd($attempt, e))
+  .replaceStreamEnd(e => resilience.judgeEnd($attempt, $route, e))
+
+var outboundHTTP = $=>$
+  .demuxHTTP().to($=>$
     .handleMessageStart(msg => {
       $start = Date.now()
-      $answered = false
-      $route = ($tried && mc.decideImport($dstIp, $dstPort, msg.head, $tried)) || decide($dstIp, $dstPort, msg.head)
-      $labels = labelsOf($srcId, $route)
-      metrics.requests.withLabels($labels[0], $labels[1]).increase()
-      if ($route.tier !== undefined) mc.routed.withLabels($route.service, $route.cluster || 'none').increase()
-      if ($route.mode === 'local') {
-        $grant = grant($srcId, $route.identity, portOf($route.target))
-        if (!requestAllowed($grant, msg.head)) $route = Object.assign({}, $route, { mode: 'denied' })
-      } else if (($route.mode === 'tunnel' && (why = tls.refusal($srcId, $route))) || ($route.mode === 'gateway' && (why = cs.refusal($srcId, $route.cluster)))) {
-        $route = Object.assign({}, $route, { mode: 'unauthenticated', why })
-      } else if ($route.mode === 'tunnel') {
-        tunnel.use($srcId, $route, $labels)
-      }
+      var imp = mc.importAt($dstIp, $dstPort)
+      var svc = imp ? null : config.services[$dstIp + ':' + $dstPort]
+      $attempt = resilience.begin($srcId, msg.head, imp ? imp.service : (svc ? svc.service : null), imp !== null)
     })
-    .handleData(d => metrics.bytes.withLabels($labels[0], $labels[1], 'sent').increase(d.size))
-    .pipe(() => $route.mode, {
-      denied: $=>$.replaceMessage(() => deny('access', 403, 'access denied by fsm-node')),
-      refused: $=>$.replaceMessage(() => deny('refused', 503, 'no endpoint available')),
-      unavailable: $=>$.replaceMessage(() => deny('unavailable', 503, 'no endpoint available')),
-      unauthenticated: $=>$.replaceMessage(() => deny($route.why, 503, 'no valid identity certificate for this source: ' + $route.why)),
-      tunnel: tunnel.http,
-      gateway: muxToGateway,
-      local: muxToTarget,
-      direct: muxToTarget,
-      egress: muxToTarget,
+    .pipe(() => $attempt.mayRetry ? 'retry' : 'once', {
+      retry: $=>$.repeat(evt => resilience.again($attempt, evt)).to(attemptRequest),
+      once: attemptRequest,
     })
-  if (retry) p = p
-    // A clusterset IP's request that failed goes again, on the next usable
-    // member (importHTTP's repeat): its response head becomes the end of the
-    // attempt, and what the failed attempt still sends after it is dropped.
-    .handleMessageStart(() => {
-      $dropping = false
-      $answered = true
-    })
-    .replaceData(d => $dropping ? undefined : d)
-    .replaceMessageEnd(e => $dropping ? undefined : e)
-    // Ended without a response head (connection refused, reset, read
-    // timeout; a failed tunnel may end without an error code): a failure too.
-    .replaceStreamEnd(e => {
-      if ($dropping) return undefined
-      if ($answered || !retryImport(502, null)) return e
-      return new StreamEnd
-    })
-    .replaceMessageStart(msg => {
-      if (!retryImport(msg.head.status, msg.head.headers)) return msg
-      $dropping = true
-      return new StreamEnd
-    })
-  return p
+    .handleMessageEnd(() => resilience.end($attempt))
+    .handleStreamEnd(() => resilience.end($attempt))
     .handleMessageStart(msg => {
       var status = msg.head.status
       metrics.responses.withLabels($labels[0], $labels[1], metrics.statusClass(status)).increase()
       metrics.latency.withLabels($labels[0], $labels[1]).observe(Date.now() - $start)
     })
     .handleData(d => metrics.bytes.withLabels($labels[0], $labels[1], 'received').increase(d.size))
-}
-
-var outboundHTTP = $=>$.demuxHTTP().to(requestPipeline(false))
-
-// Requests to a clusterset IP are kept (repeat) until answered, so a failed
-// one can go again to the next tier within the same request.
-var importHTTP = $=>$
-  .demuxHTTP().to($=>$
-    .handleMessageStart(msg => {
-      $tried = []
-      $method = msg.head.method
-    })
-    .repeat(() => {
-      var again = $again
-      $again = false
-      return again
-    }).to(requestPipeline(true))
   )
 
 pipy.listen(config.listen.outbound, { transparent: true }, $=>$
@@ -282,10 +282,10 @@ pipy.listen(config.listen.outbound, { transparent: true }, $=>$
   .pipe(() => {
     if ($dstIp === '') return 'tcp'
     var imported = mc.protocolOf($dstIp, $dstPort)
-    if (imported) return imported === 'http' ? 'clusterset' : 'tcp'
+    if (imported) return imported === 'http' ? 'http' : 'tcp'
     if (egress.handles($srcId, $dstIp, $dstPort)) return 'egress:' + egress.outbound($srcId, $dstIp, $dstPort)
     return protocolOf($dstIp, $dstPort) === 'http' ? 'http' : 'tcp'
-  }, Object.assign({ http: outboundHTTP, clusterset: importHTTP, tcp: outboundTCP }, egress.branches))
+  }, Object.assign({ http: outboundHTTP, tcp: outboundTCP }, egress.branches))
 )
 
 // ---- inbound: tunnels from the other node proxies ----------------------------
@@ -335,11 +335,12 @@ pipy.listen(config.listen.inbound, tls.serve($=>$
     .pipe(() => config.endpoints[$dstIp].ports[$dstPort] || 'tcp', {
       http: $=>$
         .demuxHTTP().to($=>$
-          .handleMessageStart(msg => { $head = msg.head })
+          .handleMessageStart(msg => { $head = msg.head; $attempt = resilience.fromPeer(msg.head) })
           .pipe(() => requestAllowed($grant, $head) ? 'allowed' : 'denied', {
             allowed: muxToTarget,
             denied: $=>$.replaceMessage(new Message({ status: 403, headers: { 'content-type': 'text/plain' } }, 'access denied by fsm-node\n')),
           })
+          .replaceStreamEnd(evt => resilience.peerHopEnd(evt))
         ),
       mqtt: mqtt.guard(mqttInfo, connectTarget),
       tcp: connectTarget,

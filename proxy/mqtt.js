@@ -19,6 +19,14 @@
 // for byte (a SUBSCRIBE with denied filters is rebuilt from the client's own
 // bytes minus those filters).
 //
+// Cost: every packet of a busy connection passes here, so the hot path (a
+// PUBLISH, either way; the acks) is kept to a few JavaScript calls: the fixed
+// header is read as two bytes at once, a PUBLISH as one read of its first
+// PUBLISH_PREFIX bytes (topic, packet id, properties; for small messages the
+// whole packet), whatever follows is passed through without a call, and what
+// a connection learns about a topic (allowed, metric label, counters) is kept
+// for the connection. docs/mqtt.md has the numbers.
+//
 // Answering the client: the pipeline is linear (client -> broker -> client),
 // so an answer of ours (PUBACK/PUBREC "not authorized", the SUBACK of a
 // SUBSCRIBE whose every filter was denied, the PUBCOMP of a denied QoS 2
@@ -74,21 +82,24 @@ var topicCount = 0
 
 function topicLabel(topic) {
   var t = topics.foldTopic(topic, settings.topicLevels)
-  if (topicLabels[t]) return t
+  if (topicLabels[t] === true) return t
   if (topicCount >= settings.maxTopics) return '(other)'
   topicLabels[t] = true
   topicCount++
   return t
 }
 
-// What this connection knows about a topic, worked out once: whether it may
-// publish it, its metric label and its message and byte counters per QoS.
-// At most settings.maxTopics entries per connection, then no more caching.
+// What this connection knows about a topic, worked out once: whether it is a
+// valid topic name, whether it may publish it, its metric label and its
+// message and byte counters per QoS. At most settings.maxTopics entries per
+// connection, then no more caching.
 function topicInfo(side, topic) {
   var t = $topics[side]
   var info = t.map[topic]
-  if (info) return info
-  info = { allowed: side === 'publish' ? canPublish(topic) : true, label: topicLabel(topic), counters: [] }
+  // (A plain object answers 'constructor' and 'valueOf' with its own methods: topics can be named so.)
+  if (typeof info === 'object') return info
+  var valid = topics.validTopicName(topic)
+  info = { valid, allowed: valid && (side !== 'publish' || canPublish(topic)), label: valid ? topicLabel(topic) : '', counters: [] }
   if (t.size < settings.maxTopics) {
     t.map[topic] = info
     t.size++
@@ -96,17 +107,13 @@ function topicInfo(side, topic) {
   return info
 }
 
-function countMessage(side, info, qos, bytes) {
-  var c = info.counters[qos]
-  if (!c) {
-    var q = String(qos)
-    c = info.counters[qos] = [
-      metrics.mqttMessages.withLabels($info.source, $info.broker, side, q, info.label),
-      metrics.mqttBytes.withLabels($info.source, $info.broker, side, q, info.label),
-    ]
-  }
-  c[0].increase()
-  c[1].increase(bytes)
+// The message and byte counters of a topic's messages of one QoS, made once per connection.
+function counters(side, info, qos) {
+  var q = String(qos)
+  return (info.counters[qos] = [
+    metrics.mqttMessages.withLabels($info.source, $info.broker, side, q, info.label),
+    metrics.mqttBytes.withLabels($info.source, $info.broker, side, q, info.label),
+  ])
 }
 
 function count(kind, extra, n) {
@@ -187,13 +194,57 @@ function propertyLength(id, b, i) {
   throw new Error('malformed')
 }
 
-function topicAliasIn(props) {
-  var b = props.toArray()
-  // Property ids are one-byte varints.
-  for (var i = 0; i < b.length; i += 1 + propertyLength(b[i], b, i + 1)) {
+// The topic alias (property 35) in the MQTT 5 property block b[i..end), or 0.
+function topicAlias(b, i, end) {
+  // Property ids are one-byte varints; every property takes at least 2 bytes.
+  for (var k = 0; i < end && k < end; k++) {
     if (b[i] === 35) return u16at(b, i + 1)
+    i += 1 + propertyLength(b[i], b, i + 1)
   }
+  if (i > end) throw new Error('malformed')
   return 0
+}
+
+// The variable header of a PUBLISH from `d`, which holds the first bytes of
+// its body (or all of it): { topic, pid, alias }, the number of body bytes
+// needed to read it when `d` is too short, or null when it is malformed. Read from a copy
+// (d is forwarded as it is), through short pieces: a toArray() of the whole
+// prefix costs more than the rest of the packet's handling.
+function publishHead(d, qos) {
+  var c = new Data(d)
+  var t = c.shift(2).toArray()
+  var tl = t[0] * 256 + t[1]
+  var fixed = 2 + tl + (qos > 0 ? 2 : 0)
+  if (d.size < fixed + ($level >= 5 ? 1 : 0)) return fixed + ($level >= 5 ? 4 : 0)
+  var topic = tl === 0 ? '' : c.shift(tl).toString()
+  // 3.1.1: nothing else to read (a denied PUBLISH closes the connection; no packet id needed).
+  if ($level < 5) return { topic, pid: 0, alias: 0 }
+  // Packet id and up to 4 bytes of property length.
+  var want = (qos > 0 ? 2 : 0) + 4
+  var b = c.shift(c.size < want ? c.size : want).toArray()
+  var pid = qos > 0 ? b[0] * 256 + b[1] : 0
+  var p = qos > 0 ? 2 : 0
+  var n = 0
+  var mul = 1
+  var more = true
+  for (var k = 0; more && k < 4; k++) {
+    if (p >= b.length) return fixed + 4
+    more = (b[p] & 128) !== 0
+    n += (b[p++] & 127) * mul
+    mul *= 128
+  }
+  if (more) return null
+  var start = fixed + p - (qos > 0 ? 2 : 0)
+  if (n === 0) return { topic, pid, alias: 0 }
+  if (d.size < start + n) return start + n
+  // Properties (rare on the hot path): the block as an array.
+  var props = new Data(d)
+  props.shift(start)
+  try {
+    return { topic, pid, alias: topicAlias(props.shift(n).toArray(), 0, n) }
+  } catch (e) {
+    return null
+  }
 }
 
 // ---- decisions -------------------------------------------------------------
@@ -271,28 +322,53 @@ function onConnect(first, body) {
   return [packet(first, body)]
 }
 
-function onPublish(first, body) {
-  var qos = (first >> 1) & 3
-  if (qos === 3) return close('malformed')
-  var r = new Data(body)
-  var topic = str(r)
-  var pid = qos > 0 ? u16of(r) : 0
-  var alias = 0
-  if ($level >= 5) alias = topicAliasIn(take(r, readVarint(r)))
-  if (topic === '' && alias > 0) topic = $aliasIn[alias] || ''
-  if (!topics.validTopicName(topic)) return close('malformed')
-  var info = topicInfo('publish', topic)
-  if (!info.allowed) {
-    count('mqttDenied', ['publish', info.label])
-    // 3.1.1 has no negative PUBACK: a broker closes the connection, and so do we.
-    if ($level < 5) return close('publish-denied')
-    if (qos === 0) return []
-    if (qos === 2) $q2[pid] = true
-    return answerLater(packet(qos === 1 ? 0x40 : 0x50, new Data(u16(pid).concat([V5_NOT_AUTHORIZED]))))
+// The hot path: a PUBLISH either way. f: the framing state (f.head, the fixed
+// header's bytes; f.len, the body's length), h: its variable header
+// (publishHead), d: the body's first bytes, read. Returns deframe's answer:
+// the events to send on and the next state. Written for few calls: in Pipy
+// 1.5 every call, of a function or a method, costs about as much as the
+// arithmetic around it.
+
+// A PUBLISH from the client.
+function onPublish(f, h, d) {
+  var qos = (f.first >> 1) & 3
+  var topic = h.topic
+  if (topic === '' && h.alias > 0) topic = $aliasIn[h.alias] || ''
+  var info = $topics.publish.map[topic]
+  if (typeof info !== 'object') info = topicInfo('publish', topic)
+  if (!info.valid) return closeWith([], 'malformed')
+  if (!info.allowed) return denyPublish(f, h, d, qos, info)
+  if (h.alias > 0) $aliasIn[h.alias] = topic
+  var c = info.counters[qos] || counters('publish', info, qos)
+  c[0].increase()
+  c[1].increase(f.len)
+  return f.len > d.size ? [f.head, d, 'pass', f.len - d.size] : [f.head, d, 'fixed', 2, new Data]
+}
+
+function denyPublish(f, h, d, qos, info) {
+  count('mqttDenied', ['publish', info.label])
+  // 3.1.1 has no negative PUBACK: a broker closes the connection, and so do we.
+  if ($level < 5) return closeWith([], 'publish-denied')
+  var events = []
+  if (qos === 2) $q2[h.pid] = true
+  if (qos > 0) events = answerLater(packet(qos === 1 ? 0x40 : 0x50, new Data(u16(h.pid).concat([V5_NOT_AUTHORIZED]))))
+  return skipRest(events, f, d.size)
+}
+
+// A PUBLISH the broker delivers to the client: counted.
+function onDeliver(f, h, d) {
+  var qos = (f.first >> 1) & 3
+  var topic = h.topic
+  if (h.alias > 0) {
+    if (topic === '') topic = $aliasOut[h.alias] || '(alias)'
+    else $aliasOut[h.alias] = topic
   }
-  if (alias > 0) $aliasIn[alias] = topic
-  countMessage('publish', info, qos, body.size)
-  return [packet(first, body)]
+  var info = $topics.deliver.map[topic]
+  if (typeof info !== 'object') info = topicInfo('deliver', topic)
+  var c = info.counters[qos] || counters('deliver', info, qos)
+  c[0].increase()
+  c[1].increase(f.len)
+  return f.len > d.size ? [f.head, d, 'pass', f.len - d.size] : [f.head, d, 'fixed', 2, new Data]
 }
 
 function onSubscribe(first, body) {
@@ -334,7 +410,6 @@ function onClientPacket(first, body) {
   if (!$connected && type !== CONNECT) return close('protocol-error')
   switch (type) {
     case CONNECT: return $level ? close('protocol-error') : onConnect(first, body)
-    case PUBLISH: return onPublish(first, body)
     case SUBSCRIBE: return onSubscribe(first, body)
     case PINGREQ:
       $pings.push(null)
@@ -377,18 +452,6 @@ function onBrokerPacket(first, body) {
       count('mqttConnects', [code === 0 ? 'accepted' : 'broker-' + code])
       return [packet(first, body)]
     }
-    case PUBLISH: {
-      var qos = (first >> 1) & 3
-      var r = new Data(body)
-      var topic = str(r)
-      if (qos > 0) u16of(r)
-      if ($level >= 5) {
-        var alias = topicAliasIn(take(r, readVarint(r)))
-        if (alias > 0) { if (topic === '') topic = $aliasOut[alias] || '(alias)'; else $aliasOut[alias] = topic }
-      }
-      countMessage('deliver', topicInfo('deliver', topic), qos, body.size)
-      return [packet(first, body)]
-    }
     case SUBACK: return onSuback(first, body)
     case PINGRESP: {
       var answer = $pings.shift()
@@ -400,77 +463,135 @@ function onBrokerPacket(first, body) {
 
 // ---- framing ---------------------------------------------------------------
 
-// deframe states for one direction: fixed header byte, remaining length (at
-// most 4 bytes, at most maxPacketBytes), then the body, passed on inside a
-// MessageStart/MessageEnd pair that packetsOf() turns back into a packet.
-// (Pass, not read into a buffer: Pipy 1.5.18's deframe keeps a read buffer
-// across a pipeline's reuse, and the next connection's first byte would be
-// lost.)
-// Packet types whose body the proxy reads, per direction; every other packet
-// (PUBACK, PUBREC, PUBCOMP, UNSUBSCRIBE, UNSUBACK, DISCONNECT, AUTH, ...) is
-// passed through as it streams in, without a JavaScript call for its body.
+// A PUBLISH is read up to this many bytes of its body at once: a topic of up
+// to 100 bytes or so, packet id and properties, and the whole of a small
+// message. Longer variable headers are read on; the rest is passed through.
+var PUBLISH_PREFIX = 128
+// A denied PUBLISH's rest is read and dropped in pieces of at most this size.
+var DROP_CHUNK = 65536
+
+// Packet types whose whole body the proxy reads, per direction (PUBLISH aside);
+// every other packet (PUBACK, PUBREC, PUBCOMP, UNSUBSCRIBE, UNSUBACK,
+// DISCONNECT, AUTH, ...) is passed through as it streams in, without a
+// JavaScript call for its body.
 var READS = {
-  client: [false, true, false, true, false, false, true, false, true, false, false, false, true, false, false, false],
-  broker: [false, false, true, true, false, false, false, false, false, true, false, false, false, true, false, false],
+  client: [false, true, false, false, false, false, true, false, true, false, false, false, true, false, false, false],
+  broker: [false, false, true, false, false, false, false, false, false, true, false, false, false, true, false, false],
 }
 
+// The fixed header: its first two bytes at once (byte 1 is the first, or
+// only, byte of the remaining length), read into a Data that is then sent on
+// as it is (a new Data([...]) would take a fresh 16 KiB chunk from Pipy's
+// pool). Every state that ends a packet returns ['fixed', 2, new Data].
+
+// After a handler's events: the connection closes, or the rest of the packet
+// is dropped (in pieces, never buffered whole), then the next packet.
+function closeWith(events, reason) {
+  count('mqttClosed', [reason])
+  $closed = true
+  events.push(new StreamEnd, 'closed')
+  return events
+}
+
+function skipRest(events, f, consumed) {
+  if ($closed) {
+    events.push('closed')
+    return events
+  }
+  var rest = f.len - consumed
+  if (rest <= 0) {
+    events.push('fixed', 2, new Data)
+    return events
+  }
+  f.drop = rest
+  events.push('drop', rest < DROP_CHUNK ? rest : DROP_CHUNK, new Data)
+  return events
+}
+
+// deframe states for one direction. Pipy 1.5.18's deframe keeps the buffer of
+// a read that a closed connection left unfinished and hands it, in place of
+// the first byte, to the first state of the next connection the pipeline
+// serves (and a connection always ends inside a read: of its next fixed
+// header at least): so every stream starts with a sentinel byte (guard(),
+// below), which 'start' takes, whatever it is given.
 function framer(side) {
   var reads = READS[side]
-  var fail = reason => {
-    count('mqttClosed', [reason])
-    $closed = true
-    return [new StreamEnd, 'closed']
+  var handle = side === 'client' ? onClientPacket : onBrokerPacket
+  var onPub = side === 'client' ? onPublish : onDeliver
+  // The remaining length is known: what to read of the body.
+  var headerDone = f => {
+    var type = f.first >> 4
+    if (f.len > settings.maxPacketBytes) return closeWith([], 'oversized')
+    if (type === PUBLISH) {
+      if ((f.first & 6) === 6 || f.len < 2) return closeWith([], 'malformed') // QoS 3, or no room for a topic
+      if (side === 'client' && !$connected) return closeWith([], 'protocol-error')
+      return ['publish', f.len < PUBLISH_PREFIX ? f.len : PUBLISH_PREFIX, new Data]
+    }
+    if (side === 'client' && !$connected && type !== CONNECT) return closeWith([], 'protocol-error')
+    if (reads[type]) return f.len === 0 ? whole(f, new Data) : ['whole', f.len, new Data]
+    // Passed through unread.
+    return f.len === 0 ? [f.head, 'fixed', 2, new Data] : [f.head, 'pass', f.len]
+  }
+  // A packet read whole (CONNECT, SUBSCRIBE, SUBACK, ...: not the hot path).
+  var whole = (f, d) => {
+    try {
+      var events = handle(f.first, d)
+    } catch (e) {
+      return closeWith([], 'malformed')
+    }
+    return skipRest(events, f, f.len)
   }
   return {
-    header: b => {
+    start: () => ['fixed', 2, new Data],
+    fixed: d => {
       if ($closed) return 'closed'
       var f = $fr[side]
-      f.first = b
-      f.len = 0
-      f.mul = 1
-      f.n = 0
-      return (b >> 4) === 0 ? fail('malformed') : 'length'
+      var b = d.toArray()
+      f.head = d
+      f.first = b[0]
+      f.len = b[1] & 127
+      f.mul = 128
+      if ((b[0] >> 4) === 0) return closeWith([], 'malformed')
+      return (b[1] & 128) ? ['length', 1, d] : headerDone(f)
     },
-    length: b => {
+    // Further bytes of the remaining length (at most 4 in all), read into the same Data.
+    length: d => {
+      if ($closed) return 'closed'
       var f = $fr[side]
-      f.len += (b & 127) * f.mul
+      var b = d.toArray()
+      var c = b[b.length - 1]
+      f.len += (c & 127) * f.mul
       f.mul *= 128
-      f.n++
-      if (b & 128) return f.n >= 4 ? fail('malformed') : 'length'
-      if (f.len > settings.maxPacketBytes) return fail('oversized')
-      if (side === 'client' && !$connected && (f.first >> 4) !== CONNECT) return fail('protocol-error')
-      if (!reads[f.first >> 4]) {
-        var head = new Data([f.first].concat(varint(f.len)))
-        return f.len === 0 ? [head, 'header'] : [head, 'pass', f.len]
-      }
-      if (f.len === 0) return [new MessageStart({ first: f.first }), new MessageEnd, 'header']
-      return [new MessageStart({ first: f.first }), 'body', f.len]
+      if (c & 128) return b.length >= 5 ? closeWith([], 'malformed') : ['length', 1, d]
+      return headerDone(f)
     },
-    body: () => [new MessageEnd, 'header'],
-    pass: () => 'header',
-    // After a close: whatever still arrives is dropped.
-    closed: () => 'closed',
-  }
-}
-
-// One framed packet -> the events onPacket(first byte, body) sends on.
-function packetsOf(onPacket) {
-  return msg => {
-    if ($closed) return []
-    try {
-      return onPacket(msg.head.first, msg.body || new Data)
-    } catch (e) {
-      count('mqttClosed', ['malformed'])
-      $closed = true
-      return [new StreamEnd]
-    }
+    publish: d => {
+      if ($closed) return 'closed'
+      var f = $fr[side]
+      var h = publishHead(d, (f.first >> 1) & 3)
+      if (h === null) return closeWith([], 'malformed')
+      if (typeof h === 'number') {
+        // Read on (into d), up to the end of the packet; a packet that ends first is malformed.
+        if (d.size >= f.len) return closeWith([], 'malformed')
+        return ['publish', (h < f.len ? h : f.len) - d.size, d]
+      }
+      return onPub(f, h, d)
+    },
+    whole: d => ($closed ? 'closed' : whole($fr[side], d)),
+    pass: () => ['fixed', 2, new Data],
+    drop: d => {
+      var f = $fr[side]
+      f.drop -= d.size
+      return f.drop > 0 ? ['drop', f.drop < DROP_CHUNK ? f.drop : DROP_CHUNK, new Data] : ['fixed', 2, new Data]
+    },
+    // After a close: whatever still arrives is dropped, without a call.
+    closed: 'closed',
   }
 }
 
 var fromClient = framer('client')
 var fromBroker = framer('broker')
-var clientPacket = packetsOf(onClientPacket)
-var brokerPacket = packetsOf(onBrokerPacket)
+var sentinel = evt => [new Data([0]), evt]
 
 // The pipeline of one MQTT connection to a broker pod of this node.
 // info(): { source, broker (identities, 'unknown' when not known), grant
@@ -495,14 +616,14 @@ export function guard(info, toBroker) {
       $closed = false
       $topics = { publish: { map: {}, size: 0 }, deliver: { map: {}, size: 0 } }
     })
+    .replaceStreamStart(sentinel)
     .deframe(fromClient)
-    .replaceMessage(clientPacket)
     .pipe(() => ($refused ? 'refused' : 'broker'), {
       // The CONNACK and the end are already in the stream: the client gets them, the broker never hears of it.
       refused: $=>$.handleStreamEnd(() => {}),
       broker: $=>$
         .pipe(() => 'connect', { connect: toBroker })
-        .deframe(fromBroker)
-        .replaceMessage(brokerPacket),
+        .replaceStreamStart(sentinel)
+        .deframe(fromBroker),
     })
 }

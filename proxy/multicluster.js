@@ -1,14 +1,17 @@
 // Multi-cluster (src/multicluster, docs/multicluster.md): clusterset IPs of
 // imported services, and the gateway side that takes tunnels from other
 // clusters. main.js calls in at three points: deciding the route of a
-// connection or request to a clusterset IP, retrying a failed request on the
-// next tier, and accepting a tunnel from another cluster.
+// connection or request to a clusterset IP (per attempt of resilience.js's
+// loop, which retries a failed request on the next tier), hearing how an
+// attempt went, and accepting a tunnel from another cluster.
 //
 // Tiers: an import lists tiers in order (GlobalTrafficPolicy); the first
 // with a usable member carries the traffic, members of a tier share it by
 // weight (smooth weighted round robin). Usable: the local member while the
-// local Service has an endpoint; a remote member while it reported ready
-// endpoints and one of its gateways is not marked dead.
+// local Service has a healthy endpoint (resilience.js's outlier state: not
+// ejected, not failing right now; any endpoint when no tier has a usable
+// member); a remote member while it reported ready endpoints and one of its
+// gateways is not marked dead.
 //
 // A gateway is marked dead when a tunnel to it fails (connect refused or
 // timed out, the connection read-timed out, or a 5xx that did not come from
@@ -22,6 +25,7 @@
 import config from './config.js'
 import { decide } from './route.js'
 import * as cs from './clusterset.js'
+import { healthy } from './resilience.js'
 
 var MC = config.multicluster || null
 export var enabled = MC !== null
@@ -30,8 +34,6 @@ export var enabled = MC !== null
 // (probes, not client requests, find out whether it is back: no backoff needed).
 var DEAD_MS = 3000
 
-// Safe methods (RFC 9110 9.2.1) are retried on the next tier within the request.
-var SAFE = { GET: true, HEAD: true, OPTIONS: true, TRACE: true }
 // Response header a gateway puts on its own refusals: a 5xx without it came from the transport.
 export var GATEWAY_HEADER = 'fsmn-gateway'
 
@@ -98,14 +100,15 @@ function markAlive(gw) {
   if (deadUntil[gw]) delete deadUntil[gw]
 }
 
-function localUsable(addr) {
+// strict: only endpoints outlier detection finds healthy count.
+function localUsable(addr, strict) {
   var svc = config.services[addr]
-  return !!svc && svc.backends.some(b => b.endpoints.length > 0)
+  return !!svc && svc.backends.some(b => (strict ? b.endpoints.some(healthy) : b.endpoints.length > 0))
 }
 
-function usable(m, tried) {
+function usable(m, tried, strict) {
   if (tried && tried.indexOf(m.cluster) >= 0) return false
-  if (m.local !== null) return localUsable(m.local)
+  if (m.local !== null) return localUsable(m.local, strict)
   return m.ready > 0 && m.gateways.some(g => alive(g, m.cluster))
 }
 
@@ -132,27 +135,31 @@ function pickGateway(key, gateways, cluster) {
 }
 
 // The route to a clusterset IP, or null when the address is not one.
-// `tried`: clusters that failed this request already (retries skip them).
-export function decideImport(dstIp, dstPort, head, tried) {
+// `tried`: clusters that failed this request already (retries skip them);
+// `avoid`: endpoints it failed on (for the local member's pick).
+export function decideImport(dstIp, dstPort, head, tried, avoid) {
   var dst = dstIp + ':' + dstPort
   var imp = importAt(dstIp, dstPort)
   if (!imp) return null
-  // The first tier with a usable member (PipyJS has neither `while` nor `continue`).
+  // The first tier with a usable member (PipyJS has neither `while` nor
+  // `continue`); failing local endpoints count when nothing else is usable.
   var t = -1
   var members = null
-  imp.tiers.forEach((tier, i) => {
+  var firstUsable = strict => imp.tiers.forEach((tier, i) => {
     if (members !== null) return
-    var live = tier.filter(m => usable(m, tried))
+    var live = tier.filter(m => usable(m, tried, strict))
     if (live.length > 0) {
       members = live
       t = i
     }
   })
+  firstUsable(true)
+  firstUsable(false)
   if (members !== null) {
     var m = pickMember(dst + '#' + t, members)
     if (m.local !== null) {
       var colon = m.local.lastIndexOf(':')
-      var r = decide(m.local.substring(0, colon), +m.local.substring(colon + 1), head)
+      var r = decide(m.local.substring(0, colon), +m.local.substring(colon + 1), head, avoid)
       return Object.assign({}, r, { service: imp.service, cluster: m.cluster, tier: t })
     }
     var gw = pickGateway(dst + '>' + m.cluster, m.gateways, m.cluster)
@@ -161,17 +168,18 @@ export function decideImport(dstIp, dstPort, head, tried) {
   return { mode: 'unavailable', target: dst, tunnel: null, identity: null, local: false, service: imp.service, protocol: imp.protocol, cluster: null, tier: -1 }
 }
 
-// After a response to a request routed by decideImport: should the request
-// go again to the next usable member? Marks a failed gateway dead. A 5xx of
-// the local tier, or of a remote gateway that has no endpoint, counts too
-// (FSM's failover retries on 5xx the same way); only safe methods are retried.
-export function retryAfter(route, method, status, headers) {
-  if (!route || route.tier === undefined || route.cluster === null) return false
-  var fromGateway = route.mode === 'gateway' && (status < 500 || (headers && headers[GATEWAY_HEADER]))
+// After an attempt of a request routed by decideImport (resilience.js's
+// attempt loop calls this; the loop decides whether the request goes again,
+// on the next usable member: for safe methods on a 5xx or no answer, as FSM's
+// failover retries on 5xx): a gateway that answered is alive, one whose
+// tunnel failed (no answer, or a 5xx that did not come from the gateway) is
+// marked dead. `status` 0: no answer. `retrying`: the request fails over.
+export function attemptOutcome(route, status, headers, retrying) {
+  if (!route || route.tier === undefined || route.cluster === null) return
+  var fromGateway = route.mode === 'gateway' && status > 0 && (status < 500 || (headers && headers[GATEWAY_HEADER]))
   if (fromGateway) markAlive(route.tunnel)
-  if (status < 500) return false
-  if (route.mode === 'gateway' && !fromGateway) markDead(route.tunnel)
-  return !!SAFE[method]
+  else if (route.mode === 'gateway' && (status === 0 || status >= 500)) markDead(route.tunnel)
+  if (retrying) failovers.withLabels(route.service, route.cluster).increase()
 }
 
 // A tunnel from another cluster asks for `target` ("name.ns:port"): the

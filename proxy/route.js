@@ -11,6 +11,7 @@
 
 import config from './config.js'
 import { matchesRequest } from './access.js'
+import { candidates } from './resilience.js'
 
 // Per-thread balancing state; a reload starts it afresh (config may differ).
 var wrr = {}
@@ -69,8 +70,12 @@ function routeOf(routes, head) {
   return null
 }
 
-// `head`: the HTTP request head, or nothing for a TCP connection.
-export function decide(dstIp, dstPort, head) {
+// `head`: the HTTP request head, or nothing for a TCP connection. `avoid`:
+// endpoints a retry must not take again when another exists. Ejected
+// endpoints (resilience.js, outlier detection) are skipped while others are
+// usable; the decision names the pool it picked from (`pool`, `backend`), so
+// the outcome can be recorded against it.
+export function decide(dstIp, dstPort, head, avoid) {
   var dst = dstIp + ':' + dstPort
   var svc = config.services[dst]
   if (svc) {
@@ -78,7 +83,10 @@ export function decide(dstIp, dstPort, head) {
     // Each route balances on its own: its weights, its own smooth round robin.
     var backend = route ? pickBackend(dst + '#' + route.split, route.backends) : pickBackend(dst, svc.backends)
     if (!backend) return { mode: 'unavailable', target: dst, tunnel: null, identity: null, local: false, service: svc.service, protocol: svc.protocol }
-    return toEndpoint(pickEndpoint(dst + '>' + backend.service, backend.endpoints), svc.service, svc.protocol)
+    var ep = toEndpoint(pickEndpoint(dst + '>' + backend.service, candidates(backend.endpoints, avoid)), svc.service, svc.protocol)
+    ep.pool = backend.endpoints
+    ep.backend = backend.service
+    return ep
   }
   if (podAt(dstIp)) return toEndpoint(dst, null, protocolOf(dstIp, dstPort))
   if (config.egress === 'allow') return { mode: 'egress', target: dst, tunnel: null, identity: null, local: false, service: null, protocol: 'tcp' }

@@ -1,6 +1,6 @@
 import { createPrivateKey, X509Certificate } from 'node:crypto';
 import { mkdir, readFile, rm, stat } from 'node:fs/promises';
-import { request } from 'node:https';
+import { Agent, request } from 'node:https';
 import { join } from 'node:path';
 import { gatewayIdentities } from '../gateway/render.js';
 import { multiclusterIdentities } from '../multicluster/identity.js';
@@ -68,39 +68,52 @@ export class IdentityFetchError extends FsmNodeError {
   }
 }
 
-/** The controller's certificate endpoint over HTTPS, with the agent's node-bound token. */
+/**
+ * The controller's certificate endpoint over HTTPS, with the agent's
+ * node-bound token. Connections are kept alive (a few per node, closed after
+ * 20 s idle, before the controller's own idle timeout): an agent asks for
+ * all its identities at once when it starts or when the trust domain or
+ * roots change, and a fresh TLS handshake per certificate cost the
+ * controller more CPU than checking and signing it (bench/identity-issue.ts
+ * --connection-per-request). A request that fails on a kept connection the
+ * controller closed meanwhile is sent once more on a new one.
+ */
 export function controllerIssuer(o: { url: string; node: string; ca: string | Buffer; token: () => string; timeoutMs?: number }): IdentityIssuer {
-  return {
-    issue: (identity, csrPem) =>
-      new Promise((resolve, reject) => {
-        const url = new URL(`/v1/nodes/${encodeURIComponent(o.node)}/identities`, o.url);
-        let token: string;
-        try {
-          token = o.token();
-        } catch (err) {
-          return reject(new IdentityFetchError('token', errorMessage(err), { cause: err }));
-        }
-        const req = request(url, { method: 'POST', ca: o.ca, agent: false, headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' } }, (res) => {
-          const chunks: Buffer[] = [];
-          res.on('data', (c: Buffer) => chunks.push(c));
-          res.on('end', () => {
-            const text = Buffer.concat(chunks).toString('utf8');
-            let body: Record<string, unknown> = {};
-            try {
-              body = JSON.parse(text) as Record<string, unknown>;
-            } catch {
-              /* reported below */
-            }
-            if (res.statusCode === 200 && Array.isArray(body.certificateChain)) return resolve(body as unknown as IssuedAnswer);
-            const why = typeof body.message === 'string' ? body.message : text.slice(0, 200);
-            reject(new IdentityFetchError(`http_${res.statusCode}`, `controller answered ${res.statusCode}: ${why}`));
-          });
+  const agent = new Agent({ keepAlive: true, maxSockets: 4, timeout: 20_000 });
+  const once = (identity: WorkloadIdentity, csrPem: string, retry: boolean): Promise<IssuedAnswer> =>
+    new Promise((resolve, reject) => {
+      const url = new URL(`/v1/nodes/${encodeURIComponent(o.node)}/identities`, o.url);
+      let token: string;
+      try {
+        token = o.token();
+      } catch (err) {
+        return reject(new IdentityFetchError('token', errorMessage(err), { cause: err }));
+      }
+      const req = request(url, { method: 'POST', ca: o.ca, agent, headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' } }, (res) => {
+        const chunks: Buffer[] = [];
+        res.on('data', (c: Buffer) => chunks.push(c));
+        res.on('end', () => {
+          const text = Buffer.concat(chunks).toString('utf8');
+          let body: Record<string, unknown> = {};
+          try {
+            body = JSON.parse(text) as Record<string, unknown>;
+          } catch {
+            /* reported below */
+          }
+          if (res.statusCode === 200 && Array.isArray(body.certificateChain)) return resolve(body as unknown as IssuedAnswer);
+          const why = typeof body.message === 'string' ? body.message : text.slice(0, 200);
+          reject(new IdentityFetchError(`http_${res.statusCode}`, `controller answered ${res.statusCode}: ${why}`));
         });
-        req.setTimeout(o.timeoutMs ?? 30_000, () => req.destroy(new Error('no answer from the controller')));
-        req.on('error', (err) => reject(new IdentityFetchError('network', errorMessage(err), { cause: err })));
-        req.end(JSON.stringify({ namespace: identity.namespace, serviceAccount: identity.serviceAccount, csr: csrPem }));
-      }),
-  };
+      });
+      req.setTimeout(o.timeoutMs ?? 30_000, () => req.destroy(new Error('no answer from the controller')));
+      req.on('error', (err: NodeJS.ErrnoException) => {
+        // The controller closed an idle kept connection as we reused it: nothing reached it, ask again on a new one.
+        if (retry && req.reusedSocket && (err.code === 'ECONNRESET' || err.code === 'EPIPE')) return resolve(once(identity, csrPem, false));
+        reject(new IdentityFetchError('network', errorMessage(err), { cause: err }));
+      });
+      req.end(JSON.stringify({ namespace: identity.namespace, serviceAccount: identity.serviceAccount, csr: csrPem }));
+    });
+  return { issue: (identity, csrPem) => once(identity, csrPem, true) };
 }
 
 export interface IdentityManagerOptions {

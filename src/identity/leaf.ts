@@ -1,16 +1,18 @@
 import * as asn from '@peculiar/asn1-schema';
 import * as asnX509 from '@peculiar/asn1-x509';
-import * as asn1js from 'asn1js';
 import { createHash, randomBytes, sign, type KeyObject } from 'node:crypto';
 import type { ParsedCsr } from './csr.js';
+import { encode, encoded } from './encoded.js';
 
 /**
  * Workload leaves on the controller's hot path (docs/security.md "Issuing").
  * The certificate is put together from the ASN.1 structures of
- * @peculiar/asn1-x509 (no hand-written DER), encoded once, and its TBS signed
+ * @peculiar/asn1-x509 (no hand-written DER), its TBS encoded once and signed
  * by node's crypto with a KeyObject made once per CA. Everything that is the
  * same for every leaf of a CA (issuer name, signature algorithm, the constant
- * extensions, the authority key identifier) is built once in leafIssuer().
+ * extensions, the authority key identifier) is built and encoded once in
+ * leafIssuer() and copied in as bytes (encoded.ts); so is the public key,
+ * as the request carried it, and the signed TBS into the certificate.
  * The higher-level X509CertificateGenerator re-parses each extension and
  * the finished certificate and signs through a WebCrypto job: about 4 ms a
  * certificate, against well under 1 ms here (bench/identity-issue.ts).
@@ -18,13 +20,14 @@ import type { ParsedCsr } from './csr.js';
 
 /** What signing a leaf needs of its CA, prepared once per CA. */
 export interface LeafIssuer {
-  /** The CA certificate's subject, which becomes each leaf's issuer. */
+  /** The CA certificate's subject, which becomes each leaf's issuer (encoded once). */
   name: asnX509.Name;
   key: KeyObject;
+  /** The signature algorithm (encoded once). */
   algorithm: asnX509.AlgorithmIdentifier;
   /** node's digest name for sign(); null for keys that bring their own (Ed25519). */
   hash: string | null;
-  /** basicConstraints, keyUsage, extKeyUsage, authorityKeyIdentifier. */
+  /** basicConstraints, keyUsage, extKeyUsage, authorityKeyIdentifier (each encoded once). */
   extensions: asnX509.Extension[];
 }
 
@@ -65,16 +68,18 @@ export function leafIssuer(caCertDer: Uint8Array, key: KeyObject): LeafIssuer {
   const keyId = ski
     ? asn.AsnConvert.parse(ski.extnValue.buffer, asnX509.SubjectKeyIdentifier).buffer
     : createHash('sha1').update(Buffer.from(ca.subjectPublicKeyInfo.subjectPublicKey)).digest();
+  const { algorithm, hash } = signatureFor(key);
   return {
-    name: ca.subject,
+    name: encode(ca.subject),
     key,
-    ...signatureFor(key),
+    algorithm: encode(algorithm),
+    hash,
     extensions: [
       extension(asnX509.id_ce_basicConstraints, true, new asnX509.BasicConstraints({ cA: false })),
       extension(asnX509.id_ce_keyUsage, true, new asnX509.KeyUsage(asnX509.KeyUsageFlags.digitalSignature)),
       extension(asnX509.id_ce_extKeyUsage, false, new asnX509.ExtendedKeyUsage([asnX509.id_kp_serverAuth, asnX509.id_kp_clientAuth])),
       extension(asnX509.id_ce_authorityKeyIdentifier, false, new asnX509.AuthorityKeyIdentifier({ keyIdentifier: new asnX509.KeyIdentifier(keyId) })),
-    ],
+    ].map((e) => encode<asnX509.Extension>(e)),
   };
 }
 
@@ -103,7 +108,7 @@ function pem(der: Uint8Array, label: string): string {
  * The leaf for the key of `csr` (whose signature the caller has verified),
  * signed by `issuer`, as PEM. Names come from `content`, never the request.
  */
-export function signLeafCertificate(issuer: LeafIssuer, csr: Pick<ParsedCsr, 'spki' | 'subjectPublicKeyInfo'>, content: LeafContent): string {
+export function signLeafCertificate(issuer: LeafIssuer, csr: Pick<ParsedCsr, 'spki'>, content: LeafContent): string {
   const cn = new asnX509.AttributeTypeAndValue({ type: OID.commonName, value: new asnX509.AttributeValue({ utf8String: content.dnsName }) });
   const tbs = new asnX509.TBSCertificate({
     version: asnX509.Version.v3,
@@ -112,7 +117,8 @@ export function signLeafCertificate(issuer: LeafIssuer, csr: Pick<ParsedCsr, 'sp
     issuer: issuer.name,
     validity: new asnX509.Validity({ notBefore: content.notBefore, notAfter: content.notAfter }),
     subject: new asnX509.Name([new asnX509.RelativeDistinguishedName([cn])]),
-    subjectPublicKeyInfo: csr.subjectPublicKeyInfo,
+    // The key as the request carried it (its signature verified with exactly these bytes).
+    subjectPublicKeyInfo: encoded(csr.spki),
     extensions: new asnX509.Extensions([
       ...issuer.extensions,
       extension(asnX509.id_ce_subjectAltName, false, new asnX509.SubjectAlternativeName([new asnX509.GeneralName({ dNSName: content.dnsName }), new asnX509.GeneralName({ uniformResourceIdentifier: content.uri })])),
@@ -120,9 +126,9 @@ export function signLeafCertificate(issuer: LeafIssuer, csr: Pick<ParsedCsr, 'sp
       extension(asnX509.id_ce_subjectKeyIdentifier, false, new asnX509.SubjectKeyIdentifier(createHash('sha1').update(csr.spki).digest())),
     ]),
   });
-  // Encode the TBS once: its DER is what is signed, and the same ASN.1 tree goes into the certificate.
-  const tbsAsn = asn.AsnSerializer.toASN(tbs) as asn1js.Sequence;
-  const signature = sign(issuer.hash, Buffer.from(tbsAsn.toBER(false)), { key: issuer.key, dsaEncoding: 'der' });
-  const cert = new asn1js.Sequence({ value: [tbsAsn, asn.AsnSerializer.toASN(issuer.algorithm) as asn1js.Sequence, new asn1js.BitString({ valueHex: signature })] });
-  return pem(new Uint8Array(cert.toBER(false)), 'CERTIFICATE');
+  // Encode the TBS once: its DER is what is signed, and the same bytes go into the certificate.
+  const tbsDer = asn.AsnConvert.serialize(tbs);
+  const signature = sign(issuer.hash, new Uint8Array(tbsDer), { key: issuer.key, dsaEncoding: 'der' });
+  const cert = new asnX509.Certificate({ tbsCertificate: encoded(tbsDer), signatureAlgorithm: issuer.algorithm, signatureValue: signature.buffer.slice(signature.byteOffset, signature.byteOffset + signature.length) as ArrayBuffer });
+  return pem(new Uint8Array(asn.AsnConvert.serialize(cert)), 'CERTIFICATE');
 }

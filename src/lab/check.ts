@@ -20,6 +20,7 @@ import { mqttCases } from './mqtt-lab.js';
 import { runInside, sleep } from './processes.js';
 import { gatherLabStatus, restartNotes } from './status.js';
 import { labFiles, type LabNode, type LabPod, type LabState } from './state.js';
+import { controllerOf } from './supervisor.js';
 
 /**
  * `lab check`: real HTTP requests from inside every pod to every other pod,
@@ -33,7 +34,7 @@ export type CaseResult = 'pass' | 'fail' | 'skip';
 
 export interface CheckCase {
   name: string;
-  kind: 'pod-to-pod' | 'service' | 'split' | 'access' | 'mqtt';
+  kind: 'pod-to-pod' | 'service' | 'split' | 'access' | 'mqtt' | 'multicluster';
   from: string;
   to: string;
   result: CaseResult;
@@ -125,17 +126,17 @@ export function expectIntercepted(view: MeshView, from: string, port: number): b
 
 // ---- convergence -----------------------------------------------------------------
 
-function controllerVersion(state: LabState, n: LabNode): Promise<string | undefined> {
+export function controllerVersion(state: LabState, n: LabNode): Promise<string | undefined> {
   return new Promise((resolve) => {
     let token: string;
     let ca: string;
     try {
       token = readFileSync(n.tokenFile, 'utf8').trim();
-      ca = readFileSync(state.controller.caFile, 'utf8');
+      ca = readFileSync(controllerOf(state, n).caFile, 'utf8');
     } catch {
       return resolve(undefined);
     }
-    const req = httpsRequest(`${state.controller.url}/v1/nodes/${n.name}/policy`, { ca, timeout: 2000, headers: { authorization: `Bearer ${token}` } }, (res) => {
+    const req = httpsRequest(`${controllerOf(state, n).url}/v1/nodes/${n.name}/policy`, { ca, timeout: 2000, headers: { authorization: `Bearer ${token}` } }, (res) => {
       res.resume();
       resolve(res.statusCode === 200 ? String(res.headers.etag ?? '').replace(/^W\//, '').replace(/"/g, '') || undefined : undefined);
     });

@@ -2,14 +2,17 @@ import http from 'node:http';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { InvalidInputError, errorMessage } from '../errors.js';
+import { FaultWatch } from './faults.js';
 
 /**
  * The lab's workload, run as its own process inside a pod (netns + cgroup):
  *
- *   node echo-server.js serve --name POD --port 8080
+ *   node echo-server.js serve --name POD --port 8080 [--fault-file FILE]
  *     an HTTP server answering every request with a JSON body naming the pod
  *     and the peer address it saw (a node proxy's address, not the client
- *     pod's, when the connection went through a proxy);
+ *     pod's, when the connection went through a proxy); with --fault-file it
+ *     obeys the fault written there by `lab fault` (src/lab/faults.ts): a
+ *     fixed status, no answer at all, or a closed connection;
  *   node echo-server.js get URL
  *     one HTTP GET without keep-alive; prints one JSON line with the status,
  *     the body and the client's local port (how `lab check` finds the
@@ -91,13 +94,21 @@ export async function loop(url: string, seconds: number, intervalMs: number, opt
   return sum;
 }
 
-export function serve(name: string, port: number): http.Server {
+export function serve(name: string, port: number, opts: { faultFile?: string | undefined; host?: string } = {}): http.Server {
+  const faults = opts.faultFile ? new FaultWatch(opts.faultFile, (err) => process.stderr.write(`echo-server: ${err.message}; answering normally\n`)) : undefined;
   const server = http.createServer((req, res) => {
+    const fault = faults?.get();
+    // A hung request keeps its socket until the client gives up (or the server closes).
+    if (fault?.kind === 'hang') return;
+    if (fault?.kind === 'close') {
+      req.socket.destroy();
+      return;
+    }
     const answer: EchoAnswer = { pod: name, peer: req.socket.remoteAddress ?? '', method: req.method ?? '', path: req.url ?? '' };
-    res.writeHead(200, { 'content-type': 'application/json', connection: 'close' });
+    res.writeHead(fault?.kind === 'status' ? fault.status : 200, { 'content-type': 'application/json', connection: 'close' });
     res.end(`${JSON.stringify(answer)}\n`);
   });
-  server.listen(port, '0.0.0.0', () => process.stdout.write(`${JSON.stringify({ event: 'listening', pod: name, port })}\n`));
+  server.listen(port, opts.host ?? '0.0.0.0', () => process.stdout.write(`${JSON.stringify({ event: 'listening', pod: name, port: (server.address() as { port: number }).port })}\n`));
   return server;
 }
 
@@ -117,13 +128,16 @@ export function get(url: string, timeoutMs = 5000): Promise<GetResult> {
 
 async function main(argv: string[]): Promise<number> {
   const [verb, ...rest] = argv;
-  const { values, positionals } = parseArgs({ args: rest, options: { name: { type: 'string' }, port: { type: 'string' }, seconds: { type: 'string' }, 'interval-ms': { type: 'string' } }, allowPositionals: true, strict: true });
+  const { values, positionals } = parseArgs({ args: rest, options: { name: { type: 'string' }, port: { type: 'string' }, 'fault-file': { type: 'string' }, seconds: { type: 'string' }, 'interval-ms': { type: 'string' } }, allowPositionals: true, strict: true });
   if (verb === 'serve') {
     const port = Number(values.port ?? '8080');
     if (!values.name) throw new InvalidInputError('--name', values.name, 'required: the pod name to answer with');
     if (!Number.isInteger(port) || port < 1 || port > 65535) throw new InvalidInputError('--port', values.port, 'must be a port number');
-    const server = serve(values.name, port);
-    const stop = (): void => void server.close(() => process.exit(0));
+    const server = serve(values.name, port, { faultFile: values['fault-file'] });
+    const stop = (): void => {
+      server.closeAllConnections();
+      server.close(() => process.exit(0));
+    };
     process.on('SIGTERM', stop);
     process.on('SIGINT', stop);
     return new Promise<number>(() => undefined);
@@ -147,7 +161,7 @@ async function main(argv: string[]): Promise<number> {
     process.stdout.write(`${JSON.stringify(summary)}\n`);
     return summary.failed === 0 ? 0 : 1;
   }
-  throw new InvalidInputError('verb', argv.join(' '), 'usage: echo-server.js serve --name POD [--port 8080] | get URL | loop URL [--seconds S] [--interval-ms MS]');
+  throw new InvalidInputError('verb', argv.join(' '), 'usage: echo-server.js serve --name POD [--port 8080] [--fault-file FILE] | get URL | loop URL [--seconds S] [--interval-ms MS]');
 }
 
 if (process.argv[1] !== undefined && fileURLToPath(import.meta.url) === process.argv[1]) {

@@ -13,6 +13,7 @@ import { cgroup2Root, createCgroup } from '../util/cgroup.js';
 import { run } from '../util/exec.js';
 import { packageRoot } from '../util/paths.js';
 import { BPFFS_ROOT, ensureBpffs } from './bpffs.js';
+import { faultFile } from './faults.js';
 import { ECHO_PORT, podVersion, renderManifests } from './manifests.js';
 import { hostNetworkSnapshot } from './net-probe.js';
 import { labCniDirs, writePrimaryConflist } from './pods.js';
@@ -48,7 +49,7 @@ import { BROKER_SERVICE, MQTT_PORT, startLabBroker } from './mqtt-lab.js';
 
 export const CONTROLLER_PORT = 15443;
 export const AGENT_PORT_BASE = 15900;
-const READY_TIMEOUT_MS = 30_000;
+export const READY_TIMEOUT_MS = 30_000;
 
 export interface UpOptions {
   dir: string;
@@ -61,7 +62,7 @@ export interface UpOptions {
 export type Say = (line: string) => void;
 
 const cli = labCli;
-const echoScript = (): string => join(packageRoot(), 'dist', 'src', 'lab', 'echo-server.js');
+export const echoScript = (): string => join(packageRoot(), 'dist', 'src', 'lab', 'echo-server.js');
 
 // ---- proxy choice (pure but for the lookups) ---------------------------------
 
@@ -108,14 +109,14 @@ export function labObjects(): string[] {
 // ---- lab up ------------------------------------------------------------------
 
 /** Why waiting is pointless (the process died), with its log's last lines; undefined while it lives. */
-type DeadCheck = () => string | undefined;
+export type DeadCheck = () => string | undefined;
 
-const processDied =
+export const processDied =
   (proc: LabProcess | undefined): DeadCheck =>
   () =>
     proc && !pidAlive(proc.pid) ? `the process (pid ${proc.pid}) exited. Last lines of ${proc.log}:\n${tail(proc.log)}` : undefined;
 
-function waitFor<T>(what: string, timeoutMs: number, dead: DeadCheck, attempt: () => Promise<T | undefined>): Promise<T> {
+export function waitFor<T>(what: string, timeoutMs: number, dead: DeadCheck, attempt: () => Promise<T | undefined>): Promise<T> {
   const deadline = Date.now() + timeoutMs;
   return (async () => {
     let last = '';
@@ -134,7 +135,7 @@ function waitFor<T>(what: string, timeoutMs: number, dead: DeadCheck, attempt: (
   })();
 }
 
-function httpsReady(url: string, ca: string): Promise<boolean | undefined> {
+export function httpsReady(url: string, ca: string): Promise<boolean | undefined> {
   return new Promise((resolve, reject) => {
     const req = httpsRequest(`${url}/readyz`, { ca, timeout: 2000 }, (res) => {
       res.resume();
@@ -151,7 +152,7 @@ export async function agentState(url: string): Promise<Record<string, unknown> |
   return res.ok ? ((await res.json()) as Record<string, unknown>) : undefined;
 }
 
-async function agentReady(url: string): Promise<true | undefined> {
+export async function agentReady(url: string): Promise<true | undefined> {
   const res = await fetch(`${url}/readyz`, { signal: AbortSignal.timeout(2000) });
   if (res.ok) return true;
   throw new Error(`/readyz ${res.status}: ${(await res.text()).slice(0, 300)}`);
@@ -163,7 +164,7 @@ function controllerArgv(state: LabState): string[] {
   return [process.execPath, cli(), 'controller', '--manifests', f.manifests, '--listen', `127.0.0.1:${CONTROLLER_PORT}`, '--state-dir', state.controller.stateDir, '--tokens', f.tokens];
 }
 
-function refuseExisting(dir: string): void {
+export function refuseExisting(dir: string): void {
   const existing = labObjects();
   const pointer = existsSync(LAB_POINTER) ? readFileSync(LAB_POINTER, 'utf8').trim() : undefined;
   const stateFile = existsSync(labFiles(dir).state) ? labFiles(dir).state : undefined;
@@ -175,12 +176,12 @@ function refuseExisting(dir: string): void {
 }
 
 /** The controller and agent ports must be free before anything starts: a busy port is a clear error, not a 30 s wait. */
-async function assertPortsFree(ports: number[]): Promise<void> {
+export async function assertPortsFree(ports: number[], needs = `${ports[0]} for the controller and ${ports[1]}-${ports[ports.length - 1]} for the agents`): Promise<void> {
   for (const port of ports) {
     await new Promise<void>((resolve, reject) => {
       const srv = createServer();
       srv.once('error', (err: NodeJS.ErrnoException) =>
-        reject(new LabError(`port 127.0.0.1:${port} is in use (${err.code}): the lab needs ${ports[0]} for the controller and ${ports[1]}-${ports[ports.length - 1]} for the agents; stop what listens there (ss -ltnp 'sport = :${port}')`)),
+        reject(new LabError(`port 127.0.0.1:${port} is in use (${err.code}): the lab needs ${needs}; stop what listens there (ss -ltnp 'sport = :${port}')`)),
       );
       srv.listen(port, '127.0.0.1', () => srv.close(() => resolve()));
     });
@@ -188,7 +189,7 @@ async function assertPortsFree(ports: number[]): Promise<void> {
 }
 
 /** During `lab up` an agent that exits is an error (the supervisor would retry it, but a crash at start is a bug to show). */
-function agentDiedDuringStart(state: LabState, n: LabNode): DeadCheck {
+export function agentDiedDuringStart(state: LabState, n: LabNode): DeadCheck {
   const supervisorDied = processDied(state.supervisor);
   return () => {
     const run = readSupervisorStatus(state.dir)?.agents[n.name];
@@ -207,7 +208,7 @@ export async function labUp(opts: UpOptions, say: Say): Promise<LabState> {
   await assertPortsFree([CONTROLLER_PORT, ...Array.from({ length: opts.nodes }, (_v, i) => AGENT_PORT_BASE + 1 + i)]);
   if (!claimLabPointer(opts.dir)) throw new LabExistsError('another `lab up` claimed the lab at the same moment: run `fsm-node lab down` first');
   const f = labFiles(opts.dir);
-  for (const d of [f.manifests, f.logs, f.controller, f.nodes]) rmSync(d, { recursive: true, force: true });
+  for (const d of [f.manifests, f.logs, f.controller, f.nodes, f.faults]) rmSync(d, { recursive: true, force: true });
   for (const d of [f.manifests, f.logs, f.nodes]) mkdirSync(d, { recursive: true });
   if (proxy.kind === 'passthrough' && opts.proxy === 'auto') say(`!! ${proxy.note}`);
   else say(`proxy: ${proxy.note}`);
@@ -266,7 +267,7 @@ export async function labUp(opts: UpOptions, say: Say): Promise<LabState> {
 
   // Workloads: one echo server per pod, inside the pod.
   for (const pod of state.pods) {
-    pod.server = startDetached(pod.cgroupPath, pod.netns, [process.execPath, echoScript(), 'serve', '--name', pod.name, '--port', String(ECHO_PORT)], join(f.logs, `pod-${pod.name}.log`));
+    pod.server = startDetached(pod.cgroupPath, pod.netns, [process.execPath, echoScript(), 'serve', '--name', pod.name, '--port', String(ECHO_PORT), '--fault-file', faultFile(state.dir, pod.name)], join(f.logs, `pod-${pod.name}.log`));
   }
   writeLabState(state);
   await Promise.all(
@@ -520,8 +521,16 @@ export async function labDown(dirFlag: string | undefined, say: Say): Promise<Do
       report.removed.push('controller process');
       say('controller: stopped');
     }
+    // A cluster lab: every cluster's controller (the first one is state.controller, stopped above).
+    for (const c of state.clusters ?? []) {
+      if (await stopProcess(c.controller.process)) {
+        report.removed.push(`controller process of cluster ${c.name}`);
+        say(`controller of ${c.name}: stopped`);
+      }
+      if (await stopProcess(c.relay)) report.removed.push(`clusterset relay of cluster ${c.name}`);
+    }
   }
-  const pidsToCheck = state ? [state.controller.process, state.supervisor, ...agentProcs, ...state.pods.flatMap((p) => [p.server, p.broker]), state.outside?.server.process].filter((p): p is LabProcess => p !== undefined) : [];
+  const pidsToCheck = state ? [state.controller.process, ...(state.clusters ?? []).flatMap((c) => [c.controller.process, c.relay]), state.supervisor, ...agentProcs, ...state.pods.flatMap((p) => [p.server, p.broker]), state.outside?.server.process].filter((p): p is LabProcess => p !== undefined) : [];
   const swept = await sweep(LAB_PREFIX);
   report.removed.push(...swept);
   const count = (kind: string): number => swept.filter((x) => x.startsWith(`${kind} `)).length;
@@ -542,7 +551,7 @@ export async function labDown(dirFlag: string | undefined, say: Say): Promise<Do
   }
   if (report.leftovers.length === 0) {
     const f = labFiles(dir);
-    for (const p of [f.state, f.supervisor, f.manifests, f.controller, f.tokens, f.nodes, hostFile]) rmSync(p, { recursive: true, force: true });
+    for (const p of [f.state, f.supervisor, f.manifests, f.controller, f.tokens, f.nodes, f.faults, f.clusters, hostFile]) rmSync(p, { recursive: true, force: true });
     removeLabPointer();
   }
   return report;

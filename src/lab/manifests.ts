@@ -96,7 +96,7 @@ function nodeObject(n: ManifestNode): unknown {
   return { apiVersion: 'v1', kind: 'Node', metadata: { name: n.name }, status: { addresses: [{ type: 'InternalIP', address: n.address }] } };
 }
 
-function podObject(p: ManifestPod): unknown {
+export function podObject(p: ManifestPod): unknown {
   return {
     apiVersion: 'v1',
     kind: 'Pod',
@@ -116,7 +116,7 @@ function podObject(p: ManifestPod): unknown {
   };
 }
 
-function serviceObject(s: LabService): unknown {
+export function serviceObject(s: LabService): unknown {
   return {
     apiVersion: 'v1',
     kind: 'Service',

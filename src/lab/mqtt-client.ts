@@ -301,9 +301,11 @@ export interface MqttBenchOptions {
   version: MqttVersion;
   qos: number;
   messages: number;
-  /** PUBLISHes outstanding at a time (QoS 1: waiting for PUBACK). */
+  /** PUBLISHes outstanding at a time per publisher (QoS 1: waiting for PUBACK). */
   window: number;
   payloadBytes: number;
+  /** Publisher connections (default 1), each on its own topic; the messages are shared among them. */
+  publishers?: number;
 }
 
 export interface MqttBenchResult {
@@ -312,18 +314,23 @@ export interface MqttBenchResult {
   msgs_per_s: number;
   p50_ms: number;
   p99_ms: number;
+  /** Wall time of the measurement and this client process's CPU time in it (user + system). */
+  seconds: number;
+  client_cpu_ms: number;
 }
 
-/** A subscriber and a publisher; each payload carries its send time (hrtime ns). */
+/** A subscriber and `publishers` publishers; each payload carries its send time (hrtime ns). */
 export async function benchPublishDeliver(host: string, port: number, o: MqttBenchOptions): Promise<MqttBenchResult> {
   const id = `bench-${process.pid}-${Date.now()}`;
+  const nPub = Math.max(1, o.publishers ?? 1);
   const sub = await MqttConnection.open(host, port, o.version);
-  const pub = await MqttConnection.open(host, port, o.version);
+  const pubs: MqttConnection[] = [];
   try {
+    for (let i = 0; i < nPub; i++) pubs.push(await MqttConnection.open(host, port, o.version));
     if ((await sub.connect({ clientId: `${id}-sub` })) !== 0) throw new Error('subscriber refused');
-    if ((await pub.connect({ clientId: `${id}-pub` })) !== 0) throw new Error('publisher refused');
-    const topic = `bench/${id}`;
-    if ((await sub.subscribe([{ filter: topic, qos: o.qos }]))?.[0] !== o.qos) throw new Error('subscription refused');
+    for (const [i, pub] of pubs.entries()) if ((await pub.connect({ clientId: `${id}-pub${i}` })) !== 0) throw new Error('publisher refused');
+    // One level per publisher under bench/<id>/: the subscriber takes them all with one filter.
+    if ((await sub.subscribe([{ filter: `bench/${id}/+`, qos: o.qos }]))?.[0] !== o.qos) throw new Error('subscription refused');
     const lat: number[] = [];
     let delivered = 0;
     let done: () => void = () => undefined;
@@ -331,29 +338,41 @@ export async function benchPublishDeliver(host: string, port: number, o: MqttBen
     sub.onMessage = (m) => {
       lat.push(Number(process.hrtime.bigint() - m.payload.readBigUInt64BE(0)) / 1e6);
       sub.messages.length = 0;
+      sub.packets.length = 0;
       if (++delivered === o.messages) done();
     };
     const pad = Buffer.alloc(Math.max(0, o.payloadBytes - 8));
+    const cpu0 = process.cpuUsage();
     const started = process.hrtime.bigint();
     let sent = 0;
-    const worker = async (): Promise<void> => {
+    const worker = async (pub: MqttConnection, topic: string): Promise<void> => {
       while (sent < o.messages) {
         sent++;
         const head = Buffer.alloc(8);
         head.writeBigUInt64BE(process.hrtime.bigint());
         const r = await pub.publish(topic, Buffer.concat([head, pad]), o.qos, false, 10_000);
+        pub.packets.length = 0;
         if (o.qos > 0 && r !== 0) throw new Error(`publish answered ${r}`);
         if (o.qos === 0 && sent % o.window === 0) await new Promise((res) => setImmediate(res));
       }
     };
-    await Promise.all(Array.from({ length: o.qos === 0 ? 1 : o.window }, worker));
+    await Promise.all(pubs.flatMap((pub, i) => Array.from({ length: o.qos === 0 ? 1 : o.window }, () => worker(pub, `bench/${id}/p${i}`))));
     await Promise.race([all, new Promise((r) => setTimeout(r, 10_000))]);
     const seconds = Number(process.hrtime.bigint() - started) / 1e9;
+    const cpu = process.cpuUsage(cpu0);
     lat.sort((a, b) => a - b);
     const q = (p: number) => (lat.length ? lat[Math.min(lat.length - 1, Math.floor(p * lat.length))]! : NaN);
-    return { messages: o.messages, delivered, msgs_per_s: Math.round(delivered / seconds), p50_ms: Math.round(q(0.5) * 1000) / 1000, p99_ms: Math.round(q(0.99) * 1000) / 1000 };
+    return {
+      messages: o.messages,
+      delivered,
+      msgs_per_s: Math.round(delivered / seconds),
+      p50_ms: Math.round(q(0.5) * 1000) / 1000,
+      p99_ms: Math.round(q(0.99) * 1000) / 1000,
+      seconds: Math.round(seconds * 1000) / 1000,
+      client_cpu_ms: Math.round((cpu.user + cpu.system) / 1000),
+    };
   } finally {
-    pub.destroy();
+    for (const pub of pubs) pub.destroy();
     sub.destroy();
   }
 }
@@ -473,7 +492,7 @@ async function main(argv: string[]): Promise<void> {
   const version = (o.version === 4 ? 4 : 5) as MqttVersion;
   let result: unknown;
   if (mode === 'scenario') result = await scenario(host, Number(port), version, o.steps as Step[]);
-  else if (mode === 'bench') result = await benchPublishDeliver(host, Number(port), { version, qos: Number(o.qos ?? 1), messages: Number(o.messages ?? 2000), window: Number(o.window ?? 16), payloadBytes: Number(o.payloadBytes ?? 64) });
+  else if (mode === 'bench') result = await benchPublishDeliver(host, Number(port), { version, qos: Number(o.qos ?? 1), messages: Number(o.messages ?? 2000), window: Number(o.window ?? 16), payloadBytes: Number(o.payloadBytes ?? 64), publishers: Number(o.publishers ?? 1) });
   else if (mode === 'fuzz') result = await fuzz(host, Number(port), { version, seconds: Number(o.seconds ?? 3), seed: Number(o.seed ?? 1) });
   else throw new Error(`unknown mode ${JSON.stringify(mode)}: scenario, bench or fuzz`);
   console.log(JSON.stringify(result));

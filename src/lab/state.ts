@@ -31,6 +31,37 @@ const NodeSchema = z
     stateDir: z.string(),
     tokenFile: z.string(),
     agentUrl: z.string(),
+    /** In a cluster lab (`lab up --clusters N`): the cluster this node belongs to (src/lab/clusters/). */
+    cluster: z.string().optional(),
+  })
+  .strict();
+
+const ControllerSchema = z.object({ url: z.string(), stateDir: z.string(), caFile: z.string(), process: ProcessSchema.optional() }).strict();
+
+/** One cluster of a cluster lab (src/lab/clusters/): its controller, files, underlay and uplink to the router. */
+const ClusterSchema = z
+  .object({
+    name: z.string(),
+    index: z.number().int(),
+    /** Its nodes' underlay subnet (10.B.0.0/24) and pod subnets base (10.A.<node>.0/24). */
+    subnetBase: z.number().int(),
+    underlayCidr: z.string(),
+    /** The router's address on this cluster's underlay: where other clusters' underlays are routed. */
+    routerIp: z.string(),
+    /** The uplink: a veth from the cluster's underlay bridge (`netns`/`dev`) to the router (`routerNetns`/`routerDev`). */
+    uplink: z.object({ netns: z.string(), dev: z.string(), routerNetns: z.string(), routerDev: z.string() }).strict(),
+    dir: z.string(),
+    manifests: z.string(),
+    multiclusterDir: z.string(),
+    clustersetFile: z.string(),
+    tokens: z.string(),
+    /** The peers' API of its controller (mutual TLS, clusterset members only). */
+    clustersetUrl: z.string(),
+    controller: ControllerSchema,
+    /** Carries the controllers' clusterset traffic over the uplinks (src/lab/clusters/relay.ts). */
+    relay: ProcessSchema.optional(),
+    nodes: z.array(z.string()),
+    gateways: z.array(z.string()),
   })
   .strict();
 
@@ -62,7 +93,8 @@ export const LabStateSchema = z
     /** Why the proxy was chosen (said again by `lab check`). */
     proxyNote: z.string(),
     controllerCgroupRoot: z.string(),
-    controller: z.object({ url: z.string(), stateDir: z.string(), caFile: z.string(), process: ProcessSchema.optional() }).strict(),
+    /** In a cluster lab: the first cluster's controller (each cluster's is in `clusters`). */
+    controller: ControllerSchema,
     /** The lab supervisor, which runs the agents (their pids are in supervisor.json, src/lab/supervisor.ts). */
     supervisor: ProcessSchema.optional(),
     nodes: z.array(NodeSchema),
@@ -78,12 +110,16 @@ export const LabStateSchema = z
       })
       .strict()
       .optional(),
+    /** A cluster lab (`lab up --clusters N`, src/lab/clusters/): the clusters and the router joining them. */
+    clusters: z.array(ClusterSchema).optional(),
+    router: z.object({ netns: z.string() }).strict().optional(),
   })
   .strict();
 export type LabState = z.infer<typeof LabStateSchema>;
 export type LabNode = LabState['nodes'][number];
 export type LabPod = LabState['pods'][number];
 export type LabProcess = z.infer<typeof ProcessSchema>;
+export type LabCluster = z.infer<typeof ClusterSchema>;
 
 export class LabError extends FsmNodeError {
   constructor(message: string, options?: { cause?: unknown; details?: Record<string, unknown> }) {
@@ -102,6 +138,10 @@ export const labFiles = (dir: string) => ({
   tokens: join(dir, 'tokens.json'),
   nodes: join(dir, 'nodes'),
   supervisor: join(dir, 'supervisor.json'),
+  /** One file per faulty pod, written by `lab fault` and read by its echo server (src/lab/faults.ts). */
+  faults: join(dir, 'faults'),
+  /** A cluster lab's per-cluster directories (manifests, controller, clusterset files) and the clusterset CA. */
+  clusters: join(dir, 'clusters'),
 });
 
 /** --dir when given, else the directory of the lab that runs, else the default. */

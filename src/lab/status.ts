@@ -1,4 +1,5 @@
 import { errorMessage } from '../errors.js';
+import { gatherClusters, renderClusters, type ClusterView } from './clusters/status.js';
 import { isOurs } from './processes.js';
 import type { LabState } from './state.js';
 import { AGENT_BACKOFF, agentProcess, readSupervisorStatus, type AgentRun } from './supervisor.js';
@@ -56,6 +57,8 @@ export interface LabStatus {
   supervisor: { pid?: number; up: boolean; startedAt?: string };
   nodes: NodeView[];
   pods: PodView[];
+  /** A cluster lab only: its clusters, with their services, exports and imports (src/lab/clusters/status.ts). */
+  clusters?: ClusterView[];
 }
 
 interface AgentStateAnswer {
@@ -106,8 +109,9 @@ export async function gatherLabStatus(state: LabState): Promise<LabStatus> {
   );
   const pods = state.pods.map((p): PodView => ({ name: p.name, node: p.node, ip: p.ip, version: p.version, up: p.server !== undefined && isOurs(p.server), ...(p.server ? { pid: p.server.pid } : {}) }));
   const ctl = state.controller.process;
+  const clusters = state.clusters ? await gatherClusters(state) : undefined;
   return {
-    ok: supUp && nodes.every((n) => n.agent.up && n.agent.ready) && pods.every((p) => p.up),
+    ok: supUp && nodes.every((n) => n.agent.up && n.agent.ready) && pods.every((p) => p.up) && (clusters ?? []).every((c) => c.controller.up && c.clusterset.relay.up),
     dir: state.dir,
     mode: state.mode,
     proxy: state.proxy,
@@ -115,6 +119,7 @@ export async function gatherLabStatus(state: LabState): Promise<LabStatus> {
     supervisor: { ...(state.supervisor ? { pid: state.supervisor.pid } : {}), up: supUp, ...(sup ? { startedAt: sup.startedAt } : {}) },
     nodes,
     pods,
+    ...(clusters ? { clusters } : {}),
   };
 }
 
@@ -174,7 +179,8 @@ export function renderLabStatus(s: LabStatus, now = Date.now()): string[] {
   const notes = restartNotes(s, now);
   const lines = [...table(nodeRows), ...(notes.length ? ['', ...notes] : []), ''];
   lines.push(...table(podRows), '');
-  lines.push(`controller: ${s.controller.url} ${s.controller.up ? `up (pid ${s.controller.pid})` : 'DOWN'}`);
+  if (s.clusters) lines.push(...renderClusters(s.clusters));
+  else lines.push(`controller: ${s.controller.url} ${s.controller.up ? `up (pid ${s.controller.pid})` : 'DOWN'}`);
   lines.push(`supervisor: ${s.supervisor.up ? `up (pid ${s.supervisor.pid}): restarts a dead agent after ${AGENT_BACKOFF.initialMs / 1000} s, ${(2 * AGENT_BACKOFF.initialMs) / 1000} s, ... at most ${AGENT_BACKOFF.maxMs / 1000} s` : 'DOWN: dead agents are not restarted'}`);
   lines.push(`proxy: ${s.proxy}; requested mode: ${s.mode}; lab directory ${s.dir}`);
   lines.push(s.ok ? 'lab status: everything up' : 'lab status: NOT everything is up (see above)');

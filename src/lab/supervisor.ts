@@ -102,12 +102,18 @@ export const labCli = (): string => join(packageRoot(), 'dist', 'src', 'cli', 'b
 export const agentCgroup = (state: LabState, n: LabNode): string => join(state.controllerCgroupRoot, `agent-${n.name}`);
 export const agentLog = (state: LabState, n: LabNode): string => join(labFiles(state.dir).logs, `agent-${n.name}.log`);
 
+/** The controller a node's agent talks to: its cluster's in a cluster lab, else the lab's one. */
+export function controllerOf(state: LabState, n: LabNode): LabState['controller'] {
+  return state.clusters?.find((c) => c.name === n.cluster)?.controller ?? state.controller;
+}
+
 export function agentArgv(state: LabState, n: LabNode): string[] {
+  const controller = controllerOf(state, n);
   return [
     process.execPath, labCli(), 'agent',
     '--node', n.name,
-    '--controller', state.controller.url,
-    '--ca-file', state.controller.caFile,
+    '--controller', controller.url,
+    '--ca-file', controller.caFile,
     '--token-file', n.tokenFile,
     '--mode', state.mode,
     '--state-dir', n.stateDir,

@@ -3,6 +3,7 @@ import type { ZodTypeAny } from 'zod';
 import { logger } from '../util/log.js';
 import { DEFAULT_CONTROLLER_NAMESPACE, MESH_CONFIG_NAME } from './fsm.js';
 import { IssueReporter } from './issues.js';
+import { compileResilience, RESILIENCE_DEFAULTS } from './resilience.js';
 import { resolveGateways, type GatewayResolution } from '../gateway/resolve.js';
 import { EMPTY_INGRESS, type Ingress } from '../gateway/schema.js';
 import type { EgressPolicy } from '../egress/schema.js';
@@ -217,6 +218,8 @@ export class PolicyCompiler {
     ReferenceGrant: new Map(),
     Secret: new Map(),
     Egress: new Map(),
+    Retry: new Map(),
+    UpstreamTrafficSetting: new Map(),
   };
 
   // Indexes kept in step with the store.
@@ -436,6 +439,9 @@ export class PolicyCompiler {
         this.ingressDirty = true;
         break;
       case 'Egress':
+      case 'Retry':
+      case 'UpstreamTrafficSetting':
+        // Mesh-wide, like the trust: every node gets them (the proxy of the source's node applies Retry).
         this.globalDirty = true;
         break;
     }
@@ -628,8 +634,9 @@ export class PolicyCompiler {
       .filter((n) => n.addresses.length > 0)
       .map((n) => ({ node: n.name, addresses: n.addresses }));
     const trust = { trustDomain: this.identitySettings().trustDomain, bundle: this.trustBundle };
+    const resilience = compileResilience(this.store.ConfigMap.get(`${this.controllerNamespace}/${MESH_CONFIG_NAME}`)?.resilience ?? RESILIENCE_DEFAULTS, byKey(this.store.Retry.entries()), byKey(this.store.UpstreamTrafficSetting.entries()));
     const multicluster = this.multicluster ? { multicluster: this.multicluster } : {};
-    const value = this.checked(GlobalPartSchema, { mesh, proxies, trust, ...multicluster, ...(this.ingress.gateways.length > 0 ? { ingress: this.ingress } : {}), ...this.egressPart() }, { kind: 'ConfigMap', namespace: this.controllerNamespace, name: MESH_CONFIG_NAME });
+    const value = this.checked(GlobalPartSchema, { mesh, proxies, trust, ...(resilience ? { resilience } : {}), ...multicluster, ...(this.ingress.gateways.length > 0 ? { ingress: this.ingress } : {}), ...this.egressPart() }, { kind: 'ConfigMap', namespace: this.controllerNamespace, name: MESH_CONFIG_NAME });
     return value && part(value);
   }
 

@@ -119,13 +119,15 @@ export class DeltaError extends FsmNodeError {
  */
 export function applyDelta(held: NodePolicy, delta: NodePolicyDelta): NodePolicy {
   if (delta.base !== held.version) throw new DeltaError('base', `the delta applies to version ${delta.base}, the policy held is ${held.version}`);
-  const { multicluster: _heldMulticluster, ...rest } = held;
+  const { multicluster: _heldMulticluster, resilience: _heldResilience, ...rest } = held;
   const policy: NodePolicy = {
     ...rest,
     version: delta.version,
     mesh: delta.mesh ?? held.mesh,
     proxies: delta.proxies ?? held.proxies,
     trust: delta.trust ?? held.trust,
+    // Travels with the global part too: with it, an absent resilience part means the defaults again.
+    ...((delta.mesh ? delta.resilience : held.resilience) ? { resilience: delta.mesh ? delta.resilience : held.resilience } : {}),
     // The global part travels whole (mesh, proxies, trust, multicluster): with it, an absent multicluster means gone.
     ...((delta.mesh ? delta.multicluster : held.multicluster) ? { multicluster: delta.mesh ? delta.multicluster : held.multicluster } : {}),
     ingress: delta.ingress ?? held.ingress,

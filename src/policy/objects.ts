@@ -18,6 +18,7 @@ import {
   parsePortList,
 } from './fsm.js';
 import { FieldError } from './fields.js';
+import { parseResilienceDefaults, parseRetrySpec, parseUpstreamSpec, RESILIENCE_API_VERSION, type ResilienceDefaults, type RetrySpec, type UpstreamSpec } from './resilience.js';
 import { MQTT_ROUTE_GROUP_API_VERSION, parseMqttRouteGroup, type MqttRouteGroupRec } from './mqtt.js';
 import { EGRESS_API_VERSION, toEgress, type EgressRec } from '../egress/objects.js';
 import {
@@ -67,6 +68,9 @@ export const KINDS = {
   Secret: ['v1'],
   /** FSM's egress policy (src/egress/). */
   Egress: [EGRESS_API_VERSION],
+  /** FSM's resilience policies (src/policy/resilience.ts). */
+  Retry: [RESILIENCE_API_VERSION],
+  UpstreamTrafficSetting: [RESILIENCE_API_VERSION],
 } as const;
 export type Kind = keyof typeof KINDS;
 export const CLUSTER_SCOPED: ReadonlySet<Kind> = new Set<Kind>(['Namespace', 'Node', 'GatewayClass']);
@@ -184,7 +188,11 @@ export interface RecordOf {
   ReferenceGrant: ReferenceGrantRec;
   Secret: TlsSecretRec;
   Egress: EgressRec;
+  Retry: RetryRec;
+  UpstreamTrafficSetting: UpstreamRec;
 }
+export type RetryRec = { namespace: string; name: string } & RetrySpec;
+export type UpstreamRec = { namespace: string; name: string } & UpstreamSpec;
 
 // ---- input schemas (only the fields we read) --------------------------------
 
@@ -461,6 +469,8 @@ export const MESH_DEFAULTS: MeshSettings = {
 export interface MeshConfigRec {
   settings: MeshSettings;
   identity: MeshIdentitySettings;
+  /** Mesh-wide request timeout and outlier detection defaults (src/policy/resilience.ts). */
+  resilience: ResilienceDefaults;
 }
 
 export interface MeshIdentitySettings {
@@ -476,6 +486,11 @@ const MeshData = z
     meshName: dns.optional(),
     trustDomain: z.string().optional(),
     certificateLifetime: z.string().optional(),
+    requestTimeout: z.string().optional(),
+    outlierDetection: z.string().optional(),
+    outlierConsecutiveFailures: z.string().optional(),
+    outlierBaseEjectionTime: z.string().optional(),
+    outlierMaxEjectionPercent: z.string().optional(),
     inbound: z.enum(['strict', 'permissive']).optional(),
     interceptionMode: InterceptionModeSchema.optional(),
     egress: z.enum(['allow', 'deny']).optional(),
@@ -540,7 +555,21 @@ const toMeshConfig = (o: unknown): MeshConfigRec => {
       maxPacketBytes: d.mqttMaxPacketBytes === undefined ? MQTT_DEFAULTS.maxPacketBytes : wholeNumber('data.mqttMaxPacketBytes', d.mqttMaxPacketBytes, 16, 268435455),
     };
   }
-  return { settings, identity };
+  return { settings, identity, resilience: parseResilienceDefaults(d) };
+};
+
+const PolicyIn = z.object({ metadata: Metadata, spec: z.unknown() });
+
+const toRetry = (o: unknown): RetryRec => {
+  const { metadata: m, spec } = parse(PolicyIn, o);
+  const namespace = m.namespace ?? 'default';
+  return { namespace, name: m.name, ...parseRetrySpec(spec, namespace) };
+};
+
+const toUpstream = (o: unknown): UpstreamRec => {
+  const { metadata: m, spec } = parse(PolicyIn, o);
+  const namespace = m.namespace ?? 'default';
+  return { namespace, name: m.name, ...parseUpstreamSpec(spec, namespace) };
 };
 
 const toSplit = (o: unknown): SplitRec => {
@@ -635,6 +664,8 @@ const converters: { [K in Kind]: (o: unknown) => RecordOf[K] } = {
   ReferenceGrant: toReferenceGrant,
   Secret: toTlsSecret,
   Egress: toEgress,
+  Retry: toRetry,
+  UpstreamTrafficSetting: toUpstream,
 };
 
 /** Check one object of `kind` and reduce it to its record; throws FieldError naming the field. */

@@ -216,6 +216,71 @@ export const TrustSchema = z
 export type Trust = z.infer<typeof TrustSchema>;
 export const DEFAULT_TRUST: Trust = { trustDomain: 'cluster.local', bundle: [] };
 
+const Ms = z.number().int().min(0);
+const RateLimitSchema = z.object({ amount: z.number().int().min(1), unitSeconds: z.number().int().min(1), burst: z.number().int().min(0) }).strict();
+const HttpRateLimitSchema = RateLimitSchema.extend({ status: z.number().int().min(400).max(599), headers: z.record(z.string()) }).strict();
+export const OutlierSchema = z
+  .object({ enabled: z.boolean(), consecutiveFailures: z.number().int().min(1), baseEjectionMs: Ms, maxEjectionMs: Ms, maxEjectionPercent: z.number().int().min(0).max(100) })
+  .strict();
+const ServiceRef = z.object({ namespace: Name, name: Name }).strict();
+
+/** Retry and UpstreamTrafficSetting objects and the mesh-wide defaults (src/policy/resilience.ts), mesh-wide like the trust. */
+export const ResilienceSchema = z
+  .object({
+    defaults: z.object({ requestTimeoutMs: Ms.nullable(), outlier: OutlierSchema }).strict(),
+    retries: z.array(
+      z
+        .object({
+          namespace: Name,
+          name: Name,
+          source: IdentitySchema,
+          destinations: z.array(ServiceRef).min(1),
+          retryOn: z.array(z.string().min(1)).min(1),
+          perTryTimeoutMs: Ms.nullable(),
+          numRetries: z.number().int().min(0).max(10),
+          backoffBaseMs: Ms,
+        })
+        .strict(),
+    ),
+    upstreams: z.array(
+      z
+        .object({
+          namespace: Name,
+          name: Name,
+          service: ServiceRef,
+          connectTimeoutMs: Ms.nullable(),
+          maxConnections: z.number().int().min(1).nullable(),
+          maxRequests: z.number().int().min(1).nullable(),
+          maxRequestsPerConnection: z.number().int().min(1).nullable(),
+          maxPendingRequests: z.number().int().min(0).nullable(),
+          maxRetries: z.number().int().min(0).nullable(),
+          requestTimeoutMs: Ms.nullable(),
+          circuitBreaking: z
+            .object({
+              statTimeWindowMs: z.number().int().min(1),
+              minRequestAmount: z.number().int().min(0),
+              degradedTimeWindowMs: Ms,
+              slowTimeThresholdMs: Ms.nullable(),
+              slowAmountThreshold: z.number().int().min(1).nullable(),
+              slowRatioThreshold: z.number().min(0).max(1).nullable(),
+              errorAmountThreshold: z.number().int().min(1).nullable(),
+              errorRatioThreshold: z.number().min(0).max(1).nullable(),
+              degradedStatusCode: z.number().int().min(400).max(599),
+              degradedResponseContent: z.string(),
+            })
+            .strict()
+            .nullable(),
+          rateLimit: z.object({ tcp: RateLimitSchema.nullable(), http: HttpRateLimitSchema.nullable() }).strict(),
+          routes: z.array(z.object({ path: z.string().min(1), timeoutMs: Ms.nullable(), rateLimit: HttpRateLimitSchema.nullable() }).strict()),
+          outlier: OutlierSchema.partial().nullable(),
+        })
+        .strict(),
+    ),
+  })
+  .strict();
+export type Resilience = z.infer<typeof ResilienceSchema>;
+
+
 /**
  * Multi-cluster imports (src/multicluster, docs/multicluster.md): the
  * services of the clusterset this cluster imports, with their clusterset IPs
@@ -276,7 +341,7 @@ export type MulticlusterPart = z.infer<typeof MulticlusterSchema>;
  * `trust`: absent in documents of older controllers, read as no Gateways.
  * `egressPolicies`: the mesh's Egress objects (src/egress/), absent when none.
  */
-export const GlobalPartSchema = z.object({ mesh: MeshSchema, proxies: z.array(ProxyPeerSchema), trust: TrustSchema.optional(), ingress: IngressSchema.optional(), egressPolicies: z.array(EgressPolicySchema).optional(), multicluster: MulticlusterSchema.optional() }).strict();
+export const GlobalPartSchema = z.object({ mesh: MeshSchema, proxies: z.array(ProxyPeerSchema), trust: TrustSchema.optional(), ingress: IngressSchema.optional(), egressPolicies: z.array(EgressPolicySchema).optional(), multicluster: MulticlusterSchema.optional(), resilience: ResilienceSchema.optional() }).strict();
 export type GlobalPart = z.infer<typeof GlobalPartSchema>;
 
 export const NodePartSchema = z
@@ -341,6 +406,7 @@ export const NodePolicyDeltaSchema = z
     mesh: MeshSchema.optional(),
     proxies: GlobalPartSchema.shape.proxies.optional(),
     trust: TrustSchema.optional(),
+    resilience: ResilienceSchema.optional(),
     multicluster: MulticlusterSchema.optional(),
     ingress: IngressSchema.optional(),
     egressPolicies: z.array(EgressPolicySchema).optional(),

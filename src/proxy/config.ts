@@ -6,6 +6,7 @@ import { renderMulticluster, type ProxyMulticluster } from '../multicluster/prox
 import { spiffeId } from '../identity/spiffe.js';
 import { MQTT_DEFAULTS } from '../policy/objects.js';
 import type { Access, HttpMatch, MqttMatch, NodePolicy, PolicyService, Split } from '../policy/schema.js';
+import { renderResilience, type ProxyResilience } from './resilience-config.js';
 
 /**
  * NodePolicy -> the configuration of the shared Pipy proxy (proxy/config.json,
@@ -211,6 +212,8 @@ export interface ProxyConfig {
   meshPods: Record<string, ProxyMeshPod>;
   /** Destination identity (ns/serviceAccount of a pod on this node) -> its TrafficTargets. */
   access: Record<string, ProxyAccessRule[]>;
+  /** Timeouts, retries, limits and outlier detection (src/proxy/resilience-config.ts, proxy/resilience.js). */
+  resilience: ProxyResilience;
   /** Clusterset imports and exports (src/multicluster/proxy-config.ts); absent without a clusterset. */
   multicluster?: ProxyMulticluster;
   mqtt: ProxyMqttSettings;
@@ -406,6 +409,7 @@ export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): Pr
     endpoints,
     meshPods,
     access,
+    resilience: renderResilience(policy.resilience, policy.services, policy.multicluster?.imports),
     ...(policy.multicluster ? { multicluster: renderMulticluster(policy.multicluster, policy.services, tunnelTLS && !tunnelTLS.refuse ? tunnelTLS.trustDomain : null) } : {}),
     mqtt: { ...MQTT_DEFAULTS, maxTopics: DEFAULT_MQTT_MAX_TOPICS, ...policy.mesh.mqtt },
     ...(gateways.length > 0 ? { gateways } : {}),

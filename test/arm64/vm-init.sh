@@ -33,7 +33,8 @@ stamp "booted"
 cd /fsm || { echo "fsm-arm64: no /fsm"; poweroff -f; }
 # Word splitting is wanted: one test path per line of the list. Every
 # instruction is emulated, so tests get 3 minutes instead of jest's 1 (a
-# timeout is not what these tests assert; hooks keep their own limits).
+# timeout is not what these tests assert; so do the hooks that set no
+# limit of their own, like the topology set-ups of the kernel tests).
 # shellcheck disable=SC2046
 node --experimental-vm-modules node_modules/jest/bin/jest.js --selectProjects unit kernel \
   --runInBand --testTimeout=180000 --json --outputFile=/tmp/jest.json $(cat /etc/fsm-vm-tests)

@@ -80,7 +80,7 @@ describe('eBPF dataplane', () => {
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     await waitForOutput(proxy, 'listening');
-  }, 60_000);
+  }); // the configured testTimeout: 60 s here, 180 s in the arm64 VM (TCG emulation on a busy host)
 
   afterAll(async () => {
     for (const dp of open) await dp.cleanup().catch(() => undefined);

@@ -33,7 +33,7 @@ describe('connect4 through src/ebpf redirects a pod (issue 2 proof)', () => {
     await startEchoServer(b, 'pod-b', PORT);
     // Stands in for the node proxy: answers with its own name, so the client sees where it landed.
     await startEchoServer(node, 'node-listener', FAKE_PROXY_PORT);
-  }, 60_000);
+  }); // the configured testTimeout: 60 s here, 180 s in the arm64 VM (TCG emulation on a busy host)
 
   afterAll(async () => {
     await topo?.destroy();

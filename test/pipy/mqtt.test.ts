@@ -11,6 +11,7 @@ import { NodePolicySchema, POLICY_API_VERSION, type NodePolicy } from '../../src
 import { renderProxyConfig, type ProxyConfig, type ProxyIdentityFiles } from '../../src/proxy/config.js';
 import { dataplaneModes, nodeSpec } from '../support/dataplanes.js';
 import { eventually } from '../support/eventually.js';
+import { FLEET_COLLECTOR, FLEET_DEVICES } from '../support/mqtt-fleet.js';
 import { issue, testCa, TRUST_DOMAIN, writeIdentity } from '../support/identity-certs.js';
 import { uniqueTestPrefix } from '../support/names.js';
 import { findPipy, metricValue, pipySkipReason, startNodeProxy, writeCodebase, type NodeProxy } from '../support/pipy.js';
@@ -42,8 +43,8 @@ const support = fileURLToPath(new URL('../support/', import.meta.url));
 const tsRegister = join(support, 'ts-register.mjs');
 const client = fileURLToPath(new URL('../../src/lab/mqtt-client.ts', import.meta.url));
 
-const DEVICES = { name: 'devices', clientId: 'dev-[0-9]+', publish: ['devices/{clientId}/#'], subscribe: ['commands/{clientId}/+'] };
-const COLLECTOR = { name: 'collector', clientId: null, publish: ['commands/+/+'], subscribe: ['devices/#'] };
+const DEVICES = FLEET_DEVICES;
+const COLLECTOR = FLEET_COLLECTOR;
 
 maybe('MQTT through the node proxies (Pipy, mosquitto, iptables interception, mTLS)', () => {
   const pipy = findPipy() ?? '';

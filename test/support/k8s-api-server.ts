@@ -56,6 +56,8 @@ export const RESOURCES: ApiResource[] = [
   { group: 'multicluster.x-k8s.io', version: 'v1alpha1', plural: 'serviceexports', kind: 'ServiceExport', namespaced: true },
   { group: 'multicluster.x-k8s.io', version: 'v1alpha1', plural: 'serviceimports', kind: 'ServiceImport', namespaced: true },
   { group: 'multicluster.fsm-node.io', version: 'v1alpha1', plural: 'globaltrafficpolicies', kind: 'GlobalTrafficPolicy', namespaced: true },
+  { group: 'policy.flomesh.io', version: 'v1alpha1', plural: 'retries', kind: 'Retry', namespaced: true },
+  { group: 'policy.flomesh.io', version: 'v1alpha1', plural: 'upstreamtrafficsettings', kind: 'UpstreamTrafficSetting', namespaced: true },
 ];
 
 export type Obj = {

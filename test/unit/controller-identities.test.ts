@@ -234,6 +234,25 @@ describe('POST /v1/nodes/:node/identities', () => {
     }
   });
 
+  test('the agent’s issuer keeps its TLS connection across certificates, and opens a new one when the controller closed it', async () => {
+    clock += 25 * 3600_000;
+    const connections: unknown[] = [];
+    const count = (socket: unknown) => connections.push(socket);
+    fx.server.server.on('secureConnection', count);
+    try {
+      const issuer = controllerIssuer({ url: base, node: 'node-b', ca: fx.tls.caCert, token: () => fx.tokens['node-b']! });
+      const api = { namespace: 'app', serviceAccount: 'api' };
+      for (let i = 0; i < 3; i++) expect(parseCertificate((await issuer.issue(api, await csrFor('app', 'api'))).certificateChain[0]!).identity).toEqual(api);
+      expect(connections).toHaveLength(1);
+      // The controller drops idle connections (its keep-alive timeout, a restart): the next certificate still comes.
+      (fx.server.server as unknown as { closeIdleConnections(): void }).closeIdleConnections();
+      expect(parseCertificate((await issuer.issue(api, await csrFor('app', 'api'))).certificateChain[0]!).identity).toEqual(api);
+      expect(connections).toHaveLength(2);
+    } finally {
+      fx.server.server.off('secureConnection', count);
+    }
+  });
+
   test('metrics count issued and refused by reason, and observe latency', async () => {
     const text = await registry.metrics();
     expect(text).toMatch(/fsm_node_controller_certificates_issued_total [1-9]/);

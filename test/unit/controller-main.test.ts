@@ -95,6 +95,20 @@ describe('runController', () => {
       const second = next(client, (e) => e.policy.pods.length === 2);
       api.create(pod('api-2', { node: 'node-b', ip: '10.0.1.2' }) as ApiObj);
       expect((await second).policy.pods.map((p) => p.name).sort()).toEqual(['api-1', 'api-2']);
+
+      // An identity failing closed on the node becomes a Warning Event on its Node, through the API server.
+      const reason = 'certificate expired at 2026-12-04T08:00:00.000Z without renewal: controller answered 503';
+      await client.reportStatus({ ready: true, desired: 'auto', effective: 'ebpf', expiredIdentities: [{ namespace: 'app', serviceAccount: 'api', reason }] });
+      const event = await new Promise<ApiObj>((resolve) => {
+        const poll = () => {
+          const e = api.list('Event').find((o) => (o as { reason?: string }).reason === 'IdentityExpired');
+          if (e) resolve(e);
+          else setTimeout(poll, 20);
+        };
+        poll();
+      });
+      expect(event).toMatchObject({ metadata: { namespace: 'default' }, involvedObject: { kind: 'Node', name: 'node-b' }, type: 'Warning', source: { component: 'fsm-node-controller' } });
+      expect((event as { message?: string }).message).toContain(`app/api (${reason})`);
       await client.stop();
       client = undefined;
     } finally {

@@ -136,7 +136,7 @@ describe('manifests', () => {
     for (const { file, obj } of objects()) {
       const key = `${obj.apiVersion}/${obj.kind}`;
       const group = obj.apiVersion.includes('.') ? obj.apiVersion.split('/')[0]! : '';
-      if (/smi-spec\.io$/.test(group)) continue; // custom resources: next test
+      if (/smi-spec\.io$|^policy\.flomesh\.io$/.test(group)) continue; // custom resources: next test
       const Model = schemaModels[key];
       if (!Model) throw new Error(`${file}: no schema for ${key}: add its model to the table`);
       const where = `${file} ${obj.kind}/${obj.metadata.name}`;
@@ -173,7 +173,7 @@ describe('manifests', () => {
       expect({ kind, group: c.spec.group, versions: c.spec.versions.map((v) => [v.name, v.served, v.storage]), scope: c.spec.scope }).toEqual({ kind, group, versions, scope: 'Namespaced' });
       expect(c.metadata.name).toBe(`${c.spec.names.plural}.${c.spec.group}`);
       // The plural is what the informer's path uses (src/controller/sources/kubernetes.ts).
-      expect(c.spec.names.plural).toBe(kind === 'Egress' ? 'egresses' : `${kind.toLowerCase()}s`);
+      expect(c.spec.names.plural).toBe(kind === 'Egress' ? 'egresses' : kind === 'Retry' ? 'retries' : `${kind.toLowerCase()}s`);
       for (const v of c.spec.versions) expect({ kind, version: v.name, problems: nonStructural(v.schema.openAPIV3Schema) }).toEqual({ kind, version: v.name, problems: [] });
       // Several versions without conversion: the API server only rewrites apiVersion (what src/policy/smi-split.ts expects).
       if (c.spec.versions.length > 1) expect((c.spec as { conversion?: unknown }).conversion).toEqual({ strategy: 'None' });
@@ -183,8 +183,8 @@ describe('manifests', () => {
   test('custom resources validate against our CRDs, lose no field to pruning, and are accepted by the controller', () => {
     const ajv = new Ajv({ strict: false, allErrors: true });
     const schemas = new Map<string, JsonSchema>(crds().flatMap((c) => c.spec.versions.map((v) => [`${c.spec.group}/${v.name}/${c.spec.names.kind}`, v.schema.openAPIV3Schema] as const)));
-    const resources = objects().filter((d) => /smi-spec\.io\//.test(d.obj.apiVersion));
-    expect(resources.length).toBeGreaterThanOrEqual(4);
+    const resources = objects().filter((d) => /smi-spec\.io\/|policy\.flomesh\.io\//.test(d.obj.apiVersion));
+    expect(resources.length).toBeGreaterThanOrEqual(6);
     for (const { file, obj } of resources) {
       const where = `${file} ${obj.kind}/${obj.metadata.name}`;
       const schema = schemas.get(`${obj.apiVersion}/${obj.kind}`);
@@ -202,6 +202,14 @@ describe('manifests', () => {
       expect(ajv.validate(split, { spec: { service: 'a', backends: [{ service: 'b', weight: -1 }] } })).toBe(false);
       expect(ajv.validate(split, { spec: { service: 'a', backends: [{ service: 'b', weight: '10%' }] } })).toBe(false);
     }
+    const retry = schemas.get('policy.flomesh.io/v1alpha1/Retry')!;
+    const retrySpec = { source: { kind: 'ServiceAccount', name: 'c' }, destinations: [{ kind: 'Service', name: 'e' }], retryPolicy: { retryOn: '5xx' } };
+    expect(ajv.validate(retry, { spec: retrySpec })).toBe(true);
+    expect(ajv.validate(retry, { spec: { ...retrySpec, destinations: [] } })).toBe(false);
+    expect(ajv.validate(retry, { spec: { ...retrySpec, retryPolicy: { retryOn: '5xx', perTryTimeout: '2 seconds' } } })).toBe(false);
+    const uts = schemas.get('policy.flomesh.io/v1alpha1/UpstreamTrafficSetting')!;
+    expect(ajv.validate(uts, { spec: { host: 'e', rateLimit: { local: { http: { requests: 10, unit: 'day' } } } } })).toBe(false);
+    expect(ajv.validate(uts, { spec: { host: 'e', connectionSettings: { tcp: { maxConnections: 0 } } } })).toBe(false);
     for (const v of ['v1alpha3', 'v1alpha4']) {
       const split = schemas.get(`split.smi-spec.io/${v}/TrafficSplit`)!;
       expect(ajv.validate(split, { spec: { service: 'a', backends: [{ service: 'b', weight: 1 }], matches: [{ kind: 'TCPRoute', name: 'r' }] } })).toBe(false);
@@ -303,8 +311,8 @@ describe('kustomize', () => {
     const demo = render('overlays/example-app');
     expect(demo.every((o) => o.kind === 'Namespace' || o.metadata.namespace === 'fsm-demo')).toBe(true);
     expect(kinds(render('overlays/uninstall'))).toEqual(['DaemonSet/fsm-node-cleanup', 'Namespace/fsm-system']);
-    // 4 SMI kinds, our MQTTRouteGroup, FSM's Egress.
-    expect(kinds(render('crds'))).toHaveLength(6);
+    // 4 SMI kinds, our MQTTRouteGroup, FSM's Egress, Retry and UpstreamTrafficSetting.
+    expect(kinds(render('crds'))).toHaveLength(8);
   });
 });
 
@@ -618,6 +626,9 @@ describe('RBAC', () => {
       for (const o of baseMesh()) api.create(o as ApiObj);
       // One object the controller reports with a Warning Event.
       api.create({ apiVersion: 'split.smi-spec.io/v1alpha2', kind: 'TrafficSplit', metadata: { name: 'bad', namespace: 'app' }, spec: { service: 'web', backends: [{ service: 'db', weight: 0 }] } } as ApiObj);
+      // The resilience policies (src/policy/resilience.ts): the controller lists and watches them too.
+      api.create({ apiVersion: 'policy.flomesh.io/v1alpha1', kind: 'Retry', metadata: { name: 'r', namespace: 'app' }, spec: { source: { kind: 'ServiceAccount', name: 'web' }, destinations: [{ kind: 'Service', name: 'db' }], retryPolicy: { retryOn: '5xx' } } } as ApiObj);
+      api.create({ apiVersion: 'policy.flomesh.io/v1alpha1', kind: 'UpstreamTrafficSetting', metadata: { name: 'u', namespace: 'app' }, spec: { host: 'db' } } as ApiObj);
       api.create(pod('agent-b', { ns: 'fsm-system', node: 'node-b', uid: 'agent-b-uid' }) as ApiObj);
       api.tokens.set('sa-token-b', { username: `system:serviceaccount:${DEFAULT_AGENT_SERVICE_ACCOUNT}`, extra: { 'authentication.kubernetes.io/pod-name': ['agent-b'], 'authentication.kubernetes.io/pod-uid': ['agent-b-uid'] } });
       const kubeconfig = join(dir, 'kubeconfig');

@@ -1,5 +1,7 @@
 import { execFileSync } from 'node:child_process';
-import { X509Certificate, generateKeyPairSync } from 'node:crypto';
+import * as asn from '@peculiar/asn1-schema';
+import * as asnX509 from '@peculiar/asn1-x509';
+import { X509Certificate, generateKeyPairSync, webcrypto } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -64,6 +66,31 @@ describe('workload X.509', () => {
     expect(n.subjectAltName).toBe('DNS:web.demo.sa.cluster.local, URI:spiffe://cluster.local/ns/demo/sa/web');
     expect(n.keyUsage).toEqual(expect.arrayContaining(['1.3.6.1.5.5.7.3.1', '1.3.6.1.5.5.7.3.2']));
     expect(n.subject).toBe('CN=web.demo.sa.cluster.local');
+  });
+
+  test('a leaf is canonical DER: the parts copied in as bytes (issuer, algorithm, extensions, the request\'s key) decode and re-encode to the same bytes', async () => {
+    const { root, signer } = await rootSigner();
+    const keys = await generateKeyPair();
+    const csrPem = await createCsr(keys, TD, id);
+    const leaf = await signLeaf(csrPem, signer, { trustDomain: TD, identity: id, lifetimeMs: DAY });
+    const der = new X509Certificate(leaf.certPem).raw;
+    const cert = asn.AsnConvert.parse(der, asnX509.Certificate);
+    expect(Buffer.from(asn.AsnConvert.serialize(cert)).equals(der)).toBe(true);
+    // Each part the issuer writes as bytes, read back as a structure.
+    const rootCert = asn.AsnConvert.parse(new X509Certificate(root.certPem).raw, asnX509.Certificate);
+    expect(Buffer.from(asn.AsnConvert.serialize(cert.tbsCertificate.issuer)).equals(Buffer.from(asn.AsnConvert.serialize(rootCert.tbsCertificate.subject)))).toBe(true);
+    expect(cert.tbsCertificate.signature.algorithm).toBe('1.2.840.10045.4.3.2');
+    expect(cert.signatureAlgorithm.algorithm).toBe('1.2.840.10045.4.3.2');
+    expect(cert.tbsCertificate.extensions!.map((e) => [e.extnID, e.critical])).toEqual([
+      ['2.5.29.19', true],
+      ['2.5.29.15', true],
+      ['2.5.29.37', false],
+      ['2.5.29.35', false],
+      ['2.5.29.17', false],
+      ['2.5.29.14', false],
+    ]);
+    expect(Buffer.from(asn.AsnConvert.serialize(cert.tbsCertificate.subjectPublicKeyInfo)).equals((await parseCsr(csrPem)).spki)).toBe(true);
+    expect(Buffer.from(asn.AsnConvert.serialize(cert.tbsCertificate.subjectPublicKeyInfo)).equals(Buffer.from(await webcrypto.subtle.exportKey('spki', keys.publicKey)))).toBe(true);
   });
 
   test('the private key exported as PKCS#8 matches the issued certificate', async () => {

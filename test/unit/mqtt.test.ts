@@ -5,6 +5,7 @@ import yaml from 'yaml';
 import { MQTT_ROUTE_GROUP_API_VERSION, parseMqttRouteGroup, topicFilterProblem } from '../../src/policy/mqtt.js';
 import { toRecord } from '../../src/policy/objects.js';
 import { portProtocol, renderProxyConfig } from '../../src/proxy/config.js';
+import { FLEET_COLLECTOR, FLEET_DEVICES } from '../support/mqtt-fleet.js';
 import { COVER_CASES, MATCH_CASES } from '../support/mqtt-topic-cases.js';
 import { baseMesh, compiled, meshConfig, service, slice, target, type Obj } from './policy-fixtures.js';
 
@@ -170,5 +171,19 @@ describe('from TrafficTarget to the proxy config', () => {
     expect(() => toRecord('ConfigMap', meshConfig({ mqttMaxPacketBytes: '1' }))).toThrow(expect.objectContaining({ field: 'data.mqttMaxPacketBytes' }));
     // Not set: no mqtt key at all (policies of meshes that never mention MQTT keep their versions).
     expect(toRecord('ConfigMap', meshConfig({})).settings.mqtt).toBeUndefined();
+  });
+});
+
+describe('docs/mqtt.md', () => {
+  test('the device-fleet policy is the one the Pipy tier runs against mosquitto, and the controller accepts every object of it', () => {
+    const doc = readFileSync(fileURLToPath(new URL('../../docs/mqtt.md', import.meta.url)), 'utf8');
+    const block = /## A device fleet[\s\S]*?```yaml\n([\s\S]*?)```/.exec(doc)?.[1];
+    expect(block).toBeDefined();
+    const objects = yaml.parseAllDocuments(block!).map((d) => d.toJS() as Obj);
+    expect(objects.map((o) => o.kind)).toEqual(['Service', 'MQTTRouteGroup', 'TrafficTarget', 'TrafficTarget']);
+    for (const o of objects) expect(() => toRecord(o.kind as Parameters<typeof toRecord>[0], o)).not.toThrow();
+    expect(parseMqttRouteGroup(objects[1]!).matches).toEqual([FLEET_DEVICES, FLEET_COLLECTOR]);
+    const ports = (objects[0]!.spec as { ports: { name: string; appProtocol?: string }[] }).ports;
+    expect(portProtocol({ name: ports[0]!.name, appProtocol: ports[0]!.appProtocol ?? null })).toBe('mqtt');
   });
 });

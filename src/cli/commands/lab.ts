@@ -3,7 +3,7 @@ import { InvalidInputError } from '../../errors.js';
 import { rootLogger } from '../../util/log.js';
 import { intFlag, oneOf, type Command, type ParsedValues } from '../command.js';
 
-const verbs = ['up', 'status', 'check', 'exec', 'pod', 'down', 'selfcheck', 'supervise'] as const;
+const verbs = ['up', 'status', 'check', 'exec', 'pod', 'fault', 'link', 'down', 'selfcheck', 'supervise'] as const;
 const say = (line: string): void => void process.stdout.write(`${line}\n`);
 
 async function up(values: ParsedValues): Promise<number> {
@@ -17,6 +17,15 @@ async function up(values: ParsedValues): Promise<number> {
     proxy: oneOf('proxy', values.proxy ?? 'auto', ['auto', 'pipy', 'passthrough'] as const),
   };
   try {
+    if (values.clusters !== undefined) {
+      // Clusters joined into a clusterset (src/lab/clusters/).
+      const { labUpClusters, renderClusterSummary } = await import('../../lab/clusters/up.js');
+      const { MAX_CLUSTERS } = await import('../../lab/clusters/net.js');
+      const state = await labUpClusters({ ...opts, clusters: intFlag('clusters', values.clusters, 2, MAX_CLUSTERS) }, say);
+      say('');
+      for (const line of renderClusterSummary(state, await agentModes(state))) say(line);
+      return 0;
+    }
     const state = await labUp(opts, say);
     say('');
     for (const line of renderSummary(state, await agentModes(state))) say(line);
@@ -33,7 +42,7 @@ async function up(values: ParsedValues): Promise<number> {
 async function check(values: ParsedValues): Promise<number> {
   const { labCheck, renderCheck } = await import('../../lab/check.js');
   const state = await runningLab(values);
-  const report = await labCheck(state);
+  const report = state.clusters ? await (await import('../../lab/clusters/check.js')).clusterCheck(state) : await labCheck(state);
   if (values.json) say(JSON.stringify(report, null, 2));
   else for (const line of renderCheck(report)) say(line);
   return report.ok ? 0 : 1;
@@ -65,12 +74,40 @@ async function exec(values: ParsedValues, positionals: string[]): Promise<number
   return labExec(await runningLab(values), pod, cmd);
 }
 
+async function fault(values: ParsedValues, positionals: string[]): Promise<number> {
+  const { podFaultFromFlags, faultFile, writePodFault, describePodFault } = await import('../../lab/faults.js');
+  const { findPod } = await import('../../lab/lab.js');
+  if (positionals.length !== 1) throw new InvalidInputError('lab fault POD', positionals.join(' ') || '(none)', 'name exactly one pod (see fsm-node lab status)');
+  const f = podFaultFromFlags({ status: values.status as string | undefined, hang: values.hang as boolean | undefined, close: values.close as boolean | undefined, clear: values.clear as boolean | undefined });
+  const state = await runningLab(values);
+  const pod = findPod(state, positionals[0]);
+  writePodFault(faultFile(state.dir, pod.name), f);
+  say(`${pod.name}: ${describePodFault(f)}`);
+  return 0;
+}
+
+/** lab link NODE|CLUSTER ...: a node's underlay link (src/lab/faults.ts) or, in a cluster lab, a cluster's uplink (src/lab/clusters/link.ts). */
+async function link(values: ParsedValues, positionals: string[]): Promise<number> {
+  const { linkActionFromFlags, applyLinkAction } = await import('../../lab/faults.js');
+  if (positionals.length !== 1) throw new InvalidInputError('lab link NODE|CLUSTER', positionals.join(' ') || '(none)', 'name exactly one node or cluster (see fsm-node lab status)');
+  const action = linkActionFromFlags({ delay: values.delay as string | undefined, loss: values.loss as string | undefined, down: values.down as boolean | undefined, up: values.up as boolean | undefined, clear: values.clear as boolean | undefined });
+  const state = await runningLab(values);
+  if (state.clusters?.some((c) => c.name === positionals[0])) {
+    const { applyClusterLink } = await import('../../lab/clusters/link.js');
+    say(await applyClusterLink(state, positionals[0], action));
+  } else {
+    say(await applyLinkAction(state, positionals[0], action));
+  }
+  return 0;
+}
+
 /** lab pod add NAME --node N [--namespace NS] [--no-mesh] [-- CMD...] | lab pod rm NAME (src/lab/pods.ts). */
 async function pod(values: ParsedValues, rest: string[]): Promise<number> {
   const { podAdd, podRm } = await import('../../lab/pods.js');
   const { LAB_NAMESPACE } = await import('../../lab/manifests.js');
   const [action, name, ...cmd] = rest;
   const state = await runningLab(values);
+  if (state.clusters) throw new InvalidInputError('lab pod', action, 'is not available in a cluster lab (lab up --clusters) yet: its pods are made by lab up');
   if (action === 'add') {
     if (!name) throw new InvalidInputError('lab pod add', '', 'usage: fsm-node lab pod add NAME --node NODE [--namespace NS] [--no-mesh] [-- CMD...]');
     if (typeof values.node !== 'string') throw new InvalidInputError('--node', values.node, 'required: the lab node the pod runs on (e.g. n1)');
@@ -113,12 +150,14 @@ export const labCommand: Command = {
   name: 'lab',
   summary: 'a real multi-node mesh in a box: network namespaces as nodes and pods, real agents and proxies',
   usage: [
-    'up [--nodes N] [--pods-per-node M] [--mode auto|ebpf|iptables] [--proxy auto|pipy|passthrough] [--dir DIR]',
+    'up [--clusters N] [--nodes N] [--pods-per-node M] [--mode auto|ebpf|iptables] [--proxy auto|pipy|passthrough] [--dir DIR]',
     'status [--json]',
     'check [--json]',
     'exec POD|outside -- CMD...',
     'pod add NAME --node NODE [--namespace NS] [--no-mesh] [-- CMD...]',
     'pod rm NAME',
+    'fault POD (--status CODE | --hang | --close | --clear)',
+    'link NODE|CLUSTER [--delay MS] [--loss PCT] | --down | --up | --clear',
     'down',
     'selfcheck',
   ],
@@ -151,16 +190,38 @@ bpffs directories); one lab per machine.
              --no-mesh opts the pod out). Exit 1 with the plugin's CNI error when ADD
              fails (nothing is left half-made).
   pod rm     runs CNI DEL for the pod and removes it.
+  fault      makes a pod's echo server misbehave until --clear: answer every
+             request with --status CODE (e.g. 503), --hang (accept, never
+             answer) or --close (close the connection unanswered). Takes effect
+             at the next request; the test bed for timeouts, retries and
+             outlier detection.
+  link       shapes or cuts a node's underlay link (tc netem on both ends, so
+             --delay 50 is 50 ms each way; --loss 5 drops 5 % each way);
+             --down cuts the cable (the node keeps its addresses and routes),
+             --up restores it, --clear removes shaping and sets it up. Only the
+             lab's namespaces are touched.
+             In a cluster lab (lab up --clusters N), link CLUSTER does the same to
+             that cluster's uplink, the cable between its underlay and the
+             router (the cluster's nodes still reach each other).
   down       stops everything, runs every node's cleanup, removes the topology and
              verifies nothing is left; also after a crash.
   selfcheck  builds 2 nodes x 2 pods, checks TCP between every pair (same node
              and across nodes), tears it down and verifies nothing is left.
   supervise  the lab supervisor itself (lab up starts it with --dir; not for use by hand).
 
+With --clusters N (2-4), up builds clusters c1..cN instead: each with its own
+nodes (c1-n1 ...), pods (c1-p1 ...), controller, manifests and multicluster
+directories (DIR/clusters/<cluster>/), joined into a clusterset (a lab-made
+clusterset CA, mutual TLS between the controllers) and by a router namespace
+between their underlays. echo.demo is exported from every cluster with a
+FailOver GlobalTrafficPolicy; check adds cross-cluster and failover cases
+(docs/lab.md, docs/multicluster.md).
+
 Editing DIR/manifests changes the mesh live: the controller watches it.
 --dir is only needed for \`up\`; the other verbs find the running lab.`,
   options: {
-    nodes: { type: 'string', valueName: 'N', description: 'Number of nodes (lab up; default 2).' },
+    clusters: { type: 'string', valueName: 'N', description: 'lab up: build N clusters (2-4) joined into a clusterset, each with --nodes nodes.' },
+    nodes: { type: 'string', valueName: 'N', description: 'Number of nodes (lab up; default 2; per cluster with --clusters).' },
     'pods-per-node': { type: 'string', valueName: 'M', description: 'Pods per node (lab up; default 2).' },
     mode: { type: 'string', valueName: 'MODE', description: 'Interception mode of every node: auto, ebpf or iptables (default auto).' },
     proxy: { type: 'string', valueName: 'PROXY', description: 'auto (Pipy when found), pipy, or passthrough (L4 test proxy, no policy) (default auto).' },
@@ -169,6 +230,14 @@ Editing DIR/manifests changes the mesh live: the controller watches it.
     node: { type: 'string', valueName: 'NODE', description: 'lab pod add: the node the pod runs on.' },
     namespace: { type: 'string', valueName: 'NS', description: 'lab pod add: the pod\'s namespace (default demo, monitored by the mesh).' },
     'no-mesh': { type: 'boolean', description: 'lab pod add: the pod opts out of the mesh (flomesh.io/sidecar-injection: disabled).' },
+    status: { type: 'string', valueName: 'CODE', description: 'lab fault: answer every request with this HTTP status.' },
+    hang: { type: 'boolean', description: 'lab fault: accept requests and never answer.' },
+    close: { type: 'boolean', description: 'lab fault: close connections without an answer.' },
+    clear: { type: 'boolean', description: 'lab fault / lab link: remove the fault.' },
+    delay: { type: 'string', valueName: 'MS', description: 'lab link: added delay each way, in milliseconds.' },
+    loss: { type: 'string', valueName: 'PCT', description: 'lab link: packet loss each way, in percent.' },
+    down: { type: 'boolean', description: 'lab link: cut the node\'s underlay link (or a cluster\'s uplink).' },
+    up: { type: 'boolean', description: 'lab link: restore a cut link.' },
   },
   positionals: true,
   async run(values, positionals) {
@@ -177,7 +246,7 @@ Editing DIR/manifests changes the mesh live: the controller watches it.
     // Set before the lab modules are imported: their child loggers take the level at creation.
     if (process.env.FSMN_LOG_LEVEL === undefined) rootLogger.level = 'warn';
     const rest = positionals.slice(1);
-    if (verb !== 'exec' && verb !== 'pod' && rest.length > 0) throw new InvalidInputError(`lab ${verb}`, rest.join(' '), 'takes no arguments');
+    if (!['exec', 'pod', 'fault', 'link'].includes(verb) && rest.length > 0) throw new InvalidInputError(`lab ${verb}`, rest.join(' '), 'takes no arguments');
     switch (verb) {
       case 'selfcheck': {
         const { topologySelfCheck } = await import('../../lab/selfcheck.js');
@@ -197,6 +266,10 @@ Editing DIR/manifests changes the mesh live: the controller watches it.
         return exec(values, rest);
       case 'pod':
         return pod(values, rest);
+      case 'fault':
+        return fault(values, rest);
+      case 'link':
+        return link(values, rest);
       case 'down':
         return down(values);
     }

@@ -1,4 +1,5 @@
 import { FsmNodeError, errorMessage } from '../../errors.js';
+import { resilienceStatusRows, resilienceView, type ResilienceView } from '../../proxy/resilience-status.js';
 import { proxyStatusRows, type ProxyView } from '../../proxy/status-rows.js';
 import type { Command } from '../command.js';
 import type { GatewaySummary } from '../../gateway/render.js';
@@ -16,6 +17,8 @@ interface AgentState {
   identities?: Array<{ identity: string; state: string; notAfter?: string; lastError?: string; reason?: string }>;
   sync?: { count: number; first?: SyncOutcome; last?: SyncOutcome };
   gateways?: GatewaySummary[];
+  /** Not from /v1/state: read from the agent's /metrics by this command (ejected endpoints, open circuits). */
+  resilience?: ResilienceView;
 }
 
 interface SyncOutcome {
@@ -51,6 +54,7 @@ export function renderStatus(s: AgentState): string {
     rows.push(['first sync', `${syncText(f)}${f.changes === 0 && f.proxyConfigChanged !== true ? ' (adopted what was installed)' : ''}`]);
   }
   if (s.proxy) rows.push(...proxyStatusRows(s.proxy));
+  if (s.resilience) rows.push(...resilienceStatusRows(s.resilience));
   for (const i of s.identities ?? []) {
     const detail = i.state === 'valid' ? `valid until ${i.notAfter}${i.lastError ? ` (renewal failing: ${i.lastError})` : ''}` : i.state === 'expired' ? `EXPIRED, failing closed: ${i.reason}` : `pending${i.lastError ? `: ${i.lastError}` : ''}`;
     rows.push([`identity ${i.identity}`, detail]);
@@ -69,7 +73,15 @@ async function askAgent(base: string): Promise<AgentState> {
   const url = `${base.replace(/\/$/, '')}/v1/state`;
   const res = await fetch(url, { signal: AbortSignal.timeout(3000) });
   if (!res.ok) throw new Error(`HTTP ${res.status}: ${await res.text()}`);
-  return (await res.json()) as AgentState;
+  const state = (await res.json()) as AgentState;
+  // The proxy's outlier and circuit state, from its metrics; status still works without them.
+  try {
+    const m = await fetch(`${base.replace(/\/$/, '')}/metrics`, { signal: AbortSignal.timeout(3000) });
+    if (m.ok) state.resilience = resilienceView(await m.text());
+  } catch {
+    // an agent without metrics: no resilience rows
+  }
+  return state;
 }
 
 const noAgent = (base: string, err: unknown, more = '; is fsm-node agent running on this node?'): FsmNodeError =>

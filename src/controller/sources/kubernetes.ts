@@ -113,7 +113,7 @@ export class KubernetesSource {
     const resources = [...core.map((r) => [r]), crd('TrafficSplit', 'trafficsplits'), crd('TrafficTarget', 'traffictargets'), crd('HTTPRouteGroup', 'httproutegroups'), crd('TCPRoute', 'tcproutes'), crd('MQTTRouteGroup', 'mqttroutegroups'),
       // Gateway API (src/gateway/): optional like the SMI kinds, a cluster without their CRDs has no Gateways.
       crd('GatewayClass', 'gatewayclasses'), crd('Gateway', 'gateways'), crd('HTTPRoute', 'httproutes'), crd('ReferenceGrant', 'referencegrants'),
-      crd('Egress', 'egresses')];
+      crd('Egress', 'egresses'), crd('Retry', 'retries'), crd('UpstreamTrafficSetting', 'upstreamtrafficsettings')];
     for (const versions of resources) this.informers.push(this.makeInformer(versions));
     if (o.events !== false) o.compiler.reporter.onIssue((issue) => void this.postEvent(issue));
   }

@@ -1,0 +1,152 @@
+import { spawnSync } from 'node:child_process';
+import { copyFileSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { findPipy, pipySkipReason } from '../support/pipy.js';
+
+/**
+ * proxy/mqtt.js guard() inside Pipy, fed from memory (no sockets): one Pipy
+ * process builds the hop's pipeline once and runs whole connections through
+ * it one after another, with a stand-in broker that records what reaches it
+ * and answers a CONNECT with a CONNACK. What a real broker and real clients
+ * cannot show on demand:
+ *
+ * - Pipy 1.5.18's deframe hands the buffer of a read that a connection left
+ *   unfinished to the next connection its pipeline serves, in place of that
+ *   connection's first byte (every connection ends inside a read: the proxy
+ *   always waits for the next fixed header). The guard starts each stream
+ *   with a sentinel byte for it; without it, the second connection here loses
+ *   its CONNECT's first byte.
+ * - The topic label bound: at most maxTopics values per worker, the rest
+ *   counted under (other), whatever topics clients use.
+ * - Packets cut at any byte, and topics named like the methods of a plain
+ *   object ('constructor': PipyJS objects answer it).
+ * - The proxy's own answers to denied PUBLISHes (MQTT 5), byte for byte,
+ *   including the PUBCOMP for a denied QoS 2 flow's PUBREL, which a
+ *   well-behaved client never sends after a failed PUBREC.
+ */
+
+const skip = pipySkipReason();
+if (skip) console.log(skip);
+const maybe = skip ? describe.skip : describe;
+
+const programDir = fileURLToPath(new URL('../../proxy/', import.meta.url));
+
+const ENTRY = `
+import * as mqtt from './mqtt.js'
+import * as metrics from './metrics.js'
+function varint(n) {
+  var out = []
+  for (var i = 0; i < 4; i++) { var b = n % 128; n = Math.floor(n / 128); if (n > 0) b |= 128; out.push(b); if (n === 0) break }
+  return out
+}
+function pkt(first, body) { return new Data([first].concat(varint(body.size))).push(body) }
+function str(s) { var d = new Data(s); return new Data([d.size >> 8, d.size & 255]).push(d) }
+var connect = pkt(0x10, str('MQTT').push(new Data([5, 2, 0, 60, 0])).push(str('dev-1')))
+function publish(topic, pid, payload) { return pkt(0x32, str(topic).push(new Data([pid >> 8, pid & 255, 0])).push(new Data(payload))) }
+var grant = { tcp: false, http: [], mqtt: [{ clientIdRe: null, publishLevels: [['#']], subscribeLevels: [] }] }
+var info = () => ({ source: 'iot/device', broker: 'iot/broker', grant })
+var $atBroker
+var $toClient
+var broker = $=>$
+  .handleData(d => { $atBroker.push(d) })
+  .replaceData(d => {
+    var b = d.toArray()
+    // CONNACK for a CONNECT, PINGRESP for a PINGREQ (the proxy sends one per answer of its own).
+    if (b.length > 0 && b[0] === 0x10) return pkt(0x20, new Data([0, 0, 0]))
+    if (b.length === 2 && b[0] === 0xc0) return new Data([0xd0, 0])
+    return new Data
+  })
+var layout = pipeline($=>$
+  .onStart(() => { $atBroker = new Data; $toClient = new Data })
+  .pipe(() => 'guard', { guard: mqtt.guard(info, broker) })
+  .handleData(d => { $toClient.push(d) })
+  .handleStreamEnd(() => results.push({ broker: $atBroker.toArray().join(','), client: $toClient.toArray().join(',') }))
+)
+var results = []
+var expected = []
+var steps = []
+function session(chunks, want) {
+  steps.push(() => {
+    expected.push(want)
+    return layout.process(chunks.concat([new StreamEnd]))
+  })
+}
+var full = connect.toArray().concat(publish('devices/dev-1/t', 1, 'hello').toArray())
+var half = publish('devices/dev-1/t', 2, 'a longer payload, cut short').toArray()
+var one = { broker: full.join(','), client: pkt(0x20, new Data([0, 0, 0])).toArray().join(',') }
+// A connection that stops between packets, then one that stops inside a PUBLISH, each followed by a whole one.
+session([new Data(full)], one)
+session([new Data(full)], one)
+session([new Data(connect.toArray().concat(half.slice(0, 9)))], { broker: connect.toArray().join(','), client: one.client })
+session([new Data(full)], one)
+// One byte at a time: the fixed header and the PUBLISH read across chunks.
+session(full.map(b => new Data([b])), one)
+// Topic labels: maxTopics (3 in this config.json) values, then (other).
+var topics = ['a/1', 'b/1', 'c/1', 'd/1', 'e/1']
+var many = new Data(connect)
+topics.forEach((t, i) => many.push(publish(t, i + 1, 'x')))
+session([many], null)
+// Topics named like the methods of a plain object are topics like any other.
+var odd = connect.toArray().concat(publish('constructor', 3, 'x').toArray()).concat(publish('valueOf', 4, 'y').toArray())
+session([new Data(odd)], { broker: odd.join(','), client: one.client })
+// Denied ('#' does not reach $-topics), MQTT 5: QoS 0 dropped; QoS 1 and 2 answered 0x87 by the proxy, and the
+// PUBREL of the QoS 2 one with PUBCOMP; the broker sees a PINGREQ in place of each answered packet, nothing else.
+function q(first, topic, pid) { return pkt(first, str(topic).push(new Data(pid ? [pid >> 8, pid & 255, 0] : [0])).push(new Data('x'))) }
+var denied = new Data(connect).push(q(0x30, '$SYS/a', 0)).push(q(0x32, '$SYS/b', 5)).push(q(0x34, '$SYS/c', 7)).push(new Data([0x62, 2, 0, 7]))
+session([denied], {
+  broker: connect.toArray().concat([0xc0, 0, 0xc0, 0, 0xc0, 0]).join(','),
+  client: [32, 3, 0, 0, 0, 0x40, 3, 0, 5, 0x87, 0x50, 3, 0, 7, 0x87, 0x70, 2, 0, 7].join(','),
+})
+function run(i) {
+  if (i === steps.length) return finish()
+  steps[i]().then(() => run(i + 1))
+}
+function labels(m, depth) {
+  if (depth === 0) return [m.label]
+  return m.submetrics().flatMap(s => labels(s, depth - 1).map(l => (depth === 1 ? l : s.label + '|' + l)))
+}
+function finish() {
+  var topicLabels = labels(metrics.mqttMessages, 5).map(l => l.split('|').pop())
+  console.log('RESULT ' + JSON.stringify({ results, expected, topicLabels }))
+  pipy.exit(0)
+}
+run(0)
+`;
+
+interface Outcome {
+  results: { broker: string; client: string }[];
+  expected: ({ broker: string; client: string } | null)[];
+  topicLabels: string[];
+}
+
+maybe('MQTT guard() in Pipy, connections fed from memory', () => {
+  let out: Outcome;
+
+  beforeAll(() => {
+    const dir = mkdtempSync(join(tmpdir(), 'fsmt-mqtt-guard-'));
+    try {
+      for (const f of readdirSync(programDir)) if (f.endsWith('.js') && f !== 'main.js') copyFileSync(join(programDir, f), join(dir, f));
+      writeFileSync(join(dir, 'config.json'), JSON.stringify({ mqtt: { topicLevels: 1, maxTopics: 3, maxPacketBytes: 1048576 } }));
+      writeFileSync(join(dir, 'main.js'), ENTRY);
+      const r = spawnSync(findPipy()!, ['--log-level=warn', '--admin-port-off', join(dir, 'main.js')], { cwd: dir, encoding: 'utf8', timeout: 20_000 });
+      const line = `${r.stdout}${r.stderr}`.split('\n').find((l) => l.includes('RESULT '));
+      if (!line) throw new Error(`pipy printed no result (exit ${r.status}): ${r.stdout} ${r.stderr}`);
+      out = JSON.parse(line.slice(line.indexOf('RESULT ') + 7)) as Outcome;
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('every connection a pipeline serves reads its own first byte, after one that ended between packets or inside a PUBLISH; odd topic names pass; denied PUBLISHes are answered per QoS', () => {
+    const judged = out.expected.flatMap((want, i) => (want ? [i] : []));
+    expect(judged.length).toBe(7);
+    expect(judged.map((i) => out.results[i])).toEqual(judged.map((i) => out.expected[i]));
+  });
+
+  test('topic labels stop at maxTopics per worker; the rest count under (other)', () => {
+    // devices/dev-1/t (the earlier connections), a/1 and b/1 take the three values; c/1, d/1, e/1 and the last connection's find none left.
+    expect([...new Set(out.topicLabels)].sort()).toEqual(['(other)', 'a/#', 'b/#', 'devices/#']);
+  });
+});

@@ -1,5 +1,6 @@
 import type { ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
+import { createServer, type AddressInfo } from 'node:net';
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -113,6 +114,16 @@ export function summarize(
   return { failed, recoveryMs, p99Ms: round(quantile(window, 0.99), 1), p50Ms: round(quantile(window, 0.5), 1), requests: rs.length, failures };
 }
 
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = createServer().listen(0, '127.0.0.1', () => {
+      const port = (srv.address() as AddressInfo).port;
+      srv.close(() => resolve(port));
+    });
+    srv.on('error', reject);
+  });
+}
+
 interface Site {
   id: string;
   nodes: TopoNode[];
@@ -223,7 +234,8 @@ export class TwoSites {
 
     const ca = await createClustersetCa();
     this.clustersetCa = ca;
-    const ports = { c1: 16444, c2: 16445 };
+    // Free ports, so two TwoSites (two test files run by parallel jest workers) never collide.
+    const ports = { c1: await freePort(), c2: await freePort() };
     // Mutual TLS everywhere, as agents would run it: each site's mesh CA is
     // an intermediate of the clusterset CA, every node proxy holds its pods'
     // identities and the gateway identity, and trusts the clusterset CA.

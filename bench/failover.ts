@@ -1,5 +1,6 @@
 import type { ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
+import { createServer, type AddressInfo } from 'node:net';
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -7,11 +8,14 @@ import { noExclusions } from '../src/dataplane/types.js';
 import { IptablesDataplane } from '../src/dataplane/iptables/index.js';
 import { Topology, type TopoNode, type TopoPod } from '../src/lab/topology.js';
 import { MulticlusterController } from '../src/multicluster/controller.js';
-import { createClustersetCa, issueClusterIdentity } from '../src/multicluster/identity.js';
+import { clusterTrustDomain } from '../src/multicluster/api.js';
+import { createClustersetCa, GATEWAY_IDENTITY, issueClusterIdentity, issueMeshCa } from '../src/multicluster/identity.js';
+import { identityKey } from '../src/identity/spiffe.js';
+import { createCsr, generateKeyPair, loadSigner, privateKeyToPem, signLeaf, type CaSigner } from '../src/identity/x509.js';
 import { PolicyCompiler } from '../src/policy/compiler.js';
 import type { Kind } from '../src/policy/objects.js';
 import type { NodePolicy } from '../src/policy/schema.js';
-import { renderProxyConfig } from '../src/proxy/config.js';
+import { renderProxyConfig, type ProxyIdentityFiles, type ProxyNodeFacts } from '../src/proxy/config.js';
 import type { ProxySupervisor } from '../src/proxy/supervisor.js';
 import { nodeProxy, quantile, round } from './util.js';
 
@@ -110,6 +114,16 @@ export function summarize(
   return { failed, recoveryMs, p99Ms: round(quantile(window, 0.99), 1), p50Ms: round(quantile(window, 0.5), 1), requests: rs.length, failures };
 }
 
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = createServer().listen(0, '127.0.0.1', () => {
+      const port = (srv.address() as AddressInfo).port;
+      srv.close(() => resolve(port));
+    });
+    srv.on('error', reject);
+  });
+}
+
 interface Site {
   id: string;
   nodes: TopoNode[];
@@ -117,12 +131,25 @@ interface Site {
   mc: MulticlusterController | undefined;
   dir: string;
   objects: unknown[];
+  /** The cluster's mesh CA: an intermediate of the clusterset CA, name constrained to its trust domain. */
+  meshCa: CaSigner | undefined;
+  /** Its node proxies' identity files ("ns/sa" -> files), as an agent keeps them. */
+  identities: Record<string, ProxyIdentityFiles>;
 }
+
+/** Identities every node of both sites holds (pods' and the clusterset gateway's). */
+const IDENTITIES = [`${NS}/web`, `${NS}/client`, identityKey(GATEWAY_IDENTITY)];
 
 export interface TwoSitesOptions {
   prefix: string;
   /** Lease of the clusterset members (default 24h). */
   leaseMs?: number;
+  /**
+   * How long a tunnel connection takes new tunnels (default 60 s): a policy
+   * change reaches requests on an existing connection to a gateway only after
+   * it (docs/security.md, policy staleness on long connections).
+   */
+  tunnelMaxAgeSeconds?: number;
 }
 
 export class TwoSites {
@@ -141,12 +168,14 @@ export class TwoSites {
   private readonly proxies = new Map<TopoNode, ProxySupervisor>();
   private readonly dps: IptablesDataplane[] = [];
   private cut = false;
+  private tunnelMaxAgeSeconds: number | undefined;
+  clustersetCa: { certPem: string; keyPem: string } | undefined;
 
   private constructor(topo: Topology, pods: TopoPod[], private readonly work: string) {
     this.topo = topo;
     [this.n1, this.g1, this.g2] = topo.nodes as [TopoNode, TopoNode, TopoNode];
     [this.A, this.L, this.R1, this.R2] = pods as [TopoPod, TopoPod, TopoPod, TopoPod];
-    const site = (id: string, nodes: TopoNode[]): Site => ({ id, nodes, compiler: new PolicyCompiler(), mc: undefined, dir: join(work, id), objects: [] });
+    const site = (id: string, nodes: TopoNode[]): Site => ({ id, nodes, compiler: new PolicyCompiler(), mc: undefined, dir: join(work, id), objects: [], meshCa: undefined, identities: {} });
     this.c1 = site('c1', [this.g1, this.g2]);
     this.c2 = site('c2', [this.n1]);
     this.clustersetIp = () => this.c2.compiler.get(this.n1.name)?.policy.multicluster?.imports.find((i) => i.name === 'web')?.ips[0] ?? '';
@@ -160,6 +189,7 @@ export class TwoSites {
       const [n1, g1, g2] = topo.nodes as [TopoNode, TopoNode, TopoNode];
       const pods = [await topo.addPod(n1, 'a'), await topo.addPod(n1, 'l'), await topo.addPod(g1, 'r1'), await topo.addPod(g2, 'r2')];
       sites = new TwoSites(topo, pods, work);
+      sites.tunnelMaxAgeSeconds = o.tunnelMaxAgeSeconds;
       await sites.setup(o);
       return sites;
     } catch (err) {
@@ -185,6 +215,7 @@ export class TwoSites {
   private baseObjects(site: Site, clusterIp: string, pods: [TopoPod, string][]): unknown[] {
     return [
       { apiVersion: 'v1', kind: 'Namespace', metadata: { name: NS, labels: { 'flomesh.io/monitored-by': 'fsm' } } },
+      this.meshConfig(site, 'permissive'),
       ...site.nodes.map((n) => ({
         apiVersion: 'v1',
         kind: 'Node',
@@ -202,7 +233,17 @@ export class TwoSites {
     for (const p of [this.L, this.R1, this.R2]) await this.startServer(p);
 
     const ca = await createClustersetCa();
-    const ports = { c1: 16444, c2: 16445 };
+    this.clustersetCa = ca;
+    // Free ports, so two TwoSites (two test files run by parallel jest workers) never collide.
+    const ports = { c1: await freePort(), c2: await freePort() };
+    // Mutual TLS everywhere, as agents would run it: each site's mesh CA is
+    // an intermediate of the clusterset CA, every node proxy holds its pods'
+    // identities and the gateway identity, and trusts the clusterset CA.
+    for (const site of [this.c1, this.c2]) {
+      const meshCa = await issueMeshCa(ca, site.id);
+      site.meshCa = await loadSigner(meshCa.certPem, meshCa.keyPem, [ca.certPem]);
+      for (const id of IDENTITIES) site.identities[id] = await this.writeIdentity(site, join(site.dir, 'identities'), id, clusterTrustDomain(site.id));
+    }
     for (const site of [this.c1, this.c2]) {
       for (const obj of site.objects) site.compiler.upsert((obj as { kind: Kind }).kind, obj);
       site.compiler.compile();
@@ -236,7 +277,7 @@ export class TwoSites {
     for (const site of [this.c1, this.c2]) {
       for (const node of site.nodes) {
         const policy = this.policyOf(site, node);
-        const sup = nodeProxy(node, policy, join(this.work, `proxy-${node.name}`), { outboundPort: OUT, inboundPort: IN });
+        const sup = nodeProxy(node, policy, join(this.work, `proxy-${node.name}`), this.facts(site));
         await sup.start();
         await sup.waitReady();
         this.proxies.set(node, sup);
@@ -267,12 +308,46 @@ export class TwoSites {
       for (const node of site.nodes) {
         const sup = this.proxies.get(node);
         if (!sup) continue;
-        const r = await sup.deliver(renderProxyConfig(this.policyOf(site, node), { outboundPort: OUT, inboundPort: IN }));
+        const r = await sup.deliver(renderProxyConfig(this.policyOf(site, node), this.facts(site)));
         if (r.changed && !r.applied) throw new Error(`the proxy of ${node.name} did not take its new config`);
       }
     });
     this.pushing = run.catch(() => undefined);
     return run;
+  }
+
+  /** What an agent of `site` renders its proxy's config with: mutual TLS under the clusterset CA. */
+  facts(site: Site): ProxyNodeFacts {
+    return { outboundPort: OUT, inboundPort: IN, trust: { trustDomain: clusterTrustDomain(site.id), bundle: [this.clustersetCa!.certPem] }, identities: site.identities, tunnelMaxAgeSeconds: this.tunnelMaxAgeSeconds };
+  }
+
+  /** The site's mesh config: its own trust domain ("<id>.cluster.local"), and the traffic policy. */
+  meshConfig(site: Site, trafficPolicy: 'permissive' | 'smi'): unknown {
+    return { apiVersion: 'v1', kind: 'ConfigMap', metadata: { name: 'fsm-mesh-config', namespace: 'fsm-system' }, data: { trustDomain: clusterTrustDomain(site.id), trafficPolicy } };
+  }
+
+  /**
+   * A certificate and key for `id` ("ns/sa") in `trustDomain`, signed by
+   * `signer` (default: the site's mesh CA), written as an agent keeps them
+   * under `dir`. Tests sign with the wrong CA or trust domain to attack.
+   */
+  async writeIdentity(site: Site, dir: string, id: string, trustDomain: string, signer: CaSigner = site.meshCa!): Promise<ProxyIdentityFiles> {
+    const [namespace, serviceAccount] = id.split('/') as [string, string];
+    const keys = await generateKeyPair();
+    const csr = await createCsr(keys, trustDomain, { namespace, serviceAccount });
+    const leaf = await signLeaf(csr, signer, { trustDomain, identity: { namespace, serviceAccount }, lifetimeMs: 24 * 3600_000 });
+    const d = join(dir, id);
+    mkdirSync(d, { recursive: true, mode: 0o700 });
+    writeFileSync(join(d, 'key.pem'), await privateKeyToPem(keys.privateKey), { mode: 0o600 });
+    writeFileSync(join(d, 'cert.pem'), leaf.chainPem.join(''));
+    return { certPath: join(d, 'cert.pem'), keyPath: join(d, 'key.pem'), notAfter: leaf.notAfter, state: 'valid' };
+  }
+
+  /** Replace or add objects of a site (mesh config, TrafficTargets) and deliver its nodes' new configs. */
+  async applyObjects(site: Site, objects: unknown[]): Promise<void> {
+    for (const obj of objects) site.compiler.upsert((obj as { kind: Kind }).kind, obj);
+    this.recompile(site);
+    await this.pushConfigs(site);
   }
 
   policyOf(site: Site, node: TopoNode): NodePolicy {

@@ -17,6 +17,7 @@ import * as metrics from './metrics.js'
 import * as tls from './tls.js'
 import * as tunnel from './tunnel.js'
 import * as mc from './multicluster.js'
+import * as cs from './clusterset.js'
 import * as mqtt from './mqtt.js'
 import * as gateway from './gateway.js'
 import * as egress from './egress.js'
@@ -127,20 +128,21 @@ var muxToTarget = $=>$
 // the peer connection it rides).
 
 // To another cluster's gateway (multicluster.js): HTTP CONNECT naming the
-// service, as HTTP/2 streams over one connection per gateway. HTTP requests
+// service, as HTTP/2 streams over one mutual TLS connection per source
+// identity and gateway (clusterset.js: the source's certificate crosses). HTTP requests
 // ride connections that time out after 2 s without a byte (a cut uplink is
 // noticed within that, and the requests in flight fail over); long-lived TCP
 // tunnels get their own connections without that timeout.
 var gatewayRequest = () => new Message({ method: 'CONNECT', path: $route.target, headers: { host: $route.target } })
 var toGateway = (kind, options) => $=>$
-  .muxHTTP(() => kind + '>' + $route.tunnel, { version: 2 }).to($=>$
-    .connect(() => $route.tunnel, options)
+  .muxHTTP(() => cs.poolKey(kind, $srcId, $route.tunnel, $route.cluster), { version: 2 }).to(
+    cs.connectGateway(() => $route.tunnel, options)
   )
 var toGatewayTCP = $=>$
   .connectHTTPTunnel(gatewayRequest).to(toGateway('tcp', { connectTimeout: 1 }))
   .handleStreamEnd(eos => { if (eos.error) mc.markDead($route.tunnel) })
 var muxToGateway = $=>$
-  .muxHTTP(() => 'gw>' + $route.tunnel + '>' + $route.target, { maxIdle: UPSTREAM_MAX_IDLE }).to($=>$
+  .muxHTTP(() => 'gw>' + $srcId + '>' + $route.tunnel + '>' + $route.target, { maxIdle: UPSTREAM_MAX_IDLE }).to($=>$
     .connectHTTPTunnel(gatewayRequest).to(toGateway('http', { connectTimeout: 1, readTimeout: 2 }))
   )
 
@@ -157,7 +159,7 @@ var outboundTCP = $=>$
       $route = Object.assign({}, $route, { mode: 'denied' })
     } else if ($route.mode === 'refused' || $route.mode === 'unavailable') {
       metrics.denied.withLabels($labels[0], $labels[1], $route.mode).increase()
-    } else if ($route.mode === 'tunnel' && (why = tls.refusal($srcId, $route))) {
+    } else if (($route.mode === 'tunnel' && (why = tls.refusal($srcId, $route))) || ($route.mode === 'gateway' && (why = cs.refusal($srcId, $route.cluster)))) {
       metrics.denied.withLabels($labels[0], $labels[1], why).increase()
       $route = Object.assign({}, $route, { mode: 'refused' })
     } else if ((why = resilience.admitConnection($srcId, $route.service))) {
@@ -211,7 +213,7 @@ function decideRequest(msg) {
   if ($route.mode === 'local') {
     $grant = grant($srcId, $route.identity, portOf($route.target))
     if (!requestAllowed($grant, msg.head)) $route = Object.assign({}, $route, { mode: 'denied' })
-  } else if ($route.mode === 'tunnel' && (why = tls.refusal($srcId, $route))) {
+  } else if (($route.mode === 'tunnel' && (why = tls.refusal($srcId, $route))) || ($route.mode === 'gateway' && (why = cs.refusal($srcId, $route.cluster)))) {
     $route = Object.assign({}, $route, { mode: 'unauthenticated', why })
   }
   if (resilience.toEndpoint($route) && resilience.admit(a, $route.service)) $route = Object.assign({}, $route, { mode: 'limited', pool: null })
@@ -307,7 +309,8 @@ pipy.listen(config.listen.inbound, tls.serve($=>$
     var ip = target.substring(0, colon)
     var port = +target.substring(colon + 1)
     var ep = config.endpoints[ip]
-    $srcId = tls.enabled ? tls.peerIdentity() : ((peer && req.head.headers[SOURCE_HEADER]) || '')
+    // Under mTLS only the clusterset gateway identity may name a source, one of another cluster (clusterset.js).
+    $srcId = tls.enabled ? cs.vouchedSource(tls.peerIdentity(), req.head.headers[SOURCE_HEADER]) : ((peer && req.head.headers[SOURCE_HEADER]) || '')
     var labels = [$srcId || 'unknown', (ep && ep.identity) || 'unknown']
     var refuse = (result, status, text) => {
       metrics.tunnels.withLabels(labels[0], labels[1], result, tls.transport).increase()
@@ -352,12 +355,11 @@ pipy.listen(config.listen.inbound, tls.serve($=>$
 // only to the nodes labelled as gateways. A tunnel names an exported service
 // ("name.ns:port"), never a pod; the endpoint is picked here, and reached
 // like any local destination (on this node, or through its node's proxy).
-// GET /healthz answers 200 (a probe of the gateway itself).
-// The source's identity does not cross clusters yet: under smi, access is
-// judged for an unknown source and so denied (fail closed).
+// GET /healthz answers 200 (a probe of the gateway itself). Mutual TLS only
+// (clusterset.js): the source identity is the one the client certificate
+// proved, in its cluster's trust domain, and access control judges it.
 
-if (mc.enabled) pipy.listen(mc.gatewayPort(), $=>$
-  .onStart(() => { $srcId = '' })
+if (mc.enabled) pipy.listen(mc.gatewayPort(), cs.serve($=>$
   .demuxHTTP().to($=>$
     .handleMessageStart(msg => { $head = msg.head })
     .pipe(() => $head.method === 'CONNECT' ? 'tunnel' : 'health', {
@@ -368,6 +370,8 @@ if (mc.enabled) pipy.listen(mc.gatewayPort(), $=>$
           mc.gatewayTunnels.withLabels(target, result).increase()
           return new Message({ status, headers: { [mc.GATEWAY_HEADER]: mc.clusterName() } }, text + '\n')
         }
+        $srcId = cs.peerSource()
+        if (!$srcId) return refuse(403, 'unauthenticated', 'tunnel not authenticated')
         var a = mc.acceptFromCluster(target)
         if (!a.route) return refuse(a.status, a.status === 404 ? 'no-such-service' : 'unavailable', a.text)
         $route = a.route
@@ -406,7 +410,7 @@ if (mc.enabled) pipy.listen(mc.gatewayPort(), $=>$
         })
       ),
     })
-  )
+  ))
 )
 
 // ---- ingress: the Gateway API listeners of this node (gateway.js) ----------------

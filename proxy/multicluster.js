@@ -24,6 +24,7 @@
 
 import config from './config.js'
 import { decide } from './route.js'
+import * as cs from './clusterset.js'
 import { healthy } from './resilience.js'
 
 var MC = config.multicluster || null
@@ -57,15 +58,19 @@ export function protocolOf(dstIp, dstPort) {
 var probing = {}
 var probeQueue = []
 var $probeGw
+var $probeCluster
 var $probeOk
 var probe = pipeline($=>$
   .onStart(() => {
-    $probeGw = probeQueue.shift()
+    var next = probeQueue.shift()
+    $probeGw = next[0]
+    $probeCluster = next[1]
     $probeOk = false
     return [new Message({ method: 'GET', path: '/healthz', headers: { host: $probeGw } }), new StreamEnd]
   })
-  .muxHTTP(() => 'probe>' + $probeGw).to($=>$
-    .connect(() => $probeGw, { connectTimeout: 1, readTimeout: 2 })
+  // Over the same mutual TLS as tunnels, presenting this cluster's gateway identity (clusterset.js).
+  .muxHTTP(() => cs.poolKey('probe', '', $probeGw, $probeCluster)).to(
+    cs.connectGateway(() => $probeGw, { connectTimeout: 1, readTimeout: 2 })
   )
   .handleMessageStart(msg => { $probeOk = msg.head.status === 200 })
   .handleStreamEnd(() => {
@@ -76,12 +81,12 @@ var probe = pipeline($=>$
   })
 )
 
-function alive(gw) {
+function alive(gw, cluster) {
   var t = deadUntil[gw]
   if (!t) return true
   if (t <= Date.now() && !probing[gw]) {
     probing[gw] = true
-    probeQueue.push(gw)
+    probeQueue.push([gw, cluster])
     probe.spawn()
   }
   return false
@@ -104,7 +109,7 @@ function localUsable(addr, strict) {
 function usable(m, tried, strict) {
   if (tried && tried.indexOf(m.cluster) >= 0) return false
   if (m.local !== null) return localUsable(m.local, strict)
-  return m.ready > 0 && m.gateways.some(alive)
+  return m.ready > 0 && m.gateways.some(g => alive(g, m.cluster))
 }
 
 function pickMember(key, members) {
@@ -122,8 +127,8 @@ function pickMember(key, members) {
   return best
 }
 
-function pickGateway(key, gateways) {
-  var live = gateways.filter(alive)
+function pickGateway(key, gateways, cluster) {
+  var live = gateways.filter(g => alive(g, cluster))
   var i = rr[key] || 0
   rr[key] = (i + 1) % live.length
   return live[i % live.length]
@@ -157,7 +162,7 @@ export function decideImport(dstIp, dstPort, head, tried, avoid) {
       var r = decide(m.local.substring(0, colon), +m.local.substring(colon + 1), head, avoid)
       return Object.assign({}, r, { service: imp.service, cluster: m.cluster, tier: t })
     }
-    var gw = pickGateway(dst + '>' + m.cluster, m.gateways)
+    var gw = pickGateway(dst + '>' + m.cluster, m.gateways, m.cluster)
     return { mode: 'gateway', target: imp.target, tunnel: gw, identity: null, local: false, service: imp.service, protocol: imp.protocol, cluster: m.cluster, tier: t }
   }
   return { mode: 'unavailable', target: dst, tunnel: null, identity: null, local: false, service: imp.service, protocol: imp.protocol, cluster: null, tier: -1 }

@@ -42,7 +42,7 @@ var BEGIN = '-----BEGIN CERTIFICATE-----'
 var END = '-----END CERTIFICATE-----'
 
 // Every PEM certificate block of a text, in order.
-function pemBlocks(text) {
+export function pemBlocks(text) {
   return text.split(END)
     .filter(part => part.indexOf(BEGIN) >= 0)
     .map(part => part.substring(part.indexOf(BEGIN)) + END + '\n')
@@ -86,7 +86,7 @@ function identityOfCert(cert) {
 }
 
 // Why OpenSSL rejected a chain, as far as the leaf's dates tell.
-function chainProblem(cert) {
+export function chainProblem(cert) {
   var now = Date.now()
   if (cert && cert.notAfter <= now) return 'peer-expired'
   if (cert && cert.notBefore > now) return 'peer-not-yet-valid'
@@ -94,7 +94,7 @@ function chainProblem(cert) {
 }
 
 // OpenSSL's error text -> a short reason, for what no callback of ours saw.
-function classify(error) {
+export function classify(error) {
   var e = String(error || '')
   if (e === '') return 'aborted'
   if (e.indexOf('http request') >= 0 || e.indexOf('proxy request') >= 0 || e.indexOf('wrong version number') >= 0 || e.indexOf('packet length too long') >= 0) return 'plaintext'
@@ -162,12 +162,30 @@ function fail(side, reason) {
   metrics.handshakeFailures.withLabels(side, reason).increase()
 }
 
+// A local identity's certificate entry ({ cert, key, notAfter, problem }), or null.
+export function localEntry(id) {
+  return local[id] || null
+}
+
+// A source of another cluster ("spiffe://<trust domain>/ns/<ns>/sa/<sa>",
+// proxy/clusterset.js) that a gateway forwards to a pod on another node of
+// this cluster: the tunnel presents the gateway identity, which vouches for
+// the source in the CONNECT's source header (the far side believes that
+// header only from the gateway identity, only for another cluster's source).
+export function isForeign(srcId) {
+  return !!srcId && srcId.substring(0, 9) === 'spiffe://'
+}
+var GATEWAY_ID = config.multicluster ? config.multicluster.tls.gatewayIdentity : ''
+function presenter(srcId) {
+  return isForeign(srcId) ? GATEWAY_ID : srcId
+}
+
 // '' when a tunnel from srcId to the route's destination may be opened, else the
 // reason it may not (counted by the caller as a denial): fail closed.
 export function refusal(srcId, route) {
   if (!T) return ''
   if (closed) return closed
-  var e = local[srcId]
+  var e = local[presenter(srcId)]
   if (!e) return 'no-identity'
   if (e.problem) return e.problem
   if (Date.now() >= e.notAfter) return 'identity-expired'
@@ -180,7 +198,7 @@ export function refusal(srcId, route) {
 // context (which the pool's new connection inherits), whom to present and expect.
 export function poolKey(srcId, route) {
   if (!T) return route.tunnel
-  $src = local[srcId]
+  $src = local[presenter(srcId)]
   $expect = route.identity
   return srcId + '>' + route.identity + '@' + route.tunnel + '#' + Math.floor(Date.now() / maxAgeMs)
 }

@@ -57,7 +57,8 @@ export function use(srcId, route, labels) {
 
 function connectRequest() {
   var headers = { host: $route.target }
-  if ($srcId && !tls.enabled) headers[SOURCE_HEADER] = $srcId
+  // Plaintext: believed from a known node proxy. mTLS: only another cluster's source, vouched for by the gateway identity (tls.js).
+  if ($srcId && (!tls.enabled || tls.isForeign($srcId))) headers[SOURCE_HEADER] = $srcId
   return new Message({ method: 'CONNECT', path: $route.target, headers })
 }
 

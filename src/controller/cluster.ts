@@ -26,6 +26,8 @@ export interface ClusterAccess {
   authenticator(agentServiceAccount: string): Authenticator;
   postNodeEvent(body: CoreV1Event): Promise<void>;
   startSource(compiler: PolicyCompiler, onChange: () => void): Promise<KubernetesSource>;
+  /** For the clusterset member's own informers and writers (src/multicluster/kubernetes.ts). */
+  kubeConfig: KubeConfig;
 }
 
 export function clusterAccess(o: { kubeconfig?: string; inCluster?: boolean; namespace: string }): ClusterAccess {
@@ -35,6 +37,7 @@ export function clusterAccess(o: { kubeconfig?: string; inCluster?: boolean; nam
   const core = kc.makeApiClient(CoreV1Api);
   let source: KubernetesSource | undefined;
   return {
+    kubeConfig: kc,
     certStore: new SecretCertStore(core, o.namespace),
     meshCaStore: meshCaSecretStore(core, o.namespace),
     csrProvider: (signerName, trustBundle) => new KubernetesCsrProvider({ api: kc.makeApiClient(CertificatesV1Api) as unknown as CsrApi, signerName, trustBundle }),

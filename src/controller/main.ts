@@ -24,8 +24,11 @@ import { dirname, join, resolve } from 'node:path';
 import type { Registry } from 'prom-client';
 import { parse as parseYaml } from 'yaml';
 import { gatewayIdentities } from '../gateway/render.js';
+import { multiclusterIdentities } from '../multicluster/identity.js';
 import { parseClusterSet } from '../multicluster/api.js';
 import { MulticlusterController } from '../multicluster/controller.js';
+import { MulticlusterKubernetes } from '../multicluster/kubernetes.js';
+import type { KubeConfig } from '@kubernetes/client-node';
 
 const log = logger('controller');
 
@@ -117,7 +120,7 @@ async function certificateProvider(opts: ControllerOptions, cluster: ClusterAcce
 }
 
 /** The clusterset member of this controller, from the ClusterSet file and the PEM files it names. */
-async function startMulticluster(opts: ControllerOptions, compiler: PolicyCompiler, registry: Registry, onChange: () => void): Promise<MulticlusterController> {
+async function startMulticluster(opts: ControllerOptions, compiler: PolicyCompiler, registry: Registry, onChange: () => void, kc: KubeConfig | undefined): Promise<{ mc: MulticlusterController; k8s: MulticlusterKubernetes | undefined }> {
   const file = opts.clusterset!;
   let config;
   try {
@@ -135,7 +138,17 @@ async function startMulticluster(opts: ControllerOptions, compiler: PolicyCompil
   };
   const tls = { ca: pem(config.caFile, 'caFile'), cert: pem(config.certFile, 'certFile'), key: pem(config.keyFile, 'keyFile') };
   const objectsDir = opts.multiclusterDir ?? (opts.manifests !== undefined ? join(dirname(resolve(opts.manifests)), 'multicluster') : undefined);
-  return MulticlusterController.start({ config, compiler, tls, objectsDir, registry, stateDir: join(opts.stateDir ?? DEFAULT_STATE_DIR, 'multicluster') }, onChange);
+  // Kubernetes mode (no directory): ServiceExports and GlobalTrafficPolicies come from the API, ServiceImports and conditions go back to it.
+  const ref: { mc?: MulticlusterController } = {};
+  const k8s = objectsDir === undefined && kc ? new MulticlusterKubernetes(kc, () => ref.mc) : undefined;
+  const mc = (ref.mc = await MulticlusterController.start({ config, compiler, tls, objectsDir, registry, stateDir: join(opts.stateDir ?? DEFAULT_STATE_DIR, 'multicluster'), onStatus: k8s && ((st) => k8s.onStatus(st)) }, onChange));
+  try {
+    await k8s?.start();
+  } catch (err) {
+    await mc.stop();
+    throw err;
+  }
+  return { mc, k8s };
 }
 
 export function parseListen(listen: string): { host: string; port: number } {
@@ -163,6 +176,7 @@ export async function runController(opts: ControllerOptions): Promise<RunningCon
   const metrics = controllerMetrics(compiler, hub);
   let compiles = 0;
   let multicluster: MulticlusterController | undefined;
+  let multiclusterK8s: MulticlusterKubernetes | undefined;
   const compileAndPublish = () => {
     compileOnce();
     // The exports follow the Services just compiled; imports that changed go out in one more compile.
@@ -191,10 +205,10 @@ export async function runController(opts: ControllerOptions): Promise<RunningCon
   compiler.setTrustBundle(provider.trustBundle());
   const identities = new IdentityService({
     provider,
-    // The identities a node may hold: its pods' and those of the Gateways it serves.
+    // The identities a node may hold: its pods', those of the Gateways it serves, and the clusterset gateway's.
     podsOf: (node) => {
       const policy = compiler.get(node)?.policy;
-      return policy ? [...policy.pods, ...gatewayIdentities(policy)] : undefined;
+      return policy ? [...policy.pods, ...gatewayIdentities(policy), ...multiclusterIdentities(policy)] : undefined;
     },
     settings: () => compiler.identitySettings(),
     defaultLifetimeMs: opts.certificateLifetime === undefined ? undefined : parseLifetime(opts.certificateLifetime, '--certificate-lifetime'),
@@ -234,7 +248,7 @@ export async function runController(opts: ControllerOptions): Promise<RunningCon
   }
   if (opts.clusterset !== undefined) {
     try {
-      multicluster = await startMulticluster(opts, compiler, metrics.registry, compileAndPublish);
+      ({ mc: multicluster, k8s: multiclusterK8s } = await startMulticluster(opts, compiler, metrics.registry, compileAndPublish, cluster?.kubeConfig));
     } catch (err) {
       await source.stop();
       await server.close();
@@ -266,6 +280,7 @@ export async function runController(opts: ControllerOptions): Promise<RunningCon
     close: () =>
       (closed ??= (async () => {
         clearInterval(caWatch);
+        await multiclusterK8s?.stop();
         await multicluster?.stop();
         await source.stop();
         await server.close();

@@ -3,6 +3,7 @@ import { mkdir, readFile, rm, stat } from 'node:fs/promises';
 import { Agent, request } from 'node:https';
 import { join } from 'node:path';
 import { gatewayIdentities } from '../gateway/render.js';
+import { multiclusterIdentities } from '../multicluster/identity.js';
 import { Counter, Gauge, type Registry } from 'prom-client';
 import { errorMessage, FsmNodeError } from '../errors.js';
 import { writeFileAtomic } from '../policy/store.js';
@@ -213,6 +214,8 @@ export class IdentityManager {
     for (const p of policy.pods) seen.set(`${p.namespace}/${p.serviceAccount}`, { namespace: p.namespace, serviceAccount: p.serviceAccount });
     // A Gateway served on this node speaks into the mesh with its own identity (src/gateway/render.ts).
     for (const g of gatewayIdentities(policy)) seen.set(`${g.namespace}/${g.serviceAccount}`, g);
+    // A clusterset member's node proxy presents the gateway identity to other clusters (src/multicluster/identity.ts).
+    for (const g of multiclusterIdentities(policy)) seen.set(`${g.namespace}/${g.serviceAccount}`, g);
     return [...seen.values()];
   }
 

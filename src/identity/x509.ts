@@ -1,12 +1,14 @@
 // tsyringe (used inside @peculiar/x509) needs the Reflect metadata API; this
 // import must be evaluated before the library's, hence first.
 import 'reflect-metadata';
+import * as asn1x509 from '@peculiar/asn1-x509';
+import { AsnConvert } from '@peculiar/asn1-schema';
 import * as x509 from '@peculiar/x509';
 import { createPrivateKey, KeyObject, randomBytes, webcrypto } from 'node:crypto';
 import { FsmNodeError, InvalidInputError } from '../errors.js';
 import { parseCsr, type ParsedCsr } from './csr.js';
 import { leafIssuer, signLeafCertificate, type LeafIssuer } from './leaf.js';
-import { identityDnsName, parseIdentityDnsName, parseSpiffeId, spiffeId, type WorkloadIdentity } from './spiffe.js';
+import { identityDnsName, parseIdentityDnsName, parseSpiffeId, spiffeId, validateTrustDomain, type WorkloadIdentity } from './spiffe.js';
 
 // The controller's hot path lives in csr.ts (reading requests) and leaf.ts (signing leaves); re-exported for callers of this module.
 export { parseCsr, type ParsedCsr };
@@ -220,6 +222,17 @@ export interface CaOptions {
   skewMs?: number;
   /** For an intermediate: at most this many CAs below it (default 0: it signs leaves only). */
   pathLength?: number;
+  /** For an intermediate: the only DNS domain and URI host its certificates may name (a critical name constraint). */
+  permittedDomain?: string;
+}
+
+/** A critical NameConstraints extension permitting only `domain` (and its subdomains) as DNS name and URI host. */
+function nameConstraints(domain: string): x509.Extension {
+  const subtree = (name: asn1x509.GeneralName) => new asn1x509.GeneralSubtree({ base: name });
+  const value = new asn1x509.NameConstraints({
+    permittedSubtrees: new asn1x509.GeneralSubtrees([subtree(new asn1x509.GeneralName({ dNSName: domain })), subtree(new asn1x509.GeneralName({ uniformResourceIdentifier: domain }))]),
+  });
+  return new x509.Extension(asn1x509.id_ce_nameConstraints, true, AsnConvert.serialize(value));
 }
 
 async function caExtensions(keys: KeyPair, pathLength: number | undefined): Promise<x509.Extension[]> {
@@ -260,7 +273,11 @@ export async function createIntermediate(parent: CaSigner, o: CaOptions): Promis
     publicKey: keys.publicKey,
     signingKey: parent.key,
     signingAlgorithm: parent.signingAlgorithm,
-    extensions: [...(await caExtensions(keys, o.pathLength ?? 0)), await x509.AuthorityKeyIdentifierExtension.create(parentCert.publicKey)],
+    extensions: [
+      ...(await caExtensions(keys, o.pathLength ?? 0)),
+      await x509.AuthorityKeyIdentifierExtension.create(parentCert.publicKey),
+      ...(o.permittedDomain !== undefined ? [nameConstraints(validateTrustDomain(o.permittedDomain, 'permittedDomain'))] : []),
+    ],
   });
   return { certPem: cert.toString('pem') + '\n', keyPem: await privateKeyToPem(keys.privateKey) };
 }

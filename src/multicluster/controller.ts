@@ -9,6 +9,7 @@ import { parseListen } from '../controller/main.js';
 import type { PolicyCompiler } from '../policy/compiler.js';
 import type { ImportTierMember, MulticlusterPart, PolicyImport } from '../policy/schema.js';
 import { writeFileAtomic } from '../policy/store.js';
+import { splitPem } from '../identity/x509.js';
 import { logger } from '../util/log.js';
 import { parseGlobalTrafficPolicy, parseServiceExport, type ClusterSetConfig, type GlobalTrafficPolicySpec, type ServiceExportRec } from './api.js';
 import { allocate, loadAllocations, parseCidr4, saveAllocations, type Cidr4 } from './ipam.js';
@@ -35,6 +36,12 @@ export interface MulticlusterOptions {
   pollMs?: number;
   /** Long-poll wait asked of peers. Default 30 s. */
   peerWaitMs?: number;
+  /**
+   * Kubernetes mode (src/multicluster/kubernetes.ts): called with every new
+   * status (exports' conditions, imports) so ServiceImports and ServiceExport
+   * conditions are written back through the API. Objects come in by setObjects().
+   */
+  onStatus?: (status: MulticlusterStatus) => void;
 }
 
 /** What `status.json` holds (lab status, people): exports with their conditions, imports, peers. */
@@ -262,7 +269,19 @@ export class MulticlusterController {
         tiers,
       };
     });
-    return { cluster: this.cluster, gatewayPort: this.o.config.gatewayPort, imports };
+    return { cluster: this.cluster, gatewayPort: this.o.config.gatewayPort, imports, clustersetBundle: splitPem(this.o.tls.ca), peers: this.o.config.peers.map((p) => p.clusterId).sort() };
+  }
+
+  /**
+   * Kubernetes mode: the ServiceExports and GlobalTrafficPolicies the
+   * informers hold (each already parsed; a bad one was left out and
+   * reported). Calls onChange when they changed.
+   */
+  setObjects(exports: Map<string, ServiceExportRec>, policies: Map<string, GlobalTrafficPolicySpec>): void {
+    const next: Objects = { exports: new Map([...exports].sort()), policies: new Map([...policies].sort()) };
+    const same = JSON.stringify([...this.objects.exports, ...this.objects.policies]) === JSON.stringify([...next.exports, ...next.policies]);
+    this.objects = next;
+    if (!same) this.changed();
   }
 
   /** Re-read objectsDir when anything in it changed; true when the objects changed. A bad document keeps the last good set. */
@@ -383,6 +402,7 @@ export class MulticlusterController {
     const text = JSON.stringify(status, null, 2);
     if (text === this.lastStatus) return;
     this.lastStatus = text;
+    this.o.onStatus?.(status);
     void writeFileAtomic(join(this.o.stateDir, 'status.json'), `${text}\n`, 0o644).catch((err: unknown) => log.warn({ err: errorMessage(err) }, 'cannot write multicluster status'));
   }
 }

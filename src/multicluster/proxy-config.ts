@@ -1,5 +1,8 @@
 import type { MulticlusterPart, PolicyService } from '../policy/schema.js';
+import { identityKey } from '../identity/spiffe.js';
 import { portProtocol, type PortProtocol } from '../proxy/config.js';
+import { clusterTrustDomain } from './api.js';
+import { GATEWAY_IDENTITY } from './identity.js';
 
 /**
  * The node proxy's view of the clusterset (proxy/multicluster.js), rendered
@@ -31,9 +34,25 @@ export interface ProxyImport {
   tiers: ProxyImportMember[][];
 }
 
+/**
+ * Gateway tunnels' mutual TLS (proxy/clusterset.js): the clusterset CA both
+ * ends verify against, the trust domain of this cluster and of each peer, and
+ * the gateway identity ("ns/sa") each side presents. `refuse` set: every
+ * gateway tunnel, both ways, is refused with that reason (never plaintext).
+ */
+export interface ProxyClustersetTLS {
+  bundle: string;
+  trustDomain: string;
+  /** cluster id -> its trust domain, this cluster and every peer. */
+  trustDomains: Record<string, string>;
+  gatewayIdentity: string;
+  refuse: string | null;
+}
+
 export interface ProxyMulticluster {
   cluster: string;
   gatewayPort: number;
+  tls: ProxyClustersetTLS;
   imports: Record<string, ProxyImport>;
   /** "name.ns:port" -> the local Service's "clusterIP:port" and its protocol (HTTP is balanced per request at the gateway). */
   exports: Record<string, { local: string; protocol: PortProtocol }>;
@@ -41,7 +60,22 @@ export interface ProxyMulticluster {
 
 const key = (ns: string, name: string) => `${ns}/${name}`;
 
-export function renderMulticluster(part: MulticlusterPart, services: readonly PolicyService[]): ProxyMulticluster {
+/**
+ * Fails closed: no clusterset CA in the policy (an older controller), or a
+ * mesh whose trust domain is not the cluster's own ("<id>.cluster.local": the
+ * name other clusters verify this cluster's workloads and gateways by).
+ */
+export function renderClustersetTLS(part: MulticlusterPart, meshTrustDomain: string | null): ProxyClustersetTLS {
+  const trustDomain = clusterTrustDomain(part.cluster);
+  const trustDomains: Record<string, string> = { [part.cluster]: trustDomain };
+  for (const p of part.peers ?? []) trustDomains[p] = clusterTrustDomain(p);
+  const bundle = (part.clustersetBundle ?? []).map((p) => p.trim()).filter((p) => p.includes('-----BEGIN CERTIFICATE-----'));
+  const refuse = bundle.length === 0 ? 'no-clusterset-trust' : meshTrustDomain === null ? 'no-mesh-tls' : meshTrustDomain !== trustDomain ? 'trust-domain-mismatch' : null;
+  return { bundle: bundle.length > 0 ? `${bundle.join('\n')}\n` : '', trustDomain, trustDomains, gatewayIdentity: identityKey(GATEWAY_IDENTITY), refuse };
+}
+
+/** `meshTrustDomain`: the trust domain this node's tunnel certificates are in (null: no mTLS, so no gateway tunnels). */
+export function renderMulticluster(part: MulticlusterPart, services: readonly PolicyService[], meshTrustDomain: string | null = null): ProxyMulticluster {
   const local = new Map(services.map((s) => [key(s.namespace, s.name), s]));
   const imports: Record<string, ProxyImport> = {};
   const exports: ProxyMulticluster['exports'] = {};
@@ -65,5 +99,5 @@ export function renderMulticluster(part: MulticlusterPart, services: readonly Po
       for (const ip of imp.ips) imports[`${ip}:${p.port}`] = { service: key(imp.namespace, imp.name), protocol: portProtocol(p), target, tiers };
     }
   }
-  return { cluster: part.cluster, gatewayPort: part.gatewayPort, imports, exports };
+  return { cluster: part.cluster, gatewayPort: part.gatewayPort, tls: renderClustersetTLS(part, meshTrustDomain), imports, exports };
 }

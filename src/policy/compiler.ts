@@ -806,6 +806,8 @@ export class PolicyCompiler {
       list.push(access);
       this.accessByDestination.set(dst, list);
       for (const s of access.sources) {
+        // Sources of other clusters have no pods here: nothing to route for them on this cluster's nodes.
+        if (s.trustDomain !== undefined) continue;
         const src = idKey(s.namespace, s.serviceAccount);
         const set = this.destinationsBySource.get(src) ?? new Set();
         set.add(dst);
@@ -840,7 +842,10 @@ export class PolicyCompiler {
       });
       return { kind: 'HTTPRouteGroup', name: r.name, matches };
     });
-    return { namespace: rec.namespace, name: rec.name, destination: rec.destination, sources: rec.sources, rules };
+    // A source named in this mesh's own trust domain is a local identity, whichever way it was written.
+    const own = this.identitySettings().trustDomain;
+    const sources = rec.sources.map((s) => (s.trustDomain === own ? { namespace: s.namespace, serviceAccount: s.serviceAccount } : s));
+    return { namespace: rec.namespace, name: rec.name, destination: rec.destination, sources, rules };
   }
 
   /**

@@ -2,7 +2,7 @@ import { createHash } from 'node:crypto';
 import { z } from 'zod';
 import { InvalidInputError } from '../errors.js';
 import { parseLifetime } from '../identity/lifetime.js';
-import { DEFAULT_TRUST_DOMAIN, validateTrustDomain } from '../identity/spiffe.js';
+import { DEFAULT_TRUST_DOMAIN, parseSpiffeId, validateIdentity, validateTrustDomain } from '../identity/spiffe.js';
 import {
   ANNOTATION_INBOUND_PORT_EXCLUSION,
   ANNOTATION_LAB_CGROUP,
@@ -36,7 +36,7 @@ import {
   type TlsSecretRec,
 } from '../gateway/objects.js';
 import { parseSplitSpec, SPLIT_API_VERSIONS } from './smi-split.js';
-import { formatPath, InterceptionModeSchema, type DesiredInterceptionMode, type Exclusions, type HttpMatch, type Identity, type MeshSettings } from './schema.js';
+import { formatPath, InterceptionModeSchema, type DesiredInterceptionMode, type Exclusions, type HttpMatch, type Identity, type MeshSettings, type SourceIdentity } from './schema.js';
 
 /**
  * Input side of the compiler: the Kubernetes objects the controller reads,
@@ -156,7 +156,7 @@ export interface TargetRec {
   namespace: string;
   name: string;
   destination: Identity & { port: number | null };
-  sources: Identity[];
+  sources: SourceIdentity[];
   rules: { kind: 'HTTPRouteGroup' | 'TCPRoute' | 'MQTTRouteGroup'; name: string; matches: string[] | null }[];
 }
 export interface RouteGroupRec {
@@ -283,7 +283,8 @@ const TargetIn = z.object({
   metadata: Metadata,
   spec: z.object({
     destination: SaRef.extend({ port: port.nullish() }),
-    sources: z.array(SaRef).min(1),
+    // A source of another cluster: a ServiceAccount with its trustDomain, or kind SpiffeID naming it whole.
+    sources: z.array(z.object({ kind: z.enum(['ServiceAccount', 'SpiffeID']), name: z.string().min(1), namespace: dns.nullish(), trustDomain: z.string().nullish() })).min(1),
     rules: z
       .array(z.object({ kind: z.enum(['HTTPRouteGroup', 'TCPRoute', 'MQTTRouteGroup']), name: dns, matches: z.array(z.string()).nullish() }))
       .nullish(),
@@ -577,6 +578,38 @@ const toSplit = (o: unknown): SplitRec => {
   return { namespace: m.namespace ?? 'default', name: m.name, ...parseSplitSpec(apiVersion ?? SPLIT_API_VERSIONS[0], spec) };
 };
 
+/**
+ * A TrafficTarget source: a ServiceAccount of this cluster (no trustDomain),
+ * or a workload of another cluster of the clusterset, named by its trust
+ * domain ("c2.cluster.local", docs/multicluster.md) or its whole SPIFFE ID.
+ * A trustDomain equal to this mesh's own is made local by the compiler.
+ */
+function targetSource(s: { kind: 'ServiceAccount' | 'SpiffeID'; name: string; namespace?: string | null | undefined; trustDomain?: string | null | undefined }, namespace: string, field: string): SourceIdentity {
+  const fieldError = (sub: string, err: unknown): never => {
+    if (err instanceof InvalidInputError) throw new FieldError(`${field}.${sub}`, err.message);
+    throw err;
+  };
+  if (s.kind === 'SpiffeID') {
+    if (s.namespace != null || s.trustDomain != null) throw new FieldError(`${field}.kind`, 'a SpiffeID source names its namespace and trust domain in name; set neither namespace nor trustDomain');
+    try {
+      const { trustDomain, identity } = parseSpiffeId(s.name, undefined, 'name');
+      validateIdentity(identity, 'name');
+      return { ...identity, trustDomain };
+    } catch (err) {
+      return fieldError('name', err);
+    }
+  }
+  try {
+    const identity = validateIdentity({ namespace: s.namespace ?? namespace, serviceAccount: s.name }, 'x');
+    if (s.trustDomain == null) return identity;
+    return { ...identity, trustDomain: validateTrustDomain(s.trustDomain, 'trustDomain') };
+  } catch (err) {
+    if (err instanceof InvalidInputError && err.field === 'x.serviceAccount') throw new FieldError(`${field}.name`, `${JSON.stringify(s.name)} must be a Kubernetes service account name (a DNS subdomain)`);
+    if (err instanceof InvalidInputError && err.field === 'x.namespace') throw new FieldError(`${field}.namespace`, `${JSON.stringify(s.namespace)} must be a namespace name`);
+    return fieldError('trustDomain', err);
+  }
+}
+
 const toTarget = (o: unknown): TargetRec => {
   const { metadata: m, spec } = parse(TargetIn, o);
   const namespace = m.namespace ?? 'default';
@@ -585,7 +618,7 @@ const toTarget = (o: unknown): TargetRec => {
     namespace,
     name: m.name,
     destination: { namespace: d.namespace ?? namespace, serviceAccount: d.name, port: d.port ?? null },
-    sources: spec.sources.map((s) => ({ namespace: s.namespace ?? namespace, serviceAccount: s.name })),
+    sources: spec.sources.map((s, i) => targetSource(s, namespace, `spec.sources[${i}]`)),
     rules: (spec.rules ?? []).map((r) => ({ kind: r.kind, name: r.name, matches: r.matches ?? null })),
   };
 };

@@ -43,6 +43,9 @@ export type Exclusions = z.infer<typeof ExclusionsSchema>;
 
 export const IdentitySchema = z.object({ namespace: Name, serviceAccount: Name }).strict();
 export type Identity = z.infer<typeof IdentitySchema>;
+/** A TrafficTarget source: trustDomain set only for a workload of another cluster of the clusterset (docs/multicluster.md). */
+export const SourceIdentitySchema = IdentitySchema.extend({ trustDomain: z.string().min(1).max(253).optional() }).strict();
+export type SourceIdentity = z.infer<typeof SourceIdentitySchema>;
 
 export const MeshSchema = z
   .object({
@@ -130,7 +133,7 @@ export const AccessSchema = z
     namespace: Name,
     name: Name,
     destination: IdentitySchema.extend({ port: Port.nullable() }).strict(),
-    sources: z.array(IdentitySchema),
+    sources: z.array(SourceIdentitySchema),
     rules: z.array(AccessRuleSchema),
   })
   .strict();
@@ -319,6 +322,15 @@ export const MulticlusterSchema = z
     /** The port every node proxy takes tunnels from other clusters on (only gateway nodes are advertised). */
     gatewayPort: Port,
     imports: z.array(PolicyImportSchema),
+    /**
+     * The clusterset CA (PEM roots) gateway tunnels are verified against, both
+     * ways, and the peer clusters whose workloads may come in through a
+     * gateway (each proves its own trust domain, "<id>.cluster.local").
+     * Absent in documents of older controllers: the proxy then refuses every
+     * tunnel to and from other clusters (never plaintext).
+     */
+    clustersetBundle: z.array(z.string().min(1)).optional(),
+    peers: z.array(Name).optional(),
   })
   .strict();
 export type MulticlusterPart = z.infer<typeof MulticlusterSchema>;

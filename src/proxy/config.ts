@@ -1,7 +1,9 @@
 import { InvalidInputError } from '../errors.js';
 import { renderEgressRules, type ProxyEgressRules } from '../egress/render.js';
 import { gatewayIdentities, renderGateways, type GatewayCertificateFiles, type ProxyGateway } from '../gateway/render.js';
+import { multiclusterIdentities } from '../multicluster/identity.js';
 import { renderMulticluster, type ProxyMulticluster } from '../multicluster/proxy-config.js';
+import { spiffeId } from '../identity/spiffe.js';
 import { MQTT_DEFAULTS } from '../policy/objects.js';
 import type { Access, HttpMatch, MqttMatch, NodePolicy, PolicyService, Split } from '../policy/schema.js';
 import { renderResilience, type ProxyResilience } from './resilience-config.js';
@@ -166,7 +168,7 @@ export const DEFAULT_MQTT_MAX_TOPICS = 500;
 export interface ProxyAccessRule {
   /** ns/name of the TrafficTarget, for logs and metrics. */
   target: string;
-  /** ns/serviceAccount of the sources allowed. */
+  /** ns/serviceAccount of the sources allowed; spiffe://<trust domain>/ns/<ns>/sa/<sa> for a source of another cluster. */
   sources: string[];
   /** The destination port the target is limited to; null = every port. */
   port: number | null;
@@ -255,7 +257,8 @@ function renderAccess(a: Access): ProxyAccessRule {
   const mqtt = a.rules.flatMap((r) => (r.kind === 'MQTTRouteGroup' ? r.matches.map(renderMqttMatch) : []));
   return {
     target: id(a.namespace, a.name),
-    sources: a.sources.map((s) => id(s.namespace, s.serviceAccount)).sort(),
+    // The proxy's identity strings: "ns/sa" in this cluster, the SPIFFE ID for another cluster's (proxy/clusterset.js).
+    sources: a.sources.map((s) => (s.trustDomain === undefined ? id(s.namespace, s.serviceAccount) : spiffeId(s.trustDomain, s))).sort(),
     port: a.destination.port,
     tcpAllPorts: tcp.some((r) => r.ports.length === 0),
     tcpPorts: [...new Set(tcp.flatMap((r) => r.ports))].sort((x, y) => x - y),
@@ -339,7 +342,8 @@ export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): Pr
     ? renderTunnelTLS(
         facts.trust,
         // A Gateway served here is a local identity too: its tunnels into the mesh present its own certificate.
-        [...policy.pods.map((p) => id(p.namespace, p.serviceAccount)), ...gatewayIdentities(policy).map((g) => id(g.namespace, g.serviceAccount))],
+        // So is the clusterset gateway identity of a cluster in a clusterset (src/multicluster/identity.ts).
+        [...policy.pods.map((p) => id(p.namespace, p.serviceAccount)), ...gatewayIdentities(policy).map((g) => id(g.namespace, g.serviceAccount)), ...multiclusterIdentities(policy).map((g) => id(g.namespace, g.serviceAccount))],
         facts.identities ?? {},
         facts.tunnelMaxAgeSeconds,
       )
@@ -406,7 +410,7 @@ export function renderProxyConfig(policy: NodePolicy, facts: ProxyNodeFacts): Pr
     meshPods,
     access,
     resilience: renderResilience(policy.resilience, policy.services, policy.multicluster?.imports),
-    ...(policy.multicluster ? { multicluster: renderMulticluster(policy.multicluster, policy.services) } : {}),
+    ...(policy.multicluster ? { multicluster: renderMulticluster(policy.multicluster, policy.services, tunnelTLS && !tunnelTLS.refuse ? tunnelTLS.trustDomain : null) } : {}),
     mqtt: { ...MQTT_DEFAULTS, maxTopics: DEFAULT_MQTT_MAX_TOPICS, ...policy.mesh.mqtt },
     ...(gateways.length > 0 ? { gateways } : {}),
     ...(egressRules ? { egressRules } : {}),

@@ -666,6 +666,16 @@ describe('RBAC', () => {
       'gateway.networking.k8s.io/gatewayclasses/status:patch',
       'gateway.networking.k8s.io/gateways/status:patch',
       'gateway.networking.k8s.io/httproutes/status:patch',
+      // Only a clusterset member (--clusterset) in Kubernetes mode; test/unit/multicluster-kubernetes.test.ts runs that path.
+      'multicluster.x-k8s.io/serviceexports:list',
+      'multicluster.x-k8s.io/serviceexports:watch',
+      'multicluster.x-k8s.io/serviceexports/status:update',
+      'multicluster.x-k8s.io/serviceimports:list',
+      'multicluster.x-k8s.io/serviceimports:create',
+      'multicluster.x-k8s.io/serviceimports:update',
+      'multicluster.x-k8s.io/serviceimports:delete',
+      'multicluster.fsm-node.io/globaltrafficpolicies:list',
+      'multicluster.fsm-node.io/globaltrafficpolicies:watch',
     ]);
     const granted = rules.flatMap(({ rule }) => (rule.apiGroups ?? []).flatMap((g) => (rule.resources ?? []).flatMap((res) => rule.verbs.map((v) => `${g}/${res}:${v}`))));
     expect([...new Set(granted)].filter((g) => !used.has(g) && !rare.has(g)).sort()).toEqual([]);

@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { clustersetCommand } from '../../src/cli/commands/clusterset.js';
 import { InvalidInputError } from '../../src/errors.js';
 import { peerClusterOf } from '../../src/multicluster/identity.js';
-import { renderMulticluster } from '../../src/multicluster/proxy-config.js';
+import { renderClustersetTLS, renderMulticluster } from '../../src/multicluster/proxy-config.js';
 import type { MulticlusterPart, PolicyService } from '../../src/policy/schema.js';
 import { X509Certificate } from 'node:crypto';
 
@@ -64,6 +64,18 @@ describe('the proxy view of the clusterset', () => {
   });
 });
 
+describe('gateway mutual TLS settings (renderClustersetTLS)', () => {
+  const base = { cluster: 'c1', gatewayPort: 15005, imports: [], peers: ['c2'] };
+  const PEM = '-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----';
+  test('trust domains of this cluster and its peers; fails closed without the clusterset CA, mesh mTLS or the cluster trust domain', () => {
+    const ok = renderClustersetTLS({ ...base, clustersetBundle: [PEM] }, 'c1.cluster.local');
+    expect(ok).toMatchObject({ trustDomain: 'c1.cluster.local', trustDomains: { c1: 'c1.cluster.local', c2: 'c2.cluster.local' }, gatewayIdentity: 'fsm-system/fsm-node-gateway', refuse: null });
+    expect(renderClustersetTLS(base, 'c1.cluster.local').refuse).toBe('no-clusterset-trust');
+    expect(renderClustersetTLS({ ...base, clustersetBundle: [PEM] }, 'cluster.local').refuse).toBe('trust-domain-mismatch');
+    expect(renderClustersetTLS({ ...base, clustersetBundle: [PEM] }, null).refuse).toBe('no-mesh-tls');
+  });
+});
+
 describe('fsm-node clusterset', () => {
   test('init-ca then issue: a cluster identity peers recognise; an existing CA is never overwritten; bad ids are named', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'fsmn-cs-'));
@@ -78,6 +90,16 @@ describe('fsm-node clusterset', () => {
       expect(peerClusterOf(der, ['c1', 'c7'])).toBe('c7');
       expect(peerClusterOf(der, ['c1'])).toBeUndefined();
       await expect(clustersetCommand.run({ cluster: 'C_7', 'ca-dir': join(dir, 'ca'), out: dir }, ['issue'])).rejects.toBeInstanceOf(InvalidInputError);
+      // The cluster's mesh CA: under the clusterset CA, a CA, name constrained (critical) to c7.cluster.local.
+      const meshCa = new X509Certificate(readFileSync(join(dir, 'c7', 'mesh-ca', 'ca.crt')));
+      expect(meshCa.ca).toBe(true);
+      expect(meshCa.checkIssued(new X509Certificate(readFileSync(join(dir, 'ca', 'ca.crt'))))).toBe(true);
+      expect(statSync(join(dir, 'c7', 'mesh-ca', 'ca.key')).mode & 0o777).toBe(0o600);
+      expect(readFileSync(join(dir, 'c7', 'mesh-ca', 'trust.crt'), 'utf8')).toBe(readFileSync(join(dir, 'ca', 'ca.crt'), 'utf8'));
+      const { X509Certificate: PeculiarCert } = await import('@peculiar/x509');
+      const nc = new PeculiarCert(readFileSync(join(dir, 'c7', 'mesh-ca', 'ca.crt'), 'utf8')).getExtension('2.5.29.30');
+      expect(nc?.critical).toBe(true);
+      expect(Buffer.from(nc!.value).toString('latin1')).toContain('c7.cluster.local');
     } finally {
       process.stdout.write = write;
       rmSync(dir, { recursive: true, force: true });

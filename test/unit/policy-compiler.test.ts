@@ -415,6 +415,39 @@ describe('access (smi traffic policy)', () => {
     expect(c.reporter.active()).toEqual([expect.objectContaining({ ref: { kind: 'TrafficTarget', namespace: 'app', name: 'broken' }, field: 'spec.rules[0].name' })]);
   });
 
+  test('sources of other clusters: by SPIFFE ID or ServiceAccount with trustDomain; the own trust domain is local; rendered for the proxy', async () => {
+    const { renderProxyConfig } = await import('../../src/proxy/config.js');
+    const t = target('from-c2', 'web', ['db'], [{ kind: 'HTTPRouteGroup', name: 'routes' }]) as unknown as { spec: { sources: unknown[] } };
+    t.spec.sources = [
+      { kind: 'SpiffeID', name: 'spiffe://c2.cluster.local/ns/shop/sa/client' },
+      { kind: 'ServiceAccount', name: 'web', namespace: 'shop', trustDomain: 'c2.cluster.local' },
+      { kind: 'ServiceAccount', name: 'api', trustDomain: 'cluster.local' },
+    ];
+    const c = compiled([...smiMesh(), t as never]);
+    expect(c.reporter.active()).toEqual([]);
+    const policy = c.get('node-a')!.policy;
+    expect(policy.access.find((a) => a.name === 'from-c2')!.sources).toEqual([
+      { namespace: 'shop', serviceAccount: 'client', trustDomain: 'c2.cluster.local' },
+      { namespace: 'shop', serviceAccount: 'web', trustDomain: 'c2.cluster.local' },
+      { namespace: 'app', serviceAccount: 'api' },
+    ]);
+    const cfg = renderProxyConfig(policy, { outboundPort: 15001, inboundPort: 15003 });
+    expect(cfg.access['app/web']!.find((r) => r.target === 'app/from-c2')!.sources).toEqual(['app/api', 'spiffe://c2.cluster.local/ns/shop/sa/client', 'spiffe://c2.cluster.local/ns/shop/sa/web']);
+  });
+
+  test.each([
+    [{ kind: 'SpiffeID', name: 'spiffe://c2.cluster.local/ns/shop' }, 'spec.sources[0].name'],
+    [{ kind: 'SpiffeID', name: 'spiffe://c2.cluster.local/ns/shop/sa/x', namespace: 'shop' }, 'spec.sources[0].kind'],
+    [{ kind: 'ServiceAccount', name: 'web', trustDomain: 'C2_cluster' }, 'spec.sources[0].trustDomain'],
+    [{ kind: 'ServiceAccount', name: 'Web!' }, 'spec.sources[0].name'],
+  ])('a bad source %j is reported with its field %s and the target left out', (source, field) => {
+    const t = target('bad-src', 'web', ['db'], [{ kind: 'HTTPRouteGroup', name: 'routes' }]) as unknown as { spec: { sources: unknown[] } };
+    t.spec.sources = [source];
+    const c = compiled([...smiMesh(), t as never]);
+    expect(c.get('node-a')!.policy.access.map((x) => x.name)).not.toContain('bad-src');
+    expect(c.reporter.active()).toEqual([expect.objectContaining({ ref: { kind: 'TrafficTarget', namespace: 'app', name: 'bad-src' }, field })]);
+  });
+
   test('permissive mode ignores targets and lists every mesh service', () => {
     const c = compiled(smiMesh().filter((o) => o.kind !== 'ConfigMap'));
     expect(c.get('node-a')!.policy.access).toEqual([]);

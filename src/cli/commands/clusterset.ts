@@ -20,7 +20,12 @@ key off the clusters; only ca.crt goes to them.
 issue writes OUT/cluster.crt (chain) and OUT/cluster.key (0600) for cluster ID:
 its controller's identity spiffe://ID.cluster.local/ns/fsm-system/sa/fsm-node-controller,
 which peers check on every connection. Copy OUT and DIR/ca.crt to that
-cluster and name them in its ClusterSet file (docs/multicluster.md).`,
+cluster and name them in its ClusterSet file (docs/multicluster.md).
+issue also writes OUT/mesh-ca/ (ca.crt, ca.key 0600, trust.crt): the cluster's
+mesh CA, an intermediate of the clusterset CA limited to ID.cluster.local,
+for the built-in identity provider (<state-dir>/mesh-ca/ or the Secret
+fsm-node-mesh-ca), so gateways of other clusters trust its workloads; set the
+mesh trustDomain to ID.cluster.local.`,
   positionals: true,
   options: {
     dir: { type: 'string', valueName: 'DIR', description: 'init-ca: where the CA is written (must not hold one yet).' },
@@ -29,7 +34,7 @@ cluster and name them in its ClusterSet file (docs/multicluster.md).`,
     out: { type: 'string', valueName: 'DIR', description: 'issue: where cluster.crt and cluster.key are written.' },
   },
   async run(values, positionals) {
-    const { createClustersetCa, issueClusterIdentity } = await import('../../multicluster/identity.js');
+    const { createClustersetCa, issueClusterIdentity, issueMeshCa } = await import('../../multicluster/identity.js');
     const verb = positionals[0];
     if (verb === 'init-ca') {
       const dir = values.dir;
@@ -59,7 +64,12 @@ cluster and name them in its ClusterSet file (docs/multicluster.md).`,
       mkdirSync(out, { recursive: true });
       await writeFileAtomic(join(out, 'cluster.key'), id.keyPem, 0o600);
       await writeFileAtomic(join(out, 'cluster.crt'), id.certPem, 0o644);
-      process.stdout.write(`identity of cluster ${cluster} written to ${out}/cluster.crt and ${out}/cluster.key\n`);
+      const meshCa = await issueMeshCa({ certPem: read('ca.crt'), keyPem: read('ca.key') }, cluster);
+      mkdirSync(join(out, 'mesh-ca'), { recursive: true });
+      await writeFileAtomic(join(out, 'mesh-ca', 'ca.key'), meshCa.keyPem, 0o600);
+      await writeFileAtomic(join(out, 'mesh-ca', 'ca.crt'), meshCa.certPem, 0o644);
+      await writeFileAtomic(join(out, 'mesh-ca', 'trust.crt'), read('ca.crt'), 0o644);
+      process.stdout.write(`identity of cluster ${cluster} written to ${out}/cluster.crt and ${out}/cluster.key; its mesh CA to ${out}/mesh-ca/\n`);
       return 0;
     }
     throw new InvalidInputError('clusterset', verb, 'expected init-ca or issue');

@@ -1,5 +1,5 @@
 import { stringify } from 'yaml';
-import { FSMN_MC_API_VERSION, MCS_API_VERSION } from '../../multicluster/api.js';
+import { clusterTrustDomain, FSMN_MC_API_VERSION, MCS_API_VERSION } from '../../multicluster/api.js';
 import { tiersFor } from '../../multicluster/tiers.js';
 import { DEFAULT_CONTROLLER_NAMESPACE, LABEL_MONITORED_BY, LABEL_MULTICLUSTER_GATEWAY, MESH_CONFIG_NAME } from '../../policy/fsm.js';
 import { ECHO_PORT, LAB_MESH_NAME, LAB_NAMESPACE, LAB_SERVICES, podObject, serviceObject, type ManifestNode, type ManifestPod } from '../manifests.js';
@@ -9,11 +9,9 @@ import { ECHO_PORT, LAB_MESH_NAME, LAB_NAMESPACE, LAB_SERVICES, podObject, servi
  * YAML out), in two directories the cluster's controller watches:
  *
  * manifests/ (the mesh):
- * - mesh ConfigMap with trafficPolicy **permissive**: the source identity of
- *   a request does not cross clusters yet (docs/multicluster.md, "Not done"),
- *   so under smi a gateway refuses every request from another cluster (fail
- *   closed). Permissive keeps the cross-cluster demo working; switch to smi
- *   once gateways carry per-cluster identities;
+ * - mesh ConfigMap with the cluster's trust domain ("<cluster>.cluster.local")
+ *   and trafficPolicy **permissive** (under smi, TrafficTargets would have to
+ *   name the other clusters' sources by SPIFFE ID, docs/multicluster.md);
  * - namespace `demo`, monitored; one Node per lab node, the first two labelled
  *   as clusterset gateways (`multicluster.fsm-node.io/gateway=true`); one Pod
  *   per lab pod (app=echo); Service `echo` (10.96.0.10:8080) over the
@@ -65,7 +63,8 @@ export function renderClusterManifests(input: ClusterManifestInput): Map<string,
         apiVersion: 'v1',
         kind: 'ConfigMap',
         metadata: { name: MESH_CONFIG_NAME, namespace: DEFAULT_CONTROLLER_NAMESPACE },
-        data: { meshName: LAB_MESH_NAME, interceptionMode: input.mode, trafficPolicy: 'permissive', inbound: 'permissive', egress: 'allow' },
+        // The cluster's own trust domain: other clusters' gateways verify its workloads by it (docs/multicluster.md).
+        data: { meshName: LAB_MESH_NAME, interceptionMode: input.mode, trafficPolicy: 'permissive', inbound: 'permissive', egress: 'allow', trustDomain: clusterTrustDomain(input.cluster) },
       },
     ]),
   );

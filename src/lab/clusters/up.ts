@@ -3,7 +3,8 @@ import { dirname, join } from 'node:path';
 import { stringify } from 'yaml';
 import { generateTokens, writeTokensFile } from '../../controller/auth.js';
 import { FSMN_MC_API_VERSION } from '../../multicluster/api.js';
-import { createClustersetCa, issueClusterIdentity } from '../../multicluster/identity.js';
+import { createClustersetCa, issueClusterIdentity, issueMeshCa } from '../../multicluster/identity.js';
+import { MESH_CA_DIR } from '../../identity/providers/builtin.js';
 import { writeFileAtomic } from '../../policy/store.js';
 import { cgroup2Root, createCgroup } from '../../util/cgroup.js';
 import { BPFFS_ROOT, ensureBpffs } from '../bpffs.js';
@@ -194,6 +195,14 @@ export async function labUpClusters(opts: ClusterUpOptions, say: Say): Promise<L
     mkdirSync(c.dir, { recursive: true });
     await writeFileAtomic(join(c.dir, 'cluster.key'), id.keyPem, 0o600);
     await writeFileAtomic(join(c.dir, 'cluster.crt'), id.certPem, 0o644);
+    // The cluster's mesh CA, an intermediate of the clusterset CA limited to its trust domain, where
+    // the controller's built-in provider finds it: gateways of other clusters then trust its workloads.
+    const meshCa = await issueMeshCa(ca, c.name);
+    const meshCaDir = join(c.controller.stateDir, MESH_CA_DIR);
+    mkdirSync(meshCaDir, { recursive: true });
+    await writeFileAtomic(join(meshCaDir, 'ca.key'), meshCa.keyPem, 0o600);
+    await writeFileAtomic(join(meshCaDir, 'ca.crt'), meshCa.certPem, 0o644);
+    await writeFileAtomic(join(meshCaDir, 'trust.crt'), ca.certPem, 0o644);
     writeFileSync(c.clustersetFile, renderClusterSet(c.index, count));
     const nodes = state.nodes.filter((n) => n.cluster === c.name);
     const pods = state.pods.filter((p) => nodes.some((n) => n.name === p.node));

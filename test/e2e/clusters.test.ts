@@ -101,7 +101,7 @@ maybe('the two-cluster lab (lab up --clusters 2)', () => {
   // One run of `lab check`, judged by the two tests below.
   let report: CheckReport | undefined;
   let checkExit = -1;
-  /** The cases that need a gateway to forward to an endpoint on another node of its cluster (docs/multicluster.md, "Not done yet"). */
+  /** The cases that need a gateway to forward to an endpoint on another node of its cluster (the gateway identity's hop). */
   const gatewayHop = /gateways \(|echo servers stopped|pods not ready/;
 
   test('lab check: inside each cluster, the clusterset, each policy, the uplink cut and restored', async () => {
@@ -119,11 +119,9 @@ maybe('the two-cluster lab (lab up --clusters 2)', () => {
     expect(s.clusters![1]!.imports.find((i) => i.name === 'echo')!.tiers).toEqual([['c2:1'], ['c1:1']]);
   }, 300_000);
 
-  // Known gap, pinned: under mTLS a gateway cannot yet forward to an endpoint on another node of its
-  // cluster (the hop needs a source identity a request from another cluster lacks), so these cases fail
-  // today. When the gateway gets an identity of its own (the cross-cluster mTLS work) this test starts
-  // to pass, jest reports it, and `.failing` goes.
-  test.failing('lab check: gateways reach every endpoint of their cluster; failover when the local endpoints go', () => {
+  // Needs a gateway to forward to an endpoint on another node of its cluster: the gateway's own identity
+  // vouches for the source across that hop (docs/multicluster.md); failed on main before that.
+  test('lab check: gateways reach every endpoint of their cluster; failover when the local endpoints go', () => {
     expect(report).toBeDefined();
     expect(report!.cases.filter((c) => gatewayHop.test(c.name) && c.result !== 'pass')).toEqual([]);
     expect(checkExit).toBe(0);

@@ -92,7 +92,8 @@ async function link(values: ParsedValues, positionals: string[]): Promise<number
   if (positionals.length !== 1) throw new InvalidInputError('lab link NODE|CLUSTER', positionals.join(' ') || '(none)', 'name exactly one node or cluster (see fsm-node lab status)');
   const action = linkActionFromFlags({ delay: values.delay as string | undefined, loss: values.loss as string | undefined, down: values.down as boolean | undefined, up: values.up as boolean | undefined, clear: values.clear as boolean | undefined });
   const state = await runningLab(values);
-  if (state.clusters?.some((c) => c.name === positionals[0])) {
+  // In a cluster lab a name that is no node is taken as a cluster (whose errors list the clusters).
+  if (state.clusters && !state.nodes.some((n) => n.name === positionals[0])) {
     const { applyClusterLink } = await import('../../lab/clusters/link.js');
     say(await applyClusterLink(state, positionals[0], action));
   } else {

@@ -629,7 +629,7 @@ export class PolicyCompiler {
       .map((n) => ({ node: n.name, addresses: n.addresses }));
     const trust = { trustDomain: this.identitySettings().trustDomain, bundle: this.trustBundle };
     const multicluster = this.multicluster ? { multicluster: this.multicluster } : {};
-    const value = this.checked(GlobalPartSchema, { mesh, proxies, trust, ...multicluster, ...(this.ingress.gateways.length > 0 ? { ingress: this.ingress } : {}), ...this.egressPart() }, { kind: 'ConfigMap', namespace: this.controllerNamespace, name: MESH_CONFIG_NAME });
+    const value = this.checked(GlobalPartSchema, { mesh, proxies, trust, ...multicluster, ...(this.ingress.gateways.length > 0 || this.ingress.problems ? { ingress: this.ingress } : {}), ...this.egressPart() }, { kind: 'ConfigMap', namespace: this.controllerNamespace, name: MESH_CONFIG_NAME });
     return value && part(value);
   }
 

@@ -2,6 +2,7 @@ import { FsmNodeError, errorMessage } from '../../errors.js';
 import { proxyStatusRows, type ProxyView } from '../../proxy/status-rows.js';
 import type { Command } from '../command.js';
 import type { GatewaySummary } from '../../gateway/render.js';
+import type { IngressProblem } from '../../gateway/schema.js';
 
 interface AgentState {
   node?: string;
@@ -16,6 +17,8 @@ interface AgentState {
   identities?: Array<{ identity: string; state: string; notAfter?: string; lastError?: string; reason?: string }>;
   sync?: { count: number; first?: SyncOutcome; last?: SyncOutcome };
   gateways?: GatewaySummary[];
+  /** Gateway API conditions that are not as they should be, the mesh's (src/gateway/problems.ts). */
+  gatewayProblems?: IngressProblem[];
 }
 
 interface SyncOutcome {
@@ -59,6 +62,7 @@ export function renderStatus(s: AgentState): string {
     const ports = g.ports.map((p) => `:${p.port} ${p.protocol} (${p.rules} rules; hosts ${p.hostnames.join(' ') || 'none'}${p.protocol === 'HTTPS' ? `; ${p.certificates} certificates` : ''})`);
     rows.push([`gateway ${g.gateway}`, `${ports.join(', ')} as ${g.identity}`]);
   }
+  for (const p of s.gatewayProblems ?? []) rows.push(['gateway problem', p.type ? `${p.object}: ${p.type} ${p.status} ${p.reason}${p.message ? ` (${p.message})` : ''}` : `${p.object}: ${p.message}`]);
   if (s.lastError) rows.push(['last error', s.lastError]);
   for (const c of s.probe?.checks ?? []) rows.push([`probe ${c.name}`, `${c.ok ? 'ok' : 'FAILED'}: ${c.detail}`]);
   const width = Math.max(...rows.map(([k]) => k.length)) + 2;

@@ -382,7 +382,8 @@ export function resolveGateways(inputs: GatewayInputs): GatewayResolution {
       }
       parents.push({ parentRef: ref, controllerName, conditions: [cond('Accepted', true, 'Accepted'), c.resolved] });
     }
-    if (parents.length > 0) routes.push({ namespace: route.namespace, name: route.name, generation: route.generation, parents });
+    // Also without a parent of ours: status.ts then removes the entries we wrote before, if any.
+    routes.push({ namespace: route.namespace, name: route.name, generation: route.generation, parents });
   }
 
   const gateways: IngressGateway[] = [];

@@ -201,6 +201,10 @@ describe('Gateway API status written to an API server (cluster mode)', () => {
     expect(parents('app', 'good')[0]!.conditions).toEqual(goodBefore);
     expect(served()).toContain('other/cross -> app/web 10.0.0.1');
 
+    // A route moved off our Gateway: the entry we wrote goes, nothing else is written for it.
+    api.patch('HTTPRoute', 'app', 'not-allowed', { spec: { parentRefs: [{ name: 'elsewhere', namespace: 'edge' }] } });
+    await until('our entry removed', () => parents('app', 'not-allowed').length, (n) => n === 0);
+
     // A regular expression that does not compile: refused with the field named (an Event on the
     // route), the last good version keeps serving and its status keeps the generation it describes.
     const bad = route('app', 'good', { name: 'web' }, 'http', { matches: [{ path: { type: 'RegularExpression', value: '/(' } }] });

@@ -75,6 +75,19 @@ spec:
     - backendRefs: [{ name: echo-v1, port: 8080 }]
 `;
 
+/** One rule to one Service, on its own hostname: moved between backends live. */
+const MOVING_ROUTE = (service: string) => `apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: moving
+  namespace: demo
+spec:
+  parentRefs: [{ name: edge-gw, namespace: edge, sectionName: http }]
+  hostnames: [move.lab]
+  rules:
+    - backendRefs: [{ name: ${service}, port: 8080 }]
+`;
+
 const skip = skipReason();
 if (skip) console.warn(`e2e ingress/egress tests skipped: ${skip}`);
 const maybe = skip ? describe.skip : describe;
@@ -151,6 +164,30 @@ maybe('ingress and egress in the lab (docs/ingress-egress.md)', () => {
     expect(Math.abs(pods.filter((p) => v1.includes(p)).length / 200 - 0.75)).toBeLessThanOrEqual(0.05);
     rmSync(join(manifests, 'extended-route.yaml'));
   }, 120_000);
+
+  test('a route moved between backends live under load from the outside client: 0 failed requests', async () => {
+    const move = (svc: string) => writeFileSync(join(manifests, 'moving-route.yaml'), MOVING_ROUTE(svc));
+    const podOf = (body: string) => (JSON.parse(body) as { pod: string }).pod;
+    move('echo-v1');
+    expect(await eventually(async () => (await curl('outside', ['-H', 'Host: move.lab', 'http://10.78.0.1:8000/'])).status, (s) => s === '200', 30_000)).toBe('200');
+    // 200 requests at 20/s (10 s) on keep-alive connections while the route moves three times.
+    const load = cli('lab', 'exec', 'outside', '--', 'curl', '-sS', '-m', '60', '--rate', '20/s', '-H', 'Host: move.lab', '-w', '%{http_code}\n', ...Array.from({ length: 200 }, () => 'http://10.78.0.1:8000/'));
+    for (const svc of ['echo-v2', 'echo-v1', 'echo-v2']) {
+      await new Promise((r) => setTimeout(r, 2500));
+      move(svc);
+    }
+    const r = await load;
+    const lines = r.stdout.trim().split('\n');
+    const codes = lines.filter((l) => /^\d{3}$/.test(l));
+    expect({ code: r.code, stderr: r.stderr.trim() }).toEqual({ code: 0, stderr: '' });
+    expect(codes).toHaveLength(200);
+    expect(codes.filter((c) => c !== '200')).toEqual([]);
+    const pods = new Set(lines.filter((l) => l.startsWith('{')).map(podOf));
+    expect([...pods].some((p) => ['p1', 'p3'].includes(p)) && [...pods].some((p) => ['p2', 'p4'].includes(p))).toBe(true);
+    // Once the last move is in, the route goes to echo-v2.
+    expect(await eventually(async () => podOf((await curl('outside', ['-H', 'Host: move.lab', 'http://10.78.0.1:8000/'])).body), (p) => ['p2', 'p4'].includes(p), 30_000)).toMatch(/^p[24]$/);
+    rmSync(join(manifests, 'moving-route.yaml'));
+  }, 180_000);
 
   test('egress deny: Host, SNI and CIDR allowed as the Egresses say, everything else refused; lab check still passes', async () => {
     const cfg = join(manifests, '00-mesh-config.yaml');

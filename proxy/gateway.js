@@ -16,6 +16,7 @@
 import config from './config.js'
 import { grant, requestAllowed } from './access.js'
 import * as tls from './tls.js'
+import * as timeouts from './gateway-timeouts.js'
 
 var UPSTREAM_MAX_IDLE = 4
 
@@ -207,6 +208,7 @@ var $route    // { target, identity, tunnel }: what tls.poolKey / connectPeer ne
 var $mirror   // the mirror's route, or null
 var $start
 var $why
+var $bounds   // { rule, start, labels } for gateway-timeouts.js; null when nothing is forwarded
 
 function respond(status, text) {
   return new Message({ status, headers: { 'content-type': 'text/plain' } }, text + '\n')
@@ -229,6 +231,7 @@ function modeOf(route) {
 // What to do with one request; edits the head (filters) when it is forwarded.
 function decide(head) {
   $head = head
+  $bounds = null
   $match = findMatch($port, head)
   if (!$match) return 'notfound'
   $rule = $port.rules[$match.rule]
@@ -252,6 +255,7 @@ function decide(head) {
   }
 
   $route = routeTo(backend)
+  $bounds = { rule: $rule, start: $start, labels: [$port.gateway, String($port.port), $rule.route] }
   $mirror = $rule.mirrors.length > 0 && !$rule.mirrors[0].problem && $rule.mirrors[0].targets.length > 0 ? routeTo($rule.mirrors[0]) : null
   var mode = modeOf($route)
   if (mode === 'local') {
@@ -272,8 +276,13 @@ function tunnelRequest(route) {
 
 // Pools as on the mesh side (main.js): per target, and over a tunnel per
 // (source identity, target) inside one mutual TLS connection per peer node.
+// A rule with timeouts gets connections with a read timeout past its bound
+// (gateway-timeouts.js): they close when a hung request leaves them behind;
+// pools are keyed by it, since a connection has one read timeout.
 var toLocal = $=>$
-  .muxHTTP(() => $route.target, { maxIdle: UPSTREAM_MAX_IDLE }).to($=>$.connect(() => $route.target))
+  .muxHTTP(() => $route.target + '|' + (timeouts.longest($rule) || ''), { maxIdle: UPSTREAM_MAX_IDLE }).to($=>$
+    .connect(() => $route.target, () => timeouts.connectOptions($rule))
+  )
 
 var toTunnel = $=>$
   .muxHTTP(() => $port.identity + '>' + $route.target, { maxIdle: UPSTREAM_MAX_IDLE }).to($=>$
@@ -284,14 +293,15 @@ var toTunnel = $=>$
     )
   )
 
-var forward = $=>$
-  .fork(() => $mirror ? [1] : []).to($=>$
-    // A copy of the request to the mirror backend (a cloned context); its response is dropped.
-    .onStart(() => { $route = $mirror })
-    .pipe(() => modeOf($route), { local: toLocal, tunnel: toTunnel, direct: toLocal })
-  )
+var toBackend = $=>$
   .pipe(() => modeOf($route), { local: toLocal, tunnel: toTunnel, direct: toLocal })
-  .handleMessageStart(msg => modifyHeaders(msg.head.headers, $rule.responseHeaders))
+
+// (A builder applied to a builder: see serve().)
+var forward = $ => timeouts.withTimeouts(toBackend, () => $bounds)($
+  // A copy of the request to the mirror backend (a cloned context); its
+  // response is dropped, and the rule's timeouts do not bound it.
+  .fork(() => $mirror ? [1] : []).to($ => toBackend($.onStart(() => { $route = $mirror })))
+).handleMessageStart(msg => modifyHeaders(msg.head.headers, $rule.responseHeaders))
 
 var serveHTTP = $=>$
   .demuxHTTP().to($=>$

@@ -262,7 +262,7 @@ export class Agent {
       proxy: this.deps.proxy.status(),
       ...(this.identities ? { identities: this.identities.status() } : {}),
       ...(this.cni ? { cni: this.cni.status() } : {}),
-      ...(cur?.policy.ingress ? { gateways: gatewaySummary(cur.policy) } : {}),
+      ...(cur?.policy.ingress ? { gateways: gatewaySummary(cur.policy), ...(cur.policy.ingress.problems ? { gatewayProblems: cur.policy.ingress.problems } : {}) } : {}),
     };
   }
 

@@ -1,5 +1,6 @@
 import type { PolicyService } from '../policy/schema.js';
 import { compareHostnames, compareMatches, intersectHostnames, type RankedMatch } from './match.js';
+import { gatewayProblems } from './problems.js';
 import {
   CONTROLLER_NAME,
   GATEWAY_GROUP,
@@ -381,7 +382,8 @@ export function resolveGateways(inputs: GatewayInputs): GatewayResolution {
       }
       parents.push({ parentRef: ref, controllerName, conditions: [cond('Accepted', true, 'Accepted'), c.resolved] });
     }
-    if (parents.length > 0) routes.push({ namespace: route.namespace, name: route.name, generation: route.generation, parents });
+    // Also without a parent of ours: status.ts then removes the entries we wrote before, if any.
+    routes.push({ namespace: route.namespace, name: route.name, generation: route.generation, parents });
   }
 
   const gateways: IngressGateway[] = [];
@@ -397,5 +399,7 @@ export function resolveGateways(inputs: GatewayInputs): GatewayResolution {
     });
   }
   gateways.sort((a, b) => key(a.namespace, a.name).localeCompare(key(b.namespace, b.name)));
-  return { ingress: { gateways }, classes, gateways: [...states.values()].map((s) => s.status), routes };
+  const statuses = [...states.values()].map((s) => s.status);
+  const problems = gatewayProblems(statuses, routes);
+  return { ingress: problems.length > 0 ? { gateways, problems } : { gateways }, classes, gateways: statuses, routes };
 }

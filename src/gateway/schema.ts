@@ -141,7 +141,24 @@ export const IngressGatewaySchema = z
   .strict();
 export type IngressGateway = z.infer<typeof IngressGatewaySchema>;
 
-export const IngressSchema = z.object({ gateways: z.array(IngressGatewaySchema) }).strict();
+/**
+ * A condition of a Gateway API object that is not as it should be (src/gateway/problems.ts),
+ * for `fsm-node status`; cluster mode also writes it to the object's status.
+ */
+export const IngressProblemSchema = z
+  .object({
+    /** "Gateway edge/gw", "Gateway edge/gw listener https", "HTTPRoute app/r on edge/gw/http". */
+    object: z.string(),
+    type: z.string(),
+    status: z.string(),
+    reason: z.string(),
+    message: z.string(),
+  })
+  .strict();
+export type IngressProblem = z.infer<typeof IngressProblemSchema>;
+
+/** `problems` only when there are any (policies of meshes without them do not change). */
+export const IngressSchema = z.object({ gateways: z.array(IngressGatewaySchema), problems: z.array(IngressProblemSchema).optional() }).strict();
 export type Ingress = z.infer<typeof IngressSchema>;
 
 export const EMPTY_INGRESS: Ingress = { gateways: [] };

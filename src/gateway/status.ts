@@ -91,6 +91,9 @@ export function gatewayStatusPatches(
     const oldParents = Array.isArray(before?.parents) ? (before.parents as { controllerName?: string; parentRef?: Record<string, unknown>; conditions?: unknown }[]) : [];
     // Parents written by other controllers stay as they are.
     const others = oldParents.filter((p) => p.controllerName !== controllerName);
+    // A route that names none of our Gateways (any more) is not ours to write,
+    // unless it still carries entries of ours: those go.
+    if (route.parents.length === 0 && others.length === oldParents.length) continue;
     const key = (ref: Record<string, unknown> | undefined) => JSON.stringify([ref?.namespace ?? '', ref?.name ?? '', ref?.sectionName ?? null, ref?.port ?? null]);
     const ours = route.parents.map((p) => {
       const parentRef = { group: p.parentRef.group, kind: p.parentRef.kind, namespace: p.parentRef.namespace, name: p.parentRef.name, ...(p.parentRef.sectionName !== null ? { sectionName: p.parentRef.sectionName } : {}), ...(p.parentRef.port !== null ? { port: p.parentRef.port } : {}) };

@@ -636,7 +636,7 @@ export class PolicyCompiler {
     const trust = { trustDomain: this.identitySettings().trustDomain, bundle: this.trustBundle };
     const resilience = compileResilience(this.store.ConfigMap.get(`${this.controllerNamespace}/${MESH_CONFIG_NAME}`)?.resilience ?? RESILIENCE_DEFAULTS, byKey(this.store.Retry.entries()), byKey(this.store.UpstreamTrafficSetting.entries()));
     const multicluster = this.multicluster ? { multicluster: this.multicluster } : {};
-    const value = this.checked(GlobalPartSchema, { mesh, proxies, trust, ...(resilience ? { resilience } : {}), ...multicluster, ...(this.ingress.gateways.length > 0 ? { ingress: this.ingress } : {}), ...this.egressPart() }, { kind: 'ConfigMap', namespace: this.controllerNamespace, name: MESH_CONFIG_NAME });
+    const value = this.checked(GlobalPartSchema, { mesh, proxies, trust, ...(resilience ? { resilience } : {}), ...multicluster, ...(this.ingress.gateways.length > 0 || this.ingress.problems ? { ingress: this.ingress } : {}), ...this.egressPart() }, { kind: 'ConfigMap', namespace: this.controllerNamespace, name: MESH_CONFIG_NAME });
     return value && part(value);
   }
 

@@ -50,6 +50,44 @@ function skipReason(): string | undefined {
   return undefined;
 }
 
+/** Extended HTTPRoute features, on the example's Gateway (docs/examples/ingress-egress/gateway.yaml). */
+const EXTENDED_ROUTE = `apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: extended
+  namespace: demo
+spec:
+  parentRefs:
+    - name: edge-gw
+      namespace: edge
+      sectionName: http
+  hostnames: [ext.lab]
+  rules:
+    - matches: [{ queryParams: [{ name: track, value: beta }] }]
+      backendRefs: [{ name: echo-v2, port: 8080 }]
+    - matches: [{ method: DELETE }]
+      backendRefs: [{ name: echo-v2, port: 8080 }]
+    - matches: [{ path: { type: RegularExpression, value: "/items/[0-9]+" } }]
+      filters: [{ type: ResponseHeaderModifier, responseHeaderModifier: { add: [{ name: x-served-by, value: edge-gw }] } }]
+      backendRefs: [{ name: echo-v2, port: 8080 }]
+    - matches: [{ path: { type: PathPrefix, value: /split } }]
+      backendRefs: [{ name: echo-v1, port: 8080, weight: 3 }, { name: echo-v2, port: 8080, weight: 1 }]
+    - backendRefs: [{ name: echo-v1, port: 8080 }]
+`;
+
+/** One rule to one Service, on its own hostname: moved between backends live. */
+const MOVING_ROUTE = (service: string) => `apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: moving
+  namespace: demo
+spec:
+  parentRefs: [{ name: edge-gw, namespace: edge, sectionName: http }]
+  hostnames: [move.lab]
+  rules:
+    - backendRefs: [{ name: ${service}, port: 8080 }]
+`;
+
 const skip = skipReason();
 if (skip) console.warn(`e2e ingress/egress tests skipped: ${skip}`);
 const maybe = skip ? describe.skip : describe;
@@ -104,6 +142,52 @@ maybe('ingress and egress in the lab (docs/ingress-egress.md)', () => {
     copyFileSync(join(examples, 'access.yaml'), join(manifests, 'access.yaml'));
     expect(await eventually(async () => (await curl('outside', ['http://10.78.0.1:8000/hello'])).status, (s) => s === '200', 30_000)).toBe('200');
   }, 90_000);
+
+  test('extended route features from the outside client: query, method and regular-expression matches, ResponseHeaderModifier, weights within 5 points', async () => {
+    // A second route on its own hostname, so the docs example's route is left as it is.
+    writeFileSync(join(manifests, 'extended-route.yaml'), EXTENDED_ROUTE);
+    const get = (path: string, extra: string[] = []) => curl('outside', ['-H', 'Host: ext.lab', ...extra, `http://10.78.0.1:8000${path}`]);
+    const podOf = (r: { status: string; body: string }) => (r.status === '200' ? (JSON.parse(r.body.slice(r.body.lastIndexOf('\n{') + 1)) as { pod: string }).pod : `HTTP ${r.status}`);
+    const v1 = ['p1', 'p3'];
+    const v2 = ['p2', 'p4'];
+    expect(await eventually(async () => podOf(await get('/?track=beta')), (p) => v2.includes(p), 30_000)).toMatch(/^p[24]$/);
+    expect(v1).toContain(podOf(await get('/')));
+    expect(v2).toContain(podOf(await get('/', ['-X', 'DELETE'])));
+    const re = await get('/items/12', ['-i']);
+    expect(v2).toContain(podOf(re));
+    expect(re.headers).toMatch(/^x-served-by: edge-gw\r?$/im);
+    expect(v1).toContain(podOf(await get('/items/12a')));
+    // 200 requests in one curl: 3:1 over echo-v1 and echo-v2.
+    const r = await cli('lab', 'exec', 'outside', '--', 'curl', '-sS', '-m', '60', '-H', 'Host: ext.lab', ...Array.from({ length: 200 }, () => 'http://10.78.0.1:8000/split'));
+    const pods = r.stdout.trim().split('\n').map((l) => (JSON.parse(l) as { pod: string }).pod);
+    expect(pods).toHaveLength(200);
+    expect(Math.abs(pods.filter((p) => v1.includes(p)).length / 200 - 0.75)).toBeLessThanOrEqual(0.05);
+    rmSync(join(manifests, 'extended-route.yaml'));
+  }, 120_000);
+
+  test('a route moved between backends live under load from the outside client: 0 failed requests', async () => {
+    const move = (svc: string) => writeFileSync(join(manifests, 'moving-route.yaml'), MOVING_ROUTE(svc));
+    const podOf = (body: string) => (JSON.parse(body) as { pod: string }).pod;
+    move('echo-v1');
+    expect(await eventually(async () => (await curl('outside', ['-H', 'Host: move.lab', 'http://10.78.0.1:8000/'])).status, (s) => s === '200', 30_000)).toBe('200');
+    // 200 requests at 20/s (10 s) on keep-alive connections while the route moves three times.
+    const load = cli('lab', 'exec', 'outside', '--', 'curl', '-sS', '-m', '60', '--rate', '20/s', '-H', 'Host: move.lab', '-w', '%{http_code}\n', ...Array.from({ length: 200 }, () => 'http://10.78.0.1:8000/'));
+    for (const svc of ['echo-v2', 'echo-v1', 'echo-v2']) {
+      await new Promise((r) => setTimeout(r, 2500));
+      move(svc);
+    }
+    const r = await load;
+    const lines = r.stdout.trim().split('\n');
+    const codes = lines.filter((l) => /^\d{3}$/.test(l));
+    expect({ code: r.code, stderr: r.stderr.trim() }).toEqual({ code: 0, stderr: '' });
+    expect(codes).toHaveLength(200);
+    expect(codes.filter((c) => c !== '200')).toEqual([]);
+    const pods = new Set(lines.filter((l) => l.startsWith('{')).map(podOf));
+    expect([...pods].some((p) => ['p1', 'p3'].includes(p)) && [...pods].some((p) => ['p2', 'p4'].includes(p))).toBe(true);
+    // Once the last move is in, the route goes to echo-v2.
+    expect(await eventually(async () => podOf((await curl('outside', ['-H', 'Host: move.lab', 'http://10.78.0.1:8000/'])).body), (p) => ['p2', 'p4'].includes(p), 30_000)).toMatch(/^p[24]$/);
+    rmSync(join(manifests, 'moving-route.yaml'));
+  }, 180_000);
 
   test('egress deny: Host, SNI and CIDR allowed as the Egresses say, everything else refused; lab check still passes', async () => {
     const cfg = join(manifests, '00-mesh-config.yaml');

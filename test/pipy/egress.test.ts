@@ -152,6 +152,16 @@ maybe('Egress policy in the Pipy node proxy (mesh egress deny)', () => {
     expect(metricValue(m, 'fsmn_proxy_egress_total', { source: `${NS}/a`, destination: 'wrong.example', protocol: 'https', result: 'denied' })).toBeGreaterThanOrEqual(1);
     expect(metricValue(m, 'fsmn_proxy_egress_total', { source: `${NS}/b`, destination: `${outside.server.ip}:80`, protocol: 'tcp', result: 'allowed' })).toBeGreaterThanOrEqual(1);
     expect(metricValue(m, 'fsmn_proxy_egress_total', { source: `${NS}/c`, result: 'denied' })).toBeGreaterThanOrEqual(2);
+    // Every decision is also an access record on the proxy's log, with the source identity.
+    const records = proxy
+      .log()
+      .split('\n')
+      .filter((l) => l.includes('fsmn egress {'))
+      .map((l) => JSON.parse(l.slice(l.indexOf('{'))) as { source: string; destination: string; protocol: string; result: string });
+    const seen = (r: { source: string; destination: string; protocol: string; result: string }) => records.some((x) => x.source === r.source && x.destination === r.destination && x.protocol === r.protocol && x.result === r.result);
+    expect(seen({ source: `${NS}/a`, destination: 'outside.lab', protocol: 'http', result: 'allowed' })).toBe(true);
+    expect(seen({ source: `${NS}/a`, destination: 'evil.example', protocol: 'http', result: 'denied' })).toBe(true);
+    expect(seen({ source: `${NS}/b`, destination: `${outside.server.ip}:80`, protocol: 'tcp', result: 'allowed' })).toBe(true);
   }, 30_000);
 
   test('an Egress removed live: the host that was allowed is refused after the reload', async () => {

@@ -34,10 +34,11 @@ const PORT = 18080;
 const HOUR = 3_600_000;
 const GW_ID = `${EDGE}/edge-gw`;
 
+// A path with "/hang" is never answered.
 const ECHO = `
 const http = require('node:http');
 const [name, port] = process.argv.slice(1);
-http.createServer((req, res) => { res.end(JSON.stringify({ pod: name, peer: req.socket.remoteAddress }) + '\\n'); })
+http.createServer((req, res) => { if (req.url.includes('/hang')) return; res.end(JSON.stringify({ pod: name, peer: req.socket.remoteAddress }) + '\\n'); })
   .listen(Number(port), '0.0.0.0', () => process.stdout.write('listening\\n'));
 `;
 
@@ -96,6 +97,7 @@ maybe('Gateway into the mesh: the gateway identity over mutual TLS, judged by Tr
           parentRefs: [{ name: 'edge-gw', namespace: EDGE }],
           rules: [
             { matches: [{ path: { type: 'PathPrefix', value: '/v3' } }], backendRefs: [{ name: 'v3', port: 80 }] },
+            { matches: [{ path: { type: 'PathPrefix', value: '/bounded' } }], timeouts: { request: '1s' }, backendRefs: [{ name: 'v3', port: 80 }] },
             { matches: [{ path: { type: 'PathPrefix', value: '/v4' } }], backendRefs: [{ name: 'v4', port: 80 }] },
           ],
         },
@@ -182,6 +184,16 @@ maybe('Gateway into the mesh: the gateway identity over mutual TLS, judged by Tr
     expect(r.status).toBe(403);
     expect(r.body).not.toContain('"pod":"v4"');
   }, 30_000);
+
+  test('timeouts hold over the tunnel: a hung pod on n2 gets the client a 504 from n1, and the tunnel keeps serving', async () => {
+    const t0 = Date.now();
+    const hung = await get('/bounded/hang');
+    expect(hung.status).toBe(504);
+    expect(Date.now() - t0).toBeLessThan(4000); // the 1 s bound, not curl's own 5 s
+    expect(metricValue(await proxies.get(n1)!.metrics(), 'fsmn_proxy_gateway_timeouts_total', { route: `${NS}/r`, timeout: 'request' })).toBe(1);
+    expect((await get('/bounded/ok')).status).toBe(200);
+    expect((await get('/v3')).status).toBe(200);
+  }, 60_000);
 
   test('attack: without its certificate the Gateway fails closed (503), never plaintext', async () => {
     const held = ids.get(n1)!;

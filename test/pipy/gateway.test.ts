@@ -34,19 +34,24 @@ const HTTP_PORT = 18080;
 const HTTPS_PORT = 18443;
 
 // A pod's server: JSON {pod, method, path, headers}; each request also printed on stdout.
+// A path with "/hang" is never answered; "/slow/MS" is answered after MS milliseconds.
 const ECHO = `
 const http = require('node:http');
 const [name, port] = process.argv.slice(1);
 http.createServer((req, res) => {
   const body = JSON.stringify({ pod: name, method: req.method, path: req.url, headers: req.headers });
   process.stdout.write('REQ ' + req.url + '\\n');
-  res.writeHead(200, { 'content-type': 'application/json', 'x-from-backend': 'yes' });
-  res.end(body + '\\n');
+  if (req.url.includes('/hang')) return void req.socket.on('close', () => process.stdout.write('GONE ' + req.url + '\\n'));
+  const slow = /\\/slow\\/([0-9]+)/.exec(req.url);
+  setTimeout(() => {
+    res.writeHead(200, { 'content-type': 'application/json', 'x-from-backend': 'yes' });
+    res.end(body + '\\n');
+  }, slow ? Number(slow[1]) : 0);
 }).listen(Number(port), '0.0.0.0', () => process.stdout.write('listening\\n'));
 `;
 
 // N requests (JSON list of {path, headers, method, host, https, servername}); prints one JSON line per request:
-// {status, headers, body, error, cert}. keepAlive: one agent for all.
+// {status, headers, body, error, cert, ms}. keepAlive: one agent for all.
 const CLIENT = `
 const http = require('node:http');
 const https = require('node:https');
@@ -54,6 +59,7 @@ const [addr, reqsJson, ca, keepAlive] = process.argv.slice(1);
 const reqs = JSON.parse(reqsJson);
 const agents = { http: new http.Agent({ keepAlive: keepAlive === '1', maxSockets: 1 }), https: new https.Agent({ keepAlive: keepAlive === '1', maxSockets: 1 }) };
 const one = (r) => new Promise((resolve) => {
+  const t0 = Date.now();
   const mod = r.https ? https : http;
   const [host, port] = addr.split(',')[r.https ? 1 : 0].split(':');
   const opts = { host, port: Number(port), path: r.path, method: r.method || 'GET', headers: { host: r.host || 'example.com', ...(r.headers || {}) }, timeout: 5000, agent: agents[r.https ? 'https' : 'http'] };
@@ -62,7 +68,7 @@ const one = (r) => new Promise((resolve) => {
     let body = '';
     const cert = res.socket.getPeerCertificate ? (res.socket.getPeerCertificate().subject || {}).CN : undefined;
     res.setEncoding('utf8').on('data', (d) => (body += d));
-    res.on('end', () => resolve({ status: res.statusCode, headers: res.headers, body, cert }));
+    res.on('end', () => resolve({ status: res.statusCode, headers: res.headers, body, cert, ms: Date.now() - t0 }));
   });
   req.on('timeout', () => req.destroy(new Error('timeout')));
   req.on('error', (e) => resolve({ error: e.message }));
@@ -77,6 +83,8 @@ interface Answer {
   body?: string;
   error?: string;
   cert?: string;
+  /** From sending the request to the end of the answer. */
+  ms?: number;
 }
 interface Req {
   path: string;
@@ -191,6 +199,8 @@ maybe('Gateway API ingress in the Pipy node proxy', () => {
           { matches: [{ path: { type: 'PathPrefix', value: '/redirect' } }], filters: [{ type: 'RequestRedirect', requestRedirect: { scheme: 'https', hostname: 'a.example.com', path: { type: 'ReplacePrefixMatch', replacePrefixMatch: '/moved' }, statusCode: 301 } }] },
           { matches: [{ path: { type: 'PathPrefix', value: '/mirror' } }], filters: [{ type: 'RequestMirror', requestMirror: { backendRef: to(V2) } }], backendRefs: [to(V1)] },
           { matches: [{ path: { type: 'PathPrefix', value: '/broken' } }], backendRefs: [{ name: 'no-such-service', port: 80 }] },
+          { matches: [{ path: { type: 'PathPrefix', value: '/t-request' } }], timeouts: { request: '1s' }, backendRefs: [to(V1)] },
+          { matches: [{ path: { type: 'PathPrefix', value: '/t-backend' } }], timeouts: { request: '4s', backendRequest: '500ms' }, backendRefs: [to(V1)] },
         ],
       }),
       // Same path on a more specific hostname: that route wins for b.example.com only.
@@ -313,6 +323,29 @@ maybe('Gateway API ingress in the Pipy node proxy', () => {
     const [a] = await send([{ path: '/mirror/copy-1' }]);
     expect(podOf(a!)).toBe('v1');
     expect(await eventually(async () => serverOut.v2!.includes('REQ /mirror/copy-1'), (x) => x, 5000)).toBe(true);
+  }, 60_000);
+
+  test('timeouts: request and backendRequest answer 504 when the backend hangs, answers inside the bound pass, a rule without timeouts waits (HTTPRouteTimeoutRequest, HTTPRouteTimeoutBackendRequest)', async () => {
+    const count = async (kind: string) => metricValue(await proxy.metrics(), 'fsmn_proxy_gateway_timeouts_total', { route: `${NS}/main`, timeout: kind });
+    const before = { request: await count('request'), backendRequest: await count('backendRequest') };
+    // One keep-alive connection: a 504 leaves it usable for the next request.
+    const answers = await send(
+      [{ path: '/t-request/hang' }, { path: '/t-request/slow/200' }, { path: '/t-backend/hang' }, { path: '/t-backend/slow/100' }, { path: '/slow/1500' }, { path: '/' }],
+      true,
+    );
+    expect(answers.map((a) => a.status ?? a.error)).toEqual([504, 200, 504, 200, 200, 200]);
+    expect(answers[0]!.body).toMatch(/timeout/);
+    // Which bound answered: request (1 s) and backendRequest (500 ms, under a 4 s request
+    // bound); both well before the client's own 5 s. The rule without timeouts waited 1.5 s.
+    expect(answers[0]!.ms).toBeGreaterThanOrEqual(950);
+    expect(answers[0]!.ms).toBeLessThan(3000);
+    expect(answers[2]!.ms).toBeGreaterThanOrEqual(450);
+    expect(answers[2]!.ms).toBeLessThan(2000);
+    expect(answers[4]!.ms).toBeGreaterThanOrEqual(1450);
+    expect(await count('request')).toBe(before.request + 1);
+    expect(await count('backendRequest')).toBe(before.backendRequest + 1);
+    // The connection the hung request left is closed by its read timeout (bound + 5 s), not kept forever.
+    expect(await eventually(async () => serverOut.v1!.includes('GONE /t-request/hang'), (x) => x, 15_000)).toBe(true);
   }, 60_000);
 
   test('HTTPS: TLS terminated with the certificate the SNI names, two hostnames on one port (GatewaySecret*, HTTPRouteHTTPSListener)', async () => {

@@ -21,6 +21,12 @@ import { KubeConfig } from '@kubernetes/client-node';
  *   objects moving in and out of a selector seen as ADDED/DELETED;
  * - timeoutSeconds ends a watch cleanly; dropWatches() kills the connections;
  * - create/get/replace/delete, generateName, 409 on conflicts;
+ * - metadata.generation: 1 at creation, +1 when anything but metadata and
+ *   status changes (as for objects with a status subresource);
+ * - PATCH of an object or of its `status` subresource with a JSON merge
+ *   patch (RFC 7386; other patch types get 415, as a type the real server
+ *   does not take for that object would): a status patch changes only
+ *   status and never the generation, an object patch everything but status;
  * - TokenReview from a table of tokens set by the test;
  * - failNext() injects an error status for the next matching requests.
  */
@@ -88,7 +94,22 @@ export interface RequestRecord {
   method: string;
   path: string;
   query: Record<string, string>;
+  contentType?: string;
 }
+
+/** RFC 7386: objects merge key by key, null removes a key, anything else (arrays too) replaces. */
+export function mergePatch(target: unknown, patch: unknown): unknown {
+  if (patch === null || typeof patch !== 'object' || Array.isArray(patch)) return patch;
+  const out: Record<string, unknown> = target !== null && typeof target === 'object' && !Array.isArray(target) ? { ...(target as Record<string, unknown>) } : {};
+  for (const [k, v] of Object.entries(patch as Record<string, unknown>)) {
+    if (v === null) delete out[k];
+    else out[k] = mergePatch(out[k], v);
+  }
+  return out;
+}
+
+/** Everything of an object but metadata and status: what moves metadata.generation. */
+const specOf = (o: Obj): string => JSON.stringify({ ...o, metadata: undefined, status: undefined, apiVersion: undefined, kind: undefined });
 
 const apiVersionOf = (r: ApiResource): string => (r.group ? `${r.group}/${r.version}` : r.version);
 const clone = <T>(o: T): T => JSON.parse(JSON.stringify(o)) as T;
@@ -171,6 +192,7 @@ export class TestApiServer {
     if (this.objects.has(key)) throw new HttpError(409, 'AlreadyExists', `${res.plural} "${o.metadata.name}" already exists`);
     o.metadata.uid ??= randomUUID();
     o.metadata.creationTimestamp ??= new Date().toISOString();
+    o.metadata.generation ??= 1;
     return this.write('ADDED', res, key, o, undefined);
   }
 
@@ -186,7 +208,27 @@ export class TestApiServer {
     const o = clone(obj);
     o.apiVersion = apiVersionOf(res);
     o.kind ??= old.kind;
-    o.metadata = { ...o.metadata, uid: old.metadata.uid, creationTimestamp: old.metadata.creationTimestamp, namespace: old.metadata.namespace };
+    const generation = Number(old.metadata.generation ?? 1);
+    o.metadata = { ...o.metadata, uid: old.metadata.uid, creationTimestamp: old.metadata.creationTimestamp, namespace: old.metadata.namespace, generation: specOf(o) === specOf(old) ? generation : generation + 1 };
+    return this.write('MODIFIED', res, key, o, old);
+  }
+
+  /** A JSON merge patch of the object (status left as it is) or, with `subresource` 'status', of its status only. */
+  patch(kind: string, namespace: string | undefined, name: string, patch: unknown, subresource?: 'status'): Obj {
+    const res = this.resources.find((r) => r.kind === kind)!;
+    const key = this.key(res, namespace, name);
+    const old = this.objects.get(key);
+    if (!old) throw new HttpError(404, 'NotFound', `${res.plural} "${name}" not found`);
+    if (patch === null || typeof patch !== 'object' || Array.isArray(patch)) throw new HttpError(400, 'BadRequest', 'a merge patch must be a JSON object');
+    const p = patch as Record<string, unknown>;
+    const merged = mergePatch(old, subresource === 'status' ? (p.status === undefined ? {} : { status: p.status }) : { ...p, status: undefined }) as Obj;
+    const rv = (p.metadata as { resourceVersion?: string } | undefined)?.resourceVersion;
+    if (rv && rv !== old.metadata.resourceVersion) throw new HttpError(409, 'Conflict', 'the object has been modified; please apply your changes to the latest version');
+    if (subresource !== 'status') merged.status = old.status;
+    else merged.metadata = old.metadata;
+    const o = clone(merged);
+    const generation = Number(old.metadata.generation ?? 1);
+    o.metadata = { ...o.metadata, name: old.metadata.name, uid: old.metadata.uid, creationTimestamp: old.metadata.creationTimestamp, namespace: old.metadata.namespace, generation: specOf(o) === specOf(old) ? generation : generation + 1 };
     return this.write('MODIFIED', res, key, o, old);
   }
 
@@ -249,6 +291,11 @@ export class TestApiServer {
     this.failures.push({ method, pathPrefix, status, times });
   }
 
+  /** Forget the failures failNext() left. */
+  clearFailures(): void {
+    this.failures.length = 0;
+  }
+
   // ---- internals ----
 
   private key(res: ApiResource, namespace: string | undefined, name: string): string {
@@ -301,7 +348,8 @@ export class TestApiServer {
   private handle(req: IncomingMessage, res: ServerResponse): void {
     const url = new URL(req.url ?? '/', 'http://x');
     const query = Object.fromEntries(url.searchParams);
-    this.requests.push({ method: req.method ?? 'GET', path: url.pathname, query });
+    const contentType = req.headers['content-type'];
+    this.requests.push({ method: req.method ?? 'GET', path: url.pathname, query, ...(contentType ? { contentType } : {}) });
     const fail = this.failures.find((f) => f.method === req.method && url.pathname.startsWith(f.pathPrefix) && f.times > 0);
     if (fail) {
       fail.times--;
@@ -312,14 +360,14 @@ export class TestApiServer {
     req.on('data', (c: string) => (body += c));
     req.on('end', () => {
       try {
-        this.route(req.method ?? 'GET', url.pathname, query, body, res);
+        this.route(req.method ?? 'GET', url.pathname, query, body, res, contentType ?? '');
       } catch (err) {
         this.status(res, err instanceof HttpError ? err : new HttpError(500, 'InternalError', String(err)));
       }
     });
   }
 
-  private route(method: string, path: string, query: Record<string, string>, body: string, res: ServerResponse): void {
+  private route(method: string, path: string, query: Record<string, string>, body: string, res: ServerResponse, contentType = ''): void {
     if (method === 'POST' && path === '/apis/authentication.k8s.io/v1/tokenreviews') return this.tokenReview(body, res);
     const m = /^\/(?:api\/(v1)|apis\/([^/]+)\/([^/]+))\/(.*)$/.exec(path);
     if (!m) throw new HttpError(404, 'NotFound', `no route for ${path}`);
@@ -331,9 +379,16 @@ export class TestApiServer {
       namespace = parts[1];
       parts.splice(0, 2);
     }
-    const [plural, name] = parts;
+    const [plural, name, subresource] = parts;
     const r = this.resources.find((x) => x.group === group && x.version === version && x.plural === plural);
     if (!r) throw new HttpError(404, 'NotFound', `the server could not find the requested resource (${path})`);
+    if (subresource !== undefined && (subresource !== 'status' || parts.length > 3)) throw new HttpError(404, 'NotFound', `the server could not find the requested resource (${path})`);
+    if (method === 'PATCH' && name !== undefined) {
+      const type = contentType.split(';')[0]!.trim();
+      if (type !== 'application/merge-patch+json') throw new HttpError(415, 'UnsupportedMediaType', `the test API server applies only application/merge-patch+json patches (got ${JSON.stringify(type)})`);
+      return this.json(res, 200, this.patch(r.kind, namespace, name, JSON.parse(body), subresource === 'status' ? 'status' : undefined));
+    }
+    if (subresource !== undefined && method !== 'GET') throw new HttpError(405, 'MethodNotAllowed', `${method} not allowed on ${path}`);
     if (name === undefined) {
       if (method === 'GET') return query.watch === 'true' || query.watch === '1' ? this.watch(r, namespace, query, res) : this.listResponse(r, namespace, query, res);
       if (method === 'POST') {

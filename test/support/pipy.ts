@@ -42,6 +42,8 @@ export interface NodeProxy {
   child: ChildProcess;
   /** Prometheus text from the proxy's admin /metrics. */
   metrics(): Promise<string>;
+  /** What the proxy printed so far (stdout and stderr): its log and access records. */
+  log(): string;
   /** SIGHUP: Pipy reloads the codebase from disk; established connections stay. */
   reload(): void;
   stop(): Promise<void>;
@@ -66,6 +68,7 @@ export async function startNodeProxy(node: TopoNode, pipy: string, entry: string
   }
   return {
     child,
+    log: () => log,
     async metrics() {
       const r = await node.run('curl', ['-sf', `http://127.0.0.1:${ADMIN_PORT}/metrics`]);
       if (r.code !== 0) throw new Error(`metrics of ${node.name}: curl exit ${r.code} ${r.stderr}; pipy log: ${log}`);

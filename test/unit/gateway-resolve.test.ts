@@ -1,4 +1,5 @@
 import { CONTROLLER_NAME } from '../../src/gateway/objects.js';
+import { gatewayProblems, MAX_PROBLEMS } from '../../src/gateway/problems.js';
 import { gatewayIdentities, gatewaySummary, renderGateways } from '../../src/gateway/render.js';
 import { renderStatus } from '../../src/cli/commands/status.js';
 import type { Condition } from '../../src/gateway/resolve.js';
@@ -206,5 +207,50 @@ describe('Gateway API resolution', () => {
     c.compile();
     expect(c.reporter.active()).toEqual([expect.objectContaining({ field: 'spec.rules[0].matches[0].path.value', keptLastGood: true })]);
     expect(c.get('node-a')!.policy.ingress!.gateways[0]!.ports[0]!.rules[0]!.backends[0]!.service).toBe('app/web');
+  });
+
+  test('problems: every unhealthy condition travels in every node\'s policy and fsm-node status shows it; fixed, they are gone', () => {
+    const toGw = (section: string) => ({ parentRefs: [{ name: 'gw', namespace: 'edge', sectionName: section }] });
+    const c = compiled([
+      ...baseMesh(),
+      gatewayClass(),
+      gateway('gw', [http(), { name: 'tcp', port: 9000, protocol: 'TCP' }]),
+      // A Gateway with no valid listener is served nowhere, but still reported.
+      gateway('broken', [{ name: 'udp', port: 9001, protocol: 'UDP' }]),
+      route('good', { ...toGw('http'), rules: [toWeb] }),
+      route('missing', { ...toGw('http'), rules: [{ backendRefs: [{ name: 'nope', port: 80 }] }] }),
+      route('lost', { ...toGw('no-such-listener'), rules: [toWeb] }),
+    ]);
+    const policy = c.get('node-b')!.policy;
+    expect(NodePolicySchema.safeParse(policy).success).toBe(true);
+    expect(policy.ingress!.gateways.map((g) => g.name)).toEqual(['gw']);
+    expect(policy.ingress!.problems!.map((p) => `${p.object}: ${p.type} ${p.status} ${p.reason}`)).toEqual([
+      'Gateway edge/broken: Accepted False ListenersNotValid',
+      'Gateway edge/broken: Programmed False Invalid',
+      'Gateway edge/broken listener udp: Accepted False UnsupportedProtocol',
+      'Gateway edge/gw listener tcp: Accepted False UnsupportedProtocol',
+      'HTTPRoute app/lost on edge/gw/no-such-listener: Accepted False NoMatchingParent',
+      'HTTPRoute app/missing on edge/gw/http: ResolvedRefs False BackendNotFound',
+    ]);
+    expect(c.get('node-a')!.policy.ingress!.problems).toEqual(policy.ingress!.problems);
+    const text = renderStatus({ node: 'node-b', ready: true, gateways: gatewaySummary(policy), gatewayProblems: policy.ingress!.problems });
+    expect(text).toMatch(/gateway problem +HTTPRoute app\/missing on edge\/gw\/http: ResolvedRefs False BackendNotFound \(.*app\/nope.*\)/);
+
+    for (const o of [route('missing', { ...toGw('http'), rules: [toWeb] }), route('lost', { ...toGw('http'), rules: [toWeb] }), gateway('gw', [http()])]) up(c, o);
+    c.remove({ kind: 'Gateway', namespace: 'edge', name: 'broken' });
+    c.compile();
+    expect('problems' in c.get('node-b')!.policy.ingress!).toBe(false);
+  });
+
+  test('problems beyond the cap are counted in one last entry', () => {
+    const routes = Array.from({ length: 60 }, (_, i) => ({
+      namespace: 'app',
+      name: `r${i}`,
+      generation: 1,
+      parents: [{ parentRef: { group: G, kind: 'Gateway', namespace: 'edge', name: 'gw', sectionName: null, port: null }, controllerName: CONTROLLER_NAME, conditions: [{ type: 'ResolvedRefs', status: 'False' as const, reason: 'BackendNotFound', message: '' }] }],
+    }));
+    const out = gatewayProblems([], routes);
+    expect(out).toHaveLength(MAX_PROBLEMS);
+    expect(out[MAX_PROBLEMS - 1]).toMatchObject({ object: `${60 - (MAX_PROBLEMS - 1)} more`, reason: 'Truncated' });
   });
 });

@@ -50,6 +50,17 @@ describe('Gateway API status written back (cluster mode)', () => {
     expect((route!.status.parents as unknown[]).length).toBe(2);
   });
 
+  test('a route that names none of our Gateways any more loses our entries and keeps the others\'; one never ours is not written', () => {
+    const other = { parentRef: { name: 'theirs' }, controllerName: 'example.com/other', conditions: [] };
+    const ours = { parentRef: { group: 'gateway.networking.k8s.io', kind: 'Gateway', namespace: 'edge', name: 'gw' }, controllerName: CONTROLLER_NAME, conditions: [] };
+    const gone: GatewayResolution = { ...resolution(), routes: [{ namespace: 'app', name: 'r', generation: 8, parents: [] }] };
+    const held = (parents: unknown[]) => (k: string) => (k === 'HTTPRoute' ? { status: { parents } } : undefined);
+    const routePatches = (parents: unknown[]) => gatewayStatusPatches(gone, held(parents), t0, CONTROLLER_NAME).filter((p) => p.kind === 'HTTPRoute');
+    expect(routePatches([other, ours]).map((p) => p.status)).toEqual([{ parents: [other] }]);
+    expect(routePatches([other])).toEqual([]);
+    expect(gatewayStatusPatches(gone, () => undefined, t0, CONTROLLER_NAME).filter((p) => p.kind === 'HTTPRoute')).toEqual([]);
+  });
+
   test('the writer patches status subresources (cluster-scoped and namespaced), logs failures and goes on', async () => {
     const calls: string[] = [];
     const api: StatusApi = {

@@ -3,6 +3,7 @@ import { resilienceStatusRows, resilienceView, type ResilienceView } from '../..
 import { proxyStatusRows, type ProxyView } from '../../proxy/status-rows.js';
 import type { Command } from '../command.js';
 import type { GatewaySummary } from '../../gateway/render.js';
+import type { IngressProblem } from '../../gateway/schema.js';
 
 interface AgentState {
   node?: string;
@@ -19,6 +20,8 @@ interface AgentState {
   gateways?: GatewaySummary[];
   /** Not from /v1/state: read from the agent's /metrics by this command (ejected endpoints, open circuits). */
   resilience?: ResilienceView;
+  /** Gateway API conditions that are not as they should be, the mesh's (src/gateway/problems.ts). */
+  gatewayProblems?: IngressProblem[];
 }
 
 interface SyncOutcome {
@@ -63,6 +66,7 @@ export function renderStatus(s: AgentState): string {
     const ports = g.ports.map((p) => `:${p.port} ${p.protocol} (${p.rules} rules; hosts ${p.hostnames.join(' ') || 'none'}${p.protocol === 'HTTPS' ? `; ${p.certificates} certificates` : ''})`);
     rows.push([`gateway ${g.gateway}`, `${ports.join(', ')} as ${g.identity}`]);
   }
+  for (const p of s.gatewayProblems ?? []) rows.push(['gateway problem', p.type ? `${p.object}: ${p.type} ${p.status} ${p.reason}${p.message ? ` (${p.message})` : ''}` : `${p.object}: ${p.message}`]);
   if (s.lastError) rows.push(['last error', s.lastError]);
   for (const c of s.probe?.checks ?? []) rows.push([`probe ${c.name}`, `${c.ok ? 'ok' : 'FAILED'}: ${c.detail}`]);
   const width = Math.max(...rows.map(([k]) => k.length)) + 2;

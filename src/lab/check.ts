@@ -271,7 +271,7 @@ export function judgePodCase(
   const evidence: Record<string, unknown> = { status: got.status, answer, clientPort: got.localPort };
   if (!got.ok) return { result: 'fail', reason: `request failed: ${got.error}`, evidence };
   if (got.status !== 200 || answer?.pod !== to.name) return { result: 'fail', reason: `expected an answer from ${to.name}, got HTTP ${got.status}: ${String(got.body).trim().slice(0, 120)}`, evidence };
-  // The log spans the lab's life and Linux reuses a source port for other destinations: the newest open is this request's.
+  // The caller passes the records written since the request started; the newest open from this port is its.
   const record = records.filter((r) => r.event === 'open' && r.source === from.ip && r.sourcePort === got.localPort).pop();
   evidence.proxyRecord = record ?? null;
   const sameNode = from.node === to.node;
@@ -321,6 +321,9 @@ export async function labCheck(all: LabState): Promise<CheckReport> {
   async function podCase({ from, to }: (typeof pairs)[number]): Promise<void> {
     const fromNode = nodes.get(from.node)!;
     const name = `${from.name} -> ${to.name} (${from.node === to.node ? 'same node' : `${from.node} -> ${to.node}`})`;
+    // Only records written after the request started are this request's: the
+    // log spans the lab's life and Linux reuses a source port for other destinations.
+    const logged = state.proxy === 'passthrough' ? proxyRecords(fromNode).length : 0;
     let got: GetResult;
     try {
       got = await request(from, `http://${to.ip}:${ECHO_PORT}/`);
@@ -345,7 +348,10 @@ export async function labCheck(all: LabState): Promise<CheckReport> {
       cases.push({ name, kind: 'pod-to-pod', from: from.name, to: to.name, result: ok ? 'pass' : 'fail', reason: `${allowed ? 'allowed' : 'denied'}: ${outcome}${tunnel}` });
       return;
     }
-    const judged = judgePodCase({ from, to, fromNode, intercepted }, got, proxyRecords(fromNode));
+    // The proxy may write its record a moment after the answer arrived: wait for it (at most 1 s).
+    const mine = (): ProxyRecord[] => proxyRecords(fromNode).slice(logged);
+    for (let i = 0; intercepted && got.ok && i < 20 && !mine().some((r) => r.source === from.ip && r.sourcePort === got.localPort); i++) await sleep(50);
+    const judged = judgePodCase({ from, to, fromNode, intercepted }, got, mine());
     cases.push({ name, kind: 'pod-to-pod', from: from.name, to: to.name, ...judged });
   }
   cases.sort((a, b) => a.from.localeCompare(b.from, 'en', { numeric: true }) || a.to.localeCompare(b.to, 'en', { numeric: true }));

@@ -28,6 +28,7 @@ import { KubeConfig } from '@kubernetes/client-node';
  *   does not take for that object would): a status patch changes only
  *   status and never the generation, an object patch everything but status;
  * - TokenReview from a table of tokens set by the test;
+ * - PUT of the `status` subresource replaces only the status;
  * - failNext() injects an error status for the next matching requests.
  */
 
@@ -232,6 +233,17 @@ export class TestApiServer {
     return this.write('MODIFIED', res, key, o, old);
   }
 
+  /** PUT of the `status` subresource: the status is replaced, everything else (and the generation) kept. */
+  replaceStatus(kind: string, namespace: string | undefined, name: string, obj: Obj): Obj {
+    const res = this.resources.find((r) => r.kind === kind)!;
+    const key = this.key(res, namespace, name);
+    const old = this.objects.get(key);
+    if (!old) throw new HttpError(404, 'NotFound', `${res.plural} "${name}" not found`);
+    const rv = obj.metadata?.resourceVersion;
+    if (rv && rv !== old.metadata.resourceVersion) throw new HttpError(409, 'Conflict', 'the object has been modified; please apply your changes to the latest version');
+    return this.write('MODIFIED', res, key, { ...clone(old), status: clone(obj.status) }, old);
+  }
+
   upsert(obj: Obj): Obj {
     const res = this.resourceOf(obj);
     const key = this.key(res, res.namespaced ? (obj.metadata.namespace ?? 'default') : undefined, obj.metadata.name!);
@@ -387,6 +399,9 @@ export class TestApiServer {
       const type = contentType.split(';')[0]!.trim();
       if (type !== 'application/merge-patch+json') throw new HttpError(415, 'UnsupportedMediaType', `the test API server applies only application/merge-patch+json patches (got ${JSON.stringify(type)})`);
       return this.json(res, 200, this.patch(r.kind, namespace, name, JSON.parse(body), subresource === 'status' ? 'status' : undefined));
+    }
+    if (method === 'PUT' && name !== undefined && subresource === 'status') {
+      return this.json(res, 200, this.replaceStatus(r.kind, namespace, name, JSON.parse(body) as Obj));
     }
     if (subresource !== undefined && method !== 'GET') throw new HttpError(405, 'MethodNotAllowed', `${method} not allowed on ${path}`);
     if (name === undefined) {

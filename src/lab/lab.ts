@@ -200,6 +200,29 @@ export function agentDiedDuringStart(state: LabState, n: LabNode): DeadCheck {
 }
 
 /** Everything `lab up` does; progress lines go to `say`. Returns the state of the running lab. */
+/**
+ * The agents of every node, run by the lab supervisor, which restarts one
+ * that dies (as kubelet restarts a DaemonSet pod); resolves when all answer.
+ * Shared by the single lab and the cluster lab (clusters/up.ts).
+ */
+export async function startAgents(state: LabState, ctlRoot: string): Promise<NonNullable<LabState['supervisor']>> {
+  for (const n of state.nodes) {
+    await createCgroup(agentCgroup(state, n));
+    mkdirSync(n.stateDir, { recursive: true });
+    // The node's primary CNI conflist, for the agent to chain fsm-node-cni into (lab pod add).
+    const cni = labCniDirs(state, n.name);
+    writePrimaryConflist(cni.confDir);
+    mkdirSync(cni.binDir, { recursive: true });
+  }
+  const supCgroup = join(ctlRoot, 'supervisor');
+  await createCgroup(supCgroup);
+  const supervisor = startDetached(supCgroup, undefined, supervisorArgv(state.dir), join(labFiles(state.dir).logs, 'supervisor.log'));
+  state.supervisor = supervisor;
+  writeLabState(state);
+  await Promise.all(state.nodes.map((n) => waitFor(`agent of node ${n.name} (${n.agentUrl})`, READY_TIMEOUT_MS, agentDiedDuringStart(state, n), () => agentReady(n.agentUrl))));
+  return supervisor;
+}
+
 export async function labUp(opts: UpOptions, say: Say): Promise<LabState> {
   const started = Date.now();
   if (!existsSync(cli()) || !existsSync(echoScript())) throw new LabError(`fsm-node is not built (${cli()} missing): run npm run build:ts`);
@@ -297,21 +320,8 @@ export async function labUp(opts: UpOptions, say: Say): Promise<LabState> {
   await waitFor('controller', READY_TIMEOUT_MS, processDied(state.controller.process), async () => (existsSync(state.controller.caFile) ? httpsReady(state.controller.url, readFileSync(state.controller.caFile, 'utf8')) : undefined));
   say(`controller: ${state.controller.url} (pid ${state.controller.process.pid}), watching ${f.manifests}`);
 
-  // The agents run under the lab supervisor, which restarts one that dies (as kubelet restarts a DaemonSet pod).
-  for (const n of state.nodes) {
-    await createCgroup(agentCgroup(state, n));
-    mkdirSync(n.stateDir, { recursive: true });
-    // The node's primary CNI conflist, for the agent to chain fsm-node-cni into (lab pod add).
-    const cni = labCniDirs(state, n.name);
-    writePrimaryConflist(cni.confDir);
-    mkdirSync(cni.binDir, { recursive: true });
-  }
-  const supCgroup = join(ctlRoot, 'supervisor');
-  await createCgroup(supCgroup);
-  state.supervisor = startDetached(supCgroup, undefined, supervisorArgv(opts.dir), join(f.logs, 'supervisor.log'));
-  writeLabState(state);
-  await Promise.all(state.nodes.map((n) => waitFor(`agent of node ${n.name} (${n.agentUrl})`, READY_TIMEOUT_MS, agentDiedDuringStart(state, n), () => agentReady(n.agentUrl))));
-  say(`agents: ${state.nodes.length} ready (${state.nodes.map((n) => n.agentUrl).join(', ')}), run by the lab supervisor (pid ${state.supervisor.pid}), which restarts a dead one`);
+  const supervisor = await startAgents(state, ctlRoot);
+  say(`agents: ${state.nodes.length} ready (${state.nodes.map((n) => n.agentUrl).join(', ')}), run by the lab supervisor (pid ${supervisor.pid}), which restarts a dead one`);
   say(`lab up in ${((Date.now() - started) / 1000).toFixed(1)} s`);
   return state;
 }

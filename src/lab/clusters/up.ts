@@ -10,8 +10,6 @@ import { cgroup2Root, createCgroup } from '../../util/cgroup.js';
 import { BPFFS_ROOT, ensureBpffs } from '../bpffs.js';
 import {
   AGENT_PORT_BASE,
-  agentDiedDuringStart,
-  agentReady,
   assertPortsFree,
   chooseProxy,
   echoScript,
@@ -19,16 +17,16 @@ import {
   processDied,
   READY_TIMEOUT_MS,
   refuseExisting,
+  startAgents,
   waitFor,
   type Say,
   type UpOptions,
 } from '../lab.js';
 import { ECHO_PORT, LAB_NAMESPACE, podVersion } from '../manifests.js';
 import { hostNetworkSnapshot } from '../net-probe.js';
-import { labCniDirs, writePrimaryConflist } from '../pods.js';
 import { startDetached } from '../processes.js';
 import { claimLabPointer, LAB_PREFIX, LabError, LabExistsError, labFiles, writeLabState, type LabCluster, type LabState } from '../state.js';
-import { agentCgroup, labCli, readSupervisorStatus, supervisorArgv, type SupervisorStatus } from '../supervisor.js';
+import { labCli, readSupervisorStatus, type SupervisorStatus } from '../supervisor.js';
 import { Topology, underlayNetnsName, underlayServicesAddress } from '../topology.js';
 import { relayArgv } from './relay.js';
 import { readClusterStatus } from './status.js';
@@ -254,19 +252,8 @@ export async function labUpClusters(opts: ClusterUpOptions, say: Say): Promise<L
   );
   for (const c of clusters) say(`controller ${c.name}: ${c.controller.url} (pid ${c.controller.process?.pid}), clusterset ${c.clustersetUrl} (peers reach it at ${clustersetIngress(c.index)} over the uplink), watching ${c.manifests} and ${c.multiclusterDir}`);
 
-  for (const n of state.nodes) {
-    await createCgroup(agentCgroup(state, n));
-    mkdirSync(n.stateDir, { recursive: true });
-    const cni = labCniDirs(state, n.name);
-    writePrimaryConflist(cni.confDir);
-    mkdirSync(cni.binDir, { recursive: true });
-  }
-  const supCgroup = join(ctlRoot, 'supervisor');
-  await createCgroup(supCgroup);
-  state.supervisor = startDetached(supCgroup, undefined, supervisorArgv(opts.dir), join(f.logs, 'supervisor.log'));
-  writeLabState(state);
-  await Promise.all(state.nodes.map((n) => waitFor(`agent of node ${n.name} (${n.agentUrl})`, READY_TIMEOUT_MS, agentDiedDuringStart(state, n), () => agentReady(n.agentUrl))));
-  say(`agents: ${state.nodes.length} ready, run by the lab supervisor (pid ${state.supervisor.pid})`);
+  const supervisor = await startAgents(state, ctlRoot);
+  say(`agents: ${state.nodes.length} ready, run by the lab supervisor (pid ${supervisor.pid})`);
 
   // The clusterset has formed when every cluster imports echo from every cluster.
   await Promise.all(

@@ -1,14 +1,10 @@
-import { execFile } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { promisify } from 'node:util';
 import type { CheckReport } from '../../src/lab/check.js';
-import { LAB_POINTER } from '../../src/lab/state.js';
 import type { LabStatus } from '../../src/lab/status.js';
 import { cgroup2Root } from '../../src/util/cgroup.js';
-import { pipySkipReason } from '../support/pipy.js';
+import { cli, labNames, pipyLabSkipReason } from '../support/lab-e2e.js';
 
 /**
  * The two-cluster lab end to end, through the real CLI (`npm run build:ts`
@@ -22,39 +18,8 @@ import { pipySkipReason } from '../support/pipy.js';
  * Skips when a user's lab exists (the lab's names are fixed).
  */
 
-const root = fileURLToPath(new URL('../../', import.meta.url));
-const bin = join(root, 'dist', 'src', 'cli', 'bin.js');
-const pexec = promisify(execFile);
 
-async function cli(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  try {
-    const { stdout, stderr } = await pexec(process.execPath, [bin, ...args], { cwd: root, env: { ...process.env, FSMN_LOG_LEVEL: 'warn' }, maxBuffer: 16 << 20 });
-    return { code: 0, stdout, stderr };
-  } catch (err) {
-    const e = err as { code?: number; stdout?: string; stderr?: string };
-    return { code: typeof e.code === 'number' ? e.code : -1, stdout: e.stdout ?? '', stderr: e.stderr ?? '' };
-  }
-}
-
-const labNames = (path: string): string[] => {
-  try {
-    return readdirSync(path).filter((n) => /^fsmlab(-|$)/.test(n) && !n.startsWith('fsmlab-selfcheck'));
-  } catch {
-    return [];
-  }
-};
-
-function skipReason(): string | undefined {
-  if (process.getuid?.() !== 0) return 'needs root';
-  const pipy = pipySkipReason();
-  if (pipy) return pipy;
-  if (existsSync(LAB_POINTER)) return `a lab is running (${LAB_POINTER})`;
-  const objs = [...labNames('/run/netns'), ...labNames(cgroup2Root())];
-  if (objs.length > 0) return `fsmlab objects exist (${objs.join(', ')})`;
-  return undefined;
-}
-
-const skip = skipReason();
+const skip = pipyLabSkipReason();
 if (skip) console.warn(`e2e cluster lab tests skipped: ${skip}`);
 const maybe = skip ? describe.skip : describe;
 

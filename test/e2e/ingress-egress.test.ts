@@ -1,13 +1,10 @@
 import { execFile } from 'node:child_process';
-import { copyFileSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
-import { LAB_POINTER } from '../../src/lab/state.js';
-import { cgroup2Root } from '../../src/util/cgroup.js';
 import { eventually } from '../support/eventually.js';
-import { pipySkipReason } from '../support/pipy.js';
+import { cli, pipyLabSkipReason, root } from '../support/lab-e2e.js';
 
 /**
  * docs/ingress-egress.md end to end in the lab, through the real CLI
@@ -17,38 +14,8 @@ import { pipySkipReason } from '../support/pipy.js';
  * `lab check` still passing and `lab down` leaving nothing.
  */
 
-const root = fileURLToPath(new URL('../../', import.meta.url));
-const bin = join(root, 'dist', 'src', 'cli', 'bin.js');
 const examples = join(root, 'docs', 'examples', 'ingress-egress');
 const pexec = promisify(execFile);
-
-async function cli(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  try {
-    const { stdout, stderr } = await pexec(process.execPath, [bin, ...args], { cwd: root, env: { ...process.env, FSMN_LOG_LEVEL: 'warn' }, maxBuffer: 16 << 20 });
-    return { code: 0, stdout, stderr };
-  } catch (err) {
-    const e = err as { code?: number; stdout?: string; stderr?: string };
-    return { code: typeof e.code === 'number' ? e.code : -1, stdout: e.stdout ?? '', stderr: e.stderr ?? '' };
-  }
-}
-
-const labNames = (path: string): string[] => {
-  try {
-    return readdirSync(path).filter((n) => /^fsmlab(-|$)/.test(n) && !n.startsWith('fsmlab-selfcheck'));
-  } catch {
-    return [];
-  }
-};
-
-function skipReason(): string | undefined {
-  if (process.getuid?.() !== 0) return 'needs root';
-  const pipy = pipySkipReason();
-  if (pipy) return pipy;
-  if (existsSync(LAB_POINTER)) return `a lab is running (${LAB_POINTER})`;
-  const objs = [...labNames('/run/netns'), ...labNames(cgroup2Root())];
-  if (objs.length > 0) return `fsmlab objects exist (${objs.join(', ')})`;
-  return undefined;
-}
 
 /** Extended HTTPRoute features, on the example's Gateway (docs/examples/ingress-egress/gateway.yaml). */
 const EXTENDED_ROUTE = `apiVersion: gateway.networking.k8s.io/v1
@@ -88,7 +55,7 @@ spec:
     - backendRefs: [{ name: ${service}, port: 8080 }]
 `;
 
-const skip = skipReason();
+const skip = pipyLabSkipReason();
 if (skip) console.warn(`e2e ingress/egress tests skipped: ${skip}`);
 const maybe = skip ? describe.skip : describe;
 

@@ -253,6 +253,21 @@ function parseAnswer(body: string | undefined): EchoAnswer | undefined {
 }
 
 /**
+ * The proxy's record of one request, among those written since it started.
+ * The newest open from its source ip:port is its. Failing that, the one open
+ * from its source address: a pod's requests run one after another, and under
+ * iptables REDIRECT the kernel may give the connection another source port
+ * (conntrack's implicit source NAT when an earlier connection from the same
+ * port, to another pod and still in TIME_WAIT, holds the same reply tuple
+ * proxy:15001 <- pod:port). Two opens from the source and none on its port
+ * stay ambiguous: no record.
+ */
+export function recordOf(records: ProxyRecord[], from: LabPod, localPort: number | undefined): ProxyRecord | undefined {
+  const opens = records.filter((r) => r.event === 'open' && r.source === from.ip);
+  return opens.filter((r) => r.sourcePort === localPort).pop() ?? (opens.length === 1 ? opens[0] : undefined);
+}
+
+/**
  * Judge one pod-to-pod request under the passthrough proxy. Intercepted:
  * the answer names the target, the client's node proxy logged this very
  * connection (source ip:port) with the target as original destination, and
@@ -271,16 +286,21 @@ export function judgePodCase(
   const evidence: Record<string, unknown> = { status: got.status, answer, clientPort: got.localPort };
   if (!got.ok) return { result: 'fail', reason: `request failed: ${got.error}`, evidence };
   if (got.status !== 200 || answer?.pod !== to.name) return { result: 'fail', reason: `expected an answer from ${to.name}, got HTTP ${got.status}: ${String(got.body).trim().slice(0, 120)}`, evidence };
-  // The caller passes the records written since the request started; the newest open from this port is its.
-  const record = records.filter((r) => r.event === 'open' && r.source === from.ip && r.sourcePort === got.localPort).pop();
+  const record = recordOf(records, from, got.localPort);
   evidence.proxyRecord = record ?? null;
+  // Said, not hidden: the proxy saw this connection from another source port (see recordOf).
+  if (record && record.sourcePort !== got.localPort) evidence.sourcePortRewritten = record.sourcePort;
   const sameNode = from.node === to.node;
   if (!intercepted) {
     if (record) return { result: 'fail', reason: `not enrolled (or port excluded) but ${fromNode.name}'s proxy logged the connection`, evidence };
     if (answer.peer !== from.ip) return { result: 'fail', reason: `not enrolled: the server should see the client ${from.ip}, saw ${answer.peer}`, evidence };
     return { result: 'pass', reason: `direct (not intercepted, as the manifests say): answer from ${to.name}, server saw ${from.ip}`, evidence };
   }
-  if (!record) return { result: 'fail', reason: `answered by ${to.name} but ${fromNode.name}'s proxy has no record of ${from.ip}:${got.localPort}: not intercepted`, evidence };
+  if (!record) {
+    const ports = records.filter((r) => r.event === 'open' && r.source === from.ip).map((r) => r.sourcePort);
+    const seen = ports.length === 0 ? '' : ` (its opens from ${from.ip} since the request: ports ${ports.join(', ')})`;
+    return { result: 'fail', reason: `answered by ${to.name} but ${fromNode.name}'s proxy has no record of ${from.ip}:${got.localPort}${seen}: not intercepted`, evidence };
+  }
   const dst = record.originalDst;
   if (dst?.address !== to.ip || dst.port !== ECHO_PORT) return { result: 'fail', reason: `proxy recorded original destination ${dst?.address}:${dst?.port}, expected ${to.ip}:${ECHO_PORT}`, evidence };
   const wantPeer = sameNode ? fromNode.gateway : fromNode.underlayIp;
@@ -350,7 +370,7 @@ export async function labCheck(all: LabState): Promise<CheckReport> {
     }
     // The proxy may write its record a moment after the answer arrived: wait for it (at most 1 s).
     const mine = (): ProxyRecord[] => proxyRecords(fromNode).slice(logged);
-    for (let i = 0; intercepted && got.ok && i < 20 && !mine().some((r) => r.source === from.ip && r.sourcePort === got.localPort); i++) await sleep(50);
+    for (let i = 0; intercepted && got.ok && i < 20 && !recordOf(mine(), from, got.localPort); i++) await sleep(50);
     const judged = judgePodCase({ from, to, fromNode, intercepted }, got, mine());
     cases.push({ name, kind: 'pod-to-pod', from: from.name, to: to.name, ...judged });
   }

@@ -305,15 +305,19 @@ maybe.each(['ebpf', 'iptables'] as const)('fsm-node lab with --mode %s', (mode) 
     const saved = readFileSync(file, 'utf8');
     const n1 = state.nodes.find((n) => n.name === 'n1')!;
     rmSync(file);
-    await until('agent of n1 drops p2', async () => ((await agentState(n1.agentUrl)).applied as { pods: number }).pods === 1);
-    let report = await check();
-    for (const c of report.cases.filter((x) => x.kind === 'pod-to-pod')) {
-      if (c.from === 'p2') expect(c.reason).toMatch(/^direct/);
-      else expect(c.reason).toMatch(/^via/);
+    try {
+      await until('agent of n1 drops p2', async () => ((await agentState(n1.agentUrl)).applied as { pods: number }).pods === 1);
+      const report = await check();
+      for (const c of report.cases.filter((x) => x.kind === 'pod-to-pod')) {
+        if (c.from === 'p2') expect(c.reason).toMatch(/^direct/);
+        else expect(c.reason).toMatch(/^via/);
+      }
+    } finally {
+      // Put p2 back even when a check failed: the tests after this one expect the lab's own manifests.
+      writeFileSync(file, saved);
     }
-    writeFileSync(file, saved);
     await until('agent of n1 enrols p2 again', async () => ((await agentState(n1.agentUrl)).applied as { pods: number }).pods === 2);
-    report = await check();
+    const report = await check();
     for (const c of report.cases.filter((x) => x.kind === 'pod-to-pod')) expect(c.reason).toMatch(/^via/);
   }, 90_000);
 

@@ -123,6 +123,18 @@ describe('judging one request', () => {
     expect(judgePodCase({ from: p1, to: p3, fromNode: node, intercepted: true }, answer('p3', '10.78.0.1'), [rec('10.77.2.2'), rec('10.77.1.3')]).result).toBe('fail');
   });
 
+  test('a connection whose source port conntrack rewrote is found by its source address, when it is the only one', () => {
+    // iptables REDIRECT: an earlier connection from port 40000 (to another pod, in TIME_WAIT) holds the reply
+    // tuple proxy:15001 <- p1:40000, so the kernel gave this one another port; the proxy logged 51234.
+    const moved = { ...rec('10.77.2.2'), sourcePort: 51234 };
+    expect(judgePodCase({ from: p1, to: p3, fromNode: node, intercepted: true }, answer('p3', '10.78.0.1'), [moved]).result).toBe('pass');
+    // Two opens from p1 and neither on its port: which one is this request's cannot be told.
+    const other = { ...rec('10.77.2.2'), sourcePort: 51235 };
+    expect(judgePodCase({ from: p1, to: p3, fromNode: node, intercepted: true }, answer('p3', '10.78.0.1'), [moved, other]).result).toBe('fail');
+    // Another pod's record never stands in.
+    expect(judgePodCase({ from: p1, to: p3, fromNode: node, intercepted: true }, answer('p3', '10.78.0.1'), [{ ...moved, source: '10.77.1.3' }]).result).toBe('fail');
+  });
+
   test('fails when the proxy has no record of the connection (not intercepted)', () => {
     const r = judgePodCase({ from: p1, to: p2, fromNode: node, intercepted: true }, answer('p2', '10.77.1.2'), []);
     expect(r).toMatchObject({ result: 'fail', reason: expect.stringMatching(/no record/) });

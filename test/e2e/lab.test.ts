@@ -1,7 +1,6 @@
 import { execFile, spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import type { CheckReport } from '../../src/lab/check.js';
 import type { LoopSummary } from '../../src/lab/echo-server.js';
@@ -10,6 +9,7 @@ import type { LabStatus } from '../../src/lab/status.js';
 import type { SupervisorStatus } from '../../src/lab/supervisor.js';
 import { underlayNetnsName } from '../../src/lab/topology.js';
 import { cgroup2Root } from '../../src/util/cgroup.js';
+import { bin, cli, labNames, labSkipReason, root } from '../support/lab-e2e.js';
 import { pipySkipReason } from '../support/pipy.js';
 
 /**
@@ -22,45 +22,9 @@ import { pipySkipReason } from '../support/pipy.js';
  * exists this file skips rather than touch it.
  */
 
-const root = fileURLToPath(new URL('../../', import.meta.url));
-const bin = join(root, 'dist', 'src', 'cli', 'bin.js');
 const pexec = promisify(execFile);
 
-interface Run {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-async function cli(...args: string[]): Promise<Run> {
-  try {
-    const { stdout, stderr } = await pexec(process.execPath, [bin, ...args], { cwd: root, env: { ...process.env, FSMN_LOG_LEVEL: 'warn' }, maxBuffer: 16 << 20 });
-    return { code: 0, stdout, stderr };
-  } catch (err) {
-    const e = err as { code?: number; stdout?: string; stderr?: string };
-    return { code: typeof e.code === 'number' ? e.code : -1, stdout: e.stdout ?? '', stderr: e.stderr ?? '' };
-  }
-}
-
-function list(path: string): string[] {
-  try {
-    return readdirSync(path);
-  } catch {
-    return [];
-  }
-}
-
-const labNames = (path: string): string[] => list(path).filter((n) => /^fsmlab(-|$)/.test(n) && !n.startsWith('fsmlab-selfcheck'));
-
-function userLabPresent(): string | undefined {
-  if (process.getuid?.() !== 0) return 'needs root';
-  if (existsSync(LAB_POINTER)) return `a lab is running (${LAB_POINTER}); run \`fsm-node lab down\` to let this test run`;
-  const objs = [...labNames('/run/netns'), ...labNames(cgroup2Root())];
-  if (objs.length > 0) return `fsmlab objects exist (${objs.join(', ')}); run \`fsm-node lab down\` to let this test run`;
-  return undefined;
-}
-
-const skipReason = userLabPresent();
+const skipReason = labSkipReason();
 if (skipReason) console.warn(`e2e lab tests skipped: ${skipReason}`);
 const maybe = skipReason ? describe.skip : describe;
 

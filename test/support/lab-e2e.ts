@@ -10,7 +10,7 @@ import { pipySkipReason } from './pipy.js';
 /** What the e2e tests of a Pipy lab share: the built CLI, the lab's kernel objects, and when to skip. */
 
 export const root = fileURLToPath(new URL('../../', import.meta.url));
-const bin = join(root, 'dist', 'src', 'cli', 'bin.js');
+export const bin = join(root, 'dist', 'src', 'cli', 'bin.js');
 const pexec = promisify(execFile);
 
 /** `fsm-node ARGS...` from the build, as a user runs it; never throws. */
@@ -33,13 +33,17 @@ export const labNames = (path: string): string[] => {
   }
 };
 
-/** Why a Pipy lab cannot run here (not root, no Pipy, a lab of the user's: its names are fixed), or undefined. */
+/** Why a lab cannot run here (not root, a lab of the user's: its names are fixed), or undefined. */
+export function labSkipReason(): string | undefined {
+  if (process.getuid?.() !== 0) return 'needs root';
+  if (existsSync(LAB_POINTER)) return `a lab is running (${LAB_POINTER}); run \`fsm-node lab down\` to let this test run`;
+  const objs = [...labNames('/run/netns'), ...labNames(cgroup2Root())];
+  if (objs.length > 0) return `fsmlab objects exist (${objs.join(', ')}); run \`fsm-node lab down\` to let this test run`;
+  return undefined;
+}
+
+/** Why a Pipy lab cannot run here: no Pipy, or any reason of labSkipReason. */
 export function pipyLabSkipReason(): string | undefined {
   if (process.getuid?.() !== 0) return 'needs root';
-  const pipy = pipySkipReason();
-  if (pipy) return pipy;
-  if (existsSync(LAB_POINTER)) return `a lab is running (${LAB_POINTER})`;
-  const objs = [...labNames('/run/netns'), ...labNames(cgroup2Root())];
-  if (objs.length > 0) return `fsmlab objects exist (${objs.join(', ')})`;
-  return undefined;
+  return pipySkipReason() ?? labSkipReason();
 }

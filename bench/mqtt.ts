@@ -1,5 +1,5 @@
 import type { ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { loadavg, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -11,7 +11,7 @@ import { NodePolicySchema, POLICY_API_VERSION, type NodePolicy } from '../src/po
 import type { ProxyIdentityFiles, ProxyNodeFacts } from '../src/proxy/config.js';
 import type { ProxySupervisor } from '../src/proxy/supervisor.js';
 import { benchCa, benchLeaf } from './certs.js';
-import { intFlag, nodeProxy, round } from './util.js';
+import { cgroupCpuUs, intFlag, nodeProxy, round } from './util.js';
 
 /**
  * mqtt: publish-to-deliver through the node proxies against straight to the
@@ -122,13 +122,6 @@ async function measure(place: Place, host: string, port: number, qos: number, o:
   const out = JSON.parse(r.stdout.trim().split('\n').pop() ?? '{}') as MqttBenchResult & { error?: string };
   if (out.error || out.delivered === undefined) throw new Error(`mqtt bench client: ${r.stdout} ${r.stderr}`);
   return out;
-}
-
-/** CPU time (µs) a cgroup's processes have used: cgroup v2 cpu.stat usage_usec. */
-function cgroupCpuUs(cgroup: string): number {
-  const m = /^usage_usec (\d+)$/m.exec(readFileSync(join(cgroup, 'cpu.stat'), 'utf8'));
-  if (!m) throw new Error(`no usage_usec in ${cgroup}/cpu.stat`);
-  return Number(m[1]);
 }
 
 function median(xs: number[]): number {

@@ -1,3 +1,4 @@
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { noExclusions, type PodIntercept } from '../src/dataplane/types.js';
 import type { TopoNode } from '../src/lab/topology.js';
@@ -13,6 +14,13 @@ export function quantile(xs: number[], q: number): number {
 }
 
 export const round = (x: number, digits = 3): number => Math.round(x * 10 ** digits) / 10 ** digits;
+
+/** CPU time (µs) a cgroup's processes have used: cgroup v2 cpu.stat usage_usec. */
+export function cgroupCpuUs(cgroup: string): number {
+  const m = /^usage_usec (\d+)$/m.exec(readFileSync(join(cgroup, 'cpu.stat'), 'utf8'));
+  if (!m) throw new Error(`no usage_usec in ${cgroup}/cpu.stat`);
+  return Number(m[1]);
+}
 
 export function intFlag(flags: Record<string, string | boolean>, name: string, dflt: number): number {
   const v = flags[name];

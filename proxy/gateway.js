@@ -278,17 +278,22 @@ function tunnelRequest(route) {
 // (source identity, target) inside one mutual TLS connection per peer node.
 // A rule with timeouts gets connections with a read timeout past its bound
 // (gateway-timeouts.js): they close when a hung request leaves them behind;
-// pools are keyed by it, since a connection has one read timeout.
+// pools are keyed by it, since a connection has one read timeout. Both kinds
+// of connection are closed when a timed-out response is still arriving
+// (guardUpstream); over a tunnel that ends the tunnel stream, and the far
+// node's proxy closes its connection to the pod.
 var toLocal = $=>$
-  .muxHTTP(() => $route.target + '|' + (timeouts.longest($rule) || ''), { maxIdle: UPSTREAM_MAX_IDLE }).to($=>$
-    .connect(() => $route.target, () => timeouts.connectOptions($rule))
+  .muxHTTP(() => $route.target + '|' + (timeouts.longest($rule) || ''), { maxIdle: UPSTREAM_MAX_IDLE }).to(
+    timeouts.guardUpstream($=>$.connect(() => $route.target, () => timeouts.connectOptions($rule)))
   )
 
 var toTunnel = $=>$
-  .muxHTTP(() => $port.identity + '>' + $route.target, { maxIdle: UPSTREAM_MAX_IDLE }).to($=>$
-    .connectHTTPTunnel(() => tunnelRequest($route)).to($=>$
-      .muxHTTP(() => tls.poolKey($port.identity, $route), { version: 2 }).to(
-        tls.connectPeer(() => $route.tunnel)
+  .muxHTTP(() => $port.identity + '>' + $route.target, { maxIdle: UPSTREAM_MAX_IDLE }).to(
+    timeouts.guardUpstream($=>$
+      .connectHTTPTunnel(() => tunnelRequest($route)).to($=>$
+        .muxHTTP(() => tls.poolKey($port.identity, $route), { version: 2 }).to(
+          tls.connectPeer(() => $route.tunnel)
+        )
       )
     )
   )

@@ -12,7 +12,11 @@ import { FaultWatch } from './faults.js';
  *     and the peer address it saw (a node proxy's address, not the client
  *     pod's, when the connection went through a proxy); with --fault-file it
  *     obeys the fault written there by `lab fault` (src/lab/faults.ts): a
- *     fixed status, no answer at all, or a closed connection;
+ *     fixed status, no answer at all, or a closed connection. A request with
+ *     the header `x-lab-record` is also written to stdout (the pod's log) as
+ *     one JSON line, so a test can see a request arrive where the client's
+ *     answer does not tell (a RequestMirror copy); other requests are not
+ *     logged, so load does not fill the log;
  *   node echo-server.js get URL
  *     one HTTP GET without keep-alive; prints one JSON line with the status,
  *     the body and the client's local port (how `lab check` finds the
@@ -97,6 +101,8 @@ export async function loop(url: string, seconds: number, intervalMs: number, opt
 export function serve(name: string, port: number, opts: { faultFile?: string | undefined; host?: string } = {}): http.Server {
   const faults = opts.faultFile ? new FaultWatch(opts.faultFile, (err) => process.stderr.write(`echo-server: ${err.message}; answering normally\n`)) : undefined;
   const server = http.createServer((req, res) => {
+    const record = req.headers['x-lab-record'];
+    if (record !== undefined) process.stdout.write(`${JSON.stringify({ event: 'request', method: req.method, path: req.url, record })}\n`);
     const fault = faults?.get();
     // A hung request keeps its socket until the client gives up (or the server closes).
     if (fault?.kind === 'hang') return;

@@ -3,6 +3,7 @@ import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from '
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
+import { parseAllDocuments, type YAMLSeq } from 'yaml';
 import { eventually } from '../support/eventually.js';
 import { cli, pipyLabSkipReason, root } from '../support/lab-e2e.js';
 
@@ -53,6 +54,41 @@ spec:
   hostnames: [move.lab]
   rules:
     - backendRefs: [{ name: ${service}, port: 8080 }]
+`;
+
+/** RequestMirror: every request to echo-v1, a copy to echo-v2. */
+const MIRROR_ROUTE = `apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: mirror
+  namespace: demo
+spec:
+  parentRefs: [{ name: edge-gw, namespace: edge, sectionName: http }]
+  hostnames: [mirror.lab]
+  rules:
+    - filters:
+        - { type: RequestMirror, requestMirror: { backendRef: { name: echo-v2, port: 8080 } } }
+        - { type: ResponseHeaderModifier, responseHeaderModifier: { add: [{ name: x-route, value: mirror }] } }
+      backendRefs: [{ name: echo-v1, port: 8080 }]
+`;
+
+/** HTTPRoute timeouts: a request bound, and a backendRequest bound under a longer request bound. */
+const TIMEOUT_ROUTE = `apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: slow
+  namespace: demo
+spec:
+  parentRefs: [{ name: edge-gw, namespace: edge, sectionName: http }]
+  hostnames: [slow.lab]
+  rules:
+    - matches: [{ path: { type: PathPrefix, value: /request } }]
+      timeouts: { request: 2s }
+      filters: [{ type: ResponseHeaderModifier, responseHeaderModifier: { add: [{ name: x-route, value: slow } ] } }]
+      backendRefs: [{ name: echo-v1, port: 8080 }]
+    - matches: [{ path: { type: PathPrefix, value: /backend } }]
+      timeouts: { request: 10s, backendRequest: 1s }
+      backendRefs: [{ name: echo-v1, port: 8080 }]
 `;
 
 const skip = pipyLabSkipReason();
@@ -155,6 +191,103 @@ maybe('ingress and egress in the lab (docs/ingress-egress.md)', () => {
     expect(await eventually(async () => podOf((await curl('outside', ['-H', 'Host: move.lab', 'http://10.78.0.1:8000/'])).body), (p) => ['p2', 'p4'].includes(p), 30_000)).toMatch(/^p[24]$/);
     rmSync(join(manifests, 'moving-route.yaml'));
   }, 180_000);
+
+  test('RequestMirror from the outside client: the client gets the primary\'s answer, the mirror backend receives a copy (in its pod\'s log)', async () => {
+    writeFileSync(join(manifests, 'mirror-route.yaml'), MIRROR_ROUTE);
+    const get = (path: string, extra: string[] = []) => curl('outside', ['-H', 'Host: mirror.lab', ...extra, `http://10.78.0.1:8000${path}`]);
+    // Until the route is in, mirror.lab falls to the example's route (no hostnames): wait for this one's header.
+    expect((await eventually(async () => get('/warm', ['-i']), (r) => /^x-route: mirror\r?$/im.test(r.headers), 30_000)).headers).toMatch(/^x-route: mirror\r?$/im);
+    // The requests ask the echo servers to log them (x-lab-record); the copy goes to an
+    // echo-v2 pod: p2 on n1 (the gateway connects to it) or p4 on n2 (through n2's proxy),
+    // round robin. (tcpdump cannot see it: the eBPF dataplane passes a local connection's
+    // bytes socket to socket.)
+    const logs = ['p1', 'p2', 'p3', 'p4'].map((p) => join(dir, 'lab', 'logs', `pod-${p}.log`));
+    const ids = [1, 2].map((i) => `/mirror-${process.pid}-${Date.now()}-${i}`);
+    for (const id of ids) {
+      const r = await get(id, ['-H', 'x-lab-record: mirror-test']);
+      expect(r.status).toBe('200');
+      // The primary answered: an echo-v1 pod, the path as sent.
+      expect(JSON.parse(r.body)).toMatchObject({ path: id });
+      expect(['p1', 'p3']).toContain((JSON.parse(r.body) as { pod: string }).pod);
+    }
+    const arrived = (id: string) => logs.map((f, i) => (readFileSync(f, 'utf8').includes(`"path":"${id}"`) ? `p${i + 1}` : '')).filter(Boolean).sort();
+    // Each request reached one echo-v1 pod (the primary) and one echo-v2 pod (the copy).
+    for (const id of ids) {
+      const pods = await eventually(async () => arrived(id), (p) => p.length >= 2, 10_000);
+      expect(pods).toHaveLength(2);
+      expect(['p1', 'p3']).toContain(pods[0]);
+      expect(['p2', 'p4']).toContain(pods[1]);
+    }
+    rmSync(join(manifests, 'mirror-route.yaml'));
+  }, 120_000);
+
+  test('HTTPRoute timeouts from the outside client: hung backends answer 504 after about the bound (request 2s, backendRequest 1s), on both paths into the mesh', async () => {
+    writeFileSync(join(manifests, 'timeout-route.yaml'), TIMEOUT_ROUTE);
+    const timed = async (path: string) => {
+      const r = await cli('lab', 'exec', 'outside', '--', 'curl', '-sS', '-m', '20', '-o', '/dev/null', '-w', '%{http_code} %{time_total}', '-H', 'Host: slow.lab', `http://10.78.0.1:8000${path}`);
+      const [code, secs] = r.stdout.trim().split(' ');
+      return { status: code ?? '', seconds: Number(secs) };
+    };
+    // Until the route is in, slow.lab falls to the example's route (no hostnames): wait for this one's header.
+    const live = () => curl('outside', ['-i', '-H', 'Host: slow.lab', 'http://10.78.0.1:8000/request/ok']);
+    expect((await eventually(live, (r) => /^x-route: slow\r?$/im.test(r.headers), 30_000)).headers).toMatch(/^x-route: slow\r?$/im);
+    // Both echo-v1 pods hang: p1 is on n1 with the gateway, p3 is reached through n2's proxy.
+    const hang = ['p1', 'p3'];
+    try {
+      for (const pod of hang) expect((await cli('lab', 'fault', pod, '--hang')).code).toBe(0);
+      const request = [];
+      for (let i = 0; i < 4; i++) request.push(await timed(`/request/${i}`));
+      const backend = [];
+      for (let i = 0; i < 2; i++) backend.push(await timed(`/backend/${i}`));
+      console.log(`e2e HTTPRoute timeouts, measured from the outside client (s): request 2s -> ${request.map((r) => r.seconds).join(', ')}; backendRequest 1s -> ${backend.map((r) => r.seconds).join(', ')}`);
+      expect([...request, ...backend].map((r) => r.status)).toEqual(['504', '504', '504', '504', '504', '504']);
+      // About the bound: not before it, and well before the client's own 20 s.
+      for (const r of request) expect(r.seconds).toBeGreaterThanOrEqual(1.9);
+      for (const r of request) expect(r.seconds).toBeLessThan(10);
+      for (const r of backend) expect(r.seconds).toBeGreaterThanOrEqual(0.9);
+      for (const r of backend) expect(r.seconds).toBeLessThan(8);
+    } finally {
+      for (const pod of hang) await cli('lab', 'fault', pod, '--clear');
+    }
+    // Healthy again: answered at once.
+    const ok = await eventually(async () => timed('/request/after'), (r) => r.status === '200', 30_000);
+    expect(ok.status).toBe('200');
+    expect(ok.seconds).toBeLessThan(1.9);
+    rmSync(join(manifests, 'timeout-route.yaml'));
+  }, 180_000);
+
+  test('HTTPS with two hostnames on one listener port: the SNI picks the certificate (each verified with its own CA), a hostname without certificate is refused', async () => {
+    // A second HTTPS listener on :8443 for admin.lab with its own certificate (its own CA).
+    const key = join(dir, 'admin.key');
+    const crt = join(dir, 'admin.crt');
+    await pexec('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', key, '-out', crt, '-subj', '/CN=admin.lab', '-addext', 'subjectAltName=DNS:admin.lab', '-days', '2']);
+    const b64 = (f: string) => readFileSync(f).toString('base64');
+    writeFileSync(join(manifests, 'admin-cert.yaml'), `apiVersion: v1\nkind: Secret\nmetadata:\n  name: admin-cert\n  namespace: edge\ntype: kubernetes.io/tls\ndata:\n  tls.crt: ${b64(crt)}\n  tls.key: ${b64(key)}\n`);
+    const docs = parseAllDocuments(readFileSync(join(examples, 'gateway.yaml'), 'utf8'));
+    const gw = docs.find((d) => d.get('kind') === 'Gateway')!;
+    (gw.getIn(['spec', 'listeners']) as YAMLSeq).add(gw.createNode({ name: 'admin', port: 8443, protocol: 'HTTPS', hostname: 'admin.lab', tls: { certificateRefs: [{ name: 'admin-cert' }] }, allowedRoutes: { namespaces: { from: 'All' } } }));
+    writeFileSync(join(manifests, 'gateway.yaml'), docs.map((d) => d.toString()).join('---\n'));
+    const tls = (name: string, ca: string, node = '10.78.0.1') => curl('outside', ['--cacert', ca, '--resolve', `${name}:8443:${node}`, `https://${name}:8443/`]).catch(() => ({ status: 'error', body: '', headers: '' }));
+    const shopCa = join(dir, 'shop.crt');
+    try {
+      expect(await eventually(async () => (await tls('admin.lab', crt)).status, (s) => s === '200', 30_000)).toBe('200');
+      for (const node of ['10.78.0.1', '10.78.0.2']) {
+        expect((await tls('shop.lab', shopCa, node)).status).toBe('200');
+        expect((await tls('admin.lab', crt, node)).status).toBe('200');
+        // Each name got its own certificate: the other CA does not verify it.
+        expect((await tls('shop.lab', crt, node)).status).toBe('000');
+        expect((await tls('admin.lab', shopCa, node)).status).toBe('000');
+      }
+      // No listener names other.lab: no certificate, the handshake is refused (even without verification).
+      const other = await cli('lab', 'exec', 'outside', '--', 'curl', '-sS', '-k', '-m', '5', '-o', '/dev/null', '-w', '%{http_code}', '--resolve', 'other.lab:8443:10.78.0.1', 'https://other.lab:8443/');
+      expect(other.code).not.toBe(0);
+      expect(other.stdout).toBe('000');
+      expect(other.stderr).toMatch(/SSL|TLS|handshake|alert/i);
+    } finally {
+      copyFileSync(join(examples, 'gateway.yaml'), join(manifests, 'gateway.yaml'));
+      rmSync(join(manifests, 'admin-cert.yaml'), { force: true });
+    }
+  }, 120_000);
 
   test('egress deny: Host, SNI and CIDR allowed as the Egresses say, everything else refused; lab check still passes', async () => {
     const cfg = join(manifests, '00-mesh-config.yaml');

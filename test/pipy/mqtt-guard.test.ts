@@ -52,11 +52,16 @@ var $toClient
 var broker = $=>$
   .handleData(d => { $atBroker.push(d) })
   .replaceData(d => {
+    // CONNACK for a CONNECT, PINGRESP for a PINGREQ (the proxy sends one per answer of its own), however the proxy
+    // groups packets into chunks (packets here are short: one length byte). A chunk that starts inside a packet
+    // (a cut connection) gets nothing.
     var b = d.toArray()
-    // CONNACK for a CONNECT, PINGRESP for a PINGREQ (the proxy sends one per answer of its own).
-    if (b.length > 0 && b[0] === 0x10) return pkt(0x20, new Data([0, 0, 0]))
-    if (b.length === 2 && b[0] === 0xc0) return new Data([0xd0, 0])
-    return new Data
+    var r = new Data
+    for (var i = 0; i + 1 < b.length; i += 2 + b[i + 1]) {
+      if (b[i] === 0x10) r.push(pkt(0x20, new Data([0, 0, 0])))
+      if (b[i] === 0xc0) r.push(new Data([0xd0, 0]))
+    }
+    return r
   })
 var layout = pipeline($=>$
   .onStart(() => { $atBroker = new Data; $toClient = new Data })

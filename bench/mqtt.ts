@@ -199,7 +199,9 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
     const c = await topo.addPod(n2, 'c');
     const pods = [b, a, c];
     const conf = join(work, 'mosquitto.conf');
-    writeFileSync(conf, `listener ${PORT} 0.0.0.0\nlistener ${L4_PORT} 0.0.0.0\nallow_anonymous true\npersistence false\n`);
+    // max_queued_messages 0: mosquitto's default (1000 QoS 1 messages queued per client) drops deliveries once the
+    // subscriber falls that far behind 4 publishers; the bench wants every message delivered and its wait measured.
+    writeFileSync(conf, `listener ${PORT} 0.0.0.0\nlistener ${L4_PORT} 0.0.0.0\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n`);
     const broker = b.exec('mosquitto', ['-c', conf], { stdio: ['ignore', 'ignore', 'ignore'] });
     children.push(broker);
     const ca = await benchCa();

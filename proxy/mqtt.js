@@ -474,16 +474,25 @@ function scanner(side) {
     var hold = false
     var act = null // the events replacing the packet at pos (an empty array drops it)
     var next = 0
+    var i = 0 // pos in the window
     // (PipyJS has no while, no continue, no empty for clauses: `break again` reads the same packet again, with a wider window.)
     for (var round = 0; pos < n; round++) again: {
       var avail = n - pos
       var k = need < avail ? need : avail
       if (pos + k > cpos) {
-        if (c === null) {
+        if (c === null && n - emitted <= SMALL) {
+          // A small chunk (acknowledgements, mostly): all of it into the window, no cursor needed
+          // (a PUBLISH in it reads its topic from a copy, below).
+          w = src.toArray()
+          wb = emitted
+          cpos = n
+        } else if (c === null) {
           c = new Data(src)
           cpos = emitted
         }
-        if (pos >= cpos) {
+        if (pos + k <= cpos) {
+          i = 0 // read above
+        } else if (pos >= cpos) {
           if (pos > cpos) c.shift(pos - cpos)
           var span = avail <= SMALL ? avail : k
           w = c.shift(span).toArray()
@@ -495,7 +504,7 @@ function scanner(side) {
           cpos = pos + k
         }
       }
-      var i = pos - wb
+      i = pos - wb
       var first = w[i]
       var type = first >> 4
       var len = 0

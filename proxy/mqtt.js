@@ -387,9 +387,10 @@ function onBrokerPacket(first, body) {
 // is held (at most the packet, bounded by maxPacketBytes) and read again with
 // the next chunk.
 
-// A tail of the chunk up to this long is read into the window at once: a run
-// of acknowledgements costs one toArray() for all of them.
-var SMALL = 64
+// A chunk (or the tail of one) up to this long is read into the window at
+// once: a run of acknowledgements, or a small PUBLISH with its topic length,
+// packet id and property length, costs one toArray().
+var SMALL = 128
 var NO_BYTES = []
 
 // Packet types whose whole body the proxy reads, per direction (PUBLISH aside);
@@ -578,28 +579,30 @@ function scanner(side) {
                 var want = (qos > 0 ? 2 : 0) + 4
                 if (p + want > next) want = next - p
                 if (p + want > n) want = n - p
-                var b
+                // b[bi + j]: the j-th byte after the topic (straight from the window when it holds them).
+                var b = w
+                var bi = p - wb
                 if (p === cpos) {
                   b = c.shift(want).toArray()
+                  bi = 0
                   cpos = p + want
                   wb = cpos
                   w = NO_BYTES
-                } else if (p >= wb && p + want <= cpos) {
-                  b = w.slice(p - wb, p - wb + want)
-                } else {
+                } else if (p < wb || p + want > cpos) {
                   var t2 = new Data(src)
                   t2.shift(p - emitted)
                   b = t2.shift(want).toArray()
+                  bi = 0
                 }
                 var j = 0
                 if (qos > 0) {
-                  pid = b[0] * 256 + b[1]
+                  pid = b[bi] * 256 + b[bi + 1]
                   j = 2
                 }
-                var plen = b[j]
+                var plen = b[bi + j]
                 j++
                 if (plen & 128) {
-                  var pr = remainingLength(b, j - 1, want - j + 1)
+                  var pr = remainingLength(b, bi + j - 1, want - j + 1)
                   if (pr === -2 || (pr === -1 && p + want >= next)) act = close('malformed')
                   else if (pr === -1) {
                     hold = true

@@ -692,6 +692,7 @@ function scanner(side) {
         if ($closed) break
       } else if (next > n) {
         s.rest = next - n
+        s.dropping = false // (a dropped packet's rest may have run out on the fast path, leaving the flag set)
       }
       pos = next
       need = 4

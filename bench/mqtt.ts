@@ -42,9 +42,13 @@ import { cgroupCpuUs, intFlag, nodeProxy, round } from './util.js';
  * alternating which goes first: before/after side by side. After the rounds,
  * one `summary` row per program and case with the medians.
  *
+ * --client split runs the subscriber and each publisher as a process of its
+ * own (mqtt-client bench-sub / bench-pub), so that on the direct path a
+ * single Node process near a full core does not set the rate.
+ *
  *   npm run bench -- mqtt [--messages 5000] [--window 16] [--payload 64] [--publishers 1]
  *        [--rounds 3] [--qos 0,1] [--paths direct,same-node,cross-node,same-node-l4,cross-node-l4]
- *        [--baseline DIR]
+ *        [--baseline DIR] [--client single|split]
  */
 
 const PORT = 1883;
@@ -107,6 +111,7 @@ function policyFor(node: TopoNode, nodes: TopoNode[], pods: TopoPod[], broker: T
 
 interface Place {
   run: TopoNode['run'];
+  exec: TopoNode['exec'];
 }
 
 interface Options {
@@ -114,9 +119,59 @@ interface Options {
   window: number;
   payload: number;
   publishers: number;
+  /** 'split': the subscriber and each publisher in a process of its own (bench-sub, bench-pub). */
+  client: 'single' | 'split';
+}
+
+function lastJson<T>(stdout: string, what: string, stderr = ''): T {
+  const out = JSON.parse(stdout.trim().split('\n').pop() ?? '{}') as T & { error?: string };
+  if (out.error) throw new Error(`mqtt bench ${what}: ${out.error} ${stderr}`);
+  return out;
+}
+
+let splitRun = 0;
+
+/** The split client: the subscriber first (its ready line), then the publishers, each its own process. */
+async function measureSplit(place: Place, host: string, port: number, qos: number, o: Options): Promise<MqttBenchResult> {
+  const base = { version: 5, qos, id: `bench-${process.pid}-${++splitRun}` };
+  const sub = place.exec(process.execPath, [...process.execArgv, clientScript, 'bench-sub', host, String(port), JSON.stringify({ ...base, messages: o.messages })], { stdio: 'pipe' });
+  let out = '';
+  let err = '';
+  sub.stdout?.on('data', (d: Buffer) => (out += d.toString('utf8')));
+  sub.stderr?.on('data', (d: Buffer) => (err += d.toString('utf8')));
+  const exited = new Promise<void>((res) => sub.once('exit', () => res()));
+  try {
+    await new Promise<void>((res, rej) => {
+      const t = setTimeout(() => rej(new Error(`mqtt bench-sub not ready in 15 s: ${out} ${err}`)), 15_000);
+      sub.stdout?.on('data', () => {
+        if (out.includes('"ready"')) {
+          clearTimeout(t);
+          res();
+        }
+      });
+      void exited.then(() => {
+        clearTimeout(t);
+        rej(new Error(`mqtt bench-sub exited before it was ready: ${out} ${err}`));
+      });
+    });
+    const share = (i: number): number => Math.floor(o.messages / o.publishers) + (i < o.messages % o.publishers ? 1 : 0);
+    const pubs = await Promise.all(
+      Array.from({ length: o.publishers }, (_, i) =>
+        place.run(process.execPath, [...process.execArgv, clientScript, 'bench-pub', host, String(port), JSON.stringify({ ...base, messages: share(i), window: o.window, payloadBytes: o.payload, index: i })]),
+      ),
+    );
+    const pubCpu = pubs.reduce((sum, r) => sum + lastJson<{ client_cpu_ms: number }>(r.stdout, 'bench-pub', r.stderr).client_cpu_ms, 0);
+    await exited;
+    const r = lastJson<MqttBenchResult>(out, 'bench-sub', err);
+    if (r.delivered === undefined) throw new Error(`mqtt bench-sub: ${out} ${err}`);
+    return { ...r, client_cpu_ms: r.client_cpu_ms + pubCpu };
+  } finally {
+    if (sub.exitCode === null) sub.kill('SIGTERM');
+  }
 }
 
 async function measure(place: Place, host: string, port: number, qos: number, o: Options): Promise<MqttBenchResult> {
+  if (o.client === 'split') return measureSplit(place, host, port, qos, o);
   const spec = { version: 5, qos, messages: o.messages, window: o.window, payloadBytes: o.payload, publishers: o.publishers };
   const r = await place.run(process.execPath, [...process.execArgv, clientScript, 'bench', host, String(port), JSON.stringify(spec)]);
   const out = JSON.parse(r.stdout.trim().split('\n').pop() ?? '{}') as MqttBenchResult & { error?: string };
@@ -158,7 +213,9 @@ interface Row {
   proxy_client_node_us_per_msg: number;
   broker_us_per_msg: number;
   client_us_per_msg: number;
+  /** Cores' worth of client CPU over the run (with --client split, summed over its processes: may exceed 1). */
   client_cpu_share: number;
+  client_processes: number;
   window: number | null;
   publishers: number;
   payload_bytes: number;
@@ -166,7 +223,9 @@ interface Row {
 }
 
 export async function* run(flags: Record<string, string | boolean>): AsyncGenerator<object> {
-  const o: Options = { messages: intFlag(flags, 'messages', 5000), window: intFlag(flags, 'window', 16), payload: intFlag(flags, 'payload', 64), publishers: intFlag(flags, 'publishers', 1) };
+  const client = flags.client ?? 'single';
+  if (client !== 'single' && client !== 'split') throw new Error(`--client ${JSON.stringify(client)}: single (one process: subscriber and publishers) or split (a process each)`);
+  const o: Options = { messages: intFlag(flags, 'messages', 5000), window: intFlag(flags, 'window', 16), payload: intFlag(flags, 'payload', 64), publishers: intFlag(flags, 'publishers', 1), client };
   if (o.messages < 1 || o.window < 1 || o.publishers < 1 || o.payload < 8) throw new Error('--messages, --window and --publishers must be at least 1, --payload at least 8 (the send time)');
   const rounds = intFlag(flags, 'rounds', 3);
   const qosList = listFlag(flags, 'qos', ['0', '1'] as const, ['0', '1']).map(Number);
@@ -192,7 +251,9 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
     const c = await topo.addPod(n2, 'c');
     const pods = [b, a, c];
     const conf = join(work, 'mosquitto.conf');
-    writeFileSync(conf, `listener ${PORT} 0.0.0.0\nlistener ${L4_PORT} 0.0.0.0\nallow_anonymous true\npersistence false\n`);
+    // max_queued_messages 0: mosquitto's default (1000 QoS 1 messages queued per client) drops deliveries once the
+    // subscriber falls that far behind 4 publishers; the bench wants every message delivered and its wait measured.
+    writeFileSync(conf, `listener ${PORT} 0.0.0.0\nlistener ${L4_PORT} 0.0.0.0\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n`);
     const broker = b.exec('mosquitto', ['-c', conf], { stdio: ['ignore', 'ignore', 'ignore'] });
     children.push(broker);
     const ca = await benchCa();
@@ -273,6 +334,7 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
                 broker_us_per_msg: per(2),
                 client_us_per_msg: round1((r.client_cpu_ms * 1000) / Math.max(1, r.delivered)),
                 client_cpu_share: round(r.client_cpu_ms / 1000 / r.seconds, 2),
+                client_processes: o.client === 'split' ? 1 + o.publishers : 1,
                 window: qos === 0 ? null : o.window,
                 publishers: o.publishers,
                 payload_bytes: o.payload,

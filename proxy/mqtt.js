@@ -14,17 +14,18 @@
 // (no local, retain as published, retain handling), folds duplicate user
 // properties; and the decoder buffers a packet of any announced length. So the
 // proxy reads only the fixed header and the few fields it judges (topic,
-// packet id, topic alias, filters, client id, will topic) with a deframe state
-// machine, bounded by maxPacketBytes, and forwards the packets it allows byte
-// for byte (a SUBSCRIBE with denied filters is rebuilt from the client's own
-// bytes minus those filters).
+// packet id, topic alias, filters, client id, will topic), bounded by
+// maxPacketBytes, and forwards the packets it allows byte for byte (a
+// SUBSCRIBE with denied filters is rebuilt from the client's own bytes minus
+// those filters).
 //
 // Cost: every packet of a busy connection passes here, so the hot path (a
-// PUBLISH, either way; the acks) is kept to a few JavaScript calls: the fixed
-// header is read as two bytes at once, a PUBLISH as one read of its first
-// PUBLISH_PREFIX bytes (topic, packet id, properties; for small messages the
-// whole packet), whatever follows is passed through without a call, and what
-// a connection learns about a topic (allowed, metric label, counters) is kept
+// PUBLISH, either way; the acks) is kept to few JavaScript calls (in Pipy 1.5
+// every call, of a function or a method, costs about as much as the
+// arithmetic around it): one replaceData call per chunk read from a socket,
+// which scans the chunk's packet boundaries itself and sends the chunk on
+// untouched when every packet in it is allowed (see scanner() below); what a
+// connection learns about a topic (allowed, metric label, counters) is kept
 // for the connection. docs/mqtt.md has the numbers.
 //
 // Answering the client: the pipeline is linear (client -> broker -> client),
@@ -58,7 +59,7 @@ var settings = config.mqtt
 
 // Per connection
 var $info // { source, broker, grant } from main.js
-var $fr // per direction framing state
+var $st // per direction scanning state (scanner())
 var $level // protocol level of the CONNECT (4 = 3.1.1, 5 = MQTT 5)
 var $connected // a CONNECT was seen
 var $refused // the CONNACK refusing the client, when the CONNECT is denied
@@ -205,48 +206,6 @@ function topicAlias(b, i, end) {
   return 0
 }
 
-// The variable header of a PUBLISH from `d`, which holds the first bytes of
-// its body (or all of it): { topic, pid, alias }, the number of body bytes
-// needed to read it when `d` is too short, or null when it is malformed. Read from a copy
-// (d is forwarded as it is), through short pieces: a toArray() of the whole
-// prefix costs more than the rest of the packet's handling.
-function publishHead(d, qos) {
-  var c = new Data(d)
-  var t = c.shift(2).toArray()
-  var tl = t[0] * 256 + t[1]
-  var fixed = 2 + tl + (qos > 0 ? 2 : 0)
-  if (d.size < fixed + ($level >= 5 ? 1 : 0)) return fixed + ($level >= 5 ? 4 : 0)
-  var topic = tl === 0 ? '' : c.shift(tl).toString()
-  // 3.1.1: nothing else to read (a denied PUBLISH closes the connection; no packet id needed).
-  if ($level < 5) return { topic, pid: 0, alias: 0 }
-  // Packet id and up to 4 bytes of property length.
-  var want = (qos > 0 ? 2 : 0) + 4
-  var b = c.shift(c.size < want ? c.size : want).toArray()
-  var pid = qos > 0 ? b[0] * 256 + b[1] : 0
-  var p = qos > 0 ? 2 : 0
-  var n = 0
-  var mul = 1
-  var more = true
-  for (var k = 0; more && k < 4; k++) {
-    if (p >= b.length) return fixed + 4
-    more = (b[p] & 128) !== 0
-    n += (b[p++] & 127) * mul
-    mul *= 128
-  }
-  if (more) return null
-  var start = fixed + p - (qos > 0 ? 2 : 0)
-  if (n === 0) return { topic, pid, alias: 0 }
-  if (d.size < start + n) return start + n
-  // Properties (rare on the hot path): the block as an array.
-  var props = new Data(d)
-  props.shift(start)
-  try {
-    return { topic, pid, alias: topicAlias(props.shift(n).toArray(), 0, n) }
-  } catch (e) {
-    return null
-  }
-}
-
 // ---- decisions -------------------------------------------------------------
 
 function canPublish(topic) {
@@ -319,56 +278,7 @@ function onConnect(first, body) {
     count('mqttDenied', ['will', topicLabel(willTopic)])
     return refuseConnect()
   }
-  return [packet(first, body)]
-}
-
-// The hot path: a PUBLISH either way. f: the framing state (f.head, the fixed
-// header's bytes; f.len, the body's length), h: its variable header
-// (publishHead), d: the body's first bytes, read. Returns deframe's answer:
-// the events to send on and the next state. Written for few calls: in Pipy
-// 1.5 every call, of a function or a method, costs about as much as the
-// arithmetic around it.
-
-// A PUBLISH from the client.
-function onPublish(f, h, d) {
-  var qos = (f.first >> 1) & 3
-  var topic = h.topic
-  if (topic === '' && h.alias > 0) topic = $aliasIn[h.alias] || ''
-  var info = $topics.publish.map[topic]
-  if (typeof info !== 'object') info = topicInfo('publish', topic)
-  if (!info.valid) return closeWith([], 'malformed')
-  if (!info.allowed) return denyPublish(f, h, d, qos, info)
-  if (h.alias > 0) $aliasIn[h.alias] = topic
-  var c = info.counters[qos] || counters('publish', info, qos)
-  c[0].increase()
-  c[1].increase(f.len)
-  return f.len > d.size ? [f.head, d, 'pass', f.len - d.size] : [f.head, d, 'fixed', 2, new Data]
-}
-
-function denyPublish(f, h, d, qos, info) {
-  count('mqttDenied', ['publish', info.label])
-  // 3.1.1 has no negative PUBACK: a broker closes the connection, and so do we.
-  if ($level < 5) return closeWith([], 'publish-denied')
-  var events = []
-  if (qos === 2) $q2[h.pid] = true
-  if (qos > 0) events = answerLater(packet(qos === 1 ? 0x40 : 0x50, new Data(u16(h.pid).concat([V5_NOT_AUTHORIZED]))))
-  return skipRest(events, f, d.size)
-}
-
-// A PUBLISH the broker delivers to the client: counted.
-function onDeliver(f, h, d) {
-  var qos = (f.first >> 1) & 3
-  var topic = h.topic
-  if (h.alias > 0) {
-    if (topic === '') topic = $aliasOut[h.alias] || '(alias)'
-    else $aliasOut[h.alias] = topic
-  }
-  var info = $topics.deliver.map[topic]
-  if (typeof info !== 'object') info = topicInfo('deliver', topic)
-  var c = info.counters[qos] || counters('deliver', info, qos)
-  c[0].increase()
-  c[1].increase(f.len)
-  return f.len > d.size ? [f.head, d, 'pass', f.len - d.size] : [f.head, d, 'fixed', 2, new Data]
+  return null
 }
 
 function onSubscribe(first, body) {
@@ -391,7 +301,7 @@ function onSubscribe(first, body) {
   if (entries.length === 0) return close('malformed')
   var denied = entries.filter(e => !e.ok)
   denied.forEach(e => count('mqttDenied', ['subscribe', topicLabel(topics.effectiveFilter(e.filter) || e.filter)]))
-  if (denied.length === 0) return [packet(first, body)]
+  if (denied.length === 0) return null
   var fail = $level >= 5 ? V5_NOT_AUTHORIZED : V3_SUBACK_FAILURE
   if (denied.length === entries.length) {
     var codes = entries.map(() => fail)
@@ -413,16 +323,16 @@ function onClientPacket(first, body) {
     case SUBSCRIBE: return onSubscribe(first, body)
     case PINGREQ:
       $pings.push(null)
-      return [packet(first, body)]
+      return null
     case PUBREL: {
       var pid = u16of(new Data(body))
       if ($q2[pid]) {
         delete $q2[pid]
         return answerLater(packet(0x70, new Data(u16(pid))))
       }
-      return [packet(first, body)]
+      return null
     }
-    default: return [packet(first, body)]
+    default: return null
   }
 }
 
@@ -430,7 +340,7 @@ function onSuback(first, body) {
   var r = new Data(body)
   var pid = u16of(r)
   var mask = $subs[pid]
-  if (!mask) return [packet(first, body)]
+  if (!mask) return null
   delete $subs[pid]
   var head = new Data(u16(pid))
   if ($level >= 5) {
@@ -450,148 +360,366 @@ function onBrokerPacket(first, body) {
     case CONNACK: {
       var code = take(new Data(body), 2).toArray()[1]
       count('mqttConnects', [code === 0 ? 'accepted' : 'broker-' + code])
-      return [packet(first, body)]
+      return null
     }
     case SUBACK: return onSuback(first, body)
     case PINGRESP: {
       var answer = $pings.shift()
-      return [answer || packet(first, body)]
+      return answer ? [answer] : null
     }
-    default: return [packet(first, body)]
+    default: return null
   }
 }
 
 // ---- framing ---------------------------------------------------------------
 
-// A PUBLISH is read up to this many bytes of its body at once: a topic of up
-// to 100 bytes or so, packet id and properties, and the whole of a small
-// message. Longer variable headers are read on; the rest is passed through.
-var PUBLISH_PREFIX = 128
-// A denied PUBLISH's rest is read and dropped in pieces of at most this size.
-var DROP_CHUNK = 65536
+// One replaceData call per chunk a socket read gives, per direction: the
+// chunk is scanned for packet boundaries in JavaScript and, when every packet
+// in it is allowed, sent on as it came (no copy, no re-assembly; an event
+// per chunk, not two or three per packet as deframe's states made). Per
+// packet the scan reads only what it judges: the fixed header (from a window
+// of the chunk's bytes, read with one toArray() for a run of small packets
+// such as acknowledgements), a PUBLISH's topic (one toString()) and, under
+// MQTT 5, its packet id and property length; the bodies of CONNECT,
+// SUBSCRIBE, SUBACK and the other packets handled above are read whole.
+// Whatever follows is passed (or, for a denied PUBLISH, dropped) by count,
+// across chunks, without a call. A packet whose head is cut by the chunk's end
+// is held (at most the packet, bounded by maxPacketBytes) and read again with
+// the next chunk.
+
+// A chunk (or the tail of one) up to this long is read into the window at
+// once: a run of acknowledgements, or a small PUBLISH with its topic length,
+// packet id and property length, costs one toArray().
+var SMALL = 128
+var NO_BYTES = []
 
 // Packet types whose whole body the proxy reads, per direction (PUBLISH aside);
 // every other packet (PUBACK, PUBREC, PUBCOMP, UNSUBSCRIBE, UNSUBACK,
-// DISCONNECT, AUTH, ...) is passed through as it streams in, without a
-// JavaScript call for its body.
+// DISCONNECT, AUTH, ...) is passed through unread.
 var READS = {
   client: [false, true, false, false, false, false, true, false, true, false, false, false, true, false, false, false],
   broker: [false, false, true, false, false, false, false, false, false, true, false, false, false, true, false, false],
 }
 
-// The fixed header: its first two bytes at once (byte 1 is the first, or
-// only, byte of the remaining length), read into a Data that is then sent on
-// as it is (a new Data([...]) would take a fresh 16 KiB chunk from Pipy's
-// pool). Every state that ends a packet returns ['fixed', 2, new Data].
-
-// After a handler's events: the connection closes, or the rest of the packet
-// is dropped (in pieces, never buffered whole), then the next packet.
-function closeWith(events, reason) {
-  count('mqttClosed', [reason])
-  $closed = true
-  events.push(new StreamEnd, 'closed')
-  return events
+// A remaining length of more than one byte, from w[i] (at most k bytes there):
+// length * 8 + the number of its bytes; -1: more bytes needed; -2: malformed
+// (a fifth length byte).
+function remainingLength(w, i, k) {
+  var len = 0
+  var mul = 1
+  for (var j = 0; j < 4; j++) {
+    if (j >= k) return -1
+    var x = w[i + j]
+    len += (x & 127) * mul
+    mul *= 128
+    if (!(x & 128)) return len * 8 + j + 1
+  }
+  return -2
 }
 
-function skipRest(events, f, consumed) {
-  if ($closed) {
-    events.push('closed')
-    return events
-  }
-  var rest = f.len - consumed
-  if (rest <= 0) {
-    events.push('fixed', 2, new Data)
-    return events
-  }
-  f.drop = rest
-  events.push('drop', rest < DROP_CHUNK ? rest : DROP_CHUNK, new Data)
-  return events
+// A denied PUBLISH of the client: the events that replace it.
+function denyPublish(qos, pid, info) {
+  count('mqttDenied', ['publish', info.label])
+  // 3.1.1 has no negative PUBACK: a broker closes the connection, and so do we.
+  if ($level < 5) return close('publish-denied')
+  if (qos === 2) $q2[pid] = true
+  return qos > 0 ? answerLater(packet(qos === 1 ? 0x40 : 0x50, new Data(u16(pid).concat([V5_NOT_AUTHORIZED])))) : []
 }
 
-// deframe states for one direction. Pipy 1.5.18's deframe keeps the buffer of
-// a read that a closed connection left unfinished and hands it, in place of
-// the first byte, to the first state of the next connection the pipeline
-// serves (and a connection always ends inside a read: of its next fixed
-// header at least): so every stream starts with a sentinel byte (guard(),
-// below), which 'start' takes, whatever it is given.
-function framer(side) {
+// The replaceData callback of one direction. Per connection and direction,
+// $st[side]: held (the start of a packet whose head was cut, or null), rest
+// (bytes of the last packet still to come, unread), dropping (those bytes are
+// dropped, not passed).
+function scanner(side) {
+  var client = side === 'client'
   var reads = READS[side]
-  var handle = side === 'client' ? onClientPacket : onBrokerPacket
-  var onPub = side === 'client' ? onPublish : onDeliver
-  // The remaining length is known: what to read of the body.
-  var headerDone = f => {
-    var type = f.first >> 4
-    if (f.len > settings.maxPacketBytes) return closeWith([], 'oversized')
-    if (type === PUBLISH) {
-      if ((f.first & 6) === 6 || f.len < 2) return closeWith([], 'malformed') // QoS 3, or no room for a topic
-      if (side === 'client' && !$connected) return closeWith([], 'protocol-error')
-      return ['publish', f.len < PUBLISH_PREFIX ? f.len : PUBLISH_PREFIX, new Data]
+  var handle = client ? onClientPacket : onBrokerPacket
+  return d => {
+    if ($closed) return
+    var s = $st[side]
+    var n = d.size
+    // The whole chunk is inside the last packet's unread rest. (An empty Data, which main.js's
+    // onStart sends first on some hops, is dropped: the first event decides the pipe below.)
+    if (s.rest >= n) {
+      if (n === 0) return
+      s.rest -= n
+      return s.dropping ? undefined : d
     }
-    if (side === 'client' && !$connected && type !== CONNECT) return closeWith([], 'protocol-error')
-    if (reads[type]) return f.len === 0 ? whole(f, new Data) : ['whole', f.len, new Data]
-    // Passed through unread.
-    return f.len === 0 ? [f.head, 'fixed', 2, new Data] : [f.head, 'pass', f.len]
-  }
-  // A packet read whole (CONNECT, SUBSCRIBE, SUBACK, ...: not the hot path).
-  var whole = (f, d) => {
-    try {
-      var events = handle(f.first, d)
-    } catch (e) {
-      return closeWith([], 'malformed')
+    var src = d // the bytes to scan; shifted (a copy of d first) only once something changes
+    if (s.held !== null) {
+      src = s.held.push(d)
+      s.held = null
+      n = src.size
     }
-    return skipRest(events, f, f.len)
-  }
-  return {
-    start: () => ['fixed', 2, new Data],
-    fixed: d => {
-      if ($closed) return 'closed'
-      var f = $fr[side]
-      var b = d.toArray()
-      f.head = d
-      f.first = b[0]
-      f.len = b[1] & 127
-      f.mul = 128
-      if ((b[0] >> 4) === 0) return closeWith([], 'malformed')
-      return (b[1] & 128) ? ['length', 1, d] : headerDone(f)
-    },
-    // Further bytes of the remaining length (at most 4 in all), read into the same Data.
-    length: d => {
-      if ($closed) return 'closed'
-      var f = $fr[side]
-      var b = d.toArray()
-      var c = b[b.length - 1]
-      f.len += (c & 127) * f.mul
-      f.mul *= 128
-      if (c & 128) return b.length >= 5 ? closeWith([], 'malformed') : ['length', 1, d]
-      return headerDone(f)
-    },
-    publish: d => {
-      if ($closed) return 'closed'
-      var f = $fr[side]
-      var h = publishHead(d, (f.first >> 1) & 3)
-      if (h === null) return closeWith([], 'malformed')
-      if (typeof h === 'number') {
-        // Read on (into d), up to the end of the packet; a packet that ends first is malformed.
-        if (d.size >= f.len) return closeWith([], 'malformed')
-        return ['publish', (h < f.len ? h : f.len) - d.size, d]
+    var out = null // what goes on instead of src, once a packet is replaced or dropped
+    var emitted = 0 // src's bytes before this offset are in out or dropped (src is shifted by as much)
+    var end = null // StreamEnd, when the connection closes
+    var pos = 0 // where the next packet starts
+    if (s.rest > 0) {
+      pos = s.rest
+      if (s.dropping) {
+        if (src === d) src = new Data(d)
+        out = new Data
+        src.shift(pos)
+        emitted = pos
       }
-      return onPub(f, h, d)
-    },
-    whole: d => ($closed ? 'closed' : whole($fr[side], d)),
-    pass: () => ['fixed', 2, new Data],
-    drop: d => {
-      var f = $fr[side]
-      f.drop -= d.size
-      return f.drop > 0 ? ['drop', f.drop < DROP_CHUNK ? f.drop : DROP_CHUNK, new Data] : ['fixed', 2, new Data]
-    },
-    // After a close: whatever still arrives is dropped, without a call.
-    closed: 'closed',
+      s.rest = 0
+      s.dropping = false
+    }
+    // The read cursor: a copy of src, read up to cpos; w holds src's bytes [wb, cpos).
+    var c = null
+    var cpos = 0
+    var w = NO_BYTES
+    var wb = 0
+    var need = 4 // bytes from pos wanted in the window: fixed header and a PUBLISH's topic length
+    var hold = false
+    var act = null // the events replacing the packet at pos (an empty array drops it)
+    var next = 0
+    var i = 0 // pos in the window
+    // (PipyJS has no while, no continue, no empty for clauses: `break again` reads the same packet again, with a wider window.)
+    for (var round = 0; pos < n; round++) again: {
+      var avail = n - pos
+      var k = need < avail ? need : avail
+      if (pos + k > cpos) {
+        if (c === null && n - emitted <= SMALL) {
+          // A small chunk (acknowledgements, mostly): all of it into the window, no cursor needed
+          // (a PUBLISH in it reads its topic from a copy, below).
+          w = src.toArray()
+          wb = emitted
+          cpos = n
+        } else if (c === null) {
+          c = new Data(src)
+          cpos = emitted
+        }
+        if (pos + k <= cpos) {
+          i = 0 // read above
+        } else if (pos >= cpos) {
+          if (pos > cpos) c.shift(pos - cpos)
+          var span = avail <= SMALL ? avail : k
+          w = c.shift(span).toArray()
+          wb = pos
+          cpos = pos + span
+        } else {
+          w = w.slice(pos - wb).concat(c.shift(pos + k - cpos).toArray())
+          wb = pos
+          cpos = pos + k
+        }
+      }
+      i = pos - wb
+      var first = w[i]
+      var type = first >> 4
+      var len = 0
+      var hl = 2
+      if (type === 0) {
+        act = close('malformed')
+      } else if (k < 2) {
+        hold = true
+      } else {
+        len = w[i + 1]
+        if (len & 128) {
+          if (k < 5 && k < avail) {
+            need = 5
+            break again
+          }
+          var r = remainingLength(w, i + 1, k - 1)
+          if (r === -1) hold = true
+          else if (r === -2) act = close('malformed')
+          else {
+            hl = 1 + r % 8
+            len = (r - hl + 1) / 8
+          }
+        }
+      }
+      if (hold) break
+      if (act === null) {
+        next = pos + hl + len
+        if (len > settings.maxPacketBytes) act = close('oversized')
+        else if (client && !$connected && type !== CONNECT) act = close('protocol-error')
+        else if (type === PUBLISH) {
+          var qos = (first >> 1) & 3
+          if (qos === 3 || len < 2) act = close('malformed')
+          else if (k < hl + 2) {
+            // The topic length is not in the window yet.
+            if (avail < hl + 2) {
+              hold = true
+              break
+            }
+            need = hl + 2
+            break again
+          } else {
+            var tl = w[i + hl] * 256 + w[i + hl + 1]
+            var ts = pos + hl + 2
+            var p = ts + tl // after the topic
+            var v5 = $level >= 5
+            var hmin = p + (qos > 0 ? 2 : 0) + (v5 ? 1 : 0)
+            if (hmin > next) act = close('malformed')
+            else if (hmin > n) {
+              hold = true
+              break
+            } else {
+              var topic = ''
+              if (tl > 0) {
+                if (ts >= cpos) {
+                  if (ts > cpos) c.shift(ts - cpos)
+                  topic = c.shift(tl).toString()
+                  cpos = p
+                  wb = p
+                  w = NO_BYTES
+                } else {
+                  // The window has read past the topic's start (a small tail): read it from a copy.
+                  var t = new Data(src)
+                  t.shift(ts - emitted)
+                  topic = t.shift(tl).toString()
+                }
+              }
+              var pid = 0
+              var alias = 0
+              if (v5) {
+                // Packet id (QoS > 0) and the property length (1 to 4 bytes).
+                var want = (qos > 0 ? 2 : 0) + 4
+                if (p + want > next) want = next - p
+                if (p + want > n) want = n - p
+                // b[bi + j]: the j-th byte after the topic (straight from the window when it holds them).
+                var b = w
+                var bi = p - wb
+                if (p === cpos) {
+                  b = c.shift(want).toArray()
+                  bi = 0
+                  cpos = p + want
+                  wb = cpos
+                  w = NO_BYTES
+                } else if (p < wb || p + want > cpos) {
+                  var t2 = new Data(src)
+                  t2.shift(p - emitted)
+                  b = t2.shift(want).toArray()
+                  bi = 0
+                }
+                var j = 0
+                if (qos > 0) {
+                  pid = b[bi] * 256 + b[bi + 1]
+                  j = 2
+                }
+                var plen = b[bi + j]
+                j++
+                if (plen & 128) {
+                  var pr = remainingLength(b, bi + j - 1, want - j + 1)
+                  if (pr === -2 || (pr === -1 && p + want >= next)) act = close('malformed')
+                  else if (pr === -1) {
+                    hold = true
+                    break
+                  } else {
+                    j += pr % 8 - 1
+                    plen = (pr - pr % 8) / 8
+                  }
+                }
+                if (act === null && plen > 0) {
+                  // Properties (rare on the hot path): only a topic alias matters.
+                  var pp = p + j
+                  if (pp + plen > next) act = close('malformed')
+                  else if (pp + plen > n) {
+                    hold = true
+                    break
+                  } else {
+                    var t3 = new Data(src)
+                    t3.shift(pp - emitted)
+                    try {
+                      alias = topicAlias(t3.shift(plen).toArray(), 0, plen)
+                    } catch (e) {
+                      act = close('malformed')
+                    }
+                  }
+                }
+              }
+              if (act === null) {
+                var info
+                if (client) {
+                  if (topic === '' && alias > 0) topic = $aliasIn[alias] || ''
+                  info = $topics.publish.map[topic]
+                  if (typeof info !== 'object') info = topicInfo('publish', topic)
+                  if (!info.valid) act = close('malformed')
+                  else if (!info.allowed) act = denyPublish(qos, pid, info)
+                  else if (alias > 0) $aliasIn[alias] = topic
+                } else {
+                  if (alias > 0) {
+                    if (topic === '') topic = $aliasOut[alias] || '(alias)'
+                    else $aliasOut[alias] = topic
+                  }
+                  info = $topics.deliver.map[topic]
+                  if (typeof info !== 'object') info = topicInfo('deliver', topic)
+                }
+                if (act === null) {
+                  var cn = info.counters[qos] || counters(client ? 'publish' : 'deliver', info, qos)
+                  cn[0].increase()
+                  cn[1].increase(len)
+                }
+              }
+            }
+          }
+        } else if (reads[type]) {
+          if (next > n) {
+            hold = true
+            break
+          }
+          var tb = new Data(src)
+          tb.shift(pos + hl - emitted)
+          try {
+            act = handle(first, tb.shift(len))
+          } catch (e) {
+            act = close('malformed')
+          }
+        }
+      }
+      if (act !== null) {
+        // The packet at pos is replaced by act: what came before it goes on, it is dropped.
+        if ($closed) next = n
+        if (out === null) {
+          if (src === d) src = new Data(d)
+          out = new Data
+        }
+        if (pos > emitted) out.push(src.shift(pos - emitted))
+        var stop = next < n ? next : n
+        if (stop > pos) src.shift(stop - pos)
+        emitted = stop
+        if (next > n) {
+          s.rest = next - n
+          s.dropping = true
+        }
+        // Handlers' events: Data to send on, then a StreamEnd when they closed the connection.
+        var na = act.length
+        if ($closed) end = act[--na]
+        for (var e = 0; e < na; e++) out.push(act[e])
+        act = null
+        if ($closed) break
+      } else if (next > n) {
+        s.rest = next - n
+        s.dropping = false // (a dropped packet's rest may have run out on the fast path, leaving the flag set)
+      }
+      pos = next
+      need = 4
+    }
+    if (hold) {
+      // Keep the cut packet (from pos) for the next chunk.
+      if (out === null) {
+        if (src === d) src = new Data(d)
+        if (pos === 0) {
+          s.held = src
+          return
+        }
+        out = new Data
+      }
+      if (pos > emitted) out.push(src.shift(pos - emitted))
+      s.held = src
+      return out.size > 0 ? out : undefined
+    }
+    if (out === null) return src
+    if (!$closed && n > emitted) out.push(src.shift(n - emitted))
+    if (end !== null) return out.size > 0 ? [out, end] : [end]
+    return out.size > 0 ? out : undefined
   }
 }
 
-var fromClient = framer('client')
-var fromBroker = framer('broker')
-var sentinel = evt => [new Data([0]), evt]
+var fromClient = scanner('client')
+var fromBroker = scanner('broker')
 
 // The pipeline of one MQTT connection to a broker pod of this node.
 // info(): { source, broker (identities, 'unknown' when not known), grant
@@ -601,7 +729,7 @@ export function guard(info, toBroker) {
   return $=>$
     .onStart(() => {
       $info = info()
-      $fr = { client: {}, broker: {} }
+      $st = { client: { held: null, rest: 0, dropping: false }, broker: { held: null, rest: 0, dropping: false } }
       $level = 0
       $connected = false
       $refused = false
@@ -616,14 +744,12 @@ export function guard(info, toBroker) {
       $closed = false
       $topics = { publish: { map: {}, size: 0 }, deliver: { map: {}, size: 0 } }
     })
-    .replaceStreamStart(sentinel)
-    .deframe(fromClient)
+    .replaceData(fromClient)
     .pipe(() => ($refused ? 'refused' : 'broker'), {
       // The CONNACK and the end are already in the stream: the client gets them, the broker never hears of it.
       refused: $=>$.handleStreamEnd(() => {}),
       broker: $=>$
         .pipe(() => 'connect', { connect: toBroker })
-        .replaceStreamStart(sentinel)
-        .deframe(fromBroker),
+        .replaceData(fromBroker),
     })
 }

@@ -10,7 +10,8 @@ import { pathToFileURL } from 'node:url';
  * what a test needs.
  *
  * Also a command run inside a pod: `mqtt-client.js scenario HOST PORT JSON`,
- * `... bench HOST PORT JSON`, `... fuzz HOST PORT JSON`; each prints one JSON line.
+ * `... bench HOST PORT JSON`, `... bench-sub ...`, `... bench-pub ...`, `... fuzz HOST PORT JSON`;
+ * each prints one JSON line (bench-sub a ready line first).
  */
 
 export type MqttVersion = 4 | 5;
@@ -333,12 +334,14 @@ export async function benchPublishDeliver(host: string, port: number, o: MqttBen
     if ((await sub.subscribe([{ filter: `bench/${id}/+`, qos: o.qos }]))?.[0] !== o.qos) throw new Error('subscription refused');
     const lat: number[] = [];
     let delivered = 0;
+    let lastAt = 0n;
     let done: () => void = () => undefined;
     const all = new Promise<void>((r) => (done = r));
     sub.onMessage = (m) => {
       lat.push(Number(process.hrtime.bigint() - m.payload.readBigUInt64BE(0)) / 1e6);
       sub.messages.length = 0;
       sub.packets.length = 0;
+      lastAt = process.hrtime.bigint();
       if (++delivered === o.messages) done();
     };
     const pad = Buffer.alloc(Math.max(0, o.payloadBytes - 8));
@@ -358,7 +361,8 @@ export async function benchPublishDeliver(host: string, port: number, o: MqttBen
     };
     await Promise.all(pubs.flatMap((pub, i) => Array.from({ length: o.qos === 0 ? 1 : o.window }, () => worker(pub, `bench/${id}/p${i}`))));
     await Promise.race([all, new Promise((r) => setTimeout(r, 10_000))]);
-    const seconds = Number(process.hrtime.bigint() - started) / 1e9;
+    // Up to the last delivery: a message the broker dropped must not add the 10 s wait to the rate (`delivered` says it).
+    const seconds = Number((delivered === o.messages || lastAt === 0n ? process.hrtime.bigint() : lastAt) - started) / 1e9;
     const cpu = process.cpuUsage(cpu0);
     lat.sort((a, b) => a - b);
     const q = (p: number) => (lat.length ? lat[Math.min(lat.length - 1, Math.floor(p * lat.length))]! : NaN);
@@ -374,6 +378,107 @@ export async function benchPublishDeliver(host: string, port: number, o: MqttBen
   } finally {
     for (const pub of pubs) pub.destroy();
     sub.destroy();
+  }
+}
+
+// ---- bench in several processes: one subscriber, publishers apart ---------------
+//
+// One Node process running the subscriber and every publisher can come close
+// to a core of its own on the direct path; then the client, not the broker or
+// the mesh, sets the rate. `bench-sub` and `bench-pub` split it: the bench
+// starts the subscriber, waits for its ready line, then runs the publishers as
+// processes of their own. Send stamps are process.hrtime (CLOCK_MONOTONIC),
+// one clock for every process of the machine.
+
+export interface MqttSplitOptions {
+  version: MqttVersion;
+  qos: number;
+  /** Shared by every process of one measurement: the topics are bench/<id>/p<index>. */
+  id: string;
+}
+
+/** Subscribes, prints `{"ready":true}`, then takes `messages` deliveries (or stops 10 s after the last one). */
+export async function benchSubscriber(host: string, port: number, o: MqttSplitOptions & { messages: number }): Promise<MqttBenchResult> {
+  const sub = await MqttConnection.open(host, port, o.version);
+  try {
+    if ((await sub.connect({ clientId: `${o.id}-sub` })) !== 0) throw new Error('subscriber refused');
+    if ((await sub.subscribe([{ filter: `bench/${o.id}/+`, qos: o.qos }]))?.[0] !== o.qos) throw new Error('subscription refused');
+    const lat: number[] = [];
+    let delivered = 0;
+    let firstSent = 0n;
+    let lastAt = 0n;
+    let done: () => void = () => undefined;
+    const all = new Promise<void>((r) => (done = r));
+    sub.onMessage = (m) => {
+      const now = process.hrtime.bigint();
+      const sent = m.payload.readBigUInt64BE(0);
+      if (firstSent === 0n || sent < firstSent) firstSent = sent;
+      lat.push(Number(now - sent) / 1e6);
+      lastAt = now;
+      sub.messages.length = 0;
+      sub.packets.length = 0;
+      if (++delivered === o.messages) done();
+    };
+    // Not a timer per message: a check each second for 10 s without a delivery (60 s before the first).
+    const startedAt = process.hrtime.bigint();
+    const idle = setInterval(() => {
+      const since = process.hrtime.bigint() - (lastAt === 0n ? startedAt : lastAt);
+      if (since > (lastAt === 0n ? 60_000_000_000n : 10_000_000_000n)) done();
+    }, 1000);
+    const cpu0 = process.cpuUsage();
+    console.log(JSON.stringify({ ready: true }));
+    await all;
+    clearInterval(idle);
+    const cpu = process.cpuUsage(cpu0);
+    // From the first message sent to the last one delivered.
+    const seconds = delivered > 0 ? Number(lastAt - firstSent) / 1e9 : NaN;
+    lat.sort((a, b) => a - b);
+    const q = (p: number) => (lat.length ? lat[Math.min(lat.length - 1, Math.floor(p * lat.length))]! : NaN);
+    return {
+      messages: o.messages,
+      delivered,
+      msgs_per_s: Math.round(delivered / seconds),
+      p50_ms: Math.round(q(0.5) * 1000) / 1000,
+      p99_ms: Math.round(q(0.99) * 1000) / 1000,
+      seconds: Math.round(seconds * 1000) / 1000,
+      client_cpu_ms: Math.round((cpu.user + cpu.system) / 1000),
+    };
+  } finally {
+    sub.destroy();
+  }
+}
+
+/** One publisher connection: `messages` PUBLISHes to bench/<id>/p<index>, `window` in flight at QoS 1. */
+export async function benchPublisher(
+  host: string,
+  port: number,
+  o: MqttSplitOptions & { messages: number; window: number; payloadBytes: number; index: number },
+): Promise<{ sent: number; client_cpu_ms: number }> {
+  const pub = await MqttConnection.open(host, port, o.version);
+  try {
+    if ((await pub.connect({ clientId: `${o.id}-pub${o.index}` })) !== 0) throw new Error('publisher refused');
+    const topic = `bench/${o.id}/p${o.index}`;
+    const pad = Buffer.alloc(Math.max(0, o.payloadBytes - 8));
+    const cpu0 = process.cpuUsage();
+    let sent = 0;
+    const worker = async (): Promise<void> => {
+      while (sent < o.messages) {
+        sent++;
+        const head = Buffer.alloc(8);
+        head.writeBigUInt64BE(process.hrtime.bigint());
+        const r = await pub.publish(topic, Buffer.concat([head, pad]), o.qos, false, 10_000);
+        pub.packets.length = 0;
+        if (o.qos > 0 && r !== 0) throw new Error(`publish answered ${r}`);
+        if (o.qos === 0 && sent % o.window === 0) await new Promise((res) => setImmediate(res));
+      }
+    };
+    await Promise.all(Array.from({ length: o.qos === 0 ? 1 : o.window }, worker));
+    // QoS 0: the bytes are written when the socket has drained.
+    if (pub.socket.writableLength > 0) await new Promise((res) => pub.socket.once('drain', res));
+    const cpu = process.cpuUsage(cpu0);
+    return { sent, client_cpu_ms: Math.round((cpu.user + cpu.system) / 1000) };
+  } finally {
+    pub.disconnect();
   }
 }
 
@@ -487,14 +592,17 @@ export async function scenario(host: string, port: number, version: MqttVersion,
 
 async function main(argv: string[]): Promise<void> {
   const [mode, host, port, json] = argv;
-  if (!mode || !host || !port || json === undefined) throw new Error('usage: mqtt-client scenario|bench|fuzz HOST PORT JSON');
+  if (!mode || !host || !port || json === undefined) throw new Error('usage: mqtt-client scenario|bench|bench-sub|bench-pub|fuzz HOST PORT JSON');
   const o = JSON.parse(json) as Record<string, unknown>;
   const version = (o.version === 4 ? 4 : 5) as MqttVersion;
   let result: unknown;
   if (mode === 'scenario') result = await scenario(host, Number(port), version, o.steps as Step[]);
   else if (mode === 'bench') result = await benchPublishDeliver(host, Number(port), { version, qos: Number(o.qos ?? 1), messages: Number(o.messages ?? 2000), window: Number(o.window ?? 16), payloadBytes: Number(o.payloadBytes ?? 64), publishers: Number(o.publishers ?? 1) });
+  else if (mode === 'bench-sub') result = await benchSubscriber(host, Number(port), { version, qos: Number(o.qos ?? 1), id: String(o.id), messages: Number(o.messages ?? 2000) });
+  else if (mode === 'bench-pub')
+    result = await benchPublisher(host, Number(port), { version, qos: Number(o.qos ?? 1), id: String(o.id), messages: Number(o.messages ?? 2000), window: Number(o.window ?? 16), payloadBytes: Number(o.payloadBytes ?? 64), index: Number(o.index ?? 0) });
   else if (mode === 'fuzz') result = await fuzz(host, Number(port), { version, seconds: Number(o.seconds ?? 3), seed: Number(o.seed ?? 1) });
-  else throw new Error(`unknown mode ${JSON.stringify(mode)}: scenario, bench or fuzz`);
+  else throw new Error(`unknown mode ${JSON.stringify(mode)}: scenario, bench, bench-sub, bench-pub or fuzz`);
   console.log(JSON.stringify(result));
 }
 

@@ -27,6 +27,7 @@ import { buildApi } from '../../src/http/server.js';
 import { PolicyClient } from '../../src/policy/client.js';
 import { PolicyCompiler } from '../../src/policy/compiler.js';
 import { DEFAULT_CONTROLLER_NAMESPACE, LABEL_MONITORED_BY, MESH_CONFIG_NAME } from '../../src/policy/fsm.js';
+import { FSMN_MC_API_VERSION, parseGlobalTrafficPolicy } from '../../src/multicluster/api.js';
 import { KINDS, toRecord, type Kind } from '../../src/policy/objects.js';
 import { eventually } from '../support/eventually.js';
 import { TestApiServer, type Obj as ApiObj } from '../support/k8s-api-server.js';
@@ -159,7 +160,8 @@ describe('manifests', () => {
   });
 
   test('the CRDs are structural and serve the group, version, kind and plural the controller watches', () => {
-    const defs = crds();
+    // The multi-cluster kinds are read by the clusterset member (src/multicluster), not the policy compiler: tested below.
+    const defs = crds().filter((c) => `${c.spec.group}/v1alpha1` !== FSMN_MC_API_VERSION);
     const customKinds = (Object.keys(KINDS) as Kind[]).filter((k) => KINDS[k][0].includes('smi-spec.io') || KINDS[k][0].includes('fsm-node.io') || KINDS[k][0].startsWith('policy.flomesh.io/'));
     // The Gateway API's CRDs are upstream's (docs/ingress-egress.md).
     expect(defs.map((c) => c.spec.names.kind).sort()).toEqual([...customKinds].sort());
@@ -216,6 +218,42 @@ describe('manifests', () => {
       expect(ajv.validate(split, { spec: { service: 'a', backends: [{ service: 'b', weight: 1 }], matches: [{ apiGroup: 'x.io', kind: 'HTTPRouteGroup', name: 'r' }] } })).toBe(false);
       expect(ajv.validate(split, { spec: { service: 'a', backends: [{ service: 'b', weight: 0.5 }] } })).toBe(false);
     }
+  });
+
+  test('the GlobalTrafficPolicy CRD serves what the clusterset member watches and refuses what its parser refuses', () => {
+    const crd = crds().find((c) => c.spec.names.kind === 'GlobalTrafficPolicy')!;
+    expect(`${crd.spec.group}/${crd.spec.versions.map((v) => v.name).join()}`).toBe(FSMN_MC_API_VERSION);
+    // The informer's path (src/multicluster/kubernetes.ts).
+    expect(crd.metadata.name).toBe(`globaltrafficpolicies.${crd.spec.group}`);
+    expect(crd.spec.names.plural).toBe('globaltrafficpolicies');
+    const schema = crd.spec.versions[0]!.schema.openAPIV3Schema;
+    expect(nonStructural(schema)).toEqual([]);
+    const validate = new Ajv({ strict: false, allErrors: true }).compile(schema);
+    const gtp = (spec: unknown) => ({ apiVersion: FSMN_MC_API_VERSION, kind: 'GlobalTrafficPolicy', metadata: { name: 'web', namespace: 'shop' }, spec });
+    // docs/multicluster.md's example, and one of each mode.
+    for (const spec of [{ mode: 'FailOver', failOver: ['c1'] }, {}, { mode: 'ActiveActive', weights: { c1: 3, c2: 1 } }, { mode: 'Locality' }]) {
+      expect({ spec, valid: validate(gtp(spec)), errors: validate.errors ?? null }).toEqual({ spec, valid: true, errors: null });
+      expect(prunedFields(gtp(spec), schema)).toEqual([]);
+      expect(() => parseGlobalTrafficPolicy(gtp(spec))).not.toThrow();
+    }
+    // Refused by both, with the field named by the parser.
+    const bad: Array<[unknown, RegExp]> = [
+      [{ mode: 'Nearest' }, /spec\.mode/],
+      [{ mode: 'ActiveActive', weights: { c1: -1 } }, /spec\.weights/],
+      [{ mode: 'ActiveActive', weights: { c1: 1.5 } }, /spec\.weights/],
+      [{ mode: 'FailOver', failOver: ['Site_1'] }, /spec\.failOver/],
+    ];
+    // (An unknown field such as `failover` is pruned by the API server, as structural schemas do; the parser refuses it.)
+    expect(() => parseGlobalTrafficPolicy(gtp({ mode: 'FailOver', failover: ['c1'] }))).toThrow(/spec/);
+    for (const [spec, field] of bad) {
+      expect({ spec, valid: validate(gtp(spec)) }).toEqual({ spec, valid: false });
+      expect(() => parseGlobalTrafficPolicy(gtp(spec))).toThrow(field);
+    }
+    // What JSON Schema cannot say is said to the API server: failOver is a set, and all-zero weights fail a CEL rule.
+    expect(JSON.stringify(schema)).toContain('"x-kubernetes-list-type":"set"');
+    expect(() => parseGlobalTrafficPolicy(gtp({ mode: 'FailOver', failOver: ['c1', 'c1'] }))).toThrow(/failOver\[1\]/);
+    expect(JSON.stringify(schema)).toContain('self.weights.exists(k, self.weights[k] > 0)');
+    expect(() => parseGlobalTrafficPolicy(gtp({ mode: 'ActiveActive', weights: { c1: 0 } }))).toThrow(/weight 0/);
   });
 
   test('a TrafficSplit of every SMI version validates against its version of the CRD, keeps every field and is accepted by the controller', () => {
@@ -311,8 +349,8 @@ describe('kustomize', () => {
     const demo = render('overlays/example-app');
     expect(demo.every((o) => o.kind === 'Namespace' || o.metadata.namespace === 'fsm-demo')).toBe(true);
     expect(kinds(render('overlays/uninstall'))).toEqual(['DaemonSet/fsm-node-cleanup', 'Namespace/fsm-system']);
-    // 4 SMI kinds, our MQTTRouteGroup, FSM's Egress, Retry and UpstreamTrafficSetting.
-    expect(kinds(render('crds'))).toHaveLength(8);
+    // 4 SMI kinds, our MQTTRouteGroup and GlobalTrafficPolicy, FSM's Egress, Retry and UpstreamTrafficSetting.
+    expect(kinds(render('crds'))).toHaveLength(9);
   });
 });
 

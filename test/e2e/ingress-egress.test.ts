@@ -35,6 +35,9 @@ spec:
       backendRefs: [{ name: echo-v2, port: 8080 }]
     - matches: [{ method: DELETE }]
       backendRefs: [{ name: echo-v2, port: 8080 }]
+    - matches: [{ headers: [{ name: x-canary, value: "yes" }] }]
+      filters: [{ type: RequestHeaderModifier, requestHeaderModifier: { set: [{ name: x-lab-record, value: set-by-gateway }] } }]
+      backendRefs: [{ name: echo-v2, port: 8080 }]
     - matches: [{ path: { type: RegularExpression, value: "/items/[0-9]+" } }]
       filters: [{ type: ResponseHeaderModifier, responseHeaderModifier: { add: [{ name: x-served-by, value: edge-gw }] } }]
       backendRefs: [{ name: echo-v2, port: 8080 }]
@@ -146,7 +149,7 @@ maybe('ingress and egress in the lab (docs/ingress-egress.md)', () => {
     expect(await eventually(async () => (await curl('outside', ['http://10.78.0.1:8000/hello'])).status, (s) => s === '200', 30_000)).toBe('200');
   }, 90_000);
 
-  test('extended route features from the outside client: query, method and regular-expression matches, ResponseHeaderModifier, weights within 5 points', async () => {
+  test('extended route features from the outside client: query, method, header and regular-expression matches, Request- and ResponseHeaderModifier, weights within 5 points', async () => {
     // A second route on its own hostname, so the docs example's route is left as it is.
     writeFileSync(join(manifests, 'extended-route.yaml'), EXTENDED_ROUTE);
     const get = (path: string, extra: string[] = []) => curl('outside', ['-H', 'Host: ext.lab', ...extra, `http://10.78.0.1:8000${path}`]);
@@ -156,6 +159,16 @@ maybe('ingress and egress in the lab (docs/ingress-egress.md)', () => {
     expect(await eventually(async () => podOf(await get('/?track=beta')), (p) => v2.includes(p), 30_000)).toMatch(/^p[24]$/);
     expect(v1).toContain(podOf(await get('/')));
     expect(v2).toContain(podOf(await get('/', ['-X', 'DELETE'])));
+    // Header match (Core): only x-canary: yes goes to echo-v2. RequestHeaderModifier (Core) sets
+    // x-lab-record over the client's value: the echo server logs a request carrying that header
+    // with its value, so the pod's log shows what the backend received.
+    const marked = `/header-${process.pid}-${Date.now()}`;
+    const canary = await get(marked, ['-H', 'x-canary: yes', '-H', 'x-lab-record: from-client']);
+    expect(v2).toContain(podOf(canary));
+    expect(v1).toContain(podOf(await get('/', ['-H', 'x-canary: no'])));
+    const logOf = (pod: string) => readFileSync(join(dir, 'lab', 'logs', `pod-${pod}.log`), 'utf8');
+    const seen = await eventually(async () => logOf(podOf(canary)).split('\n').find((l) => l.includes(`"path":"${marked}"`)) ?? '', (l) => l !== '', 10_000);
+    expect(JSON.parse(seen)).toMatchObject({ event: 'request', path: marked, record: 'set-by-gateway' });
     const re = await get('/items/12', ['-i']);
     expect(v2).toContain(podOf(re));
     expect(re.headers).toMatch(/^x-served-by: edge-gw\r?$/im);

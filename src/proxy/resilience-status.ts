@@ -19,7 +19,9 @@ export function resilienceView(metricsText: string): ResilienceView {
   const view: ResilienceView = { ejected: [], peersDown: [], openCircuits: [] };
   for (const f of parseExposition(metricsText).families) {
     for (const s of f.samples) {
-      if (s.value !== 1) continue;
+      // The agent sums a gauge over the proxy's instances (src/proxy/metrics-sum.ts) and Pipy over
+      // its threads, each of which keeps its own outlier and circuit state: 2 means two of them ejected it.
+      if (!(s.value >= 1)) continue;
       if (s.name === 'fsm_node_proxy_ejected_endpoints') view.ejected.push({ service: label(s.labels, 'service'), endpoint: label(s.labels, 'endpoint') });
       else if (s.name === 'fsm_node_proxy_peer_down') view.peersDown.push(label(s.labels, 'peer'));
       else if (s.name === 'fsm_node_proxy_circuit_open') view.openCircuits.push(label(s.labels, 'service'));

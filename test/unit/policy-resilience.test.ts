@@ -131,21 +131,23 @@ describe('compiled into every NodePolicy and rendered for the proxy', () => {
 });
 
 describe('fsm-node status: ejected endpoints and open circuits from the agent metrics', () => {
-  test('reads the re-exported proxy gauges (only those at 1)', async () => {
+  test('reads the re-exported proxy gauges (only those at 1 or more)', async () => {
     const { resilienceView, resilienceStatusRows } = await import('../../src/proxy/resilience-status.js');
     const text = [
       '# TYPE fsm_node_proxy_ejected_endpoints gauge',
       'fsm_node_proxy_ejected_endpoints{service="app/api",endpoint="10.0.1.1:8080",node="n1"} 1',
       'fsm_node_proxy_ejected_endpoints{service="app/api",endpoint="10.0.1.2:8080",node="n1"} 0',
+      // Summed over two proxy instances that both ejected it (each keeps its own state).
+      'fsm_node_proxy_ejected_endpoints{service="app/web",endpoint="10.0.1.3:8080",node="n1"} 2',
       '# TYPE fsm_node_proxy_circuit_open gauge',
       'fsm_node_proxy_circuit_open{service="app/db",node="n1"} 1',
       '# TYPE fsm_node_proxy_peer_down gauge',
       'fsm_node_proxy_peer_down{peer="10.78.0.2:15003",node="n1"} 1',
     ].join('\n');
     const v = resilienceView(text);
-    expect(v).toEqual({ ejected: [{ service: 'app/api', endpoint: '10.0.1.1:8080' }], peersDown: ['10.78.0.2:15003'], openCircuits: ['app/db'] });
+    expect(v).toEqual({ ejected: [{ service: 'app/api', endpoint: '10.0.1.1:8080' }, { service: 'app/web', endpoint: '10.0.1.3:8080' }], peersDown: ['10.78.0.2:15003'], openCircuits: ['app/db'] });
     expect(resilienceStatusRows(v)).toEqual([
-      ['ejected', 'app/api: 10.0.1.1:8080'],
+      ['ejected', 'app/api: 10.0.1.1:8080; app/web: 10.0.1.3:8080'],
       ['peers down', '10.78.0.2:15003'],
       ['open circuits', 'app/db'],
     ]);

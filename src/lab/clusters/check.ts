@@ -4,7 +4,6 @@ import { parse, stringify } from 'yaml';
 import { READING_TTL_MS } from '../../agent/metrics.js';
 import { errorMessage } from '../../errors.js';
 import { IDENTITIES_DIR } from '../../identity/agent-certs.js';
-import { packageRoot } from '../../util/paths.js';
 import { controllerVersion, waitConverged, type CaseResult, type CheckCase, type CheckReport } from '../check.js';
 import type { EchoAnswer, GetResult } from '../echo-server.js';
 import { agentState, echoScript, processDied, waitFor } from '../lab.js';
@@ -13,7 +12,7 @@ import { runInside, sleep, startDetached, stopProcess } from '../processes.js';
 import { gatherLabStatus, restartNotes } from '../status.js';
 import { labFiles, writeLabState, type LabCluster, type LabNode, type LabPod, type LabState } from '../state.js';
 import { applyClusterLink } from './link.js';
-import type { BatchSummary } from './load.js';
+import { podBatch, type BatchSummary } from './load.js';
 import { CLUSTER_SERVICE, expectedTiers, POLICY_FILE, renderTrafficPolicy, type TrafficPolicySpec } from './manifests.js';
 import { readClusterStatus } from './status.js';
 import { LAB_GATEWAY_PORT } from './up.js';
@@ -42,7 +41,6 @@ import { LAB_GATEWAY_PORT } from './up.js';
  */
 
 const CONVERGE_MS = 30_000;
-const loadScript = (): string => join(packageRoot(), 'dist', 'src', 'lab', 'clusters', 'load.js');
 
 interface Ctx {
   state: LabState;
@@ -72,18 +70,6 @@ const answerOf = (r: GetResult): EchoAnswer | undefined => {
     return undefined;
   }
 };
-
-/** `count` GETs from a pod (load.ts), `concurrency` at a time, each with its own timeout. */
-export async function podBatch(from: LabPod, url: string, count: number, opts: { concurrency?: number; timeoutMs?: number } = {}): Promise<BatchSummary> {
-  const timeoutMs = opts.timeoutMs ?? 5000;
-  const argv = [process.execPath, loadScript(), url, '--count', String(count), '--concurrency', String(opts.concurrency ?? 2), '--timeout-ms', String(timeoutMs)];
-  const res = await runInside(from.cgroupPath, from.netns, argv, 30_000 + count * timeoutMs);
-  try {
-    return JSON.parse(res.stdout.trim().split('\n').pop() ?? '') as BatchSummary;
-  } catch {
-    return { ok: 0, failed: count, errors: [`load client exited ${res.code}: ${(res.stderr || res.stdout).trim().slice(0, 200)}`], pods: {}, maxMs: 0 };
-  }
-}
 
 /**
  * Requests the node's proxy routed to `cluster` for echo (fsm_node_proxy_multicluster_routed_total),

@@ -1,7 +1,11 @@
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { errorMessage, InvalidInputError } from '../../errors.js';
+import { packageRoot } from '../../util/paths.js';
 import { get, type EchoAnswer } from '../echo-server.js';
+import { runInside } from '../processes.js';
+import type { LabPod } from '../state.js';
 
 /**
  * A batch of GETs from inside a pod, for `lab check`'s cross-cluster cases
@@ -10,7 +14,10 @@ import { get, type EchoAnswer } from '../echo-server.js';
  *   node load.js URL --count N [--concurrency C] [--timeout-ms T]
  *
  * Each request is a new connection; prints one JSON line (BatchSummary):
- * answers by pod, failures with the first few reasons, the slowest request.
+ * answers by pod, failures with the first few reasons, the slowest request;
+ * also every outcome by status (or "error"), how long the failed requests
+ * took and the batch's wall time (the resilience cases of `lab check`,
+ * src/lab/check-resilience.ts, judge timeouts and rate limits by them).
  * Exit 0 when none failed.
  */
 
@@ -20,17 +27,28 @@ export interface BatchSummary {
   errors: string[];
   pods: Record<string, number>;
   maxMs: number;
+  /** Outcomes by HTTP status ("200", "503" ...), or "error" when no answer came. */
+  statuses: Record<string, number>;
+  /** Fastest and slowest failed request, in ms (0 when none failed). */
+  minFailMs: number;
+  maxFailMs: number;
+  /** From the first request's start to the last one's end. */
+  elapsedMs: number;
 }
 
 export async function batch(url: string, count: number, concurrency: number, timeoutMs: number): Promise<BatchSummary> {
-  const sum: BatchSummary = { ok: 0, failed: 0, errors: [], pods: {}, maxMs: 0 };
+  const sum: BatchSummary = { ok: 0, failed: 0, errors: [], pods: {}, maxMs: 0, statuses: {}, minFailMs: 0, maxFailMs: 0, elapsedMs: 0 };
+  const t0 = Date.now();
   let next = 0;
   const worker = async (): Promise<void> => {
     while (next < count) {
       next++;
       const t = Date.now();
       const r = await get(url, timeoutMs);
-      sum.maxMs = Math.max(sum.maxMs, Date.now() - t);
+      const ms = Date.now() - t;
+      sum.maxMs = Math.max(sum.maxMs, ms);
+      const outcome = r.ok ? String(r.status) : 'error';
+      sum.statuses[outcome] = (sum.statuses[outcome] ?? 0) + 1;
       let answer: EchoAnswer | undefined;
       try {
         answer = JSON.parse(r.body ?? '') as EchoAnswer;
@@ -41,13 +59,31 @@ export async function batch(url: string, count: number, concurrency: number, tim
         sum.ok++;
         sum.pods[answer.pod] = (sum.pods[answer.pod] ?? 0) + 1;
       } else {
+        sum.minFailMs = sum.failed === 0 ? ms : Math.min(sum.minFailMs, ms);
+        sum.maxFailMs = Math.max(sum.maxFailMs, ms);
         sum.failed++;
         if (sum.errors.length < 5) sum.errors.push(r.ok ? `HTTP ${r.status}: ${String(r.body).trim().slice(0, 100)}` : (r.error ?? 'failed'));
       }
     }
   };
   await Promise.all(Array.from({ length: Math.max(1, Math.min(concurrency, count)) }, worker));
+  sum.elapsedMs = Date.now() - t0;
   return sum;
+}
+
+const loadScript = (): string => join(packageRoot(), 'dist', 'src', 'lab', 'clusters', 'load.js');
+
+/** `count` GETs from a pod (this file run inside it), `concurrency` at a time, each with its own timeout. */
+export async function podBatch(from: LabPod, url: string, count: number, opts: { concurrency?: number; timeoutMs?: number } = {}): Promise<BatchSummary> {
+  const timeoutMs = opts.timeoutMs ?? 5000;
+  const argv = [process.execPath, loadScript(), url, '--count', String(count), '--concurrency', String(opts.concurrency ?? 2), '--timeout-ms', String(timeoutMs)];
+  const res = await runInside(from.cgroupPath, from.netns, argv, 30_000 + count * timeoutMs);
+  try {
+    return JSON.parse(res.stdout.trim().split('\n').pop() ?? '') as BatchSummary;
+  } catch {
+    const error = `load client exited ${res.code}: ${(res.stderr || res.stdout).trim().slice(0, 200)}`;
+    return { ok: 0, failed: count, errors: [error], pods: {}, maxMs: 0, statuses: { error: count }, minFailMs: 0, maxFailMs: 0, elapsedMs: 0 };
+  }
 }
 
 async function main(argv: string[]): Promise<number> {

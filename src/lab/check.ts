@@ -15,6 +15,7 @@ import {
 import { packageRoot } from '../util/paths.js';
 import { agentState } from './lab.js';
 import { CANARY, deniedPair, ECHO_PORT, LAB_NAMESPACE, LAB_SERVICES, SPLIT_WEIGHTS } from './manifests.js';
+import { resilienceCases } from './check-resilience.js';
 import type { EchoAnswer, GetResult } from './echo-server.js';
 import { mqttCases } from './mqtt-lab.js';
 import { runInside, sleep } from './processes.js';
@@ -34,7 +35,7 @@ export type CaseResult = 'pass' | 'fail' | 'skip';
 
 export interface CheckCase {
   name: string;
-  kind: 'pod-to-pod' | 'service' | 'split' | 'access' | 'mqtt' | 'multicluster';
+  kind: 'pod-to-pod' | 'service' | 'split' | 'access' | 'mqtt' | 'multicluster' | 'resilience';
   from: string;
   to: string;
   result: CaseResult;
@@ -301,7 +302,12 @@ async function pool<T>(items: T[], limit: number, fn: (t: T) => Promise<void>): 
   }));
 }
 
-export async function labCheck(all: LabState): Promise<CheckReport> {
+export interface CheckOptions {
+  /** Leave out the resilience cases (src/lab/check-resilience.ts): they inject faults and policies and take about a minute. */
+  resilience?: boolean;
+}
+
+export async function labCheck(all: LabState, opts: CheckOptions = {}): Promise<CheckReport> {
   // Pods added live (`lab pod add`) run the user's command, not the echo server: not part of the check.
   const state = { ...all, pods: all.pods.filter((p) => p.containerId === undefined) };
   const notes = await waitConverged(state);
@@ -368,6 +374,8 @@ export async function labCheck(all: LabState): Promise<CheckReport> {
     cases.push(...(await serviceCases(state, view, denied?.from)));
   }
   cases.push(...(await mqttCases(state)));
+  if (opts.resilience === false) notes.push('resilience cases left out (--no-resilience)');
+  else cases.push(...(await resilienceCases(state, view, { served: (n) => controllerVersion(state, n) })));
   const count = (r: CaseResult): number => cases.filter((c) => c.result === r).length;
   const failed = count('fail');
   return { ok: failed === 0 && cases.length > 0, proxy: state.proxy, passed: count('pass'), failed, skipped: count('skip'), notes, cases };

@@ -42,7 +42,7 @@ async function up(values: ParsedValues): Promise<number> {
 async function check(values: ParsedValues): Promise<number> {
   const { labCheck, renderCheck } = await import('../../lab/check.js');
   const state = await runningLab(values);
-  const report = state.clusters ? await (await import('../../lab/clusters/check.js')).clusterCheck(state) : await labCheck(state);
+  const report = state.clusters ? await (await import('../../lab/clusters/check.js')).clusterCheck(state) : await labCheck(state, { resilience: values['no-resilience'] !== true });
   if (values.json) say(JSON.stringify(report, null, 2));
   else for (const line of renderCheck(report)) say(line);
   return report.ok ? 0 : 1;
@@ -153,7 +153,7 @@ export const labCommand: Command = {
   usage: [
     'up [--clusters N] [--nodes N] [--pods-per-node M] [--mode auto|ebpf|iptables] [--proxy auto|pipy|passthrough] [--dir DIR]',
     'status [--json]',
-    'check [--json]',
+    'check [--json] [--no-resilience]',
     'exec POD|outside -- CMD...',
     'pod add NAME --node NODE [--namespace NS] [--no-mesh] [-- CMD...]',
     'pod rm NAME',
@@ -178,8 +178,13 @@ bpffs directories); one lab per machine.
   check      real HTTP requests from every pod to every other pod: each must be
              answered by the target and, when the manifests enrol the client, go
              through its node's proxy (same-node hops stay on the node). Cases
-             that need Pipy (services, split, allow/deny) are skipped with the
-             passthrough proxy. Exit 0 only when every other case passes.
+             that need Pipy (services, split, allow/deny, MQTT, resilience) are
+             skipped with the passthrough proxy. With Pipy, one case per
+             resilience policy (Retry, request timeout, outlier detection, local
+             rate limit) faults an echo endpoint, writes the policy into the
+             manifests, checks, and puts both back (about a minute;
+             --no-resilience leaves them out). Exit 0 only when every other
+             case passes.
   exec       runs a command inside a pod (its network namespace and cgroup), or
              as the outside client (10.78.0.200, off the mesh) with POD "outside";
              the outside server is 10.78.0.201 (HTTP :80, TLS :443 as outside.lab).
@@ -230,6 +235,7 @@ Editing DIR/manifests changes the mesh live: the controller watches it.
     proxy: { type: 'string', valueName: 'PROXY', description: 'auto (Pipy when found), pipy, or passthrough (L4 test proxy, no policy) (default auto).' },
     dir: { type: 'string', valueName: 'DIR', description: 'Lab directory: manifests, state, logs (default /var/tmp/fsm-node-lab).' },
     json: { type: 'boolean', description: 'Machine-readable output (lab status, lab check).' },
+    'no-resilience': { type: 'boolean', description: 'lab check: leave out the resilience cases (faults and policies, about a minute).' },
     node: { type: 'string', valueName: 'NODE', description: 'lab pod add: the node the pod runs on.' },
     namespace: { type: 'string', valueName: 'NS', description: 'lab pod add: the pod\'s namespace (default demo, monitored by the mesh).' },
     'no-mesh': { type: 'boolean', description: 'lab pod add: the pod opts out of the mesh (flomesh.io/sidecar-injection: disabled).' },

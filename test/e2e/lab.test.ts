@@ -87,8 +87,8 @@ async function until(what: string, fn: () => Promise<boolean>, timeoutMs = 20_00
   }
 }
 
-async function check(): Promise<CheckReport> {
-  const r = await cli('lab', 'check', '--json');
+async function check(...flags: string[]): Promise<CheckReport> {
+  const r = await cli('lab', 'check', '--json', ...flags);
   const report = JSON.parse(r.stdout) as CheckReport;
   const failed = report.cases.filter((c) => c.result === 'fail');
   expect(failed).toEqual([]);
@@ -423,14 +423,26 @@ if (!skipReason && pipySkip) console.log(pipySkip.replace('SKIP pipy tier', 'SKI
     const crossNode = report.cases.filter((c) => c.kind === 'pod-to-pod' && !c.name.includes('same node') && c.reason.startsWith('allowed'));
     expect(crossNode.length).toBeGreaterThan(0);
     for (const c of crossNode) expect(c.reason).toMatch(new RegExp(`; mTLS, n\\d verified [a-z0-9-]+/${c.from}$`));
-  }, 180_000);
+    // Issue 18: one case per resilience policy, each with its fault and policy, all passed (check() fails on any failed case).
+    const resilience = report.cases.filter((c) => c.kind === 'resilience');
+    for (const c of resilience) console.log(`${c.result} ${c.name}: ${c.reason}`);
+    expect(resilience.map((c) => [c.name, c.result])).toEqual([
+      ['resilience: Retry p2 -> echo-v1, p1 answering 503', 'pass'],
+      ['resilience: request timeout 1000 ms, p1 hung', 'pass'],
+      ['resilience: outlier detection, p1 hung then cleared', 'pass'],
+      ['resilience: local rate limit 4/s burst 16 on echo-v1', 'pass'],
+    ]);
+    // ... and put back what they changed: no fault file, no policy file.
+    expect(readdirSync(join(dir, 'faults')).filter((f) => f.endsWith('.json'))).toEqual([]);
+    expect(existsSync(join(dir, 'manifests', '90-lab-check-resilience.yaml'))).toBe(false);
+  }, 360_000);
 
   test('kill -9 of an agent: the new one adopts the running Pipy and its configuration unchanged; every case still passes', async () => {
     const lab = JSON.parse(readFileSync(join(dir, 'lab.json'), 'utf8')) as LabState;
     const p1 = lab.pods.find((p) => p.name === 'p1')!;
     const n2 = await killAgentUnderTraffic('n2', 'p3', p1);
     expect(n2.firstSync!.proxyConfigChanged).toBe(false);
-    const report = await check();
+    const report = await check('--no-resilience');
     expect(report.cases.filter((c) => c.result === 'skip')).toEqual([]);
   }, 180_000);
 
@@ -438,7 +450,7 @@ if (!skipReason && pipySkip) console.log(pipySkip.replace('SKIP pipy tier', 'SKI
     const split = join(dir, 'manifests', '50-split.yaml');
     writeFileSync(split, readFileSync(split, 'utf8').replace(/weight: 80/, 'weight: 50').replace(/weight: 20/, 'weight: 50'));
     await until('the new split weights reach the proxies', async () => {
-      const r = await cli('lab', 'check', '--json');
+      const r = await cli('lab', 'check', '--json', '--no-resilience');
       const c = (JSON.parse(r.stdout) as CheckReport).cases.find((x) => x.kind === 'split');
       return c?.result === 'pass' && /want 50/.test(c.reason);
     }, 60_000);

@@ -363,22 +363,26 @@ export async function benchPublishDeliver(host: string, port: number, o: MqttBen
     await Promise.race([all, new Promise((r) => setTimeout(r, 10_000))]);
     // Up to the last delivery: a message the broker dropped must not add the 10 s wait to the rate (`delivered` says it).
     const seconds = Number((delivered === o.messages || lastAt === 0n ? process.hrtime.bigint() : lastAt) - started) / 1e9;
-    const cpu = process.cpuUsage(cpu0);
-    lat.sort((a, b) => a - b);
-    const q = (p: number) => (lat.length ? lat[Math.min(lat.length - 1, Math.floor(p * lat.length))]! : NaN);
-    return {
-      messages: o.messages,
-      delivered,
-      msgs_per_s: Math.round(delivered / seconds),
-      p50_ms: Math.round(q(0.5) * 1000) / 1000,
-      p99_ms: Math.round(q(0.99) * 1000) / 1000,
-      seconds: Math.round(seconds * 1000) / 1000,
-      client_cpu_ms: Math.round((cpu.user + cpu.system) / 1000),
-    };
+    return benchResult(o.messages, delivered, seconds, lat, process.cpuUsage(cpu0));
   } finally {
     for (const pub of pubs) pub.destroy();
     sub.destroy();
   }
+}
+
+/** One bench result from the deliveries' latencies (ms, sorted here) and the client's CPU. */
+function benchResult(messages: number, delivered: number, seconds: number, lat: number[], cpu: NodeJS.CpuUsage): MqttBenchResult {
+  lat.sort((a, b) => a - b);
+  const q = (p: number) => (lat.length ? lat[Math.min(lat.length - 1, Math.floor(p * lat.length))]! : NaN);
+  return {
+    messages,
+    delivered,
+    msgs_per_s: Math.round(delivered / seconds),
+    p50_ms: Math.round(q(0.5) * 1000) / 1000,
+    p99_ms: Math.round(q(0.99) * 1000) / 1000,
+    seconds: Math.round(seconds * 1000) / 1000,
+    client_cpu_ms: Math.round((cpu.user + cpu.system) / 1000),
+  };
 }
 
 // ---- bench in several processes: one subscriber, publishers apart ---------------
@@ -432,17 +436,7 @@ export async function benchSubscriber(host: string, port: number, o: MqttSplitOp
     const cpu = process.cpuUsage(cpu0);
     // From the first message sent to the last one delivered.
     const seconds = delivered > 0 ? Number(lastAt - firstSent) / 1e9 : NaN;
-    lat.sort((a, b) => a - b);
-    const q = (p: number) => (lat.length ? lat[Math.min(lat.length - 1, Math.floor(p * lat.length))]! : NaN);
-    return {
-      messages: o.messages,
-      delivered,
-      msgs_per_s: Math.round(delivered / seconds),
-      p50_ms: Math.round(q(0.5) * 1000) / 1000,
-      p99_ms: Math.round(q(0.99) * 1000) / 1000,
-      seconds: Math.round(seconds * 1000) / 1000,
-      client_cpu_ms: Math.round((cpu.user + cpu.system) / 1000),
-    };
+    return benchResult(o.messages, delivered, seconds, lat, cpu);
   } finally {
     sub.destroy();
   }

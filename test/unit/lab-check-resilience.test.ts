@@ -1,29 +1,15 @@
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
-import { parseAllDocuments } from 'yaml';
 import { meshView } from '../../src/lab/check.js';
 import { CHECK_FILE, foreignResilienceObjects, planResilience, renderCheckPolicy, sampleSum, type ResiliencePlan } from '../../src/lab/check-resilience.js';
-import { renderManifests, type ManifestInput } from '../../src/lab/manifests.js';
+import { renderManifests } from '../../src/lab/manifests.js';
 import type { LabPod } from '../../src/lab/state.js';
-import { PolicyCompiler } from '../../src/policy/compiler.js';
-import type { Kind } from '../../src/policy/objects.js';
+import { compileFiles, labInput } from './lab-fixtures.js';
 
 /** The pure parts of `lab check`'s resilience cases (src/lab/check-resilience.ts); the cases themselves run in the e2e tier. */
 
-const input: ManifestInput = {
-  mode: 'ebpf',
-  nodes: [
-    { name: 'n1', address: '10.78.0.1' },
-    { name: 'n2', address: '10.78.0.2' },
-  ],
-  pods: [
-    { name: 'p1', node: 'n1', ip: '10.77.1.2', cgroupPath: '/cg/p1', version: 'v1' },
-    { name: 'p2', node: 'n1', ip: '10.77.1.3', cgroupPath: '/cg/p2', version: 'v2' },
-    { name: 'p3', node: 'n2', ip: '10.77.2.2', cgroupPath: '/cg/p3', version: 'v1' },
-    { name: 'p4', node: 'n2', ip: '10.77.2.3', cgroupPath: '/cg/p4', version: 'v2' },
-  ],
-};
+const input = labInput;
 const pods: LabPod[] = input.pods.map((p) => ({ name: p.name, node: p.node, ip: p.ip, netns: `fsmlab-${p.node}-${p.name}`, cgroupPath: p.cgroupPath, version: p.version }));
 
 let dir: string;
@@ -36,14 +22,7 @@ beforeEach(() => {
 });
 afterEach(() => rmSync(dir, { recursive: true, force: true }));
 
-function compile(files: Map<string, string>): PolicyCompiler {
-  const compiler = new PolicyCompiler();
-  for (const [name, text] of files) {
-    parseAllDocuments(text).forEach((d, i) => compiler.upsert((d.toJS() as { kind: Kind }).kind, d.toJS(), `${name}#${i}`));
-  }
-  compiler.compile();
-  return compiler;
-}
+const compile = compileFiles;
 
 describe('lab check resilience: the plan', () => {
   test('a backend service with two endpoints, a client outside it that may call both, the endpoint on its node faulted', () => {

@@ -1,39 +1,15 @@
 import { mkdtempSync, rmSync, writeFileSync, mkdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
-import { parseAllDocuments } from 'yaml';
 import { expectIntercepted, judgePodCase, meshView } from '../../src/lab/check.js';
 import { chooseProxy, labAttachmentsIn, summarizeRemoved } from '../../src/lab/lab.js';
-import { deniedPair, renderManifests, type ManifestInput } from '../../src/lab/manifests.js';
+import { deniedPair, renderManifests } from '../../src/lab/manifests.js';
 import type { LabNode, LabPod } from '../../src/lab/state.js';
-import { PolicyCompiler } from '../../src/policy/compiler.js';
-import type { Kind } from '../../src/policy/objects.js';
+import { compileFiles, labInput } from './lab-fixtures.js';
 
-const input: ManifestInput = {
-  mode: 'ebpf',
-  nodes: [
-    { name: 'n1', address: '10.78.0.1' },
-    { name: 'n2', address: '10.78.0.2' },
-  ],
-  pods: [
-    { name: 'p1', node: 'n1', ip: '10.77.1.2', cgroupPath: '/cg/fsmlab-n1/pods/p1', version: 'v1' },
-    { name: 'p2', node: 'n1', ip: '10.77.1.3', cgroupPath: '/cg/fsmlab-n1/pods/p2', version: 'v2' },
-    { name: 'p3', node: 'n2', ip: '10.77.2.2', cgroupPath: '/cg/fsmlab-n2/pods/p3', version: 'v1' },
-    { name: 'p4', node: 'n2', ip: '10.77.2.3', cgroupPath: '/cg/fsmlab-n2/pods/p4', version: 'v2' },
-  ],
-};
+const input = labInput;
 
-function compile(files: Map<string, string>): PolicyCompiler {
-  const compiler = new PolicyCompiler();
-  for (const [name, text] of files) {
-    parseAllDocuments(text).forEach((d, i) => {
-      const obj = d.toJS() as { kind: Kind };
-      compiler.upsert(obj.kind, obj, `${name}#${i}`);
-    });
-  }
-  compiler.compile();
-  return compiler;
-}
+const compile = compileFiles;
 
 describe('lab manifests', () => {
   test('compile without a single issue into one policy per node with its own pods', () => {

@@ -212,16 +212,19 @@ describe('agent identity certificates', () => {
 
   test('an expired identity retries within 10 s, however long its backoff had grown', async () => {
     let failing = false;
-    const { issuer, calls } = testIssuer({ lifetimeMs: 1500, fail: () => failing });
+    // notAfter has whole seconds: 6 s leaves 5-6 s, so the failed renewal at half
+    // life is seen well before the expiry even on a slow (emulated arm64) machine.
+    const { issuer, calls } = testIssuer({ lifetimeMs: 6000, fail: () => failing });
     const m = manager({ stateDir: dir, issuer, backoff: { initialMs: 30_000, maxMs: 150_000 } });
     m.update(policy([web]));
     await eventually(async () => m.snapshot().get('demo/web'), (c) => c?.state === 'valid');
     failing = true;
     // The renewal at half life fails: the next try is 30 s away, past the expiry.
-    const waiting = await eventually(async () => m.snapshot().get('demo/web'), (c) => (c?.lastError ?? '') !== '', 3000);
+    const waiting = await eventually(async () => m.snapshot().get('demo/web'), (c) => (c?.lastError ?? '') !== '', 6000);
+    expect(waiting!.state).toBe('valid');
     expect(waiting!.nextAttempt!.getTime() - Date.now()).toBeGreaterThan(25_000);
     // At expiry it tries at once, then backs off no more than 10 s (30 s and 60 s otherwise).
-    await eventually(async () => calls.length, (n) => n >= 3, 4000);
+    await eventually(async () => calls.length, (n) => n >= 3, 6000);
     await m.settled();
     const c = m.snapshot().get('demo/web')!;
     expect(c.state).toBe('expired');

@@ -50,6 +50,11 @@ import { intFlag, nodeProxy, quantile, round } from './util.js';
  * median ratio at least 0.9). --reference none gives the whole window to
  * the load and measures the raw windows only.
  *
+ * On a shared machine the raw windows are believed only when the bench has
+ * a core of its own (`taskset -c 1 npm run bench -- soak --reference none`,
+ * with everything else kept off that core): every line says which CPUs the
+ * bench, and so the client, servers and proxies it starts, may run on.
+ *
  * Tunnels are mutual TLS 1.3 as the mesh runs them (--tunnel mtls, the
  * default: every pod has its certificate and the nodes share a trust bundle),
  * or the plaintext tunnel of a mesh without a trust bundle (--tunnel plaintext).
@@ -64,6 +69,42 @@ import { intFlag, nodeProxy, quantile, round } from './util.js';
  *                         [--tunnel mtls|plaintext] [--reference fresh|none] [--probe 5]
  *                         [--program DIR]   (another copy of proxy/, e.g. the code before a change)
  */
+
+/** Per-CPU jiffies from /proc/stat: busy (everything but idle and iowait), steal, total. */
+function cpuJiffies(): Map<string, { busy: number; steal: number; total: number }> {
+  const out = new Map<string, { busy: number; steal: number; total: number }>();
+  for (const line of readFileSync('/proc/stat', 'utf8').split('\n')) {
+    const m = /^(cpu\d+)\s+(.*)$/.exec(line);
+    if (!m) continue;
+    const [user = 0, nice = 0, system = 0, idle = 0, iowait = 0, irq = 0, softirq = 0, steal = 0] = m[2]!.split(/\s+/).map(Number);
+    const total = user + nice + system + idle + iowait + irq + softirq + steal;
+    out.set(m[1]!, { busy: total - idle - iowait, steal, total });
+  }
+  return out;
+}
+
+/**
+ * How busy each CPU of the machine was between two cpuJiffies(), in %: the
+ * other engineers' load on a core beside the bench's (on a VM, possibly its
+ * SMT sibling) moves the proxy's CPU cost per request; this puts it on the
+ * same line.
+ */
+function hostBusy(before: ReturnType<typeof cpuJiffies>, after: ReturnType<typeof cpuJiffies>): Record<string, number> {
+  const out: Record<string, number> = {};
+  for (const [cpu, a] of after) {
+    const b = before.get(cpu);
+    const total = b ? a.total - b.total : 0;
+    if (!b || total <= 0) continue;
+    out[`${cpu}_busy_pct`] = round(((a.busy - b.busy) / total) * 100, 0);
+    if (a.steal > b.steal) out[`${cpu}_steal_pct`] = round(((a.steal - b.steal) / total) * 100, 1);
+  }
+  return out;
+}
+
+/** The CPUs this process (and every process it starts) may run on, as the kernel lists them. */
+function allowedCpus(): string {
+  return /^Cpus_allowed_list:\s*(\S+)/m.exec(readFileSync('/proc/self/status', 'utf8'))?.[1] ?? 'unknown';
+}
 
 const PORT = 8080;
 const OUT = 15001;
@@ -285,6 +326,7 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
     server,
     tunnel,
     reference,
+    cpus: allowedCpus(),
     ...(program === undefined ? {} : { program }),
   };
   const pipy = pipyBinary();
@@ -452,6 +494,7 @@ async function* soakCase(
     const t0 = Date.now();
     for (let w = 0; w < c.windows; w++) {
       const before = snapshot(cgroups);
+      const jiffies = cpuJiffies();
       const res = await wrk(mesh.a, url, c.kind, c.connections, load);
       let probe: { soaked_rps: number; fresh_rps: number; ratio: number; order: string } | undefined;
       let requests = res.requests;
@@ -505,6 +548,7 @@ async function* soakCase(
         proxy_rss_mib: round(d.rssMiB, 1),
         proxy_sockets: { [mesh.n1.name]: proxySockets(mesh.n1.proxyCgroup), [mesh.n2.name]: proxySockets(mesh.n2.proxyCgroup) },
         pipy: { [mesh.n1.name]: counts[0], [mesh.n2.name]: counts[1] },
+        host: hostBusy(jiffies, cpuJiffies()),
       };
     }
     const far = await sups[1]!.metrics().catch(() => undefined);

@@ -149,12 +149,12 @@ var muxToGateway = $=>$
 
 // ---- outbound, TCP: one decision per connection ------------------------------
 
-// The data path runs one JavaScript callback per chunk and direction, and
-// nothing else: each counts the chunk's bytes on a counter this connection
-// looked up once (withLabels per chunk was most of that callback's cost), and
-// the route's branch is chosen once (tcpBranch), a local pod's MQTT port
-// included, so a chunk passes no extra pipe. docs/proxy.md: what forwarding
-// costs, and how much of it is this program's.
+// The data path runs one JavaScript callback per chunk and direction (plus
+// mqtt.js's scan on a local MQTT port): each counts the chunk's bytes on a
+// counter this connection looked up once, and the route's branch is chosen
+// once (tcpBranch), a local pod's MQTT port included, so a chunk passes no
+// extra pipe. docs/proxy.md ("Forwarding cost"): a forwarded message costs
+// about what a Pipy forwarder without any JavaScript costs.
 var outboundTCP = $=>$
   .onStart(() => {
     $route = mc.decideImport($dstIp, $dstPort) || decide($dstIp, $dstPort)

@@ -28,7 +28,11 @@ import { intFlag, round } from './util.js';
  * --baseline DIR measures the program in DIR too (e.g. an older proxy/ from
  * `git archive`), interleaved with this tree's: before/after in one run.
  *
- *   npm run bench -- mqtt-guard [--messages 20000] [--payload 64] [--rounds 5] [--baseline DIR]
+ * --chunks packet feeds every packet as a chunk of its own, both ways (as a
+ * socket read gives them when messages are few); default message: a PUBLISH
+ * and an acknowledgement per chunk.
+ *
+ *   npm run bench -- mqtt-guard [--messages 20000] [--payload 64] [--rounds 5] [--baseline DIR] [--chunks message|packet]
  */
 
 const ENTRY = `
@@ -59,10 +63,21 @@ var connack = pkt(0x20, new Data(v5 ? [0, 0, 0] : [0, 0]))
 // delivery: chunks of one size, views of one template (packet id 1 throughout:
 // the proxy forwards allowed packets whatever their ids), so that building the
 // input costs little next to what is measured.
+// --chunks packet: every packet a chunk of its own, both ways (what a socket
+// read gives at low rates: the hop's cost per call, not per packet).
+var perPacket = o.chunks === 'packet'
 var tpl = publish(1)
 if (o.qos > 0) tpl.push(ack(1))
+var pubTpl = publish(1)
+var ackTpl = ack(1)
 var client = [connect]
-for (var i = 1; i <= o.messages; i++) client.push(new Data(tpl))
+for (var i = 1; i <= o.messages; i++) {
+  if (!perPacket) client.push(new Data(tpl))
+  else {
+    client.push(new Data(pubTpl))
+    if (o.qos > 0) client.push(new Data(ackTpl))
+  }
+}
 client.push(new StreamEnd)
 var chunk = tpl.size
 var reply = o.qos > 0 ? ack(1).push(publish(1)) : publish(1)
@@ -76,6 +91,15 @@ var broker = $=>$.replaceData(d => {
   var out = new Data
   if ($done === 0 && $got >= connect.size) { out.push(connack); $done = 1 }
   var n = Math.floor(($got - connect.size) / chunk)
+  if (perPacket) {
+    var evs = out.size > 0 ? [out] : []
+    for (var m = $done; m <= n; m++) {
+      if (o.qos > 0) evs.push(new Data(ackTpl))
+      evs.push(new Data(pubTpl))
+    }
+    if (n >= $done) $done = n + 1
+    return evs
+  }
   for (var k = $done; k <= n; k++) out.push(reply)
   if (n >= $done) $done = n + 1
   return out
@@ -109,7 +133,7 @@ function cpuMsOf(pid: number): number {
  * on pipy.exit() after such a run (it idles on, seen for tens of seconds), so
  * the process is killed once it has reported.
  */
-async function runOnce(pipy: string, programDir: string, o: { messages: number; payload: number; qos: number; version: number; frame: string }): Promise<GuardRun> {
+async function runOnce(pipy: string, programDir: string, o: { messages: number; payload: number; qos: number; version: number; frame: string; chunks: string }): Promise<GuardRun> {
   const dir = mkdtempSync(join(tmpdir(), 'fsmbench-mqttguard-'));
   try {
     for (const f of readdirSync(programDir)) if (f.endsWith('.js') && f !== 'main.js') copyFileSync(join(programDir, f), join(dir, f));
@@ -156,6 +180,8 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
   const messages = intFlag(flags, 'messages', 20000);
   const payload = intFlag(flags, 'payload', 64);
   const rounds = Math.max(1, intFlag(flags, 'rounds', 5));
+  const chunks = flags.chunks ?? 'message';
+  if (chunks !== 'message' && chunks !== 'packet') throw new Error(`--chunks ${JSON.stringify(chunks)}: message (a PUBLISH and an acknowledgement per chunk) or packet (a chunk per packet)`);
   const programs: Array<[string, string]> = [['current', join(packageRoot(), 'proxy')]];
   if (typeof flags.baseline === 'string') {
     const dir = resolve(flags.baseline);
@@ -164,7 +190,7 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
   } else if (flags.baseline !== undefined) throw new Error('--baseline takes a directory');
   for (const version of [5, 4]) {
     for (const qos of [0, 1]) {
-      const base = { messages, payload, qos, version };
+      const base = { messages, payload, qos, version, chunks };
       const floor: GuardRun[] = [];
       const runs = new Map<string, GuardRun[]>(programs.map(([name]) => [name, []]));
       const out = new Map<string, number>();
@@ -184,6 +210,7 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
           bench: 'mqtt-guard',
           program: name,
           case: `v${version === 5 ? 5 : '3.1.1'}/qos${qos}`,
+          chunks,
           messages,
           payload_bytes: payload,
           rounds,

@@ -1,5 +1,5 @@
 import type { ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { loadavg, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -10,6 +10,7 @@ import { Topology, type TopoNode, type TopoPod } from '../src/lab/topology.js';
 import { NodePolicySchema, POLICY_API_VERSION, type NodePolicy } from '../src/policy/schema.js';
 import type { ProxyIdentityFiles, ProxyNodeFacts } from '../src/proxy/config.js';
 import type { ProxySupervisor } from '../src/proxy/supervisor.js';
+import { packageRoot } from '../src/util/paths.js';
 import { benchCa, benchLeaf } from './certs.js';
 import { cgroupCpuUs, intFlag, nodeProxy, round } from './util.js';
 
@@ -42,13 +43,22 @@ import { cgroupCpuUs, intFlag, nodeProxy, round } from './util.js';
  * alternating which goes first: before/after side by side. After the rounds,
  * one `summary` row per program and case with the medians.
  *
+ * --bare adds a third program, bench/pipy/bare-forwarder.js run as main.js next
+ * to a copy of this tree's proxy/: the same routing and mTLS tunnel, no
+ * JavaScript per chunk and no policy. Run it on the -l4 paths (the MQTT port
+ * is plain TCP to it): the forwarding floor of Pipy itself, side by side with
+ * the program's plain-TCP path.
+ *
+ * --instances 1,2 runs every program once per count of Pipy processes per
+ * node (each node's proxy; the supervisor's default is 2, one per core here).
+ *
  * --client split runs the subscriber and each publisher as a process of its
  * own (mqtt-client bench-sub / bench-pub), so that on the direct path a
  * single Node process near a full core does not set the rate.
  *
  *   npm run bench -- mqtt [--messages 5000] [--window 16] [--payload 64] [--publishers 1]
  *        [--rounds 3] [--qos 0,1] [--paths direct,same-node,cross-node,same-node-l4,cross-node-l4]
- *        [--baseline DIR] [--client single|split]
+ *        [--baseline DIR] [--bare] [--instances N[,N]] [--client single|split]
  */
 
 const PORT = 1883;
@@ -231,7 +241,7 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
   const qosList = listFlag(flags, 'qos', ['0', '1'] as const, ['0', '1']).map(Number);
   const paths = listFlag(flags, 'paths', PATHS, PATHS);
   if (!paths.includes('direct')) paths.unshift('direct');
-  const programs: Array<{ name: string; dir: string | undefined }> = [{ name: 'current', dir: undefined }];
+  let programs: Array<{ name: string; dir: string | undefined; instances?: number }> = [{ name: 'current', dir: undefined }];
   if (typeof flags.baseline === 'string') {
     const dir = resolve(flags.baseline);
     if (!existsSync(join(dir, 'main.js'))) throw new Error(`--baseline ${JSON.stringify(flags.baseline)}: no main.js there (give a directory holding a proxy program, e.g. from git archive)`);
@@ -239,6 +249,13 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
   } else if (flags.baseline !== undefined) throw new Error('--baseline takes a directory');
 
   const work = mkdtempSync(join(tmpdir(), 'fsmbench-mqtt-'));
+  if (flags.bare !== undefined) programs.unshift({ name: 'bare', dir: bareProgram(join(work, 'bare')) });
+  // --instances 1,2: each program once per count of Pipy processes per node (default: the supervisor's, 2).
+  if (flags.instances !== undefined) {
+    const counts = String(flags.instances).split(',').map((x) => Number(x.trim()));
+    if (counts.some((n) => !Number.isInteger(n) || n < 1 || n > 8)) throw new Error(`--instances ${JSON.stringify(flags.instances)}: a comma-separated list of Pipy processes per node, 1 to 8`);
+    programs = programs.flatMap((p) => counts.map((n) => ({ ...p, name: counts.length > 1 ? `${p.name}/i${n}` : p.name, instances: n })));
+  }
   const topo = await Topology.create({ prefix: `fsmbmq${process.pid % 10000}`, nodes: 2, podsPerNode: 0 });
   const children: ChildProcess[] = [];
   let sups: ProxySupervisor[] = [];
@@ -272,10 +289,11 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
         pods: node.pods.map((p) => ({ uid: `uid-${p.name}`, namespace: NS, name: p.name, ip: p.ip, cgroupPath: p.cgroupPath, inbound: 'permissive' as const, exclusions: noExclusions() })),
       });
     }
-    const startProxies = async (program: { name: string; dir: string | undefined }, round: number): Promise<void> => {
+    const startProxies = async (program: { name: string; dir: string | undefined; instances?: number }, round: number): Promise<void> => {
       for (const node of [n1, n2]) {
-        const extra = { drainMs: 500, ...(program.dir === undefined ? {} : { pipy: { programDir: program.dir } }) };
-        const sup = nodeProxy(node, policyFor(node, [n1, n2], pods, b), join(work, `${node.name}-${program.name}-${round}`), facts.get(node)!, extra);
+        const pipy = { ...(program.dir === undefined ? {} : { programDir: program.dir }), ...(program.instances === undefined ? {} : { instances: program.instances }) };
+        const extra = { drainMs: 500, pipy };
+        const sup = nodeProxy(node, policyFor(node, [n1, n2], pods, b), join(work, `${node.name}-${program.name.replace('/', '-')}-${round}`), facts.get(node)!, extra);
         sups.push(sup);
         await sup.start();
         await sup.waitReady(15_000);
@@ -300,8 +318,8 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
       'cross-node-l4': [c, BROKER_IP, L4_PORT],
     };
     for (let pass = 1; pass <= rounds; pass++) {
-      // Alternate which program goes first, so neither always meets the same moment of the machine.
-      const order = pass % 2 ? programs : [...programs].reverse();
+      // Rotate which program goes first, so none always meets the same moment of the machine.
+      const order = programs.map((_, i) => programs[(i + pass - 1) % programs.length]!);
       for (const program of order) {
         await startProxies(program, pass);
         try {
@@ -379,6 +397,15 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
     await topo.destroy();
     rmSync(work, { recursive: true, force: true });
   }
+}
+
+/** The bare forwarder's program directory: this tree's proxy/*.js, with bench/pipy/bare-forwarder.js as main.js. */
+function bareProgram(dir: string): string {
+  const proxy = join(packageRoot(), 'proxy');
+  mkdirSync(dir, { recursive: true });
+  for (const f of readdirSync(proxy)) if (f.endsWith('.js')) copyFileSync(join(proxy, f), join(dir, f));
+  copyFileSync(join(packageRoot(), 'bench', 'pipy', 'bare-forwarder.js'), join(dir, 'main.js'));
+  return dir;
 }
 
 const round1 = (x: number): number => Math.round(x * 10) / 10;

@@ -44,6 +44,9 @@ var $dstPort
 var $route
 var $grant
 var $labels
+// Per TCP connection: its two byte counters (fsmn_proxy_bytes_total), looked up once
+var $sent
+var $received
 var why
 // Per HTTP request
 var $start
@@ -98,11 +101,9 @@ var connectUpstream = $=>$.connect(() => $route.target, () => resilience.connect
 // The last hop to a pod of this node: MQTT ports go through proxy/mqtt.js
 // (topic access control and metrics) on the identity this hop proved.
 var mqttInfo = () => ({ source: $srcId || 'unknown', broker: $route.identity || 'unknown', grant: $grant })
-var toLocalPod = $=>$
-  .pipe(() => (protocolAt($route.target) === 'mqtt' ? 'mqtt' : 'tcp'), {
-    mqtt: mqtt.guard(mqttInfo, connectTarget),
-    tcp: connectTarget,
-  })
+var toLocalMqtt = mqtt.guard(mqttInfo, connectTarget)
+// A TCP connection's branch, chosen once: the route's mode, and for a local pod its MQTT ports apart.
+var tcpBranch = () => ($route.mode === 'local' && protocolAt($route.target) === 'mqtt' ? 'local-mqtt' : $route.mode)
 // Upstream HTTP connections are pooled per target and shared by all clients:
 // a request takes an idle connection or opens one (maxQueue 1: one request at
 // a time per connection, so no request queues behind another client's), and
@@ -148,10 +149,18 @@ var muxToGateway = $=>$
 
 // ---- outbound, TCP: one decision per connection ------------------------------
 
+// The data path runs one JavaScript callback per chunk and direction (plus
+// mqtt.js's scan on a local MQTT port): each counts the chunk's bytes on a
+// counter this connection looked up once, and the route's branch is chosen
+// once (tcpBranch), a local pod's MQTT port included, so a chunk passes no
+// extra pipe. docs/proxy.md ("Forwarding cost"): a forwarded message costs
+// about what a Pipy forwarder without any JavaScript costs.
 var outboundTCP = $=>$
   .onStart(() => {
     $route = mc.decideImport($dstIp, $dstPort) || decide($dstIp, $dstPort)
     $labels = labelsOf($srcId, $route)
+    $sent = metrics.bytes.withLabels($labels[0], $labels[1], 'sent')
+    $received = metrics.bytes.withLabels($labels[0], $labels[1], 'received')
     metrics.connections.withLabels($labels[0], $labels[1]).increase()
     if ($route.tier !== undefined) mc.routed.withLabels($route.service, $route.cluster || 'none').increase()
     if ($route.mode === 'local' && !connectionAllowed($grant = grant($srcId, $route.identity, portOf($route.target)), protocolAt($route.target))) {
@@ -171,18 +180,19 @@ var outboundTCP = $=>$
     }
   })
   .handleStreamEnd(() => { if ($route.admitted) resilience.endConnection($route.service) })
-  .handleData(d => metrics.bytes.withLabels($labels[0], $labels[1], 'sent').increase(d.size))
-  .pipe(() => $route.mode, {
+  .handleData(d => $sent.increase(d.size))
+  .pipe(tcpBranch, {
     denied: closeNow,
     refused: closeNow,
     unavailable: closeNow,
     tunnel: tunnel.tcp,
     gateway: toGatewayTCP,
-    local: toLocalPod,
+    local: connectTarget,
+    'local-mqtt': toLocalMqtt,
     direct: connectTarget,
     egress: connectTarget,
   })
-  .handleData(d => metrics.bytes.withLabels($labels[0], $labels[1], 'received').increase(d.size))
+  .handleData(d => $received.increase(d.size))
 
 // ---- outbound, HTTP: one decision per request (splits balance requests) ------
 

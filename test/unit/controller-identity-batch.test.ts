@@ -269,6 +269,23 @@ describe('the agent batches', () => {
     }
   });
 
+  test('a full batch goes at once, without waiting for the gap; the rest in the next request', async () => {
+    const issuer = controllerIssuer({ url: base, node: 'node-a', ca: fx.tls.caCert, token: () => fx.tokens['node-a']!, coalesceMs: 3000, coalesceMaxMs: 3000, maxBatch: 2 });
+    const count = await metric('fsm_node_controller_certificate_batch_entries_count');
+    const issued = await metric('fsm_node_controller_certificates_issued_total');
+    const csrs = await Promise.all(['web', 'db', 's1'].map((sa) => csrFor('app', sa)));
+    const full = Promise.all(['web', 'db'].map((sa, i) => issuer.issue({ namespace: 'app', serviceAccount: sa }, csrs[i]!)));
+    let thirdDone = false;
+    const third = issuer.issue({ namespace: 'app', serviceAccount: 's1' }, csrs[2]!).finally(() => (thirdDone = true));
+    expect((await full).map((a) => parseCertificate(a.certificateChain[0]!).identity?.serviceAccount)).toEqual(['web', 'db']);
+    // The third waits for its gap (3 s), alone: then it goes to the single route.
+    expect(thirdDone).toBe(false);
+    expect(await metric('fsm_node_controller_certificates_issued_total')).toBe(issued + 2);
+    expect(parseCertificate((await third).certificateChain[0]!).identity?.serviceAccount).toBe('s1');
+    expect(await metric('fsm_node_controller_certificate_batch_entries_count')).toBe(count + 1);
+    expect(await metric('fsm_node_controller_certificates_issued_total')).toBe(issued + 3);
+  });
+
   test('a lone identity goes to the single route; a whole-batch refusal reaches every identity of it', async () => {
     const issuer = controllerIssuer({ url: base, node: 'node-b', ca: fx.tls.caCert, token: () => fx.tokens['node-a']!, coalesceMs: 50, coalesceMaxMs: 1000 });
     const api = { namespace: 'app', serviceAccount: 'api' };

@@ -1,5 +1,6 @@
 import { z } from 'zod';
 import { formatIssues } from '../policy/schema.js';
+import { logger } from '../util/log.js';
 import type { ErrorBody, IdentityService, IssueAnswer } from './identities.js';
 
 /**
@@ -19,6 +20,8 @@ import type { ErrorBody, IdentityService, IssueAnswer } from './identities.js';
  * the envelope can fail the whole request: not an object, no entries, more
  * than MAX_BATCH.
  */
+
+const log = logger('controller-identities');
 
 /** Most identities in one batch request (a node with more sends several). */
 export const MAX_BATCH = 100;
@@ -68,5 +71,7 @@ export async function issueBatch(service: IdentityService, node: string, rawBody
     if (a.status === 200 && 'certificateChain' in a.body) return { status: 200, certificateChain: a.body.certificateChain, notAfter: a.body.notAfter };
     return { status: a.status, ...(a.body as ErrorBody), ...(a.retryAfterS ? { retryAfter: a.retryAfterS } : {}) };
   });
+  const issued = results.filter((r) => r.status === 200).length;
+  log.info({ node, entries: entries.length, issued, refused: entries.length - issued, ms: Math.round(performance.now() - started) }, 'certificate batch answered');
   return { status: 200, body: { trustBundle: service.provider.trustBundle(), results } };
 }

@@ -21,7 +21,7 @@ import type { ErrorBody, IdentityService, IssueAnswer } from './identities.js';
  * than MAX_BATCH.
  */
 
-const log = logger('controller-identities');
+const log = logger('controller-identity-batch');
 
 /** Most identities in one batch request (a node with more sends several). */
 export const MAX_BATCH = 100;

@@ -6,6 +6,8 @@ import { isAbsolute, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { stringify } from 'yaml';
 import { generateTokens, writeTokensFile } from '../src/controller/auth.js';
+import { MAX_BATCH } from '../src/controller/identity-batch.js';
+import { controllerIssuer } from '../src/identity/agent-certs.js';
 import { createCsr, generateKeyPair } from '../src/identity/x509.js';
 import { LABEL_MONITORED_BY } from '../src/policy/fsm.js';
 import { nodeName } from './synthetic-cluster.js';
@@ -28,13 +30,24 @@ import { intFlag, quantile, round } from './util.js';
  * signing, IdentityService.issue) in this process without HTTP or TLS.
  *
  *   npm run bench -- identity-issue [--identities 1000] [--nodes 50] [--concurrency 32]
- *        [--baseline DIST] [--rounds N] [--connection-per-request] [--cpu-prof DIR]
+ *        [--batch 100] [--agent-client] [--baseline DIST] [--rounds N]
+ *        [--connection-per-request] [--cpu-prof DIR]
+ *
+ * Each round issues the same CSRs two ways against a fresh controller of
+ * this build, side by side: `https` rows send one certificate per request
+ * (as agents did before batching), `https-batch` rows send each node's
+ * identities in batch requests of up to --batch (POST .../identities/batch,
+ * as agents do now), --concurrency requests in flight in both. With
+ * --agent-client the batch rows go through the agent's own client
+ * (controllerIssuer, one per node, every identity asked for at once: its
+ * coalescing makes the batches) instead of hand-made batch requests.
  *
  * --baseline DIST: another build's dist directory (e.g. main's, copied with
- * its package.json next to a node_modules): both builds issue the same CSRs
- * in alternating order, --rounds times each (default 3 with a baseline, else
- * 1), and a last `summary` row gives the medians side by side and their
- * ratios. --connection-per-request opens a new TLS connection for every
+ * its package.json next to a node_modules): its controller issues the same
+ * CSRs one per request (an older build has no batch route) in the same
+ * rounds. Runs alternate their order each round; --rounds (default 3) times
+ * each; a last `summary` row gives the medians side by side and the ratios
+ * (batch over single of this build; this build over the baseline). --connection-per-request opens a new TLS connection for every
  * certificate, as agents did before they kept their connection to the
  * controller alive. --cpu-prof writes each controller's V8 CPU profile into
  * DIR (under contention a profile counts time waiting for the CPU, e.g. in
@@ -61,7 +74,10 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
   const concurrency = Math.max(1, intFlag(flags, 'concurrency', 32));
   const programs: Program[] = [{ name: 'this', dist: here }];
   if (typeof flags.baseline === 'string') programs.push({ name: 'baseline', dist: isAbsolute(flags.baseline) ? flags.baseline : resolve(flags.baseline) });
-  const rounds = Math.max(1, intFlag(flags, 'rounds', programs.length > 1 ? 3 : 1));
+  const rounds = Math.max(1, intFlag(flags, 'rounds', 3));
+  const batch = Math.max(1, intFlag(flags, 'batch', MAX_BATCH));
+  if (batch > MAX_BATCH) throw new Error(`--batch must be at most ${MAX_BATCH} (the controller's limit per request)`);
+  const agentClient = flags['agent-client'] === true;
   for (const p of programs) if (!existsSync(join(p.dist, 'src/cli/bin.js'))) throw new Error(`${join(p.dist, 'src/cli/bin.js')} is missing: run npm run build:ts${p.name === 'baseline' ? ' in the baseline tree' : ''}`);
   const dir = mkdtempSync(join(tmpdir(), 'fsm-bench-identity-'));
   try {
@@ -92,50 +108,58 @@ export async function* run(flags: Record<string, string | boolean>): AsyncGenera
     }
     const csrMakeMs = performance.now() - t;
 
+    // Every controller run of a round: this build one per request and batched, the baseline one per request.
+    const runs: { p: Program; mode: Mode }[] = [{ p: programs[0]!, mode: 'batch' }, { p: programs[0]!, mode: 'single' }, ...programs.slice(1).map((p) => ({ p, mode: 'single' as const }))];
     const rows: { program: string; kind: string; row: Record<string, unknown> }[] = [];
     for (let r = 0; r < rounds; r++) {
-      // Alternate the order so neither build always runs first (warm caches, a neighbour's burst).
-      const order = r % 2 === 0 ? programs : [...programs].reverse();
-      for (const p of order) {
-        const row = { program: p.name, round: r + 1, ...(await overHttps(p, { dir: join(dir, `${p.name}-${r}`), manifests, tokens, csrs, nodes, concurrency, cpuProf: flags['cpu-prof'], perRequest: flags['connection-per-request'] === true })), node_csr_make_ms_each: round(csrMakeMs / n, 2) };
-        rows.push({ program: p.name, kind: 'https', row });
+      // Alternate the order so no run always goes first (warm caches, a neighbour's burst).
+      const order = r % 2 === 0 ? runs : [...runs].reverse();
+      for (const { p, mode } of order) {
+        const httpsRun = { dir: join(dir, `${p.name}-${mode}-${r}`), manifests, tokens, csrs, nodes, concurrency, cpuProf: flags['cpu-prof'], perRequest: flags['connection-per-request'] === true, mode, batch, agentClient };
+        const row = { program: p.name, round: r + 1, ...(await overHttps(p, httpsRun)), node_csr_make_ms_each: round(csrMakeMs / n, 2) };
+        rows.push({ program: p.name, kind: mode === 'single' ? 'https' : 'https-batch', row });
         yield row;
       }
-      for (const p of order) {
+      for (const p of r % 2 === 0 ? programs : [...programs].reverse()) {
         const row = { program: p.name, round: r + 1, ...(await signPath(p, csrs)) };
         rows.push({ program: p.name, kind: 'sign-path', row });
         yield row;
       }
     }
-    if (programs.length > 1 || rounds > 1) yield summary(rows, programs);
+    yield summary(rows, programs);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
 }
 
-/** Medians per build of the figures that matter, and this build's over the baseline's. */
+/** Medians per run of the figures that matter; batch over single (this build), this build over the baseline. */
 function summary(rows: { program: string; kind: string; row: Record<string, unknown> }[], programs: Program[]): object {
   const med = (program: string, kind: string, field: string): number => {
     const xs = rows.filter((r) => r.program === program && r.kind === kind).map((r) => Number(r.row[field]));
     return round(quantile(xs, 0.5), 2);
   };
-  const fields: [string, string][] = [
-    ['https', 'total_ms'],
-    ['https', 'controller_cpu_ms_per_issue'],
-    ['https', 'p99_ms'],
-    ['https', 'controller_rss_mib_after'],
-    ['https', 'controller_rss_growth_mib'],
-    ['sign-path', 'cpu_ms_per_issue'],
-  ];
-  const out: Record<string, unknown> = { bench: 'identity-issue', kind: 'summary', rounds: rows.filter((r) => r.program === 'this' && r.kind === 'https').length };
-  for (const [kind, field] of fields) {
-    const key = kind === 'https' ? field : `sign_path_${field}`;
-    for (const p of programs) out[`${key}_${p.name}`] = med(p.name, kind, field);
-    if (programs.length > 1) out[`${key}_ratio`] = round((out[`${key}_this`] as number) / (out[`${key}_baseline`] as number), 3);
+  const https = ['total_ms', 'controller_cpu_ms_per_issue', 'p50_ms', 'p99_ms', 'controller_rss_mib_after', 'controller_rss_growth_mib'];
+  const out: Record<string, unknown> = { bench: 'identity-issue', kind: 'summary', rounds: rows.filter((r) => r.program === 'this' && r.kind === 'https').length, identities: rows[0]?.row.identities };
+  for (const field of https) {
+    out[`${field}_batch`] = med('this', 'https-batch', field);
+    for (const p of programs) out[`${field}_${p.name === 'this' ? 'single' : 'baseline_single'}`] = med(p.name, 'https', field);
   }
+  for (const p of programs) out[`sign_path_cpu_ms_per_issue_${p.name}`] = med(p.name, 'sign-path', 'cpu_ms_per_issue');
+  const ratio = (a: string, b: string) => round((out[a] as number) / (out[b] as number), 3);
+  out.total_ms_batch_over_single = ratio('total_ms_batch', 'total_ms_single');
+  out.controller_cpu_batch_over_single = ratio('controller_cpu_ms_per_issue_batch', 'controller_cpu_ms_per_issue_single');
+  if (programs.length > 1) {
+    out.total_ms_batch_over_baseline_single = ratio('total_ms_batch', 'total_ms_baseline_single');
+    out.controller_cpu_batch_over_baseline_single = ratio('controller_cpu_ms_per_issue_batch', 'controller_cpu_ms_per_issue_baseline_single');
+    out.controller_cpu_single_over_baseline_single = ratio('controller_cpu_ms_per_issue_single', 'controller_cpu_ms_per_issue_baseline_single');
+    out.sign_path_cpu_ratio = ratio('sign_path_cpu_ms_per_issue_this', 'sign_path_cpu_ms_per_issue_baseline');
+  }
+  out.target_total_ms = 2000;
   out.load_avg_1m = round(loadavg()[0]!, 1);
   return out;
 }
+
+type Mode = 'single' | 'batch';
 
 interface HttpsRun {
   dir: string;
@@ -145,8 +169,13 @@ interface HttpsRun {
   nodes: number;
   concurrency: number;
   cpuProf: string | boolean | undefined;
-  /** A new TLS connection per certificate (no keep-alive). */
+  /** A new TLS connection per request (no keep-alive). */
   perRequest: boolean;
+  /** One certificate per request, or each node's in batch requests of up to `batch`. */
+  mode: Mode;
+  batch: number;
+  /** Batch mode through the agent's client (controllerIssuer per node) rather than hand-made batches. */
+  agentClient: boolean;
 }
 
 /** One controller process of build `p`, issuing every CSR once over HTTPS. */
@@ -170,37 +199,71 @@ async function overHttps(p: Program, o: HttpsRun): Promise<Record<string, unknow
 
     const agent = new Agent({ keepAlive: !o.perRequest, maxSockets: o.concurrency, ca });
     const latencies: number[] = [];
-    const failures = new Map<number, number>();
+    const failures = new Map<number | string, number>();
+    const fail = (why: number | string, k = 1) => failures.set(why, (failures.get(why) ?? 0) + k);
+    // What is sent: one CSR per request, or per node its CSRs in chunks of o.batch.
+    const jobs: Csr[][] = [];
+    if (o.mode === 'single') for (const c of o.csrs) jobs.push([c]);
+    else {
+      const byNode = new Map<string, Csr[]>();
+      for (const c of o.csrs) byNode.set(c.node, [...(byNode.get(c.node) ?? []), c]);
+      for (const list of byNode.values()) for (let i = 0; i < list.length; i += o.batch) jobs.push(list.slice(i, i + o.batch));
+    }
+    const entry = (c: Csr) => ({ namespace: 'bench', serviceAccount: c.sa, csr: c.csr });
     let next = 0;
     const cpu0 = process.cpuUsage();
     const t = performance.now();
-    await Promise.all(
-      Array.from({ length: o.concurrency }, async () => {
-        for (;;) {
-          const i = next++;
-          if (i >= n) return;
-          const c = o.csrs[i]!;
+    if (o.mode === 'batch' && o.agentClient) {
+      // As agents do: every identity asked for at once through the node's client, which coalesces them into batches.
+      const issuers = new Map(Object.keys(o.tokens).map((node) => [node, controllerIssuer({ url, node, ca, token: () => o.tokens[node]! })]));
+      await Promise.all(
+        o.csrs.map(async (c) => {
           const s = performance.now();
-          const r = await call(url, ca, 'POST', `/v1/nodes/${c.node}/identities`, { namespace: 'bench', serviceAccount: c.sa, csr: c.csr }, o.tokens[c.node], agent);
+          try {
+            await issuers.get(c.node)!.issue({ namespace: 'bench', serviceAccount: c.sa }, c.csr);
+          } catch (err) {
+            fail((err as { reason?: string }).reason ?? 'error');
+          }
           latencies.push(performance.now() - s);
-          if (r.status !== 200) failures.set(r.status, (failures.get(r.status) ?? 0) + 1);
-        }
-      }),
-    );
+        }),
+      );
+    } else {
+      await Promise.all(
+        Array.from({ length: o.concurrency }, async () => {
+          for (;;) {
+            const i = next++;
+            if (i >= jobs.length) return;
+            const job = jobs[i]!;
+            const node = job[0]!.node;
+            const s = performance.now();
+            const r =
+              o.mode === 'single'
+                ? await call(url, ca, 'POST', `/v1/nodes/${node}/identities`, entry(job[0]!), o.tokens[node], agent)
+                : await call(url, ca, 'POST', `/v1/nodes/${node}/identities/batch`, { requests: job.map(entry) }, o.tokens[node], agent);
+            latencies.push(performance.now() - s);
+            if (r.status !== 200) fail(r.status, job.length);
+            else if (o.mode === 'batch') for (const x of (JSON.parse(r.text) as { results: { status: number }[] }).results) if (x.status !== 200) fail(x.status);
+          }
+        }),
+      );
+    }
     const totalMs = performance.now() - t;
     const clientCpu = process.cpuUsage(cpu0);
     agent.destroy();
     const after = await controllerMemory(ctrl.pid!, url, ca);
     return {
       bench: 'identity-issue',
-      kind: 'https',
+      kind: o.mode === 'single' ? 'https' : 'https-batch',
       identities: n,
       nodes: o.nodes,
-      concurrency: o.concurrency,
+      // Requests sent, and how many were in flight at most (the agent client: each node's, up to 4 connections each).
+      requests: o.mode === 'batch' && o.agentClient ? 'agent-client' : jobs.length,
+      concurrency: o.mode === 'batch' && o.agentClient ? `agent-client x ${o.nodes}` : o.concurrency,
       connections: o.perRequest ? 'per-request' : 'keep-alive',
       total_ms: round(totalMs, 1),
       target_total_ms: 2000,
       per_s: round((n / totalMs) * 1000, 1),
+      // Per request (a batch's answer covers all its identities; agent client: per identity).
       p50_ms: round(quantile(latencies, 0.5), 2),
       p99_ms: round(quantile(latencies, 0.99), 2),
       max_ms: round(Math.max(...latencies), 2),

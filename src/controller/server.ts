@@ -21,7 +21,7 @@ export interface PolicyServerOptions {
   maxWaitMs?: number;
   /** An agent reported its interception mode (the Kubernetes controller posts an Event on a fallback). */
   onNodeStatus?: (node: string, status: NodeModeStatus) => void;
-  /** Workload certificates (POST /v1/nodes/:node/identities); absent: the route is not served. */
+  /** Workload certificates (POST /v1/nodes/:node/identities[/batch]); absent: the routes are not served. */
   identities?: IdentityService;
 }
 
@@ -59,7 +59,8 @@ export function acceptsDelta(v: string | string[] | undefined): boolean {
  *   POST /v1/nodes/:node/status  the agent's interception mode (NodeModeStatus),
  *     same credentials; 204, 400 on a malformed body.
  *   POST /v1/nodes/:node/identities  a workload certificate for a CSR, same
- *     credentials (identities.ts; docs/security.md).
+ *     credentials (identities.ts; docs/security.md); .../identities/batch
+ *     up to 100 at once, answered per identity (identity-batch.ts).
  *   GET /healthz, /readyz, /metrics (no credentials, nothing secret).
  */
 export function buildPolicyServer(o: PolicyServerOptions): FastifyInstance {

@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import { gatewayIdentities } from '../gateway/render.js';
 import { multiclusterIdentities } from '../multicluster/identity.js';
 import { Counter, Gauge, type Registry } from 'prom-client';
+import { MAX_BATCH } from '../controller/identity-batch.js';
 import { errorMessage, FsmNodeError } from '../errors.js';
 import { writeFileAtomic } from '../policy/store.js';
 import { DEFAULT_TRUST, type NodePolicy } from '../policy/schema.js';
@@ -68,52 +69,152 @@ export class IdentityFetchError extends FsmNodeError {
   }
 }
 
+export interface ControllerIssuerOptions {
+  url: string;
+  node: string;
+  ca: string | Buffer;
+  token: () => string;
+  timeoutMs?: number;
+  /** Identities asked for with no more than this gap between them go in one batch request (default 5 ms; 0: one request each). */
+  coalesceMs?: number;
+  /** A batch is sent at the latest this long after its first identity (default 50 ms). */
+  coalesceMaxMs?: number;
+  /** Most identities per batch request (default and ceiling: the controller's MAX_BATCH). */
+  maxBatch?: number;
+}
+
+/** After an older controller answered 404/405 to a batch, ask one identity per request for this long, then try a batch again. */
+export const BATCH_UNSUPPORTED_RETRY_MS = 10 * 60_000;
+
+interface Waiting {
+  identity: WorkloadIdentity;
+  csrPem: string;
+  resolve(a: IssuedAnswer): void;
+  reject(err: unknown): void;
+}
+
+interface Reply {
+  status: number;
+  body: Record<string, unknown>;
+  text: string;
+}
+
 /**
- * The controller's certificate endpoint over HTTPS, with the agent's
- * node-bound token. Connections are kept alive (a few per node, closed after
- * 20 s idle, before the controller's own idle timeout): an agent asks for
- * all its identities at once when it starts or when the trust domain or
- * roots change, and a fresh TLS handshake per certificate cost the
- * controller more CPU than checking and signing it (bench/identity-issue.ts
- * --connection-per-request). A request that fails on a kept connection the
+ * The controller's certificate endpoints over HTTPS, with the agent's
+ * node-bound token. Identities asked for at about the same moment (agent
+ * start, a burst of new pods, renewals due together) are gathered for a few
+ * milliseconds and sent as one batch request (POST .../identities/batch):
+ * each request costs the controller about as much in HTTPS, JSON and routing
+ * as checking and signing one certificate (bench/identity-issue.ts). The
+ * answer is per identity, so each caller gets its own certificate or its
+ * own refusal, and backoff and expiry stay per identity (IdentityManager).
+ * A lone identity, and every identity for a while after an older controller
+ * answered the batch route with 404/405, goes to the single route.
+ *
+ * Connections are kept alive (a few per node, closed after 20 s idle, before
+ * the controller's own idle timeout): a fresh TLS handshake per request cost
+ * the controller more CPU than checking and signing a certificate
+ * (--connection-per-request). A request that fails on a kept connection the
  * controller closed meanwhile is sent once more on a new one.
  */
-export function controllerIssuer(o: { url: string; node: string; ca: string | Buffer; token: () => string; timeoutMs?: number }): IdentityIssuer {
+export function controllerIssuer(o: ControllerIssuerOptions): IdentityIssuer {
   const agent = new Agent({ keepAlive: true, maxSockets: 4, timeout: 20_000 });
-  const once = (identity: WorkloadIdentity, csrPem: string, retry: boolean): Promise<IssuedAnswer> =>
+  const coalesceMs = o.coalesceMs ?? 5;
+  const coalesceMaxMs = o.coalesceMaxMs ?? 50;
+  const maxBatch = Math.max(1, Math.min(o.maxBatch ?? MAX_BATCH, MAX_BATCH));
+  const base = `/v1/nodes/${encodeURIComponent(o.node)}/identities`;
+
+  const post = (path: string, body: unknown, retry: boolean): Promise<Reply> =>
     new Promise((resolve, reject) => {
-      const url = new URL(`/v1/nodes/${encodeURIComponent(o.node)}/identities`, o.url);
       let token: string;
       try {
         token = o.token();
       } catch (err) {
         return reject(new IdentityFetchError('token', errorMessage(err), { cause: err }));
       }
-      const req = request(url, { method: 'POST', ca: o.ca, agent, headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' } }, (res) => {
+      const req = request(new URL(path, o.url), { method: 'POST', ca: o.ca, agent, headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' } }, (res) => {
         const chunks: Buffer[] = [];
         res.on('data', (c: Buffer) => chunks.push(c));
         res.on('end', () => {
           const text = Buffer.concat(chunks).toString('utf8');
-          let body: Record<string, unknown> = {};
+          let parsed: unknown;
           try {
-            body = JSON.parse(text) as Record<string, unknown>;
+            parsed = JSON.parse(text);
           } catch {
-            /* reported below */
+            /* reported by the caller */
           }
-          if (res.statusCode === 200 && Array.isArray(body.certificateChain)) return resolve(body as unknown as IssuedAnswer);
-          const why = typeof body.message === 'string' ? body.message : text.slice(0, 200);
-          reject(new IdentityFetchError(`http_${res.statusCode}`, `controller answered ${res.statusCode}: ${why}`));
+          resolve({ status: res.statusCode ?? 0, body: parsed && typeof parsed === 'object' ? (parsed as Record<string, unknown>) : {}, text });
         });
       });
       req.setTimeout(o.timeoutMs ?? 30_000, () => req.destroy(new Error('no answer from the controller')));
       req.on('error', (err: NodeJS.ErrnoException) => {
         // The controller closed an idle kept connection as we reused it: nothing reached it, ask again on a new one.
-        if (retry && req.reusedSocket && (err.code === 'ECONNRESET' || err.code === 'EPIPE')) return resolve(once(identity, csrPem, false));
+        if (retry && req.reusedSocket && (err.code === 'ECONNRESET' || err.code === 'EPIPE')) return resolve(post(path, body, false));
         reject(new IdentityFetchError('network', errorMessage(err), { cause: err }));
       });
-      req.end(JSON.stringify({ namespace: identity.namespace, serviceAccount: identity.serviceAccount, csr: csrPem }));
+      req.end(JSON.stringify(body));
     });
-  return { issue: (identity, csrPem) => once(identity, csrPem, true) };
+  const refusal = (status: number, body: Record<string, unknown>, text: string) =>
+    new IdentityFetchError(`http_${status}`, `controller answered ${status}: ${typeof body.message === 'string' ? body.message : text.slice(0, 200)}`);
+
+  const single = async (identity: WorkloadIdentity, csrPem: string): Promise<IssuedAnswer> => {
+    const r = await post(base, { namespace: identity.namespace, serviceAccount: identity.serviceAccount, csr: csrPem }, true);
+    if (r.status === 200 && Array.isArray(r.body.certificateChain)) return r.body as unknown as IssuedAnswer;
+    throw refusal(r.status, r.body, r.text);
+  };
+
+  let batchUnsupportedUntil = 0;
+  const batch = async (items: Waiting[]): Promise<void> => {
+    let r: Reply;
+    try {
+      r = await post(`${base}/batch`, { requests: items.map((w) => ({ namespace: w.identity.namespace, serviceAccount: w.identity.serviceAccount, csr: w.csrPem })) }, true);
+    } catch (err) {
+      for (const w of items) w.reject(err);
+      return;
+    }
+    if (r.status === 404 || r.status === 405) {
+      if (batchUnsupportedUntil === 0) log.info({ status: r.status }, 'the controller has no batch certificate route (an older version); asking one identity per request');
+      batchUnsupportedUntil = Date.now() + BATCH_UNSUPPORTED_RETRY_MS;
+      for (const w of items) single(w.identity, w.csrPem).then(w.resolve, w.reject);
+      return;
+    }
+    const results = r.body.results;
+    if (r.status !== 200 || !Array.isArray(results) || results.length !== items.length) {
+      const err = r.status === 200 ? new IdentityFetchError('invalid_answer', `the controller answered ${results === undefined ? 'no results' : 'results that do not match the request'} to a batch of ${items.length}`) : refusal(r.status, r.body, r.text);
+      for (const w of items) w.reject(err);
+      return;
+    }
+    const trustBundle = Array.isArray(r.body.trustBundle) ? (r.body.trustBundle as string[]) : [];
+    items.forEach((w, i) => {
+      const one = (results[i] ?? {}) as Record<string, unknown>;
+      if (one.status === 200 && Array.isArray(one.certificateChain)) w.resolve({ certificateChain: one.certificateChain as string[], trustBundle, notAfter: String(one.notAfter) });
+      else w.reject(refusal(typeof one.status === 'number' ? one.status : 0, one, JSON.stringify(one)));
+    });
+  };
+
+  let queue: Waiting[] = [];
+  let timer: NodeJS.Timeout | undefined;
+  let openedAt = 0;
+  const flush = (): void => {
+    if (timer) clearTimeout(timer);
+    timer = undefined;
+    const items = queue;
+    queue = [];
+    if (items.length === 1 || Date.now() < batchUnsupportedUntil) for (const w of items) single(w.identity, w.csrPem).then(w.resolve, w.reject);
+    else if (items.length > 1) void batch(items);
+  };
+  return {
+    issue: (identity, csrPem) => {
+      if (coalesceMs <= 0) return single(identity, csrPem);
+      return new Promise<IssuedAnswer>((resolve, reject) => {
+        queue.push({ identity, csrPem, resolve, reject });
+        if (queue.length >= maxBatch) return flush();
+        if (queue.length === 1) openedAt = performance.now();
+        if (timer) clearTimeout(timer);
+        timer = setTimeout(flush, Math.max(0, Math.min(coalesceMs, openedAt + coalesceMaxMs - performance.now())));
+      });
+    },
+  };
 }
 
 export interface IdentityManagerOptions {

@@ -198,7 +198,7 @@ describe('multicluster control path (mutual TLS between controllers)', () => {
     expect(ok.status).toBe(200);
     expect(Object.keys(JSON.parse(ok.body) as object).sort()).toEqual(['apiVersion', 'cluster', 'exports', 'kind', 'version']);
     // The peer asking for a node's policy, its identities, or to post status: not served here.
-    for (const path of ['/v1/nodes/n1/policy', '/v1/nodes/n1/identities', '/metrics', '/v1/clusterset/exports/../../v1/nodes/n1/policy']) {
+    for (const path of ['/v1/nodes/n1/policy', '/v1/nodes/n1/identities', '/v1/nodes/n1/identities/batch', '/metrics', '/v1/clusterset/exports/../../v1/nodes/n1/policy']) {
       expect((await get(`${url}${path}`, ids.c2, ca.certPem)).status).toBe(404);
     }
   });

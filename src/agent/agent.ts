@@ -142,6 +142,12 @@ export class Agent {
   readonly cni: CniService | undefined;
   /** Addresses of the pods in the last applied desired state: what a CNI ADD waits to see. */
   private appliedIps = new Set<string>();
+  /** The policy the last successful sync applied: a pods-only sync of it skips what depends only on the policy. */
+  private lastGood: NodePolicy | undefined;
+  /** renderPolicy's memo. */
+  private rendered: { policy: NodePolicy; version: string; state: DesiredState } | undefined;
+  /** What mode.json holds (written only when it changes). */
+  private persisted: string | undefined;
 
   constructor(
     readonly config: AgentConfig,
@@ -191,7 +197,8 @@ export class Agent {
           },
           {
             policy: () => this.deps.policy.current()?.policy,
-            syncNow: (reason) => this.runner.requestAndWait(reason),
+            // Pods only: the sync skips identities, mode choice and proxy configuration (see sync()).
+            syncNow: (reason) => this.runner.requestAndWait(reason, { podsOnly: true }),
             enrolled: (ip) => this.appliedIps.has(ip),
             notEnrolling: () => (this.suspended ? `suspended: ${this.suspended}` : this.decision && !this.decision.ready ? this.decision.reason : undefined),
           },
@@ -295,28 +302,38 @@ export class Agent {
     // Before the proxy configuration: gone identities are dropped, new ones
     // are read from the state directory (an adopting agent renders what the
     // running proxy uses) and start fetching when none is stored.
-    if (this.identities) {
+    //
+    // A pods-only sync (CNI ADD/DEL) of the policy the last good sync applied
+    // skips all of that and the mode choice: none of their inputs changed
+    // (any other request merged into the run clears podsOnly). What a pod
+    // creation waits for is then the merge and the dataplane's one-pod delta.
+    const podsOnly = ctx.podsOnly && this.lastGood === policy && this.decision?.ready === true;
+    if (this.identities && !podsOnly) {
       await this.identities.update(policy);
       phase('identities');
     }
-    const decision = chooseMode(
-      { nodeLabel: policy.node.interceptionMode ?? undefined, meshDefault: policy.mesh.interceptionMode, flag: this.config.mode },
-      this.report!.support,
-      this.readPersistedMode(),
-    );
-    this.decision = decision;
-    this.metrics.mode.reset();
-    this.logDecision(decision);
+    let decision = this.decision;
+    if (!podsOnly || !decision) {
+      decision = chooseMode(
+        { nodeLabel: policy.node.interceptionMode ?? undefined, meshDefault: policy.mesh.interceptionMode, flag: this.config.mode },
+        this.report!.support,
+        this.readPersistedMode(),
+      );
+      this.decision = decision;
+      this.metrics.mode.reset();
+      this.logDecision(decision);
+      if (!decision.ready) return;
+      this.metrics.mode.set({ desired: decision.desired, effective: decision.effective, fallback_reason: decision.fallbackReason ?? '' }, 1);
+      phase('mode');
+    }
     if (!decision.ready) return;
-    this.metrics.mode.set({ desired: decision.desired, effective: decision.effective, fallback_reason: decision.fallbackReason ?? '' }, 1);
 
-    phase('mode');
-    const proxyConfigChanged = await this.deliverProxyConfig(policy);
-    if (proxyConfigChanged !== undefined) phase('proxy');
-    const own = this.deps.render(policy);
+    const proxyConfigChanged = podsOnly ? (this.deps.proxy.deliver && this.deps.proxyConfig ? false : undefined) : await this.deliverProxyConfig(policy);
+    if (!podsOnly && proxyConfigChanged !== undefined) phase('proxy');
+    const own = this.renderPolicy(policy, ctx.full);
     phase('render');
     // Pods the CNI plugin enrolled at creation stay in until the policy names them (src/cni/enrolled.ts).
-    const rendered = this.cni ? this.cni.merge(own, policy) : own;
+    const rendered = this.cni ? this.cni.merge(own, policy, { full: ctx.full }) : own;
     if (this.cni) phase('merge');
     // Fail-open: while the proxy crash-loops no pod is redirected, so pods talk directly instead of failing.
     const desired = this.suspended ? { ...rendered, pods: [] } : rendered;
@@ -335,6 +352,7 @@ export class Agent {
     // Make before break: the new mode is in force (apply read it back); from here on it is the active one.
     this.active = next;
     this.persistMode({ desired: decision.desired, effective: decision.effective });
+    this.lastGood = policy;
     this.applied = { version: policy.version, pods: desired.pods.length, at: new Date().toISOString() };
     this.appliedIps = new Set(desired.pods.map((p) => p.ip));
     this.metrics.enrolledPods.set(desired.pods.length);
@@ -357,6 +375,21 @@ export class Agent {
     } else if (!previous) {
       await this.cleanupOtherMode(next.mode);
     }
+  }
+
+  /**
+   * The policy's own desired state, rendered once per policy: a sync of the
+   * same policy (CNI ADDs, identity changes) reuses it, a full sync renders
+   * afresh. A policy pod whose cgroup was not found is left out by the
+   * renderer; while one is missing the rendering is not kept, so every sync
+   * looks for it again. The result is never mutated (merge and dataplanes copy).
+   */
+  private renderPolicy(policy: NodePolicy, full: boolean): DesiredState {
+    const memo = this.rendered;
+    if (!full && memo?.policy === policy && memo.version === policy.version) return memo.state;
+    const state = this.deps.render(policy);
+    this.rendered = state.pods.length === policy.pods.length ? { policy, version: policy.version, state } : undefined;
+    return state;
   }
 
   /**
@@ -513,9 +546,12 @@ export class Agent {
   }
 
   private persistMode(m: PersistedMode): void {
+    const text = JSON.stringify(m) + '\n';
+    if (text === this.persisted) return;
     const tmp = `${this.modeFile}.tmp`;
-    writeFileSync(tmp, JSON.stringify(m) + '\n');
+    writeFileSync(tmp, text);
     renameSync(tmp, this.modeFile);
+    this.persisted = text;
   }
 }
 

@@ -31,14 +31,26 @@ export interface Clock {
   clearTimeout(handle: unknown): void;
 }
 
+const immediates = new WeakSet<object>();
+
 export const realClock: Clock = {
   now: () => Date.now(),
   setTimeout: (fn, ms) => {
+    // A run due now (a CNI ADD waits for it) starts in this turn of the event loop, not after a timer's 1 ms minimum.
+    if (ms <= 0) {
+      const immediate = setImmediate(fn);
+      immediate.unref();
+      immediates.add(immediate);
+      return immediate;
+    }
     const t = setTimeout(fn, ms);
     t.unref?.();
     return t;
   },
-  clearTimeout: (h) => clearTimeout(h as NodeJS.Timeout),
+  clearTimeout: (h) => {
+    if (immediates.has(h as object)) clearImmediate(h as NodeJS.Immediate);
+    else clearTimeout(h as NodeJS.Timeout);
+  },
 };
 
 export interface SyncRunnerOptions {

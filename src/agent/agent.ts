@@ -107,7 +107,9 @@ const SWITCH_DRAIN_MS = 250;
 /**
  * The agent: one reconcile loop from policy + probe + node state to the
  * dataplane and the proxy. Event handlers only request syncs; each sync
- * chooses the mode, renders the whole desired state and applies it. A mode
+ * chooses the mode, renders the whole desired state and applies it (a
+ * pods-only sync, for CNI ADD/DEL, reuses what depends on the policy alone:
+ * mode, proxy configuration, the rendering; see sync()). A mode
  * change is make-before-break: the new dataplane is applied (and so verified
  * by its own read-back) before the old one is cleaned up.
  */

@@ -61,27 +61,44 @@ type PodRef = { namespace: string; name: string; uid: string };
  */
 class PodIndex<T extends PodRef> {
   private readonly byUid = new Map<string, T[]>();
-  private readonly byName = new Map<string, T[]>();
-  private readonly order = new Map<T, number>();
+  /** By namespace/name and list position: built on the first lookup that needs them (a uid missing somewhere). */
+  private named: { byName: Map<string, T[]>; order: Map<T, number> } | undefined;
+  /** Some item has no uid (a runtime that passed no K8S_POD_UID): only then can a ref with a uid match by name. */
+  private readonly anyWithoutUid: boolean;
 
-  constructor(items: readonly T[]) {
-    items.forEach((x, i) => {
-      this.order.set(x, i);
-      push(this.byName, `${x.namespace}/${x.name}`, x);
+  constructor(private readonly items: readonly T[]) {
+    let anyWithoutUid = false;
+    for (const x of items) {
       if (x.uid !== '') push(this.byUid, x.uid, x);
-    });
+      else anyWithoutUid = true;
+    }
+    this.anyWithoutUid = anyWithoutUid;
   }
 
   /** The items samePod with `ref`, in list order. */
-  matches(ref: PodRef): T[] {
-    const named = this.byName.get(`${ref.namespace}/${ref.name}`) ?? [];
+  matches(ref: PodRef): readonly T[] {
+    if (ref.uid !== '' && !this.anyWithoutUid) return this.byUid.get(ref.uid) ?? NO_ITEMS;
+    const { byName, order } = (this.named ??= this.nameIndex());
+    const named = byName.get(`${ref.namespace}/${ref.name}`) ?? [];
     if (ref.uid === '') return named;
     const byUid = this.byUid.get(ref.uid) ?? [];
     const noUid = named.filter((x) => x.uid === '');
     if (noUid.length === 0) return byUid;
-    return [...byUid, ...noUid].sort((a, b) => this.order.get(a)! - this.order.get(b)!);
+    return [...byUid, ...noUid].sort((a, b) => order.get(a)! - order.get(b)!);
+  }
+
+  private nameIndex(): { byName: Map<string, T[]>; order: Map<T, number> } {
+    const byName = new Map<string, T[]>();
+    const order = new Map<T, number>();
+    this.items.forEach((x, i) => {
+      order.set(x, i);
+      push(byName, `${x.namespace}/${x.name}`, x);
+    });
+    return { byName, order };
   }
 }
+
+const NO_ITEMS: readonly never[] = Object.freeze([]);
 
 function push<K, V>(m: Map<K, V[]>, k: K, v: V): void {
   const xs = m.get(k);

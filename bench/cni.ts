@@ -43,7 +43,10 @@ import { intFlag, quantile, round, syntheticPod } from './util.js';
  * package.json, build/Release, bpf/build) runs the same scenario with its
  * agent, in child processes alternating with this build's, --rounds times
  * each (default 2); the summary row pools every ADD of a build and gives
- * p50/p99 of both and their ratios (this / baseline).
+ * p50/p99 of both and their ratios (this / baseline), and the medians over
+ * rounds of the agent's part. On a loaded machine the ADD's wall time is
+ * mostly the plugin's exec and scheduling (exec_p50_ms), which no agent
+ * change moves: read the agent part beside it.
  *   npm run bench -- cni [--pods 1000] [--adds 200] [--early N] [--modes ebpf,iptables] [--baseline DIST] [--rounds R]
  */
 
@@ -249,6 +252,7 @@ async function* compare(flags: Record<string, string | boolean>, baseline: strin
   const rounds = Math.max(1, intFlag(flags, 'rounds', 2));
   const pass = ['pods', 'adds', 'early', 'modes'].flatMap((f) => (typeof flags[f] === 'string' ? [`--${f}`, flags[f] as string] : []));
   const samples = new Map<string, number[]>();
+  const agentPart = new Map<string, { p50: number[]; p99: number[] }>();
   for (let r = 0; r < rounds; r++) {
     // Alternate the order so neither build always runs first (warm caches, a neighbour's burst).
     for (const b of r % 2 === 0 ? builds : [...builds].reverse()) {
@@ -256,6 +260,10 @@ async function* compare(flags: Record<string, string | boolean>, baseline: strin
         const { add_ms: ms, ...rest } = row as { add_ms: number[]; mode: string };
         const key = `${b.name}/${rest.mode}`;
         samples.set(key, [...(samples.get(key) ?? []), ...ms]);
+        const a = agentPart.get(key) ?? { p50: [], p99: [] };
+        a.p50.push((row as { agent_p50_ms: number }).agent_p50_ms);
+        a.p99.push((row as { agent_p99_ms: number }).agent_p99_ms);
+        agentPart.set(key, a);
         yield { build: b.name, round: r + 1, ...rest };
       }
     }
@@ -266,6 +274,11 @@ async function* compare(flags: Record<string, string | boolean>, baseline: strin
       const key = `add_p${q * 100}_ms`;
       for (const b of builds) out[`${key}_${b.name}`] = round(quantile(samples.get(`${b.name}/${mode}`) ?? [], q), 2);
       out[`${key}_ratio`] = round((out[`${key}_this`] as number) / (out[`${key}_baseline`] as number), 3);
+    }
+    // The agent's part (request in, answer out) has no pooled samples: the median over rounds of each run's quantile.
+    for (const q of ['p50', 'p99'] as const) {
+      for (const b of builds) out[`agent_${q}_ms_${b.name}`] = round(quantile(agentPart.get(`${b.name}/${mode}`)?.[q] ?? [], 0.5), 2);
+      out[`agent_${q}_ms_ratio`] = round((out[`agent_${q}_ms_this`] as number) / (out[`agent_${q}_ms_baseline`] as number), 3);
     }
     out.adds_each = samples.get(`this/${mode}`)?.length;
     out.loadavg_1m = round(loadavg()[0]!, 2);

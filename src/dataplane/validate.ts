@@ -50,6 +50,10 @@ export interface ValidateOptions {
 /** Absolute, no empty, "." or ".." segment, no trailing slash: what path.normalize leaves alone. */
 const CANONICAL_PATH = /^(\/(?!\.\.?(\/|$))[^/\0]+)+$/;
 
+/** Paths CANONICAL_PATH accepted before: the same pods' paths come back at every sync (bounded: cleared when full). */
+const canonicalPaths = new Set<string>();
+const CANONICAL_PATHS_MAX = 1 << 16;
+
 /*
  * Exclusion lists are validated for every pod on every sync, so the common
  * shapes (absent, empty, one entry) avoid the Set/Map/sort machinery.
@@ -71,9 +75,12 @@ export function validateDesired(desired: DesiredState, opts: ValidateOptions): N
   };
   const cgroupPath = (field: string, value: unknown): string => {
     if (!opts.cgroups) return typeof value === 'string' ? value : '';
+    if (typeof value === 'string' && canonicalPaths.has(value)) return value;
     if (typeof value !== 'string' || !CANONICAL_PATH.test(value)) {
       throw new InvalidInputError(field, value, 'must be the absolute, normalised path of a cgroup v2 directory');
     }
+    if (canonicalPaths.size >= CANONICAL_PATHS_MAX) canonicalPaths.clear();
+    canonicalPaths.add(value);
     return value;
   };
   const uidPattern = new RegExp(`^[A-Za-z0-9][A-Za-z0-9._-]{0,${opts.uidMaxLength - 1}}$`);

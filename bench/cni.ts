@@ -144,7 +144,8 @@ async function* measure(flags: Record<string, string | boolean>): AsyncGenerator
     for (const mode of modes) {
       const stateDir = join(work, `state-${mode}`);
       mkdirSync(stateDir, { recursive: true });
-      // The node's pods came through the plugin: the store a running agent would have (src/cni/enrolled.ts's file).
+      // The node's pods came through the plugin: the store a running agent would have. Written in the
+      // single-file form of earlier builds, which a --baseline build reads and this one takes over at start.
       const at = new Date().toISOString();
       const earlyPods = pods.slice(0, early).map((p, i) => ({ containerId: `benchearly${i}`.padEnd(64, '0'), namespace: 'bench', name: p.name, uid: p.uid, ip: p.ip, cgroupPath: p.cgroupPath, netns: `/run/netns/${node.netns}`, at }));
       writeFileSync(join(stateDir, 'cni-enrolled.json'), JSON.stringify({ pods: earlyPods, deleted: [] }) + '\n');

@@ -3,6 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { mergeEnrolled, EnrolledStore, type EnrolledPod } from '../../src/cni/enrolled.js';
 import { handleCni, type HandlerDeps } from '../../src/cni/handler.js';
+import { CniService } from '../../src/cni/service.js';
 import { decodeRequest, encodeRequest, parseCniArgs } from '../../src/cni/protocol.js';
 import { noExclusions, type DesiredState } from '../../src/dataplane/types.js';
 import { POLICY_API_VERSION, type NodePolicy } from '../../src/policy/schema.js';
@@ -169,6 +170,22 @@ describe('CNI enrolment logic', () => {
     // The mesh turns permissive: early-only entries follow.
     const permissive = { ...pol, mesh: { ...pol.mesh, inbound: 'permissive' as const } };
     expect(mergeEnrolled(base, permissive, pods, []).pods[2]!.inbound).toBe('permissive');
+  });
+
+  test('the agent looks for gone sandboxes on full syncs and policy changes, not on the syncs ADDs wait for', () => {
+    const svc = new CniService({ socket: join(dir, 'cni.sock'), spool: join(dir, 'spool'), stateDir: join(dir, 'state'), failurePolicy: 'auto' }, { policy: () => current, syncNow: async () => undefined, enrolled: () => false, notEnrolling: () => undefined });
+    // Its netns and cgroup do not exist: a sandbox whose DEL the agent never heard.
+    svc.store.add({ containerId: 'gone', namespace: 'app', name: 'gone', uid: 'uid-gone', ip: '10.1.0.8', cgroupPath: join(dir, 'no-cgroup'), netns: join(dir, 'no-netns'), at: 't' });
+    const pol = current!;
+    svc.merge(desiredOf(pol), pol, { full: true }); // the first sync of a policy prunes...
+    expect(svc.store.list()).toEqual([]);
+    svc.store.add({ containerId: 'gone2', namespace: 'app', name: 'gone2', uid: 'uid-gone2', ip: '10.1.0.9', cgroupPath: join(dir, 'no-cgroup'), netns: join(dir, 'no-netns'), at: 't' });
+    // ...an ADD's sync of the same policy does not (and so enrols it, as the ADD asked)...
+    expect(svc.merge(desiredOf(pol), pol, { full: false }).pods.map((p) => p.ip)).toEqual(['10.1.0.9']);
+    // ...a new policy or a full sync does.
+    const next = policy();
+    expect(svc.merge(desiredOf(next), next, { full: false }).pods).toEqual([]);
+    expect(svc.store.list()).toEqual([]);
   });
 
   test('an early pod whose sandbox is gone is pruned; DEL never fails', async () => {

@@ -80,7 +80,20 @@ export interface SyncOutcome {
   changes: number;
   /** Whether the proxy was offered a configuration other than the one it has (absent: this proxy takes none). */
   proxyConfigChanged?: boolean;
+  /** Where the sync's time went (ms): what a CNI ADD waits for, phase by phase. */
+  ms: SyncPhases;
   at: string;
+}
+
+/** Milliseconds per phase of one sync; a phase the sync skipped is absent. */
+export interface SyncPhases {
+  identities?: number;
+  mode?: number;
+  proxy?: number;
+  render?: number;
+  merge?: number;
+  apply?: number;
+  total: number;
 }
 
 /**
@@ -94,7 +107,9 @@ const SWITCH_DRAIN_MS = 250;
 /**
  * The agent: one reconcile loop from policy + probe + node state to the
  * dataplane and the proxy. Event handlers only request syncs; each sync
- * chooses the mode, renders the whole desired state and applies it. A mode
+ * chooses the mode, renders the whole desired state and applies it (a
+ * pods-only sync, for CNI ADD/DEL, reuses what depends on the policy alone:
+ * mode, proxy configuration, the rendering; see sync()). A mode
  * change is make-before-break: the new dataplane is applied (and so verified
  * by its own read-back) before the old one is cleaned up.
  */
@@ -129,6 +144,12 @@ export class Agent {
   readonly cni: CniService | undefined;
   /** Addresses of the pods in the last applied desired state: what a CNI ADD waits to see. */
   private appliedIps = new Set<string>();
+  /** The policy the last successful sync applied: a pods-only sync of it skips what depends only on the policy. */
+  private lastGood: NodePolicy | undefined;
+  /** renderPolicy's memo. */
+  private rendered: { policy: NodePolicy; version: string; state: DesiredState } | undefined;
+  /** What mode.json holds (written only when it changes). */
+  private persisted: string | undefined;
 
   constructor(
     readonly config: AgentConfig,
@@ -178,7 +199,8 @@ export class Agent {
           },
           {
             policy: () => this.deps.policy.current()?.policy,
-            syncNow: (reason) => this.runner.requestAndWait(reason),
+            // Pods only: the sync skips identities, mode choice and proxy configuration (see sync()).
+            syncNow: (reason) => this.runner.requestAndWait(reason, { podsOnly: true }),
             enrolled: (ip) => this.appliedIps.has(ip),
             notEnrolling: () => (this.suspended ? `suspended: ${this.suspended}` : this.decision && !this.decision.ready ? this.decision.reason : undefined),
           },
@@ -271,24 +293,50 @@ export class Agent {
     this.refreshGauges(cur);
     if (!cur) return;
     const { policy } = cur;
+    const t0 = performance.now();
+    const ms: SyncPhases = { total: 0 };
+    let mark = t0;
+    const phase = (name: Exclude<keyof SyncPhases, 'total'>): void => {
+      const now = performance.now();
+      ms[name] = round2(now - mark);
+      mark = now;
+    };
     // Before the proxy configuration: gone identities are dropped, new ones
     // are read from the state directory (an adopting agent renders what the
     // running proxy uses) and start fetching when none is stored.
-    await this.identities?.update(policy);
-    const decision = chooseMode(
-      { nodeLabel: policy.node.interceptionMode ?? undefined, meshDefault: policy.mesh.interceptionMode, flag: this.config.mode },
-      this.report!.support,
-      this.readPersistedMode(),
-    );
-    this.decision = decision;
-    this.metrics.mode.reset();
-    this.logDecision(decision);
+    //
+    // A pods-only sync (CNI ADD/DEL) of the policy the last good sync applied
+    // skips all of that and the mode choice: none of their inputs changed
+    // (any other request merged into the run clears podsOnly). What a pod
+    // creation waits for is then the merge and the dataplane's one-pod delta.
+    const podsOnly = ctx.podsOnly && this.lastGood === policy && this.decision?.ready === true;
+    if (this.identities && !podsOnly) {
+      await this.identities.update(policy);
+      phase('identities');
+    }
+    let decision = this.decision;
+    if (!podsOnly || !decision) {
+      decision = chooseMode(
+        { nodeLabel: policy.node.interceptionMode ?? undefined, meshDefault: policy.mesh.interceptionMode, flag: this.config.mode },
+        this.report!.support,
+        this.readPersistedMode(),
+      );
+      this.decision = decision;
+      this.metrics.mode.reset();
+      this.logDecision(decision);
+      if (!decision.ready) return;
+      this.metrics.mode.set({ desired: decision.desired, effective: decision.effective, fallback_reason: decision.fallbackReason ?? '' }, 1);
+      phase('mode');
+    }
     if (!decision.ready) return;
-    this.metrics.mode.set({ desired: decision.desired, effective: decision.effective, fallback_reason: decision.fallbackReason ?? '' }, 1);
 
-    const proxyConfigChanged = await this.deliverProxyConfig(policy);
+    const proxyConfigChanged = podsOnly ? (this.deps.proxy.deliver && this.deps.proxyConfig ? false : undefined) : await this.deliverProxyConfig(policy);
+    if (!podsOnly && proxyConfigChanged !== undefined) phase('proxy');
+    const own = this.renderPolicy(policy, ctx.full);
+    phase('render');
     // Pods the CNI plugin enrolled at creation stay in until the policy names them (src/cni/enrolled.ts).
-    const rendered = this.cni ? this.cni.merge(this.deps.render(policy), policy) : this.deps.render(policy);
+    const rendered = this.cni ? this.cni.merge(own, policy, { full: ctx.full }) : own;
+    if (this.cni) phase('merge');
     // Fail-open: while the proxy crash-loops no pod is redirected, so pods talk directly instead of failing.
     const desired = this.suspended ? { ...rendered, pods: [] } : rendered;
     const previous = this.active;
@@ -297,6 +345,7 @@ export class Agent {
     let result: ApplyResult;
     try {
       result = await next.apply(desired, { full: ctx.full || next !== previous });
+      phase('apply');
     } catch (err) {
       this.metrics.applyFailures.inc({ dataplane: next.mode });
       if (next !== previous) await next.close();
@@ -305,10 +354,12 @@ export class Agent {
     // Make before break: the new mode is in force (apply read it back); from here on it is the active one.
     this.active = next;
     this.persistMode({ desired: decision.desired, effective: decision.effective });
+    this.lastGood = policy;
     this.applied = { version: policy.version, pods: desired.pods.length, at: new Date().toISOString() };
     this.appliedIps = new Set(desired.pods.map((p) => p.ip));
     this.metrics.enrolledPods.set(desired.pods.length);
-    this.recordSync({ mode: next.mode, full: result.full, changes: result.changes, ...(proxyConfigChanged === undefined ? {} : { proxyConfigChanged }), at: this.applied.at });
+    ms.total = round2(performance.now() - t0);
+    this.recordSync({ mode: next.mode, full: result.full, changes: result.changes, ...(proxyConfigChanged === undefined ? {} : { proxyConfigChanged }), ms, at: this.applied.at });
     if (this.retiring?.mode === next.mode) {
       // Switched back before the old instance was removed: `next` adopted its state.
       await this.retiring.close();
@@ -326,6 +377,21 @@ export class Agent {
     } else if (!previous) {
       await this.cleanupOtherMode(next.mode);
     }
+  }
+
+  /**
+   * The policy's own desired state, rendered once per policy: a sync of the
+   * same policy (CNI ADDs, identity changes) reuses it, a full sync renders
+   * afresh. A policy pod whose cgroup was not found is left out by the
+   * renderer; while one is missing the rendering is not kept, so every sync
+   * looks for it again. The result is never mutated (merge and dataplanes copy).
+   */
+  private renderPolicy(policy: NodePolicy, full: boolean): DesiredState {
+    const memo = this.rendered;
+    if (!full && memo?.policy === policy && memo.version === policy.version) return memo.state;
+    const state = this.deps.render(policy);
+    this.rendered = state.pods.length === policy.pods.length ? { policy, version: policy.version, state } : undefined;
+    return state;
   }
 
   /**
@@ -482,11 +548,16 @@ export class Agent {
   }
 
   private persistMode(m: PersistedMode): void {
+    const text = JSON.stringify(m) + '\n';
+    if (text === this.persisted) return;
     const tmp = `${this.modeFile}.tmp`;
-    writeFileSync(tmp, JSON.stringify(m) + '\n');
+    writeFileSync(tmp, text);
     renameSync(tmp, this.modeFile);
+    this.persisted = text;
   }
 }
+
+const round2 = (x: number): number => Math.round(x * 100) / 100;
 
 export function splitHostPort(s: string): [string, number] {
   const i = s.lastIndexOf(':');

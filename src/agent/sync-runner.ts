@@ -11,6 +11,18 @@ export interface SyncContext {
   full: boolean;
   /** Why this run happens: the reasons of the merged requests. */
   reasons: string[];
+  /**
+   * Every request merged into this run said it changed only the set of pods
+   * (CNI ADD/DEL: early pods); policy, identities and mode are as the last
+   * successful run saw them. Never with `full`.
+   */
+  podsOnly: boolean;
+}
+
+export interface RequestOptions {
+  full?: boolean;
+  /** This request changes only which pods are enrolled (see SyncContext.podsOnly). */
+  podsOnly?: boolean;
 }
 
 export interface Clock {
@@ -19,14 +31,26 @@ export interface Clock {
   clearTimeout(handle: unknown): void;
 }
 
+const immediates = new WeakSet<object>();
+
 export const realClock: Clock = {
   now: () => Date.now(),
   setTimeout: (fn, ms) => {
+    // A run due now (a CNI ADD waits for it) starts in this turn of the event loop, not after a timer's 1 ms minimum.
+    if (ms <= 0) {
+      const immediate = setImmediate(fn);
+      immediate.unref();
+      immediates.add(immediate);
+      return immediate;
+    }
     const t = setTimeout(fn, ms);
     t.unref?.();
     return t;
   },
-  clearTimeout: (h) => clearTimeout(h as NodeJS.Timeout),
+  clearTimeout: (h) => {
+    if (immediates.has(h as object)) clearImmediate(h as NodeJS.Immediate);
+    else clearTimeout(h as NodeJS.Timeout);
+  },
 };
 
 export interface SyncRunnerOptions {
@@ -41,6 +65,8 @@ export class SyncRunner {
   private readonly clock: Clock;
   private pending: string[] = [];
   private pendingFull = true; // the first run is always full
+  /** No pending request asked for more than a pods-only run. */
+  private pendingPodsOnly = true;
   private running: Promise<void> | undefined;
   private timer: unknown;
   private timerAt = Infinity;
@@ -58,10 +84,11 @@ export class SyncRunner {
   }
 
   /** Ask for a sync soon; merged with other requests. */
-  request(reason: string, opts: { full?: boolean } = {}): void {
+  request(reason: string, opts: RequestOptions = {}): void {
     if (this.stopped) return;
     this.pending.push(reason);
     if (opts.full) this.pendingFull = true;
+    if (!opts.podsOnly) this.pendingPodsOnly = false;
     this.schedule(this.lastStart + this.opts.minIntervalMs);
   }
 
@@ -70,11 +97,12 @@ export class SyncRunner {
    * waits so the pod is enrolled before its containers start). Skips the
    * minimum interval: the caller is blocked on it. Rejects when that run failed.
    */
-  requestAndWait(reason: string): Promise<void> {
+  requestAndWait(reason: string, opts: Omit<RequestOptions, 'full'> = {}): Promise<void> {
     if (this.stopped) return Promise.reject(new Error('the agent is stopping'));
     return new Promise<void>((resolve, reject) => {
       this.waiters.push({ resolve, reject });
       this.pending.push(reason);
+      if (!opts.podsOnly) this.pendingPodsOnly = false;
       this.schedule(this.clock.now());
     });
   }
@@ -118,11 +146,13 @@ export class SyncRunner {
     if (this.running) return; // the run in progress reschedules when it ends
     const reasons = this.pending.length ? this.pending : ['periodic'];
     const full = this.pendingFull || this.pending.length === 0;
+    const podsOnly = !full && this.pendingPodsOnly;
     this.pending = [];
     this.pendingFull = false;
+    this.pendingPodsOnly = true;
     this.lastStart = this.clock.now();
     const waiters = this.waiters.splice(0);
-    this.running = this.runOnce({ full, reasons }, waiters).finally(() => {
+    this.running = this.runOnce({ full, reasons, podsOnly }, waiters).finally(() => {
       this.running = undefined;
       this.afterRun();
     });

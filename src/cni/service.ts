@@ -56,12 +56,14 @@ export class CniService {
   private readonly deps: HandlerDeps;
   private readonly counts = { add: 0, del: 0, check: 0, refused: 0, spoolReplayed: 0 };
   private readonly addMs: number[] = [];
+  /** The policy of the last prune: a new one may name (or stop naming) pods the marks are about. */
+  private prunedFor: NodePolicy | undefined;
 
   constructor(
     readonly settings: CniSettings,
     private readonly hooks: CniHooks,
   ) {
-    this.store = new EnrolledStore(join(settings.stateDir, 'cni-enrolled.json'));
+    this.store = new EnrolledStore(join(settings.stateDir, 'cni-enrolled'), { legacyFile: join(settings.stateDir, 'cni-enrolled.json') });
     const facts = hostSandboxFacts(cgroup2Root());
     this.deps = {
       store: this.store,
@@ -93,10 +95,21 @@ export class CniService {
     rmSync(this.settings.socket, { force: true });
   }
 
-  /** Called at every sync: early pods into the desired state; the chain's failure policy follows the mesh. */
-  merge(desired: DesiredState, policy: NodePolicy): DesiredState {
-    this.store.prune(policy, (p) => existsSync(p.netns) && existsSync(p.cgroupPath));
-    this.keeper?.update(pluginConf(this.settings, effectiveFailurePolicy(this.settings.failurePolicy, policy)));
+  /**
+   * Called at every sync: early pods into the desired state; the chain's
+   * failure policy follows the mesh. Early pods whose sandbox is gone (a DEL
+   * never heard) are looked for on full syncs (the first, after a failure,
+   * the periodic one) and when the policy changes, not on every sync: that
+   * costs two stats per early pod, and the syncs CNI ADDs wait for would pay
+   * them a thousand times on a full node. An ADD needs no prune to be right:
+   * a new sandbox displaces any stale one at its address (EnrolledStore.add).
+   */
+  merge(desired: DesiredState, policy: NodePolicy, opts: { full: boolean } = { full: true }): DesiredState {
+    if (opts.full || policy !== this.prunedFor) {
+      this.store.prune(policy, (p) => existsSync(p.netns) && existsSync(p.cgroupPath));
+      this.prunedFor = policy;
+      this.keeper?.update(pluginConf(this.settings, effectiveFailurePolicy(this.settings.failurePolicy, policy)));
+    }
     return mergeEnrolled(desired, policy, this.store.list(), this.store.deletions());
   }
 

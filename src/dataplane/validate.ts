@@ -50,6 +50,10 @@ export interface ValidateOptions {
 /** Absolute, no empty, "." or ".." segment, no trailing slash: what path.normalize leaves alone. */
 const CANONICAL_PATH = /^(\/(?!\.\.?(\/|$))[^/\0]+)+$/;
 
+/** Paths CANONICAL_PATH accepted before: the same pods' paths come back at every sync (bounded: cleared when full). */
+const canonicalPaths = new Set<string>();
+const CANONICAL_PATHS_MAX = 1 << 16;
+
 /*
  * Exclusion lists are validated for every pod on every sync, so the common
  * shapes (absent, empty, one entry) avoid the Set/Map/sort machinery.
@@ -71,9 +75,12 @@ export function validateDesired(desired: DesiredState, opts: ValidateOptions): N
   };
   const cgroupPath = (field: string, value: unknown): string => {
     if (!opts.cgroups) return typeof value === 'string' ? value : '';
+    if (typeof value === 'string' && canonicalPaths.has(value)) return value;
     if (typeof value !== 'string' || !CANONICAL_PATH.test(value)) {
       throw new InvalidInputError(field, value, 'must be the absolute, normalised path of a cgroup v2 directory');
     }
+    if (canonicalPaths.size >= CANONICAL_PATHS_MAX) canonicalPaths.clear();
+    canonicalPaths.add(value);
     return value;
   };
   const uidPattern = new RegExp(`^[A-Za-z0-9][A-Za-z0-9._-]{0,${opts.uidMaxLength - 1}}$`);
@@ -100,14 +107,16 @@ export function validateDesired(desired: DesiredState, opts: ValidateOptions): N
   };
 
   if (!Array.isArray(desired.pods)) throw new InvalidInputError('pods', desired.pods, 'must be a list');
-  const firstUse = new Map<string, number>();
-  const unique = (i: number, field: 'uid' | 'ip' | 'cgroupPath', key: string, shown: unknown): void => {
-    const other = firstUse.get(`${field}:${key}`);
+  // One map per field, keyed by the value itself: this runs for every pod on every sync (a CNI ADD's too).
+  const firstUse = { uid: new Map<string, number>(), ip: new Map<number, number>(), cgroupPath: new Map<string, number>() };
+  const unique = <F extends keyof typeof firstUse>(i: number, field: F, key: Parameters<(typeof firstUse)[F]['get']>[0], shown: unknown): void => {
+    const seen = firstUse[field] as Map<typeof key, number>;
+    const other = seen.get(key);
     if (other !== undefined) {
       const what = field === 'uid' ? 'duplicate: also' : 'also used by';
       throw new InvalidInputError(`pods[${i}].${field}`, shown, `${what} pods[${other}] (uid ${normal.pods[other]!.uid})`);
     }
-    firstUse.set(`${field}:${key}`, i);
+    seen.set(key, i);
   };
   for (let i = 0; i < desired.pods.length; i++) {
     const pod = desired.pods[i] as Partial<DesiredState['pods'][number]> | null;
@@ -120,7 +129,7 @@ export function validateDesired(desired: DesiredState, opts: ValidateOptions): N
     const ip = address(`${field}.ip`, pod.ip);
     const path = cgroupPath(`${field}.cgroupPath`, pod.cgroupPath);
     unique(i, 'uid', pod.uid, pod.uid);
-    unique(i, 'ip', String(ip), pod.ip);
+    unique(i, 'ip', ip, pod.ip);
     if (opts.cgroups) {
       unique(i, 'cgroupPath', path, path);
       if (path === normal.proxy.cgroupPath) throw new InvalidInputError(`${field}.cgroupPath`, path, "is the proxy's cgroup: the proxy's sockets must never be intercepted");

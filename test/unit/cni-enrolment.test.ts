@@ -1,8 +1,9 @@
-import { mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { mergeEnrolled, EnrolledStore, type EnrolledPod } from '../../src/cni/enrolled.js';
 import { handleCni, type HandlerDeps } from '../../src/cni/handler.js';
+import { CniService } from '../../src/cni/service.js';
 import { decodeRequest, encodeRequest, parseCniArgs } from '../../src/cni/protocol.js';
 import { noExclusions, type DesiredState } from '../../src/dataplane/types.js';
 import { POLICY_API_VERSION, type NodePolicy } from '../../src/policy/schema.js';
@@ -48,7 +49,7 @@ describe('CNI enrolment logic', () => {
     );
   beforeEach(() => {
     dir = mkdtempSync(join(tmpdir(), 'fsmt-cni-logic-'));
-    store = new EnrolledStore(join(dir, 'cni-enrolled.json'));
+    store = new EnrolledStore(join(dir, 'cni-enrolled'));
     current = policy();
     applied = new Set();
     syncs = 0;
@@ -78,7 +79,7 @@ describe('CNI enrolment logic', () => {
     expect(a).toEqual({ exitCode: 0, stdout: `${JSON.stringify(prev('10.1.0.5'))}\n` });
     expect(syncs).toBe(1);
     expect(applied.has('10.1.0.5')).toBe(true);
-    expect(new EnrolledStore(join(dir, 'cni-enrolled.json')).list().map((p) => p.ip)).toEqual(['10.1.0.5']);
+    expect(new EnrolledStore(join(dir, 'cni-enrolled')).list().map((p) => p.ip)).toEqual(['10.1.0.5']);
   });
 
   test('unmonitored namespace, opted-out pod, non-Kubernetes ADD: passed through, not enrolled', async () => {
@@ -121,6 +122,70 @@ describe('CNI enrolment logic', () => {
     current = policy();
     store.prune(current, () => true);
     expect(store.deletions()).toEqual([]);
+  });
+
+  test('the store keeps one small file per sandbox (an ADD writes one pod, not the store), takes over the single file of earlier versions, and survives a restart', () => {
+    const early = (i: number, extra: Partial<EnrolledPod> = {}): EnrolledPod => ({ containerId: `c${i}`, namespace: 'app', name: `p${i}`, uid: `uid-p${i}`, ip: `10.1.1.${i}`, cgroupPath: `/cg/p${i}`, netns: `/run/netns/c${i}`, at: 't', ...extra });
+    writeFileSync(join(dir, 'cni-enrolled.json'), JSON.stringify({ pods: [early(1), early(2)], deleted: [{ namespace: 'app', name: 'old', uid: 'uid-old', ip: '10.1.1.9' }] }));
+    const s1 = new EnrolledStore(join(dir, 'moved'), { legacyFile: join(dir, 'cni-enrolled.json') });
+    expect(existsSync(join(dir, 'cni-enrolled.json'))).toBe(false);
+    expect(s1.list().map((p) => p.containerId)).toEqual(['c1', 'c2']);
+    expect(readdirSync(join(dir, 'moved', 'pods')).sort()).toEqual(['c1.json', 'c2.json']);
+    s1.add(early(3));
+    s1.remove('c1', undefined, undefined);
+    expect(readdirSync(join(dir, 'moved', 'pods')).sort()).toEqual(['c2.json', 'c3.json']);
+    const s2 = new EnrolledStore(join(dir, 'moved'));
+    expect(s2.list().map((p) => p.ip)).toEqual(['10.1.1.2', '10.1.1.3']);
+    expect(s2.deletions().map((d) => d.name).sort()).toEqual(['old', 'p1']);
+    // A new sandbox at an address an early pod still holds: that one is gone (its DEL never came).
+    s2.add(early(4, { ip: '10.1.1.2' }));
+    expect(s2.list().map((p) => p.containerId)).toEqual(['c3', 'c4']);
+    expect(new EnrolledStore(join(dir, 'moved')).list().map((p) => p.containerId)).toEqual(['c3', 'c4']);
+  });
+
+  test('mergeEnrolled matches early pods by uid, or by name when a uid is missing; hands back the same entry while its inputs are unchanged; leaves out a stale policy entry at an early pod\'s address', () => {
+    const pol = policy([
+      { name: 'a', ip: '10.1.0.1' },
+      { name: 'b', ip: '10.1.0.2' },
+      { name: 'c', ip: '10.1.0.3' },
+    ]);
+    const base = desiredOf(pol);
+    const e = (name: string, ip: string, uid = `uid-${name}`): EnrolledPod => ({ containerId: `c-${name}`, namespace: 'app', name, uid, ip, cgroupPath: `/cg/live-${name}`, netns: '/run/netns/x', at: 't' });
+    // a: by uid; b: the runtime gave no uid, matched by name; d: only early, now at c's old address (c is gone).
+    const pods = [e('a', '10.1.0.11'), e('b', '10.1.0.12', ''), e('d', '10.1.0.3')];
+    const m1 = mergeEnrolled(base, pol, pods, []);
+    expect(m1.pods.map((p) => [p.uid, p.ip, p.cgroupPath])).toEqual([
+      ['uid-a', '10.1.0.11', '/cg/live-a'],
+      ['uid-b', '10.1.0.12', '/cg/live-b'],
+      ['uid-d', '10.1.0.3', '/cg/live-d'],
+    ]);
+    expect(m1.pods[0]!.exclusions.outboundPorts).toEqual([9]); // the policy's exclusions stay
+    const m2 = mergeEnrolled(base, pol, pods, []);
+    expect(m2.pods.every((p, i) => p === m1.pods[i])).toBe(true);
+    // A recreated sandbox of a: a new entry for a only.
+    const m3 = mergeEnrolled(base, pol, [e('a', '10.1.0.21'), pods[1]!, pods[2]!], []);
+    expect(m3.pods[0]).not.toBe(m1.pods[0]);
+    expect(m3.pods[0]!.ip).toBe('10.1.0.21');
+    expect(m3.pods.slice(1).every((p, i) => p === m1.pods[i + 1])).toBe(true);
+    // The mesh turns permissive: early-only entries follow.
+    const permissive = { ...pol, mesh: { ...pol.mesh, inbound: 'permissive' as const } };
+    expect(mergeEnrolled(base, permissive, pods, []).pods[2]!.inbound).toBe('permissive');
+  });
+
+  test('the agent looks for gone sandboxes on full syncs and policy changes, not on the syncs ADDs wait for', () => {
+    const svc = new CniService({ socket: join(dir, 'cni.sock'), spool: join(dir, 'spool'), stateDir: join(dir, 'state'), failurePolicy: 'auto' }, { policy: () => current, syncNow: async () => undefined, enrolled: () => false, notEnrolling: () => undefined });
+    // Its netns and cgroup do not exist: a sandbox whose DEL the agent never heard.
+    svc.store.add({ containerId: 'gone', namespace: 'app', name: 'gone', uid: 'uid-gone', ip: '10.1.0.8', cgroupPath: join(dir, 'no-cgroup'), netns: join(dir, 'no-netns'), at: 't' });
+    const pol = current!;
+    svc.merge(desiredOf(pol), pol, { full: true }); // the first sync of a policy prunes...
+    expect(svc.store.list()).toEqual([]);
+    svc.store.add({ containerId: 'gone2', namespace: 'app', name: 'gone2', uid: 'uid-gone2', ip: '10.1.0.9', cgroupPath: join(dir, 'no-cgroup'), netns: join(dir, 'no-netns'), at: 't' });
+    // ...an ADD's sync of the same policy does not (and so enrols it, as the ADD asked)...
+    expect(svc.merge(desiredOf(pol), pol, { full: false }).pods.map((p) => p.ip)).toEqual(['10.1.0.9']);
+    // ...a new policy or a full sync does.
+    const next = policy();
+    expect(svc.merge(desiredOf(next), next, { full: false }).pods).toEqual([]);
+    expect(svc.store.list()).toEqual([]);
   });
 
   test('an early pod whose sandbox is gone is pruned; DEL never fails', async () => {

@@ -124,6 +124,8 @@ describe('fsm-node status', () => {
   test("shows the agent's first sync and calls 0 changes an adoption", () => {
     const text = renderStatus({ node: 'n1', ready: true, sync: { count: 3, first: { full: true, changes: 0, proxyConfigChanged: false, at: '2026-12-04T08:00:00.000Z' } } });
     expect(text).toMatch(/first sync\s+full, 0 changes, proxy config unchanged at 2026-12-04T08:00:00.000Z \(adopted what was installed\)/);
-    expect(renderStatus({ node: 'n1', ready: true, sync: { count: 1, first: { full: true, changes: 7, at: 'x' } } })).not.toMatch(/adopted/);
+    expect(renderStatus({ node: 'n1', ready: true, sync: { count: 1, first: { full: true, changes: 7, at: 'x' } } })).not.toMatch(/adopted|last sync/);
+    const last = { full: false, changes: 2, proxyConfigChanged: false, ms: { render: 0, merge: 0.9, apply: 2.2, total: 3.3 }, at: 'y' };
+    expect(renderStatus({ node: 'n1', ready: true, sync: { count: 9, first: { full: true, changes: 0, at: 'x' }, last } })).toMatch(/last sync\s+incremental, 2 changes, proxy config unchanged at y in 3\.3 ms \(render 0, merge 0\.9, apply 2\.2\)/);
   });
 });

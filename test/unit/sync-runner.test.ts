@@ -19,13 +19,13 @@ describe('SyncRunner', () => {
     const { clock, runs, runner } = setup();
     runner.start();
     await clock.advance(0);
-    expect(runs).toEqual([{ full: true, reasons: ['start'], at: 0 }]);
+    expect(runs).toEqual([{ full: true, reasons: ['start'], podsOnly: false, at: 0 }]);
     runner.request('pod added');
     runner.request('pod removed');
     await clock.advance(99);
     expect(runs).toHaveLength(1);
     await clock.advance(1);
-    expect(runs[1]).toEqual({ full: false, reasons: ['pod added', 'pod removed'], at: 100 });
+    expect(runs[1]).toEqual({ full: false, reasons: ['pod added', 'pod removed'], podsOnly: false, at: 100 });
   });
 
   test('requestAndWait (CNI ADD) skips the minimum interval and resolves after a run that started after it; a failed run rejects it', async () => {
@@ -35,13 +35,37 @@ describe('SyncRunner', () => {
     let done = false;
     const waited = runner.requestAndWait('cni add a').then(() => (done = true));
     await clock.advance(0);
-    expect(runs[1]).toEqual({ full: false, reasons: ['cni add a'], at: 0 });
+    expect(runs[1]).toEqual({ full: false, reasons: ['cni add a'], podsOnly: false, at: 0 });
     await waited;
     expect(done).toBe(true);
     const failed = runner.requestAndWait('cni add b');
     const outcome = failed.then(() => 'resolved', (e: Error) => e.message);
     await clock.advance(0);
     expect(await outcome).toBe('run 3 failed');
+  });
+
+  test('podsOnly only when every merged request said so, never with full; a failed run makes the retry full', async () => {
+    const { clock, runs, runner } = setup((n) => n === 4);
+    runner.start();
+    await clock.advance(0);
+    expect(runs[0]!.podsOnly).toBe(false); // the first run is full
+    await Promise.all([runner.requestAndWait('cni add a', { podsOnly: true }), runner.requestAndWait('cni add b', { podsOnly: true }), clock.advance(0)]);
+    expect(runs[1]).toMatchObject({ full: false, reasons: ['cni add a', 'cni add b'], podsOnly: true });
+    // A policy change merged into the same run: the run does everything.
+    runner.request('policy changed');
+    const mixed = runner.requestAndWait('cni add c', { podsOnly: true });
+    await clock.advance(100);
+    await mixed;
+    expect(runs[2]).toMatchObject({ full: false, reasons: ['policy changed', 'cni add c'], podsOnly: false });
+    const failing = runner.requestAndWait('cni add d', { podsOnly: true }).catch((e: Error) => e.message);
+    await clock.advance(0);
+    expect(await failing).toBe('run 4 failed');
+    expect(runs[3]).toMatchObject({ podsOnly: true });
+    await clock.advance(50);
+    expect(runs[4]).toMatchObject({ full: true, reasons: ['retry: cni add d'], podsOnly: false });
+    runner.request('cni del e', { podsOnly: true, full: true });
+    await clock.advance(10_000);
+    expect(runs[5]).toMatchObject({ full: true, podsOnly: false });
   });
 
   test('with no requests a full periodic sync runs every maxInterval', async () => {

@@ -28,7 +28,15 @@ interface SyncOutcome {
   full: boolean;
   changes: number;
   proxyConfigChanged?: boolean;
+  /** Milliseconds per phase (agents since the CNI ADD cost work). */
+  ms?: Record<string, number>;
   at: string;
+}
+
+/** "3.3 ms (merge 0.9, apply 2.2)": where a sync's time went. */
+function syncCost(ms: Record<string, number>): string {
+  const phases = Object.entries(ms).filter(([k]) => k !== 'total');
+  return `${ms.total} ms${phases.length ? ` (${phases.map(([k, v]) => `${k} ${v}`).join(', ')})` : ''}`;
 }
 
 const DEFAULT_AGENT = 'http://127.0.0.1:15900';
@@ -56,6 +64,7 @@ export function renderStatus(s: AgentState): string {
     const f = s.sync.first;
     rows.push(['first sync', `${syncText(f)}${f.changes === 0 && f.proxyConfigChanged !== true ? ' (adopted what was installed)' : ''}`]);
   }
+  if (s.sync?.last && s.sync.count > 1) rows.push(['last sync', `${syncText(s.sync.last)}${s.sync.last.ms ? ` in ${syncCost(s.sync.last.ms)}` : ''}`]);
   if (s.proxy) rows.push(...proxyStatusRows(s.proxy));
   if (s.resilience) rows.push(...resilienceStatusRows(s.resilience));
   for (const i of s.identities ?? []) {

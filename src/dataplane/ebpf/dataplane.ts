@@ -213,7 +213,11 @@ export class EbpfDataplane implements Dataplane {
       return id;
     };
     const pods = new Map<string, bigint>();
-    for (const pod of normal.pods) pods.set(pod.uid, resolve(`pods[uid=${pod.uid}].cgroupPath`, pod.cgroupPath, true));
+    for (const pod of normal.pods) {
+      // The cache first: the field name is only needed to report a new path's fault (every sync, every pod).
+      const known = this.#cgroupIds.get(pod.cgroupPath);
+      pods.set(pod.uid, known ?? resolve(`pods[uid=${pod.uid}].cgroupPath`, pod.cgroupPath, true));
+    }
     return { proxy: resolve('proxy.cgroupPath', normal.proxy.cgroupPath, false), pods };
   }
 

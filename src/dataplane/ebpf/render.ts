@@ -142,11 +142,11 @@ export function checkCgroups(state: NormalState, ids: CgroupIds): void {
   const byCgroup = new Map<bigint, string>();
   for (const pod of state.pods) {
     const cg = ids.pods.get(pod.uid);
-    const field = `pods[uid=${pod.uid}].cgroupPath`;
-    if (cg === undefined) throw new InvalidInputError(field, pod.cgroupPath, 'cgroup id not resolved');
+    const field = (): string => `pods[uid=${pod.uid}].cgroupPath`;
+    if (cg === undefined) throw new InvalidInputError(field(), pod.cgroupPath, 'cgroup id not resolved');
     const other = byCgroup.get(cg);
-    if (other !== undefined) throw new InvalidInputError(field, pod.cgroupPath, `is the same cgroup as pod ${other}'s`);
-    if (cg === ids.proxy) throw new InvalidInputError(field, pod.cgroupPath, "is the proxy's cgroup");
+    if (other !== undefined) throw new InvalidInputError(field(), pod.cgroupPath, `is the same cgroup as pod ${other}'s`);
+    if (cg === ids.proxy) throw new InvalidInputError(field(), pod.cgroupPath, "is the proxy's cgroup");
     byCgroup.set(cg, pod.uid);
   }
 }

@@ -1,0 +1,196 @@
+import { once } from 'node:events';
+import type { ChildProcess } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { RATE_LOAD, type LoadRun } from '../../bench/failover.js';
+import { noExclusions, type Dataplane } from '../../src/dataplane/types.js';
+import { Topology, type TopoNode, type TopoPod } from '../../src/lab/topology.js';
+import { parseResilienceDefaults, parseRetrySpec } from '../../src/policy/resilience.js';
+import { NodePolicySchema, POLICY_API_VERSION, type NodePolicy } from '../../src/policy/schema.js';
+import { renderProxyConfig, type ProxyConfig } from '../../src/proxy/config.js';
+import { ProxySupervisor, type ProxySupervisorOptions } from '../../src/proxy/supervisor.js';
+import { cgroupPids } from '../../src/util/cgroup.js';
+import { dataplaneModes, nodeSpec } from '../support/dataplanes.js';
+import { eventually } from '../support/eventually.js';
+import { uniqueTestPrefix } from '../support/names.js';
+import { findPipy, metricValue, pipySkipReason } from '../support/pipy.js';
+import { waitForOutput } from '../support/traffic.js';
+
+/**
+ * Policy changes under steady load through the supervisor running the
+ * project's program (proxy/), counted (issue 19: a reload may fail no
+ * request). One node: pod A sends 100 GETs/s (keep-alive client, bench/
+ * failover.ts's load generator) to service slow (pod B), whose server answers
+ * after 150 ms, every tenth time with a 503 that a Retry (backoff 50 ms)
+ * hides, so about 17 requests are in flight at any moment, some of them
+ * between two attempts; meanwhile
+ * the agent's path, ProxySupervisor.deliver(), applies several policy changes
+ * (the policy version and a resilience default change each time).
+ *
+ * With the reload done by SIGHUP, Pipy stops the old program by force and
+ * resets the requests in flight (docs/proxy.md, "What a reload does to
+ * requests in flight"); with the hand-over (a new set of instances with the
+ * new config, the old set drained by SIGINT) none fails.
+ */
+
+const skip = pipySkipReason();
+if (skip) console.log(skip);
+const maybe = skip ? describe.skip : describe;
+
+const NS = 'rel';
+const PORT = 8080;
+const VIP = '10.96.9.9';
+const DELAY_MS = 150;
+// Every tenth answer is a 503 (a flaky endpoint), which the Retry below hides: retries in flight across a reload.
+const SLOW_SERVER = `
+let n = 0;
+require('node:http').createServer((req, res) => setTimeout(() => {
+  if (++n % 10 === 0) { res.statusCode = 503; res.end('flaky'); return; }
+  res.end(JSON.stringify({ pod: process.argv[1] }));
+}, ${DELAY_MS})).listen(${PORT}, () => console.log('listening'));
+`;
+const RETRY = { source: { kind: 'ServiceAccount', name: 'client' }, destinations: [{ kind: 'Service', name: 'slow' }], retryPolicy: { retryOn: '5xx,reset,connect-failure', numRetries: 3, retryBackoffBaseInterval: '50ms' } };
+
+maybe('policy changes under load through the supervised proxy (reload hand-over)', () => {
+  const pipy = findPipy() ?? '';
+  let work = '';
+  let topo: Topology;
+  let node: TopoNode;
+  let A: TopoPod, B: TopoPod;
+  let dp: Dataplane | undefined;
+  let server: ChildProcess | undefined;
+  const sups: ProxySupervisor[] = [];
+
+  function policy(generation: number): NodePolicy {
+    const sa = new Map([[A, 'client'], [B, 'slow']]);
+    return NodePolicySchema.parse({
+      apiVersion: POLICY_API_VERSION,
+      kind: 'NodePolicy',
+      mesh: { name: 'fsmt', inbound: 'permissive', interceptionMode: 'iptables', egress: 'allow', trafficPolicy: 'permissive', exclusions: noExclusions() },
+      proxies: [{ node: node.name, addresses: [node.underlayIp, node.gateway] }],
+      // The policy change: a mesh-wide default that differs in every generation.
+      resilience: { defaults: parseResilienceDefaults({ requestTimeout: `${20 + generation}s` }), retries: [{ namespace: NS, name: 'client-to-slow', ...parseRetrySpec(RETRY, NS) }], upstreams: [] },
+      node: { name: node.name, addresses: [node.gateway, node.underlayIp], interceptionMode: null },
+      meshPods: [A, B].map((p) => ({ ip: p.ip, namespace: NS, serviceAccount: sa.get(p)!, node: node.name })),
+      pods: [A, B].map((p) => ({ uid: `uid-${p.name}`, namespace: NS, name: p.name, ip: p.ip, serviceAccount: sa.get(p)!, cgroup: { qosClass: null, path: p.cgroupPath }, exclusions: noExclusions() })),
+      access: [],
+      services: [
+        {
+          namespace: NS,
+          name: 'slow',
+          clusterIPs: [VIP],
+          ports: [{ name: 'http', port: PORT, protocol: 'TCP' as const, appProtocol: 'http' }],
+          endpoints: [{ ip: B.ip, ports: { http: PORT }, node: node.name, pod: { namespace: NS, name: B.name }, serviceAccount: 'slow' }],
+        },
+      ],
+      splits: [],
+      version: (0xb000 + generation).toString(16).padStart(16, '0'),
+    });
+  }
+  const config = (generation: number): ProxyConfig => renderProxyConfig(policy(generation), { outboundPort: 15001, inboundPort: 15003 });
+
+  const supervisor = (extra: Partial<ProxySupervisorOptions> = {}): ProxySupervisor => {
+    const s = new ProxySupervisor({
+      kind: 'pipy',
+      stateDir: join(work, `state-${sups.length}`),
+      cgroup: node.proxyCgroup,
+      netns: node.netns,
+      address: node.gateway,
+      outboundPort: 15001,
+      inboundPort: 15003,
+      checkIntervalMs: 100,
+      pipy: { bin: pipy, threadCap: 2 },
+      initialConfig: config(0),
+      drainMs: 5000,
+      ...extra,
+    });
+    sups.push(s);
+    return s;
+  };
+
+  /** 100 GETs/s for `seconds` from A to the service; `during` runs alongside. */
+  async function load(seconds: number, during: () => Promise<void>): Promise<LoadRun> {
+    const child = A.exec(process.execPath, ['-e', RATE_LOAD, `http://${VIP}:${PORT}/`, '100', String(seconds)], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    child.stdout?.setEncoding('utf8').on('data', (d: string) => (out += d));
+    const exited = once(child, 'exit');
+    await during();
+    await exited;
+    return JSON.parse(out.trim().split('\n').pop() ?? '') as LoadRun;
+  }
+
+  const failures = (run: LoadRun): Record<string, number> => {
+    const out: Record<string, number> = {};
+    for (const r of run.records) if (r[2] !== 200) out[`${r[2]} ${r[3]}`] = (out[`${r[2]} ${r[3]}`] ?? 0) + 1;
+    return out;
+  };
+
+  async function changesUnderLoad(sup: ProxySupervisor, changes: number): Promise<{ run: LoadRun; failed: number }> {
+    let generation = 0;
+    const run = await load(changes + 3, async () => {
+      await new Promise((r) => setTimeout(r, 1500));
+      for (let i = 0; i < changes; i++) {
+        const r = await sup.deliver(config(++generation));
+        expect(r.applied).toBe(true);
+        await new Promise((res) => setTimeout(res, 1000));
+      }
+    });
+    const failed = run.records.filter((r) => r[2] !== 200).length;
+    console.log(`${changes} policy changes under 100 req/s: ${run.records.length} requests, ${failed} failed ${JSON.stringify(failures(run))}`);
+    return { run, failed };
+  }
+
+  beforeAll(async () => {
+    const prefix = uniqueTestPrefix();
+    work = mkdtempSync(join(tmpdir(), `${prefix}-rh-`));
+    topo = await Topology.create({ prefix, nodes: 1, podsPerNode: 0 });
+    node = topo.nodes[0]!;
+    A = await topo.addPod(node, 'a');
+    B = await topo.addPod(node, 'b');
+    server = B.exec(process.execPath, ['-e', SLOW_SERVER, B.name], { stdio: ['ignore', 'pipe', 'pipe'] });
+    await waitForOutput(server, 'listening');
+    dp = dataplaneModes.iptables!.create(nodeSpec(node));
+    await dp.apply({
+      proxy: { address: node.gateway, outboundPort: 15001, inboundPort: 15003, cgroupPath: node.proxyCgroup },
+      nodeAddresses: [node.gateway, node.underlayIp],
+      proxySources: [node.gateway, node.underlayIp],
+      mesh: noExclusions(),
+      pods: [A, B].map((p) => ({ uid: `uid-${p.name}`, namespace: NS, name: p.name, ip: p.ip, cgroupPath: p.cgroupPath, inbound: 'permissive' as const, exclusions: noExclusions() })),
+    });
+  }, 120_000);
+
+  afterEach(async () => {
+    for (const s of sups.splice(0)) await s.stop(2000);
+  });
+
+  afterAll(async () => {
+    await dp?.cleanup().catch(() => undefined);
+    server?.kill('SIGKILL');
+    await topo?.destroy();
+    if (work) rmSync(work, { recursive: true, force: true });
+  }, 60_000);
+
+  test('control: the same load without a change: 0 failed requests (the Retry hides every 503)', async () => {
+    const sup = supervisor();
+    await sup.start();
+    await sup.waitReady(15_000, { all: true });
+    const { run, failed } = await changesUnderLoad(sup, 0);
+    expect(run.records.length).toBe(300);
+    expect(failed).toBe(0);
+  }, 60_000);
+
+  test('5 policy changes under 100 req/s with 150 ms answers: every change applied, 0 failed requests', async () => {
+    const sup = supervisor();
+    await sup.start();
+    await sup.waitReady(15_000, { all: true });
+    const { run, failed } = await changesUnderLoad(sup, 5);
+    expect(run.records.length).toBe(800);
+    expect(failed).toBe(0);
+    expect(sup.status()).toMatchObject({ reloads: 5, reloadFailures: 0, listening: true });
+    // The running instances are the supervised ones and run the last version; no old instance is left behind.
+    const metrics = (await sup.metrics()) ?? '';
+    expect(metricValue(metrics, 'fsmn_proxy_config', { version: policy(5).version })).toBe(sup.status().instanceCount);
+    await eventually(async () => (await cgroupPids(node.proxyCgroup)).sort(), (pids) => JSON.stringify(pids) === JSON.stringify(sup.status().instances.map((i) => i.pid!).sort()), 10_000);
+  }, 120_000);
+});

@@ -22,6 +22,7 @@ import * as mqtt from './mqtt.js'
 import * as gateway from './gateway.js'
 import * as egress from './egress.js'
 import * as resilience from './resilience.js'
+import * as drain from './drain.js'
 
 var SOURCE_HEADER = 'fsmn-source-identity'
 
@@ -249,6 +250,9 @@ var attemptRequest = $=>$
 
 var outboundHTTP = $=>$
   .demuxHTTP().to($=>$
+    // Requests in flight hold a retiring instance's drain (drain.js).
+    .onStart(drain.requestStarts)
+    .onEnd(drain.requestEnds)
     .handleMessageStart(msg => {
       $start = Date.now()
       var imp = mc.importAt($dstIp, $dstPort)
@@ -265,12 +269,14 @@ var outboundHTTP = $=>$
       var status = msg.head.status
       metrics.responses.withLabels($labels[0], $labels[1], metrics.statusClass(status)).increase()
       metrics.latency.withLabels($labels[0], $labels[1]).observe(Date.now() - $start)
+      drain.answer(msg)
     })
     .handleData(d => metrics.bytes.withLabels($labels[0], $labels[1], 'received').increase(d.size))
   )
 
 pipy.listen(config.listen.outbound, { transparent: true }, $=>$
   .onStart(ib => {
+    drain.connectionOpens()
     var dst = originalDestination(ib)
     $srcId = sourceIdentity(ib.remoteAddress)
     $dstIp = dst ? dst[0] : ''
@@ -278,6 +284,7 @@ pipy.listen(config.listen.outbound, { transparent: true }, $=>$
     // An empty chunk starts the pipeline now, so a server-first protocol gets its connection.
     return new Data
   })
+  .onEnd(drain.connectionCloses)
   // Clusterset IPs first (mesh destinations in another cluster); then, under
   // egress deny, a destination outside the mesh is egress.js's to judge (its branches are 'egress:*').
   .pipe(() => {
@@ -336,6 +343,8 @@ pipy.listen(config.listen.inbound, tls.serve($=>$
     .pipe(() => config.endpoints[$dstIp].ports[$dstPort] || 'tcp', {
       http: $=>$
         .demuxHTTP().to($=>$
+          .onStart(drain.requestStarts)
+          .onEnd(drain.requestEnds)
           .handleMessageStart(msg => { $head = msg.head; $attempt = resilience.fromPeer(msg.head) })
           .pipe(() => requestAllowed($grant, $head) ? 'allowed' : 'denied', {
             allowed: muxToTarget,
@@ -387,6 +396,8 @@ if (mc.enabled) pipy.listen(mc.gatewayPort(), cs.serve($=>$
         .pipe(() => mc.exportProtocol($gwTarget), {
           // HTTP: every request inside the tunnel picks its endpoint and is judged on its own.
           http: $=>$.demuxHTTP().to($=>$
+            .onStart(drain.requestStarts)
+            .onEnd(drain.requestEnds)
             .handleMessageStart(msg => {
               var a = mc.acceptFromCluster($gwTarget, msg.head)
               $route = a.route || { mode: 'unavailable' }

@@ -1,6 +1,6 @@
 import { once } from 'node:events';
 import type { ChildProcess } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { RATE_LOAD, type LoadRun } from '../../bench/failover.js';
@@ -9,7 +9,7 @@ import { Topology, type TopoNode, type TopoPod } from '../../src/lab/topology.js
 import { parseResilienceDefaults, parseRetrySpec } from '../../src/policy/resilience.js';
 import { NodePolicySchema, POLICY_API_VERSION, type NodePolicy } from '../../src/policy/schema.js';
 import { renderProxyConfig, type ProxyConfig } from '../../src/proxy/config.js';
-import { ProxySupervisor, type ProxySupervisorOptions } from '../../src/proxy/supervisor.js';
+import { ProxyReloadError, ProxySupervisor, type ProxySupervisorOptions } from '../../src/proxy/supervisor.js';
 import { cgroupPids } from '../../src/util/cgroup.js';
 import { dataplaneModes, nodeSpec } from '../support/dataplanes.js';
 import { eventually } from '../support/eventually.js';
@@ -126,20 +126,35 @@ maybe('policy changes under load through the supervised proxy (reload hand-over)
     return out;
   };
 
-  async function changesUnderLoad(sup: ProxySupervisor, changes: number): Promise<{ run: LoadRun; failed: number }> {
+  /** `changes` deliveries (or what `change` does instead), one a second, under the load. */
+  async function changesUnderLoad(sup: ProxySupervisor, changes: number, change?: (i: number) => Promise<void>): Promise<{ run: LoadRun; failed: number }> {
     let generation = 0;
+    const ms: number[] = [];
     const run = await load(changes + 3, async () => {
       await new Promise((r) => setTimeout(r, 1500));
       for (let i = 0; i < changes; i++) {
-        const r = await sup.deliver(config(++generation));
-        expect(r.applied).toBe(true);
+        if (change) {
+          await change(i);
+        } else {
+          const r = await sup.deliver(config(++generation));
+          expect(r.applied).toBe(true);
+          ms.push(Math.round(r.ms));
+        }
         await new Promise((res) => setTimeout(res, 1000));
       }
     });
     const failed = run.records.filter((r) => r[2] !== 200).length;
-    console.log(`${changes} policy changes under 100 req/s: ${run.records.length} requests, ${failed} failed ${JSON.stringify(failures(run))}`);
+    console.log(`${changes} policy changes under 100 req/s: ${run.records.length} requests, ${failed} failed ${JSON.stringify(failures(run))}; deliver ms ${JSON.stringify(ms)}`);
     return { run, failed };
   }
+
+  /** What proxy/drain.js printed in the instances' logs (the current and the previous log of each admin port). */
+  const drainLines = (sup: ProxySupervisor, which: 'drained' | 'deadline'): number => {
+    const dir = join(work, `state-${sups.indexOf(sup)}`);
+    return readdirSync(dir)
+      .filter((f) => /^proxy-\d+\.log(\.1)?$/.test(f))
+      .reduce((n, f) => n + (readFileSync(join(dir, f), 'utf8').match(new RegExp(`fsmn-proxy drain ${which} `, 'g'))?.length ?? 0), 0);
+  };
 
   beforeAll(async () => {
     const prefix = uniqueTestPrefix();
@@ -192,5 +207,30 @@ maybe('policy changes under load through the supervised proxy (reload hand-over)
     const metrics = (await sup.metrics()) ?? '';
     expect(metricValue(metrics, 'fsmn_proxy_config', { version: policy(5).version })).toBe(sup.status().instanceCount);
     await eventually(async () => (await cgroupPids(node.proxyCgroup)).sort(), (pids) => JSON.stringify(pids) === JSON.stringify(sup.status().instances.map((i) => i.pid!).sort()), 10_000);
+    expect(sup.status().draining).toBe(0);
+    // The old instances ended their drain themselves (every request answered, every client gone), not at the deadline.
+    expect(drainLines(sup, 'drained')).toBeGreaterThanOrEqual(2);
+    expect(drainLines(sup, 'deadline')).toBe(0);
+  }, 120_000);
+
+  test('a config the program rejects, under load: ProxyReloadError naming the error, the running instances keep serving the last good one, 0 failed requests', async () => {
+    const sup = supervisor();
+    await sup.start();
+    await sup.waitReady(15_000, { all: true });
+    await sup.deliver(config(1));
+    const pids = sup.status().instances.map((i) => i.pid);
+    const errors: unknown[] = [];
+    const { failed } = await changesUnderLoad(sup, 1, async () => {
+      errors.push(await sup.deliver({ ...config(2), listen: { outbound: 'nope', inbound: 15003 } }).catch((e: unknown) => e));
+    });
+    expect(errors[0]).toBeInstanceOf(ProxyReloadError);
+    expect((errors[0] as Error).message).toMatch(/invalid 'address:port' form/);
+    expect(failed).toBe(0);
+    expect(sup.status()).toMatchObject({ reloads: 1, reloadFailures: 1, listening: true });
+    expect(sup.status().instances.map((i) => i.pid)).toEqual(pids);
+    expect(metricValue((await sup.metrics()) ?? '', 'fsmn_proxy_config', { version: policy(1).version })).toBe(pids.length);
+    expect((await cgroupPids(node.proxyCgroup)).sort()).toEqual([...pids].sort());
+    // The next good change goes live (config.json was put back, nothing half-applied).
+    expect(await sup.deliver(config(3))).toMatchObject({ applied: true });
   }, 120_000);
 });

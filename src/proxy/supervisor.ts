@@ -924,12 +924,18 @@ export class ProxySupervisor {
     }
   }
 
-  /** End the drain of an earlier hand-over now (a second SIGINT is Pipy's forced shutdown) and wait until it is gone. */
+  /**
+   * End the drain of an earlier hand-over now and wait until it is gone: a
+   * second SIGINT is Pipy's forced shutdown, SIGKILL a second later.
+   */
   private async endDraining(): Promise<void> {
     const left = this.retiring.filter(isAlive);
     if (left.length) {
       log.warn({ pids: left.map((i) => i.pid) }, 'a new config arrived while old proxy instances still drain; ending their drain now');
       for (const i of left) signal(i, 'SIGINT');
+      const forced = Date.now() + 1000;
+      while (left.some(isAlive) && Date.now() < forced) await sleep(10);
+      for (const i of left) if (isAlive(i)) signal(i, 'SIGKILL');
     }
     await this.drained;
   }

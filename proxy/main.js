@@ -151,6 +151,7 @@ var muxToGateway = $=>$
 
 var outboundTCP = $=>$
   .onStart(() => {
+    drain.connectionOpens()
     $route = mc.decideImport($dstIp, $dstPort) || decide($dstIp, $dstPort)
     $labels = labelsOf($srcId, $route)
     metrics.connections.withLabels($labels[0], $labels[1]).increase()
@@ -171,6 +172,8 @@ var outboundTCP = $=>$
       if ($route.mode === 'tunnel') tunnel.use($srcId, $route, $labels)
     }
   })
+  // Open TCP connections (MQTT, ...) hold a retiring instance's drain (drain.js).
+  .onEnd(drain.connectionCloses)
   .handleStreamEnd(() => { if ($route.admitted) resilience.endConnection($route.service) })
   .handleData(d => metrics.bytes.withLabels($labels[0], $labels[1], 'sent').increase(d.size))
   .pipe(() => $route.mode, {
@@ -276,7 +279,6 @@ var outboundHTTP = $=>$
 
 pipy.listen(config.listen.outbound, { transparent: true }, $=>$
   .onStart(ib => {
-    drain.connectionOpens()
     var dst = originalDestination(ib)
     $srcId = sourceIdentity(ib.remoteAddress)
     $dstIp = dst ? dst[0] : ''
@@ -284,7 +286,6 @@ pipy.listen(config.listen.outbound, { transparent: true }, $=>$
     // An empty chunk starts the pipeline now, so a server-first protocol gets its connection.
     return new Data
   })
-  .onEnd(drain.connectionCloses)
   // Clusterset IPs first (mesh destinations in another cluster); then, under
   // egress deny, a destination outside the mesh is egress.js's to judge (its branches are 'egress:*').
   .pipe(() => {

@@ -262,8 +262,8 @@ export class ProxySupervisor {
   private upgrades = 0;
   /** Old instances a hand-over retired that may still drain (in proxy.json's retiring list until gone). */
   private retiring: ProxyInstance[] = [];
-  /** Their retirement; at most one generation drains at a time. */
-  private drained: Promise<void> = Promise.resolve();
+  /** Their generations, oldest first, each with its retirement; at most MAX_DRAINING_GENERATIONS. */
+  private drainingGenerations: Array<{ insts: ProxyInstance[]; done: Promise<void> }> = [];
   /** Someone reads metrics(): a hand-over then reads the old instances' counters a last time. */
   private metricsRead = false;
   private lastReload: ProxyStatus['lastReload'];
@@ -378,6 +378,7 @@ export class ProxySupervisor {
     const version = configVersion(this.startConfig());
     await Promise.all(ours.map((i) => this.retire(i, graceMs, { version })));
     this.retiring = [];
+    this.drainingGenerations = [];
     return ours.length > 0;
   }
 
@@ -723,7 +724,7 @@ export class ProxySupervisor {
 
   /** Start (or restart) the instance of a slot, on its own admin port when free, and record it. */
   private startSlot(slot: Slot): ProxyInstance {
-    const used = new Set(this.slots.filter((s) => s !== slot && s.inst && isAlive(s.inst)).map((s) => s.inst!.adminPort));
+    const used = new Set([...this.slots.filter((s) => s !== slot && s.inst && isAlive(s.inst)).map((s) => s.inst!), ...this.retiring.filter(isAlive)].map((i) => i.adminPort));
     const preferred = this.adminBase() + slot.index;
     const port = used.has(preferred) ? pickAdminPorts(this.adminBase(), 1, used)[0]! : preferred;
     const inst = this.spawnInstance(slot.index, slot.threads, port);
@@ -868,9 +869,9 @@ export class ProxySupervisor {
    * stopped serving, keeps the last good config.
    */
   private async handOver(text: string, previous: string, old: ProxyInstance[], t0: number): Promise<DeliverResult> {
-    // Bounded memory: at most one old generation drains. One still draining
-    // (two changes within a drain) is ended now; its long-lived connections close.
-    await this.endDraining();
+    // Bounded memory: at most MAX_DRAINING_GENERATIONS old sets drain; the
+    // oldest beyond that (a burst of changes) is ended now.
+    await this.limitDraining(MAX_DRAINING_GENERATIONS - 1);
     this.busy = true;
     this.delivering = true;
     const next: ProxyInstance[] = [];
@@ -878,7 +879,8 @@ export class ProxySupervisor {
     try {
       // The new instances start from this file; the old ones read it only at a start or SIGHUP.
       writeConfig(dir, text);
-      const ports = pickAdminPorts(this.adminBase(), this.slots.length, old.map((i) => i.adminPort));
+      // Admin ports (and so log files) of no live instance: neither the running set's nor a draining one's.
+      const ports = pickAdminPorts(this.adminBase(), this.slots.length, [...old, ...this.retiring.filter(isAlive)].map((i) => i.adminPort));
       const fail = (why: string, line: string): never => {
         for (const i of next) signal(i, 'SIGKILL');
         writeConfig(dir, previous);
@@ -905,7 +907,7 @@ export class ProxySupervisor {
       for (const slot of this.slots) {
         Object.assign(slot, { inst: next[slot.index], upSince: now, readySince: 0, livenessMisses: 0, lastProbeAt: now, killReason: undefined });
       }
-      this.retiring = old;
+      this.retiring = [...this.retiring, ...old];
       this.writeState();
       writeFileSync(this.configFile, text);
       const ms = performance.now() - t0;
@@ -913,10 +915,15 @@ export class ProxySupervisor {
       this.lastReload = { at: new Date().toISOString(), ms, ok: true };
       log.info({ old: old.map((i) => i.pid), new: next.map((i) => i.pid), version: configVersion(text), ms: Math.round(ms) }, 'config live in new proxy instances; draining the old ones');
       const version = configVersion(previous);
-      this.drained = Promise.all(old.map((i) => this.retire(i, this.o.drainMs, { version }))).then(() => {
-        this.retiring = this.retiring.filter((r) => !old.includes(r));
-        if (!this.stopped) this.writeState();
-      });
+      const generation = {
+        insts: old,
+        done: Promise.all(old.map((i) => this.retire(i, this.o.drainMs, { version }))).then(() => {
+          this.drainingGenerations = this.drainingGenerations.filter((g) => g !== generation);
+          this.retiring = this.retiring.filter((r) => !old.includes(r));
+          if (!this.stopped) this.writeState();
+        }),
+      };
+      this.drainingGenerations.push(generation);
       return { changed: true, applied: true, ms };
     } finally {
       this.busy = false;
@@ -925,19 +932,23 @@ export class ProxySupervisor {
   }
 
   /**
-   * End the drain of an earlier hand-over now and wait until it is gone: a
-   * second SIGINT is Pipy's forced shutdown, SIGKILL a second later.
+   * End the drains of the oldest generations until at most `keep` remain,
+   * and wait until they are gone: a second SIGINT is Pipy's forced shutdown,
+   * SIGKILL a second later.
    */
-  private async endDraining(): Promise<void> {
-    const left = this.retiring.filter(isAlive);
-    if (left.length) {
-      log.warn({ pids: left.map((i) => i.pid) }, 'a new config arrived while old proxy instances still drain; ending their drain now');
-      for (const i of left) signal(i, 'SIGINT');
-      const forced = Date.now() + 1000;
-      while (left.some(isAlive) && Date.now() < forced) await sleep(10);
-      for (const i of left) if (isAlive(i)) signal(i, 'SIGKILL');
+  private async limitDraining(keep: number): Promise<void> {
+    while (this.drainingGenerations.length > keep) {
+      const oldest = this.drainingGenerations[0]!;
+      const left = oldest.insts.filter(isAlive);
+      if (left.length) {
+        log.warn({ pids: left.map((i) => i.pid), draining: this.drainingGenerations.length }, 'new config while older proxy instances still drain; ending the oldest drain now');
+        for (const i of left) signal(i, 'SIGINT');
+        const forced = Date.now() + 1000;
+        while (left.some(isAlive) && Date.now() < forced) await sleep(10);
+        for (const i of left) if (isAlive(i)) signal(i, 'SIGKILL');
+      }
+      await oldest.done;
     }
-    await this.drained;
   }
 
   /** Each instance's reload outcome: ok, failed (its log says so), pending (no ack in time), gone (died meanwhile). */
@@ -1009,6 +1020,14 @@ export class ProxySupervisor {
 type ReloadOutcome = { state: 'pending' } | { state: 'ok' } | { state: 'failed'; line: string } | { state: 'gone' };
 
 const instanceId = (i: ProxyInstance): string => `${i.pid}:${i.startTime}`;
+
+/**
+ * Old instance sets a burst of config changes may leave draining at once
+ * (each is gone after drainMs at the latest): two, so a change arriving
+ * while the previous one's old set still answers its requests does not cut
+ * them, while memory stays bounded at three sets.
+ */
+const MAX_DRAINING_GENERATIONS = 2;
 
 function signal(inst: ProxyInstance, sig: NodeJS.Signals): void {
   try {

@@ -527,18 +527,23 @@ describe('proxy supervisor with a fake proxy', () => {
     expect(sup.status().draining).toBe(0);
   });
 
-  test('hand-over: a change while the old set still drains ends that drain first (one old generation at most)', async () => {
+  test('hand-over: two old sets may drain at once; a third change ends the oldest drain first', async () => {
     // The old instances ignore SIGINT: without the bound they would drain for the whole 60 s grace.
     const { sup } = await handOver({ FAKE_PROXY_MODE: 'ignore-sigint' }, { drainMs: 60_000 });
     await sup.start();
     await sup.waitReady(10_000, { all: true });
     const first = sup.status().instances.map((i) => i.pid!);
     await sup.deliver({ version: 1 });
-    expect(first.every(alive)).toBe(true);
+    const second = sup.status().instances.map((i) => i.pid!);
     expect(sup.status().draining).toBe(2);
     await sup.deliver({ version: 2 });
+    expect([...first, ...second].every(alive)).toBe(true);
+    expect(sup.status().draining).toBe(4);
+    await sup.deliver({ version: 3 });
     expect(first.some(alive)).toBe(false);
-    expect(sup.status().draining).toBe(2);
+    expect(second.every(alive)).toBe(true);
+    expect(sup.status().draining).toBe(4);
+    expect((JSON.parse(readFileSync(join(dir, 'state', 'proxy.json'), 'utf8')) as { retiring: Array<{ pid: number }> }).retiring.map((r) => r.pid).sort()).toEqual(expect.arrayContaining(second));
   });
 
   test('stop: a well-behaved proxy exits on SIGINT', async () => {

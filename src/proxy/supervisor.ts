@@ -264,6 +264,8 @@ export class ProxySupervisor {
   private retiring: ProxyInstance[] = [];
   /** Their generations, oldest first, each with its retirement; at most MAX_DRAINING_GENERATIONS. */
   private drainingGenerations: Array<{ insts: ProxyInstance[]; done: Promise<void> }> = [];
+  /** Retiring instances whose program said it drained (nothing left in flight): safe to end at once. */
+  private readonly drainedIds = new Set<string>();
   /** Someone reads metrics(): a hand-over then reads the old instances' counters a last time. */
   private metricsRead = false;
   private lastReload: ProxyStatus['lastReload'];
@@ -782,6 +784,7 @@ export class ProxySupervisor {
       const ack = parseDrainAck(readFrom(inst.logFile, offset), drain.version, inst.threads);
       if (!ack.done) continue;
       drained = true;
+      this.drainedIds.add(instanceId(inst));
       if (ack.deadline) log.warn({ pid: inst.pid, threads: ack.deadline }, 'old proxy instance reached its drain deadline; connections still open were closed');
       break;
     }
@@ -919,6 +922,7 @@ export class ProxySupervisor {
         insts: old,
         done: Promise.all(old.map((i) => this.retire(i, this.o.drainMs, { version }))).then(() => {
           this.drainingGenerations = this.drainingGenerations.filter((g) => g !== generation);
+          for (const i of old) this.drainedIds.delete(instanceId(i));
           this.retiring = this.retiring.filter((r) => !old.includes(r));
           if (!this.stopped) this.writeState();
         }),
@@ -940,7 +944,9 @@ export class ProxySupervisor {
     while (this.drainingGenerations.length > keep) {
       const oldest = this.drainingGenerations[0]!;
       const left = oldest.insts.filter(isAlive);
-      if (left.length) {
+      // Drained ones only linger in Pipy's shutdown: SIGKILL ends them without waiting.
+      for (const i of left) if (this.drainedIds.has(instanceId(i))) signal(i, 'SIGKILL');
+      if (left.some((i) => !this.drainedIds.has(instanceId(i)))) {
         log.warn({ pids: left.map((i) => i.pid), draining: this.drainingGenerations.length }, 'new config while older proxy instances still drain; ending the oldest drain now');
         for (const i of left) signal(i, 'SIGINT');
         const forced = Date.now() + 1000;
@@ -948,6 +954,7 @@ export class ProxySupervisor {
         for (const i of left) if (isAlive(i)) signal(i, 'SIGKILL');
       }
       await oldest.done;
+      for (const i of oldest.insts) this.drainedIds.delete(instanceId(i));
     }
   }
 

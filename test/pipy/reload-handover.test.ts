@@ -1,17 +1,14 @@
-import { once } from 'node:events';
 import type { ChildProcess } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { RATE_LOAD, type LoadRun } from '../../bench/failover.js';
-import { noExclusions, type Dataplane } from '../../src/dataplane/types.js';
+import type { LoadRun } from '../../bench/failover.js';
+import { FLAKY_SLOW_SERVER, reloadConfig, reloadDataplane, reloadFailures, reloadLoad, reloadPolicy } from '../../bench/reload.js';
+import type { Dataplane } from '../../src/dataplane/types.js';
 import { Topology, type TopoNode, type TopoPod } from '../../src/lab/topology.js';
-import { parseResilienceDefaults, parseRetrySpec } from '../../src/policy/resilience.js';
-import { NodePolicySchema, POLICY_API_VERSION, type NodePolicy } from '../../src/policy/schema.js';
-import { renderProxyConfig, type ProxyConfig } from '../../src/proxy/config.js';
+import type { ProxyConfig } from '../../src/proxy/config.js';
 import { ProxyReloadError, ProxySupervisor, type ProxySupervisorOptions } from '../../src/proxy/supervisor.js';
 import { cgroupPids } from '../../src/util/cgroup.js';
-import { dataplaneModes, nodeSpec } from '../support/dataplanes.js';
 import { eventually } from '../support/eventually.js';
 import { uniqueTestPrefix } from '../support/names.js';
 import { findPipy, metricValue, pipySkipReason } from '../support/pipy.js';
@@ -38,20 +35,6 @@ const skip = pipySkipReason();
 if (skip) console.log(skip);
 const maybe = skip ? describe.skip : describe;
 
-const NS = 'rel';
-const PORT = 8080;
-const VIP = '10.96.9.9';
-const DELAY_MS = 150;
-// Every tenth answer is a 503 (a flaky endpoint), which the Retry below hides: retries in flight across a reload.
-const SLOW_SERVER = `
-let n = 0;
-require('node:http').createServer((req, res) => setTimeout(() => {
-  if (++n % 10 === 0) { res.statusCode = 503; res.end('flaky'); return; }
-  res.end(JSON.stringify({ pod: process.argv[1] }));
-}, ${DELAY_MS})).listen(${PORT}, () => console.log('listening'));
-`;
-const RETRY = { source: { kind: 'ServiceAccount', name: 'client' }, destinations: [{ kind: 'Service', name: 'slow' }], retryPolicy: { retryOn: '5xx,reset,connect-failure', numRetries: 3, retryBackoffBaseInterval: '50ms' } };
-
 maybe('policy changes under load through the supervised proxy (reload hand-over)', () => {
   const pipy = findPipy() ?? '';
   let work = '';
@@ -62,33 +45,8 @@ maybe('policy changes under load through the supervised proxy (reload hand-over)
   let server: ChildProcess | undefined;
   const sups: ProxySupervisor[] = [];
 
-  function policy(generation: number): NodePolicy {
-    const sa = new Map([[A, 'client'], [B, 'slow']]);
-    return NodePolicySchema.parse({
-      apiVersion: POLICY_API_VERSION,
-      kind: 'NodePolicy',
-      mesh: { name: 'fsmt', inbound: 'permissive', interceptionMode: 'iptables', egress: 'allow', trafficPolicy: 'permissive', exclusions: noExclusions() },
-      proxies: [{ node: node.name, addresses: [node.underlayIp, node.gateway] }],
-      // The policy change: a mesh-wide default that differs in every generation.
-      resilience: { defaults: parseResilienceDefaults({ requestTimeout: `${20 + generation}s` }), retries: [{ namespace: NS, name: 'client-to-slow', ...parseRetrySpec(RETRY, NS) }], upstreams: [] },
-      node: { name: node.name, addresses: [node.gateway, node.underlayIp], interceptionMode: null },
-      meshPods: [A, B].map((p) => ({ ip: p.ip, namespace: NS, serviceAccount: sa.get(p)!, node: node.name })),
-      pods: [A, B].map((p) => ({ uid: `uid-${p.name}`, namespace: NS, name: p.name, ip: p.ip, serviceAccount: sa.get(p)!, cgroup: { qosClass: null, path: p.cgroupPath }, exclusions: noExclusions() })),
-      access: [],
-      services: [
-        {
-          namespace: NS,
-          name: 'slow',
-          clusterIPs: [VIP],
-          ports: [{ name: 'http', port: PORT, protocol: 'TCP' as const, appProtocol: 'http' }],
-          endpoints: [{ ip: B.ip, ports: { http: PORT }, node: node.name, pod: { namespace: NS, name: B.name }, serviceAccount: 'slow' }],
-        },
-      ],
-      splits: [],
-      version: (0xb000 + generation).toString(16).padStart(16, '0'),
-    });
-  }
-  const config = (generation: number): ProxyConfig => renderProxyConfig(policy(generation), { outboundPort: 15001, inboundPort: 15003 });
+  const policy = (generation: number) => reloadPolicy(node, A, B, generation);
+  const config = (generation: number): ProxyConfig => reloadConfig(node, A, B, generation);
 
   const supervisor = (extra: Partial<ProxySupervisorOptions> = {}): ProxySupervisor => {
     const s = new ProxySupervisor({
@@ -110,21 +68,9 @@ maybe('policy changes under load through the supervised proxy (reload hand-over)
   };
 
   /** 100 GETs/s for `seconds` from A to the service; `during` runs alongside. */
-  async function load(seconds: number, during: () => Promise<void>): Promise<LoadRun> {
-    const child = A.exec(process.execPath, ['-e', RATE_LOAD, `http://${VIP}:${PORT}/`, '100', String(seconds)], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    child.stdout?.setEncoding('utf8').on('data', (d: string) => (out += d));
-    const exited = once(child, 'exit');
-    await during();
-    await exited;
-    return JSON.parse(out.trim().split('\n').pop() ?? '') as LoadRun;
-  }
+  const load = (seconds: number, during: () => Promise<void>): Promise<LoadRun> => reloadLoad(A, 100, seconds, during);
 
-  const failures = (run: LoadRun): Record<string, number> => {
-    const out: Record<string, number> = {};
-    for (const r of run.records) if (r[2] !== 200) out[`${r[2]} ${r[3]}`] = (out[`${r[2]} ${r[3]}`] ?? 0) + 1;
-    return out;
-  };
+  const failures = reloadFailures;
 
   /** `changes` deliveries (or what `change` does instead), one a second, under the load. */
   async function changesUnderLoad(sup: ProxySupervisor, changes: number, change?: (i: number) => Promise<void>): Promise<{ run: LoadRun; failed: number }> {
@@ -163,16 +109,9 @@ maybe('policy changes under load through the supervised proxy (reload hand-over)
     node = topo.nodes[0]!;
     A = await topo.addPod(node, 'a');
     B = await topo.addPod(node, 'b');
-    server = B.exec(process.execPath, ['-e', SLOW_SERVER, B.name], { stdio: ['ignore', 'pipe', 'pipe'] });
+    server = B.exec(process.execPath, ['-e', FLAKY_SLOW_SERVER, B.name], { stdio: ['ignore', 'pipe', 'pipe'] });
     await waitForOutput(server, 'listening');
-    dp = dataplaneModes.iptables!.create(nodeSpec(node));
-    await dp.apply({
-      proxy: { address: node.gateway, outboundPort: 15001, inboundPort: 15003, cgroupPath: node.proxyCgroup },
-      nodeAddresses: [node.gateway, node.underlayIp],
-      proxySources: [node.gateway, node.underlayIp],
-      mesh: noExclusions(),
-      pods: [A, B].map((p) => ({ uid: `uid-${p.name}`, namespace: NS, name: p.name, ip: p.ip, cgroupPath: p.cgroupPath, inbound: 'permissive' as const, exclusions: noExclusions() })),
-    });
+    dp = await reloadDataplane(node, [A, B], join(work, 'dataplane'));
   }, 120_000);
 
   afterEach(async () => {

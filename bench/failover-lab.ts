@@ -30,7 +30,8 @@ import { intFlag, round } from './util.js';
  * One JSON line per case (failed, recoveryMs, p50/p99 around the fault, the
  * answers by pod, the load average). Everything is put back after each case.
  * Run it under the lab lock, like the lab itself:
- *   flock /tmp/fsm-lab.lock npm run bench -- failover-lab [--rate 100] [--seconds 10]
+ *   flock /tmp/fsm-lab.lock npm run bench -- failover-lab [--rate 100] [--seconds 10] [--cases local-gone,link-cut,controller-killed]
+ * (link-restored comes with link-cut.)
  */
 
 function lab(): { state: LabState; client: LabCluster; remote: LabCluster; pod: LabPod; url: string } {
@@ -75,55 +76,65 @@ function byCluster(state: LabState, run: LoadRun): Record<string, number> {
 export async function* run(flags: Record<string, string | boolean>): AsyncIterable<object> {
   const rate = intFlag(flags, 'rate', 100);
   const seconds = intFlag(flags, 'seconds', 10);
+  const cases = typeof flags.cases === 'string' ? flags.cases.split(',') : ['local-gone', 'link-cut', 'controller-killed'];
+  const unknown = cases.filter((c) => !['local-gone', 'link-cut', 'controller-killed'].includes(c));
+  if (unknown.length) throw new Error(`--cases: unknown case ${unknown.join(', ')} (local-gone, link-cut, controller-killed)`);
   const { state, client, remote, pod, url } = lab();
   const row = (kase: string, r: LoadRun, at: number, extra: object = {}) => ({ bench: 'failover-lab', case: kase, rate, ...summarize(r, at - r.t0), clusters: byCluster(state, r), ...extra, loadavg: loadavg().map((x) => round(x, 2)) });
   const localPods = podsOf(state, client);
   let linkCut = false;
   try {
     // 1. FailOver: c2's endpoints fail (servers stopped, still listed), then leave the Service (not ready).
-    await setClusterPolicy(state, client, defaultTrafficPolicy(client.name, state.clusters!.map((c) => c.name)));
     let at = 0;
-    let r = await load(pod, url, rate, seconds, async () => {
-      await sleep(2000);
-      at = Date.now();
-      for (const p of localPods) await stopProcess(p.server);
-      await sleep(2000);
-      await changeAndConverge(state, client, 'pods not ready', () => markNotReady(client, localPods));
-    });
-    yield row('local-gone', r, at);
-    await restartServers(state, localPods);
-    await changeAndConverge(state, client, 'pods ready again', () => restoreReady(client, localPods));
+    let r: LoadRun;
+    if (cases.includes('local-gone')) {
+      await setClusterPolicy(state, client, defaultTrafficPolicy(client.name, state.clusters!.map((c) => c.name)));
+      r = await load(pod, url, rate, seconds, async () => {
+        await sleep(2000);
+        at = Date.now();
+        for (const p of localPods) await stopProcess(p.server);
+        await sleep(2000);
+        await changeAndConverge(state, client, 'pods not ready', () => markNotReady(client, localPods));
+      });
+      yield row('local-gone', r, at);
+      await restartServers(state, localPods);
+      await changeAndConverge(state, client, 'pods ready again', () => restoreReady(client, localPods));
+    }
 
     // 2. ActiveActive: c1's uplink is cut.
     await setClusterPolicy(state, client, { mode: 'ActiveActive' });
-    r = await load(pod, url, rate, seconds, async () => {
-      await sleep(2000);
-      at = Date.now();
-      await applyClusterLink(state, remote.name, { kind: 'down' });
-      linkCut = true;
-    });
-    yield row('link-cut', r, at);
-    // 3. The link comes back: time until c1 answers again.
-    const back = Date.now();
-    await applyClusterLink(state, remote.name, { kind: 'up' });
-    linkCut = false;
-    let backMs = -1;
-    while (Date.now() - back < 60_000) {
-      const probe = await load(pod, url, 20, 1);
-      if ((byCluster(state, probe)[remote.name] ?? 0) > 0) {
-        backMs = Date.now() - back;
-        break;
-      }
+    if (cases.includes('link-cut')) {
+      r = await load(pod, url, rate, seconds, async () => {
+        await sleep(2000);
+        at = Date.now();
+        await applyClusterLink(state, remote.name, { kind: 'down' });
+        linkCut = true;
+      });
+      yield row('link-cut', r, at);
+      // 3. The link comes back: time until c1 answers again.
+      const back = Date.now();
+      await applyClusterLink(state, remote.name, { kind: 'up' });
+      linkCut = false;
+      let backMs = -1;
+      while (Date.now() - back < 60_000) {
+        const probe = await load(pod, url, 20, 1);
+        if ((byCluster(state, probe)[remote.name] ?? 0) > 0) {
+          backMs = Date.now() - back;
+          break;
+        }
     }
     yield { bench: 'failover-lab', case: 'link-restored', servingAgainMs: backMs, loadavg: loadavg().map((x) => round(x, 2)) };
+    }
 
     // 4. ActiveActive: c1's controller stops; then it is started again as lab up started it.
-    r = await load(pod, url, rate, seconds, async () => {
-      await sleep(2000);
-      at = Date.now();
-      await stopProcess(remote.controller.process);
-    });
-    yield row('controller-killed', r, at);
+    if (cases.includes('controller-killed')) {
+      r = await load(pod, url, rate, seconds, async () => {
+        await sleep(2000);
+        at = Date.now();
+        await stopProcess(remote.controller.process);
+      });
+      yield row('controller-killed', r, at);
+    }
   } finally {
     if (linkCut) await applyClusterLink(state, remote.name, { kind: 'up' }).catch(() => undefined);
     if (!localPods.every((p) => p.server && isOurs(p.server))) await restartServers(state, localPods).catch(() => undefined);

@@ -17,6 +17,7 @@ import config from './config.js'
 import { grant, requestAllowed } from './access.js'
 import * as tls from './tls.js'
 import * as timeouts from './gateway-timeouts.js'
+import * as drain from './drain.js'
 
 var UPSTREAM_MAX_IDLE = 4
 
@@ -310,6 +311,9 @@ var forward = $ => timeouts.withTimeouts(toBackend, () => $bounds)($
 
 var serveHTTP = $=>$
   .demuxHTTP().to($=>$
+    // Requests in flight hold a retiring instance's drain (drain.js).
+    .onStart(drain.requestStarts)
+    .onEnd(drain.requestEnds)
     .handleMessageStart(msg => {
       $start = Date.now()
       $action = decide(msg.head)
@@ -327,6 +331,7 @@ var serveHTTP = $=>$
     })
     .handleMessageStart(msg => {
       requests.withLabels($port.gateway, String($port.port), $rule ? $rule.route : '', Math.floor(msg.head.status / 100) + 'xx').increase()
+      drain.answer(msg)
       duration.withLabels($port.gateway, String($port.port)).observe(Date.now() - $start)
     })
   )

@@ -22,6 +22,7 @@ import * as mqtt from './mqtt.js'
 import * as gateway from './gateway.js'
 import * as egress from './egress.js'
 import * as resilience from './resilience.js'
+import * as drain from './drain.js'
 
 var SOURCE_HEADER = 'fsmn-source-identity'
 
@@ -157,6 +158,7 @@ var muxToGateway = $=>$
 // about what a Pipy forwarder without any JavaScript costs.
 var outboundTCP = $=>$
   .onStart(() => {
+    drain.connectionOpens()
     $route = mc.decideImport($dstIp, $dstPort) || decide($dstIp, $dstPort)
     $labels = labelsOf($srcId, $route)
     $sent = metrics.bytes.withLabels($labels[0], $labels[1], 'sent')
@@ -179,6 +181,8 @@ var outboundTCP = $=>$
       if ($route.mode === 'tunnel') tunnel.use($srcId, $route, $labels)
     }
   })
+  // Open TCP connections (MQTT, ...) hold a retiring instance's drain (drain.js).
+  .onEnd(drain.connectionCloses)
   .handleStreamEnd(() => { if ($route.admitted) resilience.endConnection($route.service) })
   .handleData(d => $sent.increase(d.size))
   .pipe(tcpBranch, {
@@ -259,6 +263,9 @@ var attemptRequest = $=>$
 
 var outboundHTTP = $=>$
   .demuxHTTP().to($=>$
+    // Requests in flight hold a retiring instance's drain (drain.js).
+    .onStart(drain.requestStarts)
+    .onEnd(drain.requestEnds)
     .handleMessageStart(msg => {
       $start = Date.now()
       var imp = mc.importAt($dstIp, $dstPort)
@@ -275,6 +282,7 @@ var outboundHTTP = $=>$
       var status = msg.head.status
       metrics.responses.withLabels($labels[0], $labels[1], metrics.statusClass(status)).increase()
       metrics.latency.withLabels($labels[0], $labels[1]).observe(Date.now() - $start)
+      drain.answer(msg)
     })
     .handleData(d => metrics.bytes.withLabels($labels[0], $labels[1], 'received').increase(d.size))
   )
@@ -346,6 +354,8 @@ pipy.listen(config.listen.inbound, tls.serve($=>$
     .pipe(() => config.endpoints[$dstIp].ports[$dstPort] || 'tcp', {
       http: $=>$
         .demuxHTTP().to($=>$
+          .onStart(drain.requestStarts)
+          .onEnd(drain.requestEnds)
           .handleMessageStart(msg => { $head = msg.head; $attempt = resilience.fromPeer(msg.head) })
           .pipe(() => requestAllowed($grant, $head) ? 'allowed' : 'denied', {
             allowed: muxToTarget,
@@ -397,6 +407,8 @@ if (mc.enabled) pipy.listen(mc.gatewayPort(), cs.serve($=>$
         .pipe(() => mc.exportProtocol($gwTarget), {
           // HTTP: every request inside the tunnel picks its endpoint and is judged on its own.
           http: $=>$.demuxHTTP().to($=>$
+            .onStart(drain.requestStarts)
+            .onEnd(drain.requestEnds)
             .handleMessageStart(msg => {
               var a = mc.acceptFromCluster($gwTarget, msg.head)
               $route = a.route || { mode: 'unavailable' }

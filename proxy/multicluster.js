@@ -127,8 +127,11 @@ function pickMember(key, members) {
   return best
 }
 
-function pickGateway(key, gateways, cluster) {
-  var live = gateways.filter(g => alive(g, cluster))
+// `avoid`: gateways this request failed on (others of the cluster first).
+function pickGateway(key, gateways, cluster, avoid) {
+  var all = gateways.filter(g => alive(g, cluster))
+  var fresh = avoid ? all.filter(g => avoid.indexOf(g) < 0) : all
+  var live = fresh.length > 0 ? fresh : all
   var i = rr[key] || 0
   rr[key] = (i + 1) % live.length
   return live[i % live.length]
@@ -162,7 +165,7 @@ export function decideImport(dstIp, dstPort, head, tried, avoid) {
       var r = decide(m.local.substring(0, colon), +m.local.substring(colon + 1), head, avoid)
       return Object.assign({}, r, { service: imp.service, cluster: m.cluster, tier: t })
     }
-    var gw = pickGateway(dst + '>' + m.cluster, m.gateways, m.cluster)
+    var gw = pickGateway(dst + '>' + m.cluster, m.gateways, m.cluster, avoid)
     return { mode: 'gateway', target: imp.target, tunnel: gw, identity: null, local: false, service: imp.service, protocol: imp.protocol, cluster: m.cluster, tier: t }
   }
   return { mode: 'unavailable', target: dst, tunnel: null, identity: null, local: false, service: imp.service, protocol: imp.protocol, cluster: null, tier: -1 }
@@ -174,11 +177,15 @@ export function decideImport(dstIp, dstPort, head, tried, avoid) {
 // failover retries on 5xx): a gateway that answered is alive, one whose
 // tunnel failed (no answer, or a 5xx that did not come from the gateway) is
 // marked dead. `status` 0: no answer. `retrying`: the request fails over.
-export function attemptOutcome(route, status, headers, retrying) {
+// `kind` 'reset': the connection closed under the request without being
+// refused or timing out (a far instance ending its drain after a config
+// hand-over closes its pooled tunnels so): not a mark; a gateway that is
+// really gone refuses the next connection and is marked then.
+export function attemptOutcome(route, status, headers, retrying, kind) {
   if (!route || route.tier === undefined || route.cluster === null) return
   var fromGateway = route.mode === 'gateway' && status > 0 && (status < 500 || (headers && headers[GATEWAY_HEADER]))
   if (fromGateway) markAlive(route.tunnel)
-  else if (route.mode === 'gateway' && (status === 0 || status >= 500)) markDead(route.tunnel)
+  else if (route.mode === 'gateway' && (status === 0 || status >= 500) && kind !== 'reset') markDead(route.tunnel)
   if (retrying) failovers.withLabels(route.service, route.cluster).increase()
 }
 

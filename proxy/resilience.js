@@ -422,7 +422,7 @@ function settle(a, route, ok, kind, status, headers) {
     if (s.circuitBreaking) observe(a.service, s.circuitBreaking, !ok, Date.now() - a.start)
   }
   var retry = !ok && mayRetry(a, kind, status)
-  if (observer) observer(route, status, headers, retry)
+  if (observer) observer(route, status, headers, retry, kind)
   if (!retry) {
     if (a.n > 0) retries.withLabels(a.srcId, a.name, ok ? 'recovered' : 'exhausted').increase()
     releaseRetry(a)
@@ -433,7 +433,15 @@ function settle(a, route, ok, kind, status, headers) {
     retrying[a.service] = (retrying[a.service] || 0) + 1
   }
   a.n++
-  if (route.tier !== undefined && route.cluster) a.clusters.push(route.cluster)
+  // A gateway connection that closed under the request (no answer, neither
+  // refused nor timed out: typically a pooled connection whose far instance
+  // just finished its drain after a config hand-over) says nothing about the
+  // cluster: the next attempt goes to the same cluster through another of
+  // its gateways, once per request; anything else moves to the next tier.
+  if (route.mode === 'gateway' && kind === 'reset' && !a.gatewayReset) {
+    a.gatewayReset = true
+    a.tried.push(route.tunnel)
+  } else if (route.tier !== undefined && route.cluster) a.clusters.push(route.cluster)
   else a.tried.push(route.target)
   retries.withLabels(a.srcId, a.name, 'attempted').increase()
   return true

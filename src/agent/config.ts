@@ -44,6 +44,15 @@ export const AgentConfigSchema = z
      */
     proxyInstances: z.coerce.number().int().min(1).max(16).optional(),
     /**
+     * How a new proxy config goes live: handover (new instances with it beside
+     * the old, the old drained: no request in flight fails) or signal (Pipy's
+     * SIGHUP reload in place: no process start, but requests in flight are
+     * reset). Optional in the type (in-process agents get the supervisor's default).
+     */
+    proxyReload: z.enum(['handover', 'signal']).optional(),
+    /** How long a retiring proxy instance may take to answer what is in flight (hand-over, upgrade, stop). */
+    proxyDrainSeconds: z.coerce.number().int().min(1).max(3600).optional(),
+    /**
      * Run the proxy as this user ("UID" or "UID:GID", FSM: 1500) with only
      * CAP_NET_ADMIN; the agent then hands it its key files (owned by that
      * uid, 0600). Unset: the proxy runs as the agent does (docs/security.md
@@ -82,6 +91,8 @@ export const agentDefaults: Partial<AgentConfig> = {
   failurePolicy: 'fail-closed',
   proxyThreadCap: 4,
   proxyInstances: 2,
+  proxyReload: 'handover',
+  proxyDrainSeconds: 10,
   nodeAddresses: [],
   cniSpool: '/run/fsm-node-cni/spool',
   cniFailurePolicy: 'auto',

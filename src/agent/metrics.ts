@@ -23,7 +23,7 @@ export interface PodRef {
  */
 export interface LiveValues {
   ready(): boolean;
-  proxy(): { listening: boolean; restarts: number; instanceCount?: number; instances?: Array<{ listening: boolean }> };
+  proxy(): { listening: boolean; restarts: number; instanceCount?: number; instances?: Array<{ listening: boolean }>; draining?: number };
   policyReceivedAt(): number | undefined;
   policyFetchErrors(): number;
   /** Policy versions taken in, by how they came (full or delta), and body bytes received. */
@@ -301,6 +301,14 @@ export function agentMetrics(live: LiveValues) {
       collect() {
         const p = live.proxy();
         this.set(p.instances ? p.instances.filter((i) => i.listening).length : p.listening ? 1 : 0);
+      },
+    }),
+    proxyInstancesDraining: new Gauge({
+      name: 'fsm_node_proxy_instances_draining',
+      help: 'Old node proxy instances still answering their requests in flight after a config hand-over or an upgrade (at most one generation; gone by --proxy-drain-seconds).',
+      registers: r,
+      collect() {
+        this.set(live.proxy().draining ?? 0);
       },
     }),
     /** Observed by the proxy supervisor around each config reload (result: ok | failed). */

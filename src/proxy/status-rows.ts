@@ -25,12 +25,14 @@ export interface ProxyView {
   restarts: number;
   adopted: boolean;
   instances?: ProxyInstanceView[];
+  /** Old instances still answering what they had in flight after a config hand-over or an upgrade. */
+  draining?: number;
 }
 
 const plural = (n: number, word: string): string => `${n} ${word}${n === 1 ? '' : 's'}`;
 
 export function proxyStatusRows(p: ProxyView): Array<[string, string]> {
-  const adopted = p.adopted ? ', adopted' : '';
+  const adopted = (p.adopted ? ', adopted' : '') + (p.draining ? `, ${p.draining} old draining` : '');
   const list = p.instances ?? [];
   if (list.length <= 1) return [['proxy', `${p.kind} pid ${p.pid ?? '-'}, ${p.listening ? 'listening' : 'NOT listening'}, ${p.restarts} restarts${adopted}`]];
   const listening = list.filter((i) => i.listening).length;

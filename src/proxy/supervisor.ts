@@ -6,12 +6,14 @@ import { run } from '../util/exec.js';
 import { logger } from '../util/log.js';
 import { packageRoot } from '../util/paths.js';
 import { ENTRY_FILE, pruneCodebases, stageCodebase, writeConfig } from './codebase.js';
+import { configVersion, parseDrainAck, startFailure, type ReloadMode } from './handover.js';
 import { adminGetMany, listeningPorts, parseReloadAck, processStartTime } from './health.js';
 import { instanceCount, logFileName, parseAdoptionRecord, pickAdminPorts, planAdoption, splitThreads, type AdoptionRecord, type ProxyInstance } from './instances.js';
 import { InstanceMetricsSum } from './metrics-sum.js';
 import { findPipy, nodeCpus, pipyArgs, pipyVersion, threadsFor } from './pipy.js';
 
 export type { ProxyInstance } from './instances.js';
+export type { ReloadMode } from './handover.js';
 
 const log = logger('proxy');
 
@@ -35,12 +37,15 @@ const log = logger('proxy');
  * through onInterception(false) and to resume with onInterception(true) once
  * an instance has been ready for recoverAfterMs.
  *
- * Config delivery (deliver): write <codebase>/config.json atomically, SIGHUP
- * every instance, and wait for Pipy's own per-thread reload log lines of each.
- * Pipy swaps programs only when every thread loaded the new one and keeps its
- * listening sockets, so a change drops no connection; a config any instance
- * rejects is rolled back (on disk, and by a second SIGHUP to instances that
- * took it) and reported: the proxy keeps the last good one. See docs/proxy.md.
+ * Config delivery (deliver), by default a hand-over: write the new
+ * config.json, start a new set of instances from it beside the running set on
+ * the same ports, and once each listens retire the old set with SIGINT, whose
+ * program (proxy/drain.js) answers its requests in flight before it exits. A
+ * config the new instances reject (they exit before listening) is rolled back
+ * on disk and reported; the old set never stopped. Pipy's in-place SIGHUP
+ * reload (pipy.reload: 'signal') is kept: it costs no process start, but
+ * Pipy 1.5 stops the old program by force and resets requests in flight.
+ * See docs/proxy.md.
  */
 
 export type FailurePolicy = 'fail-closed' | 'fail-open';
@@ -61,6 +66,12 @@ export interface PipySettings {
   threads?: number;
   /** Upper bound on threads (small boards). Default 4. */
   threadCap?: number;
+  /**
+   * How deliver() makes a config live: 'handover' (default; a new set of
+   * instances, the old one drained: no request in flight fails) or 'signal'
+   * (SIGHUP: in place, no process start, but Pipy 1.5 resets requests in flight).
+   */
+  reload?: ReloadMode;
 }
 
 export interface ProxySupervisorOptions {
@@ -93,7 +104,11 @@ export interface ProxySupervisorOptions {
   startTimeoutMs?: number;
   /** Admin /status probe (Pipy): every intervalMs, killed after `failures` misses in a row. */
   liveness?: { intervalMs: number; timeoutMs: number; failures: number };
-  /** SIGINT grace before SIGKILL when stopping or retiring an instance. Default 10 s. */
+  /**
+   * SIGINT grace before a forced shutdown when stopping or retiring an
+   * instance. The program's own drain deadline (FSMN_PROXY_DRAIN_MS, in
+   * proxy/drain.js) is set 1 s below it. Default 10 s.
+   */
   drainMs?: number;
   /**
    * At start (with more than one instance) and before an upgrade, set
@@ -150,6 +165,10 @@ export interface ProxyStatus {
   reloadFailures: number;
   lastReload?: { at: string; ms: number; ok: boolean; error?: string };
   upgrades: number;
+  /** How deliver() applies a config. */
+  reloadMode?: ReloadMode;
+  /** Old instances still answering their requests in flight after a hand-over or upgrade. */
+  draining: number;
   lastExit?: string;
   /** Instances wanted, and each slot's state. */
   instanceCount: number;
@@ -241,6 +260,14 @@ export class ProxySupervisor {
   private reloads = 0;
   private reloadFailures = 0;
   private upgrades = 0;
+  /** Old instances a hand-over retired that may still drain (in proxy.json's retiring list until gone). */
+  private retiring: ProxyInstance[] = [];
+  /** Their generations, oldest first, each with its retirement; at most MAX_DRAINING_GENERATIONS. */
+  private drainingGenerations: Array<{ insts: ProxyInstance[]; done: Promise<void> }> = [];
+  /** Retiring instances whose program said it drained (nothing left in flight): safe to end at once. */
+  private readonly drainedIds = new Set<string>();
+  /** Someone reads metrics(): a hand-over then reads the old instances' counters a last time. */
+  private metricsRead = false;
   private lastReload: ProxyStatus['lastReload'];
   private delivery: Promise<unknown> = Promise.resolve();
   private pipyBin: string | undefined;
@@ -293,7 +320,7 @@ export class ProxySupervisor {
       threads = splitThreads(total, n);
     }
     this.slots = threads.map((t, i) => newSlot(i, t));
-    if (n > 1 && this.opts.migrateRequests !== false) await this.enableRequestMigration();
+    if ((n > 1 || this.reloadMode() === 'handover') && this.opts.migrateRequests !== false) await this.enableRequestMigration();
     const record = this.readState();
     const ours = (i: ProxyInstance): boolean => isAlive(i) && this.inOurCgroup(i.pid);
     for (const r of record.retiring.filter(ours)) {
@@ -350,7 +377,10 @@ export class ProxySupervisor {
     rmSync(this.stateFile, { force: true });
     for (const s of this.slots) s.inst = undefined;
     const ours = all.filter((i) => isAlive(i) && this.inOurCgroup(i.pid));
-    await Promise.all(ours.map((i) => this.retire(i, graceMs)));
+    const version = configVersion(this.startConfig());
+    await Promise.all(ours.map((i) => this.retire(i, graceMs, { version })));
+    this.retiring = [];
+    this.drainingGenerations = [];
     return ours.length > 0;
   }
 
@@ -390,6 +420,8 @@ export class ProxySupervisor {
       reloadFailures: this.reloadFailures,
       ...(this.lastReload ? { lastReload: this.lastReload } : {}),
       upgrades: this.upgrades,
+      ...(this.opts.kind === 'pipy' ? { reloadMode: this.reloadMode() } : {}),
+      draining: this.retiring.filter(isAlive).length,
       ...(this.lastExit ? { lastExit: this.lastExit } : {}),
       instanceCount: this.slots.length,
       instances,
@@ -404,6 +436,7 @@ export class ProxySupervisor {
    * answers. Crosses into the proxy's namespace when needed.
    */
   async metrics(timeoutMs = 2000): Promise<string | undefined> {
+    this.metricsRead = true;
     const live = this.slots.filter((s) => s.inst?.adminPort !== undefined && isAlive(s.inst));
     if (live.length === 0) return undefined;
     const answers = await adminGetMany(live.map((s) => s.inst!.adminPort!), '/metrics', timeoutMs, this.netnsPath());
@@ -693,7 +726,7 @@ export class ProxySupervisor {
 
   /** Start (or restart) the instance of a slot, on its own admin port when free, and record it. */
   private startSlot(slot: Slot): ProxyInstance {
-    const used = new Set(this.slots.filter((s) => s !== slot && s.inst && isAlive(s.inst)).map((s) => s.inst!.adminPort));
+    const used = new Set([...this.slots.filter((s) => s !== slot && s.inst && isAlive(s.inst)).map((s) => s.inst!), ...this.retiring.filter(isAlive)].map((i) => i.adminPort));
     const preferred = this.adminBase() + slot.index;
     const port = used.has(preferred) ? pickAdminPorts(this.adminBase(), 1, used)[0]! : preferred;
     const inst = this.spawnInstance(slot.index, slot.threads, port);
@@ -713,7 +746,9 @@ export class ProxySupervisor {
     if (existsSync(logFile)) renameSync(logFile, `${logFile}.1`);
     const out = openSync(logFile, 'a');
     const full = launchArgv({ ...(this.opts.cgroup ? { cgroup: this.opts.cgroup } : {}), ...(this.opts.netns ? { netnsPath: `/run/netns/${this.opts.netns}` } : {}), ...(this.opts.runAs ? { runAs: this.opts.runAs } : {}), argv });
-    const child = spawn(full[0]!, full.slice(1), { detached: true, stdio: ['ignore', out, out], env: { ...process.env, ...this.opts.env } });
+    // The program's drain deadline (proxy/drain.js), below the grace retire() gives it.
+    const env = { ...process.env, FSMN_PROXY_DRAIN_MS: String(Math.max(0, this.o.drainMs - 1000)), ...this.opts.env };
+    const child = spawn(full[0]!, full.slice(1), { detached: true, stdio: ['ignore', out, out], env });
     closeSync(out);
     child.on('error', (err) => log.error({ err: err.message }, 'proxy spawn failed'));
     // Our own child (not an adopted one): notice its exit at once instead of at the next poll.
@@ -727,16 +762,38 @@ export class ProxySupervisor {
     return next;
   }
 
-  /** SIGINT (stop accepting, drain), SIGKILL after the grace; waits until the process is gone. */
-  private async retire(inst: ProxyInstance, graceMs: number): Promise<void> {
+  /**
+   * SIGINT (stop accepting, drain), SIGKILL after the grace; waits until the
+   * process is gone. With `drain` (the config version the instance runs), the
+   * program's own end of drain (proxy/drain.js: a log line per thread) ends
+   * the wait early: Pipy 1.5 itself often keeps "waiting for workers to
+   * drain" after its exit callbacks resolved, until a second SIGINT.
+   */
+  private async retire(inst: ProxyInstance, graceMs: number, drain?: { version: string }): Promise<void> {
+    const offset = fileSize(inst.logFile);
     try {
       process.kill(inst.pid, 'SIGINT');
     } catch {
       return;
     }
     const deadline = Date.now() + graceMs;
-    while (isAlive(inst) && Date.now() < deadline) await sleep(20);
-    if (isAlive(inst)) {
+    let drained = false;
+    while (isAlive(inst) && Date.now() < deadline) {
+      await sleep(20);
+      if (!drain) continue;
+      const ack = parseDrainAck(readFrom(inst.logFile, offset), drain.version, inst.threads);
+      if (!ack.done) continue;
+      drained = true;
+      this.drainedIds.add(instanceId(inst));
+      if (ack.deadline) log.warn({ pid: inst.pid, threads: ack.deadline }, 'old proxy instance reached its drain deadline; connections still open were closed');
+      break;
+    }
+    if (drained && isAlive(inst)) {
+      // Nothing left in flight: the forced shutdown only ends an idle process.
+      signal(inst, 'SIGINT');
+      const forced = Date.now() + 1000;
+      while (isAlive(inst) && Date.now() < forced) await sleep(10);
+    } else if (isAlive(inst)) {
       // A second SIGINT makes Pipy end its workers at once. Needed in practice:
       // Pipy 1.5 sometimes keeps "waiting for workers to drain" with no client left.
       log.warn({ pid: inst.pid, graceMs }, 'proxy still draining after the grace; second SIGINT (forced shutdown)');
@@ -761,6 +818,7 @@ export class ProxySupervisor {
       writeFileSync(this.configFile, text);
       return { changed: true, applied: false, ms: performance.now() - t0 };
     }
+    if (this.reloadMode() === 'handover') return this.handOver(text, previous ?? this.startConfig(), live, t0);
     const codebases = [...new Set(live.map((i) => i.codebase!))];
     this.delivering = true;
     try {
@@ -796,6 +854,107 @@ export class ProxySupervisor {
       throw new ProxyReloadError(`proxy did not apply the new config: ${error}`, { pids });
     } finally {
       this.delivering = false;
+    }
+  }
+
+  private reloadMode(): ReloadMode {
+    return this.opts.pipy?.reload ?? 'handover';
+  }
+
+  /**
+   * A config made live as a hand-over: a new set of instances starts from it
+   * beside `old` on the same ports (their admin ports disjoint), and once each
+   * listens (the program loaded the config and opened its listeners) the
+   * slots switch to it and the old set is retired in the background: SIGINT,
+   * proxy/drain.js answers what is in flight, then the process ends. A new
+   * instance that exits before listening rejected the config: the new set is
+   * killed, config.json goes back to `previous`, and the old set, which never
+   * stopped serving, keeps the last good config.
+   */
+  private async handOver(text: string, previous: string, old: ProxyInstance[], t0: number): Promise<DeliverResult> {
+    // Bounded memory: at most MAX_DRAINING_GENERATIONS old sets drain; the
+    // oldest beyond that (a burst of changes) is ended now.
+    await this.limitDraining(MAX_DRAINING_GENERATIONS - 1);
+    this.busy = true;
+    this.delivering = true;
+    const next: ProxyInstance[] = [];
+    const { dir } = stageCodebase(this.programDir(), this.codebaseRoot);
+    try {
+      // The new instances start from this file; the old ones read it only at a start or SIGHUP.
+      writeConfig(dir, text);
+      // Admin ports (and so log files) of no live instance: neither the running set's nor a draining one's.
+      const ports = pickAdminPorts(this.adminBase(), this.slots.length, [...old, ...this.retiring.filter(isAlive)].map((i) => i.adminPort));
+      const fail = (why: string, line: string): never => {
+        for (const i of next) signal(i, 'SIGKILL');
+        writeConfig(dir, previous);
+        this.reloadFailures += 1;
+        this.lastReload = { at: new Date().toISOString(), ms: performance.now() - t0, ok: false, error: line };
+        log.error({ why, error: line, new: next.map((i) => i.pid), old: old.map((i) => i.pid) }, 'proxy rejected the new config; the running instances keep the last good one');
+        throw new ProxyReloadError(`proxy did not apply the new config: ${line}`, { pids: next.map((i) => i.pid) });
+      };
+      try {
+        for (const slot of this.slots) next.push(this.spawnInstance(slot.index, slot.threads, ports[slot.index]!));
+      } catch (err) {
+        fail('start', `new proxy instances could not be started: ${errorMessage(err)}`);
+      }
+      const deadline = Date.now() + this.o.startTimeoutMs;
+      while (!next.every((i) => isAlive(i) && this.listening(i))) {
+        const dead = next.find((i) => !isAlive(i));
+        if (dead) fail('exited', startFailure(readFrom(dead.logFile, 0)));
+        if (Date.now() > deadline) fail('timeout', `new proxy instances did not listen within ${this.o.startTimeoutMs} ms`);
+        await sleep(5);
+      }
+      // The old instances' counters a last time, so the summed ones carry them on (metrics-sum.ts).
+      if (this.metricsRead) await this.metrics(1000).catch(() => undefined);
+      const now = Date.now();
+      for (const slot of this.slots) {
+        Object.assign(slot, { inst: next[slot.index], upSince: now, readySince: 0, livenessMisses: 0, lastProbeAt: now, killReason: undefined });
+      }
+      this.retiring = [...this.retiring, ...old];
+      this.writeState();
+      writeFileSync(this.configFile, text);
+      const ms = performance.now() - t0;
+      this.reloads += 1;
+      this.lastReload = { at: new Date().toISOString(), ms, ok: true };
+      log.info({ old: old.map((i) => i.pid), new: next.map((i) => i.pid), version: configVersion(text), ms: Math.round(ms) }, 'config live in new proxy instances; draining the old ones');
+      const version = configVersion(previous);
+      const generation = {
+        insts: old,
+        done: Promise.all(old.map((i) => this.retire(i, this.o.drainMs, { version }))).then(() => {
+          this.drainingGenerations = this.drainingGenerations.filter((g) => g !== generation);
+          for (const i of old) this.drainedIds.delete(instanceId(i));
+          this.retiring = this.retiring.filter((r) => !old.includes(r));
+          if (!this.stopped) this.writeState();
+        }),
+      };
+      this.drainingGenerations.push(generation);
+      return { changed: true, applied: true, ms };
+    } finally {
+      this.busy = false;
+      this.delivering = false;
+    }
+  }
+
+  /**
+   * End the drains of the oldest generations until at most `keep` remain,
+   * and wait until they are gone: a second SIGINT is Pipy's forced shutdown,
+   * SIGKILL a second later.
+   */
+  private async limitDraining(keep: number): Promise<void> {
+    while (this.drainingGenerations.length > keep) {
+      const oldest = this.drainingGenerations[0]!;
+      const left = oldest.insts.filter(isAlive);
+      // Drained ones only linger in Pipy's shutdown: SIGKILL ends them without waiting.
+      for (const i of left) if (this.drainedIds.has(instanceId(i))) signal(i, 'SIGKILL');
+      if (left.some((i) => !this.drainedIds.has(instanceId(i)))) {
+        log.warn({ pids: left.map((i) => i.pid), draining: this.drainingGenerations.length }, 'new config while older proxy instances still drain; ending the oldest drain now');
+        for (const i of left) signal(i, 'SIGINT');
+        const forced = Date.now() + 1000;
+        while (left.some(isAlive) && Date.now() < forced) await sleep(10);
+        for (const i of left) if (isAlive(i)) signal(i, 'SIGKILL');
+      }
+      await oldest.done;
+      for (const i of oldest.insts) this.drainedIds.delete(instanceId(i));
     }
   }
 
@@ -837,9 +996,9 @@ export class ProxySupervisor {
     if (err !== undefined) log.warn({ err }, 'cannot enable tcp_migrate_req; connections queued on a closing listener may be reset');
   }
 
-  /** proxy.json: the slots' instances in order, and (during an upgrade) the old ones being retired. */
+  /** proxy.json: the slots' instances in order, and (during an upgrade or a hand-over) the old ones being retired. */
   private writeState(retiring: ProxyInstance[] = []): void {
-    const record: AdoptionRecord = { instances: this.slots.flatMap((s) => (s.inst ? [s.inst] : [])), retiring };
+    const record: AdoptionRecord = { instances: this.slots.flatMap((s) => (s.inst ? [s.inst] : [])), retiring: [...this.retiring, ...retiring] };
     const tmp = `${this.stateFile}.tmp`;
     writeFileSync(tmp, JSON.stringify(record) + '\n');
     renameSync(tmp, this.stateFile);
@@ -868,6 +1027,14 @@ export class ProxySupervisor {
 type ReloadOutcome = { state: 'pending' } | { state: 'ok' } | { state: 'failed'; line: string } | { state: 'gone' };
 
 const instanceId = (i: ProxyInstance): string => `${i.pid}:${i.startTime}`;
+
+/**
+ * Old instance sets a burst of config changes may leave draining at once
+ * (each is gone after drainMs at the latest): two, so a change arriving
+ * while the previous one's old set still answers its requests does not cut
+ * them, while memory stays bounded at three sets.
+ */
+const MAX_DRAINING_GENERATIONS = 2;
 
 function signal(inst: ProxyInstance, sig: NodeJS.Signals): void {
   try {

@@ -77,7 +77,8 @@ describeWithPipy('proxy supervisor with real Pipy', () => {
     outboundPort: 15001,
     inboundPort: 15003,
     checkIntervalMs: 100,
-    pipy: { bin: pipyBin!, programDir: PROGRAM, adminPort: 6060, threadCap: 2 },
+    // The responder has no drain (proxy/drain.js): the SIGHUP path here; the hand-over with the real program is test/pipy/reload-handover.test.ts.
+    pipy: { bin: pipyBin!, programDir: PROGRAM, adminPort: 6060, threadCap: 2, reload: 'signal' },
     initialConfig: { version: 0, outboundPort: 15001, inboundPort: 15003 },
     drainMs: 5000,
   });

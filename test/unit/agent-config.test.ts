@@ -50,6 +50,14 @@ describe('agent configuration', () => {
     expect(() => loadAgentConfig({ ...required, listen: 'nowhere' }, {})).toThrow(/--listen.*"nowhere".*HOST:PORT/);
   });
 
+  test('proxy reload: handover by default, signal by FSMN_PROXY_RELOAD or --proxy-reload; drain 10 s, 1..3600', () => {
+    expect(loadAgentConfig(required, {})).toMatchObject({ proxyReload: 'handover', proxyDrainSeconds: 10 });
+    expect(loadAgentConfig(required, { FSMN_PROXY_RELOAD: 'signal', FSMN_PROXY_DRAIN_SECONDS: '30' })).toMatchObject({ proxyReload: 'signal', proxyDrainSeconds: 30 });
+    expect(loadAgentConfig({ ...required, proxyReload: 'handover' }, { FSMN_PROXY_RELOAD: 'signal' }).proxyReload).toBe('handover');
+    expect(() => loadAgentConfig({ ...required, proxyReload: 'sighup' }, {})).toThrow(/--proxy-reload \/ FSMN_PROXY_RELOAD "sighup"/);
+    expect(() => loadAgentConfig(required, { FSMN_PROXY_DRAIN_SECONDS: '0' })).toThrow(/--proxy-drain-seconds \/ FSMN_PROXY_DRAIN_SECONDS "0"/);
+  });
+
   test('proxy instances: 2 by default, FSMN_PROXY_INSTANCES or --proxy-instances, 1..16', () => {
     expect(loadAgentConfig(required, {}).proxyUser).toBeUndefined();
     expect(proxyRunAs(loadAgentConfig(required, { FSMN_PROXY_USER: '1500' }))).toEqual({ uid: 1500, gid: 1500 });

@@ -27,7 +27,8 @@ import { buildApi } from '../../src/http/server.js';
 import { PolicyClient } from '../../src/policy/client.js';
 import { PolicyCompiler } from '../../src/policy/compiler.js';
 import { DEFAULT_CONTROLLER_NAMESPACE, LABEL_MONITORED_BY, MESH_CONFIG_NAME } from '../../src/policy/fsm.js';
-import { FSMN_MC_API_VERSION, parseGlobalTrafficPolicy } from '../../src/multicluster/api.js';
+import { FSMN_MC_API_VERSION, MCS_API_VERSION, parseGlobalTrafficPolicy, parseServiceExport } from '../../src/multicluster/api.js';
+import { serviceImport } from '../../src/multicluster/kubernetes.js';
 import { KINDS, toRecord, type Kind } from '../../src/policy/objects.js';
 import { eventually } from '../support/eventually.js';
 import { TestApiServer, type Obj as ApiObj } from '../support/k8s-api-server.js';
@@ -118,7 +119,7 @@ const schemaModels: Record<string, Validating> = {
 };
 
 interface Crd {
-  spec: { group: string; names: { kind: string; plural: string }; scope: string; versions: Array<{ name: string; served: boolean; storage: boolean; schema: { openAPIV3Schema: JsonSchema } }> };
+  spec: { group: string; names: { kind: string; plural: string }; scope: string; versions: Array<{ name: string; served: boolean; storage: boolean; subresources?: Record<string, unknown>; schema: { openAPIV3Schema: JsonSchema } }> };
 }
 const crds = () => loadDir(join(deployDir, 'crds')).filter((d) => d.obj.kind === 'CustomResourceDefinition').map((d) => d.obj as unknown as K8sObject & Crd);
 
@@ -161,7 +162,7 @@ describe('manifests', () => {
 
   test('the CRDs are structural and serve the group, version, kind and plural the controller watches', () => {
     // The multi-cluster kinds are read by the clusterset member (src/multicluster), not the policy compiler: tested below.
-    const defs = crds().filter((c) => `${c.spec.group}/v1alpha1` !== FSMN_MC_API_VERSION);
+    const defs = crds().filter((c) => `${c.spec.group}/v1alpha1` !== FSMN_MC_API_VERSION && `${c.spec.group}/v1alpha1` !== MCS_API_VERSION);
     const customKinds = (Object.keys(KINDS) as Kind[]).filter((k) => KINDS[k][0].includes('smi-spec.io') || KINDS[k][0].includes('fsm-node.io') || KINDS[k][0].startsWith('policy.flomesh.io/'));
     // The Gateway API's CRDs are upstream's (docs/ingress-egress.md).
     expect(defs.map((c) => c.spec.names.kind).sort()).toEqual([...customKinds].sort());
@@ -254,6 +255,52 @@ describe('manifests', () => {
     expect(() => parseGlobalTrafficPolicy(gtp({ mode: 'FailOver', failOver: ['c1', 'c1'] }))).toThrow(/failOver\[1\]/);
     expect(JSON.stringify(schema)).toContain('self.weights.exists(k, self.weights[k] > 0)');
     expect(() => parseGlobalTrafficPolicy(gtp({ mode: 'ActiveActive', weights: { c1: 0 } }))).toThrow(/weight 0/);
+  });
+
+  test('the MCS-API CRDs (ServiceExport, ServiceImport) serve what the clusterset member reads and writes; the docs\' examples and the controller\'s objects pass them', () => {
+    const find = (kind: string) => crds().find((c) => c.spec.names.kind === kind)!;
+    const schemaOf = (kind: string) => find(kind).spec.versions[0]!.schema.openAPIV3Schema;
+    for (const [kind, plural] of [['ServiceExport', 'serviceexports'], ['ServiceImport', 'serviceimports']] as const) {
+      const crd = find(kind);
+      expect(`${crd.spec.group}/${crd.spec.versions.map((v) => v.name).join()}`).toBe(MCS_API_VERSION);
+      // The paths src/multicluster/kubernetes.ts uses, and the RBAC grants.
+      expect([crd.metadata.name, crd.spec.names.plural, crd.spec.scope]).toEqual([`${plural}.${crd.spec.group}`, plural, 'Namespaced']);
+      expect(nonStructural(schemaOf(kind))).toEqual([]);
+    }
+    // Conditions go through the status subresource; a ServiceImport is written whole (spec and status).
+    expect(find('ServiceExport').spec.versions[0]!.subresources).toEqual({ status: {} });
+    expect(find('ServiceImport').spec.versions[0]!.subresources).toBeUndefined();
+    const ajv = new Ajv({ strict: false, allErrors: true });
+    const check = (kind: string, obj: unknown) => {
+      const ok = ajv.validate(schemaOf(kind), obj);
+      return { obj, ok, errors: ajv.errors ?? null, pruned: prunedFields(obj, schemaOf(kind)) };
+    };
+    // docs/multicluster.md's examples (its yaml blocks of these kinds).
+    const doc = readFileSync(join(root, 'docs', 'multicluster.md'), 'utf8');
+    const examples = [...doc.matchAll(/```yaml\n([\s\S]*?)```/g)].flatMap((m) => parseAllDocuments(m[1]!).map((d) => d.toJS() as K8sObject)).filter((o) => o?.apiVersion === MCS_API_VERSION);
+    expect(examples.map((o) => o.kind).sort()).toEqual(['ServiceExport', 'ServiceImport']);
+    for (const o of examples) expect(check(o.kind, o)).toEqual({ obj: o, ok: true, errors: null, pruned: [] });
+    expect(() => parseServiceExport(examples.find((o) => o.kind === 'ServiceExport'))).not.toThrow();
+    // What the controller writes: ServiceImports of both types, and an export's conditions.
+    for (const i of [
+      { namespace: 'shop', name: 'web', type: 'ClusterSetIP', ips: ['241.0.0.1'], clusters: ['c1', 'c2'], ports: [8080, 9090], tiers: [['c1'], ['c2']] },
+      { namespace: 'shop', name: 'db', type: 'Headless', ips: [], clusters: ['c2'], ports: [5432], tiers: [['c2']] },
+    ]) {
+      const o = serviceImport(i);
+      expect(check('ServiceImport', o)).toEqual({ obj: o, ok: true, errors: null, pruned: [] });
+    }
+    const exported = { apiVersion: MCS_API_VERSION, kind: 'ServiceExport', metadata: { name: 'web', namespace: 'shop' }, status: { conditions: [
+      { type: 'Valid', status: 'True', reason: 'Exported', message: 'exported to the clusterset', lastTransitionTime: '2026-12-04T21:00:00.000Z' },
+      { type: 'Conflict', status: 'True', reason: 'PortConflict', message: 'port http: c1 wins (oldest export)', lastTransitionTime: '2026-12-04T21:00:00.000Z' },
+    ] } };
+    expect(check('ServiceExport', exported)).toEqual({ obj: exported, ok: true, errors: null, pruned: [] });
+    // And what they refuse.
+    const imp = (spec: unknown) => ({ apiVersion: MCS_API_VERSION, kind: 'ServiceImport', metadata: { name: 'web', namespace: 'shop' }, spec });
+    for (const spec of [{ type: 'Loadbalanced', ports: [{ port: 80 }] }, { type: 'ClusterSetIP', ports: [{ port: 0 }] }, { type: 'ClusterSetIP', ports: [{ port: 80, protocol: 'HTTP' }] }, { type: 'ClusterSetIP' }, { type: 'ClusterSetIP', ports: [], ips: ['a', 'b', 'c'] }]) {
+      expect({ spec, ok: check('ServiceImport', imp(spec)).ok }).toEqual({ spec, ok: false });
+    }
+    const badCondition = { ...exported, status: { conditions: [{ type: 'Valid', status: 'Maybe' }] } };
+    expect(check('ServiceExport', badCondition).ok).toBe(false);
   });
 
   test('a TrafficSplit of every SMI version validates against its version of the CRD, keeps every field and is accepted by the controller', () => {
@@ -349,8 +396,8 @@ describe('kustomize', () => {
     const demo = render('overlays/example-app');
     expect(demo.every((o) => o.kind === 'Namespace' || o.metadata.namespace === 'fsm-demo')).toBe(true);
     expect(kinds(render('overlays/uninstall'))).toEqual(['DaemonSet/fsm-node-cleanup', 'Namespace/fsm-system']);
-    // 4 SMI kinds, our MQTTRouteGroup and GlobalTrafficPolicy, FSM's Egress, Retry and UpstreamTrafficSetting.
-    expect(kinds(render('crds'))).toHaveLength(9);
+    // 4 SMI kinds, our MQTTRouteGroup and GlobalTrafficPolicy, FSM's Egress, Retry and UpstreamTrafficSetting, MCS-API's ServiceExport and ServiceImport.
+    expect(kinds(render('crds'))).toHaveLength(11);
   });
 });
 

@@ -84,9 +84,10 @@ describe('agent metrics', () => {
   });
 
   test('proxy instances: wanted and listening, a dead one shows while the proxy is up', async () => {
-    const m = agentMetrics(live({ proxy: () => ({ listening: true, restarts: 1, instanceCount: 2, instances: [{ listening: true }, { listening: false }] }) }));
+    const m = agentMetrics(live({ proxy: () => ({ listening: true, restarts: 1, instanceCount: 2, instances: [{ listening: true }, { listening: false }], draining: 2 }) }));
     const text = await m.exposition();
     expect(text).toMatch(/^fsm_node_proxy_instances 2$/m);
+    expect(text).toMatch(/^fsm_node_proxy_instances_draining 2$/m);
     expect(text).toMatch(/^fsm_node_proxy_instances_listening 1$/m);
     expect(text).toMatch(/^fsm_node_proxy_up 1$/m);
   });

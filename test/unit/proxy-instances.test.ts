@@ -172,6 +172,11 @@ describe('proxy instances: status lines', () => {
     ]);
   });
 
+  test('old instances draining after a hand-over are counted on the summary line', () => {
+    const rows = proxyStatusRows({ kind: 'pipy', pid: 7, up: true, listening: true, restarts: 0, adopted: false, draining: 2, instances: [{ slot: 0, pid: 7, up: true, listening: true, restarts: 0 }, { slot: 1, pid: 8, up: true, listening: true, restarts: 0 }] });
+    expect(rows[0]).toEqual(['proxy', 'pipy, 2 of 2 instances listening, 0 restarts, 2 old draining']);
+  });
+
   test('two instances, one down: ready on the other, the dead one shown with its last exit', () => {
     const rows = proxyStatusRows({
       kind: 'pipy',

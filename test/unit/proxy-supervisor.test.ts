@@ -143,7 +143,8 @@ describe('proxy supervisor with a fake proxy', () => {
       outboundPort: ports[0]!,
       inboundPort: ports[1]!,
       checkIntervalMs: 20,
-      pipy: { bin: FAKE, programDir: PROGRAM, adminPort: ports[2]!, threads: 2, instances: 1 },
+      // The SIGHUP path unless a test asks for the hand-over.
+      pipy: { bin: FAKE, programDir: PROGRAM, adminPort: ports[2]!, threads: 2, instances: 1, reload: 'signal' },
       // The host namespace: never touch its sysctls.
       migrateRequests: false,
       backoff: { baseMs: 10, maxMs: 40 },
@@ -469,6 +470,80 @@ describe('proxy supervisor with a fake proxy', () => {
     expect(old.some(alive)).toBe(false);
     expect([await adminVersion(ports[2]! + 2), await adminVersion(ports[2]! + 3)]).toEqual([9, 9]);
     expect((JSON.parse(readFileSync(join(dir, 'state', 'proxy.json'), 'utf8')) as { retiring: unknown[] }).retiring).toEqual([]);
+  });
+
+  const handOver = (env: Record<string, string> = {}, extra: Partial<ProxySupervisorOptions> = {}) =>
+    pair(env, extra).then((r) => {
+      const opts = (r.sup as unknown as { opts: ProxySupervisorOptions }).opts;
+      opts.pipy = { ...opts.pipy, reload: 'handover' };
+      return r;
+    });
+
+  test('hand-over: deliver starts a new set from the new config beside the old, then retires the old set; no SIGHUP', async () => {
+    const { sup, ports } = await handOver();
+    await sup.start();
+    await sup.waitReady(10_000, { all: true });
+    const old = sup.status().instances.map((i) => i.pid!);
+    expect(await sup.deliver({ version: 4 })).toMatchObject({ changed: true, applied: true });
+    const st = sup.status();
+    expect(st).toMatchObject({ reloads: 1, reloadMode: 'handover', listening: true });
+    expect(st.instances.map((i) => i.adminPort)).toEqual([ports[2]! + 2, ports[2]! + 3]);
+    expect([await adminVersion(ports[2]! + 2), await adminVersion(ports[2]! + 3)]).toEqual([4, 4]);
+    await eventually(async () => old.some(alive), (a) => !a, 5000);
+    expect(existsSync(events) && readFileSync(events, 'utf8').includes('"reload"')).toBe(false);
+    await eventually(async () => (JSON.parse(readFileSync(join(dir, 'state', 'proxy.json'), 'utf8')) as { retiring: unknown[] }).retiring, (r) => r.length === 0, 5000);
+    expect(sup.status().draining).toBe(0);
+    // A restart after a crash starts from the config that went live.
+    process.kill(st.instances[0]!.pid!, 'SIGKILL');
+    const back = await eventually(async () => sup.status(), (x) => x.instances[0]!.listening && x.instances[0]!.pid !== st.instances[0]!.pid, RESTART_MS);
+    expect(await adminVersion(back.instances[0]!.adminPort!)).toBe(4);
+  });
+
+  test('hand-over: a config the new instances reject is reported with the program\'s error; the old set never stopped, config.json is put back', async () => {
+    const { sup } = await handOver();
+    await sup.start();
+    await sup.waitReady(10_000, { all: true });
+    await sup.deliver({ version: 1 });
+    const pids = sup.status().instances.map((i) => i.pid!);
+    const err = await sup.deliver({ version: 2, reject: true }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(ProxyReloadError);
+    expect((err as Error).message).toMatch(/config rejected by the fake program/);
+    expect(sup.status()).toMatchObject({ reloads: 1, reloadFailures: 1, listening: true });
+    expect(sup.status().instances.map((i) => i.pid)).toEqual(pids);
+    expect(pids.every(alive)).toBe(true);
+    const codebase = (JSON.parse(readFileSync(join(dir, 'state', 'proxy.json'), 'utf8')) as { instances: Array<{ codebase: string }> }).instances[0]!.codebase;
+    expect(JSON.parse(readFileSync(join(codebase, 'config.json'), 'utf8'))).toEqual({ version: 1 });
+    expect(await sup.deliver({ version: 3 })).toMatchObject({ applied: true });
+  });
+
+  test('hand-over: the old set ends when its program says it drained (Pipy 1.5 lingers after that), long before the grace', async () => {
+    const { sup } = await handOver({ FAKE_PROXY_MODE: 'linger-after-drain' }, { drainMs: 60_000 });
+    await sup.start();
+    await sup.waitReady(10_000, { all: true });
+    const first = sup.status().instances.map((i) => i.pid!);
+    await sup.deliver({ version: 1 });
+    expect(sup.status().draining).toBeLessThanOrEqual(2);
+    await eventually(async () => first.some(alive), (a) => !a, 10_000);
+    expect(sup.status().draining).toBe(0);
+  });
+
+  test('hand-over: two old sets may drain at once; a third change ends the oldest drain first', async () => {
+    // The old instances ignore SIGINT: without the bound they would drain for the whole 60 s grace.
+    const { sup } = await handOver({ FAKE_PROXY_MODE: 'ignore-sigint' }, { drainMs: 60_000 });
+    await sup.start();
+    await sup.waitReady(10_000, { all: true });
+    const first = sup.status().instances.map((i) => i.pid!);
+    await sup.deliver({ version: 1 });
+    const second = sup.status().instances.map((i) => i.pid!);
+    expect(sup.status().draining).toBe(2);
+    await sup.deliver({ version: 2 });
+    expect([...first, ...second].every(alive)).toBe(true);
+    expect(sup.status().draining).toBe(4);
+    await sup.deliver({ version: 3 });
+    expect(first.some(alive)).toBe(false);
+    expect(second.every(alive)).toBe(true);
+    expect(sup.status().draining).toBe(4);
+    expect((JSON.parse(readFileSync(join(dir, 'state', 'proxy.json'), 'utf8')) as { retiring: Array<{ pid: number }> }).retiring.map((r) => r.pid).sort()).toEqual(expect.arrayContaining(second));
   });
 
   test('stop: a well-behaved proxy exits on SIGINT', async () => {

@@ -67,7 +67,10 @@ export function buildAgent(config: AgentConfig): Agent {
       inboundPort: config.inboundPort,
       failurePolicy: config.failurePolicy,
       ...(runAs ? { runAs } : {}),
-      ...(config.proxy === 'pipy' ? { pipy: { threadCap: config.proxyThreadCap, ...(config.proxyInstances !== undefined ? { instances: config.proxyInstances } : {}) } } : {}),
+      ...(config.proxy === 'pipy'
+        ? { pipy: { threadCap: config.proxyThreadCap, ...(config.proxyInstances !== undefined ? { instances: config.proxyInstances } : {}), ...(config.proxyReload ? { reload: config.proxyReload } : {}) } }
+        : {}),
+      ...(config.proxyDrainSeconds !== undefined ? { drainMs: config.proxyDrainSeconds * 1000 } : {}),
       ...(config.netns ? { netns: config.netns } : {}),
     }),
     ...(config.proxy === 'pipy'
@@ -124,6 +127,8 @@ traffic keeps flowing; \`fsm-node cleanup\` removes everything.`,
     'failure-policy': { type: 'string', valueName: 'POLICY', description: 'While the proxy crash-loops: fail-closed (default; keep redirecting, connections fail — right for strict meshes) or fail-open (stop redirecting until it is back — permissive meshes).' },
     'proxy-thread-cap': { type: 'string', valueName: 'N', description: 'At most N Pipy worker threads in all (default 4; one per CPU below that), split among the proxy instances.' },
     'proxy-instances': { type: 'string', valueName: 'N', description: 'Pipy processes sharing the proxy ports with SO_REUSEPORT (default 2): a crash of one fails no new connection while it is restarted; 1 saves one Pipy (about 14 MB).' },
+    'proxy-reload': { type: 'string', valueName: 'MODE', description: 'How a policy change reaches the proxy: handover (default; new Pipy instances with the new config beside the old, which answer the requests they have in flight, then exit) or signal (SIGHUP, in place, no process start, but Pipy resets requests in flight).' },
+    'proxy-drain-seconds': { type: 'string', valueName: 'N', description: 'How long a retiring proxy instance may answer what it has in flight before its connections are closed (hand-over, upgrade, node shutdown; default 10). Long-lived connections (MQTT, TCP) are closed at this deadline.' },
     'proxy-user': { type: 'string', valueName: 'UID[:GID]', description: 'Run the proxy as this user with only CAP_NET_ADMIN (FSM uses 1500); key files become that uid\'s, mode 0600. Default: as the agent runs.' },
     'cni-socket': { type: 'string', valueName: 'PATH', description: 'Enrol pods at creation: unix socket the fsm-node-cni plugin relays CNI requests to (the DaemonSet: /run/fsm-node-cni/cni.sock; docs/deploy.md).' },
     'cni-spool': { type: 'string', valueName: 'DIR', description: 'Where the plugin leaves requests while the agent is away; replayed when it is back (default /run/fsm-node-cni/spool).' },

@@ -103,15 +103,17 @@ describe('agent identity certificates', () => {
     const first = await eventually(async () => m.snapshot().get('demo/web'), (c) => c?.state === 'valid');
     const seen = Date.now();
     const key1 = readFileSync(first!.keyPath, 'utf8');
-    // The manager took the certificate at some r between the answer and now
-    // (a loaded machine stretches that), and due = r + 0.55 * (notAfter - r).
-    // Solved for r, it must fall in that interval; without the jitter (0.5) r
-    // would come out 0.11 * lifetime (~500 ms: notAfter has whole seconds, so
-    // 4-5 s remain) before the answer.
+    // The manager took the certificate at r and armed the renewal at s, both
+    // between the answer and the moment the test saw it (a loaded machine
+    // stretches that): due = s + 0.55 * (notAfter - r). Solved as if s = r,
+    // x = (due - 0.55 * notAfter) / 0.45 = r + (s - r) / 0.45 lies in
+    // [answered, seen + (0.55 / 0.45) * (seen - answered)]. Without the jitter
+    // (0.5) x comes out 0.11 * lifetime (~500 ms: notAfter has whole seconds,
+    // so 4-5 s remain) before the answer.
     const notAfter = first!.notAfter!.getTime();
-    const r = (first!.nextAttempt!.getTime() - 0.55 * notAfter) / 0.45;
-    expect(r).toBeGreaterThanOrEqual(answered - 5);
-    expect(r).toBeLessThanOrEqual(seen + 5);
+    const x = (first!.nextAttempt!.getTime() - 0.55 * notAfter) / 0.45;
+    expect(x).toBeGreaterThanOrEqual(answered - 5);
+    expect(x).toBeLessThanOrEqual(seen + (0.55 / 0.45) * (seen - answered) + 5);
     const second = await eventually(async () => m.snapshot().get('demo/web'), (c) => c!.notAfter!.getTime() > notAfter, 5000);
     expect(calls).toEqual(['demo/web', 'demo/web']);
     expect(second!.state).toBe('valid');

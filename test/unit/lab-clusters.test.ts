@@ -1,7 +1,7 @@
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { parse, parseAllDocuments } from 'yaml';
+import { parse } from 'yaml';
 import { notReady } from '../../src/lab/clusters/check.js';
 import { describeClusterLink, renderClusterLinkCommands } from '../../src/lab/clusters/link.js';
 import { linkActionFromFlags as clusterLinkAction } from '../../src/lab/faults.js';
@@ -11,9 +11,8 @@ import { manifestServices, renderClusters, type ClusterView } from '../../src/la
 import { clustersetIngress, clustersetPort, clusterControllerPort, peerEgressPort, renderClusterSet } from '../../src/lab/clusters/up.js';
 import { parseEgress } from '../../src/lab/clusters/relay.js';
 import { parseClusterSet, parseGlobalTrafficPolicy, parseServiceExport } from '../../src/multicluster/api.js';
-import { PolicyCompiler } from '../../src/policy/compiler.js';
-import type { Kind } from '../../src/policy/objects.js';
 import { matchesSweepPrefix, ownedByTopology, underlayNetnsName } from '../../src/lab/topology.js';
+import { compileFiles } from './lab-fixtures.js';
 
 const nodes = [
   { name: 'c2-n1', address: '10.80.0.1' },
@@ -25,17 +24,6 @@ const pods = [
   { name: 'c2-p2', node: 'c2-n2', ip: '10.79.2.2', cgroupPath: '/cg/fsmlab-c2-n2/pods/c2-p2', version: 'v1' as const },
 ];
 
-function compile(files: Map<string, string>): PolicyCompiler {
-  const compiler = new PolicyCompiler();
-  for (const [name, text] of files) {
-    parseAllDocuments(text).forEach((d, i) => {
-      const obj = d.toJS() as { kind: Kind };
-      compiler.upsert(obj.kind, obj, `${name}#${i}`);
-    });
-  }
-  compiler.compile();
-  return compiler;
-}
 
 describe('cluster lab network', () => {
   test('each cluster has its own pod and underlay subnets; c1 keeps the usual lab addresses', () => {
@@ -70,7 +58,7 @@ describe('cluster lab manifests', () => {
   const files = renderClusterManifests({ cluster: 'c2', clusters: ['c1', 'c2'], mode: 'iptables', nodes, pods });
 
   test('compile without an issue; the first two nodes are the clusterset gateways', () => {
-    const compiler = compile(files);
+    const compiler = compileFiles(files);
     expect(compiler.reporter.active()).toEqual([]);
     expect(gatewayNodes(nodes)).toEqual(['c2-n1', 'c2-n2']);
     expect(compiler.gatewayNodes().map((g) => `${g.node}=${g.addresses.join(',')}`)).toEqual(['c2-n1=10.80.0.1', 'c2-n2=10.80.0.2']);
@@ -117,7 +105,7 @@ describe('cluster lab manifests', () => {
 
   test('lab check\'s "not ready" pods leave the Service but stay enrolled (the client pod is one of them)', () => {
     const changed = new Map([...files].map(([k, v]) => [k, k === 'pods/c2-p1.yaml' ? notReady(v) : v]));
-    const compiler = compile(changed);
+    const compiler = compileFiles(changed);
     expect(compiler.reporter.active()).toEqual([]);
     const p = compiler.get('c2-n1')!.policy;
     expect(p.services.find((s) => s.name === 'echo')!.endpoints.map((e) => e.ip)).toEqual(['10.79.2.2']);

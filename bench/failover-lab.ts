@@ -1,5 +1,5 @@
 import { once } from 'node:events';
-import { readFileSync } from 'node:fs';
+import { appendFileSync, readFileSync } from 'node:fs';
 import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import { changeAndConverge, markNotReady, notReadyPods, podsOf, restartServers, restoreReady, setClusterPolicy } from '../src/lab/clusters/check.js';
@@ -30,7 +30,7 @@ import { intFlag, round } from './util.js';
  * One JSON line per case (failed, recoveryMs, p50/p99 around the fault, the
  * answers by pod, the load average). Everything is put back after each case.
  * Run it under the lab lock, like the lab itself:
- *   flock /tmp/fsm-lab.lock npm run bench -- failover-lab [--rate 100] [--seconds 10] [--cases local-gone,link-cut,controller-killed]
+ *   flock /tmp/fsm-lab.lock npm run bench -- failover-lab [--rate 100] [--seconds 10] [--cases local-gone,link-cut,controller-killed] [--records FILE]
  * (link-restored comes with link-cut.)
  */
 
@@ -80,7 +80,10 @@ export async function* run(flags: Record<string, string | boolean>): AsyncIterab
   const unknown = cases.filter((c) => !['local-gone', 'link-cut', 'controller-killed'].includes(c));
   if (unknown.length) throw new Error(`--cases: unknown case ${unknown.join(', ')} (local-gone, link-cut, controller-killed)`);
   const { state, client, remote, pod, url } = lab();
-  const row = (kase: string, r: LoadRun, at: number, extra: object = {}) => ({ bench: 'failover-lab', case: kase, rate, ...summarize(r, at - r.t0), clusters: byCluster(state, r), ...extra, loadavg: loadavg().map((x) => round(x, 2)) });
+  // --records FILE: every request of each case (start ms from t0, ms, status, pod or error), for lining failures up with proxy logs.
+  const records = typeof flags.records === 'string' ? flags.records : undefined;
+  const keep = (kase: string, r: LoadRun, at: number) => records && appendFileSync(records, JSON.stringify({ case: kase, t0: r.t0, faultAt: at, records: r.records }) + '\n');
+  const row = (kase: string, r: LoadRun, at: number, extra: object = {}) => (keep(kase, r, at), { bench: 'failover-lab', case: kase, rate, ...summarize(r, at - r.t0), clusters: byCluster(state, r), ...extra, loadavg: loadavg().map((x) => round(x, 2)) });
   const localPods = podsOf(state, client);
   let linkCut = false;
   try {
@@ -122,8 +125,8 @@ export async function* run(flags: Record<string, string | boolean>): AsyncIterab
           backMs = Date.now() - back;
           break;
         }
-    }
-    yield { bench: 'failover-lab', case: 'link-restored', servingAgainMs: backMs, loadavg: loadavg().map((x) => round(x, 2)) };
+      }
+      yield { bench: 'failover-lab', case: 'link-restored', servingAgainMs: backMs, loadavg: loadavg().map((x) => round(x, 2)) };
     }
 
     // 4. ActiveActive: c1's controller stops; then it is started again as lab up started it.

@@ -5,18 +5,25 @@
 // connections still queued on them to the new instances, tcp_migrate_req)
 // and calls the pipy.exit() callback below, keeping this program's
 // pipelines, timers and upstream connections until the callback's promise
-// resolves. It resolves once no HTTP request is in flight here and no TCP
-// connection of a pod is open, and nothing new started for QUIET_MS; or at
-// the deadline (FSMN_PROXY_DRAIN_MS, which the supervisor sets a little
-// below its own grace). While draining, every HTTP answer to a pod carries
+// resolves. While draining, every HTTP answer to a client carries
 // `connection: close`, so keep-alive clients take their next request to the
 // new instances.
 //
-// Idle HTTP keep-alive connections (no request in flight) do not hold the
-// drain: they are closed when it ends, as a server's keep-alive timeout
-// would. What the deadline cuts: long-lived TCP connections (MQTT, ...).
-// Tunnels from other node proxies and clusters are not waited for, only the
-// requests inside them.
+// The drain is over when nothing is left for QUIET_MS: no HTTP request in
+// flight, no TCP connection of a pod (MQTT, ...), and no HTTP connection of a
+// client (a pod, or a Gateway listener's client). A client's idle keep-alive
+// connection is not closed under it: closing it races the client's next
+// request on it (the request meets a reset: seen in the lab, where a client
+// whose event loop stalled under load wrote a burst of requests onto
+// connections the old instance had just closed). It stays open until its
+// next request is answered with `connection: close` or its client closes
+// it, for up to IDLE_MS (a server's usual keep-alive timeout); then, with
+// nothing in flight, the drain ends and the idle rest is closed ("idle").
+// The deadline (FSMN_PROXY_DRAIN_MS, which the supervisor sets a little
+// below its own grace) cuts what is still open: long-lived TCP connections,
+// requests that never end. Tunnels from other node proxies and clusters are
+// not waited for, only the requests inside them (their far ends retry a
+// request on a pooled connection that closed under it: resilience.js).
 //
 // State is per worker thread, as every module's; each thread's callback
 // prints one "fsmn-proxy drain" line with the config version when it
@@ -29,19 +36,27 @@ import config from './config.js'
 var DEADLINE_MS = +(os.env.FSMN_PROXY_DRAIN_MS || 10000)
 // Nothing in flight for this long: the clients have moved to the new instances.
 var QUIET_MS = 100
+// Idle keep-alive connections of clients are kept open this long (at most the deadline).
+var IDLE_MS = Math.min(2000, DEADLINE_MS)
 
 var requests = 0
 var connections = 0
+var clients = 0
+// When idle client connections stop holding the drain (ms since the epoch).
+var idleUntil = 0
 // Bumped by every start: a quiet period is over when it changed.
 var started = 0
 var draining = false
 var finish = null
 
+// Over: nothing in flight, and no client connection open (or the idle ones had their time).
+var over = () => requests <= 0 && connections <= 0 && (clients <= 0 || Date.now() >= idleUntil)
+
 function check() {
-  if (!finish || requests > 0 || connections > 0) return
+  if (!finish || !over()) return
   var mark = started
   new Timeout(QUIET_MS / 1000).wait().then(() => {
-    if (finish && started === mark && requests <= 0 && connections <= 0) finish('drained')
+    if (finish && started === mark && over()) finish(clients > 0 ? 'idle' : 'drained')
   })
 }
 
@@ -49,6 +64,9 @@ export function requestStarts() { requests++; started++ }
 export function requestEnds() { requests--; check() }
 export function connectionOpens() { connections++; started++ }
 export function connectionCloses() { connections--; check() }
+// HTTP connections of clients (pods, a Gateway listener's clients): idle ones hold the drain up to IDLE_MS.
+export function clientOpens() { clients++; started++ }
+export function clientCloses() { clients--; check() }
 
 // An answer to a pod: while draining, it tells the client to close the connection.
 export function answer(msg) {
@@ -63,9 +81,11 @@ pipy.exit(() => new Promise(resolve => {
   finish = why => {
     if (!finish) return
     finish = null
-    console.log('fsmn-proxy drain ' + why + ' version=' + config.version + ': requests ' + requests + ', connections ' + connections)
+    console.log('fsmn-proxy drain ' + why + ' version=' + config.version + ': requests ' + requests + ', connections ' + connections + ', clients ' + clients)
     resolve()
   }
+  idleUntil = Date.now() + IDLE_MS
+  new Timeout(IDLE_MS / 1000).wait().then(check)
   new Timeout(DEADLINE_MS / 1000).wait().then(() => { if (finish) finish('deadline') })
   check()
 }))

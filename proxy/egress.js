@@ -11,6 +11,7 @@
 // access record (one JSON line on the proxy's log).
 
 import config from './config.js'
+import * as drain from './drain.js'
 
 var rules = config.egressRules || null
 var enabled = config.egress === 'deny' && rules !== null
@@ -90,9 +91,12 @@ export function outbound(srcId, dstIp, dstPort) {
 // Keyed 'egress:<kind>' so main.js can merge them into its own pipe() branches.
 export var branches = {
   'egress:deny': closeNow,
-  'egress:tcp': connectOut,
+  // A connection let out holds a retiring instance's drain while it is open (drain.js), as main.js's TCP ones do.
+  'egress:tcp': $ => connectOut($.onStart(drain.connectionOpens).onEnd(drain.connectionCloses)),
   // TLS: wait for the ClientHello (at most 5 s), judge its SNI, then pass the bytes through untouched.
   'egress:https': $=>$
+    .onStart(drain.connectionOpens)
+    .onEnd(drain.connectionCloses)
     .handleTLSClientHello(hello => { $sni = (hello.serverNames && hello.serverNames[0]) || '' })
     .wait(() => $sni !== undefined, { timeout: 5 })
     .pipe(() => {
@@ -101,9 +105,13 @@ export var branches = {
       record(sni || ($ip + ':' + $port), 'https', $rule ? 'allowed' : 'denied', $rule)
       return $rule ? 'pass' : 'deny'
     }, { pass: connectOut, deny: closeNow }),
-  // HTTP: per request, by Host.
+  // HTTP: per request, by Host; the pod's connection and its requests hold a retiring instance's drain.
   'egress:http': $=>$
+    .onStart(drain.clientOpens)
+    .onEnd(drain.clientCloses)
     .demuxHTTP().to($=>$
+      .onStart(drain.requestStarts)
+      .onEnd(drain.requestEnds)
       .handleMessageStart(msg => {
         var host = requestHost(msg.head.headers.host)
         $rule = $list.find(r => r.protocol === 'http' && allows(r, $ip, host))
@@ -113,5 +121,6 @@ export var branches = {
         pass: $=>$.muxHTTP(() => $ip + ':' + $port, { maxIdle: 4 }).to(connectOut),
         deny: $=>$.replaceMessage(() => new Message({ status: 403, headers: { 'content-type': 'text/plain' } }, 'egress to this destination is not allowed by fsm-node\n')),
       })
+      .handleMessageStart(drain.answer)
     ),
 }

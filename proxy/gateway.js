@@ -348,10 +348,14 @@ function certificateFor(port, sni) {
 }
 
 function serve(p) {
+  // A client's connection holds a retiring instance's drain until it closes
+  // (drain.js: an idle keep-alive one for a while, not closed under the client).
+  var accepted = $=>$
+    .onStart(ib => { $port = p; $client = ib.remoteAddress; drain.clientOpens() })
+    .onEnd(drain.clientCloses)
   // (pipe(fn) would treat fn as a selector evaluated per stream: compose the builder instead.)
-  if (p.protocol !== 'HTTPS') return $ => serveHTTP($.onStart(ib => { $port = p; $client = ib.remoteAddress }))
-  return $=>$
-    .onStart(ib => { $port = p; $client = ib.remoteAddress })
+  if (p.protocol !== 'HTTPS') return $ => serveHTTP(accepted($))
+  return $ => accepted($)
     .acceptTLS({
       // Also called before the ClientHello is read and for clients without SNI:
       // then the certificate of a listener without hostname, if there is one.

@@ -262,6 +262,9 @@ var attemptRequest = $=>$
   .replaceStreamEnd(e => resilience.judgeEnd($attempt, $route, e))
 
 var outboundHTTP = $=>$
+  // A pod's keep-alive connection holds a retiring instance's drain until it closes (drain.js).
+  .onStart(drain.clientOpens)
+  .onEnd(drain.clientCloses)
   .demuxHTTP().to($=>$
     // Requests in flight hold a retiring instance's drain (drain.js).
     .onStart(drain.requestStarts)

@@ -31,14 +31,15 @@ export interface DrainAck {
 
 /**
  * proxy/drain.js prints one line per worker thread when its drain ends:
- * `fsmn-proxy drain drained|deadline version=V: requests R, connections C`.
+ * `fsmn-proxy drain drained|idle|deadline version=V: requests R, connections C, clients K`
+ * (idle: only idle keep-alive connections of clients were left, and closed).
  * Lines of other versions come from programs an earlier SIGHUP replaced,
  * whose exit callbacks Pipy still runs; they do not count.
  */
 export function parseDrainAck(logTail: string, version: string, threads: number): DrainAck {
   let ended = 0;
   let deadline = 0;
-  for (const m of logTail.matchAll(/fsmn-proxy drain (drained|deadline) version=(\S*): /g)) {
+  for (const m of logTail.matchAll(/fsmn-proxy drain (drained|idle|deadline) version=(\S*): /g)) {
     if (m[2] !== version) continue;
     ended += 1;
     if (m[1] === 'deadline') deadline += 1;

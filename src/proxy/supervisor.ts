@@ -1030,11 +1030,13 @@ const instanceId = (i: ProxyInstance): string => `${i.pid}:${i.startTime}`;
 
 /**
  * Old instance sets a burst of config changes may leave draining at once
- * (each is gone after drainMs at the latest): two, so a change arriving
- * while the previous one's old set still answers its requests does not cut
- * them, while memory stays bounded at three sets.
+ * (each is gone after drainMs at the latest; most within proxy/drain.js's
+ * 2 s for idle keep-alive connections): three, so the changes of one event
+ * (the lab's "pods not ready" makes 3-4 within a second under load) do not
+ * end a drain that still holds a client's idle connection, while memory
+ * stays bounded at four sets.
  */
-const MAX_DRAINING_GENERATIONS = 2;
+const MAX_DRAINING_GENERATIONS = 3;
 
 function signal(inst: ProxyInstance, sig: NodeJS.Signals): void {
   try {

@@ -3,7 +3,7 @@ import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { LoadRun } from '../../bench/failover.js';
-import { FLAKY_SLOW_SERVER, reloadConfig, reloadDataplane, reloadFailures, reloadLoad, reloadPolicy } from '../../bench/reload.js';
+import { FLAKY_SLOW_SERVER, RELOAD_PORT, RELOAD_VIP, reloadConfig, reloadDataplane, reloadFailures, reloadLoad, reloadPolicy } from '../../bench/reload.js';
 import type { Dataplane } from '../../src/dataplane/types.js';
 import { Topology, type TopoNode, type TopoPod } from '../../src/lab/topology.js';
 import type { ProxyConfig } from '../../src/proxy/config.js';
@@ -95,7 +95,7 @@ maybe('policy changes under load through the supervised proxy (reload hand-over)
   }
 
   /** What proxy/drain.js printed in the instances' logs (the current and the previous log of each admin port). */
-  const drainLines = (sup: ProxySupervisor, which: 'drained' | 'deadline'): number => {
+  const drainLines = (sup: ProxySupervisor, which: 'drained' | 'idle' | 'deadline'): number => {
     const dir = join(work, `state-${sups.indexOf(sup)}`);
     return readdirSync(dir)
       .filter((f) => /^proxy-\d+\.log(\.1)?$/.test(f))
@@ -147,8 +147,8 @@ maybe('policy changes under load through the supervised proxy (reload hand-over)
     expect(metricValue(metrics, 'fsmn_proxy_config', { version: policy(5).version })).toBe(sup.status().instanceCount);
     await eventually(async () => (await cgroupPids(node.proxyCgroup)).sort(), (pids) => JSON.stringify(pids) === JSON.stringify(sup.status().instances.map((i) => i.pid!).sort()), 10_000);
     expect(sup.status().draining).toBe(0);
-    // The old instances ended their drain themselves (every request answered, every client gone), not at the deadline.
-    expect(drainLines(sup, 'drained')).toBeGreaterThanOrEqual(2);
+    // The old instances ended their drain themselves (every request answered; every client gone, or idle for drain.js's IDLE_MS), not at the deadline.
+    expect(drainLines(sup, 'drained') + drainLines(sup, 'idle')).toBeGreaterThanOrEqual(2);
     expect(drainLines(sup, 'deadline')).toBe(0);
   }, 120_000);
 
@@ -189,4 +189,61 @@ maybe('policy changes under load through the supervised proxy (reload hand-over)
     // The next good change goes live (config.json was put back, nothing half-applied).
     expect(await sup.deliver(config(3))).toMatchObject({ applied: true });
   }, 120_000);
+
+  /**
+   * A pod's keep-alive connection that is idle when the hand-over comes: the
+   * old instance must not close it under the client (its next request would
+   * meet a reset: the lab's client, its event loop stalled under load, wrote
+   * bursts of requests onto connections the old instance had just closed).
+   * The client asks once, keeps the connection, the config changes, and
+   * 400 ms later (past the drain's 100 ms quiet period, which used to end it)
+   * it asks again on the same connection: answered, with `connection: close`.
+   */
+  test('an idle keep-alive connection across a hand-over: its next request is answered with connection: close, not reset', async () => {
+    const sup = supervisor();
+    await sup.start();
+    await sup.waitReady(15_000, { all: true });
+    const client = A.exec(process.execPath, ['-e', IDLE_CLIENT, RELOAD_VIP, String(RELOAD_PORT)], { stdio: ['pipe', 'pipe', 'pipe'] });
+    let out = '';
+    client.stdout?.setEncoding('utf8').on('data', (d: string) => (out += d));
+    const line = (which: string): Promise<string> => eventually(async () => out.split('\n').find((l) => l.startsWith(which)) ?? '', (l) => l !== '', 5000);
+    try {
+      expect(await line('first ')).toBe('first 200 connection=keep-alive');
+      expect(await sup.deliver(config(1))).toMatchObject({ applied: true });
+      await new Promise((r) => setTimeout(r, 400));
+      client.stdin?.write('go\n');
+      expect(await line('second ')).toBe('second 200 connection=close');
+    } finally {
+      client.kill('SIGKILL');
+    }
+    // The old instances ended their drain once the client had closed the connection.
+    await eventually(async () => sup.status().draining, (n) => n === 0, 10_000);
+  }, 60_000);
 });
+
+/** One HTTP/1.1 connection: a GET, then (on "go" from stdin) a second GET on it; prints each answer's status and connection header, or how it failed. */
+const IDLE_CLIENT = `
+const net = require('node:net');
+const [host, port] = process.argv.slice(1);
+const sock = net.connect({ host, port: Number(port), allowHalfOpen: true });
+let buf = '';
+let n = 0;
+const ask = () => sock.write('GET / HTTP/1.1\\r\\nhost: ' + host + '\\r\\n\\r\\n', (e) => e && console.log((n ? 'second ' : 'first ') + 'error ' + e.code));
+sock.setEncoding('utf8');
+sock.on('data', (d) => {
+  buf += d;
+  const end = buf.indexOf('\\r\\n\\r\\n');
+  if (end < 0) return;
+  const head = buf.slice(0, end).toLowerCase();
+  const len = Number((/content-length: *(\\d+)/.exec(head) || [])[1] || 0);
+  if (buf.length < end + 4 + len) return;
+  buf = buf.slice(end + 4 + len);
+  const status = head.split(' ')[1];
+  const conn = (/\\nconnection: *(\\S+)/.exec(head) || [])[1] || 'keep-alive';
+  console.log((n++ ? 'second ' : 'first ') + status + ' connection=' + conn);
+});
+sock.on('end', () => console.log((n ? 'second ' : 'first ') + 'closed by the server'));
+sock.on('error', (e) => console.log((n ? 'second ' : 'first ') + 'error ' + e.code));
+sock.on('connect', ask);
+process.stdin.on('data', () => ask());
+`;

@@ -529,7 +529,7 @@ describe('proxy supervisor with a fake proxy', () => {
     expect(sup.status().draining).toBe(0);
   });
 
-  test('hand-over: two old sets may drain at once; a third change ends the oldest drain first', async () => {
+  test('hand-over: three old sets may drain at once; a fourth change ends the oldest drain first', async () => {
     // The old instances ignore SIGINT: without the bound they would drain for the whole 60 s grace.
     const { sup } = await handOver({ FAKE_PROXY_MODE: 'ignore-sigint' }, { drainMs: 60_000 });
     await sup.start();
@@ -539,13 +539,16 @@ describe('proxy supervisor with a fake proxy', () => {
     const second = sup.status().instances.map((i) => i.pid!);
     expect(sup.status().draining).toBe(2);
     await sup.deliver({ version: 2 });
-    expect([...first, ...second].every(alive)).toBe(true);
+    const third = sup.status().instances.map((i) => i.pid!);
     expect(sup.status().draining).toBe(4);
     await sup.deliver({ version: 3 });
+    expect([...first, ...second, ...third].every(alive)).toBe(true);
+    expect(sup.status().draining).toBe(6);
+    await sup.deliver({ version: 4 });
     expect(first.some(alive)).toBe(false);
-    expect(second.every(alive)).toBe(true);
-    expect(sup.status().draining).toBe(4);
-    expect((JSON.parse(readFileSync(join(dir, 'state', 'proxy.json'), 'utf8')) as { retiring: Array<{ pid: number }> }).retiring.map((r) => r.pid).sort()).toEqual(expect.arrayContaining(second));
+    expect([...second, ...third].every(alive)).toBe(true);
+    expect(sup.status().draining).toBe(6);
+    expect((JSON.parse(readFileSync(join(dir, 'state', 'proxy.json'), 'utf8')) as { retiring: Array<{ pid: number }> }).retiring.map((r) => r.pid).sort()).toEqual(expect.arrayContaining([...second, ...third]));
   });
 
   test('stop: a well-behaved proxy exits on SIGINT', async () => {

@@ -17,7 +17,7 @@ import type { Kind } from '../src/policy/objects.js';
 import type { NodePolicy } from '../src/policy/schema.js';
 import { renderProxyConfig, type ProxyIdentityFiles, type ProxyNodeFacts } from '../src/proxy/config.js';
 import type { ProxySupervisor } from '../src/proxy/supervisor.js';
-import { nodeProxy, quantile, round } from './util.js';
+import { drainEnds, nodeProxy, quantile, round } from './util.js';
 
 /**
  * failover: two clusters ("sites") on one machine, for real: network
@@ -314,6 +314,29 @@ export class TwoSites {
     });
     this.pushing = run.catch(() => undefined);
     return run;
+  }
+
+  /**
+   * A config hand-over on every node of `site` at once, as a policy change
+   * does (`k` makes the version new; nothing else changes): new instances,
+   * the old ones drained (proxy/drain.js).
+   */
+  async handOver(site: Site, k: number): Promise<void> {
+    await Promise.all(site.nodes.map(async (node) => {
+      const config = renderProxyConfig(this.policyOf(site, node), this.facts(site));
+      const r = await this.proxies.get(node)!.deliver({ ...config, version: `${config.version}-h${k}` });
+      if (!r.applied) throw new Error(`the proxy of ${node.name} did not take its new config`);
+    }));
+  }
+
+  /** How the drains of `node`'s retired proxy instances ended (bench/util.ts drainEnds). */
+  drainEnds(node: TopoNode): Record<string, number> {
+    return drainEnds(join(this.work, `proxy-${node.name}`));
+  }
+
+  /** Until no old proxy instance of `site` drains any more. */
+  async drained(site: Site, ms = 15_000): Promise<void> {
+    await this.until(`${site.id}'s old proxy instances to end their drain`, () => site.nodes.every((n) => this.proxies.get(n)!.status().draining === 0), ms);
   }
 
   /** What an agent of `site` renders its proxy's config with: mutual TLS under the clusterset CA. */

@@ -7,16 +7,18 @@ import { createDataplane } from '../src/dataplane/index.js';
 import { noExclusions, type DesiredState, type InterceptionMode } from '../src/dataplane/types.js';
 import { Topology, type TopoNode, type TopoPod } from '../src/lab/topology.js';
 import { NodePolicySchema, POLICY_API_VERSION, type NodePolicy } from '../src/policy/schema.js';
+import { renderProxyConfig } from '../src/proxy/config.js';
 import { DEFAULT_PIPY_INSTANCES } from '../src/proxy/instances.js';
 import { pipyBinary } from '../src/proxy/pipy.js';
 import { ProxySupervisor } from '../src/proxy/supervisor.js';
 import { packageRoot } from '../src/util/paths.js';
 import type { BenchFlags } from './run.js';
-import { intFlag, nodeProxy, quantile, round } from './util.js';
+import { drainEnds, intFlag, nodeProxy, quantile, round } from './util.js';
 
 /**
  * `npm run bench -- proxy-crash [--mode ebpf|iptables] [--path same-node,cross-node] [--kill server|client]
- *   [--instances 1,2] [--kills 2] [--gap-ms 2000] [--warm-ms 1000] [--connections 8] [--threads 2] [--no-migrate]`
+ *   [--instances 1,2] [--kills 2] [--gap-ms 2000] [--warm-ms 1000] [--connections 8] [--threads 2] [--no-migrate]
+ *   [--action kill|handover]`
  *
  * kill -9 of one node-proxy instance under connection-per-request load from a
  * pod, on a real 2-node topology: the project's Pipy program run by the real
@@ -126,6 +128,12 @@ export interface CrashOptions {
   warmMs?: number;
   /** net.ipv4.tcp_migrate_req in the node namespace (default true: the supervisor sets it with 2+ instances). */
   migrate?: boolean;
+  /**
+   * kill (default): SIGKILL one instance per step. handover: one config
+   * change per step on the victim node (a new policy version delivered: new
+   * instances, the old set drained, proxy/drain.js), `kills` times.
+   */
+  action?: 'kill' | 'handover';
 }
 
 export interface CrashResult {
@@ -143,6 +151,8 @@ export interface CrashResult {
   failure_kinds: Record<string, number>;
   /** Each failed new connection's start and end, ms after the kill before it. */
   failed_new_after_kill_ms: Array<[number, number]>;
+  /** handover: how the old instances' drains ended (proxy/drain.js's lines in the victim node's instance logs). */
+  drain_ends?: Record<string, number>;
   /** Cross-node: requests the client's node proxy sent again because their tunnel failed before the far side answered (proxy/tunnel.js). */
   tunnel_retries: number;
   rps_before_kill: number;
@@ -325,9 +335,17 @@ export class CrashRig {
       const killAt: number[] = [];
       const relisten: number[] = [];
       for (let k = 0; k < kills; k++) {
+        const t = nowUs();
+        if (o.action === 'handover') {
+          killAt.push(t);
+          await sup.deliver(renderProxyConfig({ ...this.policy(victimNode), version: `00000000000000h${k + 1}` }, { outboundPort: OUT, inboundPort: IN }));
+          relisten.push(round((nowUs() - t) / 1000, 0));
+          const rest = gapMs - (nowUs() - t) / 1000;
+          if (rest > 0) await sleep(rest);
+          continue;
+        }
         const slot = k % o.instances;
         const victim = sup.status().instances[slot]!.pid!;
-        const t = nowUs();
         process.kill(victim, 'SIGKILL');
         killAt.push(t);
         const deadline = Date.now() + 10_000;
@@ -342,6 +360,7 @@ export class CrashRig {
       }
       client.stdin!.end();
       await exited;
+      if (o.action === 'handover') await waitUntil(() => sup.status().draining === 0, 10_000);
       // The client's node proxy was not killed (--kill server) or its counters are summed across restarts.
       const clientMetrics = (await sups.get(this.topo.nodes[0]!)!.metrics()) ?? '';
       const retries = [...clientMetrics.matchAll(/^fsmn_proxy_tunnel_retries_total\{[^}]*\} (\S+)$/gm)].reduce((a, m) => a + Number(m[1]), 0);
@@ -369,6 +388,7 @@ export class CrashRig {
         rss_kb_idle: rssIdle,
         rss_kb_load: rssLoad,
         kill_at_ms: killAt.map((k) => round((k - load.t0) / 1000, 0)),
+        ...(o.action === 'handover' ? { drain_ends: drainEnds(join(this.work, victimNode.name, tag)) } : {}),
       };
     } finally {
       for (const dp of dps) {
@@ -378,6 +398,11 @@ export class CrashRig {
       for (const sup of sups.values()) await sup.stop(3000);
     }
   }
+}
+
+async function waitUntil(ok: () => boolean, ms: number): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!ok() && Date.now() < deadline) await sleep(20);
 }
 
 function listFlag(flags: BenchFlags, name: string, dflt: number[]): number[] {
@@ -400,7 +425,9 @@ export async function* run(flags: BenchFlags): AsyncGenerator<object> {
   const paths = String(flags.path ?? 'same-node,cross-node').split(',');
   for (const p of paths) if (p !== 'same-node' && p !== 'cross-node') throw new Error(`--path takes same-node and/or cross-node, got ${JSON.stringify(p)}`);
   const kill = flags.kill === 'client' ? 'client' : 'server';
-  const opts = { migrate: flags['no-migrate'] !== true, warmMs: intFlag(flags, 'warm-ms', 1000), kills: intFlag(flags, 'kills', 2), gapMs: intFlag(flags, 'gap-ms', 2000), connections: intFlag(flags, 'connections', 8), threads: intFlag(flags, 'threads', 2) };
+  const action = flags.action === 'handover' ? ('handover' as const) : ('kill' as const);
+  if (flags.action !== undefined && flags.action !== 'handover' && flags.action !== 'kill') throw new Error(`--action takes kill or handover, got ${JSON.stringify(flags.action)}`);
+  const opts = { action, migrate: flags['no-migrate'] !== true, warmMs: intFlag(flags, 'warm-ms', 1000), kills: intFlag(flags, 'kills', 2), gapMs: intFlag(flags, 'gap-ms', 2000), connections: intFlag(flags, 'connections', 8), threads: intFlag(flags, 'threads', 2) };
   const rig = await CrashRig.create(`fsmbench${process.pid}c`, pipy);
   try {
     for (const mode of modes) {

@@ -1,4 +1,4 @@
-import { readFileSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { noExclusions, type PodIntercept } from '../src/dataplane/types.js';
 import type { TopoNode } from '../src/lab/topology.js';
@@ -67,4 +67,21 @@ export function nodeProxy(node: TopoNode, policy: NodePolicy, stateDir: string, 
     initialConfig: renderProxyConfig(policy, facts),
     ...extra,
   });
+}
+
+/**
+ * How the drains of a supervisor's retired instances ended: proxy/drain.js's
+ * lines ("drained", "idle", "deadline") in the instance logs of its state
+ * directory, and `startedWhileDraining`: the requests and tunnels those
+ * instances took after their drain began, summed.
+ */
+export function drainEnds(stateDir: string): Record<string, number> {
+  const out: Record<string, number> = { startedWhileDraining: 0 };
+  for (const f of readdirSync(stateDir).filter((n) => /^proxy-\d+\.log(\.1)?$/.test(n))) {
+    for (const m of readFileSync(join(stateDir, f), 'utf8').matchAll(/fsmn-proxy drain (\w+) .*started while draining (\d+)/g)) {
+      out[m[1]!] = (out[m[1]!] ?? 0) + 1;
+      out.startedWhileDraining! += Number(m[2]);
+    }
+  }
+  return out;
 }

@@ -39,6 +39,9 @@ var QUIET_MS = 100
 // Idle keep-alive connections of clients are kept open this long (at most the deadline).
 var IDLE_MS = Math.min(2000, DEADLINE_MS)
 
+// The marker of answers from a draining instance to other proxies (see mark()).
+export var HEADER = 'fsmn-draining'
+
 var requests = 0
 var connections = 0
 var clients = 0
@@ -60,28 +63,51 @@ function check() {
   })
 }
 
-export function requestStarts() { requests++; started++ }
+// Requests and tunnels that started here after the drain began (its line
+// reports them: a peer that keeps sending to a draining instance shows here).
+var late = 0
+
+export function requestStarts() { requests++; started++; if (draining) late++ }
 export function requestEnds() { requests--; check() }
-export function connectionOpens() { connections++; started++ }
+export function connectionOpens() { connections++; started++; if (draining) late++ }
 export function connectionCloses() { connections--; check() }
 // HTTP connections of clients (pods, a Gateway listener's clients): idle ones hold the drain up to IDLE_MS.
 export function clientOpens() { clients++; started++ }
 export function clientCloses() { clients--; check() }
 
-// An answer to a pod: while draining, it tells the client to close the connection.
+// An answer to a client (pod, ingress): while draining, it tells the client
+// to close the connection. The marker below never reaches a client.
 export function answer(msg) {
-  if (draining && msg.head) {
+  if (!msg.head) return
+  if (msg.head.headers) delete msg.head.headers[HEADER]
+  if (draining) {
     if (!msg.head.headers) msg.head.headers = {}
     msg.head.headers.connection = 'close'
   }
 }
+
+// Between node proxies (and clusters' gateways) connections are pooled, so
+// `connection: close` does not move them: an answer this instance gives into
+// a tunnel from another proxy carries this marker while it drains (HTTP/2's
+// GOAWAY, which Pipy 1.5 cannot send, would say the same). The other side
+// then opens its next tunnels on a new connection, which SO_REUSEPORT gives
+// to the new instances (tunnel.js, multicluster.js), so nothing new arrives
+// here while the old connection's requests finish. Set or cleared on every
+// such answer, so an endpoint cannot forge it through a gateway.
+export function mark(msg) {
+  if (!msg.head) return
+  if (!msg.head.headers) msg.head.headers = {}
+  if (draining) msg.head.headers[HEADER] = '1'
+  else delete msg.head.headers[HEADER]
+}
+export function isDraining() { return draining }
 
 pipy.exit(() => new Promise(resolve => {
   draining = true
   finish = why => {
     if (!finish) return
     finish = null
-    console.log('fsmn-proxy drain ' + why + ' version=' + config.version + ': requests ' + requests + ', connections ' + connections + ', clients ' + clients)
+    console.log('fsmn-proxy drain ' + why + ' version=' + config.version + ': requests ' + requests + ', connections ' + connections + ', clients ' + clients + ', started while draining ' + late)
     resolve()
   }
   idleUntil = Date.now() + IDLE_MS

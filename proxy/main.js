@@ -136,15 +136,19 @@ var muxToTarget = $=>$
 // noticed within that, and the requests in flight fail over); long-lived TCP
 // tunnels get their own connections without that timeout.
 var gatewayRequest = () => new Message({ method: 'CONNECT', path: $route.target, headers: { host: $route.target } })
+// The route's `epoch` (multicluster.js) moves on when the gateway's instance
+// drains: the next requests then open new connections, to its new instances.
 var toGateway = (kind, options) => $=>$
-  .muxHTTP(() => cs.poolKey(kind, $srcId, $route.tunnel, $route.cluster), { version: 2 }).to(
+  .muxHTTP(() => cs.poolKey(kind, $srcId, $route.tunnel, $route.cluster) + '~' + $route.epoch, { version: 2 }).to(
     cs.connectGateway(() => $route.tunnel, options)
   )
 var toGatewayTCP = $=>$
-  .connectHTTPTunnel(gatewayRequest).to(toGateway('tcp', { connectTimeout: 1 }))
+  .connectHTTPTunnel(gatewayRequest).to($ => toGateway('tcp', { connectTimeout: 1 })($)
+    .handleMessageStart(msg => mc.heardFrom($route, msg.head.headers))
+  )
   .handleStreamEnd(eos => { if (eos.error) mc.markDead($route.tunnel) })
 var muxToGateway = $=>$
-  .muxHTTP(() => 'gw>' + $srcId + '>' + $route.tunnel + '>' + $route.target, { maxIdle: UPSTREAM_MAX_IDLE }).to($=>$
+  .muxHTTP(() => 'gw>' + $srcId + '>' + $route.tunnel + '>' + $route.target + '~' + $route.epoch, { maxIdle: UPSTREAM_MAX_IDLE }).to($=>$
     .connectHTTPTunnel(gatewayRequest).to(toGateway('http', { connectTimeout: 1, readTimeout: 2 }))
   )
 
@@ -350,10 +354,17 @@ pipy.listen(config.listen.inbound, tls.serve($=>$
     var protocol = ep.ports[port] || 'tcp'
     if (protocol !== 'http' && !connectionAllowed($grant, protocol)) return refuse('denied', 403, 'access denied by fsm-node')
     metrics.tunnels.withLabels(labels[0], labels[1], 'accepted', tls.transport).increase()
-    return new Message({ status: 200 })
+    // While this instance drains, the answer tells the peer to open its next tunnels on a new connection (drain.js).
+    var ok = new Message({ status: 200 })
+    drain.mark(ok)
+    return ok
   }).to($=>$
     // As on the outbound side: start at once, so a server-first protocol gets its connection.
-    .onStart(() => new Data)
+    // An accepted tunnel holds a retiring instance's drain until it ends: one
+    // answered just before the drain would otherwise end could lose the
+    // request its peer sends next (the peer cannot resend into an answered tunnel).
+    .onStart(() => { drain.connectionOpens(); return new Data })
+    .onEnd(drain.connectionCloses)
     .pipe(() => config.endpoints[$dstIp].ports[$dstPort] || 'tcp', {
       http: $=>$
         .demuxHTTP().to($=>$
@@ -425,6 +436,8 @@ if (mc.enabled) pipy.listen(mc.gatewayPort(), cs.serve($=>$
               local: muxToTarget,
               tunnel: tunnel.http,
             })
+            // While this instance drains, the other cluster's proxy moves its next requests to a new connection (drain.js).
+            .handleMessageStart(drain.mark)
           ),
           tcp: $=>$
             .onStart(() => { if ($route.mode === 'tunnel') tunnel.use($srcId, $route, labelsOf($srcId, $route)) })

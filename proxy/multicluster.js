@@ -26,6 +26,7 @@ import config from './config.js'
 import { decide } from './route.js'
 import * as cs from './clusterset.js'
 import { healthy } from './resilience.js'
+import * as drain from './drain.js'
 
 var MC = config.multicluster || null
 export var enabled = MC !== null
@@ -41,6 +42,9 @@ export var GATEWAY_HEADER = 'fsmn-gateway'
 var deadUntil = {}
 var wrr = {}
 var rr = {}
+// Per gateway: the epoch of the connections to it (main.js's pool keys); an
+// answer from one of its instances that drains moves it on (heardFrom).
+var epoch = {}
 
 export function importAt(dstIp, dstPort) {
   return MC ? MC.imports[dstIp + ':' + dstPort] || null : null
@@ -166,7 +170,7 @@ export function decideImport(dstIp, dstPort, head, tried, avoid) {
       return Object.assign({}, r, { service: imp.service, cluster: m.cluster, tier: t })
     }
     var gw = pickGateway(dst + '>' + m.cluster, m.gateways, m.cluster, avoid)
-    return { mode: 'gateway', target: imp.target, tunnel: gw, identity: null, local: false, service: imp.service, protocol: imp.protocol, cluster: m.cluster, tier: t }
+    return { mode: 'gateway', target: imp.target, tunnel: gw, epoch: epoch[gw] || 0, identity: null, local: false, service: imp.service, protocol: imp.protocol, cluster: m.cluster, tier: t }
   }
   return { mode: 'unavailable', target: dst, tunnel: null, identity: null, local: false, service: imp.service, protocol: imp.protocol, cluster: null, tier: -1 }
 }
@@ -183,10 +187,18 @@ export function decideImport(dstIp, dstPort, head, tried, avoid) {
 // really gone refuses the next connection and is marked then.
 export function attemptOutcome(route, status, headers, retrying, kind) {
   if (!route || route.tier === undefined || route.cluster === null) return
+  heardFrom(route, headers)
   var fromGateway = route.mode === 'gateway' && status > 0 && (status < 500 || (headers && headers[GATEWAY_HEADER]))
   if (fromGateway) markAlive(route.tunnel)
   else if (route.mode === 'gateway' && (status === 0 || status >= 500) && kind !== 'reset') markDead(route.tunnel)
   if (retrying) failovers.withLabels(route.service, route.cluster).increase()
+}
+
+// An answer through a gateway route: when it says the gateway's instance
+// drains (drain.js), later requests take new connections (once per epoch:
+// every answer on the old connections says so).
+export function heardFrom(route, headers) {
+  if (route.mode === 'gateway' && headers && headers[drain.HEADER] && (epoch[route.tunnel] || 0) === route.epoch) epoch[route.tunnel] = route.epoch + 1
 }
 
 // A tunnel from another cluster asks for `target` ("name.ns:port"): the

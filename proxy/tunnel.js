@@ -33,6 +33,7 @@
 
 import * as tls from './tls.js'
 import * as metrics from './metrics.js'
+import * as drain from './drain.js'
 
 var SOURCE_HEADER = 'fsmn-source-identity'
 
@@ -78,13 +79,23 @@ function onTunnelState(s) {
   if (s === 'connected' || (s === 'closed' && $attempt.status !== 502)) $attempt.answered = true
 }
 
+// Later tunnels to this peer take a new connection (once per generation).
+function nextGeneration() {
+  var peer = $route.tunnel
+  if ((generation[peer] || 0) === $attempt.gen) generation[peer] = $attempt.gen + 1
+}
+
 // The tunnel ended: before its answer, the peer connection it rode is
 // suspect; move the generation on (once per failed connection).
 function onTunnelEnd() {
-  var a = $attempt
-  if (a.answered) return
-  var peer = $route.tunnel
-  if ((generation[peer] || 0) === a.gen) generation[peer] = a.gen + 1
+  if (!$attempt.answered) nextGeneration()
+}
+
+// The far instance answered while it drains (drain.js): this tunnel goes on
+// there, later ones go on a new connection, to the far node's new instances.
+function onAnswer(m) {
+  $attempt.status = $answer = m.head.status
+  if (m.head.headers && m.head.headers[drain.HEADER]) nextGeneration()
 }
 
 var $answer   // the CONNECT's answer status, in the tunnel's own (cloned) context: per attempt
@@ -93,7 +104,7 @@ var toPeerProxy = $=>$
   .muxHTTP(peerKey, { version: 2 }).to(
     tls.connectPeer(() => $route.tunnel)
   )
-  .handleMessageStart(m => { $attempt.status = $answer = m.head.status })
+  .handleMessageStart(onAnswer)
   // connectHTTPTunnel ends its output at a non-2xx answer already and again at
   // the stream's end; a second end would reach `repeat` after it has started
   // the retry, as if the retry had failed too.

@@ -64,6 +64,23 @@ maybe('proxy instance killed under load', () => {
     expect(r.failed_new_connections).toBe(0);
   }, 120_000);
 
+  // A config hand-over of the far node (the tunnels' end) under the same
+  // load: its old instances must stop getting new tunnels (their answers say
+  // they drain, and the near proxy opens a new peer connection, to the new
+  // instances: proxy/drain.js, tunnel.js) and end their drain by themselves;
+  // without that, the pooled peer connection keeps feeding them tunnels until
+  // the drain's deadline cuts what is in flight.
+  test.each(modes)('%s, cross-node: the far node proxy hands over 3 times: 0 failed connections, the old instances drain by themselves', async (mode) => {
+    const r = await rig.run({ mode, path: 'cross-node', kill: 'server', instances: 2, kills: 3, gapMs: 1500, action: 'handover' });
+    console.log(`${mode}, cross-node, far end hands over: ${JSON.stringify(r)}`);
+    expect(r.requests_ok).toBeGreaterThan(100);
+    expect(r.failed_new_connections + r.broken_in_flight).toBe(0);
+    expect(r.drain_ends?.deadline ?? 0).toBe(0);
+    expect((r.drain_ends?.drained ?? 0) + (r.drain_ends?.idle ?? 0)).toBeGreaterThanOrEqual(6);
+    // Tunnels the old instances still took after their first marked answer: some tens at ~2000 tunnels/s (20,000 without the marker).
+    expect(r.drain_ends?.startedWhileDraining ?? 0).toBeLessThan(500);
+  }, 120_000);
+
   test.each(modes)('%s: the control, one instance: the same kill fails new connections', async (mode) => {
     const r = await rig.run({ mode, instances: 1, kills: 1, gapMs: 2000 });
     console.log(`${mode}, 1 instance: ${JSON.stringify(r)}`);

@@ -138,9 +138,18 @@ var muxToTarget = $=>$
 var gatewayRequest = () => new Message({ method: 'CONNECT', path: $route.target, headers: { host: $route.target } })
 // The route's `epoch` (multicluster.js) moves on when the gateway's instance
 // drains: the next requests then open new connections, to its new instances.
+//
+// A connection to a gateway that could not be made (refused, or no answer
+// within the connect timeout) marks the gateway dead here, where the error is
+// known: the requests waiting on it only see their tunnel close, which they
+// cannot tell from a far instance closing its pooled connections after a
+// drain (not a mark: resilience.js). Without this, a cut uplink left the
+// gateways unmarked and every second a batch of requests waited out the
+// connect timeout again (the lab's link-cut: recovery 9 s instead of 1).
+var GATEWAY_UNREACHABLE = { ConnectionRefused: true, ConnectionTimeout: true }
 var toGateway = (kind, options) => $=>$
-  .muxHTTP(() => cs.poolKey(kind, $srcId, $route.tunnel, $route.cluster) + '~' + $route.epoch, { version: 2 }).to(
-    cs.connectGateway(() => $route.tunnel, options)
+  .muxHTTP(() => cs.poolKey(kind, $srcId, $route.tunnel, $route.cluster) + '~' + $route.epoch, { version: 2 }).to($ => cs.connectGateway(() => $route.tunnel, options)($)
+    .handleStreamEnd(eos => { if (GATEWAY_UNREACHABLE[eos.error]) mc.markDead($route.tunnel) })
   )
 var toGatewayTCP = $=>$
   .connectHTTPTunnel(gatewayRequest).to($ => toGateway('tcp', { connectTimeout: 1 })($)

@@ -335,8 +335,8 @@ export class CrashRig {
       const killAt: number[] = [];
       const relisten: number[] = [];
       for (let k = 0; k < kills; k++) {
-        const t = nowUs();
         if (o.action === 'handover') {
+          const t = nowUs();
           killAt.push(t);
           await sup.deliver(renderProxyConfig({ ...this.policy(victimNode), version: `00000000000000h${k + 1}` }, { outboundPort: OUT, inboundPort: IN }));
           relisten.push(round((nowUs() - t) / 1000, 0));
@@ -346,6 +346,8 @@ export class CrashRig {
         }
         const slot = k % o.instances;
         const victim = sup.status().instances[slot]!.pid!;
+        // The time of the kill itself: a connection is in flight at a kill when it spans this instant.
+        const t = nowUs();
         process.kill(victim, 'SIGKILL');
         killAt.push(t);
         const deadline = Date.now() + 10_000;

@@ -766,8 +766,8 @@ export class ProxySupervisor {
    * SIGINT (stop accepting, drain), SIGKILL after the grace; waits until the
    * process is gone. With `drain` (the config version the instance runs), the
    * program's own end of drain (proxy/drain.js: a log line per thread) ends
-   * the wait early: Pipy 1.5 itself often keeps "waiting for workers to
-   * drain" after its exit callbacks resolved, until a second SIGINT.
+   * the wait early, and the process is then killed: Pipy 1.5 itself often
+   * keeps "waiting for workers to drain" after its exit callbacks resolved.
    */
   private async retire(inst: ProxyInstance, graceMs: number, drain?: { version: string }): Promise<void> {
     const offset = fileSize(inst.logFile);
@@ -789,10 +789,14 @@ export class ProxySupervisor {
       break;
     }
     if (drained && isAlive(inst)) {
-      // Nothing left in flight: the forced shutdown only ends an idle process.
-      signal(inst, 'SIGINT');
-      const forced = Date.now() + 1000;
-      while (isAlive(inst) && Date.now() < forced) await sleep(10);
+      // Nothing left in flight: end the process at once. Pipy's own (forced)
+      // shutdown took over a second on a starved core in the cluster lab,
+      // and meanwhile a peer's request that arrived on an idle pooled tunnel
+      // hung until it was killed; closed now, the peer sees the close and
+      // sends the request through another connection.
+      signal(inst, 'SIGKILL');
+      const gone = Date.now() + 1000;
+      while (isAlive(inst) && Date.now() < gone) await sleep(10);
     } else if (isAlive(inst)) {
       // A second SIGINT makes Pipy end its workers at once. Needed in practice:
       // Pipy 1.5 sometimes keeps "waiting for workers to drain" with no client left.

@@ -21,9 +21,10 @@
 // nothing in flight, the drain ends and the idle rest is closed ("idle").
 // The deadline (FSMN_PROXY_DRAIN_MS, which the supervisor sets a little
 // below its own grace) cuts what is still open: long-lived TCP connections,
-// requests that never end. Tunnels from other node proxies and clusters are
-// not waited for, only the requests inside them (their far ends retry a
-// request on a pooled connection that closed under it: resilience.js).
+// requests that never end. Other proxies' pooled connections are moved by
+// mark() below; a tunnel from another node proxy holds the drain while it is
+// open (its peer sends the request only after the answer), the clusterset
+// gateway's long-lived tunnels only by the requests inside them.
 //
 // State is per worker thread, as every module's; each thread's callback
 // prints one "fsmn-proxy drain" line with the config version when it
@@ -49,6 +50,9 @@ var clients = 0
 var idleUntil = 0
 // Bumped by every start: a quiet period is over when it changed.
 var started = 0
+// Requests and tunnels that started here after the drain began (its line
+// reports them: a peer that keeps sending to a draining instance shows here).
+var late = 0
 var draining = false
 var finish = null
 
@@ -62,10 +66,6 @@ function check() {
     if (finish && started === mark && over()) finish(clients > 0 ? 'idle' : 'drained')
   })
 }
-
-// Requests and tunnels that started here after the drain began (its line
-// reports them: a peer that keeps sending to a draining instance shows here).
-var late = 0
 
 export function requestStarts() { requests++; started++; if (draining) late++ }
 export function requestEnds() { requests--; check() }
@@ -100,7 +100,6 @@ export function mark(msg) {
   if (draining) msg.head.headers[HEADER] = '1'
   else delete msg.head.headers[HEADER]
 }
-export function isDraining() { return draining }
 
 pipy.exit(() => new Promise(resolve => {
   draining = true

@@ -31,7 +31,7 @@ export interface DrainAck {
 
 /**
  * proxy/drain.js prints one line per worker thread when its drain ends:
- * `fsmn-proxy drain drained|idle|deadline version=V: requests R, connections C, clients K`
+ * `fsmn-proxy drain drained|idle|deadline version=V: requests R, connections C, clients K, started while draining N`
  * (idle: only idle keep-alive connections of clients were left, and closed).
  * Lines of other versions come from programs an earlier SIGHUP replaced,
  * whose exit callbacks Pipy still runs; they do not count.

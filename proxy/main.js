@@ -136,8 +136,9 @@ var muxToTarget = $=>$
 // noticed within that, and the requests in flight fail over); long-lived TCP
 // tunnels get their own connections without that timeout.
 var gatewayRequest = () => new Message({ method: 'CONNECT', path: $route.target, headers: { host: $route.target } })
-// The route's `epoch` (multicluster.js) moves on when the gateway's instance
-// drains: the next requests then open new connections, to its new instances.
+// Pool keys end in the route's `generation` (pool-generation.js), which moves
+// on when the gateway's instance drains: the next requests then open new
+// connections, to its new instances.
 //
 // A connection to a gateway that could not be made (refused, or no answer
 // within the connect timeout) marks the gateway dead here, where the error is
@@ -148,7 +149,7 @@ var gatewayRequest = () => new Message({ method: 'CONNECT', path: $route.target,
 // connect timeout again (the lab's link-cut: recovery 9 s instead of 1).
 var GATEWAY_UNREACHABLE = { ConnectionRefused: true, ConnectionTimeout: true }
 var toGateway = (kind, options) => $=>$
-  .muxHTTP(() => cs.poolKey(kind, $srcId, $route.tunnel, $route.cluster) + '~' + $route.epoch, { version: 2 }).to($ => cs.connectGateway(() => $route.tunnel, options)($)
+  .muxHTTP(() => cs.poolKey(kind, $srcId, $route.tunnel, $route.cluster) + '~' + $route.generation, { version: 2 }).to($ => cs.connectGateway(() => $route.tunnel, options)($)
     .handleStreamEnd(eos => { if (GATEWAY_UNREACHABLE[eos.error]) mc.markDead($route.tunnel) })
   )
 var toGatewayTCP = $=>$
@@ -157,7 +158,7 @@ var toGatewayTCP = $=>$
   )
   .handleStreamEnd(eos => { if (eos.error) mc.markDead($route.tunnel) })
 var muxToGateway = $=>$
-  .muxHTTP(() => 'gw>' + $srcId + '>' + $route.tunnel + '>' + $route.target + '~' + $route.epoch, { maxIdle: UPSTREAM_MAX_IDLE }).to($=>$
+  .muxHTTP(() => 'gw>' + $srcId + '>' + $route.tunnel + '>' + $route.target + '~' + $route.generation, { maxIdle: UPSTREAM_MAX_IDLE }).to($=>$
     .connectHTTPTunnel(gatewayRequest).to(toGateway('http', { connectTimeout: 1, readTimeout: 2 }))
   )
 

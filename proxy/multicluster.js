@@ -27,6 +27,7 @@ import { decide } from './route.js'
 import * as cs from './clusterset.js'
 import { healthy } from './resilience.js'
 import * as drain from './drain.js'
+import * as generations from './pool-generation.js'
 
 var MC = config.multicluster || null
 export var enabled = MC !== null
@@ -42,9 +43,6 @@ export var GATEWAY_HEADER = 'fsmn-gateway'
 var deadUntil = {}
 var wrr = {}
 var rr = {}
-// Per gateway: the epoch of the connections to it (main.js's pool keys); an
-// answer from one of its instances that drains moves it on (heardFrom).
-var epoch = {}
 
 export function importAt(dstIp, dstPort) {
   return MC ? MC.imports[dstIp + ':' + dstPort] || null : null
@@ -170,7 +168,7 @@ export function decideImport(dstIp, dstPort, head, tried, avoid) {
       return Object.assign({}, r, { service: imp.service, cluster: m.cluster, tier: t })
     }
     var gw = pickGateway(dst + '>' + m.cluster, m.gateways, m.cluster, avoid)
-    return { mode: 'gateway', target: imp.target, tunnel: gw, epoch: epoch[gw] || 0, identity: null, local: false, service: imp.service, protocol: imp.protocol, cluster: m.cluster, tier: t }
+    return { mode: 'gateway', target: imp.target, tunnel: gw, generation: generations.of(gw), identity: null, local: false, service: imp.service, protocol: imp.protocol, cluster: m.cluster, tier: t }
   }
   return { mode: 'unavailable', target: dst, tunnel: null, identity: null, local: false, service: imp.service, protocol: imp.protocol, cluster: null, tier: -1 }
 }
@@ -195,10 +193,10 @@ export function attemptOutcome(route, status, headers, retrying, kind) {
 }
 
 // An answer through a gateway route: when it says the gateway's instance
-// drains (drain.js), later requests take new connections (once per epoch:
-// every answer on the old connections says so).
+// drains (drain.js), later requests take new connections (pool-generation.js;
+// main.js's pool keys end in the route's generation).
 export function heardFrom(route, headers) {
-  if (route.mode === 'gateway' && headers && headers[drain.HEADER] && (epoch[route.tunnel] || 0) === route.epoch) epoch[route.tunnel] = route.epoch + 1
+  if (route.mode === 'gateway' && headers && headers[drain.HEADER]) generations.moveOn(route.tunnel, route.generation)
 }
 
 // A tunnel from another cluster asks for `target` ("name.ns:port"): the

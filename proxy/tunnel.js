@@ -34,14 +34,9 @@
 import * as tls from './tls.js'
 import * as metrics from './metrics.js'
 import * as drain from './drain.js'
+import * as generations from './pool-generation.js'
 
 var SOURCE_HEADER = 'fsmn-source-identity'
-
-// Per peer node address: the generation of its pooled HTTP/2 connection. A
-// tunnel that failed before its answer moves it on, so the retry and every
-// later tunnel open a new connection instead of the one that just failed
-// (which Pipy drops once it has seen the reset).
-var generation = {}
 
 var $srcId
 var $route
@@ -64,9 +59,12 @@ function connectRequest() {
 }
 
 // The peer connection a tunnel stream goes on: tls.js's pool (per source and
-// destination identity under mTLS) of the current generation.
+// destination identity under mTLS) of the peer's current generation
+// (pool-generation.js). A tunnel that failed before its answer moves it on,
+// so the retry and every later tunnel open a new connection instead of the
+// one that just failed (which Pipy drops once it has seen the reset).
 function peerKey() {
-  var g = generation[$route.tunnel] || 0
+  var g = generations.of($route.tunnel)
   $attempt.gen = g
   return tls.poolKey($srcId, $route) + '~' + g
 }
@@ -79,23 +77,17 @@ function onTunnelState(s) {
   if (s === 'connected' || (s === 'closed' && $attempt.status !== 502)) $attempt.answered = true
 }
 
-// Later tunnels to this peer take a new connection (once per generation).
-function nextGeneration() {
-  var peer = $route.tunnel
-  if ((generation[peer] || 0) === $attempt.gen) generation[peer] = $attempt.gen + 1
-}
-
 // The tunnel ended: before its answer, the peer connection it rode is
 // suspect; move the generation on (once per failed connection).
 function onTunnelEnd() {
-  if (!$attempt.answered) nextGeneration()
+  if (!$attempt.answered) generations.moveOn($route.tunnel, $attempt.gen)
 }
 
 // The far instance answered while it drains (drain.js): this tunnel goes on
 // there, later ones go on a new connection, to the far node's new instances.
 function onAnswer(m) {
   $attempt.status = $answer = m.head.status
-  if (m.head.headers && m.head.headers[drain.HEADER]) nextGeneration()
+  if (m.head.headers && m.head.headers[drain.HEADER]) generations.moveOn($route.tunnel, $attempt.gen)
 }
 
 var $answer   // the CONNECT's answer status, in the tunnel's own (cloned) context: per attempt

@@ -1,13 +1,14 @@
 import type { ChildProcess } from 'node:child_process';
-import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { LoadRun } from '../../bench/failover.js';
 import { FLAKY_SLOW_SERVER, RELOAD_PORT, RELOAD_VIP, reloadConfig, reloadDataplane, reloadFailures, reloadLoad, reloadPolicy } from '../../bench/reload.js';
+import { drainEnds } from '../../bench/util.js';
 import type { Dataplane } from '../../src/dataplane/types.js';
 import { Topology, type TopoNode, type TopoPod } from '../../src/lab/topology.js';
 import type { ProxyConfig } from '../../src/proxy/config.js';
-import { ProxyReloadError, ProxySupervisor, type ProxySupervisorOptions } from '../../src/proxy/supervisor.js';
+import { ProxyReloadError, ProxySupervisor } from '../../src/proxy/supervisor.js';
 import { cgroupPids } from '../../src/util/cgroup.js';
 import { eventually } from '../support/eventually.js';
 import { uniqueTestPrefix } from '../support/names.js';
@@ -48,7 +49,8 @@ maybe('policy changes under load through the supervised proxy (reload hand-over)
   const policy = (generation: number) => reloadPolicy(node, A, B, generation);
   const config = (generation: number): ProxyConfig => reloadConfig(node, A, B, generation);
 
-  const supervisor = (extra: Partial<ProxySupervisorOptions> = {}): ProxySupervisor => {
+  /** A supervised proxy of node, started, every instance listening. */
+  const running = async (): Promise<ProxySupervisor> => {
     const s = new ProxySupervisor({
       kind: 'pipy',
       stateDir: join(work, `state-${sups.length}`),
@@ -61,9 +63,10 @@ maybe('policy changes under load through the supervised proxy (reload hand-over)
       pipy: { bin: pipy, threadCap: 2 },
       initialConfig: config(0),
       drainMs: 5000,
-      ...extra,
     });
     sups.push(s);
+    await s.start();
+    await s.waitReady(15_000, { all: true });
     return s;
   };
 
@@ -94,13 +97,8 @@ maybe('policy changes under load through the supervised proxy (reload hand-over)
     return { run, failed };
   }
 
-  /** What proxy/drain.js printed in the instances' logs (the current and the previous log of each admin port). */
-  const drainLines = (sup: ProxySupervisor, which: 'drained' | 'idle' | 'deadline'): number => {
-    const dir = join(work, `state-${sups.indexOf(sup)}`);
-    return readdirSync(dir)
-      .filter((f) => /^proxy-\d+\.log(\.1)?$/.test(f))
-      .reduce((n, f) => n + (readFileSync(join(dir, f), 'utf8').match(new RegExp(`fsmn-proxy drain ${which} `, 'g'))?.length ?? 0), 0);
-  };
+  /** How the old instances' drains ended: proxy/drain.js's lines in the instance logs (bench/util.ts). */
+  const drainLines = (sup: ProxySupervisor, which: 'drained' | 'idle' | 'deadline'): number => drainEnds(join(work, `state-${sups.indexOf(sup)}`))[which] ?? 0;
 
   beforeAll(async () => {
     const prefix = uniqueTestPrefix();
@@ -126,18 +124,14 @@ maybe('policy changes under load through the supervised proxy (reload hand-over)
   }, 60_000);
 
   test('control: the same load without a change: 0 failed requests (the Retry hides every 503)', async () => {
-    const sup = supervisor();
-    await sup.start();
-    await sup.waitReady(15_000, { all: true });
+    const sup = await running();
     const { run, failed } = await changesUnderLoad(sup, 0);
     expect(run.records.length).toBe(300);
     expect(failed).toBe(0);
   }, 60_000);
 
   test('5 policy changes under 100 req/s with 150 ms answers: every change applied, 0 failed requests', async () => {
-    const sup = supervisor();
-    await sup.start();
-    await sup.waitReady(15_000, { all: true });
+    const sup = await running();
     const { run, failed } = await changesUnderLoad(sup, 5);
     expect(run.records.length).toBe(800);
     expect(failed).toBe(0);
@@ -153,9 +147,7 @@ maybe('policy changes under load through the supervised proxy (reload hand-over)
   }, 120_000);
 
   test('a burst: 3 rounds of 3 changes 150 ms apart under the same load: every change applied, 0 failed requests', async () => {
-    const sup = supervisor();
-    await sup.start();
-    await sup.waitReady(15_000, { all: true });
+    const sup = await running();
     let generation = 0;
     const { failed } = await changesUnderLoad(sup, 3, async () => {
       for (let k = 0; k < 3; k++) {
@@ -170,9 +162,7 @@ maybe('policy changes under load through the supervised proxy (reload hand-over)
   }, 120_000);
 
   test('a config the program rejects, under load: ProxyReloadError naming the error, the running instances keep serving the last good one, 0 failed requests', async () => {
-    const sup = supervisor();
-    await sup.start();
-    await sup.waitReady(15_000, { all: true });
+    const sup = await running();
     await sup.deliver(config(1));
     const pids = sup.status().instances.map((i) => i.pid);
     const errors: unknown[] = [];
@@ -200,9 +190,7 @@ maybe('policy changes under load through the supervised proxy (reload hand-over)
    * it asks again on the same connection: answered, with `connection: close`.
    */
   test('an idle keep-alive connection across a hand-over: its next request is answered with connection: close, not reset', async () => {
-    const sup = supervisor();
-    await sup.start();
-    await sup.waitReady(15_000, { all: true });
+    const sup = await running();
     const client = A.exec(process.execPath, ['-e', IDLE_CLIENT, RELOAD_VIP, String(RELOAD_PORT)], { stdio: ['pipe', 'pipe', 'pipe'] });
     let out = '';
     client.stdout?.setEncoding('utf8').on('data', (d: string) => (out += d));
